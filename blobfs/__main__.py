@@ -1,0 +1,6 @@
+"""``python -m blobfs``."""
+
+from blobfs.cli import main
+
+if __name__ == "__main__":
+    main()

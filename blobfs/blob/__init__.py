@@ -1,0 +1,1 @@
+"""The Supervisely blob format: tar blobs and their ``*_offsets.pkl`` indexes (no FUSE, no HTTP)."""

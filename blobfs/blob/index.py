@@ -1,0 +1,299 @@
+"""Offsets files (``<stem>_offsets.pkl``): read, validate and write them without the SDK.
+
+The SDK writes an offsets file as a sequence of pickles appended one after another, each a
+``list`` of ``supervisely.api.image_api.BlobImageInfo`` dataclass objects (``name``,
+``offset_start``, ``offset_end``; end exclusive). Pickles are code, so this module never
+hands one to an unrestricted unpickler: :class:`_OffsetsUnpickler` resolves exactly one
+global, the ``BlobImageInfo`` class path, to an inert local stand-in, and refuses every
+other global (``os.system``, ``builtins.eval``, ``copyreg`` tricks ...) before anything runs.
+The SDK's own allow-list also admits builtins such as ``bytes``; blobfs admits none, since
+a real offsets file never names them (lists, dicts, str and int have their own opcodes).
+
+Writing goes through a tiny hand-made protocol-2 opcode stream, because the standard
+pickler insists on importing the class it names, and blobfs must not import the SDK.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from blobfs.errors import OffsetsError
+from blobfs.model import BlobMember
+
+logger = logging.getLogger(__name__)
+
+OFFSETS_SUFFIX = "_offsets.pkl"
+SDK_MODULE = "supervisely.api.image_api"
+SDK_CLASS = "BlobImageInfo"
+#: The SDK's ``OFFSETS_PKL_BATCH_SIZE``: one pickled list per this many entries.
+BATCH_SIZE = 10_000
+#: Longest file name Linux accepts (NAME_MAX, bytes of UTF-8).
+NAME_MAX = 255
+#: An offsets file larger than this is refused before reading: 10M entries fit easily.
+MAX_OFFSETS_FILE_BYTES = 1 << 30
+
+
+class _BlobImageInfoStub:
+    """Inert stand-in for the SDK's dataclass: it only stores what a pickle gives it."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, *args: Any) -> None:
+        self.state: Any = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _OffsetsUnpickler(pickle.Unpickler):
+    """Unpickler whose only reachable global is the stand-in for ``BlobImageInfo``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == (SDK_MODULE, SDK_CLASS):
+            return _BlobImageInfoStub
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in an offsets file")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason an entry (or a whole file) is not served."""
+
+    source: str
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.name!r}: {self.reason}"
+
+
+@dataclass
+class OffsetsIndex:
+    """The valid members of one or more offsets files, plus what was refused and why."""
+
+    members: list[BlobMember] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _entry_fields(obj: Any) -> tuple[Any, Any, Any]:
+    """Pull (name, start, end) out of a stand-in object or a REST-style dict."""
+    if isinstance(obj, _BlobImageInfoStub):
+        state = obj.state
+        if isinstance(state, tuple) and len(state) == 3:
+            return state[0], state[1], state[2]
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            state = state[0]  # (dict_state, slots_state) form
+        if isinstance(state, dict):
+            return state.get("name"), state.get("offset_start"), state.get("offset_end")
+        raise ValueError("BlobImageInfo without name/offset_start/offset_end")
+    if isinstance(obj, dict):
+        if "sourceBlob" in obj and isinstance(obj["sourceBlob"], dict):
+            blob = obj["sourceBlob"]
+            return obj.get("title"), blob.get("offsetStart"), blob.get("offsetEnd")
+        return obj.get("name"), obj.get("offset_start"), obj.get("offset_end")
+    raise ValueError(f"unexpected {type(obj).__name__} where a BlobImageInfo belongs")
+
+
+def name_problem(name: object) -> str | None:
+    """Say why ``name`` cannot be a file name in the mount, or None when it can.
+
+    A name is one path component: no ``/`` (or ``\\``), no NUL, not ``.``/``..``, valid
+    UTF-8, at most NAME_MAX bytes. Anything else could escape its folder or fail later.
+    """
+    if not isinstance(name, str):
+        return f"name is {type(name).__name__}, not str"
+    if name in ("", ".", ".."):
+        return "name is empty, '.' or '..'"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "name contains '/', '\\' or NUL"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if len(encoded) > NAME_MAX:
+        return f"name is longer than {NAME_MAX} bytes"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _range_problem(start: object, end: object, blob_size: int | None) -> str | None:
+    if not (_is_int(start) and _is_int(end)):
+        return "offsets are not integers"
+    assert isinstance(start, int) and isinstance(end, int)
+    if start < 0 or end < start:
+        return f"bad range [{start}, {end})"
+    if blob_size is not None and end > blob_size:
+        return f"range [{start}, {end}) ends past the blob ({blob_size} bytes)"
+    return None
+
+
+def iter_raw_entries(stream: IO[bytes]) -> Iterator[Any]:
+    """Yield every entry object of an offsets stream, pickle after pickle, until EOF.
+
+    Raises:
+        OffsetsError: the stream holds a forbidden global, is truncated or is not a pickle.
+    """
+    while True:
+        try:
+            data = _OffsetsUnpickler(stream).load()  # fresh memo per pickle, as the SDK
+        except EOFError:
+            if stream.read(1):  # EOF inside a pickle, not between pickles
+                raise OffsetsError("truncated pickle") from None
+            return
+        except OffsetsError:
+            raise
+        except Exception as exc:  # any unpickling failure is bad input, never a crash
+            raise OffsetsError(f"not a valid offsets pickle: {exc}") from exc
+        if isinstance(data, list):
+            yield from data
+        else:
+            yield data
+
+
+def parse_offsets(
+    data: bytes, source: str, blob_size: int | None = None, index: OffsetsIndex | None = None
+) -> OffsetsIndex:
+    """Parse and validate one offsets file's bytes into ``index`` (a new one by default).
+
+    A bad entry is recorded in ``index.problems`` and left out; a file that cannot be
+    unpickled at all (hostile, truncated) contributes one problem and no members, so the
+    rest of the project still mounts. Duplicates and overlaps are resolved later by
+    :func:`reject_conflicts`, once every offsets file of a dataset is in.
+    """
+    index = index if index is not None else OffsetsIndex()
+    entries: list[BlobMember] = []
+    try:
+        for obj in iter_raw_entries(io.BytesIO(data)):
+            try:
+                name, start, end = _entry_fields(obj)
+            except ValueError as exc:
+                index.problems.append(Problem(source, "?", str(exc)))
+                continue
+            reason = name_problem(name) or _range_problem(start, end, blob_size)
+            if reason:
+                index.problems.append(Problem(source, str(name)[:80], reason))
+                continue
+            entries.append(BlobMember(name, start, end))
+    except OffsetsError as exc:
+        index.problems.append(Problem(source, "*", f"file refused: {exc}"))
+        return index
+    index.members.extend(entries)
+    return index
+
+
+def reject_conflicts(
+    members: Sequence[BlobMember], source: str, check_overlaps: bool = True
+) -> OffsetsIndex:
+    """Drop every member whose name repeats, or whose range overlaps another's.
+
+    Both sides of a conflict are dropped: with two candidates there is no way to know which
+    bytes are right, and serving the wrong ones is the one thing blobfs must never do.
+    ``members`` must all belong to one blob when overlaps are checked; across the blobs of
+    a dataset only names can conflict (``check_overlaps=False``).
+    """
+    result = OffsetsIndex()
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.name] = counts.get(m.name, 0) + 1
+    bad: set[int] = set()
+    for i, m in enumerate(members):
+        if counts[m.name] > 1:
+            bad.add(i)
+            result.problems.append(Problem(source, m.name, "name appears more than once"))
+    order = (
+        []
+        if not check_overlaps
+        else sorted(
+            (i for i in range(len(members)) if members[i].size > 0), key=lambda i: members[i].start
+        )
+    )
+    reach, reach_i = -1, -1
+    for i in order:
+        m = members[i]
+        if m.start < reach:
+            for j in (i, reach_i):
+                if j not in bad:
+                    bad.add(j)
+                    result.problems.append(
+                        Problem(source, members[j].name, "range overlaps another")
+                    )
+        if m.end > reach:
+            reach, reach_i = m.end, i
+    result.members = [m for i, m in enumerate(members) if i not in bad]
+    return result
+
+
+def read_offsets_file(path: str, blob_size: int | None = None) -> OffsetsIndex:
+    """Read, validate and de-conflict one offsets file from disk."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_OFFSETS_FILE_BYTES + 1)
+    except OSError as exc:
+        index = OffsetsIndex()
+        index.problems.append(Problem(path, "*", f"cannot read: {exc.strerror}"))
+        return index
+    if len(data) > MAX_OFFSETS_FILE_BYTES:
+        index = OffsetsIndex()
+        index.problems.append(Problem(path, "*", "file refused: larger than 1 GiB"))
+        return index
+    parsed = parse_offsets(data, path, blob_size)
+    clean = reject_conflicts(parsed.members, path)
+    clean.problems[:0] = parsed.problems
+    return clean
+
+
+# ---- writing -------------------------------------------------------------------------
+
+
+def _op_unicode(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
+
+
+def _op_int(value: int) -> bytes:
+    if -(2**31) <= value < 2**31:
+        return b"J" + struct.pack("<i", value)  # BININT
+    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+
+
+_GLOBAL = b"c" + f"{SDK_MODULE}\n{SDK_CLASS}\n".encode() + b"q\x01"  # GLOBAL + BINPUT 1
+_GET_CLASS = b"h\x01"  # BINGET 1
+_KEYS = (_op_unicode("name"), _op_unicode("offset_start"), _op_unicode("offset_end"))
+
+
+def dumps_batch(members: Sequence[BlobMember]) -> bytes:
+    """Return one pickle of ``list[BlobImageInfo]`` exactly as the SDK reader expects.
+
+    The opcodes are those ``pickle.dumps(list_of_dataclasses, protocol=2)`` emits for the
+    SDK class (GLOBAL class, then per item EMPTY_TUPLE NEWOBJ, a state dict and BUILD),
+    without the memo entries nobody reads back.
+    """
+    out = [b"\x80\x02", b"]q\x00", b"("]  # PROTO 2, EMPTY_LIST + BINPUT 0, MARK
+    for i, m in enumerate(members):
+        out.append(_GLOBAL if i == 0 else _GET_CLASS)
+        out.append(b")\x81}(")  # EMPTY_TUPLE NEWOBJ EMPTY_DICT MARK
+        out += [_KEYS[0], _op_unicode(m.name), _KEYS[1], _op_int(m.start), _KEYS[2], _op_int(m.end)]
+        out.append(b"ub")  # SETITEMS BUILD
+    out.append(b"e.")  # APPENDS STOP
+    return b"".join(out)
+
+
+def write_offsets(stream: IO[bytes], members: Iterable[BlobMember]) -> None:
+    """Write ``members`` as a sequence of pickled batches of :data:`BATCH_SIZE`."""
+    batch: list[BlobMember] = []
+    for m in members:
+        batch.append(m)
+        if len(batch) == BATCH_SIZE:
+            stream.write(dumps_batch(batch))
+            batch = []
+    if batch:
+        stream.write(dumps_batch(batch))

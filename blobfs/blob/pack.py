@@ -1,0 +1,225 @@
+"""Write tar blobs and their offsets files: the writer behind ``blobfs pack`` and writeback.
+
+The tar is written header by header (``tarfile.TarInfo.tobuf``) rather than through
+``TarFile.addfile`` so that the data offset of each member is known exactly while writing,
+without reading the archive back. The result is an ordinary POSIX tar that ``tar``,
+``tarfile`` and the SDK's ``get_file_offsets_batch_generator`` agree on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from blobfs.blob.images import image_size
+from blobfs.blob.index import OFFSETS_SUFFIX, name_problem, write_offsets
+from blobfs.errors import InvalidInput
+from blobfs.model import BlobMember
+
+logger = logging.getLogger(__name__)
+
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+DEFAULT_BLOB_SIZE = 1 << 30
+COPY_CHUNK = 1 << 20
+EMPTY_META = {
+    "classes": [],
+    "tags": [],
+    "projectSettings": {
+        "multiView": {"enabled": False, "tagName": None, "tagId": None, "isSynced": False}
+    },
+}
+
+
+def empty_annotation(width: int, height: int) -> dict[str, object]:
+    """The JSON the SDK writes for an image with no labels (``sly.Annotation(...).to_json()``)."""
+    return {
+        "description": "",
+        "size": {"height": height, "width": width},
+        "tags": [],
+        "objects": [],
+        "customBigData": {},
+    }
+
+
+class TarBlobWriter:
+    """Append regular files to a tar stream and remember each one's data range."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._pos = 0
+        self.members: list[BlobMember] = []
+
+    @property
+    def size(self) -> int:
+        return self._pos
+
+    def add(self, name: str, source: IO[bytes], size: int, mtime: float) -> BlobMember:
+        """Copy ``size`` bytes of ``source`` in as member ``name``; returns its data range."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, int(mtime), 0o644
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        self._write(header)
+        start = self._pos
+        remaining = size
+        while remaining:
+            chunk = source.read(min(COPY_CHUNK, remaining))
+            if not chunk:
+                raise InvalidInput(f"{name}: file shrank while being packed")
+            self._write(chunk)
+            remaining -= len(chunk)
+        self._write(b"\0" * (-size % BLOCK))
+        member = BlobMember(name, start, start + size)
+        self.members.append(member)
+        return member
+
+    def close(self) -> None:
+        """Write the end-of-archive blocks, padded to a whole record like ``tarfile``."""
+        self._write(b"\0" * (2 * BLOCK))
+        self._write(b"\0" * (-self._pos % RECORD))
+
+    def _write(self, data: bytes) -> None:
+        self._stream.write(data)
+        self._pos += len(data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsync'd temp file and rename: old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class PackResult:
+    """What a pack run added to the project."""
+
+    blobs: list[Path] = field(default_factory=list)
+    images: int = 0
+    bytes: int = 0
+
+
+def new_blob_stem(dataset: str) -> str:
+    """A blob stem unique in the project and readable in listings."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)[:40]
+    return f"{safe}_{time.strftime('%Y%m%d%H%M%S')}_{uuid.uuid4().hex[:8]}"
+
+
+class ProjectPacker:
+    """Pack image files into one dataset of a local blob project, splitting at ``blob_size``.
+
+    Memory stays constant in the number of bytes: each image is streamed into the tar; only
+    the (name, range) entries of the current blob are held until its offsets file is written.
+    The tar and the offsets file are complete and fsync'd before the annotation files are
+    renamed into place, so a reader never sees an offsets entry without its bytes.
+    """
+
+    def __init__(self, project_dir: Path, dataset: str, blob_size: int = DEFAULT_BLOB_SIZE) -> None:
+        if name_problem(dataset):
+            raise InvalidInput(f"dataset name {dataset!r}: {name_problem(dataset)}")
+        self.project_dir = project_dir
+        self.dataset_dir = project_dir / dataset
+        self.dataset = dataset
+        self.blob_size = blob_size
+
+    def prepare(self) -> set[str]:
+        """Create the layout (meta.json, blob/, dataset/ann) and return names already present."""
+        (self.project_dir / "blob").mkdir(parents=True, exist_ok=True)
+        (self.dataset_dir / "ann").mkdir(parents=True, exist_ok=True)
+        meta = self.project_dir / "meta.json"
+        if not meta.exists():
+            write_atomic(meta, json.dumps(EMPTY_META).encode())
+        existing = {p.name[: -len(".json")] for p in (self.dataset_dir / "ann").glob("*.json")}
+        img_dir = self.dataset_dir / "img"
+        if img_dir.is_dir():
+            existing.update(p.name for p in img_dir.iterdir())
+        return existing
+
+    def pack(
+        self, files: Iterable[Path], progress: Callable[[int], None] | None = None
+    ) -> PackResult:
+        """Pack ``files`` (each named by its basename) into new blobs of this dataset."""
+        existing = self.prepare()
+        result = PackResult()
+        writer: TarBlobWriter | None = None
+        stream: IO[bytes] | None = None
+        stem = ""
+        anns: list[tuple[str, bytes]] = []
+        for path in files:
+            name = path.name
+            problem = name_problem(name)
+            if problem:
+                raise InvalidInput(f"{path}: {problem}")
+            if name in existing:
+                raise InvalidInput(f"{name}: an image of that name is already in {self.dataset}")
+            existing.add(name)
+            st = path.stat()
+            if writer is not None and writer.size + st.st_size + 2 * BLOCK > self.blob_size:
+                self._finish(stem, writer, stream, anns, result)
+                writer = None
+            if writer is None:
+                stem = new_blob_stem(self.dataset)
+                stream = open(self.project_dir / "blob" / f".{stem}.tar.tmp", "wb")  # noqa: SIM115
+                writer = TarBlobWriter(stream)
+                anns = []
+            with open(path, "rb") as src:
+                width, height = image_size(src, name)
+                src.seek(0)
+                writer.add(name, src, st.st_size, st.st_mtime)
+            anns.append((name, json.dumps(empty_annotation(width, height)).encode()))
+            result.images += 1
+            result.bytes += st.st_size
+            if progress:
+                progress(1)
+        if writer is not None:
+            self._finish(stem, writer, stream, anns, result)
+        return result
+
+    def _finish(
+        self,
+        stem: str,
+        writer: TarBlobWriter,
+        stream: IO[bytes] | None,
+        anns: list[tuple[str, bytes]],
+        result: PackResult,
+    ) -> None:
+        assert stream is not None
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
+        blob_dir = self.project_dir / "blob"
+        final = blob_dir / f"{stem}.tar"
+        os.replace(blob_dir / f".{stem}.tar.tmp", final)
+        fsync_dir(blob_dir)
+        for name, data in anns:
+            write_atomic(self.dataset_dir / "ann" / f"{name}.json", data)
+        tmp = self.dataset_dir / f".{stem}{OFFSETS_SUFFIX}.tmp"
+        with open(tmp, "wb") as f:
+            write_offsets(f, writer.members)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dataset_dir / f"{stem}{OFFSETS_SUFFIX}")
+        fsync_dir(self.dataset_dir)
+        result.blobs.append(final)
+        logger.info("packed %d images (%d bytes) into %s", len(writer.members), writer.size, final)

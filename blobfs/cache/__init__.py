@@ -1,0 +1,1 @@
+"""Caches between sources and transports: byte ranges of blobs (and, remotely, metadata)."""

@@ -1,0 +1,220 @@
+"""The ``blobfs`` command line: argument handling only, the work lives in other modules."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from blobfs import __version__
+from blobfs.config import DEFAULT_CACHE_BYTES, MountConfig, parse_fuse_options, parse_size
+from blobfs.errors import BlobfsError
+from blobfs.logs import setup_logging
+
+READY_TIMEOUT_S = 120.0
+
+
+def _fail(message: str) -> None:
+    click.echo(f"blobfs: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="blobfs")
+def main() -> None:
+    """Mount Supervisely blob projects (tar blobs + offsets) as ordinary folders."""
+
+
+@main.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
+@click.option("-o", "options", multiple=True, help="FUSE/blobfs options, comma separated.")
+@click.option(
+    "--cache-size",
+    default=str(DEFAULT_CACHE_BYTES),
+    show_default=True,
+    help="Memory for cached blob blocks (e.g. 512M).",
+)
+@click.option(
+    "--block-size", default=None, help="Cache block size (default 256K local, 1M remote)."
+)
+@click.option("--server", default=None, help="Supervisely server (default: SERVER_ADDRESS).")
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="File holding the API token (default: API_TOKEN, ~/supervisely.env).",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Persistent disk cache for remote blob blocks.",
+)
+@click.option("--disk-cache-size", default="10G", show_default=True)
+@click.option("--allow-other", is_flag=True, help="Let other users see the mount.")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option("--log-file", default=None, type=click.Path(dir_okay=False))
+@click.option("--ready-fd", default=None, type=int, hidden=True)
+def mount(
+    source: str,
+    mountpoint: str,
+    foreground: bool,
+    options: tuple[str, ...],
+    cache_size: str,
+    block_size: str | None,
+    server: str | None,
+    token_file: str | None,
+    cache_dir: str | None,
+    disk_cache_size: str,
+    allow_other: bool,
+    log_level: str,
+    log_file: str | None,
+    ready_fd: int | None,
+) -> None:
+    """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT, read-only."""
+    try:
+        fuse_opts = parse_fuse_options(options)
+        config = MountConfig(
+            source=source if source.startswith("sly://") else os.path.abspath(source),
+            mountpoint=os.path.abspath(mountpoint),
+            block_size=parse_size(block_size) if block_size else None,
+            cache_bytes=parse_size(str(fuse_opts.pop("cache_size", cache_size))),
+            allow_other=allow_other or bool(fuse_opts.pop("allow_other", False)),
+            fuse_options=fuse_opts,
+            server=server,
+            token_file=token_file,
+            cache_dir=cache_dir,
+            disk_cache_bytes=parse_size(disk_cache_size),
+        )
+    except BlobfsError as exc:
+        _fail(str(exc))
+    if not os.path.isdir(config.mountpoint):
+        _fail(f"mount point {config.mountpoint} is not a directory")
+    if not foreground:
+        _spawn_background(sys.argv[1:], config.mountpoint)
+        return
+    setup_logging(log_level, log_file)
+    from blobfs.daemon import run
+
+    try:
+        run(config, ready_fd=ready_fd)
+    except BlobfsError as exc:
+        _fail(str(exc))
+    except RuntimeError as exc:
+        _fail(f"mount failed: {exc}")
+
+
+def _spawn_background(argv: list[str], mountpoint: str) -> None:
+    """Re-run this command in the foreground in a new session; return once it is mounted.
+
+    The child reports readiness through a pipe from libfuse's ``init``; its stderr comes to
+    us until then, so a failing mount prints its reason here, like sshfs.
+    """
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "blobfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"blobfs-{os.getpid()}-{time.time_ns()}.err"
+    with open(err_path, "w+b") as err:
+        os.chmod(err_path, 0o600)
+        child = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+        os.close(write_fd)
+        ready = _wait_ready(read_fd, child)
+        err.seek(0)
+        output = err.read().decode(errors="replace")
+    os.unlink(err_path)
+    if not ready:
+        sys.stderr.write(output)
+        _fail(f"could not mount on {mountpoint}")
+
+
+def _wait_ready(read_fd: int, child: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([read_fd], [], [], 0.5)
+            if ready:
+                return os.read(read_fd, 64).startswith(b"READY")
+            if child.poll() is not None:
+                return False
+        child.terminate()
+        return False
+    finally:
+        os.close(read_fd)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-z", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
+def unmount(mountpoint: str, lazy: bool) -> None:
+    """Unmount MOUNTPOINT (fusermount -u)."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        _fail("fusermount not found (install the fuse package)")
+    args = [tool, "-u", *(["-z"] if lazy else []), mountpoint]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        _fail(result.stderr.strip() or f"{tool} failed")
+
+
+@main.command()
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("project_dir", type=click.Path(file_okay=False))
+@click.option("--dataset", default="ds0", show_default=True)
+@click.option("--blob-size", default="1G", show_default=True, help="Start a new blob past this.")
+def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> None:
+    """Pack the images in IMAGES_DIR into blobs of PROJECT_DIR (created or extended)."""
+    from blobfs.blob.pack import ProjectPacker
+
+    setup_logging("WARNING")
+    files = sorted(p for p in Path(images_dir).iterdir() if p.is_file() and not p.is_symlink())
+    try:
+        packer = ProjectPacker(Path(project_dir), dataset, parse_size(blob_size))
+        show = sys.stderr.isatty()
+        with click.progressbar(
+            length=len(files), label="packing", file=sys.stderr, hidden=not show
+        ) as bar:
+            result = packer.pack(files, progress=bar.update)
+    except BlobfsError as exc:
+        _fail(str(exc))
+    click.echo(
+        f"packed {result.images} images ({result.bytes} bytes) into "
+        f"{len(result.blobs)} blob(s) in {project_dir}/{dataset}"
+    )
+
+
+@main.command()
+@click.argument("project_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--deep/--no-deep",
+    default=True,
+    show_default=True,
+    help="Also read each tar's headers and compare them with the offsets.",
+)
+def check(project_dir: str, deep: bool) -> None:
+    """Validate PROJECT_DIR; exit status 1 when anything would not be served."""
+    from blobfs.blob.check import check_project
+
+    setup_logging("ERROR")
+    report = check_project(Path(project_dir), deep=deep)
+    for line in report.lines():
+        click.echo(line)
+    sys.exit(1 if report.problems else 0)

@@ -1,0 +1,69 @@
+"""Mount configuration: one frozen record built from CLI flags, ``-o`` options or fstab.
+
+Sizes accept suffixes (``512M``, ``1G``) so fstab options such as ``cache_size=1G`` work.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from blobfs.errors import InvalidInput
+
+DEFAULT_LOCAL_BLOCK_SIZE = 256 << 10
+DEFAULT_REMOTE_BLOCK_SIZE = 1 << 20
+DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_ATTR_TIMEOUT_S = 3600.0
+DEFAULT_REMOTE_TTL_S = 60.0
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"1G"`` -> 1073741824; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text.upper())
+    if not match:
+        raise InvalidInput(f"not a size: {text!r} (use e.g. 4096, 512M, 1G)")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything a mount needs; no secrets (the token is resolved by the daemon)."""
+
+    source: str
+    mountpoint: str
+    block_size: int | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    attr_timeout_s: float | None = None
+    allow_other: bool = False
+    debug_fuse: bool = False
+    fuse_options: dict[str, str | bool] = field(default_factory=dict)
+    server: str | None = None
+    token_file: str | None = None
+    cache_dir: str | None = None
+    disk_cache_bytes: int = 0
+
+    @property
+    def is_remote(self) -> bool:
+        return self.source.startswith("sly://")
+
+    def effective_block_size(self) -> int:
+        if self.block_size:
+            return self.block_size
+        return DEFAULT_REMOTE_BLOCK_SIZE if self.is_remote else DEFAULT_LOCAL_BLOCK_SIZE
+
+
+def parse_fuse_options(items: tuple[str, ...]) -> dict[str, str | bool]:
+    """``("ro,allow_other", "attr_timeout=5")`` -> ``{"ro": True, "allow_other": True, ...}``."""
+    out: dict[str, str | bool] = {}
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            out[key.strip()] = value.strip() if sep else True
+    return out

@@ -1,0 +1,115 @@
+"""Build a mount from its configuration and run it until it is unmounted.
+
+``build`` wires source -> view; ``run`` hands the view to libfuse in the foreground and
+reports readiness (a pipe to the parent CLI process, and sd_notify) only once the kernel
+has really mounted the file system. libfuse installs its own SIGTERM/SIGINT/SIGHUP handlers
+in the foreground loop, which end the loop and unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from blobfs.cache.blocks import BlockCache
+from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
+from blobfs.errors import InvalidInput, NotFound
+from blobfs.fuse.compat import FUSE
+from blobfs.fuse.ops import BlobfsOperations
+from blobfs.notify import sd_notify
+from blobfs.sources.base import Source
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.view.tree import ProjectView
+
+logger = logging.getLogger(__name__)
+
+READY_MESSAGE = b"READY\n"
+
+
+def build_source(config: MountConfig) -> Source:
+    """The source named by ``config.source``: a local project folder (or ``sly://`` id)."""
+    cache = BlockCache(
+        config.effective_block_size(), max(config.cache_bytes, config.effective_block_size())
+    )
+    if config.is_remote:
+        from blobfs.sources.remote import build_remote_source
+
+        return build_remote_source(config, cache)
+    if not os.path.isdir(config.source):
+        raise NotFound(f"{config.source} is not a project folder")
+    return LocalProjectSource(config.source, cache)
+
+
+def build(
+    config: MountConfig, make_source: Callable[[MountConfig], Source] = build_source
+) -> ProjectView:
+    """Source and view for ``config``; the seam tests use to inject a source."""
+    source = make_source(config)
+    ttl = DEFAULT_REMOTE_TTL_S if not source.is_immutable() else float("inf")
+    return ProjectView(source, listing_ttl_s=ttl)
+
+
+def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
+    """libfuse options: read-only, private, kernel caches as long as the data allows."""
+    timeout = config.attr_timeout_s
+    if timeout is None:
+        timeout = DEFAULT_ATTR_TIMEOUT_S if immutable else DEFAULT_REMOTE_TTL_S
+    kwargs: dict[str, object] = {
+        "foreground": True,
+        "ro": True,
+        "fsname": f"blobfs:{config.source}" if not config.is_remote else config.source,
+        "subtype": "blobfs",
+        "default_permissions": True,
+        "kernel_cache": True,
+        "attr_timeout": timeout,
+        "entry_timeout": timeout,
+        "negative_timeout": min(timeout, 60.0),
+        "max_read": 1 << 20,
+    }
+    if config.allow_other:
+        kwargs["allow_other"] = True
+    if config.debug_fuse:
+        kwargs["debug"] = True
+    for key, value in config.fuse_options.items():
+        if key in ("foreground", "debug"):
+            raise InvalidInput(f"-o {key} is a blobfs flag, not a FUSE option")
+        kwargs[key] = value
+    return kwargs
+
+
+def run(config: MountConfig, ready_fd: int | None = None) -> None:
+    """Mount and serve until unmounted; raises before mounting when the source is bad."""
+    started = time.monotonic()
+    view = build(config)
+    problems = view.source.problems()
+
+    def on_ready() -> None:
+        logger.info(
+            "mounted %s on %s in %.2f s (%d problems)",
+            config.source,
+            config.mountpoint,
+            time.monotonic() - started,
+            len(problems),
+        )
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, READY_MESSAGE)
+                os.close(ready_fd)
+            except OSError:
+                pass
+        sd_notify("READY=1")
+
+    def on_exit() -> None:
+        sd_notify("STOPPING=1")
+        logger.info("unmounting %s", config.mountpoint)
+
+    ops = BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit)
+    try:
+        FUSE(
+            ops, config.mountpoint, raw_fi=False, **fuse_kwargs(config, view.source.is_immutable())
+        )
+    finally:
+        view.source.close()
+        logger.info("unmounted %s", config.mountpoint)

@@ -1,0 +1,110 @@
+"""The blobfs exception tree and the one table that turns exceptions into errno values.
+
+Every layer below the FUSE adapter raises these exceptions and never an ``OSError`` built by
+hand, so the errno a program sees is decided in exactly one place (:func:`to_errno`), the
+way mountpoint-s3 keeps one ``ToErrno`` table.
+
+Tree::
+
+    BlobfsError
+    ├── NotFound            ENOENT  path or record does not exist
+    ├── NotADirectory       ENOTDIR a path component is a file
+    ├── IsADirectory        EISDIR  file operation on a directory
+    ├── ReadOnly            EROFS   write on a read-only mount
+    ├── NotSupported        ENOTSUP operation the mount does not offer
+    ├── PermissionDenied    EACCES
+    ├── InvalidInput        EINVAL  bad argument from a caller (CLI, config)
+    ├── OffsetsError        EIO     an offsets file that cannot be trusted
+    ├── CorruptData         EIO     a blob that is shorter or other than its index says
+    └── RemoteError         EIO     the server failed or sent something wrong
+        ├── AuthError       EACCES  401/403 from the server
+        └── RangeNotSatisfiable EIO 416, or a Content-Range that does not match
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class BlobfsError(Exception):
+    """Base of every error blobfs raises on purpose."""
+
+    errno_value: int = errno.EIO
+
+
+class NotFound(BlobfsError):
+    """The path or record does not exist."""
+
+    errno_value = errno.ENOENT
+
+
+class NotADirectory(BlobfsError):
+    """A directory operation met a file."""
+
+    errno_value = errno.ENOTDIR
+
+
+class IsADirectory(BlobfsError):
+    """A file operation met a directory."""
+
+    errno_value = errno.EISDIR
+
+
+class ReadOnly(BlobfsError):
+    """A write on a mount (or a part of it) that is read-only."""
+
+    errno_value = errno.EROFS
+
+
+class NotSupported(BlobfsError):
+    """An operation the mount does not offer (e.g. rename of an imported image)."""
+
+    errno_value = errno.ENOTSUP
+
+
+class PermissionDenied(BlobfsError):
+    """The caller may not do this."""
+
+    errno_value = errno.EACCES
+
+
+class InvalidInput(BlobfsError):
+    """An argument or configuration value that cannot be used."""
+
+    errno_value = errno.EINVAL
+
+
+class OffsetsError(BlobfsError):
+    """An offsets file (``*_offsets.pkl``) that is hostile, truncated or malformed."""
+
+
+class CorruptData(BlobfsError):
+    """Blob bytes that do not match their index (truncated or missing blob)."""
+
+
+class RemoteError(BlobfsError):
+    """The server failed, or answered with something blobfs refuses to serve."""
+
+
+class AuthError(RemoteError):
+    """The server refused the token."""
+
+    errno_value = errno.EACCES
+
+
+class RangeNotSatisfiable(RemoteError):
+    """A byte range outside the remote object, or a mismatching Content-Range."""
+
+
+def to_errno(exc: BaseException) -> int:
+    """Return the errno a program should see for ``exc``.
+
+    Unknown exceptions are EIO: a bug must look like an I/O error to the caller (and be
+    logged with its traceback by the caller of this function), never like EINVAL, which is
+    what fusepy would otherwise report.
+    """
+    if isinstance(exc, BlobfsError):
+        return exc.errno_value
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,88 @@
+"""BlobfsOperations: a thin FUSE adapter over :class:`blobfs.view.tree.ProjectView`.
+
+Every operation is a few lines that call the view; the one decorator :func:`errno_boundary`
+turns exceptions into errno values through :func:`blobfs.errors.to_errno` (unknown
+exceptions become EIO with a logged traceback, never fusepy's default EINVAL).
+
+Round trips are the cost of a FUSE file system with many small files, not bytes: this
+class deliberately implements neither ``open`` nor ``release`` nor ``flush`` for the
+read-only tree, so libfuse answers those itself without entering Python, and ``read``
+finds its file by path (the kernel keeps the data in its page cache via ``kernel_cache``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from blobfs.errors import BlobfsError, NotFound, to_errno
+from blobfs.fuse.compat import FuseOSError, Operations
+from blobfs.view.tree import ProjectView
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def errno_boundary(func: F) -> F:
+    """Map any exception of a FUSE operation to the errno the caller sees, and log why."""
+
+    @functools.wraps(func)
+    def wrapper(self: BlobfsOperations, *args: Any) -> Any:
+        try:
+            return func(self, *args)
+        except FuseOSError:
+            raise
+        except NotFound:
+            raise FuseOSError(to_errno(NotFound())) from None
+        except BlobfsError as exc:
+            logger.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
+            raise FuseOSError(to_errno(exc)) from None
+        except Exception as exc:
+            logger.exception("%s %s failed unexpectedly", func.__name__, args[0] if args else "")
+            raise FuseOSError(to_errno(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class BlobfsOperations(Operations):  # type: ignore[misc]
+    """The read-only mount: lookups, listings and reads by path."""
+
+    use_ns = True
+
+    def __init__(
+        self,
+        view: ProjectView,
+        on_ready: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self.view = view
+        self._on_ready = on_ready
+        self._on_exit = on_exit
+
+    def init(self, path: str) -> None:
+        """Called by libfuse once the mount is live: the moment to report readiness."""
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def destroy(self, path: str) -> None:
+        if self._on_exit is not None:
+            self._on_exit()
+
+    @errno_boundary
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        return self.view.getattr(path)
+
+    @errno_boundary
+    def readdir(self, path: str, fh: int) -> list[str]:
+        return [".", "..", *self.view.readdir(path)]
+
+    @errno_boundary
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return self.view.read_path(path, offset, size)
+
+    @errno_boundary
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.view.statfs()

@@ -1,0 +1,63 @@
+"""The contract every project source meets."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from blobfs.model import DatasetRecord, FileRecord
+from blobfs.transport.base import RangeReader
+
+
+class Source(ABC):
+    """A Supervisely project as records, each file readable by byte range.
+
+    Contract:
+        - ``datasets()`` lists every dataset, nested ones included (their ``path`` has
+          more than one name); it may be called once at mount and cached by the caller
+          when ``is_immutable()``.
+        - ``files(dataset)`` lists the dataset's files with paths relative to the dataset
+          folder, in the standard layout: ``img/<name>``, ``ann/<name>.json`` and optional
+          ``img_info/``, ``meta/`` files. Entries the source refuses (bad names, conflicts)
+          are left out and reported through ``problems()``.
+        - ``open(record)`` returns a reader of the file's own bytes ``[0, size)``.
+        - ``content(record)`` returns a small file whole (used when ``size`` is None).
+        - Errors are :class:`blobfs.errors.BlobfsError` subclasses only.
+    """
+
+    @abstractmethod
+    def meta_json(self) -> bytes | None:
+        """The project's ``meta.json`` bytes, or None when the project has none."""
+
+    @abstractmethod
+    def datasets(self) -> Sequence[DatasetRecord]:
+        """Every dataset of the project."""
+
+    @abstractmethod
+    def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
+        """The files of one dataset (see the class contract)."""
+
+    @abstractmethod
+    def open(self, record: FileRecord) -> RangeReader:
+        """A reader of the file's bytes."""
+
+    def content(self, record: FileRecord) -> bytes:
+        """The whole file; sources with lazily known sizes override this."""
+        if record.size is None:
+            raise NotImplementedError("source must override content() for unsized files")
+        return self.open(record).read(0, record.size)
+
+    def is_immutable(self) -> bool:
+        """True when listings never change while mounted (the kernel may cache them forever)."""
+        return True
+
+    def problems(self) -> list[str]:
+        """Human-readable reasons why some entries are not served (so far)."""
+        return []
+
+    def stats(self) -> dict[str, object]:
+        """Counters for ``blobfs stats``."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
+        """Release descriptors, sessions and threads."""

@@ -1,0 +1,1 @@
+"""Byte transports: where blob bytes come from (a local file, HTTP). No caching here."""

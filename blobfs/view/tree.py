@@ -1,0 +1,274 @@
+"""ProjectView: the Supervisely project layout as a read-only directory tree.
+
+Shape of the tree::
+
+    /meta.json
+    /<dataset>/img/<image>            every image, blob or not
+    /<dataset>/ann/<image>.json
+    /<dataset>/img_info/, meta/       when the source has them
+    /<dataset>/datasets/<child>/...   nested datasets
+
+Dataset folders are filled on first access (a mount of a 1M-image project is ready before
+any offsets file is read). Sources whose listings may change (remote) are re-listed after
+``listing_ttl_s``; immutable ones are listed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
+from blobfs.model import DatasetRecord, FileRecord
+from blobfs.sources.base import Source
+from blobfs.view.handles import BytesReader, HandleTable, ReadHandle
+
+logger = logging.getLogger(__name__)
+
+DATASETS_DIR = "datasets"
+DEFAULT_LISTING_TTL_S = 60.0
+FILE_MODE = stat.S_IFREG | 0o444
+DIR_MODE = stat.S_IFDIR | 0o555
+
+Node = "DirNode | FileRecord"
+
+
+@dataclass(eq=False)
+class DirNode:
+    """A directory; ``children`` is None until ``fill`` has run (lazy datasets)."""
+
+    mtime_ns: int
+    children: dict[str, DirNode | FileRecord] | None = None
+    fill: Callable[[], dict[str, DirNode | FileRecord]] | None = None
+    loaded_at: float = 0.0
+    subsets: dict[str, DirNode] = field(default_factory=dict)
+
+
+def split_path(path: str) -> list[str]:
+    """``/a/b`` -> ``["a", "b"]``; the FUSE layer hands us normalised absolute paths."""
+    return [p for p in path.split("/") if p]
+
+
+class ProjectView:
+    """The tree over one source, with handles for open files."""
+
+    def __init__(
+        self,
+        source: Source,
+        listing_ttl_s: float = DEFAULT_LISTING_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.listing_ttl_s = listing_ttl_s
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._sizes: dict[int, int] = {}
+        self.handles = HandleTable()
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.mount_time_ns = time.time_ns()
+        self._root = DirNode(self.mount_time_ns, fill=self._fill_root)
+
+    # ---- tree ------------------------------------------------------------------------
+
+    def _fill_root(self) -> dict[str, DirNode | FileRecord]:
+        children: dict[str, DirNode | FileRecord] = {}
+        meta = self.source.meta_json()
+        if meta is not None:
+            children["meta.json"] = FileRecord("meta.json", len(meta), self.mount_time_ns, meta)
+        by_path: dict[tuple[str, ...], DirNode] = {}
+        for ds in sorted(self.source.datasets(), key=lambda d: len(d.path)):
+            node = DirNode(ds.mtime_ns or self.mount_time_ns, fill=self._dataset_filler(ds))
+            by_path[ds.path] = node
+            if len(ds.path) == 1:
+                children[ds.name] = node
+            elif ds.path[:-1] in by_path:
+                by_path[ds.path[:-1]].subsets[ds.name] = node
+        return children
+
+    def _dataset_filler(self, ds: DatasetRecord) -> Callable[[], dict[str, DirNode | FileRecord]]:
+        def fill() -> dict[str, DirNode | FileRecord]:
+            return self._fill_dataset(ds)
+
+        return fill
+
+    def _fill_dataset(self, ds: DatasetRecord) -> dict[str, DirNode | FileRecord]:
+        mtime = ds.mtime_ns or self.mount_time_ns
+        dirs: dict[str, DirNode] = {"img": DirNode(mtime, {}), "ann": DirNode(mtime, {})}
+        for rec in self.source.files(ds):
+            sub, _, name = rec.relpath.partition("/")
+            if not name or "/" in name:
+                continue
+            folder = dirs.setdefault(sub, DirNode(mtime, {}))
+            assert folder.children is not None
+            folder.children[name] = rec
+        return dict(dirs)
+
+    def _children(self, node: DirNode) -> dict[str, DirNode | FileRecord]:
+        children = node.children
+        stale = (
+            node.fill is not None
+            and children is not None
+            and not self.source.is_immutable()
+            and self._clock() - node.loaded_at > self.listing_ttl_s
+        )
+        if children is None or stale:
+            with self._lock:
+                if node.children is None or stale:
+                    assert node.fill is not None
+                    filled = node.fill()
+                    if node.subsets:
+                        filled[DATASETS_DIR] = DirNode(node.mtime_ns, dict(node.subsets))
+                    node.children, node.loaded_at = filled, self._clock()
+                children = node.children
+        assert children is not None
+        return children
+
+    def lookup(self, path: str) -> DirNode | FileRecord | None:
+        """The node at ``path``, or None when nothing is there."""
+        node: DirNode | FileRecord = self._root
+        for part in split_path(path):
+            if not isinstance(node, DirNode):
+                return None
+            found = self._children(node).get(part)
+            if found is None:
+                return None
+            node = found
+        return node
+
+    def get(self, path: str) -> DirNode | FileRecord:
+        """The node at ``path``.
+
+        Raises:
+            NotFound: nothing is there (or a parent is a file).
+        """
+        node = self.lookup(path)
+        if node is None:
+            raise NotFound(path)
+        return node
+
+    # ---- operations ------------------------------------------------------------------
+
+    def size_of(self, rec: FileRecord) -> int:
+        """The file's size, fetching its content once when the source did not know it."""
+        if rec.size is not None:
+            return rec.size
+        size = self._sizes.get(id(rec))
+        if size is None:
+            size = len(self.source.content(rec))
+            self._sizes[id(rec)] = size
+        return size
+
+    def getattr(self, path: str) -> dict[str, int]:
+        """``stat`` fields of ``path`` (times in ns)."""
+        node = self.get(path)
+        if isinstance(node, DirNode):
+            return {
+                "st_mode": DIR_MODE,
+                "st_nlink": 2,
+                "st_size": 0,
+                "st_mtime": node.mtime_ns,
+                "st_ctime": node.mtime_ns,
+                "st_atime": node.mtime_ns,
+                "st_uid": self.uid,
+                "st_gid": self.gid,
+            }
+        size = self.size_of(node)
+        return {
+            "st_mode": FILE_MODE,
+            "st_nlink": 1,
+            "st_size": size,
+            "st_blocks": (size + 511) // 512,
+            "st_mtime": node.mtime_ns,
+            "st_ctime": node.mtime_ns,
+            "st_atime": node.mtime_ns,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+        }
+
+    def readdir(self, path: str) -> Sequence[str]:
+        """Names in the directory ``path`` (without ``.`` and ``..``)."""
+        node = self.get(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectory(path)
+        return list(self._children(node))
+
+    def open(self, path: str, write: bool = False) -> int:
+        """Open a file for reading; returns the handle number."""
+        if write:
+            raise ReadOnly(f"{path}: the mount is read-only")
+        node = self.get(path)
+        if isinstance(node, DirNode):
+            raise IsADirectory(path)
+        if isinstance(node.ref, bytes):
+            handle = ReadHandle(BytesReader(node.ref), len(node.ref), path)
+        elif node.size is None:
+            data = self.source.content(node)
+            handle = ReadHandle(BytesReader(data), len(data), path)
+        else:
+            handle = ReadHandle(self.source.open(node), node.size, path)
+        return self.handles.add(handle)
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``; short only at end of file."""
+        handle = self.handles.get(fh)
+        end = min(offset + size, handle.size)
+        if offset >= end:
+            return b""
+        return handle.reader.read(offset, end)
+
+    def read_path(self, path: str, offset: int, size: int) -> bytes:
+        """Read by path with no open handle: the FUSE fast path for the read-only tree."""
+        node = self.get(path)
+        if isinstance(node, DirNode):
+            raise IsADirectory(path)
+        if isinstance(node.ref, bytes):
+            return node.ref[offset : offset + size]
+        if node.size is None:
+            return self.source.content(node)[offset : offset + size]
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        reader = self.source.open(node)
+        try:
+            return reader.read(offset, end)
+        finally:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
+
+    def release(self, fh: int) -> None:
+        handle = self.handles.remove(fh)
+        close = getattr(handle.reader, "close", None) if handle else None
+        if close is not None:
+            close()
+
+    def statfs(self) -> dict[str, int]:
+        """Filesystem figures for ``df``; a read-only tree has no free space."""
+        return {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": 0,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": 0,
+            "f_ffree": 0,
+            "f_namemax": 255,
+        }
+
+    def walk_files(self) -> list[tuple[str, FileRecord]]:
+        """Every file of the tree with its path (used by ``check`` and tests)."""
+        out: list[tuple[str, FileRecord]] = []
+        stack: list[tuple[str, DirNode]] = [("", self._root)]
+        while stack:
+            prefix, node = stack.pop()
+            for name, child in self._children(node).items():
+                if isinstance(child, DirNode):
+                    stack.append((f"{prefix}/{name}", child))
+                else:
+                    out.append((f"{prefix}/{name}", child))
+        return out
