@@ -26,6 +26,7 @@ from blobfs.view.tree import ProjectView
 logger = logging.getLogger(__name__)
 
 READY_MESSAGE = b"READY\n"
+PREFETCH_WORKERS = 4
 
 
 def build_source(config: MountConfig) -> Source:

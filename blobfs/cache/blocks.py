@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -266,19 +265,3 @@ class SequentialReadahead:
     def window(self, key: str) -> int:
         with self._lock:
             return self._state.get(key, (0, 0))[1]
-
-
-def read_through(
-    cache: BlockCache, blob: CachedBlob, readahead: SequentialReadahead | None
-) -> Callable[[int, int], bytes]:
-    """A ``(start, end) -> bytes`` function over ``blob`` that also drives readahead."""
-
-    def read(start: int, end: int) -> bytes:
-        data = cache.read(blob, start, end)
-        if readahead is not None:
-            window = readahead.advise(blob.key, start, end)
-            if window:
-                cache.prefetch(blob, end, end + window)
-        return data
-
-    return read

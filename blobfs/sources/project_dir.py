@@ -26,9 +26,10 @@ from pathlib import Path
 
 from blobfs.blob.index import OFFSETS_SUFFIX, name_problem, read_offsets_file, reject_conflicts
 from blobfs.cache.blocks import BlockCache, CachedBlob
-from blobfs.errors import CorruptData, NotFound
+from blobfs.errors import NotFound
 from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
 from blobfs.sources.base import Source
+from blobfs.sources.readers import FailingReader, SliceReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FileRangeReader
 
@@ -47,26 +48,6 @@ class _Blob:
     path: Path
     problem: str | None
     mtime_ns: int = 0
-
-
-class SliceReader:
-    """The bytes of one image: a window ``[base, base + size)`` of a cached blob."""
-
-    def __init__(self, cache: BlockCache, blob: CachedBlob, ref: BlobRef) -> None:
-        self._cache, self._blob, self._ref = cache, blob, ref
-
-    def read(self, start: int, end: int) -> bytes:
-        return self._cache.read(self._blob, self._ref.start + start, self._ref.start + end)
-
-
-class MissingBlobReader:
-    """Stands in for a blob that is missing or truncated: every read fails with why."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def read(self, start: int, end: int) -> bytes:
-        raise CorruptData(self.reason)
 
 
 def _regular_files(folder: Path) -> list[os.DirEntry[str]]:
@@ -129,7 +110,7 @@ class LocalProjectSource(Source):
         if isinstance(ref, BlobRef):
             blob = self._blobs[ref.blob_key]
             if blob.cached is None or blob.problem:
-                return MissingBlobReader(blob.problem or f"blob {blob.path} unusable")
+                return FailingReader(blob.problem or f"blob {blob.path} unusable")
             return SliceReader(self.cache, blob.cached, ref)
         assert isinstance(ref, str)
         return FileRangeReader(ref)

@@ -19,16 +19,6 @@ class ReadHandle:
     path: str
 
 
-class BytesReader:
-    """A reader over bytes already in memory (meta.json, fetched annotations)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def read(self, start: int, end: int) -> bytes:
-        return self._data[start:end]
-
-
 class HandleTable:
     """Thread-safe map of fh numbers to handles; numbers are never reused while open."""
 

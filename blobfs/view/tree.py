@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.model import DatasetRecord, FileRecord
 from blobfs.sources.base import Source
-from blobfs.view.handles import BytesReader, HandleTable, ReadHandle
+from blobfs.sources.readers import BytesReader
+from blobfs.view.handles import HandleTable, ReadHandle
 
 logger = logging.getLogger(__name__)
 

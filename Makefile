@@ -1,0 +1,46 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh Debian machine
+# (as root, or with sudo for the apt step): they install what they need themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := fuse libfuse2
+
+.PHONY: all system venv test test-fast lint demo bench clean
+
+all: test
+
+system:
+	@if ! command -v fusermount >/dev/null 2>&1 || ! ldconfig -p | grep -q 'libfuse.so.2'; then \
+		echo "installing $(APT_PACKAGES)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: system venv
+	$(PY) -m pytest -q
+
+test-fast: system venv
+	$(PY) -m pytest -q -m "not sdk"
+
+lint: venv
+	$(VENV)/bin/ruff check blobfs tests bench
+	$(VENV)/bin/ruff format --check blobfs
+
+demo: system venv
+	PY=$(PY) bash scripts/demo.sh
+
+bench: system venv
+	$(PY) -m pip install -q ratarmount
+	$(PY) bench/local_scan.py
+
+clean:
+	rm -rf $(VENV) demo bench/out .pytest_cache

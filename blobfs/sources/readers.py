@@ -1,0 +1,53 @@
+"""Readers the sources hand out: a window of a cached blob, or a reason it cannot be read."""
+
+from __future__ import annotations
+
+from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
+from blobfs.errors import CorruptData
+from blobfs.model import BlobRef
+
+
+class SliceReader:
+    """The bytes of one image: ``[ref.start, ref.end)`` of a blob, through the block cache.
+
+    With a ``readahead`` policy, each read also tells it where the reader is in the blob, and
+    prefetches the window it grants, so a scan in blob order finds its blocks already cached.
+    """
+
+    def __init__(
+        self,
+        cache: BlockCache,
+        blob: CachedBlob,
+        ref: BlobRef,
+        readahead: SequentialReadahead | None = None,
+    ) -> None:
+        self._cache, self._blob, self._ref, self._readahead = cache, blob, ref, readahead
+
+    def read(self, start: int, end: int) -> bytes:
+        lo, hi = self._ref.start + start, self._ref.start + end
+        data = self._cache.read(self._blob, lo, hi)
+        if self._readahead is not None:
+            window = self._readahead.advise(self._blob.key, lo, hi)
+            if window:
+                self._cache.prefetch(self._blob, hi, hi + window)
+        return data
+
+
+class FailingReader:
+    """Stands in for a blob that is missing or truncated: every read fails with why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def read(self, start: int, end: int) -> bytes:
+        raise CorruptData(self.reason)
+
+
+class BytesReader:
+    """A reader over bytes already in memory (meta.json, fetched annotations)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read(self, start: int, end: int) -> bytes:
+        return self._data[start:end]

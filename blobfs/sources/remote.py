@@ -1,0 +1,260 @@
+"""A project on a Supervisely instance, read through the REST API and ranged blob reads.
+
+Listings (datasets, images) are fetched lazily per dataset and refreshed by the view after
+its TTL. Image bytes are ranges of their blob, fetched through the shared block cache with
+sequential readahead; plain (non-blob) images are whole objects through the same cache.
+Annotation JSON is fetched on demand, 100 images per request starting at the one asked
+for (a reader walking ``ann/`` in order then costs one request per hundred files).
+
+Everything the server says is untrusted: names are validated like offsets entries, a
+name that appears twice in a dataset is not served, a blob range outside its blob fails
+with EIO on read, and implausible page counts are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from blobfs.blob.index import name_problem
+from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
+from blobfs.cache.meta import LockedLru
+from blobfs.config import MountConfig
+from blobfs.credentials import resolve
+from blobfs.errors import BlobfsError, InvalidInput, NotFound, RemoteError
+from blobfs.model import BlobRef, DatasetRecord, FileRecord
+from blobfs.sources.base import Source
+from blobfs.sources.readers import FailingReader, SliceReader
+from blobfs.transport.api import ANN_BATCH, RemoteImage, SuperviselyApi
+from blobfs.transport.base import RangeReader
+from blobfs.transport.http import HttpClient
+
+logger = logging.getLogger(__name__)
+
+READAHEAD_MAX_BYTES = 32 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AnnRef:
+    """Where an annotation comes from: its image in its dataset."""
+
+    dataset_id: int
+    image_id: int
+
+
+def iso_to_ns(text: str) -> int:
+    """``2021-03-02T10:04:33.973Z`` -> ns since the epoch (0 when absent or odd)."""
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
+    except (ValueError, TypeError):
+        return 0
+
+
+class RemoteProjectSource(Source):
+    """One remote project; see the module docstring for what is fetched when."""
+
+    def __init__(
+        self,
+        api: SuperviselyApi,
+        project_id: int,
+        cache: BlockCache,
+        readahead: SequentialReadahead | None = None,
+    ) -> None:
+        self.api = api
+        self.project_id = project_id
+        self.cache = cache
+        self.readahead = readahead
+        self._blobs: dict[int, CachedBlob | str] = {}
+        self._images: dict[int, CachedBlob] = {}
+        self._anns: LockedLru[int, bytes] = LockedLru()
+        self._order: dict[int, list[int]] = {}
+        self._problems: list[str] = []
+        self._lock = threading.Lock()
+
+    def is_immutable(self) -> bool:
+        return False
+
+    def meta_json(self) -> bytes | None:
+        return json.dumps(self.api.project_meta(self.project_id)).encode()
+
+    def datasets(self) -> Sequence[DatasetRecord]:
+        remote = self.api.datasets(self.project_id)
+        by_id = {d.id: d for d in remote}
+        out = []
+        for d in remote:
+            path: list[str] = []
+            node, seen = d, set()
+            while node is not None and node.id not in seen:
+                seen.add(node.id)
+                path.append(node.name)
+                node = by_id.get(node.parent_id) if node.parent_id is not None else None
+            bad = next((name_problem(n) for n in path if name_problem(n)), None)
+            if node is not None or bad:
+                self._note(
+                    f"dataset {d.id} {d.name[:80]!r} not served: {bad or 'parent chain loops'}"
+                )
+                continue
+            out.append(DatasetRecord(tuple(reversed(path)), d.id, iso_to_ns(d.updated_at)))
+        return out
+
+    def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
+        assert isinstance(dataset.key, int)
+        images = self.api.images(dataset.key)
+        counts: dict[str, int] = {}
+        for img in images:
+            counts[img.name] = counts.get(img.name, 0) + 1
+        records: list[FileRecord] = []
+        order: list[int] = []
+        for img in images:
+            problem = name_problem(img.name) or (
+                "name appears more than once" if counts[img.name] > 1 else None
+            )
+            rec = None if problem else self._image_record(img)
+            if rec is None:
+                self._note(
+                    f"dataset {dataset.key}: image {img.id} {img.name[:80]!r} not served: "
+                    f"{problem or 'bad blob range'}"
+                )
+                continue
+            mtime = iso_to_ns(img.updated_at)
+            records.append(rec)
+            records.append(
+                FileRecord(f"ann/{img.name}.json", None, mtime, AnnRef(dataset.key, img.id))
+            )
+            order.append(img.id)
+        with self._lock:
+            self._order[dataset.key] = order
+        return records
+
+    def _image_record(self, img: RemoteImage) -> FileRecord | None:
+        mtime = iso_to_ns(img.updated_at)
+        if img.in_blob:
+            start, end = img.offset_start, img.offset_end
+            if start is None or end is None or start < 0 or end < start:
+                return None
+            return FileRecord(
+                f"img/{img.name}",
+                end - start,
+                mtime,
+                (img, BlobRef(f"tf{img.related_data_id}", "", start, end)),
+            )
+        return FileRecord(f"img/{img.name}", img.size, mtime, (img, None))
+
+    def open(self, record: FileRecord) -> RangeReader:
+        ref = record.ref
+        if isinstance(ref, AnnRef):
+            from blobfs.view.handles import BytesReader
+
+            return BytesReader(self.content(record))
+        assert isinstance(ref, tuple)
+        img, blob_ref = ref
+        if blob_ref is None:
+            return SliceReader(self.cache, self._plain_image(img), BlobRef("", "", 0, img.size))
+        blob = self._blob(img)
+        if isinstance(blob, str):
+            return FailingReader(blob)
+        return SliceReader(self.cache, blob, blob_ref, self.readahead)
+
+    def content(self, record: FileRecord) -> bytes:
+        ref = record.ref
+        if not isinstance(ref, AnnRef):
+            return super().content(record)
+        data = self._anns.get(ref.image_id)
+        if data is None:
+            self._fetch_anns(ref)
+            data = self._anns.get(ref.image_id)
+        if data is None:
+            raise NotFound(f"no annotation for image {ref.image_id}")
+        return data
+
+    def _fetch_anns(self, ref: AnnRef) -> None:
+        with self._lock:
+            order = self._order.get(ref.dataset_id, [])
+        try:
+            at = order.index(ref.image_id)
+        except ValueError:
+            at, order = 0, [ref.image_id]
+        batch = [i for i in order[at : at + 4 * ANN_BATCH] if i not in self._anns][:ANN_BATCH]
+        if ref.image_id not in batch:
+            batch.insert(0, ref.image_id)
+        for image_id, ann in self.api.annotations(ref.dataset_id, batch).items():
+            self._anns.put(image_id, json.dumps(ann).encode())
+
+    def _blob(self, img: RemoteImage) -> CachedBlob | str:
+        assert img.related_data_id is not None and img.download_id is not None
+        key = img.related_data_id
+        with self._lock:
+            known = self._blobs.get(key)
+        if known is not None:
+            return known
+        try:
+            info = self.api.file_info(key)
+            blob: CachedBlob | str = CachedBlob(
+                f"tf{key}",
+                info.version,
+                info.size,
+                self.api.blob_reader(self.project_id, img.download_id, info.size),
+            )
+        except RemoteError as exc:
+            return f"blob {key}: {exc}"  # not remembered: a later read retries
+        with self._lock:
+            return self._blobs.setdefault(key, blob)
+
+    def _plain_image(self, img: RemoteImage) -> CachedBlob:
+        with self._lock:
+            known = self._images.get(img.id)
+            if known is None:
+                known = CachedBlob(
+                    f"img{img.id}", img.hash or img.updated_at, img.size, self.api.image_reader(img)
+                )
+                self._images[img.id] = known
+            return known
+
+    def _note(self, problem: str) -> None:
+        logger.warning("%s", problem)
+        with self._lock:
+            self._problems.append(problem)
+
+    def problems(self) -> list[str]:
+        with self._lock:
+            return list(self._problems)
+
+    def stats(self) -> dict[str, object]:
+        client = self.api.client
+        return {
+            "cache": self.cache.stats.as_dict(),
+            "cache_bytes": self.cache.used_bytes,
+            "http_requests": client.requests,
+            "http_retries": client.retried,
+        }
+
+    def close(self) -> None:
+        self.cache.close()
+        self.api.client.close()
+
+
+def parse_project_id(source: str) -> int:
+    """``sly://123`` -> 123."""
+    text = source.removeprefix("sly://").strip("/")
+    if not text.isdigit():
+        raise InvalidInput(f"{source!r}: expected sly://PROJECT_ID")
+    return int(text)
+
+
+def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProjectSource:
+    """Resolve credentials, check the project exists, and return its source."""
+    project_id = parse_project_id(config.source)
+    server, token = resolve(config.server, config.token_file)
+    client = HttpClient(server, token)
+    api = SuperviselyApi(client)
+    try:
+        api.project_info(project_id)
+    except BlobfsError as exc:
+        client.close()
+        raise RemoteError(f"project {project_id} on {server}: {exc}") from None
+    readahead = SequentialReadahead(cache.block_size * 2, READAHEAD_MAX_BYTES)
+    return RemoteProjectSource(api, project_id, cache, readahead)

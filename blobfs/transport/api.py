@@ -1,0 +1,199 @@
+"""SuperviselyApi: the REST calls blobfs makes, turned into plain records.
+
+Payloads follow the SDK 6.74.51 (``api/*_api.py``); ``docs/formats.md`` lists each call.
+No caching here (the remote source and view own that), and nothing SDK is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from blobfs.errors import RemoteError
+from blobfs.transport.http import HttpClient, HttpRangeReader
+
+logger = logging.getLogger(__name__)
+
+PER_PAGE = 1000
+ANN_BATCH = 100  # the server's cap for annotations.bulk.info imageIds
+#: A listing that claims more pages than this is refused, not followed.
+MAX_PAGES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDataset:
+    """A dataset as ``datasets.list`` describes it."""
+
+    id: int
+    name: str
+    parent_id: int | None
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteImage:
+    """The fields of an image info the mount needs (blob fields None for plain images)."""
+
+    id: int
+    name: str
+    size: int
+    updated_at: str
+    hash: str | None
+    related_data_id: int | None
+    download_id: str | None
+    offset_start: int | None
+    offset_end: int | None
+
+    @property
+    def in_blob(self) -> bool:
+        return self.related_data_id is not None and self.offset_start is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """A Team Files entry (``file-storage.info``)."""
+
+    id: int
+    size: int
+    version: str
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RemoteError(f"server sent {what}={value!r}, not an integer")
+    return value
+
+
+def _opt_int(value: Any, what: str) -> int | None:
+    return None if value is None else _int(value, what)
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RemoteError(f"server sent {what} of type {type(value).__name__}, not a string")
+    return value
+
+
+def parse_image(item: Any) -> RemoteImage:
+    """One ``images.list`` entity -> RemoteImage; raises RemoteError on missing/odd fields."""
+    if not isinstance(item, dict):
+        raise RemoteError("image info is not an object")
+    try:
+        return RemoteImage(
+            id=_int(item["id"], "id"),
+            name=_str(item["name"], "name"),
+            size=_int(item.get("size") or 0, "size"),
+            updated_at=str(item.get("updatedAt") or ""),
+            hash=item.get("hash") if isinstance(item.get("hash"), str) else None,
+            related_data_id=_opt_int(item.get("relatedDataId"), "relatedDataId"),
+            download_id=(str(item["downloadId"]) if item.get("downloadId") is not None else None),
+            offset_start=_opt_int(item.get("offsetStart"), "offsetStart"),
+            offset_end=_opt_int(item.get("offsetEnd"), "offsetEnd"),
+        )
+    except KeyError as exc:
+        raise RemoteError(f"image info lacks {exc}") from None
+
+
+class SuperviselyApi:
+    """The subset of the public API a read-only mount uses."""
+
+    def __init__(self, client: HttpClient) -> None:
+        self.client = client
+
+    def _pages(self, method: str, payload: dict[str, Any]) -> Iterator[Any]:
+        page, pages = 1, 1
+        while page <= pages:
+            answer = self.client.post_json(method, {**payload, "page": page, "per_page": PER_PAGE})
+            if not isinstance(answer, dict) or not isinstance(answer.get("entities"), list):
+                raise RemoteError(f"{method}: answer has no entity list")
+            pages = answer.get("pagesCount", 1)
+            if not isinstance(pages, int) or pages < 0 or pages > MAX_PAGES:
+                raise RemoteError(f"{method}: implausible pagesCount {pages!r}")
+            yield from answer["entities"]
+            page += 1
+
+    def project_info(self, project_id: int) -> dict[str, Any]:
+        answer = self.client.post_json("projects.info", {"id": project_id})
+        if not isinstance(answer, dict):
+            raise RemoteError("projects.info: answer is not an object")
+        return answer
+
+    def project_meta(self, project_id: int) -> dict[str, Any]:
+        answer = self.client.post_json("projects.meta", {"id": project_id})
+        if not isinstance(answer, dict):
+            raise RemoteError("projects.meta: answer is not an object")
+        return answer
+
+    def datasets(self, project_id: int) -> list[RemoteDataset]:
+        out = []
+        for item in self._pages(
+            "datasets.list", {"projectId": project_id, "filter": [], "recursive": True}
+        ):
+            if not isinstance(item, dict):
+                raise RemoteError("datasets.list: entity is not an object")
+            out.append(
+                RemoteDataset(
+                    _int(item.get("id"), "id"),
+                    _str(item.get("name"), "name"),
+                    _opt_int(item.get("parentId"), "parentId"),
+                    str(item.get("updatedAt") or ""),
+                )
+            )
+        return out
+
+    def images(self, dataset_id: int) -> list[RemoteImage]:
+        return [
+            parse_image(item)
+            for item in self._pages(
+                "images.list",
+                {"datasetId": dataset_id, "filter": [], "sort": "id", "sort_order": "asc"},
+            )
+        ]
+
+    def annotations(self, dataset_id: int, image_ids: Sequence[int]) -> dict[int, Any]:
+        """image id -> annotation JSON, fetched ``ANN_BATCH`` at a time."""
+        out: dict[int, Any] = {}
+        for i in range(0, len(image_ids), ANN_BATCH):
+            batch = list(image_ids[i : i + ANN_BATCH])
+            answer = self.client.post_json(
+                "annotations.bulk.info",
+                {
+                    "datasetId": dataset_id,
+                    "imageIds": batch,
+                    "withCustomData": False,
+                    "forceMetadataForLinks": False,
+                    "integerCoords": False,
+                },
+            )
+            if not isinstance(answer, list):
+                raise RemoteError("annotations.bulk.info: answer is not a list")
+            for item in answer:
+                if isinstance(item, dict) and isinstance(item.get("annotation"), dict):
+                    out[_int(item.get("imageId"), "imageId")] = item["annotation"]
+        return out
+
+    def file_info(self, file_id: int) -> RemoteFile:
+        answer = self.client.post_json("file-storage.info", {"id": file_id})
+        if not isinstance(answer, dict):
+            raise RemoteError("file-storage.info: answer is not an object")
+        size = _int(answer.get("size", answer.get("sizeb")), "size")
+        version = f"{answer.get('hash') or ''}:{answer.get('updatedAt') or ''}:{size}"
+        return RemoteFile(_int(answer.get("id", file_id), "id"), size, version)
+
+    def blob_reader(self, project_id: int, download_id: str, size: int) -> HttpRangeReader:
+        """Ranged reads of a whole blob through ``images.data.download``."""
+        return HttpRangeReader(
+            self.client,
+            "images.data.download",
+            {"projectId": project_id, "downloadId": download_id},
+            size,
+            f"blob {download_id}",
+        )
+
+    def image_reader(self, image: RemoteImage) -> HttpRangeReader:
+        """Ranged reads of one ordinary image through ``images.download``."""
+        return HttpRangeReader(
+            self.client, "images.download", {"id": image.id}, image.size, f"image {image.id}"
+        )
