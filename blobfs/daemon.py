@@ -31,8 +31,11 @@ PREFETCH_WORKERS = 4
 
 def build_source(config: MountConfig) -> Source:
     """The source named by ``config.source``: a local project folder (or ``sly://`` id)."""
+    block_size = config.effective_block_size()
     cache = BlockCache(
-        config.effective_block_size(), max(config.cache_bytes, config.effective_block_size())
+        block_size,
+        max(config.cache_bytes, block_size),
+        prefetch_workers=PREFETCH_WORKERS if config.is_remote else 0,
     )
     if config.is_remote:
         from blobfs.sources.remote import build_remote_source
