@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from blobfs.cache.blocks import BlockCache
+from blobfs.cache.disk import DiskBlockStore
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
 from blobfs.errors import InvalidInput, NotFound
 from blobfs.fuse.compat import FUSE
@@ -36,6 +37,9 @@ def build_source(config: MountConfig) -> Source:
         block_size,
         max(config.cache_bytes, block_size),
         prefetch_workers=PREFETCH_WORKERS if config.is_remote else 0,
+        disk=DiskBlockStore(config.cache_dir, config.disk_cache_bytes)
+        if config.cache_dir
+        else None,
     )
     if config.is_remote:
         from blobfs.sources.remote import build_remote_source

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cachetools import LRUCache
 
+from blobfs.cache.disk import DiskBlockStore
 from blobfs.cache.ranges import runs, to_blocks
 from blobfs.errors import BlobfsError, CorruptData, InvalidInput
 from blobfs.transport.base import RangeReader
@@ -55,6 +56,7 @@ class CacheStats:
     fetched_bytes: int = 0
     prefetched_blocks: int = 0
     errors: int = 0
+    disk_hits: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -77,6 +79,7 @@ class BlockCache:
         max_bytes: memory budget for cached block bytes (at least one block).
         max_run_blocks: most blocks one transport request may fetch.
         prefetch_workers: threads for background readahead (0: no readahead).
+        disk: optional persistent tier consulted before the transport.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class BlockCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_run_blocks: int = DEFAULT_MAX_RUN_BLOCKS,
         prefetch_workers: int = 0,
+        disk: DiskBlockStore | None = None,
     ) -> None:
         if block_size <= 0 or max_bytes < block_size:
             raise InvalidInput("cache size must be at least one block")
@@ -92,6 +96,7 @@ class BlockCache:
         self.max_bytes = max_bytes
         self.max_run_blocks = max(1, max_run_blocks)
         self.stats = CacheStats()
+        self.disk = disk
         # INVARIANT: a key is never in both _lru and _inflight once _lock is released.
         self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Flight] = {}
@@ -184,6 +189,7 @@ class BlockCache:
         bs = self.block_size
         error: BaseException | None = None
         try:
+            todo = self._from_disk(blob, todo, flights, found)
             for first, stop in runs(todo, self.max_run_blocks):
                 begin, finish = first * bs, min(stop * bs, blob.size)
                 data = blob.reader.read(begin, finish)
@@ -200,12 +206,37 @@ class BlockCache:
                     chunk = data[(b - first) * bs : (b - first + 1) * bs]
                     found[b] = chunk
                     self._complete(blob, b, flights.pop(b), chunk, None)
+                    if self.disk is not None:
+                        self.disk.put((blob.key, blob.version, b), chunk)
         except BaseException as exc:
             error = exc
             raise
         finally:
             for b, flight in flights.items():  # whatever was not fetched fails its waiters
                 self._complete(blob, b, flight, None, error or RuntimeError("fetch abandoned"))
+
+    def _from_disk(
+        self,
+        blob: CachedBlob,
+        todo: list[int],
+        flights: dict[int, _Flight],
+        found: dict[int, bytes],
+    ) -> list[int]:
+        """Serve what the disk tier has; return the blocks still to fetch."""
+        if self.disk is None:
+            return todo
+        rest = []
+        for b in todo:
+            expected = min((b + 1) * self.block_size, blob.size) - b * self.block_size
+            data = self.disk.get((blob.key, blob.version, b), expected)
+            if data is None:
+                rest.append(b)
+                continue
+            with self._lock:
+                self.stats.disk_hits += 1
+            found[b] = data
+            self._complete(blob, b, flights.pop(b), data, None)
+        return rest
 
     def _complete(
         self,
