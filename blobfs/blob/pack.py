@@ -134,11 +134,17 @@ class ProjectPacker:
     renamed into place, so a reader never sees an offsets entry without its bytes.
     """
 
-    def __init__(self, project_dir: Path, dataset: str, blob_size: int = DEFAULT_BLOB_SIZE) -> None:
+    def __init__(
+        self,
+        project_dir: Path,
+        dataset: str,
+        blob_size: int = DEFAULT_BLOB_SIZE,
+        dataset_dir: Path | None = None,
+    ) -> None:
         if name_problem(dataset):
             raise InvalidInput(f"dataset name {dataset!r}: {name_problem(dataset)}")
         self.project_dir = project_dir
-        self.dataset_dir = project_dir / dataset
+        self.dataset_dir = dataset_dir or project_dir / dataset
         self.dataset = dataset
         self.blob_size = blob_size
 
@@ -156,14 +162,30 @@ class ProjectPacker:
         return existing
 
     def pack(
-        self, files: Iterable[Path], progress: Callable[[int], None] | None = None
+        self,
+        files: Iterable[Path],
+        progress: Callable[[int], None] | None = None,
+        ann_for: Callable[[Path, int, int], bytes] | None = None,
+        stem: str | None = None,
+        check_existing: bool = True,
     ) -> PackResult:
-        """Pack ``files`` (each named by its basename) into new blobs of this dataset."""
+        """Pack ``files`` (each named by its basename) into new blobs of this dataset.
+
+        Args:
+            files: image files; each becomes ``img/<basename>``.
+            progress: called with 1 per packed image.
+            ann_for: annotation bytes for (file, width, height); default an empty one.
+            stem: blob stem of the first blob (writeback names its batch's blob up front,
+                so a rerun after a crash can tell whether the blob already landed).
+            check_existing: refuse names already in the dataset (writeback checks itself).
+        """
         existing = self.prepare()
+        if not check_existing:
+            existing = set()
+        first_stem = stem
         result = PackResult()
         writer: TarBlobWriter | None = None
         stream: IO[bytes] | None = None
-        stem = ""
         anns: list[tuple[str, bytes]] = []
         for path in files:
             name = path.name
@@ -178,7 +200,7 @@ class ProjectPacker:
                 self._finish(stem, writer, stream, anns, result)
                 writer = None
             if writer is None:
-                stem = new_blob_stem(self.dataset)
+                stem, first_stem = first_stem or new_blob_stem(self.dataset), None
                 stream = open(self.project_dir / "blob" / f".{stem}.tar.tmp", "wb")  # noqa: SIM115
                 writer = TarBlobWriter(stream)
                 anns = []
@@ -186,7 +208,12 @@ class ProjectPacker:
                 width, height = image_size(src, name)
                 src.seek(0)
                 writer.add(name, src, st.st_size, st.st_mtime)
-            anns.append((name, json.dumps(empty_annotation(width, height)).encode()))
+            ann = (
+                ann_for(path, width, height)
+                if ann_for
+                else json.dumps(empty_annotation(width, height)).encode()
+            )
+            anns.append((name, ann))
             result.images += 1
             result.bytes += st.st_size
             if progress:

@@ -1,0 +1,98 @@
+"""Importers: turn one staged batch into part of the project, idempotently.
+
+A batch is the staged files of one dataset: images (``/<ds>/img/<name>``), annotations
+(``/<ds>/ann/<name>.json``) and maybe ``/meta.json``. Its images go into one new blob named
+by ``batch.stem``, chosen before anything is written, so a rerun after a crash can tell what
+already landed:
+
+- local: the offsets file ``<ds>/<stem>_offsets.pkl`` is written last and atomically; if it
+  exists the blob is in, otherwise the batch is packed again from the start (the temp tar of
+  the crashed attempt is overwritten).
+- remote: the batch's manifest records the Team Files id after upload and the image ids after
+  registration; registration first lists the dataset and skips names already there, so a
+  retried ``images.bulk.add`` never makes a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from blobfs.blob.index import OFFSETS_SUFFIX
+from blobfs.blob.pack import ProjectPacker, empty_annotation, write_atomic
+from blobfs.writeback.spool import Batch, Spool
+
+logger = logging.getLogger(__name__)
+
+AnnFor = Callable[[Path, int, int], bytes]
+#: A blob size no batch reaches: a batch is one blob by construction (the queue sizes it).
+BATCH_BLOB_SIZE = 1 << 62
+
+
+class Importer(Protocol):
+    """Where batches go. Every method must be safe to call again after a crash."""
+
+    def import_batch(self, spool: Spool, batch: Batch) -> None:
+        """Bring the whole batch into the project (or raise, leaving it to be retried)."""
+        ...
+
+
+def split_batch(batch: Batch) -> tuple[list[str], dict[str, str], str | None]:
+    """``(image view paths, {image name: ann view path}, meta view path or None)``."""
+    images: list[str] = []
+    anns: dict[str, str] = {}
+    meta = None
+    for path in batch.files:
+        if path == "/meta.json":
+            meta = path
+        elif "/img/" in path:
+            images.append(path)
+        elif path.endswith(".json") and "/ann/" in path:
+            anns[path.rsplit("/", 1)[1][: -len(".json")]] = path
+    return images, anns, meta
+
+
+def dataset_dir(project: Path, dataset: list[str]) -> Path:
+    """``["a", "b"]`` -> ``project/a/datasets/b`` (the SDK's nested layout)."""
+    folder = project / dataset[0]
+    for name in dataset[1:]:
+        folder = folder / "datasets" / name
+    return folder
+
+
+class LocalImporter:
+    """Imports into a project folder; readers see the old or the new project, never half."""
+
+    def __init__(self, project_dir: str | Path) -> None:
+        self.project = Path(project_dir)
+
+    def import_batch(self, spool: Spool, batch: Batch) -> None:
+        images, anns, meta = split_batch(batch)
+        if meta is not None:
+            write_atomic(self.project / "meta.json", spool.batch_file(batch, meta).read_bytes())
+        if not batch.dataset:
+            return
+        folder = dataset_dir(self.project, batch.dataset)
+        (folder / "ann").mkdir(parents=True, exist_ok=True)
+        image_names = {p.rsplit("/", 1)[1] for p in images}
+        for name, ann_path in anns.items():  # annotations of images imported earlier
+            if name not in image_names:
+                write_atomic(
+                    folder / "ann" / f"{name}.json", spool.batch_file(batch, ann_path).read_bytes()
+                )
+        if not images or (folder / f"{batch.stem}{OFFSETS_SUFFIX}").exists():
+            return
+
+        def ann_for(path: Path, width: int, height: int) -> bytes:
+            staged = anns.get(path.name)
+            if staged is not None:
+                return spool.batch_file(batch, staged).read_bytes()
+            return json.dumps(empty_annotation(width, height)).encode()
+
+        packer = ProjectPacker(self.project, batch.dataset[-1], BATCH_BLOB_SIZE, dataset_dir=folder)
+        files = [spool.batch_file(batch, p) for p in images]
+        packer.pack(files, ann_for=ann_for, stem=batch.stem, check_existing=False)
+        logger.info("imported %d images into %s as blob %s", len(files), folder, batch.stem)

@@ -1,0 +1,287 @@
+"""WritebackQueue: decide when staged files become batches, run imports, retry, report.
+
+A background thread packs a dataset's staged images into a batch when they reach
+``blob_size``, after ``delay_s`` without new writes, on ``flush()``, and when the mount
+stops. Batches left by a crashed run are finished first. A failing import is retried with
+exponential backoff; its files stay staged (and visible) meanwhile. A file that cannot be
+imported as it is (not an image, an annotation that does not parse or names an unknown
+class) is kept in the spool and listed under ``failed`` until the user fixes or removes it.
+
+Lock order: ``_cond`` only; it is never held while importing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blobfs.blob.pack import new_blob_stem
+from blobfs.writeback.importer import Importer
+from blobfs.writeback.spool import Batch, Spool
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DELAY_S = 5.0
+DEFAULT_BLOB_SIZE = 256 << 20
+MAX_BACKOFF_S = 60.0
+
+Validate = Callable[[str, str], str | None]
+"""(view path, staged file path) -> reason it cannot be imported, or None."""
+
+
+def dataset_of(view_path: str) -> tuple[tuple[str, ...], str, str] | None:
+    """``/a/datasets/b/img/x.png`` -> ``(("a", "b"), "img", "x.png")``, else None."""
+    parts = [p for p in view_path.split("/") if p]
+    if len(parts) < 3 or parts[-2] not in ("img", "ann"):
+        return None
+    chain = parts[:-2]
+    names = [chain[0]]
+    rest = chain[1:]
+    while rest:
+        if len(rest) < 2 or rest[0] != "datasets":
+            return None
+        names.append(rest[1])
+        rest = rest[2:]
+    return tuple(names), parts[-2], parts[-1]
+
+
+@dataclass
+class QueueStatus:
+    """What ``blobfs status`` shows about writeback."""
+
+    pending: int = 0
+    pending_bytes: int = 0
+    importing: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    imported: int = 0
+    last_error: str | None = None
+    batches_done: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "pending": self.pending,
+            "pending_bytes": self.pending_bytes,
+            "importing": list(self.importing),
+            "failed": dict(self.failed),
+            "imported": self.imported,
+            "batches_done": self.batches_done,
+            "last_error": self.last_error,
+        }
+
+
+class WritebackQueue:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        importer: Importer,
+        validate: Validate,
+        on_imported: Callable[[Batch, list[str]], None] | None = None,
+        delay_s: float = DEFAULT_DELAY_S,
+        blob_size: int = DEFAULT_BLOB_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.spool = spool
+        self.importer = importer
+        self.validate = validate
+        self.on_imported = on_imported
+        self.delay_s = delay_s
+        self.blob_size = blob_size
+        self.backoff_s = backoff_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._last_write = clock()
+        self._force = 0
+        self._generation = 0
+        self._stopping = False
+        self._retry_at = 0.0
+        self._failures = 0
+        self._checked: dict[str, tuple[int, int, str | None]] = {}
+        self.status = QueueStatus()
+        self._thread: threading.Thread | None = None
+
+    # ---- control ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="blobfs-writeback", daemon=True)
+        self._thread.start()
+
+    def staged(self) -> None:
+        """A file was committed to the spool: restart the quiet period."""
+        with self._cond:
+            self._last_write = self._clock()
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Import everything importable now; True when nothing importable is left pending."""
+        with self._cond:
+            self._force += 1
+            target = self._generation + 2  # a full pass that started after this request
+            self._cond.notify_all()
+            deadline = None if timeout_s is None else self._clock() + timeout_s
+            while self._generation < target and self._thread is not None:
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return self.status.pending == 0
+
+    def stop(self, drain: bool = True, timeout_s: float | None = None) -> bool:
+        """Stop the thread, after importing what can be imported when ``drain``."""
+        ok = self.flush(timeout_s) if drain and self._thread is not None else True
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        return ok
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                force = self._force > 0
+                self._force = 0
+            try:
+                self.run_once(force)
+            except Exception as exc:  # keep the thread alive whatever happens
+                logger.exception("writeback pass failed")
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                self._generation += 1
+                self._cond.notify_all()
+                if not self._stopping and self._force == 0:
+                    self._cond.wait(min(1.0, max(self.delay_s / 2, 0.05)))
+
+    def run_once(self, force: bool = False) -> None:
+        """One pass: finish old batches, then make and import new ones that are due."""
+        if self._clock() < self._retry_at and not force:
+            return
+        for batch in self.spool.open_batches():
+            if not self._run_batch(batch):
+                return
+        groups, meta = self._pending()
+        quiet = self._clock() - self._last_write >= self.delay_s
+        if meta is not None and (force or quiet):
+            self._run_batch(self._new_batch([], [meta]))
+        for dataset, (images, anns, size) in sorted(groups.items()):
+            if not (force or quiet or size >= self.blob_size):
+                continue
+            for chunk in self._chunks(images):
+                names = {p.rsplit("/", 1)[1] for p in chunk}
+                batch_anns = [a for a in anns if a.rsplit("/", 1)[1][:-5] in names]
+                if not self._run_batch(self._new_batch(list(dataset), chunk + batch_anns)):
+                    return
+                anns = [a for a in anns if a not in batch_anns]
+            waiting = self._staged_image_names(dataset)
+            anns = [a for a in anns if a.rsplit("/", 1)[1][:-5] not in waiting]
+            if anns:  # annotations of images imported earlier
+                self._run_batch(self._new_batch(list(dataset), anns))
+
+    def _staged_image_names(self, dataset: tuple[str, ...]) -> set[str]:
+        files, _ = self.spool.walk()
+        names = set()
+        for path in files:
+            where = dataset_of(path)
+            if where is not None and where[0] == dataset and where[1] == "img":
+                names.add(where[2])
+        return names
+
+    def _chunks(self, images: list[str]) -> list[list[str]]:
+        chunks: list[list[str]] = []
+        size = 0
+        for path in images:
+            st = os.stat(self.spool.staged_path(path))
+            if not chunks or size + st.st_size > self.blob_size:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(path)
+            size += st.st_size
+        return chunks
+
+    def _new_batch(self, dataset: list[str], files: list[str]) -> Batch:
+        stem = new_blob_stem(dataset[-1] if dataset else "meta")
+        return self.spool.create_batch(Batch(uuid.uuid4().hex[:12], dataset, files, stem))
+
+    def _run_batch(self, batch: Batch) -> bool:
+        self.status.importing = list(batch.files)
+        try:
+            self.importer.import_batch(self.spool, batch)
+        except Exception as exc:
+            self._failures += 1
+            delay = min(self.backoff_s * 2 ** (self._failures - 1), MAX_BACKOFF_S)
+            self._retry_at = self._clock() + delay
+            self.status.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "import of %d files failed (retry in %.1f s): %s", len(batch.files), delay, exc
+            )
+            return False
+        finally:
+            self.status.importing = []
+        self._failures = 0
+        self.status.last_error = None
+        done = self.spool.finish_batch(batch)
+        self.status.imported += len(done)
+        self.status.batches_done += 1
+        if self.on_imported is not None:
+            self.on_imported(batch, done)
+        return True
+
+    def _pending(
+        self,
+    ) -> tuple[dict[tuple[str, ...], tuple[list[str], list[str], int]], str | None]:
+        files, _ = self.spool.walk()
+        groups: dict[tuple[str, ...], tuple[list[str], list[str], int]] = {}
+        meta = None
+        failed: dict[str, str] = {}
+        pending = pending_bytes = 0
+        for path in sorted(files):
+            reason = self._check(path)
+            if reason:
+                failed[path] = reason
+                continue
+            pending += 1
+            pending_bytes += os.stat(self.spool.staged_path(path)).st_size
+            if path == "/meta.json":
+                meta = path
+                continue
+            where = dataset_of(path)
+            if where is None:
+                failed[path] = "not a dataset image or annotation"
+                pending -= 1
+                continue
+            images, anns, size = groups.get(where[0], ([], [], 0))
+            if where[1] == "img":
+                images.append(path)
+                size += os.stat(self.spool.staged_path(path)).st_size
+            else:
+                anns.append(path)
+            groups[where[0]] = (images, anns, size)
+        self.status.failed = failed
+        self.status.pending, self.status.pending_bytes = pending, pending_bytes
+        return groups, meta
+
+    def _check(self, path: str) -> str | None:
+        staged = self.spool.staged_path(path)
+        try:
+            st = staged.stat()
+        except FileNotFoundError:
+            return "vanished"
+        known = self._checked.get(path)
+        if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
+            return known[2]
+        reason = self.validate(path, str(staged))
+        self._checked[path] = (st.st_mtime_ns, st.st_size, reason)
+        if reason:
+            logger.warning("%s is kept in the spool, not imported: %s", path, reason)
+        return reason
