@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -67,6 +69,25 @@ def main() -> None:
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
 @click.option("--log-file", default=None, type=click.Path(dir_okay=False))
+@click.option("--writeback", is_flag=True, help="Make the mount writable; import what is written.")
+@click.option(
+    "--spool-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where written files wait for import (default ~/.cache/blobfs/spool/...).",
+)
+@click.option(
+    "--writeback-delay",
+    default=5.0,
+    show_default=True,
+    help="Seconds without new writes before staged files are imported.",
+)
+@click.option(
+    "--blob-size",
+    default="256M",
+    show_default=True,
+    help="Import a dataset's staged images once they reach this size.",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -83,8 +104,16 @@ def mount(
     log_level: str,
     log_file: str | None,
     ready_fd: int | None,
+    writeback: bool,
+    spool_dir: str | None,
+    writeback_delay: float,
+    blob_size: str,
 ) -> None:
-    """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT, read-only."""
+    """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
+
+    Read-only unless --writeback: then files written into the mount are packed into new
+    blobs and imported into the project.
+    """
     try:
         fuse_opts = parse_fuse_options(options)
         config = MountConfig(
@@ -98,6 +127,10 @@ def mount(
             token_file=token_file,
             cache_dir=cache_dir,
             disk_cache_bytes=parse_size(disk_cache_size),
+            writeback=writeback or bool(fuse_opts.pop("writeback", False)),
+            spool_dir=spool_dir,
+            writeback_delay_s=writeback_delay,
+            writeback_blob_size=parse_size(blob_size),
         )
     except BlobfsError as exc:
         _fail(str(exc))
@@ -218,3 +251,50 @@ def check(project_dir: str, deep: bool) -> None:
     for line in report.lines():
         click.echo(line)
     sys.exit(1 if report.problems else 0)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+def flush(mountpoint: str) -> None:
+    """Import everything staged in a writeback MOUNTPOINT now, and wait for it."""
+    status = _read_control(mountpoint, "flush")
+    _print_status(status)
+    sys.exit(1 if status.get("pending") or status.get("failed") else 0)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(mountpoint: str, as_json: bool) -> None:
+    """Show writeback state of MOUNTPOINT: pending, importing, failed (with reasons)."""
+    data = _read_control(mountpoint, "writeback.json")
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+    else:
+        _print_status(data)
+
+
+def _read_control(mountpoint: str, name: str) -> dict[str, Any]:
+    path = Path(mountpoint) / ".blobfs" / name
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        _fail(f"{mountpoint} is not a blobfs writeback mount")
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+    if not isinstance(data, dict):
+        _fail(f"{path}: unexpected content")
+    return data
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    click.echo(f"pending: {data.get('pending', 0)} files ({data.get('pending_bytes', 0)} bytes)")
+    click.echo(f"importing: {len(data.get('importing') or [])} files")
+    done, batches = data.get("imported", 0), data.get("batches_done", 0)
+    click.echo(f"imported: {done} files in {batches} batches")
+    failed = data.get("failed") or {}
+    click.echo(f"failed: {len(failed)} files")
+    for path, reason in sorted(failed.items()):
+        click.echo(f"  {path}: {reason}")
+    if data.get("last_error"):
+        click.echo(f"last error: {data['last_error']}")

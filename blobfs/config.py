@@ -5,6 +5,8 @@ Sizes accept suffixes (``512M``, ``1G``) so fstab options such as ``cache_size=1
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -45,10 +47,22 @@ class MountConfig:
     token_file: str | None = None
     cache_dir: str | None = None
     disk_cache_bytes: int = 0
+    writeback: bool = False
+    spool_dir: str | None = None
+    writeback_delay_s: float = 5.0
+    writeback_blob_size: int = 256 << 20
 
     @property
     def is_remote(self) -> bool:
         return self.source.startswith("sly://")
+
+    def effective_spool_dir(self) -> str:
+        """The spool for this source: one per source, so a remount finds its pending work."""
+        if self.spool_dir:
+            return self.spool_dir
+        digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return os.path.join(base, "blobfs", "spool", digest)
 
     def effective_block_size(self) -> int:
         if self.block_size:

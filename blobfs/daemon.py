@@ -18,11 +18,16 @@ from blobfs.cache.disk import DiskBlockStore
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
 from blobfs.errors import InvalidInput, NotFound
 from blobfs.fuse.compat import FUSE
-from blobfs.fuse.ops import BlobfsOperations
+from blobfs.fuse.ops import BlobfsOperations, WritebackOperations
 from blobfs.notify import sd_notify
 from blobfs.sources.base import Source
 from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.sources.remote import RemoteProjectSource
 from blobfs.view.tree import ProjectView
+from blobfs.view.writable import WritableView
+from blobfs.writeback.importer import Importer, LocalImporter
+from blobfs.writeback.queue import WritebackQueue
+from blobfs.writeback.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +92,51 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
     return kwargs
 
 
+def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, WritebackQueue]:
+    """The writable view over ``source`` and the queue that imports what is written."""
+    spool = Spool(config.effective_spool_dir())
+    ttl = DEFAULT_REMOTE_TTL_S if not source.is_immutable() else float("inf")
+    view = WritableView(source, spool, listing_ttl_s=ttl)
+    importer: Importer
+    if config.is_remote:
+        from blobfs.writeback.remote import RemoteImporter
+
+        assert isinstance(source, RemoteProjectSource)
+        importer = RemoteImporter(source.api, source.project_id)
+    else:
+        importer = LocalImporter(config.source)
+    queue = WritebackQueue(
+        spool,
+        importer,
+        view.validate,
+        on_imported=view.imported,
+        delay_s=config.writeback_delay_s,
+        blob_size=config.writeback_blob_size,
+    )
+    view.on_staged = queue.staged
+    view.queue = queue
+    return view, queue
+
+
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
     """Mount and serve until unmounted; raises before mounting when the source is bad."""
     started = time.monotonic()
-    view = build(config)
+    queue: WritebackQueue | None = None
+    view: ProjectView
+    if config.writeback:
+        view, queue = build_writeback(config, build_source(config))
+    else:
+        view = build(config)
     problems = view.source.problems()
 
     def on_ready() -> None:
         logger.info(
-            "mounted %s on %s in %.2f s (%d problems)",
+            "mounted %s on %s in %.2f s (%d problems%s)",
             config.source,
             config.mountpoint,
             time.monotonic() - started,
             len(problems),
+            ", writeback" if queue is not None else "",
         )
         if ready_fd is not None:
             try:
@@ -107,17 +144,42 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
                 os.close(ready_fd)
             except OSError:
                 pass
+        if queue is not None:
+            queue.start()
         sd_notify("READY=1")
 
     def on_exit() -> None:
         sd_notify("STOPPING=1")
         logger.info("unmounting %s", config.mountpoint)
+        if queue is not None:
+            _drain(queue)
 
-    ops = BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit)
+    ops: BlobfsOperations
+    if isinstance(view, WritableView):
+        ops = WritebackOperations(view, on_ready=on_ready, on_exit=on_exit)
+    else:
+        ops = BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit)
+    kwargs = fuse_kwargs(config, view.source.is_immutable())
+    if config.writeback:
+        del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change
+        kwargs["attr_timeout"] = kwargs["entry_timeout"] = 1.0
     try:
-        FUSE(
-            ops, config.mountpoint, raw_fi=False, **fuse_kwargs(config, view.source.is_immutable())
-        )
+        FUSE(ops, config.mountpoint, raw_fi=False, **kwargs)
     finally:
         view.source.close()
         logger.info("unmounted %s", config.mountpoint)
+
+
+def _drain(queue: WritebackQueue) -> None:
+    """Import what is pending before exiting; failures stay in the spool for the next mount."""
+    status = queue.status
+    logger.info("writeback: importing %d pending files before exit", status.pending)
+    ok = queue.stop(drain=True)
+    logger.info(
+        "writeback: %d files imported in %d batches; %d pending, %d failed%s",
+        status.imported,
+        status.batches_done,
+        status.pending,
+        len(status.failed),
+        "" if ok else " (kept in the spool for the next mount)",
+    )

@@ -12,6 +12,9 @@ Tree::
     ├── IsADirectory        EISDIR  file operation on a directory
     ├── ReadOnly            EROFS   write on a read-only mount
     ├── NotSupported        ENOTSUP operation the mount does not offer
+    ├── NotPermitted        EPERM   change the mount refuses (rewrite an imported image)
+    ├── Busy                EBUSY   file is being imported right now
+    ├── AlreadyExists       EEXIST  name taken
     ├── PermissionDenied    EACCES
     ├── InvalidInput        EINVAL  bad argument from a caller (CLI, config)
     ├── OffsetsError        EIO     an offsets file that cannot be trusted
@@ -60,6 +63,24 @@ class NotSupported(BlobfsError):
     """An operation the mount does not offer (e.g. rename of an imported image)."""
 
     errno_value = errno.ENOTSUP
+
+
+class NotPermitted(BlobfsError):
+    """The mount refuses this change (e.g. rewriting an image already imported)."""
+
+    errno_value = errno.EPERM
+
+
+class Busy(BlobfsError):
+    """The file is being imported right now."""
+
+    errno_value = errno.EBUSY
+
+
+class AlreadyExists(BlobfsError):
+    """The name is taken."""
+
+    errno_value = errno.EEXIST
 
 
 class PermissionDenied(BlobfsError):

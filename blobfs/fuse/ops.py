@@ -14,16 +14,30 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from blobfs.errors import BlobfsError, NotFound, to_errno
+from blobfs.errors import (
+    AlreadyExists,
+    BlobfsError,
+    Busy,
+    InvalidInput,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+    to_errno,
+)
 from blobfs.fuse.compat import FuseOSError, Operations
 from blobfs.view.tree import ProjectView
+from blobfs.view.writable import WritableView
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+REFUSALS = (NotPermitted, ReadOnly, AlreadyExists, InvalidInput, Busy, IsADirectory, NotADirectory)
 
 
 def errno_boundary(func: F) -> F:
@@ -37,6 +51,9 @@ def errno_boundary(func: F) -> F:
             raise
         except NotFound:
             raise FuseOSError(to_errno(NotFound())) from None
+        except REFUSALS as exc:  # the caller's request, answered as designed
+            logger.info("%s %s refused: %s", func.__name__, args[0] if args else "", exc)
+            raise FuseOSError(to_errno(exc)) from None
         except BlobfsError as exc:
             logger.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
             raise FuseOSError(to_errno(exc)) from None
@@ -86,3 +103,83 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
     @errno_boundary
     def statfs(self, path: str) -> dict[str, int]:
         return self.view.statfs()
+
+
+class WritebackOperations(BlobfsOperations):
+    """The writable mount (``--writeback``): the read-only operations plus writes.
+
+    ``open``/``release``/``flush`` are implemented here (unlike the read-only class)
+    because a write handle must be committed durably before ``close()`` returns: the kernel
+    sends ``flush`` synchronously from ``close()``, and ``release`` only afterwards.
+    """
+
+    def __init__(
+        self,
+        view: WritableView,
+        on_ready: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(view, on_ready, on_exit)
+        self.wview = view
+
+    @errno_boundary
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        return self.wview.create(path)
+
+    @errno_boundary
+    def open(self, path: str, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            return self.wview.open_write(path, truncate=bool(flags & os.O_TRUNC))
+        return self.wview.open(path)
+
+    @errno_boundary
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return self.wview.read(fh, offset, size)
+
+    @errno_boundary
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        return self.wview.write(fh, data, offset)
+
+    @errno_boundary
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self.wview.truncate(path, length, fh)
+
+    @errno_boundary
+    def flush(self, path: str, fh: int) -> None:
+        self.wview.commit(fh)
+
+    @errno_boundary
+    def fsync(self, path: str, datasync: int, fh: int) -> None:
+        self.wview.commit(fh)
+
+    @errno_boundary
+    def release(self, path: str, fh: int) -> None:
+        self.wview.release(fh)
+
+    @errno_boundary
+    def unlink(self, path: str) -> None:
+        self.wview.unlink(path)
+
+    @errno_boundary
+    def rename(self, old: str, new: str) -> None:
+        self.wview.rename(old, new)
+
+    @errno_boundary
+    def mkdir(self, path: str, mode: int) -> None:
+        self.wview.mkdir(path)
+
+    @errno_boundary
+    def rmdir(self, path: str) -> None:
+        self.wview.rmdir(path)
+
+    @errno_boundary
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+        self.wview.utimens(path, times)
+
+    @errno_boundary
+    def chmod(self, path: str, mode: int) -> None:
+        self.wview.chmod_or_chown(path)
+
+    @errno_boundary
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.wview.chmod_or_chown(path)

@@ -82,7 +82,7 @@ class WritebackQueue:
         spool: Spool,
         importer: Importer,
         validate: Validate,
-        on_imported: Callable[[Batch, list[str]], None] | None = None,
+        on_imported: Callable[[Batch], None] | None = None,
         delay_s: float = DEFAULT_DELAY_S,
         blob_size: int = DEFAULT_BLOB_SIZE,
         clock: Callable[[], float] = time.monotonic,
@@ -230,11 +230,11 @@ class WritebackQueue:
             self.status.importing = []
         self._failures = 0
         self.status.last_error = None
+        if self.on_imported is not None:  # before the staged copies go: no gap in listings
+            self.on_imported(batch)
         done = self.spool.finish_batch(batch)
         self.status.imported += len(done)
         self.status.batches_done += 1
-        if self.on_imported is not None:
-            self.on_imported(batch, done)
         return True
 
     def _pending(

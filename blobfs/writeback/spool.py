@@ -88,6 +88,11 @@ class Spool:
         os.fsync(fd)
         final = self.staged_path(view_path)
         final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if final.stat().st_ino == os.fstat(fd).st_ino:
+                return  # committed before and written in place since: the fsync suffices
+        except FileNotFoundError:
+            pass
         link = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.commit")
         os.link(tmp_path, link)
         os.replace(link, final)
