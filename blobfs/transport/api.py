@@ -197,3 +197,86 @@ class SuperviselyApi:
         return HttpRangeReader(
             self.client, "images.download", {"id": image.id}, image.size, f"image {image.id}"
         )
+
+
+class SuperviselyWriteApi(SuperviselyApi):
+    """The calls writeback makes on top of the read-only ones (SDK payloads, 6.74.51)."""
+
+    def create_dataset(self, project_id: int, name: str, parent_id: int | None) -> int:
+        answer = self.client.post_json(
+            "datasets.add",
+            {"projectId": project_id, "name": name, "description": "", "parentId": parent_id},
+        )
+        return _int(answer.get("id") if isinstance(answer, dict) else None, "id")
+
+    def update_meta(self, project_id: int, meta: dict[str, Any]) -> None:
+        self.client.post_json("projects.meta.update", {"id": project_id, "meta": meta})
+
+    def mark_blob_project(self, project_id: int) -> None:
+        """Set the custom-data flag ``upload_by_offsets`` sets (``is_blob_project``)."""
+        info = self.project_info(project_id)
+        custom = info.get("customData") if isinstance(info.get("customData"), dict) else {}
+        if not custom.get("is_blob_project"):
+            self.client.post_json(
+                "projects.editInfo",
+                {
+                    "id": project_id,
+                    "customData": {**custom, "is_blob_project": True},
+                    "silent": True,
+                },
+            )
+
+    def upload_team_file(self, team_id: int, remote_dir: str, name: str, path: str) -> int:
+        """Upload a local file to Team Files (``file-storage.upload``); returns its id."""
+        answer = self.client.post_multipart(
+            f"file-storage.upload?teamId={team_id}",
+            {"path": remote_dir, "name": name},
+            ("file", name, path),
+        )
+        if isinstance(answer, list) and answer:
+            answer = answer[0]
+        return _int(answer.get("id") if isinstance(answer, dict) else None, "id")
+
+    def add_blob_images(
+        self, dataset_id: int, team_file_id: int, items: Sequence[tuple[str, int, int]]
+    ) -> dict[str, int]:
+        """Register ``(name, start, end)`` ranges of a Team Files blob; name -> image id."""
+        out: dict[str, int] = {}
+        for i in range(0, len(items), 500):
+            images = [
+                {
+                    "title": name,
+                    "teamFileId": team_file_id,
+                    "sourceBlob": {"offsetStart": start, "offsetEnd": end},
+                }
+                for name, start, end in items[i : i + 500]
+            ]
+            answer = self.client.post_json(
+                "images.bulk.add",
+                {
+                    "datasetId": dataset_id,
+                    "images": images,
+                    "forceMetadataForLinks": False,
+                    "skipValidation": False,
+                },
+            )
+            if not isinstance(answer, list):
+                raise RemoteError("images.bulk.add: answer is not a list")
+            for info in answer:
+                image = parse_image(info)
+                out[image.name] = image.id
+        return out
+
+    def add_annotations(self, dataset_id: int, anns: Sequence[tuple[int, Any]]) -> None:
+        for i in range(0, len(anns), ANN_BATCH):
+            self.client.post_json(
+                "annotations.bulk.add",
+                {
+                    "datasetId": dataset_id,
+                    "skipBoundsValidation": False,
+                    "annotations": [
+                        {"imageId": image_id, "annotation": ann}
+                        for image_id, ann in anns[i : i + ANN_BATCH]
+                    ],
+                },
+            )

@@ -128,6 +128,35 @@ class HttpClient:
 
         return self.with_retries(method, attempt)
 
+    def post_multipart(
+        self, method: str, fields: dict[str, str], file: tuple[str, str, str]
+    ) -> Any:
+        """POST a multipart form with one file streamed from disk; returns the JSON answer."""
+        field_name, file_name, path = file
+        name = method.split("?")[0]
+
+        def attempt() -> Any:
+            with open(path, "rb") as f:
+                self._count()
+                try:
+                    response = self._session.post(
+                        self.base + method,
+                        data=fields,
+                        files={field_name: (file_name, f, "application/x-tar")},
+                        timeout=self.timeout_s,
+                    )
+                except (requests.ConnectionError, requests.Timeout) as exc:
+                    raise _Transient(type(exc).__name__) from None
+            if response.status_code in TRANSIENT_STATUS:
+                raise _Transient(f"HTTP {response.status_code}")
+            check_status(name, response)
+            try:
+                return response.json()
+            except ValueError:
+                raise _Transient("answer is not JSON") from None
+
+        return self.with_retries(name, attempt)
+
     def post_stream(
         self, method: str, payload: dict[str, Any], headers: dict[str, str]
     ) -> requests.Response:

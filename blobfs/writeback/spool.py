@@ -41,7 +41,7 @@ class Batch:
     state: str = "new"
     team_file_id: int | None = None
     image_ids: dict[str, int] = field(default_factory=dict)
-    new_datasets: list[list[str]] = field(default_factory=list)
+    members: list[list[object]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
