@@ -22,6 +22,7 @@ from typing import IO
 from blobfs.blob.images import image_size
 from blobfs.blob.index import OFFSETS_SUFFIX, name_problem, write_offsets
 from blobfs.errors import InvalidInput
+from blobfs.failpoints import failpoint
 from blobfs.model import BlobMember
 
 logger = logging.getLogger(__name__)
@@ -239,8 +240,10 @@ class ProjectPacker:
         final = blob_dir / f"{stem}.tar"
         os.replace(blob_dir / f".{stem}.tar.tmp", final)
         fsync_dir(blob_dir)
+        failpoint("pack-after-tar")
         for name, data in anns:
             write_atomic(self.dataset_dir / "ann" / f"{name}.json", data)
+        failpoint("pack-after-anns")
         tmp = self.dataset_dir / f".{stem}{OFFSETS_SUFFIX}.tmp"
         with open(tmp, "wb") as f:
             write_offsets(f, writer.members)

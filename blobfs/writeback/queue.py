@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blobfs.blob.pack import new_blob_stem
+from blobfs.failpoints import failpoint
 from blobfs.writeback.importer import Importer
 from blobfs.writeback.spool import Batch, Spool
 
@@ -230,6 +231,7 @@ class WritebackQueue:
             self.status.importing = []
         self._failures = 0
         self.status.last_error = None
+        failpoint("after-import")
         if self.on_imported is not None:  # before the staged copies go: no gap in listings
             self.on_imported(batch)
         done = self.spool.finish_batch(batch)

@@ -25,6 +25,7 @@ from typing import Any
 from blobfs.blob.images import image_size
 from blobfs.blob.pack import TarBlobWriter, empty_annotation
 from blobfs.errors import RemoteError
+from blobfs.failpoints import failpoint
 from blobfs.transport.api import SuperviselyWriteApi
 from blobfs.writeback.importer import split_batch
 from blobfs.writeback.spool import Batch, Spool
@@ -111,6 +112,7 @@ class RemoteImporter:
             batch.team_file_id = self.api.upload_team_file(
                 self.team_id(), TEAM_FILES_BLOB_DIR, tar_path.name, str(tar_path)
             )
+            failpoint("remote-after-upload")
             batch.state = "uploaded"
             spool.save_batch(batch)
         if batch.state == "uploaded":
@@ -121,6 +123,7 @@ class RemoteImporter:
             ]
             self.api.mark_blob_project(self.project_id)
             self.api.add_blob_images(dataset, batch.team_file_id, todo)
+            failpoint("remote-after-register")
             batch.state = "registered"
             spool.save_batch(batch)
         return sizes
