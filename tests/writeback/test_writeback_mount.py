@@ -1,0 +1,150 @@
+"""Writeback through a real mount: what is written arrives in the project exactly once."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob.check import check_project
+from blobfs.cache.blocks import BlockCache
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.testing.sample import make_images, png_bytes
+from blobfs.view.tree import ProjectView
+
+from .conftest import Daemon
+
+pytestmark = pytest.mark.fuse
+
+
+def project_images(root: Path) -> dict[str, bytes]:
+    """``dataset/name -> bytes`` of every image the project serves (read like the mount)."""
+    view = ProjectView(LocalProjectSource(root, BlockCache(1 << 16, 1 << 20)))
+    out = {}
+    for path, rec in view.walk_files():
+        if "/img/" in path:
+            out[path] = view.read_path(path, 0, rec.size or 0)
+    return out
+
+
+def blobfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blobfs", *args], capture_output=True, text=True)
+
+
+def test_copied_folder_is_imported_once_with_the_same_bytes(project: Path, tmp_path: Path,
+                                                             daemons: list[Daemon]) -> None:
+    new = make_images(tmp_path / "new", 25, start_seed=500)
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    subprocess.run(["cp", "-r", *map(str, new), str(mnt / "ds" / "img")], check=True)
+    for p in new:  # visible at once, before any import
+        assert (mnt / "ds" / "img" / p.name).read_bytes() == p.read_bytes()
+    assert d.unmount() == 0
+    served = project_images(project)
+    for p in new:
+        assert served[f"/ds/img/{p.name}"] == p.read_bytes()
+    assert len(served) == 35
+    report = check_project(project)
+    assert report.problems == []
+    ann = json.loads((project / "ds" / "ann" / "img_000500.png.json").read_bytes())
+    assert ann["size"] == {"height": 32, "width": 32}
+
+
+def test_new_dataset_meta_and_annotation_are_imported(project: Path, tmp_path: Path,
+                                                      daemons: list[Daemon]) -> None:
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    (mnt / "fresh").mkdir()
+    (mnt / "fresh" / "img" / "a.png").write_bytes(png_bytes(900))
+    meta = json.loads((mnt / "meta.json").read_bytes())
+    meta["classes"] = [{"title": "cat", "shape": "rectangle", "color": "#FF0000"}]
+    (mnt / "meta.json").write_text(json.dumps(meta))
+    ann = {"description": "", "size": {"height": 32, "width": 32}, "tags": [],
+           "objects": [{"classTitle": "cat", "geometryType": "rectangle", "tags": [],
+                        "points": {"exterior": [[1, 1], [5, 5]], "interior": []}}]}
+    (mnt / "fresh" / "ann" / "a.png.json").write_text(json.dumps(ann))
+    flushed = blobfs("flush", str(mnt))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert d.unmount() == 0
+    assert (project / "fresh" / "ann" / "a.png.json").read_bytes() == json.dumps(ann).encode()
+    assert json.loads((project / "meta.json").read_bytes())["classes"][0]["title"] == "cat"
+    assert project_images(project)["/fresh/img/a.png"] == png_bytes(900)
+
+
+def test_bad_input_is_kept_and_reported_not_dropped(project: Path, tmp_path: Path,
+                                                    daemons: list[Daemon]) -> None:
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    (mnt / "ds" / "img" / "not-an-image.png").write_bytes(b"hello")
+    (mnt / "ds" / "ann" / "img_000001.png.json").write_text("{broken")
+    (mnt / "ds" / "ann" / "img_000002.png.json").write_text(json.dumps(
+        {"size": {"height": 32, "width": 32}, "objects": [{"classTitle": "unicorn"}]}))
+    flushed = blobfs("flush", str(mnt))
+    assert flushed.returncode == 1
+    assert "not-an-image.png" in flushed.stdout and "not an image" in flushed.stdout
+    assert "not valid JSON" in flushed.stdout
+    assert "unknown classes ['unicorn']" in flushed.stdout
+    assert (mnt / "ds" / "img" / "not-an-image.png").read_bytes() == b"hello"
+    assert d.unmount() == 0
+    assert (tmp_path / "spool" / "staged" / "ds" / "img" / "not-an-image.png").exists()
+    assert "/ds/img/not-an-image.png" not in project_images(project)
+
+
+def test_unsupported_changes_are_refused_with_their_errno(project: Path, tmp_path: Path,
+                                                          daemons: list[Daemon]) -> None:
+    mnt = tmp_path / "mnt"
+    daemons.append(Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start())
+    imported = mnt / "ds" / "img" / "img_000000.png"
+    cases = [
+        (lambda: imported.write_bytes(b"x"), errno.EPERM),
+        (lambda: imported.unlink(), errno.EPERM),
+        (lambda: imported.rename(mnt / "ds" / "img" / "other.png"), errno.EPERM),
+        (lambda: (mnt / "stray.txt").write_bytes(b"x"), errno.EPERM),
+        (lambda: (mnt / "ds" / "elsewhere").mkdir(), errno.EPERM),
+        (lambda: (mnt / "ds").mkdir(), errno.EEXIST),
+        (lambda: (mnt / "nope" / "img" / "a.png").write_bytes(b"x"), errno.ENOENT),
+    ]
+    for action, expected in cases:
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == expected, (info.value, expected)
+    assert imported.read_bytes() == png_bytes(0)
+
+
+def test_staged_files_can_be_renamed_and_removed_before_import(
+        project: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log", delay_s=30).start()
+    daemons.append(d)
+    img = mnt / "ds" / "img"
+    (img / ".tmp-upload").write_bytes(png_bytes(700))  # what rsync does
+    (img / ".tmp-upload").rename(img / "renamed.png")
+    (img / "gone.png").write_bytes(png_bytes(701))
+    (img / "gone.png").unlink()
+    assert sorted(p for p in os.listdir(img) if not p.startswith("img_")) == ["renamed.png"]
+    assert d.unmount() == 0
+    served = project_images(project)
+    assert served["/ds/img/renamed.png"] == png_bytes(700)
+    assert "/ds/img/gone.png" not in served
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
+def test_rsync_into_the_mount(project: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
+    new = make_images(tmp_path / "new", 8, start_seed=300)
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    subprocess.run(["rsync", "-a", f"{tmp_path / 'new'}/", str(mnt / "ds" / "img")], check=True)
+    assert d.unmount() == 0
+    served = project_images(project)
+    for p in new:
+        assert served[f"/ds/img/{p.name}"] == p.read_bytes()
