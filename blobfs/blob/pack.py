@@ -188,6 +188,7 @@ class ProjectPacker:
         writer: TarBlobWriter | None = None
         stream: IO[bytes] | None = None
         anns: list[tuple[str, bytes]] = []
+        stem = ""
         for path in files:
             name = path.name
             problem = name_problem(name)
@@ -201,7 +202,8 @@ class ProjectPacker:
                 self._finish(stem, writer, stream, anns, result)
                 writer = None
             if writer is None:
-                stem, first_stem = first_stem or new_blob_stem(self.dataset), None
+                stem = first_stem or new_blob_stem(self.dataset)
+                first_stem = None
                 stream = open(self.project_dir / "blob" / f".{stem}.tar.tmp", "wb")  # noqa: SIM115
                 writer = TarBlobWriter(stream)
                 anns = []

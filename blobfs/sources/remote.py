@@ -28,8 +28,8 @@ from blobfs.credentials import resolve
 from blobfs.errors import BlobfsError, InvalidInput, NotFound, RemoteError
 from blobfs.model import BlobRef, DatasetRecord, FileRecord
 from blobfs.sources.base import Source
-from blobfs.sources.readers import FailingReader, SliceReader
-from blobfs.transport.api import ANN_BATCH, RemoteImage, SuperviselyApi
+from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
+from blobfs.transport.api import ANN_BATCH, RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.transport.base import RangeReader
 from blobfs.transport.http import HttpClient
 
@@ -84,10 +84,11 @@ class RemoteProjectSource(Source):
     def datasets(self) -> Sequence[DatasetRecord]:
         remote = self.api.datasets(self.project_id)
         by_id = {d.id: d for d in remote}
-        out = []
+        out: list[DatasetRecord] = []
         for d in remote:
             path: list[str] = []
-            node, seen = d, set()
+            node: RemoteDataset | None = d
+            seen: set[int] = set()
             while node is not None and node.id not in seen:
                 seen.add(node.id)
                 path.append(node.name)
@@ -147,8 +148,6 @@ class RemoteProjectSource(Source):
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
         if isinstance(ref, AnnRef):
-            from blobfs.view.handles import BytesReader
-
             return BytesReader(self.content(record))
         assert isinstance(ref, tuple)
         img, blob_ref = ref

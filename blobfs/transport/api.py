@@ -215,7 +215,8 @@ class SuperviselyWriteApi(SuperviselyApi):
     def mark_blob_project(self, project_id: int) -> None:
         """Set the custom-data flag ``upload_by_offsets`` sets (``is_blob_project``)."""
         info = self.project_info(project_id)
-        custom = info.get("customData") if isinstance(info.get("customData"), dict) else {}
+        found = info.get("customData")
+        custom: dict[str, Any] = found if isinstance(found, dict) else {}
         if not custom.get("is_blob_project"):
             self.client.post_json(
                 "projects.editInfo",

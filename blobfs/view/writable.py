@@ -124,8 +124,8 @@ class WritableView(ProjectView):
         if writer is not None:
             return self._file_attrs(os.fstat(writer.fd))
         if self._implicit_dir(path) and self.lookup(path) is None:
-            st = os.stat(self.spool.staged_path("/" + split_path(path)[0]))
-            return {**self._file_attrs(st), "st_mode": STAGED_DIR_MODE, "st_nlink": 2}
+            ds = os.stat(self.spool.staged_path("/" + split_path(path)[0]))
+            return {**self._file_attrs(ds), "st_mode": STAGED_DIR_MODE, "st_nlink": 2}
         st = self._staged_stat(path) if path != "/" else None
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
