@@ -34,6 +34,7 @@ test-fast: system venv
 lint: venv
 	$(VENV)/bin/ruff check blobfs tests bench
 	$(VENV)/bin/ruff format --check blobfs
+	$(VENV)/bin/mypy blobfs
 
 demo: system venv
 	PY=$(PY) bash scripts/demo.sh

@@ -5,6 +5,6 @@ from __future__ import annotations
 try:
     from mfusepy import FUSE, FuseOSError, Operations
 except ImportError:  # pragma: no cover - only on machines with the old fusepy
-    from fuse import FUSE, FuseOSError, Operations  # type: ignore[no-redef]
+    from fuse import FUSE, FuseOSError, Operations  # type: ignore[no-redef,unused-ignore]
 
 __all__ = ["FUSE", "FuseOSError", "Operations"]
