@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.model import DatasetRecord, FileRecord
 from blobfs.sources.base import Source
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 DATASETS_DIR = "datasets"
 DEFAULT_LISTING_TTL_S = 60.0
+SIZE_CACHE_ENTRIES = 1_000_000
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 
@@ -68,7 +70,9 @@ class ProjectView:
         self.listing_ttl_s = listing_ttl_s
         self._clock = clock
         self._lock = threading.RLock()
-        self._sizes: dict[int, int] = {}
+        # Sizes learnt by fetching content (remote annotations), keyed by the record itself:
+        # records are immutable and hashable, and a refreshed listing brings new ones.
+        self._sizes: LockedLru[FileRecord, int] = LockedLru(SIZE_CACHE_ENTRIES)
         self.handles = HandleTable()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_time_ns = time.time_ns()
@@ -158,10 +162,10 @@ class ProjectView:
         """The file's size, fetching its content once when the source did not know it."""
         if rec.size is not None:
             return rec.size
-        size = self._sizes.get(id(rec))
+        size = self._sizes.get(rec)
         if size is None:
             size = len(self.source.content(rec))
-            self._sizes[id(rec)] = size
+            self._sizes.put(rec, size)
         return size
 
     def getattr(self, path: str) -> dict[str, int]:
