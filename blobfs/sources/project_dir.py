@@ -178,6 +178,9 @@ class LocalProjectSource(Source):
             records[rec.relpath] = rec
 
     def _blob_images(self, folder: Path) -> list[FileRecord]:
+        for link in folder.glob(f"*{OFFSETS_SUFFIX}"):
+            if link.is_symlink():  # could point anywhere on the machine: never followed
+                self._note(f"{link}: offsets file is a symlink; not read")
         members: list[tuple[BlobMember, str]] = []
         for entry in sorted(_regular_files(folder), key=lambda e: e.name):
             if not entry.name.endswith(OFFSETS_SUFFIX):
@@ -188,7 +191,7 @@ class LocalProjectSource(Source):
             index = read_offsets_file(entry.path, None)
             for problem in index.problems:
                 self._note(str(problem))
-            if blob.problem:
+            if blob.problem and index.members:
                 self._note(f"{entry.path}: {len(index.members)} images unreadable: {blob.problem}")
             elif blob_size is not None:
                 past = [m for m in index.members if m.end > blob_size]

@@ -1,0 +1,90 @@
+"""Hostile input corpus: no code runs, bad entries are not served, good ones still are.
+
+The corpus (``blobfs.testing.hostile``) holds 40+ broken or malicious projects. Each is
+checked in-process on the view and through a real mount: exact bytes for the good images,
+ENOENT for refused entries, EIO for images whose blob is unusable, the mount alive after
+every error, ``blobfs check`` failing where it must, and the sentinel file that the
+hostile pickles aim at never created.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob.check import check_project
+from blobfs.cache.blocks import BlockCache
+from blobfs.errors import BlobfsError, to_errno
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.testing.hostile import Case, build_corpus
+from blobfs.view.tree import ProjectView
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Case], Path]:
+    root = tmp_path_factory.mktemp("hostile")
+    sentinel = root / "SENTINEL"
+    return build_corpus(root / "cases", sentinel), sentinel
+
+
+def test_corpus_has_at_least_thirty_distinct_cases(corpus: tuple[list[Case], Path]) -> None:
+    cases, _ = corpus
+    assert len({c.name for c in cases}) >= 30
+
+
+def test_each_case_in_process(corpus: tuple[list[Case], Path]) -> None:
+    cases, sentinel = corpus
+    for case in cases:
+        view = ProjectView(LocalProjectSource(case.root, BlockCache(4096, 1 << 20)))
+        for path, data in case.good.items():
+            assert view.read_path(path, 0, 1 << 20) == data, (case.name, path)
+        for path in case.absent:
+            assert view.lookup(path) is None, (case.name, path)
+        for path in case.eio:
+            with pytest.raises(BlobfsError) as info:
+                view.read_path(path, 0, 1 << 20)
+            assert to_errno(info.value) == errno.EIO, (case.name, path)
+        report = check_project(case.root)
+        assert bool(report.problems) == case.check_fails, (case.name, report.lines())
+    assert not sentinel.exists(), "a hostile pickle executed code"
+
+
+def _mount(source: Path, mnt: Path, log: Path) -> subprocess.Popen[bytes]:
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", str(source), str(mnt),
+                             "--foreground", "--log-file", str(log)])
+    deadline = time.monotonic() + 20
+    while not os.path.ismount(mnt):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "mount did not come up"
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.fuse
+def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_path: Path) -> None:
+    cases, sentinel = corpus
+    for case in cases:
+        mnt, log = tmp_path / f"mnt-{case.name}", tmp_path / f"{case.name}.log"
+        proc = _mount(case.root, mnt, log)
+        try:
+            for path in case.eio:
+                with pytest.raises(OSError) as info:
+                    (mnt / path.lstrip("/")).read_bytes()
+                assert info.value.errno == errno.EIO, (case.name, path)
+            for path in case.absent:
+                assert not os.path.exists(mnt / path.lstrip("/")), (case.name, path)
+            for path, data in case.good.items():  # still served after the errors above
+                assert (mnt / path.lstrip("/")).read_bytes() == data, (case.name, path)
+        finally:
+            subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+            assert proc.wait(20) == 0, (case.name, log.read_text()[-2000:])
+        if case.eio:
+            assert "blob" in log.read_text(), f"{case.name}: the log must say why"
+    assert not sentinel.exists(), "a hostile pickle executed code"
