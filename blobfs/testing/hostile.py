@@ -93,6 +93,17 @@ def build_corpus(out: Path, sentinel: Path) -> list[Case]:
         cases.append(c)
         return c, ds, stem
 
+    _pickle_cases(case, sentinel)
+    _entry_cases(case)
+    _project_cases(case)
+    return cases
+
+
+MakeCase = Callable[[str], tuple[Case, Path, str]]
+
+
+def _pickle_cases(case: MakeCase, sentinel: Path) -> None:
+    """Offsets files that are hostile or broken as a whole."""
     touch = f"touch {sentinel}"
     for label, evil in [
         ("pickle-os-system", _Evil(os.system, touch)),
@@ -122,6 +133,10 @@ def build_corpus(out: Path, sentinel: Path) -> list[Case]:
     _extra_offsets(ds, "odd", pickle.dumps({"not": "a list"}, protocol=2))
     _c, ds, _ = case("pickle-deep-nesting")
     _extra_offsets(ds, "deep", b"\x80\x02" + b"](" * 100_000 + b"e" * 100_000 + b".")
+
+
+def _entry_cases(case: MakeCase) -> None:
+    """One bad entry (name or range) next to the good ones."""
     for label, name, start, end in [
         ("offset-past-end", "past.png", 512, 10**9),
         ("offset-start-after-end", "backwards.png", 2048, 1024),
@@ -148,6 +163,10 @@ def build_corpus(out: Path, sentinel: Path) -> list[Case]:
             c.eio.append("/ds/img/past.png")  # listed: the blob may be truncated; reads fail
         elif isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
             c.absent.append(f"/ds/img/{name}")
+
+
+def _project_cases(case: MakeCase) -> None:
+    """Conflicts, broken blobs and broken project files."""
     c, ds, stem = case("duplicate-names")
     good_range = _first_member(c)
     all_members = [_member(c, p) for p in sorted(c.good)]
@@ -167,6 +186,12 @@ def build_corpus(out: Path, sentinel: Path) -> list[Case]:
     )
     c.absent += [f"/ds/img/{m.name}", "/ds/img/overlap.png"]
     del c.good[f"/ds/img/{m.name}"]
+    _blob_cases(case)
+    _file_cases(case)
+
+
+def _blob_cases(case: MakeCase) -> None:
+    """Blobs that are truncated, missing or not files."""
     c, ds, stem = case("truncated-tar")
     tar = c.root / "blob" / f"{stem}.tar"
     last = sorted(c.good)[-1]
@@ -180,10 +205,14 @@ def build_corpus(out: Path, sentinel: Path) -> list[Case]:
     tar.mkdir()
     c.eio += list(c.good)
     c.good = {}
-    c, ds, stem = case("tar-missing")
+    c, _ds, stem = case("tar-missing")
     (c.root / "blob" / f"{stem}.tar").unlink()
     c.eio += list(c.good)
     c.good = {}
+
+
+def _file_cases(case: MakeCase) -> None:
+    """Broken project files around the blobs."""
     c, ds, stem = case("meta-json-missing")
     (c.root / "meta.json").unlink()
     c.absent.append("/meta.json")
@@ -203,10 +232,9 @@ def build_corpus(out: Path, sentinel: Path) -> list[Case]:
     c.check_fails = False
     c, ds, stem = case("offsets-symlink-to-system-file")
     (ds / f"sys{OFFSETS_SUFFIX}").symlink_to("/etc/hostname")
-    c, ds, stem = case("image-without-annotation")
+    c, ds, _stem = case("image-without-annotation")
     (ds / "ann" / "good_1.png.json").unlink()
     c.absent.append("/ds/ann/good_1.png.json")
-    return cases
 
 
 def _first_member(case: Case) -> BlobMember:
