@@ -199,7 +199,7 @@ def _blob_cases(case: MakeCase) -> None:
         f.truncate(_member(c, last).start + 10)
     c.eio.append(last)
     del c.good[last]
-    c, ds, stem = case("tar-is-a-directory")
+    c, _ds, stem = case("tar-is-a-directory")
     tar = c.root / "blob" / f"{stem}.tar"
     tar.unlink()
     tar.mkdir()
@@ -230,7 +230,7 @@ def _file_cases(case: MakeCase) -> None:
     (ds / "ann" / "escape.png.json").write_text(json.dumps(empty_annotation(1, 1)))
     c.absent.append("/ds/img/escape.png")
     c.check_fails = False
-    c, ds, stem = case("offsets-symlink-to-system-file")
+    c, ds, _stem = case("offsets-symlink-to-system-file")
     (ds / f"sys{OFFSETS_SUFFIX}").symlink_to("/etc/hostname")
     c, ds, _stem = case("image-without-annotation")
     (ds / "ann" / "good_1.png.json").unlink()
