@@ -192,7 +192,7 @@ def _project_cases(case: MakeCase) -> None:
 
 def _blob_cases(case: MakeCase) -> None:
     """Blobs that are truncated, missing or not files."""
-    c, ds, stem = case("truncated-tar")
+    c, _ds, stem = case("truncated-tar")
     tar = c.root / "blob" / f"{stem}.tar"
     last = sorted(c.good)[-1]
     with open(tar, "r+b") as f:
@@ -224,7 +224,7 @@ def _file_cases(case: MakeCase) -> None:
     (ds / "img" / "good_0.png").write_bytes(b"plain file")
     c.absent.append("/ds/img/good_0.png")
     del c.good["/ds/img/good_0.png"]
-    c, ds, stem = case("symlink-out-of-project")
+    c, ds, _stem = case("symlink-out-of-project")
     (ds / "img").mkdir()
     (ds / "img" / "escape.png").symlink_to("/etc/hostname")
     (ds / "ann" / "escape.png.json").write_text(json.dumps(empty_annotation(1, 1)))
