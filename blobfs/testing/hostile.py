@@ -219,7 +219,7 @@ def _file_cases(case: MakeCase) -> None:
     c, ds, stem = case("annotation-does-not-parse")
     (ds / "ann" / "good_0.png.json").write_text("{not json")
     c.good["/ds/ann/good_0.png.json"] = b"{not json"  # served as stored; check reports it
-    c, ds, stem = case("blob-and-plain-image-same-name")
+    c, ds, _stem = case("blob-and-plain-image-same-name")
     (ds / "img").mkdir()
     (ds / "img" / "good_0.png").write_bytes(b"plain file")
     c.absent.append("/ds/img/good_0.png")
