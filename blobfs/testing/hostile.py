@@ -213,10 +213,10 @@ def _blob_cases(case: MakeCase) -> None:
 
 def _file_cases(case: MakeCase) -> None:
     """Broken project files around the blobs."""
-    c, ds, stem = case("meta-json-missing")
+    c, _ds, _stem = case("meta-json-missing")
     (c.root / "meta.json").unlink()
     c.absent.append("/meta.json")
-    c, ds, stem = case("annotation-does-not-parse")
+    c, ds, _stem = case("annotation-does-not-parse")
     (ds / "ann" / "good_0.png.json").write_text("{not json")
     c.good["/ds/ann/good_0.png.json"] = b"{not json"  # served as stored; check reports it
     c, ds, _stem = case("blob-and-plain-image-same-name")
