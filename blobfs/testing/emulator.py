@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,12 @@ class Faults:
                     raise ValueError(f"unknown fault {key!r}")
                 setattr(self, key, type(getattr(self, key))(value))
 
+    def snapshot(self) -> dict[str, Any]:
+        """The current settings (without the lock)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
     def reset(self) -> None:
-        self.update({k: v for k, v in asdict(Faults()).items() if not k.startswith("_")})
+        self.update(Faults().snapshot())
 
     def for_request(self, method: str, header: str | None) -> dict[str, Any]:
         """The faults that apply to one request (run-wide ones in scope, plus its header)."""
@@ -182,9 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, TypeError) as exc:
                 self._send_json(400, {"error": str(exc)})
                 return
-            self._send_json(
-                200, {k: v for k, v in asdict(emulator.faults).items() if not k.startswith("_")}
-            )
+            self._send_json(200, emulator.faults.snapshot())
         elif path == "/_emulator/faults/reset":
             emulator.faults.reset()
             self._send_json(200, {"success": True})

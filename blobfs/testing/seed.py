@@ -28,8 +28,9 @@ def _workspace(client: HttpClient) -> tuple[int, int]:
     return team, ws
 
 
-def upload_local_project(server: str, token: str, project_dir: str | Path,
-                         project_name: str | None = None) -> int:
+def upload_local_project(
+    server: str, token: str, project_dir: str | Path, project_name: str | None = None
+) -> int:
     """Upload ``project_dir`` and return the new project's id."""
     root = Path(project_dir)
     client = HttpClient(server, token)
@@ -37,9 +38,10 @@ def upload_local_project(server: str, token: str, project_dir: str | Path,
     try:
         team, ws = _workspace(client)
         name = project_name or f"{root.name}-{uuid.uuid4().hex[:6]}"
-        project = client.post_json("projects.add", {"workspaceId": ws, "name": name,
-                                                     "description": "", "type": "images"})["id"]
-        meta = (root / "meta.json")
+        project = client.post_json(
+            "projects.add", {"workspaceId": ws, "name": name, "description": "", "type": "images"}
+        )["id"]
+        meta = root / "meta.json"
         if meta.is_file():
             api.update_meta(project, json.loads(meta.read_bytes()))
         source = LocalProjectSource(root, BlockCache(1 << 20, 1 << 20))
@@ -55,8 +57,15 @@ def upload_local_project(server: str, token: str, project_dir: str | Path,
         client.close()
 
 
-def _upload_dataset(api: SuperviselyWriteApi, client: HttpClient, team: int, root: Path,
-                    folder: Path, dataset: int, uploaded: dict[str, int]) -> None:
+def _upload_dataset(
+    api: SuperviselyWriteApi,
+    client: HttpClient,
+    team: int,
+    root: Path,
+    folder: Path,
+    dataset: int,
+    uploaded: dict[str, int],
+) -> None:
     names: dict[str, int] = {}
     for offsets in sorted(folder.glob(f"*{OFFSETS_SUFFIX}")):
         stem = offsets.name[: -len(OFFSETS_SUFFIX)]
@@ -64,8 +73,11 @@ def _upload_dataset(api: SuperviselyWriteApi, client: HttpClient, team: int, roo
         if stem not in uploaded:
             uploaded[stem] = api.upload_team_file(team, "/blob-files/", tar.name, str(tar))
         members = read_offsets_file(str(offsets)).members
-        names.update(api.add_blob_images(dataset, uploaded[stem],
-                                         [(m.name, m.start, m.end) for m in members]))
+        names.update(
+            api.add_blob_images(
+                dataset, uploaded[stem], [(m.name, m.start, m.end) for m in members]
+            )
+        )
     img_dir = folder / "img"
     plain = sorted(p for p in img_dir.iterdir() if p.is_file()) if img_dir.is_dir() else []
     if plain:

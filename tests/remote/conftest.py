@@ -1,0 +1,105 @@
+"""Fixtures: one project, served locally and by the emulator, mounted for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob.pack import ProjectPacker
+from blobfs.testing.emulator import Emulator
+from blobfs.testing.sample import make_images, png_bytes
+from blobfs.testing.seed import upload_local_project
+
+TOKEN = "remote-test-token-3f9a"
+
+
+@dataclass
+class Mounted:
+    """A live mount and what it must show."""
+
+    kind: str
+    mnt: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+    expected: dict[str, bytes]
+    emulator: Emulator | None = None
+
+    def unmount(self) -> int:
+        subprocess.run(["fusermount", "-u", str(self.mnt)], check=False)
+        return self.proc.wait(30)
+
+
+def build_project(root: Path, count: int = 40) -> tuple[Path, dict[str, bytes]]:
+    """Two datasets (one nested), several blobs, one ordinary image."""
+    project = root / "project"
+    images = make_images(root / "images", count)
+    ProjectPacker(project, "train", blob_size=40_000).pack(images[: count // 2])
+    nested = project / "train" / "datasets" / "val"
+    ProjectPacker(project, "val", blob_size=40_000, dataset_dir=nested).pack(images[count // 2:])
+    (project / "train" / "img").mkdir()
+    (project / "train" / "img" / "plain.png").write_bytes(png_bytes(9999))
+    (project / "train" / "ann" / "plain.png.json").write_text(
+        '{"description": "", "size": {"height": 32, "width": 32}, "tags": [], "objects": []}')
+    expected = {f"train/img/{p.name}": p.read_bytes() for p in images[: count // 2]}
+    expected.update({f"train/datasets/val/img/{p.name}": p.read_bytes()
+                     for p in images[count // 2:]})
+    expected["train/img/plain.png"] = png_bytes(9999)
+    return project, expected
+
+
+def start_mount(source: str, mnt: Path, log: Path, *extra: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", source, str(mnt),
+                             "--foreground", "--log-file", str(log), *extra],
+                            env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None:
+            raise RuntimeError(f"mount failed: {log.read_text() if log.exists() else ''}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("mount did not come up")
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[Emulator]:
+    with Emulator(tmp_path / "emu-state", TOKEN) as emu:
+        yield emu
+
+
+def mount_remote(emu: Emulator, project_id: int, mnt: Path, log: Path,
+                 *extra: str) -> subprocess.Popen[bytes]:
+    return start_mount(f"sly://{project_id}", mnt, log, "--server", emu.url, *extra,
+                       env={"API_TOKEN": TOKEN})
+
+
+@pytest.fixture(params=["local", "remote"])
+def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mounted]:
+    project, expected = build_project(tmp_path)
+    log = tmp_path / "daemon.log"
+    if request.param == "local":
+        proc = start_mount(str(project), tmp_path / "mnt", log)
+        m = Mounted("local", tmp_path / "mnt", log, proc, expected)
+    else:
+        emu = Emulator(tmp_path / "emu-state", TOKEN).start()
+        pid = upload_local_project(emu.url, TOKEN, project)
+        proc = mount_remote(emu, pid, tmp_path / "mnt", log)
+        m = Mounted("remote", tmp_path / "mnt", log, proc, expected, emu)
+    yield m
+    if os.path.ismount(m.mnt):
+        subprocess.run(["fusermount", "-u", "-z", str(m.mnt)], check=False)
+    if m.proc.poll() is None:
+        m.proc.kill()
+        m.proc.wait(10)
+    if m.emulator is not None:
+        m.emulator.stop()
