@@ -20,20 +20,27 @@ def emu(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield e
 
 
-def call(emu: Emulator, method: str, body: object = None, token: str = TOKEN,
-         **kw: object) -> requests.Response:
-    return requests.post(f"{emu.url}/public/api/v3/{method}", json=body or {},
-                         headers={"x-api-key": token, **kw.pop("headers", {})},  # type: ignore[dict-item]
-                         **kw)  # type: ignore[arg-type]
+def call(
+    emu: Emulator, method: str, body: object = None, token: str = TOKEN, **kw: object
+) -> requests.Response:
+    return requests.post(
+        f"{emu.url}/public/api/v3/{method}",
+        json=body or {},
+        headers={"x-api-key": token, **kw.pop("headers", {})},  # type: ignore[dict-item]
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def upload(emu: Emulator, data: bytes, tmp_path: Path) -> dict:  # type: ignore[type-arg]
     src = tmp_path / "blob.tar"
     src.write_bytes(data)
     with open(src, "rb") as f:
-        r = requests.post(f"{emu.url}/public/api/v3/file-storage.upload?teamId=1",
-                          data={"path": "/blob-files/", "name": "blob.tar"},
-                          files={"file": ("blob.tar", f)}, headers={"x-api-key": TOKEN})
+        r = requests.post(
+            f"{emu.url}/public/api/v3/file-storage.upload?teamId=1",
+            data={"path": "/blob-files/", "name": "blob.tar"},
+            files={"file": ("blob.tar", f)},
+            headers={"x-api-key": TOKEN},
+        )
     r.raise_for_status()
     return r.json()  # type: ignore[no-any-return]
 
@@ -51,8 +58,7 @@ def test_a_fresh_instance_has_one_team_and_one_workspace(emu: Emulator) -> None:
     assert spaces["total"] == 1
 
 
-def test_range_requests_get_206_exact_bytes_and_416_outside(emu: Emulator,
-                                                            tmp_path: Path) -> None:
+def test_range_requests_get_206_exact_bytes_and_416_outside(emu: Emulator, tmp_path: Path) -> None:
     data = bytes(range(256)) * 100
     info = upload(emu, data, tmp_path)
     body = {"id": info["id"]}
@@ -71,11 +77,19 @@ def test_faults_are_injected_per_request_and_per_run(emu: Emulator, tmp_path: Pa
     data = b"x" * 10_000 + b"y" * 10_000
     info = upload(emu, data, tmp_path)
     body = {"id": info["id"]}
-    r = call(emu, "file-storage.download", body,
-             headers={"Range": "bytes=0-99", "x-emulator-fault": "ignore_range"})
+    r = call(
+        emu,
+        "file-storage.download",
+        body,
+        headers={"Range": "bytes=0-99", "x-emulator-fault": "ignore_range"},
+    )
     assert r.status_code == 200 and r.content == data
-    r = call(emu, "file-storage.download", body,
-             headers={"Range": "bytes=0-99", "x-emulator-fault": "wrong_content_range"})
+    r = call(
+        emu,
+        "file-storage.download",
+        body,
+        headers={"Range": "bytes=0-99", "x-emulator-fault": "wrong_content_range"},
+    )
     assert r.headers["Content-Range"] == f"bytes 1-100/{len(data)}"  # shifted by one
     emu.faults.update({"fail_n": 2, "fail_status": 503})
     assert call(emu, "file-storage.download", body).status_code == 503
@@ -104,16 +118,27 @@ def test_stats_count_requests_per_method(emu: Emulator) -> None:
 def test_runs_as_a_command_and_prints_its_address(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs.testing.emulator", "--state",
-                             str(tmp_path / "s"), "--port", "0", "--token-file", str(token_file)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blobfs.testing.emulator",
+            "--state",
+            str(tmp_path / "s"),
+            "--port",
+            "0",
+            "--token-file",
+            str(token_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("listening on http://127.0.0.1:")
         url = line.split()[-1]
-        r = requests.post(f"{url}/public/api/v3/teams.list", json={},
-                          headers={"x-api-key": TOKEN})
+        r = requests.post(f"{url}/public/api/v3/teams.list", json={}, headers={"x-api-key": TOKEN})
         assert r.status_code == 200
     finally:
         proc.terminate()

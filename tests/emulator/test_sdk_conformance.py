@@ -16,8 +16,10 @@ from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images, png_bytes
 
 sly = pytest.importorskip("supervisely")
-pytestmark = [pytest.mark.sdk,
-              pytest.mark.filterwarnings("ignore")]  # the SDK's own deprecation noise
+pytestmark = [
+    pytest.mark.sdk,
+    pytest.mark.filterwarnings("ignore"),
+]  # the SDK's own deprecation noise
 
 TOKEN = "sdk-conformance-token"
 
@@ -73,7 +75,9 @@ def test_meta_annotations_plain_images_and_nested_datasets(api, tmp_path: Path) 
     path.write_bytes(png_bytes(7))
     info = api.image.upload_path(child.id, "plain.png", str(path))
     assert api.image.download_bytes(child.id, [info.id])[0] == png_bytes(7)
-    ann = sly.Annotation((32, 32), [sly.Label(sly.Rectangle(1, 1, 5, 5), meta.get_obj_class("cat"))])
+    ann = sly.Annotation(
+        (32, 32), [sly.Label(sly.Rectangle(1, 1, 5, 5), meta.get_obj_class("cat"))]
+    )
     api.annotation.upload_anns([info.id], [ann])
     assert len(api.annotation.download(info.id).annotation["objects"]) == 1
     names = {d.name for d in api.dataset.get_list(project.id, recursive=True)}
@@ -105,7 +109,12 @@ def test_seeded_project_reads_back_through_the_sdk(api, tmp_path: Path) -> None:
     [dataset] = api.dataset.get_list(project_id)
     infos = api.image.get_list(dataset.id)
     assert len(infos) == 12
-    got = dict(zip([i.id for i in infos], api.image.download_bytes(dataset.id, [i.id for i in infos]),
-                   strict=True))
+    got = dict(
+        zip(
+            [i.id for i in infos],
+            api.image.download_bytes(dataset.id, [i.id for i in infos]),
+            strict=True,
+        )
+    )
     for info in infos:
         assert got[info.id] == (tmp_path / "images" / info.name).read_bytes()

@@ -57,8 +57,19 @@ def test_each_case_in_process(corpus: tuple[list[Case], Path]) -> None:
 
 def _mount(source: Path, mnt: Path, log: Path) -> subprocess.Popen[bytes]:
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", str(source), str(mnt),
-                             "--foreground", "--log-file", str(log)])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "mount",
+            str(source),
+            str(mnt),
+            "--foreground",
+            "--log-file",
+            str(log),
+        ]
+    )
     deadline = time.monotonic() + 20
     while not os.path.ismount(mnt):
         assert proc.poll() is None, log.read_text()

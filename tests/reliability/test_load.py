@@ -43,10 +43,25 @@ def mounted(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     ProjectPacker(root / "project", "ds", blob_size=2 << 20).pack(sorted(src.iterdir()))
     mnt = root / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", str(root / "project"),
-                             str(mnt), "--foreground", "--cache-size", str(CACHE_BYTES),
-                             "--block-size", "64K", "-o", "direct_io",
-                             "--log-file", str(root / "log")])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "mount",
+            str(root / "project"),
+            str(mnt),
+            "--foreground",
+            "--cache-size",
+            str(CACHE_BYTES),
+            "--block-size",
+            "64K",
+            "-o",
+            "direct_io",
+            "--log-file",
+            str(root / "log"),
+        ]
+    )
     deadline = time.monotonic() + 20
     while not os.path.ismount(mnt):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -56,8 +71,9 @@ def mounted(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     proc.wait(20)
 
 
-def _reader(img_dir: str, names: list[str], digests: dict[str, str], seconds: float,
-            seed: int) -> tuple[int, int]:
+def _reader(
+    img_dir: str, names: list[str], digests: dict[str, str], seconds: float, seed: int
+) -> tuple[int, int]:
     """Read files (random or sequential by seed parity) until time is up; (reads, wrong)."""
     rng = random.Random(seed)
     order = list(names) if seed % 2 else rng.sample(names, len(names))
@@ -85,8 +101,12 @@ def test_sixteen_threads_read_every_byte_right(mounted) -> None:  # type: ignore
     img_dir, digests, proc = mounted
     names = sorted(digests)
     results: list[tuple[int, int]] = []
-    threads = [threading.Thread(target=lambda s=s: results.append(
-        _reader(str(img_dir), names, digests, 3.0, s))) for s in range(16)]
+    threads = [
+        threading.Thread(
+            target=lambda s=s: results.append(_reader(str(img_dir), names, digests, 3.0, s))
+        )
+        for s in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -102,8 +122,7 @@ def test_sixteen_processes_read_every_byte_right(mounted) -> None:  # type: igno
     names = sorted(digests)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(16) as pool:
-        results = pool.starmap(_reader, [(str(img_dir), names, digests, 3.0, s)
-                                         for s in range(16)])
+        results = pool.starmap(_reader, [(str(img_dir), names, digests, 3.0, s) for s in range(16)])
     assert sum(w for _, w in results) == 0
     assert sum(r for r, _ in results) >= IMAGES
     assert proc.poll() is None

@@ -42,24 +42,39 @@ def build_project(root: Path, count: int = 40) -> tuple[Path, dict[str, bytes]]:
     images = make_images(root / "images", count)
     ProjectPacker(project, "train", blob_size=40_000).pack(images[: count // 2])
     nested = project / "train" / "datasets" / "val"
-    ProjectPacker(project, "val", blob_size=40_000, dataset_dir=nested).pack(images[count // 2:])
+    ProjectPacker(project, "val", blob_size=40_000, dataset_dir=nested).pack(images[count // 2 :])
     (project / "train" / "img").mkdir()
     (project / "train" / "img" / "plain.png").write_bytes(png_bytes(9999))
     (project / "train" / "ann" / "plain.png.json").write_text(
-        '{"description": "", "size": {"height": 32, "width": 32}, "tags": [], "objects": []}')
+        '{"description": "", "size": {"height": 32, "width": 32}, "tags": [], "objects": []}'
+    )
     expected = {f"train/img/{p.name}": p.read_bytes() for p in images[: count // 2]}
-    expected.update({f"train/datasets/val/img/{p.name}": p.read_bytes()
-                     for p in images[count // 2:]})
+    expected.update(
+        {f"train/datasets/val/img/{p.name}": p.read_bytes() for p in images[count // 2 :]}
+    )
     expected["train/img/plain.png"] = png_bytes(9999)
     return project, expected
 
 
-def start_mount(source: str, mnt: Path, log: Path, *extra: str,
-                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_mount(
+    source: str, mnt: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", source, str(mnt),
-                             "--foreground", "--log-file", str(log), *extra],
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "mount",
+            source,
+            str(mnt),
+            "--foreground",
+            "--log-file",
+            str(log),
+            *extra,
+        ],
+        env={**os.environ, **(env or {})},
+    )
     deadline = time.monotonic() + 30
     while not os.path.ismount(mnt):
         if proc.poll() is not None:
@@ -77,10 +92,12 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
         yield emu
 
 
-def mount_remote(emu: Emulator, project_id: int, mnt: Path, log: Path,
-                 *extra: str) -> subprocess.Popen[bytes]:
-    return start_mount(f"sly://{project_id}", mnt, log, "--server", emu.url, *extra,
-                       env={"API_TOKEN": TOKEN})
+def mount_remote(
+    emu: Emulator, project_id: int, mnt: Path, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    return start_mount(
+        f"sly://{project_id}", mnt, log, "--server", emu.url, *extra, env={"API_TOKEN": TOKEN}
+    )
 
 
 @pytest.fixture(params=["local", "remote"])

@@ -21,8 +21,12 @@ def test_tree_has_the_standard_layout(mounted: Mounted) -> None:
     assert sorted(os.listdir(mnt)) == ["meta.json", "train"]
     assert sorted(os.listdir(mnt / "train")) == ["ann", "datasets", "img"]
     assert os.listdir(mnt / "train" / "datasets") == ["val"]
-    found = subprocess.run(["find", str(mnt), "-type", "f", "-path", "*/img/*"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    found = subprocess.run(
+        ["find", str(mnt), "-type", "f", "-path", "*/img/*"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert sorted(os.path.relpath(p, mnt) for p in found) == sorted(mounted.expected)
     json.loads((mnt / "meta.json").read_bytes())
 

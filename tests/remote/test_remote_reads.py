@@ -35,7 +35,8 @@ def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> int:
 
 
 def test_a_scan_costs_about_one_request_per_blob_and_warm_reads_none(
-        tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]) -> None:
+    tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]
+) -> None:
     pid, expected = seeded
     mnt = tmp_path / "mnt"
     proc = mount_remote(emulator, pid, mnt, tmp_path / "log")
@@ -57,11 +58,10 @@ def test_a_scan_costs_about_one_request_per_blob_and_warm_reads_none(
         assert unmount(mnt, proc) == 0
 
 
-@pytest.mark.parametrize("fault", ["fail_n", "reset_mid_body", "short_body",
-                                   "wrong_content_range"])
+@pytest.mark.parametrize("fault", ["fail_n", "reset_mid_body", "short_body", "wrong_content_range"])
 def test_transient_faults_are_retried_and_never_serve_wrong_bytes(
-        fault: str, tmp_path: Path, emulator: Emulator,
-        seeded: tuple[int, dict[str, bytes]]) -> None:
+    fault: str, tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]
+) -> None:
     pid, expected = seeded
     mnt = tmp_path / "mnt"
     proc = mount_remote(emulator, pid, mnt, tmp_path / "log", "--block-size", "16K")
@@ -80,7 +80,8 @@ def test_transient_faults_are_retried_and_never_serve_wrong_bytes(
 
 
 def test_a_server_that_ignores_range_still_gives_correct_bytes(
-        tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]) -> None:
+    tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]
+) -> None:
     pid, expected = seeded
     mnt = tmp_path / "mnt"
     emulator.faults.update({"ignore_range": True})
@@ -92,16 +93,31 @@ def test_a_server_that_ignores_range_still_gives_correct_bytes(
     assert "ignores Range" in (tmp_path / "log").read_text()
 
 
-def _emulator_process(state: Path, port: int, token_file: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs.testing.emulator", "--state",
-                             str(state), "--port", str(port), "--token-file", str(token_file)],
-                            stdout=subprocess.PIPE, text=True)
+def _emulator_process(
+    state: Path, port: int, token_file: Path
+) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blobfs.testing.emulator",
+            "--state",
+            str(state),
+            "--port",
+            str(port),
+            "--token-file",
+            str(token_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     return proc, proc.stdout.readline().split()[-1]
 
 
 def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
-        tmp_path: Path, seeded: tuple[int, dict[str, bytes]], emulator: Emulator) -> None:
+    tmp_path: Path, seeded: tuple[int, dict[str, bytes]], emulator: Emulator
+) -> None:
     pid, expected = seeded
     emulator.stop()  # the same state, served by a process that can be killed for real
     token_file = tmp_path / "token"
@@ -110,8 +126,9 @@ def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
     port = int(url.rsplit(":", 1)[1])
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = start_mount(f"sly://{pid}", mnt, tmp_path / "log", "--server", url,
-                       env={"API_TOKEN": TOKEN})
+    proc = start_mount(
+        f"sly://{pid}", mnt, tmp_path / "log", "--server", url, env={"API_TOKEN": TOKEN}
+    )
     try:
         names = sorted(expected)
         assert (mnt / names[0]).read_bytes() == expected[names[0]]
@@ -129,13 +146,15 @@ def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
 
 
 def test_disk_cache_makes_a_second_mount_read_no_blob_bytes(
-        tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]) -> None:
+    tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]
+) -> None:
     pid, expected = seeded
     cache = tmp_path / "disk-cache"
     for round_no in range(2):
         mnt = tmp_path / f"mnt{round_no}"
-        proc = mount_remote(emulator, pid, mnt, tmp_path / f"log{round_no}",
-                            "--cache-dir", str(cache))
+        proc = mount_remote(
+            emulator, pid, mnt, tmp_path / f"log{round_no}", "--cache-dir", str(cache)
+        )
         try:
             emulator.reset_stats()
             assert read_all(mnt, expected) == []
@@ -148,13 +167,25 @@ def test_disk_cache_makes_a_second_mount_read_no_blob_bytes(
 
 
 def test_a_wrong_token_fails_the_mount_with_a_clear_message(
-        tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]) -> None:
+    tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]
+) -> None:
     pid, _ = seeded
     (tmp_path / "mnt").mkdir()
     result = subprocess.run(
-        ["python", "-m", "blobfs", "mount", f"sly://{pid}", str(tmp_path / "mnt"),
-         "--server", emulator.url],
-        env={**os.environ, "API_TOKEN": "not-the-token"}, capture_output=True, text=True)
+        [
+            "python",
+            "-m",
+            "blobfs",
+            "mount",
+            f"sly://{pid}",
+            str(tmp_path / "mnt"),
+            "--server",
+            emulator.url,
+        ],
+        env={**os.environ, "API_TOKEN": "not-the-token"},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "token" in result.stderr.lower()
     assert "not-the-token" not in result.stderr
@@ -162,7 +193,8 @@ def test_a_wrong_token_fails_the_mount_with_a_clear_message(
 
 
 def test_the_token_is_not_in_the_daemon_command_line(
-        tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]) -> None:
+    tmp_path: Path, emulator: Emulator, seeded: tuple[int, dict[str, bytes]]
+) -> None:
     pid, _ = seeded
     mnt = tmp_path / "mnt"
     proc = mount_remote(emulator, pid, mnt, tmp_path / "log")

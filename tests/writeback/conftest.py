@@ -46,8 +46,15 @@ def project(tmp_path: Path) -> Path:
 class Daemon:
     """``blobfs mount --writeback --foreground`` in a subprocess, killable at will."""
 
-    def __init__(self, source: Path, mountpoint: Path, spool: Path, log: Path,
-                 env: dict[str, str] | None = None, delay_s: float = 0.3) -> None:
+    def __init__(
+        self,
+        source: Path,
+        mountpoint: Path,
+        spool: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        delay_s: float = 0.3,
+    ) -> None:
         self.source, self.mountpoint, self.spool, self.log = source, mountpoint, spool, log
         self.env = {**os.environ, **(env or {})}
         self.delay_s = delay_s
@@ -55,10 +62,24 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.mountpoint.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "blobfs", "mount", str(self.source), str(self.mountpoint),
-               "--foreground", "--writeback", "--spool-dir", str(self.spool),
-               "--writeback-delay", str(self.delay_s), "--log-file", str(self.log),
-               "--log-level", "DEBUG"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "mount",
+            str(self.source),
+            str(self.mountpoint),
+            "--foreground",
+            "--writeback",
+            "--spool-dir",
+            str(self.spool),
+            "--writeback-delay",
+            str(self.delay_s),
+            "--log-file",
+            str(self.log),
+            "--log-level",
+            "DEBUG",
+        ]
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.mountpoint):

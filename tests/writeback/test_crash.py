@@ -41,13 +41,15 @@ def write_until_dead(img_dir: Path, seeds: range, acked: list[int], stop: thread
         acked.append(seed)  # close() returned: the write is acknowledged
 
 
-def recover_and_verify(project: Path, tmp_path: Path, spool: Path, seeds: range,
-                       acked: list[int], trial: str) -> None:
+def recover_and_verify(
+    project: Path, tmp_path: Path, spool: Path, seeds: range, acked: list[int], trial: str
+) -> None:
     mnt = tmp_path / f"mnt-{trial}-again"
     again = Daemon(project, mnt, spool, tmp_path / f"log-{trial}-again").start()
     try:
-        flushed = subprocess.run([sys.executable, "-m", "blobfs", "flush", str(mnt)],
-                                 capture_output=True, text=True)
+        flushed = subprocess.run(
+            [sys.executable, "-m", "blobfs", "flush", str(mnt)], capture_output=True, text=True
+        )
         assert flushed.returncode == 0, flushed.stdout + flushed.stderr
     finally:
         assert again.unmount() == 0
@@ -62,7 +64,8 @@ def recover_and_verify(project: Path, tmp_path: Path, spool: Path, seeds: range,
 
 @pytest.mark.parametrize("trial", range(RANDOM_TRIALS))
 def test_kill9_at_a_random_moment_loses_nothing_acknowledged(
-        trial: int, project: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
+    trial: int, project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     rng = random.Random(trial)
     spool = tmp_path / "spool"
     d = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log", delay_s=0.05).start()
@@ -70,8 +73,9 @@ def test_kill9_at_a_random_moment_loses_nothing_acknowledged(
     seeds = range(1000 + 100 * trial, 1000 + 100 * trial + 60)
     acked: list[int] = []
     stop = threading.Event()
-    writer = threading.Thread(target=write_until_dead,
-                              args=(tmp_path / "mnt" / "ds" / "img", seeds, acked, stop))
+    writer = threading.Thread(
+        target=write_until_dead, args=(tmp_path / "mnt" / "ds" / "img", seeds, acked, stop)
+    )
     writer.start()
     time.sleep(rng.uniform(0.0, 0.4))
     d.kill9()
@@ -82,16 +86,26 @@ def test_kill9_at_a_random_moment_loses_nothing_acknowledged(
 
 @pytest.mark.parametrize("point", FAILPOINTS * 2)
 def test_crash_at_each_import_step_is_finished_on_the_next_mount(
-        point: str, project: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
+    point: str, project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     spool = tmp_path / "spool"
-    d = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log", delay_s=30,
-               env={"BLOBFS_FAILPOINT": point}).start()
+    d = Daemon(
+        project,
+        tmp_path / "mnt",
+        spool,
+        tmp_path / "log",
+        delay_s=30,
+        env={"BLOBFS_FAILPOINT": point},
+    ).start()
     daemons.append(d)
     seeds = range(2000, 2012)
     for seed in seeds:
         (tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))
-    subprocess.run([sys.executable, "-m", "blobfs", "flush", str(tmp_path / "mnt")],
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "blobfs", "flush", str(tmp_path / "mnt")],
+        capture_output=True,
+        timeout=60,
+    )
     assert d.wait_exit(30) == 137, "the failpoint should have stopped the daemon"
     d.kill9()  # only unmounts the dead mount
     recover_and_verify(project, tmp_path, spool, seeds, list(seeds), point)

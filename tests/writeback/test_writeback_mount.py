@@ -37,8 +37,9 @@ def blobfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "blobfs", *args], capture_output=True, text=True)
 
 
-def test_copied_folder_is_imported_once_with_the_same_bytes(project: Path, tmp_path: Path,
-                                                             daemons: list[Daemon]) -> None:
+def test_copied_folder_is_imported_once_with_the_same_bytes(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     new = make_images(tmp_path / "new", 25, start_seed=500)
     mnt = tmp_path / "mnt"
     d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
@@ -57,8 +58,9 @@ def test_copied_folder_is_imported_once_with_the_same_bytes(project: Path, tmp_p
     assert ann["size"] == {"height": 32, "width": 32}
 
 
-def test_new_dataset_meta_and_annotation_are_imported(project: Path, tmp_path: Path,
-                                                      daemons: list[Daemon]) -> None:
+def test_new_dataset_meta_and_annotation_are_imported(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     mnt = tmp_path / "mnt"
     d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
     daemons.append(d)
@@ -67,9 +69,19 @@ def test_new_dataset_meta_and_annotation_are_imported(project: Path, tmp_path: P
     meta = json.loads((mnt / "meta.json").read_bytes())
     meta["classes"] = [{"title": "cat", "shape": "rectangle", "color": "#FF0000"}]
     (mnt / "meta.json").write_text(json.dumps(meta))
-    ann = {"description": "", "size": {"height": 32, "width": 32}, "tags": [],
-           "objects": [{"classTitle": "cat", "geometryType": "rectangle", "tags": [],
-                        "points": {"exterior": [[1, 1], [5, 5]], "interior": []}}]}
+    ann = {
+        "description": "",
+        "size": {"height": 32, "width": 32},
+        "tags": [],
+        "objects": [
+            {
+                "classTitle": "cat",
+                "geometryType": "rectangle",
+                "tags": [],
+                "points": {"exterior": [[1, 1], [5, 5]], "interior": []},
+            }
+        ],
+    }
     (mnt / "fresh" / "ann" / "a.png.json").write_text(json.dumps(ann))
     flushed = blobfs("flush", str(mnt))
     assert flushed.returncode == 0, flushed.stdout + flushed.stderr
@@ -79,15 +91,17 @@ def test_new_dataset_meta_and_annotation_are_imported(project: Path, tmp_path: P
     assert project_images(project)["/fresh/img/a.png"] == png_bytes(900)
 
 
-def test_bad_input_is_kept_and_reported_not_dropped(project: Path, tmp_path: Path,
-                                                    daemons: list[Daemon]) -> None:
+def test_bad_input_is_kept_and_reported_not_dropped(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     mnt = tmp_path / "mnt"
     d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
     daemons.append(d)
     (mnt / "ds" / "img" / "not-an-image.png").write_bytes(b"hello")
     (mnt / "ds" / "ann" / "img_000001.png.json").write_text("{broken")
-    (mnt / "ds" / "ann" / "img_000002.png.json").write_text(json.dumps(
-        {"size": {"height": 32, "width": 32}, "objects": [{"classTitle": "unicorn"}]}))
+    (mnt / "ds" / "ann" / "img_000002.png.json").write_text(
+        json.dumps({"size": {"height": 32, "width": 32}, "objects": [{"classTitle": "unicorn"}]})
+    )
     flushed = blobfs("flush", str(mnt))
     assert flushed.returncode == 1
     assert "not-an-image.png" in flushed.stdout and "not an image" in flushed.stdout
@@ -99,8 +113,9 @@ def test_bad_input_is_kept_and_reported_not_dropped(project: Path, tmp_path: Pat
     assert "/ds/img/not-an-image.png" not in project_images(project)
 
 
-def test_unsupported_changes_are_refused_with_their_errno(project: Path, tmp_path: Path,
-                                                          daemons: list[Daemon]) -> None:
+def test_unsupported_changes_are_refused_with_their_errno(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     mnt = tmp_path / "mnt"
     daemons.append(Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start())
     imported = mnt / "ds" / "img" / "img_000000.png"
@@ -121,7 +136,8 @@ def test_unsupported_changes_are_refused_with_their_errno(project: Path, tmp_pat
 
 
 def test_staged_files_can_be_renamed_and_removed_before_import(
-        project: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     mnt = tmp_path / "mnt"
     d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log", delay_s=30).start()
     daemons.append(d)
