@@ -1,0 +1,147 @@
+"""Writeback into a remote project: blobs land in Team Files, images are registered by
+offsets exactly once (crash or not), annotations and meta follow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from blobfs.testing.emulator import Emulator
+from blobfs.testing.sample import make_images
+from blobfs.testing.seed import upload_local_project
+
+from .conftest import TOKEN, build_project, start_mount
+
+pytestmark = [pytest.mark.fuse, pytest.mark.remote]
+
+
+def api(emu: Emulator, method: str, body: dict) -> object:  # type: ignore[type-arg]
+    r = requests.post(
+        f"{emu.url}/public/api/v3/{method}", json=body, headers={"x-api-key": TOKEN}, timeout=30
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def remote_images(emu: Emulator, project: int) -> dict[str, list[bytes]]:
+    """``dataset/name -> [bytes, ...]`` (a list, so a duplicate shows as two entries)."""
+    out: dict[str, list[bytes]] = {}
+    datasets = api(emu, "datasets.list", {"projectId": project, "recursive": True})
+    for ds in datasets["entities"]:  # type: ignore[index]
+        for img in api(emu, "images.list", {"datasetId": ds["id"]})["entities"]:  # type: ignore[index]
+            r = requests.post(
+                f"{emu.url}/public/api/v3/images.download",
+                json={"id": img["id"]},
+                headers={"x-api-key": TOKEN},
+                timeout=30,
+            )
+            out.setdefault(f"{ds['name']}/{img['name']}", []).append(r.content)
+    return out
+
+
+def writeback_mount(
+    emu: Emulator, pid: int, mnt: Path, log: Path, spool: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return start_mount(
+        f"sly://{pid}",
+        mnt,
+        log,
+        "--server",
+        emu.url,
+        "--writeback",
+        "--spool-dir",
+        str(spool),
+        "--writeback-delay",
+        "30",
+        env={"API_TOKEN": TOKEN, **(env or {})},
+    )
+
+
+def flush(mnt: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blobfs", "flush", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def remote_project(tmp_path: Path, emulator: Emulator) -> int:
+    project, _ = build_project(tmp_path, count=10)
+    return upload_local_project(emulator.url, TOKEN, project)
+
+
+def test_images_written_into_a_remote_mount_are_imported_once(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    new = make_images(tmp_path / "new", 15, start_seed=700)
+    mnt = tmp_path / "mnt"
+    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log", tmp_path / "spool")
+    try:
+        subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
+        (mnt / "fresh").mkdir()
+        subprocess.run(["cp", str(new[0]), str(mnt / "fresh" / "img" / "first.png")], check=True)
+        meta = json.loads((mnt / "meta.json").read_bytes())
+        meta["classes"] = [{"title": "dog", "shape": "rectangle", "color": "#00FF00"}]
+        (mnt / "meta.json").write_text(json.dumps(meta))
+        ann = {
+            "description": "",
+            "size": {"height": 32, "width": 32},
+            "tags": [],
+            "objects": [
+                {
+                    "classTitle": "dog",
+                    "geometryType": "rectangle",
+                    "tags": [],
+                    "points": {"exterior": [[1, 1], [4, 4]], "interior": []},
+                }
+            ],
+        }
+        (mnt / "train" / "ann" / "img_000700.png.json").write_text(json.dumps(ann))
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(60) == 0
+    got = remote_images(emulator, remote_project)
+    for p in new:
+        assert got[f"train/{p.name}"] == [p.read_bytes()]
+    assert got["fresh/first.png"] == [new[0].read_bytes()]
+    assert len(got) == 10 + 1 + 15 + 1  # seeded blob images + plain image + new ones
+    meta = api(emulator, "projects.meta", {"id": remote_project})
+    assert [c["title"] for c in meta["classes"]] == ["dog"]  # type: ignore[index]
+    files = api(emulator, "file-storage.list", {"teamId": 1, "path": "/blob-files/"})
+    assert len(files) >= 2  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("point", ["remote-after-upload", "remote-after-register"])
+def test_a_crash_between_upload_and_registration_makes_no_duplicates(
+    point: str, tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    new = make_images(tmp_path / "new", 6, start_seed=800)
+    mnt, spool = tmp_path / "mnt", tmp_path / "spool"
+    proc = writeback_mount(
+        emulator, remote_project, mnt, tmp_path / "log", spool, env={"BLOBFS_FAILPOINT": point}
+    )
+    subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
+    flush(mnt)
+    assert proc.wait(30) == 137
+    subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
+    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log2", spool)
+    try:
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(60) == 0
+    got = remote_images(emulator, remote_project)
+    for p in new:
+        assert got[f"train/{p.name}"] == [p.read_bytes()], point
+    assert not any(os.scandir(spool / "batches"))
