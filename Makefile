@@ -33,7 +33,7 @@ test-fast: system venv
 
 lint: venv
 	$(VENV)/bin/ruff check blobfs tests bench
-	$(VENV)/bin/ruff format --check blobfs
+	$(VENV)/bin/ruff format --check blobfs bench
 	$(VENV)/bin/mypy blobfs
 
 demo: system venv

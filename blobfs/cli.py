@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from blobfs import __version__
-from blobfs.config import DEFAULT_CACHE_BYTES, MountConfig, parse_fuse_options, parse_size
+from blobfs.config import MountConfig, parse_fuse_options, parse_size
 from blobfs.errors import BlobfsError
 from blobfs.logs import setup_logging
 
@@ -40,9 +40,8 @@ def main() -> None:
 @click.option("-o", "options", multiple=True, help="FUSE/blobfs options, comma separated.")
 @click.option(
     "--cache-size",
-    default=str(DEFAULT_CACHE_BYTES),
-    show_default=True,
-    help="Memory for cached blob blocks (e.g. 512M).",
+    default=None,
+    help="Memory for cached blob blocks (default 32M local, 256M remote).",
 )
 @click.option(
     "--block-size", default=None, help="Cache block size (default 256K local, 1M remote)."
@@ -94,7 +93,7 @@ def mount(
     mountpoint: str,
     foreground: bool,
     options: tuple[str, ...],
-    cache_size: str,
+    cache_size: str | None,
     block_size: str | None,
     server: str | None,
     token_file: str | None,
@@ -120,7 +119,7 @@ def mount(
             source=source if source.startswith("sly://") else os.path.abspath(source),
             mountpoint=os.path.abspath(mountpoint),
             block_size=parse_size(block_size) if block_size else None,
-            cache_bytes=parse_size(str(fuse_opts.pop("cache_size", cache_size))),
+            cache_bytes=_size_or_none(fuse_opts.pop("cache_size", cache_size)),
             allow_other=allow_other or bool(fuse_opts.pop("allow_other", False)),
             fuse_options=fuse_opts,
             server=server,
@@ -148,6 +147,10 @@ def mount(
         _fail(str(exc))
     except RuntimeError as exc:
         _fail(f"mount failed: {exc}")
+
+
+def _size_or_none(value: object) -> int | None:
+    return None if value is None else parse_size(str(value))
 
 
 def _spawn_background(argv: list[str], mountpoint: str) -> None:

@@ -15,6 +15,8 @@ from blobfs.errors import InvalidInput
 DEFAULT_LOCAL_BLOCK_SIZE = 256 << 10
 DEFAULT_REMOTE_BLOCK_SIZE = 1 << 20
 DEFAULT_CACHE_BYTES = 256 << 20
+#: Locally the kernel's page cache already holds the tar; a small block cache suffices.
+DEFAULT_LOCAL_CACHE_BYTES = 32 << 20
 DEFAULT_ATTR_TIMEOUT_S = 3600.0
 DEFAULT_REMOTE_TTL_S = 60.0
 
@@ -38,7 +40,7 @@ class MountConfig:
     source: str
     mountpoint: str
     block_size: int | None = None
-    cache_bytes: int = DEFAULT_CACHE_BYTES
+    cache_bytes: int | None = None
     attr_timeout_s: float | None = None
     allow_other: bool = False
     debug_fuse: bool = False
@@ -63,6 +65,11 @@ class MountConfig:
         digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return os.path.join(base, "blobfs", "spool", digest)
+
+    def effective_cache_bytes(self) -> int:
+        if self.cache_bytes is not None:
+            return self.cache_bytes
+        return DEFAULT_CACHE_BYTES if self.is_remote else DEFAULT_LOCAL_CACHE_BYTES
 
     def effective_block_size(self) -> int:
         if self.block_size:

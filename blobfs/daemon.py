@@ -41,7 +41,7 @@ def build_source(config: MountConfig) -> Source:
     block_size = config.effective_block_size()
     cache = BlockCache(
         block_size,
-        max(config.cache_bytes, block_size),
+        max(config.effective_cache_bytes(), block_size),
         prefetch_workers=PREFETCH_WORKERS if config.is_remote else 0,
         disk=DiskBlockStore(config.cache_dir, config.disk_cache_bytes)
         if config.cache_dir
