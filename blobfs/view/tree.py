@@ -77,6 +77,7 @@ class ProjectView:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_time_ns = time.time_ns()
         self._root = DirNode(self.mount_time_ns, fill=self._fill_root)
+        self._immutable = source.is_immutable()
 
     # ---- tree ------------------------------------------------------------------------
 
@@ -115,10 +116,11 @@ class ProjectView:
 
     def _children(self, node: DirNode) -> dict[str, DirNode | FileRecord]:
         children = node.children
+        if children is not None and self._immutable:
+            return children  # the hot path: a filled folder of an immutable project
         stale = (
             node.fill is not None
             and children is not None
-            and not self.source.is_immutable()
             and self._clock() - node.loaded_at > self.listing_ttl_s
         )
         if children is None or stale:
