@@ -77,11 +77,15 @@ def bench_ratarmount(root: Path, results: dict[str, float]) -> None:
         index.unlink()
     drop_caches()
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [exe, "-f", str(tar), str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log = open(OUT / "ratarmount.log", "w")  # noqa: SIM115 - closed when the mount ends
+    proc = subprocess.Popen([exe, "-f", str(tar), str(mnt)], stdout=log, stderr=log)
     try:
-        wait_mounted(mnt, proc)
+        try:
+            wait_mounted(mnt, proc)
+        except RuntimeError:
+            log.close()
+            print((OUT / "ratarmount.log").read_text()[-3000:])
+            raise
         results["ratarmount_mount_s"] = time.perf_counter() - start
         folder = mnt
         while len(os.listdir(folder)) == 1 and (folder / os.listdir(folder)[0]).is_dir():
