@@ -1,13 +1,30 @@
 """Local scan benchmark: blobfs vs a plain folder vs ratarmount vs the SDK, in one run.
 
-    python bench/local_scan.py [--images 30000] [--skip-ratarmount] [--skip-sdk]
+    python bench/local_scan.py [--images 30000] [--repeat 1] [--skip-ratarmount]
+                               [--skip-sdk] [--json out.json]
 
-Builds (once, cached in bench/out/) a project of N ~3-4 KB PNGs in one tar, then measures
-side by side: mount-to-ready; a scan (listdir + open/read/close of every image, one
-reader) through a fresh blobfs mount (cold) and again (warm, a second epoch); the same
-files extracted to a plain folder; ratarmount on the same tar (its first mount builds an
-index); the SDK's ``Dataset.get_blob_img_bytes`` on a 2,000-image subset. Prints a table
-with ratios and PASS/MISS against the targets of the local-mount issue.
+Builds once (cached in bench/out/, gitignored) a one-dataset blob project of N noise PNGs
+(36x36 px, about 4 KB each) packed into one tar by ``ProjectPacker``, plus the same files
+as a plain folder. Then, in one run and on the same files:
+
+1. blobfs: ``python -m blobfs mount PROJECT MNT`` timed until it returns (it returns once
+   the mount is live); a scan of ``ds/img`` on the fresh mount (cold) and again (warm,
+   the second epoch); the daemon's VmRSS after both scans.
+2. the plain folder, page cache warmed once, then scanned.
+3. ratarmount on the same tar: first mount (builds its index, timed), cold and warm scan.
+4. the SDK's ``sly.Dataset(...).get_blob_img_bytes(name)`` over a subset of the images
+   (it re-reads every offsets batch per call: O(N) per image), extrapolated to all N.
+
+A scan is ``os.listdir`` of the folder plus open/read/close of every file, one reader, in
+Python. "Cold" means a fresh mount (no dentries, attributes or pages of the mount cached
+by the kernel, nothing cached by the daemon) over a tar whose bytes are in the page cache,
+so it measures the file system, not the disk; ``--drop-caches`` empties the page cache
+before each cold scan instead (and adds a cold plain-folder row).
+
+Prints one table (seconds, us per image, ratio to the plain folder, blobfs vs ratarmount)
+and PASS/MISS for each target of the local-mount issue. Exits non-zero only on errors
+(wrong bytes, failed mounts), never on a missed target. Everything mounted is unmounted
+however the run ends (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -15,178 +32,475 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
-import tarfile
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT, blobfs_mount, drop_caches, rss_mb, scan, table, unmount, wait_mounted
+from _common import (  # noqa: E402
+    OUT,
+    Mounts,
+    Scan,
+    blobfs_mount_cli,
+    clean_stale_mounts,
+    drop_caches,
+    fmt,
+    load_note,
+    mountpoint,
+    peak_rss_mb,
+    rss_mb,
+    scan,
+    spawn_foreground,
+    summary,
+    table,
+    warm_files,
+)
 
-from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.sample import png_bytes
+DATASET = "ds"
+# The issue's targets for a local mount of 30,000 small images.
+COLD_X_PLAIN = 8.0
+WARM_X_PLAIN = 3.0
+MOUNT_READY_S = 1.0
+RSS_MB = 150.0
+
+Results = dict[str, Any]
 
 
-def build(n: int) -> Path:
-    root = OUT / f"local-{n}"
-    project = root / "project"
-    if (root / "done").exists():
+# ---- the data ----------------------------------------------------------------------------
+
+
+def build(n: int, px: int) -> Path:
+    """The cached benchmark data for ``n`` images of ``px`` x ``px``: ``project/`` (one tar)
+    and ``plain/`` (the same image files). Built in a temporary folder, renamed when done."""
+    root = OUT / f"scan-{n}-{px}px"
+    if (root / "build.json").exists():
         return root
-    shutil.rmtree(root, ignore_errors=True)
-    src = root / "src"
-    src.mkdir(parents=True)
-    for i in range(n):
-        (src / f"img_{i:06d}.png").write_bytes(png_bytes(i, 36, 36))
-    ProjectPacker(project, "ds").pack(sorted(src.iterdir()))
-    plain = root / "plain"
-    plain.mkdir()
-    tar = next((project / "blob").iterdir())
-    with tarfile.open(tar) as t:
-        t.extractall(plain, filter="data")
-    shutil.rmtree(src)
-    (root / "done").write_text("ok")
+    from blobfs.blob.pack import ProjectPacker
+    from blobfs.testing.sample import png_bytes
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{n}-", dir=OUT))
+    try:
+        print(f"building {n} images of {px}x{px} px in {root} (once)...", flush=True)
+        started = time.perf_counter()
+        plain = tmp / "plain"
+        plain.mkdir()
+        total = 0
+        for i in range(n):
+            data = png_bytes(i, px, px)
+            (plain / f"img_{i:06d}.png").write_bytes(data)
+            total += len(data)
+        result = ProjectPacker(tmp / "project", DATASET).pack(sorted(plain.iterdir()))
+        if len(result.blobs) != 1:
+            raise RuntimeError(f"expected one tar, got {len(result.blobs)}")
+        info = {
+            "images": n,
+            "px": px,
+            "image_bytes": total,
+            "tar": result.blobs[0].name,
+            "tar_bytes": (tmp / "project" / "blob" / result.blobs[0].name).stat().st_size,
+            "build_s": round(time.perf_counter() - started, 1),
+        }
+        (tmp / "build.json").write_text(json.dumps(info, indent=1))
+        try:
+            tmp.rename(root)
+        except OSError:  # a concurrent run finished first: use its copy
+            if not (root / "build.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built in {info['build_s']} s", flush=True)
     return root
 
 
-def bench_blobfs(root: Path, results: dict[str, float]) -> None:
-    mnt = OUT / "mnt-blobfs"
-    drop_caches()
-    with blobfs_mount(str(root / "project"), mnt) as (proc, ready_s):
-        results["blobfs_mount_s"] = ready_s
-        results["blobfs_cold_s"], results["files"], _ = scan(mnt / "ds" / "img")
-        results["blobfs_warm_s"], _, _ = scan(mnt / "ds" / "img")
-        results["blobfs_rss_mb"] = rss_mb(proc.pid)
+def build_info(root: Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads((root / "build.json").read_text())
+    info["tar_path"] = str(root / "project" / "blob" / info["tar"])
+    return info
 
 
-def bench_plain(root: Path, results: dict[str, float]) -> None:
-    scan(root / "plain")  # warm the page cache once, as the notes advise
-    results["plain_s"], _, _ = scan(root / "plain")
+def check_scan(label: str, got: Scan, info: dict[str, Any]) -> None:
+    """Every scan must see every image and every byte: anything else is an error."""
+    if got.files != info["images"] or got.bytes != info["image_bytes"]:
+        raise RuntimeError(
+            f"{label}: read {got.files} files / {got.bytes} bytes, expected "
+            f"{info['images']} / {info['image_bytes']}"
+        )
 
 
-def bench_ratarmount(root: Path, results: dict[str, float]) -> None:
-    exe = shutil.which("ratarmount") or str(Path(sys.executable).parent / "ratarmount")
-    if not os.path.exists(exe):
-        print("ratarmount not installed (pip install ratarmount): skipped")
+def warm_inputs(root: Path, info: dict[str, Any], drop: bool) -> None:
+    """Before a cold scan: page cache emptied (``--drop-caches``) or holding the tar."""
+    if drop:
+        if not drop_caches():
+            print("warning: could not drop caches (not root?)", file=sys.stderr)
         return
-    tar = next((root / "project" / "blob").iterdir())
-    mnt = OUT / "mnt-ratarmount"
-    mnt.mkdir(exist_ok=True)
-    for index in tar.parent.glob("*.index.*"):
-        index.unlink()
-    drop_caches()
-    start = time.perf_counter()
-    log = open(OUT / "ratarmount.log", "w")  # noqa: SIM115 - closed when the mount ends
-    proc = subprocess.Popen([exe, "-f", str(tar), str(mnt)], stdout=log, stderr=log)
+    warm_files([Path(info["tar_path"]), *sorted((root / "project" / DATASET).glob("*.pkl"))])
+
+
+# ---- the contenders ----------------------------------------------------------------------
+
+
+def bench_plain(root: Path, info: dict[str, Any], r: Results, args: argparse.Namespace) -> None:
+    folder = root / "plain"
+    if args.drop_caches:
+        drop_caches()
+        cold = scan(folder)
+        check_scan("plain folder (cold)", cold, info)
+        r["samples"]["plain_cold_s"] = [cold.seconds]
+    scan(folder)  # warm the page cache (and the dentries) once, as the notes advise
+    for _ in range(max(3, args.repeat)):
+        got = scan(folder)
+        check_scan("plain folder", got, info)
+        r["samples"].setdefault("plain_s", []).append(got.seconds)
+
+
+def bench_blobfs(
+    mounts: Mounts, root: Path, info: dict[str, Any], r: Results, args: argparse.Namespace
+) -> None:
+    env = {"FUSE_LIBRARY_PATH": args.fuse_library} if args.fuse_library else None
+    extra = [a for opt in args.mount_option for a in ("-o", opt)]
+    s = r["samples"]
+    for _ in range(args.repeat):
+        warm_inputs(root, info, args.drop_caches)
+        mnt = mountpoint("blobfs")
+        ready_s, pid = blobfs_mount_cli(
+            mounts, str(root / "project"), mnt, extra, python=args.python, env=env
+        )
+        with mounts.mounted(mnt, pid):
+            cold = scan(mnt / DATASET / "img")
+            check_scan("blobfs cold scan", cold, info)
+            warm = scan(mnt / DATASET / "img")
+            check_scan("blobfs warm scan", warm, info)
+            s.setdefault("blobfs_mount_s", []).append(ready_s)
+            s.setdefault("blobfs_listdir_cold_s", []).append(cold.listdir_s)
+            s.setdefault("blobfs_cold_s", []).append(cold.seconds)
+            s.setdefault("blobfs_warm_s", []).append(warm.seconds)
+            s.setdefault("blobfs_rss_mb", []).append(rss_mb(pid))
+            s.setdefault("blobfs_peak_rss_mb", []).append(peak_rss_mb(pid))
+
+
+def ratarmount_exe(python: str) -> str | None:
+    beside = Path(python).parent / "ratarmount"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("ratarmount")
+
+
+def files_folder(mnt: Path) -> Path:
+    """Where the images appear in a ratarmount mount: descend while there is one folder."""
+    folder = mnt
+    while True:
+        names = os.listdir(folder)
+        if len(names) != 1 or not (folder / names[0]).is_dir():
+            return folder
+        folder = folder / names[0]
+
+
+def bench_ratarmount(
+    mounts: Mounts, root: Path, info: dict[str, Any], r: Results, args: argparse.Namespace
+) -> None:
+    exe = ratarmount_exe(args.python)
+    if exe is None:
+        print("ratarmount not installed (pip install ratarmount): its rows are skipped")
+        return
+    # a private index: the first mount builds it (that is its mount time), later ones reuse it
+    index = OUT / "ratarmount-index" / f"{info['tar']}.{os.getpid()}.index.sqlite"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.unlink(missing_ok=True)
+    s = r["samples"]
     try:
-        try:
-            wait_mounted(mnt, proc)
-        except RuntimeError:
-            log.close()
-            print((OUT / "ratarmount.log").read_text()[-3000:])
-            raise
-        results["ratarmount_mount_s"] = time.perf_counter() - start
-        folder = mnt
-        while len(os.listdir(folder)) == 1 and (folder / os.listdir(folder)[0]).is_dir():
-            folder = folder / os.listdir(folder)[0]
-        results["ratarmount_cold_s"], _, _ = scan(folder)
-        results["ratarmount_warm_s"], _, _ = scan(folder)
+        for rep in range(args.repeat):
+            warm_inputs(root, info, args.drop_caches)
+            mnt = mountpoint("ratarmount")
+            log = OUT / f"ratarmount-{os.getpid()}.log"
+            cmd = [exe, "-f", "--index-file", str(index), info["tar_path"], str(mnt)]
+            ready_s, proc = spawn_foreground(mounts, cmd, mnt, log)
+            with mounts.mounted(mnt, proc.pid, proc):
+                folder = files_folder(mnt)
+                cold = scan(folder)
+                check_scan("ratarmount cold scan", cold, info)
+                warm = scan(folder)
+                check_scan("ratarmount warm scan", warm, info)
+                key = "ratarmount_mount_s" if rep == 0 else "ratarmount_remount_s"
+                s.setdefault(key, []).append(ready_s)
+                s.setdefault("ratarmount_cold_s", []).append(cold.seconds)
+                s.setdefault("ratarmount_warm_s", []).append(warm.seconds)
+                s.setdefault("ratarmount_rss_mb", []).append(rss_mb(proc.pid))
+            log.unlink(missing_ok=True)
     finally:
-        unmount(mnt)
-        proc.wait(60)
+        index.unlink(missing_ok=True)
 
 
-def bench_sdk(root: Path, results: dict[str, float], subset: int) -> None:
-    try:
-        import supervisely as sly
-    except ImportError:
-        print("supervisely not installed: SDK row skipped")
-        return
-    project = sly.Project(str(root / "project"), sly.OpenMode.READ)
-    ds = project.datasets.get("ds")
-    names = sorted(ds.get_items_names())[:subset]
-    start = time.perf_counter()
-    for name in names:
-        ds.get_blob_img_bytes(name)
-    results["sdk_subset_s"] = time.perf_counter() - start
-    results["sdk_subset_n"] = len(names)
+SDK_CODE = r"""
+import json, os, sys, time
+import supervisely as sly
+ds_dir, subset = sys.argv[1], int(sys.argv[2])
+ds = sly.Dataset(ds_dir, sly.OpenMode.READ)
+names = sorted(ds.get_items_names())
+pick = names[:: max(1, len(names) // subset)][:subset]
+start = time.perf_counter()
+total = 0
+for name in pick:
+    total += len(ds.get_blob_img_bytes(name))
+seconds = time.perf_counter() - start
+print("BENCH_RESULT " + json.dumps(
+    {"seconds": seconds, "images": len(pick), "bytes": total, "names": pick, "of": len(names)}
+))
+"""
 
 
-def report(r: dict[str, float]) -> None:
-    n = int(r["files"])
-    plain = r["plain_s"]
-    rows = [("what", "seconds", "us/image", "x plain folder")]
-
-    def row(label: str, key: str, count: float = n) -> None:
-        if key in r:
-            rows.append(
-                (
-                    label,
-                    f"{r[key]:.3f}",
-                    f"{r[key] / count * 1e6:.0f}",
-                    f"{r[key] / plain * n / count:.1f}",
-                )
-            )
-
-    row("plain folder scan (warm)", "plain_s")
-    row("blobfs scan, cold mount", "blobfs_cold_s")
-    row("blobfs scan, warm (2nd epoch)", "blobfs_warm_s")
-    row("ratarmount scan, cold", "ratarmount_cold_s")
-    row("ratarmount scan, warm", "ratarmount_warm_s")
-    row("SDK get_blob_img_bytes (subset)", "sdk_subset_s", r.get("sdk_subset_n", 1))
-    print(table(rows))
-    print(
-        f"\nimages: {n}; blobfs mount ready in {r['blobfs_mount_s']:.3f} s; "
-        f"daemon RSS after scans {r['blobfs_rss_mb']:.0f} MB"
+def bench_sdk(root: Path, info: dict[str, Any], r: Results, args: argparse.Namespace) -> None:
+    """The SDK in a child process (its import is slow and noisy, and is not timed)."""
+    done = subprocess.run(
+        [args.python, "-c", SDK_CODE, str(root / "project" / DATASET), str(args.sdk_subset)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    if "ratarmount_mount_s" in r:
-        print(f"ratarmount first mount (builds its index): {r['ratarmount_mount_s']:.3f} s")
-        print(
-            f"blobfs vs ratarmount: cold {r['ratarmount_cold_s'] / r['blobfs_cold_s']:.2f}x "
-            f"faster, warm {r['ratarmount_warm_s'] / r['blobfs_warm_s']:.2f}x faster"
+    lines = [x for x in done.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
+    if done.returncode != 0 or not lines:
+        if "No module named 'supervisely'" in done.stderr:
+            print("supervisely not installed: the SDK row is skipped")
+            return
+        raise RuntimeError(f"SDK run failed ({done.returncode}): {done.stderr[-2000:]}")
+    out = json.loads(lines[-1][len("BENCH_RESULT ") :])
+    expected = sum((root / "plain" / name).stat().st_size for name in out["names"])
+    if out["of"] != info["images"] or out["bytes"] != expected:
+        raise RuntimeError(
+            f"SDK read {out['bytes']} bytes of {out['images']} images (of {out['of']}), "
+            f"expected {expected} bytes"
         )
-    if "sdk_subset_s" in r:
-        per = r["sdk_subset_s"] / r["sdk_subset_n"]
-        print(
-            f"SDK per image: {per * 1e3:.2f} ms (O(N) per image); blobfs cold per image: "
-            f"{r['blobfs_cold_s'] / n * 1e3:.3f} ms -> {per / (r['blobfs_cold_s'] / n):.0f}x"
-        )
-    targets = [
-        ("cold scan within 8x of plain folder", r["blobfs_cold_s"] / plain <= 8),
-        ("warm scan within 3x of plain folder", r["blobfs_warm_s"] / plain <= 3),
-        ("mount ready < 1 s", r["blobfs_mount_s"] < 1),
-        ("RSS < 150 MB", r["blobfs_rss_mb"] < 150),
+    r["samples"]["sdk_subset_s"] = [out["seconds"]]
+    r["sdk_subset_n"] = out["images"]
+
+
+# ---- the report --------------------------------------------------------------------------
+
+
+def med(r: Results, key: str) -> float | None:
+    got = r["summary"].get(key)
+    return None if got is None else float(got["median"])
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("PASS" if ok else "MISS")
+
+
+def report(r: Results) -> list[tuple[str, bool | None]]:
+    """Print the table and the targets; returns the targets as (label, met)."""
+    n = r["images"]
+    plain = med(r, "plain_s")
+    assert plain is not None
+    rat = {k: med(r, f"ratarmount_{k}_s") for k in ("cold", "warm")}
+    rows: list[tuple[str, ...]] = [
+        ("what", "seconds", "us/image", "x plain", "vs ratarmount", "target", "")
     ]
-    if "ratarmount_cold_s" in r:
-        targets += [
-            ("faster than ratarmount cold", r["blobfs_cold_s"] < r["ratarmount_cold_s"]),
-            ("faster than ratarmount warm", r["blobfs_warm_s"] < r["ratarmount_warm_s"]),
-        ]
-    for label, ok in targets:
-        print(f"{'PASS' if ok else 'MISS'}  {label}")
+
+    def scan_row(
+        label: str, key: str, target: float | None = None, vs: float | None = None
+    ) -> bool | None:
+        sec = med(r, key)
+        if sec is None:
+            return None
+        ratio = sec / plain
+        ok = None if target is None else ratio <= target
+        rows.append(
+            (
+                label,
+                fmt(sec),
+                fmt(sec / n * 1e6, ".0f"),
+                fmt(ratio, ".1f", "x"),
+                "" if vs is None else f"{vs / sec:.2f}x faster",
+                "" if target is None else f"<= {target:g}x plain",
+                verdict(ok),
+            )
+        )
+        return ok
+
+    targets: list[tuple[str, bool | None]] = []
+    scan_row("plain folder scan (page cache warm)", "plain_s")
+    if med(r, "plain_cold_s") is not None:
+        scan_row("plain folder scan (caches dropped)", "plain_cold_s")
+    mount = med(r, "blobfs_mount_s")
+    ok_mount = None if mount is None else mount < MOUNT_READY_S
+    rows.append(
+        (
+            "blobfs mount -> ready (CLI returned)",
+            fmt(mount),
+            "",
+            "",
+            "",
+            f"< {MOUNT_READY_S:g} s",
+            verdict(ok_mount),
+        )
+    )
+    targets.append((f"blobfs mount ready < {MOUNT_READY_S:g} s", ok_mount))
+    ok = scan_row("blobfs scan, cold (fresh mount)", "blobfs_cold_s", COLD_X_PLAIN, rat["cold"])
+    targets.append((f"blobfs cold scan within {COLD_X_PLAIN:g}x of the plain folder", ok))
+    ok = scan_row("blobfs scan, warm (2nd epoch)", "blobfs_warm_s", WARM_X_PLAIN, rat["warm"])
+    targets.append((f"blobfs warm scan within {WARM_X_PLAIN:g}x of the plain folder", ok))
+    if med(r, "ratarmount_mount_s") is not None:
+        rows.append(
+            ("ratarmount first mount (builds index)", fmt(med(r, "ratarmount_mount_s")))
+            + ("",) * 5
+        )
+        if med(r, "ratarmount_remount_s") is not None:
+            rows.append(
+                ("ratarmount remount (index exists)", fmt(med(r, "ratarmount_remount_s")))
+                + ("",) * 5
+            )
+        scan_row("ratarmount scan, cold (fresh mount)", "ratarmount_cold_s")
+        scan_row("ratarmount scan, warm (2nd epoch)", "ratarmount_warm_s")
+        for kind in ("cold", "warm"):
+            mine, theirs = med(r, f"blobfs_{kind}_s"), rat[kind]
+            if mine is not None and theirs is not None:
+                targets.append((f"blobfs {kind} scan faster than ratarmount", mine < theirs))
+    sdk = med(r, "sdk_subset_s")
+    if sdk is not None:
+        k = r["sdk_subset_n"]
+        per = sdk / k
+        rows.append(
+            (
+                f"SDK get_blob_img_bytes, {k} images",
+                fmt(sdk),
+                fmt(per * 1e6, ".0f"),
+                fmt(per / (plain / n), ".0f", "x"),
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"SDK extrapolated to all {n} images",
+                fmt(per * n, ".1f"),
+                fmt(per * 1e6, ".0f"),
+                fmt(per * n / plain, ".0f", "x"),
+                "",
+                "",
+                "",
+            )
+        )
+    rss = med(r, "blobfs_rss_mb")
+    ok_rss = None if rss is None else rss < RSS_MB
+    rows.append(
+        (
+            "blobfs daemon VmRSS after the scans",
+            fmt(rss, ".0f", " MB"),
+            "",
+            "",
+            "",
+            f"< {RSS_MB:g} MB",
+            verdict(ok_rss),
+        )
+    )
+    targets.append((f"blobfs daemon RSS < {RSS_MB:g} MB", ok_rss))
+    if med(r, "ratarmount_rss_mb") is not None:
+        rows.append(
+            ("ratarmount VmRSS after the scans", fmt(med(r, "ratarmount_rss_mb"), ".0f", " MB"))
+            + ("",) * 5
+        )
+    print(table(rows))
+    reps = r["repeat"]
+    print(
+        f"\n{n} images of ~{r['image_bytes'] // n} B in one {r['tar_bytes'] / 2**20:.0f} MiB tar;"
+        f" {'median of ' + str(reps) + ' runs' if reps > 1 else 'one run'} per row "
+        f"(plain: median of {r['summary']['plain_s']['n']}); {r['load_before']}"
+    )
+    cold_list = med(r, "blobfs_listdir_cold_s")
+    if cold_list is not None:
+        print(f"blobfs first listdir of {n} names (inside the cold scan): {cold_list:.3f} s")
+    if r["mount_options"] or r["fuse_library"]:
+        print(f"blobfs -o {r['mount_options']} FUSE_LIBRARY_PATH={r['fuse_library']}")
+    print()
+    for label, met in targets:
+        if met is not None:
+            print(f"{verdict(met)}  {label}")
+    return targets
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=30_000)
-    parser.add_argument("--sdk-subset", type=int, default=2000)
+# ---- main --------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="blobfs vs plain folder vs ratarmount vs SDK on N small images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", type=int, default=30_000, help="number of images")
+    parser.add_argument("--px", type=int, default=36, help="image width and height (~4 KB)")
+    parser.add_argument("--repeat", type=int, default=1, help="fresh mounts per contender")
     parser.add_argument("--skip-ratarmount", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--sdk-subset", type=int, default=2000, help="images read via the SDK")
+    parser.add_argument("--json", default=None, help="also write every sample to this file")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="empty the page cache before each cold scan (default: tar kept in it)",
+    )
+    parser.add_argument(
+        "-o",
+        "--mount-option",
+        action="append",
+        default=[],
+        help="extra blobfs -o option (repeatable), e.g. -o nothreads",
+    )
+    parser.add_argument("--fuse-library", default=None, help="FUSE_LIBRARY_PATH for blobfs")
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter that runs blobfs/ratarmount/SDK"
+    )
     args = parser.parse_args()
-    root = build(args.images)
-    results: dict[str, float] = {}
-    bench_plain(root, results)
-    bench_blobfs(root, results)
-    if not args.skip_ratarmount:
-        bench_ratarmount(root, results)
-    if not args.skip_sdk:
-        bench_sdk(root, results, args.sdk_subset)
-    report(results)
+    if args.images < 1 or args.repeat < 1 or args.sdk_subset < 1:
+        parser.error("--images, --repeat and --sdk-subset must be positive")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    for path in clean_stale_mounts():
+        print(f"unmounted {path}, left behind by an earlier run")
+    root = build(args.images, args.px)
+    info = build_info(root)
+    r: Results = {
+        "images": info["images"],
+        "image_bytes": info["image_bytes"],
+        "tar_bytes": info["tar_bytes"],
+        "repeat": args.repeat,
+        "drop_caches": args.drop_caches,
+        "mount_options": args.mount_option,
+        "fuse_library": args.fuse_library,
+        "python": args.python,
+        "platform": platform.platform(),
+        "load_before": load_note(),
+        "samples": {},
+    }
+    try:
+        with Mounts() as mounts:
+            bench_plain(root, info, r, args)
+            bench_blobfs(mounts, root, info, r, args)
+            if not args.skip_ratarmount:
+                bench_ratarmount(mounts, root, info, r, args)
+        if not args.skip_sdk:
+            bench_sdk(root, info, r, args)
+    except KeyboardInterrupt:
+        print("interrupted: everything was unmounted", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    r["summary"] = {k: summary(v) for k, v in r["samples"].items()}
+    targets = report(r)
+    r["targets"] = {label: met for label, met in targets}
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

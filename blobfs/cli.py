@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -282,7 +283,7 @@ def _read_control(mountpoint: str, name: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
-        _fail(f"{mountpoint} is not a blobfs writeback mount")
+        _fail(f"{mountpoint} is not a blobfs mount (or not one with writeback)")
     except (OSError, ValueError) as exc:
         _fail(f"cannot read {path}: {exc}")
     if not isinstance(data, dict):
@@ -301,3 +302,27 @@ def _print_status(data: dict[str, Any]) -> None:
         click.echo(f"  {path}: {reason}")
     if data.get("last_error"):
         click.echo(f"last error: {data['last_error']}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def stats(mountpoint: str, as_json: bool) -> None:
+    """Live statistics of MOUNTPOINT: cache hits/misses, bytes and requests, memory."""
+    # a fresh name each time: the kernel caches a file's size and pages (see view.tree)
+    data = _read_control(mountpoint, f"stats-{uuid.uuid4().hex}.json")
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    for key, value in _flatten(data):
+        click.echo(f"{key}: {value}")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out

@@ -116,6 +116,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
     )
     view.on_staged = queue.staged
     view.queue = queue
+    view.extra_stats = lambda: {"writeback": queue.status.as_dict()}
     return view, queue
 
 

@@ -15,6 +15,7 @@ any offsets file is read). Sources whose listings may change (remote) are re-lis
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 DATASETS_DIR = "datasets"
 DEFAULT_LISTING_TTL_S = 60.0
+CONTROL_DIR = "/.blobfs"
+MAX_SNAPSHOTS = 64
 SIZE_CACHE_ENTRIES = 1_000_000
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
@@ -78,6 +81,8 @@ class ProjectView:
         self.mount_time_ns = time.time_ns()
         self._root = DirNode(self.mount_time_ns, fill=self._fill_root)
         self._immutable = source.is_immutable()
+        self._snapshots: dict[str, FileRecord] = {}
+        self.extra_stats: Callable[[], dict[str, object]] | None = None
 
     # ---- tree ------------------------------------------------------------------------
 
@@ -137,6 +142,8 @@ class ProjectView:
 
     def lookup(self, path: str) -> DirNode | FileRecord | None:
         """The node at ``path``, or None when nothing is there."""
+        if path.startswith(CONTROL_DIR):
+            return self._control(path)
         node: DirNode | FileRecord = self._root
         for part in split_path(path):
             if not isinstance(node, DirNode):
@@ -146,6 +153,41 @@ class ProjectView:
                 return None
             node = found
         return node
+
+    def _control(self, path: str) -> DirNode | FileRecord | None:
+        """``/.blobfs`` (hidden from listings) and its live statistics files.
+
+        Any name ``/.blobfs/stats*.json`` is a fresh snapshot taken at lookup: the kernel
+        caches a file's size and pages, so ``blobfs stats`` asks for a new name each time
+        (``stats-<nonce>.json``) and always gets current figures.
+        """
+        if path == CONTROL_DIR:
+            return DirNode(self.mount_time_ns, {})
+        name = path[len(CONTROL_DIR) + 1 :]
+        if "/" in name or not (name.startswith("stats") and name.endswith(".json")):
+            return None
+        with self._lock:
+            rec = self._snapshots.get(name)
+            if rec is None:
+                data = (json.dumps(self.stats(), indent=1, default=str) + "\n").encode()
+                rec = FileRecord(name, len(data), time.time_ns(), data)
+                self._snapshots[name] = rec
+                while len(self._snapshots) > MAX_SNAPSHOTS:
+                    self._snapshots.pop(next(iter(self._snapshots)))
+            return rec
+
+    def stats(self) -> dict[str, object]:
+        """Live figures for ``blobfs stats``: cache, requests, problems, memory, uptime."""
+        out: dict[str, object] = {
+            "uptime_s": round((time.time_ns() - self.mount_time_ns) / 1e9, 1),
+            "open_handles": len(self.handles),
+            "problems": len(self.source.problems()),
+            "rss_bytes": _rss_bytes(),
+            **self.source.stats(),
+        }
+        if self.extra_stats is not None:
+            out.update(self.extra_stats())
+        return out
 
     def get(self, path: str) -> DirNode | FileRecord:
         """The node at ``path``.
@@ -279,3 +321,12 @@ class ProjectView:
                 else:
                     out.append((f"{prefix}/{name}", child))
         return out
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux), 0 elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

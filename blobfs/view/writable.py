@@ -93,7 +93,7 @@ class WritableView(ProjectView):
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _control(self, path: str) -> bytes | None:
+    def _writeback_control(self, path: str) -> bytes | None:
         """Contents of the control files under ``/.blobfs`` (None for other paths)."""
         if path == CONTROL_FLUSH and self.queue is not None:
             self.queue.flush()
@@ -189,7 +189,7 @@ class WritableView(ProjectView):
         return len(parts) == 1 and self.spool.staged_path(path).is_dir()
 
     def read_path(self, path: str, offset: int, size: int) -> bytes:
-        control = self._control(path) if path.startswith(CONTROL_DIR + "/") else None
+        control = self._writeback_control(path) if path.startswith(CONTROL_DIR + "/") else None
         if control is not None:
             return control[offset : offset + size]
         staged = self._staged_stat(path)
@@ -261,7 +261,7 @@ class WritableView(ProjectView):
     def open(self, path: str, write: bool = False) -> int:
         if write:
             return self.open_write(path, truncate=False)
-        control = self._control(path) if path.startswith(CONTROL_DIR + "/") else None
+        control = self._writeback_control(path) if path.startswith(CONTROL_DIR + "/") else None
         if control is not None:
             return self.handles.add(ReadHandle(BytesReader(control), len(control), path))
         staged = self._staged_stat(path)
