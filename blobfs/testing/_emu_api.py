@@ -441,6 +441,20 @@ def images_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
 
 @method("images.list")
 def images_list(store: Store, body: Any, query: dict[str, str]) -> Any:
+    plain = not body.get("filter") and body.get("sort_order") != "desc"
+    if body.get("datasetId") is not None and plain:  # the common case, paged in SQL
+        dataset = store.get("datasets", body["datasetId"])["id"]
+        per_page = body.get("per_page") or DEFAULT_PER_PAGE
+        page = body.get("page") or 1
+        if not isinstance(per_page, int) or not isinstance(page, int) or min(per_page, page) < 1:
+            raise ApiError(400, "page and per_page must be positive integers")
+        total = store.count("images", dataset)
+        return {
+            "total": total,
+            "perPage": per_page,
+            "pagesCount": max(1, -(-total // per_page)),
+            "entities": store.page("images", dataset, (page - 1) * per_page, per_page),
+        }
     if body.get("datasetId") is not None:
         docs = store.all("images", _need(body, "datasetId"))
     else:

@@ -168,6 +168,22 @@ class Store:
                 ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def count(self, kind: str, parent: int) -> int:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM {kind} WHERE parent = ?", (parent,)
+            ).fetchone()
+        return int(row[0])
+
+    def page(self, kind: str, parent: int, offset: int, limit: int) -> list[dict[str, Any]]:
+        """One page of children in id order, read by SQL (large datasets list fast)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT doc FROM {kind} WHERE parent = ? ORDER BY id LIMIT ? OFFSET ?",
+                (parent, limit, offset),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     def delete(self, kind: str, ident: int) -> None:
         with self._lock:
             self._db.execute(f"DELETE FROM {kind} WHERE id = ?", (ident,))
