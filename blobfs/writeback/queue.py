@@ -101,6 +101,7 @@ class WritebackQueue:
         self._last_write = clock()
         self._force = 0
         self._generation = 0
+        self._running = False
         self._stopping = False
         self._retry_at = 0.0
         self._failures = 0
@@ -124,7 +125,9 @@ class WritebackQueue:
         """Import everything importable now; True when nothing importable is left pending."""
         with self._cond:
             self._force += 1
-            target = self._generation + 2  # a full pass that started after this request
+            # the first pass that starts after this request: the next one, or the one after
+            # the pass running now (which may have listed the spool before the last write)
+            target = self._generation + (2 if self._running else 1)
             self._cond.notify_all()
             deadline = None if timeout_s is None else self._clock() + timeout_s
             while self._generation < target and self._thread is not None:
@@ -153,12 +156,14 @@ class WritebackQueue:
                     return
                 force = self._force > 0
                 self._force = 0
+                self._running = True
             try:
                 self.run_once(force)
             except Exception as exc:  # keep the thread alive whatever happens
                 logger.exception("writeback pass failed")
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
             with self._cond:
+                self._running = False
                 self._generation += 1
                 self._cond.notify_all()
                 if not self._stopping and self._force == 0:
@@ -234,10 +239,19 @@ class WritebackQueue:
         failpoint("after-import")
         if self.on_imported is not None:  # before the staged copies go: no gap in listings
             self.on_imported(batch)
+        sizes = {p: self._size(p) for p in batch.files}
         done = self.spool.finish_batch(batch)
         self.status.imported += len(done)
         self.status.batches_done += 1
+        self.status.pending = max(0, self.status.pending - len(done))
+        self.status.pending_bytes = max(0, self.status.pending_bytes - sum(sizes[p] for p in done))
         return True
+
+    def _size(self, view_path: str) -> int:
+        try:
+            return os.stat(self.spool.staged_path(view_path)).st_size
+        except FileNotFoundError:
+            return 0
 
     def _pending(
         self,
