@@ -118,7 +118,16 @@ class BlockCache:
                 f"range [{start}, {end}) lies outside blob {blob.key} "
                 f"({blob.size} bytes): truncated blob or bad offsets"
             )
-        blocks = to_blocks(start, end, self.block_size)
+        bs = self.block_size
+        first = start // bs
+        if end > start and (end - 1) // bs == first:  # the common case: inside one block
+            with self._lock:
+                data = self._lru.get((blob.key, blob.version, first))
+                if data is not None:
+                    self.stats.hits += 1
+            if data is not None:
+                return data[start - first * bs : end - first * bs]
+        blocks = to_blocks(start, end, bs)
         parts = self._get_blocks(blob, list(blocks))
         if len(parts) == 1:
             base = blocks.start * self.block_size

@@ -1,0 +1,231 @@
+"""Unit specifications: offsets format, range arithmetic, the block cache, the errno table."""
+
+from __future__ import annotations
+
+import errno
+import io
+import pickle
+import threading
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from blobfs.blob import index
+from blobfs.blob.index import dumps_batch, parse_offsets, reject_conflicts, write_offsets
+from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
+from blobfs.cache.ranges import runs, to_blocks
+from blobfs.errors import (
+    CorruptData,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+    RemoteError,
+    to_errno,
+)
+from blobfs.model import BlobMember
+
+names = st.text(
+    st.characters(blacklist_characters="/\\\0", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=40,
+).filter(lambda n: n not in (".", ".."))
+members = st.lists(
+    st.builds(
+        lambda n, s, length: BlobMember(n, s, s + length),
+        names,
+        st.integers(0, 2**40),
+        st.integers(0, 2**20),
+    ),
+    max_size=30,
+    unique_by=lambda m: m.name,
+)
+
+
+@given(members)
+@example([BlobMember("a.png", 0, 0), BlobMember("big.png", 2**31, 2**33)])
+def test_offsets_round_trip(items: list[BlobMember]) -> None:
+    assert parse_offsets(dumps_batch(items), "x").members == items
+
+
+def test_offsets_files_are_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index, "BATCH_SIZE", 3)
+    items = [BlobMember(f"{i}.png", i * 10, i * 10 + 5) for i in range(8)]
+    out = io.BytesIO()
+    write_offsets(out, items)
+    raw = out.getvalue()
+    assert raw.count(b"\x80\x02") == 3  # three pickles: 3 + 3 + 2
+    assert parse_offsets(raw, "x").members == items
+
+
+def test_the_sdk_reads_what_blobfs_writes_and_the_other_way(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sly_image_api = pytest.importorskip("supervisely.api.image_api")
+    items = [BlobMember(f"img_{i}.png", 512 + 1024 * i, 900 + 1024 * i) for i in range(25)]
+    path = tmp_path / "x_offsets.pkl"
+    with open(path, "wb") as f:
+        write_offsets(f, items)
+    got = [
+        m
+        for batch in sly_image_api.BlobImageInfo.load_from_pickle_generator(str(path))
+        for m in batch
+    ]
+    assert [(m.name, m.offset_start, m.offset_end) for m in got] == [
+        (m.name, m.start, m.end) for m in items
+    ]
+    sdk_path = tmp_path / "sdk_offsets.pkl"
+    sly_image_api.BlobImageInfo.dump_to_pickle(
+        [sly_image_api.BlobImageInfo(m.name, m.start, m.end) for m in items], str(sdk_path)
+    )
+    assert index.read_offsets_file(str(sdk_path)).members == items
+
+
+class _Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, ("exit 3",))
+
+
+def test_a_pickle_that_calls_a_function_is_refused_before_it_runs() -> None:
+    parsed = parse_offsets(pickle.dumps([_Evil()]), "evil")
+    assert parsed.members == []
+    assert "posix.system is not allowed" in str(
+        parsed.problems[0]
+    ) or "system is not allowed" in str(parsed.problems[0])
+
+
+def test_conflicts_drop_both_sides() -> None:
+    ms = [
+        BlobMember("a", 0, 10),
+        BlobMember("a", 20, 30),
+        BlobMember("b", 40, 50),
+        BlobMember("c", 45, 60),
+        BlobMember("d", 70, 80),
+    ]
+    clean = reject_conflicts(ms, "x")
+    assert [m.name for m in clean.members] == ["d"]
+    assert len(clean.problems) == 4
+
+
+@given(st.integers(0, 10_000), st.integers(0, 5_000), st.integers(1, 4096))
+def test_blocks_cover_exactly_the_range(start: int, length: int, block: int) -> None:
+    blocks = to_blocks(start, start + length, block)
+    if length == 0:
+        assert len(blocks) == 0
+        return
+    assert blocks.start * block <= start < (blocks.start + 1) * block
+    assert (blocks.stop - 1) * block < start + length <= blocks.stop * block
+
+
+@given(st.lists(st.integers(0, 200), unique=True).map(sorted), st.integers(1, 8))
+def test_runs_partition_sorted_blocks(blocks: list[int], max_run: int) -> None:
+    out = runs(blocks, max_run)
+    assert [b for first, stop in out for b in range(first, stop)] == blocks
+    assert all(0 < stop - first <= max_run for first, stop in out)
+
+
+class BytesReader:
+    """A fake transport over bytes, counting requests (the fsspec ``letters_fetcher``)."""
+
+    def __init__(self, data: bytes, gate: threading.Event | None = None) -> None:
+        self.data, self.calls, self.gate = data, 0, gate
+        self.lock = threading.Lock()
+
+    def read(self, start: int, end: int) -> bytes:
+        with self.lock:
+            self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(5)
+        return self.data[start:end]
+
+
+@settings(max_examples=60)
+@given(
+    st.binary(min_size=1, max_size=5000),
+    st.integers(1, 700),
+    st.integers(1, 8),
+    st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 2000)), max_size=20),
+)
+def test_any_read_equals_the_slice(
+    data: bytes, block: int, budget_blocks: int, reads: list[tuple[int, int]]
+) -> None:
+    cache = BlockCache(block, block * budget_blocks, max_run_blocks=3)
+    blob = CachedBlob("k", "v", len(data), BytesReader(data))
+    for start, length in reads:
+        start = min(start, len(data))
+        end = min(start + length, len(data))
+        assert cache.read(blob, start, end) == data[start:end]
+    assert cache.used_bytes <= block * budget_blocks
+
+
+def test_a_read_past_the_blob_is_corrupt_data() -> None:
+    cache = BlockCache(16, 64)
+    with pytest.raises(CorruptData):
+        cache.read(CachedBlob("k", "v", 10, BytesReader(b"x" * 10)), 5, 11)
+
+
+def test_two_readers_of_one_block_cause_one_fetch() -> None:
+    gate = threading.Event()
+    reader = BytesReader(bytes(range(256)) * 4, gate)
+    cache = BlockCache(256, 4096)
+    blob = CachedBlob("k", "v", 1024, reader)
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.read(blob, 10, 20))) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert results == [reader.data[10:20]] * 4
+    assert reader.calls == 1
+    assert cache.stats.waits == 3
+
+
+def test_consecutive_missing_blocks_are_fetched_in_runs() -> None:
+    reader = BytesReader(b"z" * 10_000)
+    cache = BlockCache(100, 100_000, max_run_blocks=4)
+    cache.read(CachedBlob("k", "v", 10_000, reader), 0, 1000)  # 10 blocks -> runs of 4, 4, 2
+    assert reader.calls == 3
+
+
+def test_errors_reach_every_waiter_and_are_not_cached() -> None:
+    class Failing:
+        calls = 0
+
+        def read(self, start: int, end: int) -> bytes:
+            Failing.calls += 1
+            raise RemoteError("boom")
+
+    cache = BlockCache(64, 640)
+    blob = CachedBlob("k", "v", 640, Failing())
+    for _ in range(2):
+        with pytest.raises(RemoteError):
+            cache.read(blob, 0, 10)
+    assert Failing.calls == 2
+
+
+def test_a_new_blob_version_never_serves_old_blocks() -> None:
+    cache = BlockCache(64, 640)
+    assert cache.read(CachedBlob("k", "v1", 64, BytesReader(b"a" * 64)), 0, 4) == b"aaaa"
+    assert cache.read(CachedBlob("k", "v2", 64, BytesReader(b"b" * 64)), 0, 4) == b"bbbb"
+
+
+def test_readahead_grows_on_sequential_reads_and_resets_on_a_jump() -> None:
+    ra = SequentialReadahead(initial_window=100, max_window=400)
+    assert ra.advise("b", 0, 50) == 0
+    assert ra.advise("b", 60, 120) == 100
+    assert ra.advise("b", 130, 200) == 200
+    assert ra.advise("b", 210, 300) == 400
+    assert ra.advise("b", 310, 400) == 400
+    assert ra.advise("b", 10_000_000, 10_000_100) == 0
+
+
+def test_the_errno_table() -> None:
+    assert to_errno(NotFound()) == errno.ENOENT
+    assert to_errno(ReadOnly()) == errno.EROFS
+    assert to_errno(NotPermitted()) == errno.EPERM
+    assert to_errno(CorruptData()) == errno.EIO
+    assert to_errno(RemoteError()) == errno.EIO
+    assert to_errno(ValueError("bug")) == errno.EIO
