@@ -1,0 +1,209 @@
+"""The local mount, read with real tools, in-process on the view, and by the SDK."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from blobfs.blob.pack import ProjectPacker
+from blobfs.cache.blocks import BlockCache
+from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.testing.sample import make_images, png_bytes
+from blobfs.view.tree import ProjectView
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """Two blobs in ``train``, a nested ``val``, an ordinary image, an img_info file."""
+    imgs = make_images(tmp_path / "images", 24)
+    root = tmp_path / "project"
+    ProjectPacker(root, "train", blob_size=30_000).pack(imgs[:16])
+    ProjectPacker(root, "val", dataset_dir=root / "train" / "datasets" / "val").pack(imgs[16:])
+    (root / "train" / "img").mkdir()
+    (root / "train" / "img" / "plain.png").write_bytes(png_bytes(777))
+    (root / "train" / "ann" / "plain.png.json").write_text(
+        '{"description": "", "size": {"height": 32, "width": 32}, "tags": [], "objects": []}'
+    )
+    (root / "train" / "img_info").mkdir()
+    (root / "train" / "img_info" / "plain.png.json").write_text("{}")
+    expected = {f"train/img/{p.name}": p.read_bytes() for p in imgs[:16]}
+    expected.update({f"train/datasets/val/img/{p.name}": p.read_bytes() for p in imgs[16:]})
+    expected["train/img/plain.png"] = png_bytes(777)
+    return root, expected
+
+
+@pytest.fixture
+def mnt(project: tuple[Path, dict[str, bytes]], tmp_path: Path) -> Iterator[Path]:
+    root, _ = project
+    point = tmp_path / "mnt"
+    point.mkdir()
+    subprocess.run([sys.executable, "-m", "blobfs", "mount", str(root), str(point)], check=True)
+    yield point
+    subprocess.run(["fusermount", "-u", "-z", str(point)], check=False)
+
+
+def test_view_in_process(project: tuple[Path, dict[str, bytes]]) -> None:
+    root, expected = project
+    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
+    assert sorted(view.readdir("/")) == ["meta.json", "train"]
+    assert sorted(view.readdir("/train")) == ["ann", "datasets", "img", "img_info"]
+    for rel, data in expected.items():
+        attrs = view.getattr("/" + rel)
+        assert attrs["st_size"] == len(data) and attrs["st_mode"] & 0o777 == 0o444
+        assert view.read_path("/" + rel, 0, 1 << 20) == data
+        assert view.read_path("/" + rel, 5, 7) == data[5:12]
+    with pytest.raises(NotFound):
+        view.getattr("/train/img/nope.png")
+    with pytest.raises(NotADirectory):
+        view.readdir("/meta.json")
+    with pytest.raises(IsADirectory):
+        view.open("/train")
+    with pytest.raises(ReadOnly):
+        view.open("/meta.json", write=True)
+
+
+@pytest.mark.fuse
+def test_real_tools_see_the_exact_bytes(
+    mnt: Path, project: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    _, expected = project
+    subprocess.run(["cp", "-r", str(mnt), str(tmp_path / "copy")], check=True)
+    for rel, data in expected.items():
+        assert (tmp_path / "copy" / rel).read_bytes() == data
+        with Image.open(mnt / rel) as img:
+            assert img.size == (32, 32)
+    listed = subprocess.run(
+        ["find", str(mnt), "-name", "*.png", "-type", "f"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(listed) == len(expected)
+    subprocess.run(["tar", "cf", str(tmp_path / "all.tar"), "-C", str(mnt), "."], check=True)
+    with tarfile.open(tmp_path / "all.tar") as t:
+        for rel, data in expected.items():
+            assert t.extractfile(f"./{rel}").read() == data  # type: ignore[union-attr]
+    md5 = subprocess.run(
+        ["md5sum", str(mnt / "train/img/plain.png")], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    import hashlib
+
+    assert md5 == hashlib.md5(png_bytes(777)).hexdigest()
+
+
+@pytest.mark.fuse
+def test_stat_times_sizes_and_read_only(mnt: Path, project: tuple[Path, dict[str, bytes]]) -> None:
+    root, expected = project
+    blob = next((root / "blob").iterdir())
+    st = os.stat(mnt / "train/img/img_000000.png")
+    assert st.st_size == len(expected["train/img/img_000000.png"])
+    assert st.st_mtime_ns == blob.stat().st_mtime_ns or abs(st.st_mtime - blob.stat().st_mtime) < 1
+    assert st.st_mode & 0o222 == 0
+    for action in (
+        lambda: (mnt / "x").write_bytes(b"1"),
+        lambda: (mnt / "meta.json").unlink(),
+        lambda: (mnt / "d").mkdir(),
+    ):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
+    assert (mnt / "meta.json").read_bytes()  # still up
+
+
+@pytest.mark.fuse
+@pytest.mark.sdk
+@pytest.mark.filterwarnings("ignore")
+def test_the_sdk_reads_the_mount_like_a_downloaded_project(
+    mnt: Path, project: tuple[Path, dict[str, bytes]]
+) -> None:
+    sly = pytest.importorskip("supervisely")
+    _, expected = project
+    proj = sly.Project(str(mnt), sly.OpenMode.READ)
+    assert proj.total_items == len(expected)
+    for ds in proj.datasets:
+        for name in ds.get_items_names():
+            paths = ds.get_item_paths(name)
+            rel = os.path.relpath(paths.img_path, mnt)
+            assert Path(paths.img_path).read_bytes() == expected[rel]
+            assert ds.get_ann(name, proj.meta).img_size == (32, 32)
+
+
+@pytest.mark.sdk
+@pytest.mark.filterwarnings("ignore")
+def test_the_sdk_opens_a_packed_project(project: tuple[Path, dict[str, bytes]]) -> None:
+    sly = pytest.importorskip("supervisely")
+    root, expected = project
+    proj = sly.Project(str(root), sly.OpenMode.READ)
+    train = proj.datasets.get("train")
+    for rel, data in expected.items():
+        if rel.startswith("train/img/img_"):
+            assert train.get_blob_img_bytes(rel.rsplit("/", 1)[1]) == data
+
+
+@pytest.mark.fuse
+def test_sigterm_unmounts_cleanly(project: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    root, _ = project
+    point = tmp_path / "m2"
+    point.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", str(root), str(point), "-f"])
+    deadline = time.monotonic() + 20
+    while not os.path.ismount(point):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.terminate()
+    assert proc.wait(20) == 0
+    assert not os.path.ismount(point)
+
+
+def test_pack_and_check_commands(tmp_path: Path) -> None:
+    make_images(tmp_path / "imgs", 5)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "pack",
+            str(tmp_path / "imgs"),
+            str(tmp_path / "p"),
+            "--dataset",
+            "d",
+            "--blob-size",
+            "8K",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "packed 5 images" in out
+    assert len(list((tmp_path / "p" / "blob").iterdir())) >= 2
+    ok = subprocess.run(
+        [sys.executable, "-m", "blobfs", "check", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and "0 problems" in ok.stdout
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "pack",
+            str(tmp_path / "imgs"),
+            str(tmp_path / "p"),
+            "--dataset",
+            "d",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1 and "already in d" in again.stderr
