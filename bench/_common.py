@@ -365,7 +365,8 @@ def spawn_foreground(
     try:
         wait_mounted(mnt, proc)
     except RuntimeError as exc:
-        raise RuntimeError(f"{exc}; log {log}:\n{log.read_text(errors='replace')[-2000:]}") from None
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{exc}; log {log}:\n{tail}") from None
     return time.perf_counter() - start, proc
 
 
@@ -377,9 +378,8 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

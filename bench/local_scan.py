@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     OUT,
     Mounts,
     Scan,
@@ -145,15 +145,19 @@ def warm_inputs(root: Path, info: dict[str, Any], drop: bool) -> None:
 # ---- the contenders ----------------------------------------------------------------------
 
 
-def bench_plain(root: Path, info: dict[str, Any], r: Results, args: argparse.Namespace) -> None:
+def bench_plain(
+    root: Path, info: dict[str, Any], r: Results, args: argparse.Namespace, first: bool
+) -> None:
+    """Scans of the plain folder; run before and after the mounts, so that a machine
+    getting slower or faster during the run moves the reference too."""
     folder = root / "plain"
-    if args.drop_caches:
+    if first and args.drop_caches:
         drop_caches()
         cold = scan(folder)
         check_scan("plain folder (cold)", cold, info)
         r["samples"]["plain_cold_s"] = [cold.seconds]
     scan(folder)  # warm the page cache (and the dentries) once, as the notes advise
-    for _ in range(max(3, args.repeat)):
+    for _ in range(max(2, args.repeat)):
         got = scan(folder)
         check_scan("plain folder", got, info)
         r["samples"].setdefault("plain_s", []).append(got.seconds)
@@ -291,137 +295,122 @@ def verdict(ok: bool | None) -> str:
     return "" if ok is None else ("PASS" if ok else "MISS")
 
 
-def report(r: Results) -> list[tuple[str, bool | None]]:
-    """Print the table and the targets; returns the targets as (label, met)."""
-    n = r["images"]
-    plain = med(r, "plain_s")
-    assert plain is not None
-    rat = {k: med(r, f"ratarmount_{k}_s") for k in ("cold", "warm")}
-    rows: list[tuple[str, ...]] = [
-        ("what", "seconds", "us/image", "x plain", "vs ratarmount", "target", "")
-    ]
+class Report:
+    """The table: one row per measurement, with the targets it is checked against."""
 
-    def scan_row(
-        label: str, key: str, target: float | None = None, vs: float | None = None
+    HEADER = ("what", "seconds", "us/image", "x plain", "vs ratarmount", "target", "")
+
+    def __init__(self, r: Results) -> None:
+        self.r = r
+        self.n: int = r["images"]
+        plain = med(r, "plain_s")
+        assert plain is not None
+        self.plain = plain
+        self.rows: list[tuple[str, ...]] = [self.HEADER]
+        self.targets: list[tuple[str, bool | None]] = []
+
+    def note(self, label: str, value: str, target: str = "", ok: bool | None = None) -> None:
+        self.rows.append((label, value, "", "", "", target, verdict(ok)))
+
+    def scan(
+        self, label: str, key: str, target: float | None = None, vs: str | None = None
     ) -> bool | None:
-        sec = med(r, key)
+        """A scan row: seconds, us per image, ratio to the plain folder, vs ratarmount."""
+        sec = med(self.r, key)
         if sec is None:
             return None
-        ratio = sec / plain
+        ratio = sec / self.plain
         ok = None if target is None else ratio <= target
-        rows.append(
+        theirs = None if vs is None else med(self.r, vs)
+        self.rows.append(
             (
                 label,
                 fmt(sec),
-                fmt(sec / n * 1e6, ".0f"),
+                fmt(sec / self.n * 1e6, ".0f"),
                 fmt(ratio, ".1f", "x"),
-                "" if vs is None else f"{vs / sec:.2f}x faster",
+                "" if theirs is None else f"{theirs / sec:.2f}x faster",
                 "" if target is None else f"<= {target:g}x plain",
                 verdict(ok),
             )
         )
         return ok
 
-    targets: list[tuple[str, bool | None]] = []
-    scan_row("plain folder scan (page cache warm)", "plain_s")
-    if med(r, "plain_cold_s") is not None:
-        scan_row("plain folder scan (caches dropped)", "plain_cold_s")
-    mount = med(r, "blobfs_mount_s")
-    ok_mount = None if mount is None else mount < MOUNT_READY_S
-    rows.append(
-        (
-            "blobfs mount -> ready (CLI returned)",
-            fmt(mount),
-            "",
-            "",
-            "",
-            f"< {MOUNT_READY_S:g} s",
-            verdict(ok_mount),
-        )
-    )
-    targets.append((f"blobfs mount ready < {MOUNT_READY_S:g} s", ok_mount))
-    ok = scan_row("blobfs scan, cold (fresh mount)", "blobfs_cold_s", COLD_X_PLAIN, rat["cold"])
-    targets.append((f"blobfs cold scan within {COLD_X_PLAIN:g}x of the plain folder", ok))
-    ok = scan_row("blobfs scan, warm (2nd epoch)", "blobfs_warm_s", WARM_X_PLAIN, rat["warm"])
-    targets.append((f"blobfs warm scan within {WARM_X_PLAIN:g}x of the plain folder", ok))
-    if med(r, "ratarmount_mount_s") is not None:
-        rows.append(
-            ("ratarmount first mount (builds index)", fmt(med(r, "ratarmount_mount_s")))
-            + ("",) * 5
-        )
-        if med(r, "ratarmount_remount_s") is not None:
-            rows.append(
-                ("ratarmount remount (index exists)", fmt(med(r, "ratarmount_remount_s")))
-                + ("",) * 5
+    def build(self) -> None:
+        r, n = self.r, self.n
+        self.scan("plain folder scan (page cache warm)", "plain_s")
+        self.scan("plain folder scan (caches dropped)", "plain_cold_s")
+        mount = med(r, "blobfs_mount_s")
+        ok = None if mount is None else mount < MOUNT_READY_S
+        self.note("blobfs mount -> ready (CLI returned)", fmt(mount), f"< {MOUNT_READY_S:g} s", ok)
+        self.targets.append((f"blobfs mount ready < {MOUNT_READY_S:g} s", ok))
+        for kind, label, limit in (
+            ("cold", "cold (fresh mount)", COLD_X_PLAIN),
+            ("warm", "warm (2nd epoch)", WARM_X_PLAIN),
+        ):
+            ok = self.scan(
+                f"blobfs scan, {label}", f"blobfs_{kind}_s", limit, f"ratarmount_{kind}_s"
             )
-        scan_row("ratarmount scan, cold (fresh mount)", "ratarmount_cold_s")
-        scan_row("ratarmount scan, warm (2nd epoch)", "ratarmount_warm_s")
-        for kind in ("cold", "warm"):
-            mine, theirs = med(r, f"blobfs_{kind}_s"), rat[kind]
-            if mine is not None and theirs is not None:
-                targets.append((f"blobfs {kind} scan faster than ratarmount", mine < theirs))
-    sdk = med(r, "sdk_subset_s")
-    if sdk is not None:
-        k = r["sdk_subset_n"]
-        per = sdk / k
-        rows.append(
-            (
-                f"SDK get_blob_img_bytes, {k} images",
-                fmt(sdk),
-                fmt(per * 1e6, ".0f"),
-                fmt(per / (plain / n), ".0f", "x"),
-                "",
-                "",
-                "",
+            self.targets.append((f"blobfs {kind} scan within {limit:g}x of the plain folder", ok))
+        if med(r, "ratarmount_mount_s") is not None:
+            self.note("ratarmount first mount (builds index)", fmt(med(r, "ratarmount_mount_s")))
+            if med(r, "ratarmount_remount_s") is not None:
+                self.note("ratarmount remount (index exists)", fmt(med(r, "ratarmount_remount_s")))
+            for kind, label in (("cold", "cold (fresh mount)"), ("warm", "warm (2nd epoch)")):
+                self.scan(f"ratarmount scan, {label}", f"ratarmount_{kind}_s")
+                mine, theirs = med(r, f"blobfs_{kind}_s"), med(r, f"ratarmount_{kind}_s")
+                if mine is not None and theirs is not None:
+                    self.targets.append(
+                        (f"blobfs {kind} scan faster than ratarmount", mine < theirs)
+                    )
+        sdk = med(r, "sdk_subset_s")
+        if sdk is not None:
+            k = r["sdk_subset_n"]
+            per = sdk / k
+            for label, sec in (
+                (f"SDK get_blob_img_bytes, {k} images", sdk),
+                (f"SDK extrapolated to all {n} images", per * n),
+            ):
+                self.rows.append(
+                    (
+                        label,
+                        fmt(sec, ".3f" if sec < 100 else ".0f"),
+                        fmt(per * 1e6, ".0f"),
+                        fmt(per * n / self.plain, ".0f", "x"),
+                        "",
+                        "",
+                        "",
+                    )
+                )
+        rss = med(r, "blobfs_rss_mb")
+        ok = None if rss is None else rss < RSS_MB
+        self.note(
+            "blobfs daemon VmRSS after the scans", fmt(rss, ".0f", " MB"), f"< {RSS_MB:g} MB", ok
+        )
+        self.targets.append((f"blobfs daemon RSS < {RSS_MB:g} MB", ok))
+        if med(r, "ratarmount_rss_mb") is not None:
+            self.note(
+                "ratarmount VmRSS after the scans", fmt(med(r, "ratarmount_rss_mb"), ".0f", " MB")
             )
+
+    def print(self) -> None:
+        r, n = self.r, self.n
+        print(table(self.rows))
+        reps = r["repeat"]
+        runs = f"median of {reps} runs" if reps > 1 else "one run"
+        print(
+            f"\n{n} images of ~{r['image_bytes'] // n} B in one {r['tar_bytes'] / 2**20:.0f} MiB"
+            f" tar; {runs} per row (plain folder: median of {r['summary']['plain_s']['n']}, before and after);"
+            f" before the run: {r['load_before']}"
         )
-        rows.append(
-            (
-                f"SDK extrapolated to all {n} images",
-                fmt(per * n, ".1f"),
-                fmt(per * 1e6, ".0f"),
-                fmt(per * n / plain, ".0f", "x"),
-                "",
-                "",
-                "",
-            )
-        )
-    rss = med(r, "blobfs_rss_mb")
-    ok_rss = None if rss is None else rss < RSS_MB
-    rows.append(
-        (
-            "blobfs daemon VmRSS after the scans",
-            fmt(rss, ".0f", " MB"),
-            "",
-            "",
-            "",
-            f"< {RSS_MB:g} MB",
-            verdict(ok_rss),
-        )
-    )
-    targets.append((f"blobfs daemon RSS < {RSS_MB:g} MB", ok_rss))
-    if med(r, "ratarmount_rss_mb") is not None:
-        rows.append(
-            ("ratarmount VmRSS after the scans", fmt(med(r, "ratarmount_rss_mb"), ".0f", " MB"))
-            + ("",) * 5
-        )
-    print(table(rows))
-    reps = r["repeat"]
-    print(
-        f"\n{n} images of ~{r['image_bytes'] // n} B in one {r['tar_bytes'] / 2**20:.0f} MiB tar;"
-        f" {'median of ' + str(reps) + ' runs' if reps > 1 else 'one run'} per row "
-        f"(plain: median of {r['summary']['plain_s']['n']}); {r['load_before']}"
-    )
-    cold_list = med(r, "blobfs_listdir_cold_s")
-    if cold_list is not None:
-        print(f"blobfs first listdir of {n} names (inside the cold scan): {cold_list:.3f} s")
-    if r["mount_options"] or r["fuse_library"]:
-        print(f"blobfs -o {r['mount_options']} FUSE_LIBRARY_PATH={r['fuse_library']}")
-    print()
-    for label, met in targets:
-        if met is not None:
-            print(f"{verdict(met)}  {label}")
-    return targets
+        listing = med(r, "blobfs_listdir_cold_s")
+        if listing is not None:
+            print(f"blobfs first listdir of {n} names (part of the cold scan): {listing:.3f} s")
+        if r["mount_options"] or r["fuse_library"]:
+            print(f"blobfs options: -o {r['mount_options']} FUSE_LIBRARY_PATH={r['fuse_library']}")
+        print()
+        for label, met in self.targets:
+            if met is not None:
+                print(f"{verdict(met)}  {label}")
 
 
 # ---- main --------------------------------------------------------------------------------
@@ -482,10 +471,11 @@ def main() -> int:
     }
     try:
         with Mounts() as mounts:
-            bench_plain(root, info, r, args)
+            bench_plain(root, info, r, args, first=True)
             bench_blobfs(mounts, root, info, r, args)
             if not args.skip_ratarmount:
                 bench_ratarmount(mounts, root, info, r, args)
+            bench_plain(root, info, r, args, first=False)
         if not args.skip_sdk:
             bench_sdk(root, info, r, args)
     except KeyboardInterrupt:
@@ -495,8 +485,10 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     r["summary"] = {k: summary(v) for k, v in r["samples"].items()}
-    targets = report(r)
-    r["targets"] = {label: met for label, met in targets}
+    rep = Report(r)
+    rep.build()
+    rep.print()
+    r["targets"] = dict(rep.targets)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
