@@ -100,6 +100,43 @@ def run(url: str, pid: int, root: Path, args: argparse.Namespace) -> None:
     blob_bytes = api(url, "file-storage.info", {"id": first["relatedDataId"]})["size"]
     env = {"API_TOKEN": TOKEN}
 
+    n, cold_stats, warm_stats = scan_through_blobfs(url, pid, root, env, r)
+    # 3. the physical limit: one GET of the blob, then every member out of the tar
+    t = time.perf_counter()
+    body = requests.post(
+        f"{url}/public/api/v3/images.data.download",
+        json={"projectId": pid, "downloadId": first["downloadId"]},
+        headers={"x-api-key": TOKEN},
+    ).content
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        for member in tar:
+            if member.isfile():
+                tar.extractfile(member).read()  # type: ignore[union-attr]
+    r["limit_s"] = time.perf_counter() - t
+    # 4. the SDK's own paths
+    try:
+        import supervisely as sly
+    except ImportError:
+        sly = None
+    if sly is not None:
+        os.environ["SUPERVISELY_PUBLIC_API_RETRIES"] = "1"
+        sdk = sly.Api(server_address=url, token=TOKEN, ignore_task_id=True)
+        infos = sdk.image.get_list(ds["id"])
+        subset = infos[: args.sdk_subset]
+        t = time.perf_counter()
+        for info in subset:
+            sdk.image.download_bytes(ds["id"], [info.id])
+        r["sdk_per_image_s"] = (time.perf_counter() - t) / len(subset) * n
+        t = time.perf_counter()
+        sdk.image.download_blob_file(pid, first["downloadId"])
+        r["sdk_blob_s"] = time.perf_counter() - t
+    report(r, n, blob_bytes, cold_stats, warm_stats, args)
+
+
+def scan_through_blobfs(
+    url: str, pid: int, root: Path, env: dict[str, str], r: dict[str, float]
+) -> tuple[int, dict, dict]:  # type: ignore[type-arg]
+    """Full scan cold then warm, and one random image cold then warm, on fresh mounts."""
     # 1. full scan through blobfs, cold then warm; 2. one random image, cold and warm
     with Mounts() as mounts:
         mnt = mountpoint("remote")
@@ -139,36 +176,7 @@ def run(url: str, pid: int, root: Path, args: argparse.Namespace) -> None:
         t = time.perf_counter()
         path.read_bytes()
         r["one_warm_ms"] = (time.perf_counter() - t) * 1e3
-    # 3. the physical limit: one GET of the blob, then every member out of the tar
-    t = time.perf_counter()
-    body = requests.post(
-        f"{url}/public/api/v3/images.data.download",
-        json={"projectId": pid, "downloadId": first["downloadId"]},
-        headers={"x-api-key": TOKEN},
-    ).content
-    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-        for member in tar:
-            if member.isfile():
-                tar.extractfile(member).read()  # type: ignore[union-attr]
-    r["limit_s"] = time.perf_counter() - t
-    # 4. the SDK's own paths
-    try:
-        import supervisely as sly
-    except ImportError:
-        sly = None
-    if sly is not None:
-        os.environ["SUPERVISELY_PUBLIC_API_RETRIES"] = "1"
-        sdk = sly.Api(server_address=url, token=TOKEN, ignore_task_id=True)
-        infos = sdk.image.get_list(ds["id"])
-        subset = infos[: args.sdk_subset]
-        t = time.perf_counter()
-        for info in subset:
-            sdk.image.download_bytes(ds["id"], [info.id])
-        r["sdk_per_image_s"] = (time.perf_counter() - t) / len(subset) * n
-        t = time.perf_counter()
-        sdk.image.download_blob_file(pid, first["downloadId"])
-        r["sdk_blob_s"] = time.perf_counter() - t
-    report(r, n, blob_bytes, cold_stats, warm_stats, args)
+    return n, cold_stats, warm_stats
 
 
 def report(
