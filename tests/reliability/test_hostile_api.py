@@ -1,0 +1,157 @@
+"""Hostile API answers: a server that lies must not crash the mount or escape its tree.
+
+A tiny HTTP server answers each method with crafted JSON (the emulator only tells the
+truth, so a fake is the one way to get these answers on demand).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from blobfs.cache.blocks import BlockCache
+from blobfs.errors import BlobfsError, RemoteError, to_errno
+from blobfs.sources.remote import RemoteProjectSource
+from blobfs.transport.api import SuperviselyApi
+from blobfs.transport.http import HttpClient
+from blobfs.view.tree import ProjectView
+
+GOOD_IMAGE = {
+    "id": 1,
+    "name": "ok.png",
+    "size": 4,
+    "updatedAt": "",
+    "hash": "h",
+    "relatedDataId": None,
+}
+
+
+def serve(answers: dict[str, Any]) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            method = self.path.rsplit("/", 1)[1]
+            body = json.dumps(answers.get(method, {})).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def view_of() -> Iterator[Any]:
+    servers = []
+
+    def make(answers: dict[str, Any]) -> ProjectView:
+        server, url = serve(
+            {
+                "projects.meta": {"classes": []},
+                "datasets.list": {
+                    "total": 1,
+                    "pagesCount": 1,
+                    "entities": [{"id": 5, "name": "ds"}],
+                },
+                **answers,
+            }
+        )
+        servers.append(server)
+        client = HttpClient(url, "t", retries=0)
+        return ProjectView(RemoteProjectSource(SuperviselyApi(client), 1, BlockCache(64, 640)))
+
+    yield make
+    for s in servers:
+        s.shutdown()
+
+
+def page(*entities: Any, pages: Any = 1) -> dict[str, Any]:
+    return {"total": len(entities), "pagesCount": pages, "entities": list(entities)}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"name": "no-id.png"},  # missing id
+        {"id": "7", "name": "str-id.png"},  # wrong type
+        {"id": 8, "name": 123},  # name not a string
+        {"id": 9, "name": "x.png", "offsetStart": "0", "relatedDataId": 3, "downloadId": "d"},
+        "not an object",
+    ],
+)
+def test_malformed_image_infos_fail_the_listing_with_eio(view_of: Any, bad: Any) -> None:
+    view = view_of({"images.list": page(GOOD_IMAGE, bad)})
+    with pytest.raises(RemoteError) as info:
+        view.readdir("/ds/img")
+    assert to_errno(info.value) == 5  # EIO
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "..", "a/b.png", "nul\0.png", "x" * 300])
+def test_image_names_that_try_to_escape_are_not_served(view_of: Any, name: str) -> None:
+    evil = {**GOOD_IMAGE, "id": 2, "name": name}
+    view = view_of({"images.list": page(GOOD_IMAGE, evil)})
+    assert view.readdir("/ds/img") == ["ok.png"]
+    assert "not served" in view.source.problems()[0]
+
+
+def test_duplicate_names_from_the_server_are_both_refused(view_of: Any) -> None:
+    view = view_of({"images.list": page(GOOD_IMAGE, {**GOOD_IMAGE, "id": 2})})
+    assert view.readdir("/ds/img") == []
+
+
+def test_a_huge_page_count_is_refused_not_followed(view_of: Any) -> None:
+    view = view_of({"images.list": page(GOOD_IMAGE, pages=10**12)})
+    with pytest.raises(RemoteError, match="implausible pagesCount"):
+        view.readdir("/ds/img")
+
+
+def test_dataset_names_that_try_to_escape_are_not_served(view_of: Any) -> None:
+    view = view_of(
+        {
+            "datasets.list": page({"id": 5, "name": "../up"}, {"id": 6, "name": "fine"}),
+            "images.list": page(),
+        }
+    )
+    assert sorted(view.readdir("/")) == ["fine", "meta.json"]
+
+
+def test_a_dataset_parent_loop_is_refused(view_of: Any) -> None:
+    view = view_of(
+        {
+            "datasets.list": page(
+                {"id": 5, "name": "a", "parentId": 6}, {"id": 6, "name": "b", "parentId": 5}
+            )
+        }
+    )
+    assert sorted(view.readdir("/")) == ["meta.json"]
+
+
+def test_a_blob_range_outside_the_blob_fails_only_that_image(view_of: Any) -> None:
+    blob_image = {
+        "id": 3,
+        "name": "blob.png",
+        "size": 10,
+        "updatedAt": "",
+        "hash": None,
+        "relatedDataId": 42,
+        "downloadId": "tf42",
+        "offsetStart": 100,
+        "offsetEnd": 10_000,
+    }
+    view = view_of(
+        {"images.list": page(blob_image), "file-storage.info": {"id": 42, "size": 600, "hash": "x"}}
+    )
+    assert view.readdir("/ds/img") == ["blob.png"]
+    with pytest.raises(BlobfsError) as info:
+        view.read_path("/ds/img/blob.png", 0, 100)
+    assert to_errno(info.value) == 5
