@@ -36,7 +36,7 @@ def serve(answers: dict[str, Any]) -> tuple[ThreadingHTTPServer, str]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             method = self.path.rsplit("/", 1)[1]
             body = json.dumps(answers.get(method, {})).encode()
