@@ -399,7 +399,8 @@ class Report:
         runs = f"median of {reps} runs" if reps > 1 else "one run"
         print(
             f"\n{n} images of ~{r['image_bytes'] // n} B in one {r['tar_bytes'] / 2**20:.0f} MiB"
-            f" tar; {runs} per row (plain folder: median of {r['summary']['plain_s']['n']}, before and after);"
+            f" tar; {runs} per row (plain folder: median of {r['summary']['plain_s']['n']}"
+            ", before and after);"
             f" before the run: {r['load_before']}"
         )
         listing = med(r, "blobfs_listdir_cold_s")
