@@ -8,6 +8,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -251,7 +252,15 @@ def check(project_dir: str, deep: bool) -> None:
     from blobfs.blob.check import check_project
 
     setup_logging("ERROR")
-    report = check_project(Path(project_dir), deep=deep)
+    with click.progressbar(
+        length=1, label="checking datasets", file=sys.stderr, hidden=not sys.stderr.isatty()
+    ) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        report = check_project(Path(project_dir), deep=deep, progress=progress)
     for line in report.lines():
         click.echo(line)
     sys.exit(1 if report.problems else 0)
@@ -261,7 +270,11 @@ def check(project_dir: str, deep: bool) -> None:
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 def flush(mountpoint: str) -> None:
     """Import everything staged in a writeback MOUNTPOINT now, and wait for it."""
-    status = _read_control(mountpoint, "flush")
+    status = (
+        _flush_with_progress(mountpoint)
+        if sys.stderr.isatty()
+        else (_read_control(mountpoint, "flush"))
+    )
     _print_status(status)
     sys.exit(1 if status.get("pending") or status.get("failed") else 0)
 
@@ -276,6 +289,22 @@ def status(mountpoint: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=1))
     else:
         _print_status(data)
+
+
+def _flush_with_progress(mountpoint: str) -> dict[str, Any]:
+    """Run the flush in a thread while a bar follows the daemon's pending count."""
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(_read_control(mountpoint, "flush")))
+    start = _read_control(mountpoint, "writeback.json")
+    total = max(1, int(start.get("pending") or 0))
+    worker.start()
+    with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+        while worker.is_alive():
+            worker.join(0.5)
+            now = _read_control(mountpoint, f"stats-{uuid.uuid4().hex}.json")
+            pending = int((now.get("writeback") or {}).get("pending") or 0)
+            bar.update(max(0, total - pending - bar.pos))
+    return result
 
 
 def _read_control(mountpoint: str, name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +89,13 @@ def _check_annotations(files: dict[str, int], folder: str, report: Report) -> No
             report.problems.append(f"{folder}: image {name!r} has no annotation in ann/")
 
 
-def check_project(root: Path, deep: bool = True) -> Report:
-    """Validate a local project folder; never raises for bad content, reports it."""
+def check_project(
+    root: Path, deep: bool = True, progress: Callable[[int, int], None] | None = None
+) -> Report:
+    """Validate a local project folder; never raises for bad content, reports it.
+
+    ``progress(done, total)`` is called after each dataset (for a progress bar).
+    """
     report = Report(root)
     try:
         source = LocalProjectSource(root, BlockCache(1 << 20, 1 << 20))
@@ -102,7 +108,10 @@ def check_project(root: Path, deep: bool = True) -> Report:
             json.loads(meta)
         except ValueError as exc:
             report.problems.append(f"{root}/meta.json does not parse: {exc}")
-    for ds in source.datasets():
+    datasets = source.datasets()
+    for done, ds in enumerate(datasets, 1):
+        if progress is not None:
+            progress(done, len(datasets))
         report.datasets += 1
         records = source.files(ds)
         sizes = {r.relpath: r.size or 0 for r in records}
