@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from blobfs import __version__
 from blobfs.blob.pack import ProjectPacker
 from blobfs.testing.sample import make_images
+from tests.helpers import wait_mount
 
 pytestmark = pytest.mark.fuse
 
@@ -25,14 +25,6 @@ pytestmark = pytest.mark.fuse
 def project(tmp_path: Path) -> Path:
     ProjectPacker(tmp_path / "project", "ds").pack(make_images(tmp_path / "images", 5))
     return tmp_path / "project"
-
-
-def wait_mount(mnt: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + 20
-    while not os.path.ismount(mnt):
-        assert proc is None or proc.poll() is None, "daemon exited"
-        assert time.monotonic() < deadline, "no mount"
-        time.sleep(0.01)
 
 
 def test_sd_notify_ready_only_once_mounted_then_stopping(project: Path, tmp_path: Path) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from blobfs.errors import BlobfsError, to_errno
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.hostile import Case, build_corpus
 from blobfs.view.tree import ProjectView
+from tests.helpers import start_mount
 
 
 @pytest.fixture(scope="module")
@@ -55,35 +54,12 @@ def test_each_case_in_process(corpus: tuple[list[Case], Path]) -> None:
     assert not sentinel.exists(), "a hostile pickle executed code"
 
 
-def _mount(source: Path, mnt: Path, log: Path) -> subprocess.Popen[bytes]:
-    mnt.mkdir()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs",
-            "mount",
-            str(source),
-            str(mnt),
-            "--foreground",
-            "--log-file",
-            str(log),
-        ]
-    )
-    deadline = time.monotonic() + 20
-    while not os.path.ismount(mnt):
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "mount did not come up"
-        time.sleep(0.02)
-    return proc
-
-
 @pytest.mark.fuse
 def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_path: Path) -> None:
     cases, sentinel = corpus
     for case in cases:
         mnt, log = tmp_path / f"mnt-{case.name}", tmp_path / f"{case.name}.log"
-        proc = _mount(case.root, mnt, log)
+        proc = start_mount(str(case.root), mnt, log)
         try:
             for path in case.eio:
                 with pytest.raises(OSError) as info:

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from blobfs.blob.pack import ProjectPacker
 from blobfs.testing.sample import png_bytes
+from tests.helpers import start_mount
 
 pytestmark = pytest.mark.fuse
 
@@ -42,30 +42,17 @@ def mounted(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
         digests[f"l_{i:05d}.png"] = hashlib.sha256(data).hexdigest()
     ProjectPacker(root / "project", "ds", blob_size=2 << 20).pack(sorted(src.iterdir()))
     mnt = root / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs",
-            "mount",
-            str(root / "project"),
-            str(mnt),
-            "--foreground",
-            "--cache-size",
-            str(CACHE_BYTES),
-            "--block-size",
-            "64K",
-            "-o",
-            "direct_io",
-            "--log-file",
-            str(root / "log"),
-        ]
+    proc = start_mount(
+        str(root / "project"),
+        mnt,
+        root / "log",
+        "--cache-size",
+        str(CACHE_BYTES),
+        "--block-size",
+        "64K",
+        "-o",
+        "direct_io",
     )
-    deadline = time.monotonic() + 20
-    while not os.path.ismount(mnt):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
     yield mnt / "ds" / "img", digests, proc
     subprocess.run(["fusermount", "-u", str(mnt)], check=False)
     proc.wait(20)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from blobfs.blob.pack import ProjectPacker
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.testing.seed import upload_local_project
+from tests.helpers import start_mount
 
 TOKEN = "remote-test-token-3f9a"
 
@@ -54,36 +53,6 @@ def build_project(root: Path, count: int = 40) -> tuple[Path, dict[str, bytes]]:
     )
     expected["train/img/plain.png"] = png_bytes(9999)
     return project, expected
-
-
-def start_mount(
-    source: str, mnt: Path, log: Path, *extra: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs",
-            "mount",
-            source,
-            str(mnt),
-            "--foreground",
-            "--log-file",
-            str(log),
-            *extra,
-        ],
-        env={**os.environ, **(env or {})},
-    )
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(mnt):
-        if proc.poll() is not None:
-            raise RuntimeError(f"mount failed: {log.read_text() if log.exists() else ''}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("mount did not come up")
-        time.sleep(0.02)
-    return proc
 
 
 @pytest.fixture
