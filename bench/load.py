@@ -14,6 +14,7 @@ import hashlib
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -88,7 +89,9 @@ def main() -> int:
                     for t in ts:
                         t.join()
                 else:
-                    with multiprocessing.get_context("fork").Pool(count) as pool:
+                    with multiprocessing.get_context("fork").Pool(
+                        count, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)
+                    ) as pool:
                         results = pool.starmap(reader, jobs)
                 reads, wrong = sum(r for r, _ in results), sum(w for _, w in results)
                 failed |= wrong > 0 or proc.poll() is not None
