@@ -203,10 +203,23 @@ def _wait_ready(read_fd: int, child: subprocess.Popen[bytes]) -> bool:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-z", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
 def unmount(mountpoint: str, lazy: bool) -> None:
-    """Unmount MOUNTPOINT (fusermount -u)."""
+    """Unmount MOUNTPOINT (fusermount -u); a writeback mount imports what is staged first."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         _fail("fusermount not found (install the fuse package)")
+    if not lazy and (Path(mountpoint) / ".blobfs" / "writeback.json").exists():
+        status = (
+            _flush_with_progress(mountpoint)
+            if sys.stderr.isatty()
+            else _read_control(mountpoint, "flush")
+        )
+        if status.get("pending") or status.get("failed"):
+            click.echo(
+                f"blobfs: {status.get('pending', 0)} files still pending and "
+                f"{len(status.get('failed') or {})} failed stay in the spool for the "
+                "next mount",
+                err=True,
+            )
     args = [tool, "-u", *(["-z"] if lazy else []), mountpoint]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
