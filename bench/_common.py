@@ -145,6 +145,13 @@ def pids_with_args(*needles: str) -> list[int]:
     return found
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` to ``cpus`` (threads it starts later inherit that)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -326,10 +333,18 @@ def blobfs_mount_cli(
 ) -> tuple[float, int]:
     """``python -m blobfs mount SOURCE MNT`` as a user runs it (it returns once the mount is
     live); returns (seconds until it returned, daemon pid). The mount is registered."""
-    cmd = [python, "-m", "blobfs", "mount", source, str(mnt), "--log-level", "WARNING", *args]
+    cmd = [python, "-m", "blobfs", "mount", source, str(mnt), *args]
+    if "--log-level" not in args:
+        cmd += ["--log-level", "WARNING"]
     start = time.perf_counter()
+    # cwd: ``-m blobfs`` must import the interpreter's blobfs, not a checkout in the cwd
     done = subprocess.run(
-        cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False
+        cmd,
+        env={**os.environ, **(env or {})},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=False,
     )
     seconds = time.perf_counter() - start
     # the daemon is the re-executed foreground child: its argv names the mount point

@@ -53,6 +53,7 @@ from _common import (
     load_note,
     mountpoint,
     peak_rss_mb,
+    pin,
     rss_mb,
     scan,
     spawn_foreground,
@@ -168,6 +169,8 @@ def bench_blobfs(
 ) -> None:
     env = {"FUSE_LIBRARY_PATH": args.fuse_library} if args.fuse_library else None
     extra = [a for opt in args.mount_option for a in ("-o", opt)]
+    if args.blobfs_log:
+        extra += ["--log-level", "INFO", "--log-file", args.blobfs_log]
     s = r["samples"]
     for _ in range(args.repeat):
         warm_inputs(root, info, args.drop_caches)
@@ -176,6 +179,8 @@ def bench_blobfs(
             mounts, str(root / "project"), mnt, extra, python=args.python, env=env
         )
         with mounts.mounted(mnt, pid):
+            if args.pin_cpu is not None:
+                pin(pid, {args.pin_cpu})
             cold = scan(mnt / DATASET / "img")
             check_scan("blobfs cold scan", cold, info)
             warm = scan(mnt / DATASET / "img")
@@ -225,6 +230,8 @@ def bench_ratarmount(
             cmd = [exe, "-f", "--index-file", str(index), info["tar_path"], str(mnt)]
             ready_s, proc = spawn_foreground(mounts, cmd, mnt, log)
             with mounts.mounted(mnt, proc.pid, proc):
+                if args.pin_cpu is not None:
+                    pin(proc.pid, {args.pin_cpu})
                 folder = files_folder(mnt)
                 cold = scan(folder)
                 check_scan("ratarmount cold scan", cold, info)
@@ -262,6 +269,7 @@ def bench_sdk(root: Path, info: dict[str, Any], r: Results, args: argparse.Names
     """The SDK in a child process (its import is slow and noisy, and is not timed)."""
     done = subprocess.run(
         [args.python, "-c", SDK_CODE, str(root / "project" / DATASET), str(args.sdk_subset)],
+        cwd="/",
         capture_output=True,
         text=True,
         check=False,
@@ -406,8 +414,11 @@ class Report:
         listing = med(r, "blobfs_listdir_cold_s")
         if listing is not None:
             print(f"blobfs first listdir of {n} names (part of the cold scan): {listing:.3f} s")
-        if r["mount_options"] or r["fuse_library"]:
-            print(f"blobfs options: -o {r['mount_options']} FUSE_LIBRARY_PATH={r['fuse_library']}")
+        if r["mount_options"] or r["fuse_library"] or r["pin_cpu"] is not None:
+            print(
+                f"blobfs options: -o {r['mount_options']} "
+                f"FUSE_LIBRARY_PATH={r['fuse_library']}; pinned to CPU {r['pin_cpu']}"
+            )
         print()
         for label, met in self.targets:
             if met is not None:
@@ -442,6 +453,14 @@ def parse_args() -> argparse.Namespace:
         help="extra blobfs -o option (repeatable), e.g. -o nothreads",
     )
     parser.add_argument("--fuse-library", default=None, help="FUSE_LIBRARY_PATH for blobfs")
+    parser.add_argument("--blobfs-log", default=None, help="blobfs log file (INFO level)")
+    parser.add_argument(
+        "--pin-cpu",
+        type=int,
+        default=None,
+        help="run the scans and the daemons on this one CPU: less noise for A/B tests "
+        "(cross-CPU wakeups dominate FUSE round trips on small VMs)",
+    )
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter that runs blobfs/ratarmount/SDK"
     )
@@ -453,6 +472,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})
     for path in clean_stale_mounts():
         print(f"unmounted {path}, left behind by an earlier run")
     root = build(args.images, args.px)
@@ -465,7 +486,9 @@ def main() -> int:
         "drop_caches": args.drop_caches,
         "mount_options": args.mount_option,
         "fuse_library": args.fuse_library,
+        "pin_cpu": args.pin_cpu,
         "python": args.python,
+        "blobfs_proto": os.environ.get("BLOBFS_PROTO"),
         "platform": platform.platform(),
         "load_before": load_note(),
         "samples": {},
