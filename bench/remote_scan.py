@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, Mounts, mountpoint, scan, spawn_foreground, table
 from local_scan import DATASET, build
 
+from blobfs.testing.emulator import start_process
 from blobfs.testing.seed import upload_local_project
 
 TOKEN = "bench-token"
@@ -36,25 +37,7 @@ TOKEN = "bench-token"
 def start_emulator(state: Path, latency_ms: float) -> tuple[subprocess.Popen[str], str]:
     token_file = OUT / "bench-token"
     token_file.write_text(TOKEN)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs.testing.emulator",
-            "--state",
-            str(state),
-            "--port",
-            "0",
-            "--token-file",
-            str(token_file),
-            "--latency-ms",
-            str(latency_ms),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().split()[-1]
+    return start_process(state, token_file, latency_ms=latency_ms)
 
 
 def control(url: str, path: str, body: dict | None = None) -> dict:  # type: ignore[type-arg]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,26 @@ def start_mount(
     )
     wait_mount(mnt, proc, log)
     return proc
+
+
+def add_class_and_annotation(mnt: Path, ann_path: Path, class_title: str) -> dict[str, object]:
+    """Through a writeback mount: add a rectangle class to meta.json, then write an
+    annotation using it at ``ann_path``; returns the annotation."""
+    meta = json.loads((mnt / "meta.json").read_bytes())
+    meta["classes"] = [{"title": class_title, "shape": "rectangle", "color": "#FF0000"}]
+    (mnt / "meta.json").write_text(json.dumps(meta))
+    ann: dict[str, object] = {
+        "description": "",
+        "size": {"height": 32, "width": 32},
+        "tags": [],
+        "objects": [
+            {
+                "classTitle": class_title,
+                "geometryType": "rectangle",
+                "tags": [],
+                "points": {"exterior": [[1, 1], [5, 5]], "interior": []},
+            }
+        ],
+    }
+    ann_path.write_text(json.dumps(ann))
+    return ann

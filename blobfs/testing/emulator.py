@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -380,6 +381,39 @@ class Emulator:
         with self._lock:
             self._counts.clear()
             self._bytes = 0
+
+
+def start_process(
+    state_dir: str | os.PathLike[str],
+    token_file: str | os.PathLike[str],
+    port: int = 0,
+    latency_ms: float = 0.0,
+) -> tuple[subprocess.Popen[str], str]:
+    """Run the emulator as its own process (so it can be killed for real, and so its CPU
+    does not share a GIL with the caller); returns (process, URL) once it listens."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blobfs.testing.emulator",
+            "--state",
+            str(state_dir),
+            "--port",
+            str(port),
+            "--token-file",
+            str(token_file),
+            "--latency-ms",
+            str(latency_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise RuntimeError(f"emulator did not start: {line!r}")
+    return proc, line.split()[-1]
 
 
 def _token(args: argparse.Namespace) -> str:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
-from blobfs.testing.emulator import Emulator
+from blobfs.testing.emulator import Emulator, start_process
 
 TOKEN = "secret-token-for-tests"
 
@@ -118,26 +116,9 @@ def test_stats_count_requests_per_method(emu: Emulator) -> None:
 def test_runs_as_a_command_and_prints_its_address(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs.testing.emulator",
-            "--state",
-            str(tmp_path / "s"),
-            "--port",
-            "0",
-            "--token-file",
-            str(token_file),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = start_process(tmp_path / "s", token_file)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:")
-        url = line.split()[-1]
+        assert url.startswith("http://127.0.0.1:")
         r = requests.post(f"{url}/public/api/v3/teams.list", json={}, headers={"x-api-key": TOKEN})
         assert r.status_code == 200
     finally:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from blobfs.testing.emulator import Emulator
+from blobfs.testing.emulator import Emulator, start_process
 from blobfs.testing.seed import upload_local_project
 
 from .conftest import TOKEN, build_project, mount_remote, start_mount
@@ -93,28 +92,6 @@ def test_a_server_that_ignores_range_still_gives_correct_bytes(
     assert "ignores Range" in (tmp_path / "log").read_text()
 
 
-def _emulator_process(
-    state: Path, port: int, token_file: Path
-) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs.testing.emulator",
-            "--state",
-            str(state),
-            "--port",
-            str(port),
-            "--token-file",
-            str(token_file),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().split()[-1]
-
-
 def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
     tmp_path: Path, seeded: tuple[int, dict[str, bytes]], emulator: Emulator
 ) -> None:
@@ -122,7 +99,7 @@ def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
     emulator.stop()  # the same state, served by a process that can be killed for real
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    server, url = _emulator_process(tmp_path / "emu-state", 0, token_file)
+    server, url = start_process(tmp_path / "emu-state", token_file)
     port = int(url.rsplit(":", 1)[1])
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -137,7 +114,7 @@ def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
         with pytest.raises(OSError) as info:
             (mnt / names[-1]).read_bytes()
         assert info.value.errno == errno.EIO
-        server, _ = _emulator_process(tmp_path / "emu-state", port, token_file)
+        server, _ = start_process(tmp_path / "emu-state", token_file, port=port)
         assert read_all(mnt, expected) == []
     finally:
         assert unmount(mnt, proc) == 0

@@ -3,7 +3,6 @@ offsets exactly once (crash or not), annotations and meta follow."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import requests
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images
 from blobfs.testing.seed import upload_local_project
+from tests.helpers import add_class_and_annotation
 
 from .conftest import TOKEN, build_project, start_mount
 
@@ -88,23 +88,7 @@ def test_images_written_into_a_remote_mount_are_imported_once(
         subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
         (mnt / "fresh").mkdir()
         subprocess.run(["cp", str(new[0]), str(mnt / "fresh" / "img" / "first.png")], check=True)
-        meta = json.loads((mnt / "meta.json").read_bytes())
-        meta["classes"] = [{"title": "dog", "shape": "rectangle", "color": "#00FF00"}]
-        (mnt / "meta.json").write_text(json.dumps(meta))
-        ann = {
-            "description": "",
-            "size": {"height": 32, "width": 32},
-            "tags": [],
-            "objects": [
-                {
-                    "classTitle": "dog",
-                    "geometryType": "rectangle",
-                    "tags": [],
-                    "points": {"exterior": [[1, 1], [4, 4]], "interior": []},
-                }
-            ],
-        }
-        (mnt / "train" / "ann" / "img_000700.png.json").write_text(json.dumps(ann))
+        ann = add_class_and_annotation(mnt, mnt / "train" / "ann" / "img_000700.png.json", "dog")
         result = flush(mnt)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
@@ -117,6 +101,18 @@ def test_images_written_into_a_remote_mount_are_imported_once(
     assert len(got) == 10 + 1 + 15 + 1  # seeded blob images + plain image + new ones
     meta = api(emulator, "projects.meta", {"id": remote_project})
     assert [c["title"] for c in meta["classes"]] == ["dog"]  # type: ignore[index]
+    train = next(
+        d
+        for d in api(emulator, "datasets.list", {"projectId": remote_project})["entities"]
+        if d["name"] == "train"
+    )  # type: ignore[index]
+    [image] = [
+        i
+        for i in api(emulator, "images.list", {"datasetId": train["id"]})["entities"]
+        if i["name"] == "img_000700.png"
+    ]  # type: ignore[index]
+    got = api(emulator, "annotations.info", {"imageId": image["id"]})
+    assert got["annotation"] == ann  # type: ignore[index]
     files = api(emulator, "file-storage.list", {"teamId": 1, "path": "/blob-files/"})
     assert len(files) >= 2  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
+from tests.helpers import add_class_and_annotation
 
 from .conftest import Daemon
 
@@ -66,23 +67,7 @@ def test_new_dataset_meta_and_annotation_are_imported(
     daemons.append(d)
     (mnt / "fresh").mkdir()
     (mnt / "fresh" / "img" / "a.png").write_bytes(png_bytes(900))
-    meta = json.loads((mnt / "meta.json").read_bytes())
-    meta["classes"] = [{"title": "cat", "shape": "rectangle", "color": "#FF0000"}]
-    (mnt / "meta.json").write_text(json.dumps(meta))
-    ann = {
-        "description": "",
-        "size": {"height": 32, "width": 32},
-        "tags": [],
-        "objects": [
-            {
-                "classTitle": "cat",
-                "geometryType": "rectangle",
-                "tags": [],
-                "points": {"exterior": [[1, 1], [5, 5]], "interior": []},
-            }
-        ],
-    }
-    (mnt / "fresh" / "ann" / "a.png.json").write_text(json.dumps(ann))
+    ann = add_class_and_annotation(mnt, mnt / "fresh" / "ann" / "a.png.json", "cat")
     flushed = blobfs("flush", str(mnt))
     assert flushed.returncode == 0, flushed.stdout + flushed.stderr
     assert d.unmount() == 0
