@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -123,6 +124,8 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
     """Mount and serve until unmounted; raises before mounting when the source is bad."""
     started = time.monotonic()
+    # A core dump of the daemon would hold the API token (and cached image bytes).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     queue: WritebackQueue | None = None
     view: ProjectView
     if config.writeback:

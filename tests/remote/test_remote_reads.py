@@ -178,5 +178,8 @@ def test_the_token_is_not_in_the_daemon_command_line(
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         assert TOKEN.encode() not in cmdline
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"], core  # no core file can hold the token
     finally:
         assert unmount(mnt, proc) == 0
