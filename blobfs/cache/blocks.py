@@ -302,6 +302,11 @@ class SequentialReadahead:
             self._state[key] = (end, window)
             return window
 
+    def largest_window(self) -> int:
+        """The widest readahead window now (for ``blobfs stats``)."""
+        with self._lock:
+            return max((w for _, w in self._state.values()), default=0)
+
     def window(self, key: str) -> int:
         with self._lock:
             return self._state.get(key, (0, 0))[1]

@@ -229,6 +229,7 @@ class RemoteProjectSource(Source):
             "cache_bytes": self.cache.used_bytes,
             "http_requests": client.requests,
             "http_retries": client.retried,
+            "readahead_window_bytes": self.readahead.largest_window() if self.readahead else 0,
         }
 
     def close(self) -> None:

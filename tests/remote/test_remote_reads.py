@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,15 @@ def test_a_scan_costs_about_one_request_per_blob_and_warm_reads_none(
         emulator.reset_stats()
         assert read_all(mnt, expected) == []
         assert emulator.stats()["requests"] == 0  # warm: kernel and block cache
+        stats = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "blobfs", "stats", str(mnt), "--json"],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        assert stats["http_requests"] >= blob_reads
+        assert stats["cache"]["fetches"] >= 1
     finally:
         assert unmount(mnt, proc) == 0
 
