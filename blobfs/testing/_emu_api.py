@@ -1,165 +1,128 @@
-"""The REST methods of the emulator: ``method name -> handler(store, body, query)``.
+"""Emulated REST methods for teams, workspaces, projects, datasets and Team Files.
 
 Payloads and answers follow the Supervisely SDK 6.74.51 (``supervisely/api/*_api.py``):
-what each SDK call sends and which fields its ``*Info`` tuples read. A handler returns a
-JSON-able value, a :class:`FileBody` (bytes on disk, served with Range), or :class:`Raw`.
+what each SDK call sends and which fields its ``*Info`` tuples read
+(``info_sequence()``). Images and annotations are in :mod:`blobfs.testing._emu_images`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 
-from blobfs.testing._emu_store import ApiError, Store, image_dims, mime_of, sly_hash
+from blobfs.testing._emu_common import (
+    FileBody,
+    Registry,
+    Upload,
+    as_dict,
+    need,
+    page_of,
+)
+from blobfs.testing._emu_store import ApiError, Store
 
-DEFAULT_PER_PAGE = 500
+logger = logging.getLogger(__name__)
 
+REGISTRY = Registry()
+method = REGISTRY.method
 
-@dataclass
-class FileBody:
-    """Bytes ``[0, size)`` of a file on disk, to be served with Range support."""
-
-    path: Path
-    size: int
-    etag: str
-    offset: int = 0
-    content_type: str = "application/octet-stream"
-
-
-@dataclass
-class Raw:
-    """A ready body (multipart answers)."""
-
-    data: bytes
-    content_type: str
-
-
-Handler = Callable[[Store, Any, dict[str, str]], Any]
-METHODS: dict[str, Handler] = {}
-BLOB_METHODS = frozenset({"images.data.download", "file-storage.download", "images.download"})
+#: What ``instance.version`` answers: the newest instance in the SDK 6.74.51's
+#: ``versions.json`` (its ``MINIMUM_INSTANCE_VERSION_FOR_SDK``), so the SDK's version
+#: check passes without a warning.
+INSTANCE_VERSION = "6.18.3"
+#: ``projectSettings`` of a new project's meta: ``ProjectSettings.from_json`` (used by
+#: ``quick_import``) requires the ``multiView`` block.
+DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
+    "multiView": {"enabled": False, "tagName": None, "tagId": None, "isSynced": False}
+}
 
 
-def method(name: str) -> Callable[[Handler], Handler]:
-    def register(func: Handler) -> Handler:
-        METHODS[name] = func
-        return func
-
-    return register
+@method("instance.version")
+def instance_version(store: Store, body: Any, query: dict[str, str]) -> Any:
+    return {"version": INSTANCE_VERSION}
 
 
-def _need(body: Any, key: str) -> Any:
-    if not isinstance(body, dict) or key not in body:
-        raise ApiError(400, f"field '{key}' is required")
-    return body[key]
-
-
-def _filtered(docs: list[dict[str, Any]], filters: Any) -> list[dict[str, Any]]:
-    for f in filters or []:
-        if not isinstance(f, dict):
-            continue
-        field, op, value = str(f.get("field")), f.get("operator", "="), f.get("value")
-        if op == "=":
-            docs = [d for d in docs if d.get(field) == value]
-        elif op == "in":
-            docs = [d for d in docs if d.get(field) in (value or [])]
-        elif op == "!=":
-            docs = [d for d in docs if d.get(field) != value]
-    return docs
-
-
-def _page(docs: list[dict[str, Any]], body: Any) -> dict[str, Any]:
-    body = body if isinstance(body, dict) else {}
-    per_page = body.get("per_page") or DEFAULT_PER_PAGE
-    page = body.get("page") or 1
-    if not isinstance(per_page, int) or not isinstance(page, int) or per_page < 1 or page < 1:
-        raise ApiError(400, "page and per_page must be positive integers")
-    pages = max(1, -(-len(docs) // per_page))
-    return {
-        "total": len(docs),
-        "perPage": per_page,
-        "pagesCount": pages,
-        "entities": docs[(page - 1) * per_page : page * per_page],
-    }
-
-
-# ---- teams, workspaces, projects, datasets ----------------------------------------------
+# ---- teams and workspaces ---------------------------------------------------------------
 
 
 @method("teams.list")
 def teams_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return _page(_filtered(store.all("teams"), (body or {}).get("filter")), body)
+    return page_of(store.all("teams"), body)
 
 
 @method("teams.info")
 def teams_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return store.get("teams", _need(body, "id"))
+    return store.get("teams", need(body, "id"))
 
 
 @method("workspaces.list")
 def workspaces_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    docs = store.all("workspaces", _need(body, "teamId"))
-    return _page(_filtered(docs, body.get("filter")), body)
+    return page_of(store.all("workspaces", need(body, "teamId")), body)
 
 
 @method("workspaces.info")
 def workspaces_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return store.get("workspaces", _need(body, "id"))
+    return store.get("workspaces", need(body, "id"))
 
 
 @method("workspaces.add")
 def workspaces_add(store: Store, body: Any, query: dict[str, str]) -> Any:
-    team = store.get("teams", _need(body, "teamId"))
-    return store.insert(
-        "workspaces",
-        team["id"],
-        {
-            "name": _need(body, "name"),
-            "description": body.get("description", ""),
-            "teamId": team["id"],
-        },
-    )
+    team = store.get("teams", need(body, "teamId"))
+    name = need(body, "name")
+    if any(w["name"] == name for w in store.all("workspaces", team["id"])):
+        raise ApiError(400, f"workspace {name!r} already exists")
+    doc = {"name": name, "description": body.get("description") or "", "teamId": team["id"]}
+    return store.insert("workspaces", team["id"], doc)
+
+
+# ---- projects ---------------------------------------------------------------------------
 
 
 def _project_doc(store: Store, project: dict[str, Any]) -> dict[str, Any]:
-    images = [i for d in store.all("datasets", project["id"]) for i in store.all("images", d["id"])]
+    """A project as ``projects.info`` shows it: live counts, no stored meta."""
+    images, size = store.project_totals(project["id"])
+    doc = {k: v for k, v in project.items() if k not in ("meta", "nextMetaId")}
     return {
-        **project,
-        "imagesCount": len(images),
-        "itemsCount": len(images),
-        "datasetsCount": len(store.all("datasets", project["id"])),
+        **doc,
+        "size": str(size),
+        "imagesCount": images,
+        "itemsCount": images,
+        "datasetsCount": store.count("datasets", project["id"]),
     }
 
 
 @method("projects.add")
 def projects_add(store: Store, body: Any, query: dict[str, str]) -> Any:
-    ws = store.get("workspaces", _need(body, "workspaceId"))
-    name = _need(body, "name")
+    ws = store.get("workspaces", need(body, "workspaceId"))
+    name = need(body, "name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "project name must be a non-empty string")
     if any(p["name"] == name for p in store.all("projects", ws["id"])):
         raise ApiError(400, f"project {name!r} already exists")
-    meta = {
-        "classes": [],
-        "tags": [],
-        "projectType": body.get("type", "images"),
-        "projectSettings": {},
-    }
+    kind = body.get("type") or "images"
     doc = store.insert(
         "projects",
         ws["id"],
         {
             "name": name,
-            "description": body.get("description", ""),
-            "type": body.get("type", "images"),
+            "description": body.get("description") or "",
+            "type": kind,
             "workspaceId": ws["id"],
             "teamId": ws["teamId"],
             "customData": body.get("customData") or {},
             "settings": body.get("settings") or {},
-            "meta": meta,
-            "readme": body.get("readme", ""),
+            "importSettings": {},
+            "readme": body.get("readme") or "",
+            "referenceImageUrl": None,
+            "backupArchive": None,
+            "createdBy": 1,
+            "meta": {
+                "classes": [],
+                "tags": [],
+                "projectType": kind,
+                "projectSettings": dict(DEFAULT_PROJECT_SETTINGS),
+            },
         },
     )
     return _project_doc(store, doc)
@@ -167,65 +130,99 @@ def projects_add(store: Store, body: Any, query: dict[str, str]) -> Any:
 
 @method("projects.info")
 def projects_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return _project_doc(store, store.get("projects", _need(body, "id")))
+    return _project_doc(store, store.get("projects", need(body, "id")))
 
 
 @method("projects.list")
 def projects_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    docs = [_project_doc(store, p) for p in store.all("projects", _need(body, "workspaceId"))]
-    return _page(_filtered(docs, body.get("filter")), body)
+    """By ``workspaceId``, or a whole team by ``groupId`` (``get_list(team_id=...)``)."""
+    body = as_dict(body)
+    if body.get("workspaceId") is not None:
+        projects = store.all("projects", need(body, "workspaceId"))
+    elif body.get("groupId") is not None:
+        team = store.get("teams", body["groupId"])["id"]
+        projects = [p for p in store.all("projects") if p.get("teamId") == team]
+    else:
+        raise ApiError(400, "field 'workspaceId' or 'groupId' is required")
+    return page_of([_project_doc(store, p) for p in projects], body)
 
 
 @method("projects.meta")
 def projects_meta(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return store.get("projects", _need(body, "id"))["meta"]
+    return store.get("projects", need(body, "id"))["meta"]
+
+
+def _give_ids(items: list[Any], old: list[Any], key: str, next_id: int) -> int:
+    """Keep the id of an item whose title was already there; number new ones from
+    ``next_id``. The SDK needs class and tag ids (``sly_id``) for figures and tags."""
+    known = {o.get(key): o.get("id") for o in old if isinstance(o, dict)}
+    for item in items:
+        if not isinstance(item, dict):
+            raise ApiError(400, "meta classes and tags must be objects")
+        if not isinstance(item.get("id"), int):
+            item["id"] = known.get(item.get(key)) or next_id
+            next_id = max(next_id, item["id"] + 1)
+    return next_id
 
 
 @method("projects.meta.update")
 def projects_meta_update(store: Store, body: Any, query: dict[str, str]) -> Any:
-    project = store.get("projects", _need(body, "id"))
-    meta = _need(body, "meta")
+    project = store.get("projects", need(body, "id"))
+    meta = need(body, "meta")
     if not isinstance(meta, dict):
         raise ApiError(400, "meta must be an object")
-    for i, cls in enumerate(meta.get("classes", [])):  # the server gives classes ids
-        cls.setdefault("id", project["id"] * 1000 + i + 1)
-    project["meta"] = meta
+    old = project.get("meta") or {}
+    next_id = int(project.get("nextMetaId") or project["id"] * 100_000 + 1)
+    next_id = _give_ids(meta.setdefault("classes", []), old.get("classes", []), "title", next_id)
+    next_id = _give_ids(meta.setdefault("tags", []), old.get("tags", []), "name", next_id)
+    meta.setdefault("projectType", project.get("type", "images"))
+    meta.setdefault("projectSettings", old.get("projectSettings") or DEFAULT_PROJECT_SETTINGS)
+    project["meta"], project["nextMetaId"] = meta, next_id
     store.update("projects", project)
     return meta
 
 
 @method("projects.editInfo")
 def projects_edit_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    project = store.get("projects", _need(body, "id"))
+    project = store.get("projects", need(body, "id"))
     for key in ("name", "description", "customData", "readme"):
-        if key in body:
+        if key in body and body[key] is not None:
             project[key] = body[key]
-    store.update("projects", project)
+    store.update("projects", project, touch=not body.get("silent"))
     return _project_doc(store, project)
 
 
 @method("projects.settings.update")
 def projects_settings_update(store: Store, body: Any, query: dict[str, str]) -> Any:
-    project = store.get("projects", _need(body, "id"))
-    project["settings"] = {**project.get("settings", {}), **(body.get("settings") or {})}
+    project = store.get("projects", need(body, "id"))
+    settings = need(body, "settings")
+    if not isinstance(settings, dict):
+        raise ApiError(400, "settings must be an object")
+    project["settings"] = settings
     store.update("projects", project)
     return {"success": True}
 
 
-def _dataset_doc(store: Store, ds: dict[str, Any]) -> dict[str, Any]:
-    """A dataset as the server lists it: no ``customData`` unless asked for (the SDK hashes
-    ``DatasetInfo`` tuples in ``dataset.tree``, so a dict field would break it)."""
-    count = len(store.all("images", ds["id"]))
-    doc = {k: v for k, v in ds.items() if k != "customData"}
-    return {**doc, "imagesCount": count, "itemsCount": count}
+# ---- datasets ---------------------------------------------------------------------------
+
+
+def _dataset_doc(store: Store, ds: dict[str, Any], custom_data: bool = True) -> dict[str, Any]:
+    """A dataset with live counts. ``datasets.list`` leaves ``customData`` out unless
+    ``extraFields`` asks for it, as the server does: ``dataset.tree`` uses the
+    ``DatasetInfo`` tuples as dict keys, and a dict field would make them unhashable."""
+    count = store.count("images", ds["id"])
+    doc = ds if custom_data else {k: v for k, v in ds.items() if k != "customData"}
+    return {**doc, "size": "0", "imagesCount": count, "itemsCount": count}
 
 
 @method("datasets.add")
 def datasets_add(store: Store, body: Any, query: dict[str, str]) -> Any:
-    project = store.get("projects", _need(body, "projectId"))
-    name, parent = _need(body, "name"), body.get("parentId")
-    if parent is not None:
-        store.get("datasets", parent)
+    project = store.get("projects", need(body, "projectId"))
+    name, parent = need(body, "name"), body.get("parentId")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ApiError(400, "dataset name must be a non-empty string without '/'")
+    if parent is not None and store.get("datasets", parent)["projectId"] != project["id"]:
+        raise ApiError(400, f"dataset {parent} is in another project")
     siblings = [d for d in store.all("datasets", project["id"]) if d.get("parentId") == parent]
     if any(d["name"] == name for d in siblings):
         raise ApiError(400, f"dataset {name!r} already exists")
@@ -234,11 +231,13 @@ def datasets_add(store: Store, body: Any, query: dict[str, str]) -> Any:
         project["id"],
         {
             "name": name,
-            "description": body.get("description", ""),
+            "description": body.get("description") or "",
             "projectId": project["id"],
             "parentId": parent,
             "teamId": project["teamId"],
             "workspaceId": project["workspaceId"],
+            "referenceImageUrl": None,
+            "createdBy": 1,
             "customData": body.get("customData") or {},
         },
     )
@@ -247,25 +246,42 @@ def datasets_add(store: Store, body: Any, query: dict[str, str]) -> Any:
 
 @method("datasets.info")
 def datasets_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return _dataset_doc(store, store.get("datasets", _need(body, "id")))
+    return _dataset_doc(store, store.get("datasets", need(body, "id")))
 
 
 @method("datasets.list")
 def datasets_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    docs = [_dataset_doc(store, d) for d in store.all("datasets", _need(body, "projectId"))]
+    """Top-level datasets, or all of them with ``recursive`` (nested ones by ``parentId``)."""
+    project = store.get("projects", need(body, "projectId"))["id"]
+    custom = "customData" in (body.get("extraFields") or [])
+    docs = [_dataset_doc(store, d, custom) for d in store.all("datasets", project)]
     if not body.get("recursive"):
         docs = [d for d in docs if d.get("parentId") is None]
-    return _page(_filtered(docs, body.get("filter")), body)
+    return page_of(docs, body)
 
 
-# ---- Team Files ---------------------------------------------------------------------
+@method("datasets.editInfo")
+def datasets_edit_info(store: Store, body: Any, query: dict[str, str]) -> Any:
+    ds = store.get("datasets", need(body, "id"))
+    for key in ("name", "description", "customData"):
+        if body.get(key) is not None:
+            ds[key] = body[key]
+    store.update("datasets", ds)
+    return _dataset_doc(store, ds)
 
 
-def _uploaded_files(store: Store, parts: Any, query: dict[str, str]) -> list[dict[str, Any]]:
-    """Team Files uploads: each file part takes the ``name``/``path`` fields before it."""
-    if not isinstance(parts, list):
-        raise ApiError(400, "a multipart body is required")
-    team = store.get("teams", int(query.get("teamId", "0") or 0))
+# ---- Team Files -------------------------------------------------------------------------
+
+
+def _norm_path(path: Any) -> str:
+    if not isinstance(path, str) or not path:
+        raise ApiError(400, "path must be a non-empty string")
+    return "/" + path.lstrip("/")
+
+
+def _multipart_files(store: Store, parts: list[Any], team: int) -> list[dict[str, Any]]:
+    """Each file part takes the ``name``/``path`` fields sent before it (the SDK sends
+    ``name``, ``path``, ``file`` per file, repeated for a bulk upload)."""
     fields: dict[str, str] = {}
     out = []
     for name, filename, value in parts:
@@ -274,8 +290,20 @@ def _uploaded_files(store: Store, parts: Any, query: dict[str, str]) -> list[dic
             continue
         directory = fields.get("path", "/")
         remote = directory.rstrip("/") + "/" + (fields.get("name") or filename)
-        out.append(store.add_team_file(team["id"], remote, Path(value)))
+        out.append(store.add_team_file(team, remote, Path(value)))
         fields = {}
+    return out
+
+
+def _uploaded_files(store: Store, body: Any, query: dict[str, str]) -> list[dict[str, Any]]:
+    """Multipart uploads (``file.upload``/``upload_bulk``) and raw-body ones
+    (``upload_async``: destination in the query string as ``teamId`` + ``path``)."""
+    team = store.get("teams", int(query.get("teamId") or 0))["id"]
+    if isinstance(body, Upload):
+        return [store.add_team_file(team, _norm_path(query.get("path")), body.path)]
+    if not isinstance(body, list):
+        raise ApiError(400, "a multipart or application/octet-stream body is required")
+    out = _multipart_files(store, body, team)
     if not out:
         raise ApiError(400, "no file in the upload")
     return out
@@ -291,316 +319,91 @@ def file_bulk_upload(store: Store, body: Any, query: dict[str, str]) -> Any:
     return _uploaded_files(store, body, query)
 
 
-@method("instance.version")
-def instance_version(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return {"version": "6.14.4"}
-
-
 @method("file-storage.info")
 def file_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return store.get("files", _need(body, "id"))
+    return store.get("files", need(body, "id"))
+
+
+def _folder_entry(team: int, path: str) -> dict[str, Any]:
+    name = posixpath.basename(path.rstrip("/"))
+    return {"teamId": team, "id": None, "name": name, "path": path, "isDir": True, "type": "folder"}
 
 
 @method("file-storage.list")
 def file_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    team = store.get("teams", _need(body, "teamId"))
-    path = "/" + str(body.get("path", "/")).strip("/")
+    """Files at or under ``path``; with ``recursive: false`` the direct children only,
+    sub-folders as ``isDir`` entries (which ``file.listdir`` and ``dir_exists`` count)."""
+    team = store.get("teams", need(body, "teamId"))["id"]
+    path = _norm_path(body.get("path") or "/")
     prefix = path.rstrip("/") + "/"
-    docs = [
-        f
-        for f in store.all("files", team["id"])
-        if f["path"] == path or f["path"].startswith(prefix)
-    ]
-    if not body.get("recursive", True):
-        docs = [f for f in docs if "/" not in f["path"][len(prefix) :]]
-    return docs
+    files = store.all("files", team)
+    docs = [f for f in files if f["path"] == path or f["path"].startswith(prefix)]
+    if body.get("recursive", True):
+        return docs
+    out, folders = [], set()
+    for f in docs:
+        rest = f["path"][len(prefix) :] if f["path"] != path else ""
+        if "/" in rest:
+            folders.add(prefix + rest.split("/", 1)[0] + "/")
+        else:
+            out.append(f)
+    return out + [_folder_entry(team, p) for p in sorted(folders)]
 
 
 def _team_file(store: Store, body: Any) -> dict[str, Any]:
-    if isinstance(body, dict) and "id" in body:
+    """The file a download names, by ``id`` or by ``teamId`` + ``path``."""
+    if isinstance(body, dict) and body.get("id") is not None:
         return store.get("files", body["id"])
-    team = store.get("teams", _need(body, "teamId"))
-    path = "/" + str(_need(body, "path")).lstrip("/")
-    for f in store.all("files", team["id"]):
-        if f["path"] == path:
-            return f
-    raise ApiError(404, "file not found")
+    team = store.get("teams", need(body, "teamId"))["id"]
+    doc = store.team_file_by_path(team, _norm_path(need(body, "path")))
+    if doc is None:
+        raise ApiError(404, "file not found")
+    return doc
 
 
-def _file_body(store: Store, doc: dict[str, Any]) -> FileBody:
+def file_body(store: Store, doc: dict[str, Any]) -> FileBody:
+    """The bytes of a Team Files record. The ETag changes with the id, size and mtime, so
+    a replaced or rewritten file never matches a cached one."""
     path = store.file_path(doc["id"])
-    st = path.stat()
-    return FileBody(path, st.st_size, f'"f{doc["id"]}-{st.st_size}-{st.st_mtime_ns}"')
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ApiError(404, f"the bytes of file {doc['id']} are gone") from None
+    etag = f'"f{doc["id"]}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+    return FileBody(path, st.st_size, etag, 0, doc.get("mime") or "application/octet-stream")
 
 
 @method("file-storage.download")
 def file_download(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return _file_body(store, _team_file(store, body))
+    return file_body(store, _team_file(store, body))
+
+
+def _remove_path(store: Store, team: int, path: str) -> int:
+    """Remove a file, or a folder and everything under it; returns how many went."""
+    prefix = path.rstrip("/") + "/"
+    gone = [f for f in store.all("files", team) if f["path"] in (path, prefix[:-1])]
+    if not gone:
+        gone = [f for f in store.all("files", team) if f["path"].startswith(prefix)]
+    with store.transaction():
+        for doc in gone:
+            store.remove_team_file(doc)
+    return len(gone)
 
 
 @method("file-storage.remove")
 def file_remove(store: Store, body: Any, query: dict[str, str]) -> Any:
-    doc = _team_file(store, body)
-    store.delete("files", doc["id"])
-    store.file_path(doc["id"]).unlink(missing_ok=True)
+    if isinstance(body, dict) and body.get("id") is not None:
+        store.remove_team_file(store.get("files", body["id"]))
+        return {"success": True}
+    team = store.get("teams", need(body, "teamId"))["id"]
+    if not _remove_path(store, team, _norm_path(need(body, "path"))):
+        raise ApiError(404, "file not found")
     return {"success": True}
 
 
-# ---- images -------------------------------------------------------------------------
-
-
-def _image_doc(
-    store: Store, dataset: dict[str, Any], name: str, size: int, extra: dict[str, Any], head: bytes
-) -> dict[str, Any]:
-    width, height = image_dims(head)
-    return {
-        "name": name,
-        "link": None,
-        "mime": mime_of(name),
-        "ext": os.path.splitext(name)[1].lstrip(".").lower(),
-        "size": size,
-        "width": width,
-        "height": height,
-        "labelsCount": 0,
-        "datasetId": dataset["id"],
-        "projectId": dataset["projectId"],
-        "meta": {},
-        "tags": [],
-        "description": "",
-        "pathOriginal": None,
-        "fullStorageUrl": None,
-        "relatedDataId": None,
-        "downloadId": None,
-        "offsetStart": None,
-        "offsetEnd": None,
-        **extra,
-    }
-
-
-def _blob_item(
-    store: Store, dataset: dict[str, Any], name: str, item: dict[str, Any]
-) -> dict[str, Any]:
-    file_doc = store.get("files", item["teamFileId"])
-    blob = item.get("sourceBlob") or {}
-    start, end = blob.get("offsetStart"), blob.get("offsetEnd")
-    size = store.file_path(file_doc["id"]).stat().st_size
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size):
-        raise ApiError(400, f"{name}: sourceBlob range outside the file")
-    with open(store.file_path(file_doc["id"]), "rb") as f:
-        f.seek(start)
-        head = f.read(min(end - start, 64 << 10))
-    return _image_doc(
-        store,
-        dataset,
-        name,
-        end - start,
-        {
-            "hash": None,
-            "relatedDataId": file_doc["id"],
-            "downloadId": f"tf{file_doc['id']}",
-            "offsetStart": start,
-            "offsetEnd": end,
-        },
-        head,
-    )
-
-
-def _hash_item(store: Store, dataset: dict[str, Any], name: str, digest: str) -> dict[str, Any]:
-    path = store.image_path(digest)
-    if not path.exists():
-        raise ApiError(400, f"{name}: no uploaded image with hash {digest}")
-    with open(path, "rb") as f:
-        head = f.read(64 << 10)
-    return _image_doc(store, dataset, name, path.stat().st_size, {"hash": digest}, head)
-
-
-@method("images.bulk.add")
-def images_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
-    dataset = store.get("datasets", _need(body, "datasetId"))
-    items = _need(body, "images")
-    existing = {i["name"] for i in store.all("images", dataset["id"])}
-    docs = []
-    for item in items:
-        name = item.get("title") or item.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "image title is required")
-        if name in existing:
-            raise ApiError(400, f"image with name {name!r} already exists in the dataset")
-        existing.add(name)
-        if "teamFileId" in item:
-            doc = _blob_item(store, dataset, name, item)
-        elif "hash" in item:
-            doc = _hash_item(store, dataset, name, item["hash"])
-        else:
-            raise ApiError(400, f"{name}: only teamFileId+sourceBlob or hash images")
-        if isinstance(item.get("meta"), dict):
-            doc["meta"] = item["meta"]
-        docs.append(doc)
-    return store.insert_many("images", dataset["id"], docs)
-
-
-@method("images.list")
-def images_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    plain = not body.get("filter") and body.get("sort_order") != "desc"
-    if body.get("datasetId") is not None and plain:  # the common case, paged in SQL
-        dataset = store.get("datasets", body["datasetId"])["id"]
-        per_page = body.get("per_page") or DEFAULT_PER_PAGE
-        page = body.get("page") or 1
-        if not isinstance(per_page, int) or not isinstance(page, int) or min(per_page, page) < 1:
-            raise ApiError(400, "page and per_page must be positive integers")
-        total = store.count("images", dataset)
-        return {
-            "total": total,
-            "perPage": per_page,
-            "pagesCount": max(1, -(-total // per_page)),
-            "entities": store.page("images", dataset, (page - 1) * per_page, per_page),
-        }
-    if body.get("datasetId") is not None:
-        docs = store.all("images", _need(body, "datasetId"))
-    else:
-        project = _need(body, "projectId")
-        docs = [i for d in store.all("datasets", project) for i in store.all("images", d["id"])]
-    docs = _filtered(docs, body.get("filter"))
-    if body.get("sort_order") == "desc":
-        docs = docs[::-1]
-    return _page(docs, body)
-
-
-@method("images.info")
-def images_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return store.get("images", _need(body, "id"))
-
-
-def _image_body(store: Store, image: dict[str, Any]) -> FileBody:
-    if image.get("relatedDataId") is not None:
-        body = _file_body(store, store.get("files", image["relatedDataId"]))
-        return FileBody(
-            body.path,
-            image["offsetEnd"] - image["offsetStart"],
-            f'"i{image["id"]}-{image["updatedAt"]}"',
-            image["offsetStart"],
-            image["mime"],
-        )
-    path = store.image_path(image["hash"])
-    return FileBody(path, path.stat().st_size, f'"i{image["id"]}"', 0, image["mime"])
-
-
-@method("images.download")
-def images_download(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return _image_body(store, store.get("images", _need(body, "id")))
-
-
-@method("images.bulk.download")
-def images_bulk_download(store: Store, body: Any, query: dict[str, str]) -> Any:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for image_id in _need(body, "imageIds"):
-        src = _image_body(store, store.get("images", image_id))
-        with open(src.path, "rb") as f:
-            f.seek(src.offset)
-            data = f.read(src.size)
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{image_id}"\r\n'
-            f"Content-Type: {src.content_type}\r\n\r\n".encode()
-            + data
-            + b"\r\n"
-        )
-    data = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return Raw(data, f"multipart/form-data; boundary={boundary}")
-
-
-@method("images.data.download")
-def images_data_download(store: Store, body: Any, query: dict[str, str]) -> Any:
-    project = store.get("projects", _need(body, "projectId"))
-    download_id = str(_need(body, "downloadId"))
-    if not download_id.startswith("tf") or not download_id[2:].isdigit():
-        raise ApiError(404, "unknown downloadId")
-    file_doc = store.get("files", int(download_id[2:]))
-    if file_doc["teamId"] != project["teamId"]:
-        raise ApiError(403, "blob belongs to another team")
-    return _file_body(store, file_doc)
-
-
-@method("images.internal.hashes.list")
-def images_hashes_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    if not isinstance(body, list):
-        raise ApiError(400, "a list of hashes is required")
-    return [h for h in body if isinstance(h, str) and store.image_path(h).exists()]
-
-
-@method("images.bulk.upload")
-def images_bulk_upload(store: Store, body: Any, query: dict[str, str]) -> Any:
-    out = []
-    for _field, filename, path in body:
-        if filename is None:
-            continue
-        digest = sly_hash(path)
-        os.replace(path, store.image_path(digest))
-        out.append({"hash": digest})
-    return out
-
-
-# ---- annotations --------------------------------------------------------------------
-
-
-def _ann_doc(store: Store, image: dict[str, Any]) -> dict[str, Any]:
-    rows = store.all("anns", image["id"])
-    ann = (
-        rows[-1]["annotation"]
-        if rows
-        else {
-            "description": "",
-            "tags": [],
-            "objects": [],
-            "customBigData": {},
-            "size": {"height": image.get("height"), "width": image.get("width")},
-        }
-    )
-    return {
-        "imageId": image["id"],
-        "imageName": image["name"],
-        "annotation": ann,
-        "datasetId": image["datasetId"],
-        "createdAt": image["createdAt"],
-        "updatedAt": rows[-1]["updatedAt"] if rows else image["updatedAt"],
-    }
-
-
-@method("annotations.bulk.add")
-def annotations_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
-    dataset = store.get("datasets", _need(body, "datasetId"))
-    for item in _need(body, "annotations"):
-        image = store.get("images", item.get("imageId"))
-        if image["datasetId"] != dataset["id"]:
-            raise ApiError(400, f"image {image['id']} is not in dataset {dataset['id']}")
-        if not isinstance(item.get("annotation"), dict):
-            raise ApiError(400, "annotation must be an object")
-        for old in store.all("anns", image["id"]):
-            store.delete("anns", old["id"])
-        store.insert("anns", image["id"], {"annotation": item["annotation"]})
-        image["labelsCount"] = len(item["annotation"].get("objects", []))
-        store.update("images", image)
+@method("file-storage.bulk.remove")
+def file_bulk_remove(store: Store, body: Any, query: dict[str, str]) -> Any:
+    team = store.get("teams", need(body, "teamId"))["id"]
+    for path in need(body, "paths"):
+        _remove_path(store, team, _norm_path(path))
     return {"success": True}
-
-
-@method("annotations.info")
-def annotations_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    return _ann_doc(store, store.get("images", _need(body, "imageId")))
-
-
-@method("annotations.bulk.info")
-def annotations_bulk_info(store: Store, body: Any, query: dict[str, str]) -> Any:
-    ids = _need(body, "imageIds")
-    if not isinstance(ids, list) or len(ids) > 100:
-        raise ApiError(400, "imageIds must contain less than or equal to 100 items")
-    return [_ann_doc(store, store.get("images", i)) for i in ids]
-
-
-@method("annotations.list")
-def annotations_list(store: Store, body: Any, query: dict[str, str]) -> Any:
-    docs = [_ann_doc(store, i) for i in store.all("images", _need(body, "datasetId"))]
-    return _page(docs, body)
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value).encode()

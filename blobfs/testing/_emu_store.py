@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -18,18 +19,34 @@ import sqlite3
 import struct
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 KINDS = ("teams", "workspaces", "projects", "datasets", "files", "images", "anns")
+#: Rows per ``IN (...)`` list: well under SQLite's bound-parameter limit.
+SQL_BATCH = 500
+COPY_CHUNK = 1 << 20
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status plus a JSON body like the real server's."""
+    """An error answer: HTTP status plus a JSON body like the real server's.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``details`` is merged into the body's ``details`` object, so handlers can give the
+    machine-readable fields the SDK reads (``type: NONUNIQUE`` and ``errors`` on a name
+    conflict in ``images.bulk.add``).
+    """
+
+    def __init__(self, status: int, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.details = details or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": str(self), "details": {"message": str(self), **self.details}}
 
 
 def now_iso() -> str:
@@ -37,75 +54,140 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def _jpeg_dims(head: bytes) -> tuple[int | None, int | None]:
+    i = 2
+    while i + 9 < len(head):
+        if head[i] != 0xFF:
+            i += 1
+            continue
+        marker = head[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD9 or marker == 0x01:  # fill byte, RSTn, SOI
+            i += 1 if marker == 0xFF else 2
+            continue
+        length = struct.unpack(">H", head[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", head[i + 5 : i + 9])
+            return width, height
+        i += 2 + length
+    return None, None
+
+
 def image_dims(head: bytes) -> tuple[int | None, int | None]:
-    """(width, height) from the first bytes of a PNG or JPEG; (None, None) otherwise."""
+    """(width, height) from the first bytes of a PNG or JPEG; (None, None) otherwise.
+
+    The real server decodes every image; the emulator has no Pillow, and PNG/JPEG headers
+    are enough for the SDK's ``ImageInfo.width/height`` in the flows it is tested with.
+    """
     if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
         width, height = struct.unpack(">II", head[16:24])
         return width, height
     if head[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(head):
-            if head[i] != 0xFF:
-                i += 1
-                continue
-            marker = head[i + 1]
-            length = struct.unpack(">H", head[i + 2 : i + 4])[0]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height, width = struct.unpack(">HH", head[i + 5 : i + 9])
-                return width, height
-            i += 2 + length
+        return _jpeg_dims(head)
     return None, None
+
+
+MIME_BY_EXT = {
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "mpo": "image/jpeg",
+    "png": "image/png",
+    "bmp": "image/bmp",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "tif": "image/tiff",
+    "tiff": "image/tiff",
+    "tar": "application/x-tar",
+    "json": "application/json",
+    "pkl": "application/octet-stream",
+}
 
 
 def mime_of(name: str) -> str:
     ext = os.path.splitext(name)[1].lower().lstrip(".")
-    return {
-        "jpg": "image/jpeg",
-        "jpeg": "image/jpeg",
-        "png": "image/png",
-        "bmp": "image/bmp",
-        "webp": "image/webp",
-        "gif": "image/gif",
-        "tif": "image/tiff",
-        "tiff": "image/tiff",
-    }.get(ext, "application/octet-stream")
+    return MIME_BY_EXT.get(ext, "application/octet-stream")
 
 
 def sly_hash(path: str | Path) -> str:
-    """The SDK's image hash: base64 of SHA-256 of the bytes."""
+    """The SDK's hash (``sly.fs.get_file_hash``): base64 of the SHA-256 of the bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
             digest.update(chunk)
     return base64.b64encode(digest.digest()).decode()
 
 
 class Store:
-    """All records and files of one emulated instance (thread-safe)."""
+    """All records and files of one emulated instance.
+
+    One SQLite connection behind a re-entrant lock: requests are short, and a single
+    writer keeps WAL simple. ``transaction()`` groups a bulk call into one commit (one
+    fsync for a 1000-image ``images.bulk.add`` instead of thousands).
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        (self.root / "files").mkdir(parents=True, exist_ok=True)
-        (self.root / "images").mkdir(exist_ok=True)
-        (self.root / "uploads").mkdir(exist_ok=True)
+        for sub in ("files", "images", "uploads"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._clear_uploads()
         self._lock = threading.RLock()
+        self._depth = 0
         self._db = sqlite3.connect(
             self.root / "state.sqlite", check_same_thread=False, isolation_level=None
         )
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         for kind in KINDS:
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS {kind} "
                 "(id INTEGER PRIMARY KEY, parent INTEGER, doc TEXT NOT NULL)"
             )
             self._db.execute(f"CREATE INDEX IF NOT EXISTS {kind}_parent ON {kind}(parent)")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS images_name ON images(parent, json_extract(doc, '$.name'))"
+        )
         if not self.all("teams"):
-            team = self.insert("teams", None, {"name": "team", "description": "", "role": "admin"})
-            self.insert(
-                "workspaces",
-                team["id"],
-                {"name": "workspace", "description": "", "teamId": team["id"]},
-            )
+            self._seed()
+
+    def _seed(self) -> None:
+        """A fresh instance: one team and one workspace, like a new Supervisely account."""
+        team = self.insert(
+            "teams", None, {"name": "team", "description": "", "role": "admin", "usage": None}
+        )
+        self.insert(
+            "workspaces", team["id"], {"name": "workspace", "description": "", "teamId": team["id"]}
+        )
+
+    def _clear_uploads(self) -> None:
+        """Partial uploads left by a killed emulator are garbage: nothing refers to them."""
+        for leftover in (self.root / "uploads").iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together (or not at all); nests."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     # ---- generic records -------------------------------------------------------------
 
@@ -113,34 +195,26 @@ class Store:
         with self._lock:
             stamp = now_iso()
             doc = {"createdAt": stamp, "updatedAt": stamp, **doc}
-            cur = self._db.execute(
-                f"INSERT INTO {kind} (parent, doc) VALUES (?, ?)", (parent, json.dumps(doc))
-            )
+            sql = f"INSERT INTO {kind} (parent, doc) VALUES (?, ?)"
+            cur = self._db.execute(sql, (parent, "{}"))
             doc["id"] = cur.lastrowid
-            self._db.execute(
-                f"UPDATE {kind} SET doc = ? WHERE id = ?", (json.dumps(doc), doc["id"])
-            )
+            self._write_doc(kind, doc)
             return doc
 
-    def insert_many(
-        self, kind: str, parent: int | None, docs: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                out = [self.insert(kind, parent, d) for d in docs]
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return out
+    def _write_doc(self, kind: str, doc: dict[str, Any]) -> None:
+        self._db.execute(f"UPDATE {kind} SET doc = ? WHERE id = ?", (json.dumps(doc), doc["id"]))
 
-    def update(self, kind: str, doc: dict[str, Any]) -> None:
+    def insert_many(
+        self, kind: str, parent: int | None, docs: Iterable[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        with self.transaction():
+            return [self.insert(kind, parent, d) for d in docs]
+
+    def update(self, kind: str, doc: dict[str, Any], touch: bool = True) -> None:
         with self._lock:
-            doc["updatedAt"] = now_iso()
-            self._db.execute(
-                f"UPDATE {kind} SET doc = ? WHERE id = ?", (json.dumps(doc), doc["id"])
-            )
+            if touch:
+                doc["updatedAt"] = now_iso()
+            self._write_doc(kind, doc)
 
     def get(self, kind: str, ident: Any) -> dict[str, Any]:
         if not isinstance(ident, int) or isinstance(ident, bool):
@@ -152,11 +226,24 @@ class Store:
         doc: dict[str, Any] = json.loads(row[0])
         return doc
 
-    def find(self, kind: str, ident: int) -> dict[str, Any] | None:
-        try:
-            return self.get(kind, ident)
-        except ApiError:
-            return None
+    def get_many(self, kind: str, ids: Iterable[int]) -> list[dict[str, Any]]:
+        """The records among ``ids`` that exist, in id order."""
+        wanted = sorted({i for i in ids if isinstance(i, int) and not isinstance(i, bool)})
+        return [json.loads(r[0]) for r in self._select_in(f"SELECT doc FROM {kind}", "id", wanted)]
+
+    def _select_in(self, select: str, column: str, values: list[int]) -> list[tuple[Any, ...]]:
+        """``select ... WHERE column IN (values) ORDER BY id``, in SQLite-sized batches."""
+        rows: list[tuple[Any, ...]] = []
+        for i in range(0, len(values), SQL_BATCH):
+            part = values[i : i + SQL_BATCH]
+            marks = ",".join("?" * len(part))
+            with self._lock:
+                rows.extend(
+                    self._db.execute(
+                        f"{select} WHERE {column} IN ({marks}) ORDER BY id", part
+                    ).fetchall()
+                )
+        return rows
 
     def all(self, kind: str, parent: int | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -184,9 +271,48 @@ class Store:
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def children_of(self, kind: str, parents: Iterable[int]) -> dict[int, list[dict[str, Any]]]:
+        """parent id -> its records (id order), for many parents in a few queries."""
+        wanted = sorted(set(parents))
+        out: dict[int, list[dict[str, Any]]] = {p: [] for p in wanted}
+        for parent, doc in self._select_in(f"SELECT parent, doc FROM {kind}", "parent", wanted):
+            out[int(parent)].append(json.loads(doc))
+        return out
+
     def delete(self, kind: str, ident: int) -> None:
         with self._lock:
             self._db.execute(f"DELETE FROM {kind} WHERE id = ?", (ident,))
+
+    def delete_children(self, kind: str, parent: int) -> None:
+        with self._lock:
+            self._db.execute(f"DELETE FROM {kind} WHERE parent = ?", (parent,))
+
+    def image_ids_by_name(self, dataset_id: int, names: Iterable[str]) -> dict[str, int]:
+        """name -> id of the images of ``dataset_id`` among ``names`` (one indexed query per
+        batch, so a 1000-image bulk add does not read the whole dataset)."""
+        wanted = list(dict.fromkeys(names))
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), SQL_BATCH):
+            part = wanted[i : i + SQL_BATCH]
+            marks = ",".join("?" * len(part))
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT json_extract(doc, '$.name'), id FROM images "
+                    f"WHERE parent = ? AND json_extract(doc, '$.name') IN ({marks})",
+                    (dataset_id, *part),
+                ).fetchall()
+            out.update({str(name): int(ident) for name, ident in rows})
+        return out
+
+    def project_totals(self, project_id: int) -> tuple[int, int]:
+        """(image count, total image bytes) of a project, summed in SQL."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(json_extract(doc, '$.size')), 0) FROM images "
+                "WHERE parent IN (SELECT id FROM datasets WHERE parent = ?)",
+                (project_id,),
+            ).fetchone()
+        return int(row[0]), int(row[1])
 
     # ---- files -----------------------------------------------------------------------
 
@@ -196,35 +322,54 @@ class Store:
     def image_path(self, digest: str) -> Path:
         return self.root / "images" / hashlib.sha1(digest.encode()).hexdigest()
 
+    def team_file_by_path(self, team_id: int, remote_path: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT doc FROM files WHERE parent = ? AND json_extract(doc, '$.path') = ?",
+                (team_id, remote_path),
+            ).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
     def add_team_file(self, team_id: int, remote_path: str, src: Path) -> dict[str, Any]:
-        """Move ``src`` into Team Files at ``remote_path`` (replacing a file of that path)."""
+        """Move ``src`` into Team Files at ``remote_path``.
+
+        A file already at that path is replaced by a new record with a new id (its bytes
+        are deleted), so images registered against the old id stop resolving: the same
+        outcome as deleting and re-uploading on a real instance.
+        """
         remote_path = "/" + remote_path.lstrip("/")
-        for old in self.all("files", team_id):
-            if old["path"] == remote_path:
-                self.delete("files", old["id"])
-                self.file_path(old["id"]).unlink(missing_ok=True)
-        size = src.stat().st_size
+        digest, size = sly_hash(src), src.stat().st_size
         name = os.path.basename(remote_path)
-        doc = self.insert(
-            "files",
-            team_id,
-            {
-                "teamId": team_id,
-                "userId": 1,
-                "name": name,
-                "path": remote_path,
-                "hash": sly_hash(src),
-                "mime": mime_of(name),
-                "ext": os.path.splitext(name)[1].lstrip("."),
-                "size": size,
-                "storagePath": f"/teams_storage/{team_id}{remote_path}",
-                "isDir": False,
-            },
-        )
-        doc["fullStorageUrl"] = doc["storagePath"]
-        shutil.move(str(src), self.file_path(doc["id"]))
-        self.update("files", doc)
+        ext = os.path.splitext(name)[1].lstrip(".")
+        with self.transaction():
+            old = self.team_file_by_path(team_id, remote_path)
+            if old is not None:
+                self.remove_team_file(old)
+            doc = self.insert(
+                "files",
+                team_id,
+                {
+                    "teamId": team_id,
+                    "userId": 1,
+                    "name": name,
+                    "path": remote_path,
+                    "hash": digest,
+                    "mime": mime_of(name),
+                    "ext": ext,
+                    "size": size,
+                    "meta": {"mime": mime_of(name), "ext": ext, "size": size},
+                    "storagePath": f"/teams_storage/{team_id}{remote_path}",
+                    "fullStorageUrl": f"/teams_storage/{team_id}{remote_path}",
+                    "isDir": False,
+                    "type": "file",
+                },
+            )
+            shutil.move(str(src), self.file_path(doc["id"]))
         return doc
+
+    def remove_team_file(self, doc: dict[str, Any]) -> None:
+        self.delete("files", doc["id"])
+        self.file_path(doc["id"]).unlink(missing_ok=True)
 
     def new_upload_path(self) -> Path:
         return self.root / "uploads" / f"{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
@@ -278,8 +423,8 @@ def parse_multipart(body_path: Path, content_type: str, store: Store) -> list[Pa
             else:
                 out = store.new_upload_path()
                 with open(out, "wb") as dst:
-                    for i in range(head_end + 4, nxt, 1 << 20):
-                        dst.write(mm[i : min(i + (1 << 20), nxt)])
+                    for i in range(head_end + 4, nxt, COPY_CHUNK):
+                        dst.write(mm[i : min(i + COPY_CHUNK, nxt)])
                 parts.append((name, filename, out))
             pos = nxt + 2
     return parts

@@ -1,358 +1,121 @@
 """An emulator of the Supervisely public REST API, for tests, benchmarks and demos.
 
-    python -m blobfs.testing.emulator --state DIR --port PORT --token-file FILE
+    python -m blobfs.testing.emulator --state DIR [--port PORT] --token-file FILE
 
-Serves ``/public/api/v3/<method>`` (the methods in :mod:`blobfs.testing._emu_api`) with the
-token in ``x-api-key`` (401 without it), keeps its state in ``DIR`` (SQLite + files, so a
-restart keeps everything), streams blob bytes with HTTP Range (206, 416, ``Content-Range``,
-``ETag``), keeps connections alive and answers from many threads.
+(or ``--token TOKEN``, or the ``BLOBFS_EMULATOR_TOKEN`` environment variable). It prints
+``listening on http://HOST:PORT`` once ready; ``--port 0`` picks a free port.
 
-Faults, for every test that needs a misbehaving server, switchable for the whole run
-(``Emulator.faults``, or ``POST /_emulator/faults``) and per request (header
-``x-emulator-fault: latency_ms=5;ignore_range``):
+Serves ``/public/api/v3/<method>`` (handlers in :mod:`blobfs.testing._emu_api` and
+:mod:`blobfs.testing._emu_images`, HTTP in :mod:`blobfs.testing._emu_http`) with the
+token in ``x-api-key`` (401 without it), keeps its state in ``DIR`` (SQLite + files, so
+a restart keeps everything), streams file bytes with HTTP Range (206, 416,
+``Content-Range``, ``ETag``), keeps connections alive and answers from many threads.
+``docs/emulator.md`` says what is and is not emulated.
 
-=====================  ==============================================================
-``latency_ms=N``       add N ms to every request
-``fail_n=N``           the next N matching requests answer ``fail_status`` (500)
-``fail_status=503``    status used by ``fail_n``
-``reset_mid_body``     send half the body, then drop the connection
-``short_body``         announce the full length, send less, close
-``ignore_range``       answer 200 with the whole object
-``wrong_content_range``  answer 206 with a Content-Range shifted by one byte
-``scope=blob|all|M``   which requests the run-wide faults hit (default: blob downloads)
-=====================  ==============================================================
-
-Counters (per method, bytes sent) are in ``Emulator.stats()`` and ``GET /_emulator/stats``.
+Faults (:mod:`blobfs.testing._emu_faults`) are set for the run through
+``Emulator.faults`` or ``POST /_emulator/faults``, and per request by the header
+``x-emulator-fault: latency_ms=5;ignore_range``. Counters and a log of recent requests
+are in ``Emulator.stats()`` / ``request_log()`` and ``GET /_emulator/stats`` / ``log``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
-import json
 import logging
 import os
-import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import threading
-import time
-from collections import Counter
-from dataclasses import dataclass, field, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import Counter, deque
 from pathlib import Path
+from types import FrameType
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
-from blobfs.testing._emu_api import BLOB_METHODS, METHODS, FileBody, Raw, dumps
-from blobfs.testing._emu_store import ApiError, Store, parse_multipart
+from blobfs.testing._emu_faults import Faults
+from blobfs.testing._emu_http import METHODS, Server, Unsatisfiable, parse_range
+from blobfs.testing._emu_store import ApiError, Store
+
+__all__ = ["METHODS", "Emulator", "Unsatisfiable", "main", "parse_range", "start_process"]
 
 logger = logging.getLogger(__name__)
 
-API_PREFIX = "/public/api/v3/"
-CHUNK = 256 << 10
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
-
-
-@dataclass
-class Faults:
-    """Run-wide fault settings (see the module docstring)."""
-
-    latency_ms: float = 0.0
-    fail_n: int = 0
-    fail_status: int = 500
-    reset_mid_body: bool = False
-    short_body: bool = False
-    ignore_range: bool = False
-    wrong_content_range: bool = False
-    scope: str = "blob"
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def update(self, values: dict[str, Any]) -> None:
-        with self._lock:
-            for key, value in values.items():
-                if key.startswith("_") or not hasattr(self, key):
-                    raise ValueError(f"unknown fault {key!r}")
-                setattr(self, key, type(getattr(self, key))(value))
-
-    def snapshot(self) -> dict[str, Any]:
-        """The current settings (without the lock)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-
-    def reset(self) -> None:
-        self.update(Faults().snapshot())
-
-    def for_request(self, method: str, header: str | None) -> dict[str, Any]:
-        """The faults that apply to one request (run-wide ones in scope, plus its header)."""
-        active: dict[str, Any] = {}
-        in_scope = (
-            self.scope == "all"
-            or self.scope == method
-            or (self.scope == "blob" and method in BLOB_METHODS)
-        )
-        with self._lock:
-            if self.latency_ms:
-                active["latency_ms"] = self.latency_ms
-            if in_scope:
-                if self.fail_n > 0:
-                    self.fail_n -= 1
-                    active["fail"] = self.fail_status
-                for key in ("reset_mid_body", "short_body", "ignore_range", "wrong_content_range"):
-                    if getattr(self, key):
-                        active[key] = True
-        for item in (header or "").split(";"):
-            key, sep, value = item.strip().partition("=")
-            if not key:
-                continue
-            if key == "fail_status":
-                active["fail"] = int(value)
-            else:
-                active[key] = float(value) if sep else True
-        return active
-
-
-def _query_body(query: dict[str, str]) -> dict[str, Any]:
-    """GET requests (the SDK's async downloads) carry their fields in the query string."""
-    return {k: int(v) if v.isdigit() else v for k, v in query.items()}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], emulator: Emulator) -> None:
-        super().__init__(address, _Handler)
-        self.emulator = emulator
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s %s", self.address_string(), format % args)
-
-    # ---- plumbing ------------------------------------------------------------------
-
-    def _send_json(self, status: int, value: Any) -> None:
-        data = dumps(value)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        self.server.emulator._count_bytes(len(data))
-
-    def _authorized(self) -> bool:
-        given = self.headers.get("x-api-key", "")
-        return hmac.compare_digest(given.encode(), self.server.emulator.token.encode())
-
-    def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/_emulator/"):
-            self._control()
-        elif self.path.rstrip("/") in ("", "/public/api"):
-            self._send_json(200, {"emulator": "blobfs"})
-        else:
-            self._api()
-
-    def do_POST(self) -> None:
-        if self.path.startswith("/_emulator/"):
-            self._control()
-        else:
-            self._api()
-
-    def _control(self) -> None:
-        emulator = self.server.emulator
-        body = self._read_body()
-        if not self._authorized():
-            self._send_json(401, {"error": "unauthorized"})
-            return
-        path = urlsplit(self.path).path
-        if path == "/_emulator/stats":
-            self._send_json(200, emulator.stats())
-        elif path == "/_emulator/stats/reset":
-            emulator.reset_stats()
-            self._send_json(200, {"success": True})
-        elif path == "/_emulator/faults":
-            try:
-                if body:
-                    emulator.faults.update(json.loads(body))
-            except (ValueError, TypeError) as exc:
-                self._send_json(400, {"error": str(exc)})
-                return
-            self._send_json(200, emulator.faults.snapshot())
-        elif path == "/_emulator/faults/reset":
-            emulator.faults.reset()
-            self._send_json(200, {"success": True})
-        else:
-            self._send_json(404, {"error": "unknown control path"})
-
-    # ---- the API ---------------------------------------------------------------------
-
-    def _api(self) -> None:
-        emulator = self.server.emulator
-        parts = urlsplit(self.path)
-        if not parts.path.startswith(API_PREFIX):
-            self._read_body()
-            self._send_json(404, {"error": "not found"})
-            return
-        method = parts.path[len(API_PREFIX) :]
-        emulator._count(method)
-        faults = emulator.faults.for_request(method, self.headers.get("x-emulator-fault"))
-        if faults.get("latency_ms"):
-            time.sleep(float(faults["latency_ms"]) / 1000)
-        content_type = self.headers.get("Content-Type", "")
-        if content_type.startswith("multipart/"):
-            body: Any = self._save_multipart(content_type)
-        else:
-            raw = self._read_body()
-            body = None
-        if not self._authorized():
-            self._send_json(401, {"error": "Unauthorized", "details": {"message": "bad token"}})
-            return
-        if "fail" in faults:
-            self._send_json(int(faults["fail"]), {"error": "injected failure"})
-            return
-        handler = METHODS.get(method)
-        if handler is None:
-            self._send_json(404, {"error": f"method {method} is not emulated"})
-            return
-        query = dict(parse_qsl(parts.query))
-        try:
-            if body is None:
-                body = json.loads(raw) if raw else _query_body(query)
-            result = handler(emulator.store, body, query)
-        except ApiError as exc:
-            self._send_json(exc.status, {"error": str(exc), "details": {"message": str(exc)}})
-            return
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            self._send_json(400, {"error": f"bad request: {type(exc).__name__}: {exc}"})
-            return
-        self._answer(result, faults)
-
-    def _answer(self, result: Any, faults: dict[str, Any]) -> None:
-        if isinstance(result, FileBody):
-            self._send_file(result, faults)
-        elif isinstance(result, Raw):
-            self.send_response(200)
-            self.send_header("Content-Type", result.content_type)
-            self.send_header("Content-Length", str(len(result.data)))
-            self.end_headers()
-            self.wfile.write(result.data)
-            self.server.emulator._count_bytes(len(result.data))
-        else:
-            self._send_json(200, result)
-
-    def _save_multipart(self, content_type: str) -> Any:
-        emulator = self.server.emulator
-        path = emulator.store.new_upload_path()
-        remaining = int(self.headers.get("Content-Length") or 0)
-        with open(path, "wb") as f:
-            while remaining:
-                chunk = self.rfile.read(min(CHUNK, remaining))
-                if not chunk:
-                    break
-                f.write(chunk)
-                remaining -= len(chunk)
-        try:
-            return parse_multipart(path, content_type, emulator.store)
-        finally:
-            path.unlink(missing_ok=True)
-
-    def _send_file(self, body: FileBody, faults: dict[str, Any]) -> None:
-        start, end = 0, body.size
-        status = 200
-        header = self.headers.get("Range")
-        if header and not faults.get("ignore_range"):
-            match = _RANGE.match(header.strip())
-            first, last = (match.group(1), match.group(2)) if match else ("", "")
-            if not match or (first == "" and last == ""):
-                start, end = -1, -1
-            elif first == "":
-                start, end = max(0, body.size - int(last)), body.size
-            else:
-                start, end = int(first), min(int(last) + 1 if last else body.size, body.size)
-            if start < 0 or start >= body.size or start >= end:
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{body.size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status = 206
-        self.send_response(status)
-        self.send_header("Content-Type", body.content_type)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", body.etag)
-        self.send_header("Content-Length", str(end - start))
-        if status == 206:
-            shown = (start + 1, end) if faults.get("wrong_content_range") else (start, end - 1)
-            self.send_header("Content-Range", f"bytes {shown[0]}-{shown[1]}/{body.size}")
-        self.end_headers()
-        self._stream(body, start, end, faults)
-
-    def _stream(self, body: FileBody, start: int, end: int, faults: dict[str, Any]) -> None:
-        send_until = end
-        if faults.get("reset_mid_body") or faults.get("short_body"):
-            send_until = start + (end - start) // 2
-        with open(body.path, "rb") as f:
-            f.seek(body.offset + start)
-            pos = start
-            while pos < send_until:
-                chunk = f.read(min(CHUNK, send_until - pos))
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                pos += len(chunk)
-                self.server.emulator._count_bytes(len(chunk))
-        if send_until < end:
-            self.wfile.flush()
-            if faults.get("reset_mid_body"):
-                self.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
-            self.close_connection = True
+#: How many recent requests ``request_log()`` keeps.
+LOG_SIZE = 10_000
 
 
 class Emulator:
-    """The emulator as a Python object: ``with Emulator(dir, token) as emu: emu.url``."""
+    """The emulator as a Python object::
+
+        with Emulator(tmp_path / "state", token) as emu:
+            api = sly.Api(emu.url, token)
+            emu.faults.update({"fail_n": 2})
+            emu.stats()["methods"]
+
+    The server socket is bound at construction (so ``url`` is known); ``start()`` serves
+    from a daemon thread, ``serve_forever()`` from the calling one.
+    """
 
     def __init__(
         self, state_dir: str | os.PathLike[str], token: str, host: str = "127.0.0.1", port: int = 0
     ) -> None:
+        if not token:
+            raise ValueError("the emulator needs a non-empty token")
         self.store = Store(state_dir)
         self.token = token
         self.faults = Faults()
-        self._server = _Server((host, port), self)
+        try:
+            self._server = Server((host, port), self)
+        except OSError:
+            self.store.close()
+            raise
         self._thread: threading.Thread | None = None
-        self._counts: Counter[str] = Counter()
-        self._bytes = 0
+        self._stopped = False
+        self._served = False
         self._lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        self._counts: Counter[str] = Counter()
+        self._statuses: Counter[str] = Counter()
+        self._bytes = 0
+        self._log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
 
     @property
     def url(self) -> str:
+        """``http://HOST:PORT``, the SDK's ``server_address``."""
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        return int(self._server.server_address[1])
+
     def start(self) -> Emulator:
+        """Serve from a daemon thread; returns self (``emu = Emulator(...).start()``)."""
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="blobfs-emulator", daemon=True
+            target=self.serve_forever, name="blobfs-emulator", daemon=True
         )
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
-        self._server.serve_forever()
+        """Serve from the calling thread until ``stop()`` (or an exception there)."""
+        self._served = True
+        self._server.serve_forever(poll_interval=0.05)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and release the state folder (safe to call twice)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._served:  # shutdown() waits for serve_forever: never call it without one
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(10)
         self._server.server_close()
+        self.store.close()
 
     def __enter__(self) -> Emulator:
         return self.start()
@@ -360,27 +123,80 @@ class Emulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _count(self, method: str) -> None:
+    def lock_for(self, method: str) -> contextlib.AbstractContextManager[Any]:
+        """Writes run one at a time (a bulk add checks names, then inserts); reads and
+        downloads run in parallel."""
+        reads = (".list", ".info", ".download", ".meta", "hashes.list", "instance.version")
+        if method.endswith(reads):
+            return contextlib.nullcontext()
+        return self._write_lock
+
+    # ---- counters ---------------------------------------------------------------------
+
+    def _open_entry(
+        self, method: str, status: int, range_header: str | None, faults: list[str], secs: float
+    ) -> dict[str, Any]:
+        entry = {
+            "method": method,
+            "status": status,
+            "bytes": 0,
+            "range": range_header,
+            "faults": faults,
+            "ms": round(secs * 1000, 3),
+        }
         with self._lock:
             self._counts[method] += 1
+            self._statuses[str(status)] += 1
+            self._log.append(entry)
+        return entry
 
-    def _count_bytes(self, n: int) -> None:
+    def _add_sent(self, entry: dict[str, Any], n: int) -> None:
         with self._lock:
+            entry["bytes"] += n
             self._bytes += n
 
     def stats(self) -> dict[str, Any]:
-        """Requests per method, total requests and body bytes sent since the last reset."""
+        """Requests in total, per method and per status, and body bytes sent, since the
+        last reset."""
         with self._lock:
             return {
                 "requests": sum(self._counts.values()),
                 "methods": dict(self._counts),
+                "statuses": dict(self._statuses),
                 "bytes_sent": self._bytes,
             }
 
+    def request_log(self) -> list[dict[str, Any]]:
+        """The last requests (oldest first): method, status, body bytes, Range header,
+        faults that fired, milliseconds until the answer began."""
+        with self._lock:
+            return [dict(e) for e in self._log]
+
     def reset_stats(self) -> None:
+        """Zero the counters and empty the request log (faults are left as they are)."""
         with self._lock:
             self._counts.clear()
+            self._statuses.clear()
             self._bytes = 0
+            self._log.clear()
+
+    def control(self, path: str, body: Any) -> Any:
+        """The ``/_emulator/<path>`` endpoints, for an emulator in another process."""
+        if path == "stats":
+            return self.stats()
+        if path == "stats/reset":
+            self.reset_stats()
+            return {"success": True}
+        if path == "log":
+            return self.request_log()
+        if path == "faults":
+            if body:
+                self.faults.update(body)
+            return self.faults.snapshot()
+        if path == "faults/reset":
+            self.faults.reset()
+            return self.faults.snapshot()
+        raise ApiError(404, f"unknown control path {path!r}")
 
 
 def start_process(
@@ -412,17 +228,24 @@ def start_process(
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         proc.kill()
+        proc.wait()
         raise RuntimeError(f"emulator did not start: {line!r}")
     return proc, line.split()[-1]
 
 
 def _token(args: argparse.Namespace) -> str:
+    """From ``--token-file``, ``--token`` or ``BLOBFS_EMULATOR_TOKEN`` (first found)."""
     if args.token_file:
-        return Path(args.token_file).read_text().strip()
-    token = args.token or os.environ.get("BLOBFS_EMULATOR_TOKEN")
+        token = Path(args.token_file).read_text().strip()
+    else:
+        token = args.token or os.environ.get("BLOBFS_EMULATOR_TOKEN", "")
     if not token:
-        sys.exit("emulator: give --token, --token-file or BLOBFS_EMULATOR_TOKEN")
+        sys.exit("emulator: give --token-file, --token or BLOBFS_EMULATOR_TOKEN")
     return str(token)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -431,20 +254,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--state", required=True, help="state folder (created if missing)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token", default=None)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--token", default=None, help="prefer --token-file (argv is public)")
     parser.add_argument("--token-file", default=None)
-    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
     parser.add_argument("--reset", action="store_true", help="start from an empty state")
+    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    token = _token(args)
     if args.reset:
         shutil.rmtree(args.state, ignore_errors=True)
-    emulator = Emulator(args.state, _token(args), args.host, args.port)
-    emulator.faults.update({"latency_ms": args.latency_ms, "scope": "all"})
+    emulator = Emulator(args.state, token, args.host, args.port)
+    emulator.faults.update({"latency_ms": args.latency_ms})
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print(f"listening on {emulator.url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        emulator.serve_forever()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            emulator.serve_forever()
+    finally:
+        emulator.stop()
 
 
 if __name__ == "__main__":
