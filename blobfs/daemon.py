@@ -19,7 +19,7 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.cache.disk import DiskBlockStore
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
 from blobfs.errors import InvalidInput, NotFound
-from blobfs.fuse.compat import FUSE
+from blobfs.fuse.compat import FUSE_MAJOR, BlobfsFUSE
 from blobfs.fuse.ops import BlobfsOperations, WritebackOperations
 from blobfs.notify import sd_notify
 from blobfs.sources.base import Source
@@ -81,7 +81,7 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
         "attr_timeout": timeout,
         "entry_timeout": timeout,
         "negative_timeout": min(timeout, 60.0),
-        "max_read": 1 << 20,
+        **({"max_read": 1 << 20} if FUSE_MAJOR == 2 else {}),
     }
     if config.allow_other:
         kwargs["allow_other"] = True
@@ -175,7 +175,13 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
         del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change
         kwargs["attr_timeout"] = kwargs["entry_timeout"] = 1.0
     try:
-        FUSE(ops, config.mountpoint, raw_fi=False, **kwargs)
+        BlobfsFUSE(ops, config.mountpoint, raw_fi=False, **kwargs)
+    except RuntimeError as exc:
+        # libfuse 3's loop reports an exit by SIGTERM/SIGINT as an error code (mfusepy
+        # raises it); after a served mount that is the normal, clean way to stop.
+        if not ops.served:
+            raise
+        logger.debug("libfuse exited with %s after a clean unmount", exc)
     finally:
         view.source.close()
         logger.info("unmounted %s", config.mountpoint)

@@ -1,10 +1,117 @@
-"""Import shim: mfusepy (maintained fork) first, fusepy as a fallback, in one place."""
+"""Import shim: mfusepy (maintained fork) first, fusepy as a fallback, in one place.
+
+It also picks the libfuse the process binds to (before mfusepy loads it): libfuse 3 when
+it is installed and usable, because only libfuse 3 passes attributes with directory
+listings (readdirplus), which saves the kernel one lookup round trip per file of a scan.
+``FUSE_LIBRARY_PATH`` set by the user always wins.
+"""
 
 from __future__ import annotations
 
-try:
-    from mfusepy import FUSE, FuseOSError, Operations
-except ImportError:  # pragma: no cover - only on machines with the old fusepy
-    from fuse import FUSE, FuseOSError, Operations  # type: ignore[no-redef,unused-ignore]
+import ctypes
+import ctypes.util
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["FUSE", "FuseOSError", "Operations"]
+
+def _choose_libfuse() -> None:
+    """Point mfusepy at libfuse 3 when this process can mount with it.
+
+    Unprivileged mounts need libfuse 3's own helper (``fusermount3``); root mounts
+    directly. Without either, mfusepy's default (libfuse 2 first) stays in force.
+    """
+    if os.environ.get("FUSE_LIBRARY_PATH") or os.environ.get("BLOBFS_LIBFUSE") == "2":
+        return
+    path = ctypes.util.find_library("fuse3")
+    if path and (os.geteuid() == 0 or shutil.which("fusermount3")):
+        os.environ["FUSE_LIBRARY_PATH"] = path
+
+
+_choose_libfuse()
+
+try:
+    from mfusepy import FUSE, FuseOSError, Operations, c_stat, fuse_version_major, set_st_attrs
+except ImportError:  # pragma: no cover - only on machines with the old fusepy
+    from fuse import (  # type: ignore[no-redef,unused-ignore]
+        FUSE,
+        FuseOSError,
+        Operations,
+        c_stat,
+        set_st_attrs,
+    )
+
+    fuse_version_major = 2
+
+#: The major version of the libfuse this process is bound to (2 or 3).
+FUSE_MAJOR: int = fuse_version_major
+
+#: libfuse 3's readdir flag (the kernel asked for READDIRPLUS), filler flag (this entry
+#: carries full attributes) and the capability that makes the kernel fall back to plain
+#: READDIR after the first page unless lookups follow, from ``fuse.h``/``fuse_common.h``.
+FUSE_READDIR_PLUS = 1
+FUSE_FILL_DIR_PLUS = 2
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+S_IFDIR = 0o040000
+S_IFREG = 0o100000
+
+#: What an operations object offers for readdirplus: ``(name, stat fields or None)`` from
+#: entry number ``start`` on; None for an entry whose attributes need I/O to learn.
+ReaddirPlus = Callable[[str, int], Iterable[tuple[str, dict[str, int] | None]]]
+
+
+class BlobfsFUSE(FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE plus readdirplus on libfuse 3.
+
+    mfusepy ignores the readdirplus request (its TODO), so every file of a listing costs
+    the kernel a LOOKUP before it can be opened. Here, when the operations object has a
+    ``readdir_plus`` method, each entry goes to libfuse's filler with its full ``stat``,
+    ``FUSE_FILL_DIR_PLUS`` and a non-zero offset: only on that path does libfuse create
+    the node, so that the kernel caches entry and attributes for their timeouts. The
+    listing is served page by page (the offset is the index of the next entry), and the
+    kernel is told to use READDIRPLUS for every page, not only the first.
+    """
+
+    def init_fuse_3(self, conn: Any, config: Any) -> None:
+        if conn and getattr(self.operations, "readdir_plus", None) is not None:
+            conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        super().init_fuse_3(conn, config)
+
+    def readdir_fuse_3(
+        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+    ) -> int:
+        plus: ReaddirPlus | None = getattr(self.operations, "readdir_plus", None)
+        if plus is None or not flags & FUSE_READDIR_PLUS or path is None:
+            return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
+        st = c_stat()
+        size = ctypes.sizeof(st)
+        index = offset
+        while index < 2:  # "." and "..": libfuse never looks these up
+            ctypes.memset(ctypes.byref(st), 0, size)
+            st.st_mode = S_IFDIR
+            if filler(buf, b"." * (index + 1), st, index + 1, 0):
+                return 0
+            index += 1
+        for name, attrs in plus(path.decode(self.encoding, self.errors), index - 2):
+            ctypes.memset(ctypes.byref(st), 0, size)
+            if attrs is None:
+                entry_flags = 0
+                st.st_mode = S_IFREG  # the kernel looks the rest up when it needs it
+            else:
+                entry_flags = FUSE_FILL_DIR_PLUS
+                set_st_attrs(st, attrs, use_ns=self.use_ns)
+            index += 1
+            if filler(buf, name.encode(self.encoding, self.errors), st, index, entry_flags):
+                break
+        return 0
+
+
+__all__ = [
+    "FUSE",
+    "FUSE_MAJOR",
+    "BlobfsFUSE",
+    "FuseOSError",
+    "Operations",
+    "ReaddirPlus",
+]

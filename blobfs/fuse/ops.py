@@ -16,7 +16,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from blobfs.errors import (
@@ -44,8 +44,12 @@ REFUSALS = (NotPermitted, ReadOnly, AlreadyExists, InvalidInput, Busy, IsADirect
 def errno_boundary(func: F) -> F:
     """Map any exception of a FUSE operation to the errno the caller sees, and log why."""
 
+    name = func.__name__
+
     @functools.wraps(func)
     def wrapper(self: BlobfsOperations, *args: Any) -> Any:
+        counts = self.view.op_counts
+        counts[name] = counts.get(name, 0) + 1  # under the GIL; a rare lost count is fine
         try:
             return func(self, *args)
         except FuseOSError:
@@ -84,6 +88,8 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
         no_open: bool = True,
     ) -> None:
         self.view = view
+        #: Set once libfuse tore the mount down after serving it (destroy was called).
+        self.served = False
         self._on_ready = on_ready
         self._on_exit = on_exit
         if not no_open:
@@ -100,6 +106,7 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
             self._on_ready()
 
     def destroy(self, path: str) -> None:
+        self.served = True
         if self._on_exit is not None:
             self._on_exit()
 
@@ -110,6 +117,11 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
     @errno_boundary
     def readdir(self, path: str, fh: int) -> list[str]:
         return [".", "..", *self.view.readdir(path)]
+
+    @errno_boundary
+    def readdir_plus(self, path: str, start: int) -> Iterator[tuple[str, dict[str, int] | None]]:
+        """Listing with attributes, for libfuse 3's readdirplus (see ``BlobfsFUSE``)."""
+        return self.view.readdir_attrs(path, start)
 
     @errno_boundary
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -136,6 +148,9 @@ class WritebackOperations(BlobfsOperations):
     ) -> None:
         super().__init__(view, on_ready, on_exit)
         self.wview = view
+        # Staged files change size while written: the overlay's listing carries no
+        # attributes, so the kernel asks getattr (with its short timeout) as before.
+        self.readdir_plus = None  # type: ignore[method-assign,assignment]
 
     @errno_boundary
     def create(self, path: str, mode: int, fi: Any = None) -> int:

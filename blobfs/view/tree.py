@@ -21,8 +21,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
@@ -38,6 +39,8 @@ DEFAULT_LISTING_TTL_S = 60.0
 CONTROL_DIR = "/.blobfs"
 MAX_SNAPSHOTS = 64
 SIZE_CACHE_ENTRIES = 1_000_000
+#: Folders whose listing is kept as a list for paging (readdirplus); a few suffice.
+LISTING_MEMO_ENTRIES = 64
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 
@@ -76,6 +79,9 @@ class ProjectView:
         # Sizes learnt by fetching content (remote annotations), keyed by the record itself:
         # records are immutable and hashable, and a refreshed listing brings new ones.
         self._sizes: LockedLru[FileRecord, int] = LockedLru(SIZE_CACHE_ENTRIES)
+        # id(children dict) -> (that dict, its items as a list): readdirplus pages through
+        # a listing by index, and a 30,000-entry folder is listed in ~500 pages.
+        self._listings: dict[int, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
         self.handles = HandleTable()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_time_ns = time.time_ns()
@@ -83,6 +89,10 @@ class ProjectView:
         self._immutable = source.is_immutable()
         self._snapshots: dict[str, FileRecord] = {}
         self.extra_stats: Callable[[], dict[str, object]] | None = None
+        #: FUSE operations served, by name (counted by the FUSE layer): shows in
+        #: ``blobfs stats`` how many round trips reached Python, e.g. lookups saved by
+        #: readdirplus.
+        self.op_counts: dict[str, int] = {}
 
     # ---- tree ------------------------------------------------------------------------
 
@@ -184,6 +194,7 @@ class ProjectView:
             "problems": len(self.source.problems()),
             "rss_bytes": _rss_bytes(),
             **self.source.stats(),
+            "fuse_ops": dict(self.op_counts),
         }
         if self.extra_stats is not None:
             out.update(self.extra_stats())
@@ -216,28 +227,68 @@ class ProjectView:
         """``stat`` fields of ``path`` (times in ns)."""
         node = self.get(path)
         if isinstance(node, DirNode):
-            return {
-                "st_mode": DIR_MODE,
-                "st_nlink": 2,
-                "st_size": 0,
-                "st_mtime": node.mtime_ns,
-                "st_ctime": node.mtime_ns,
-                "st_atime": node.mtime_ns,
-                "st_uid": self.uid,
-                "st_gid": self.gid,
-            }
-        size = self.size_of(node)
+            return self._dir_attrs(node)
+        return self._record_attrs(node, self.size_of(node))
+
+    def _dir_attrs(self, node: DirNode) -> dict[str, int]:
         return {
-            "st_mode": FILE_MODE,
-            "st_nlink": 1,
-            "st_size": size,
-            "st_blocks": (size + 511) // 512,
+            "st_mode": DIR_MODE,
+            "st_nlink": 2,
+            "st_size": 0,
             "st_mtime": node.mtime_ns,
             "st_ctime": node.mtime_ns,
             "st_atime": node.mtime_ns,
             "st_uid": self.uid,
             "st_gid": self.gid,
         }
+
+    def _record_attrs(self, rec: FileRecord, size: int) -> dict[str, int]:
+        return {
+            "st_mode": FILE_MODE,
+            "st_nlink": 1,
+            "st_size": size,
+            "st_blocks": (size + 511) // 512,
+            "st_mtime": rec.mtime_ns,
+            "st_ctime": rec.mtime_ns,
+            "st_atime": rec.mtime_ns,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+        }
+
+    def readdir_attrs(
+        self, path: str, start: int = 0
+    ) -> Iterator[tuple[str, dict[str, int] | None]]:
+        """Names in ``path`` from entry ``start`` on, with ``stat`` fields where known
+        without any I/O.
+
+        This feeds readdirplus: the kernel learns every entry's attributes from the listing
+        and skips one lookup round trip per file. An entry whose size needs a fetch (a
+        remote annotation not read yet) comes without attributes, so listing a folder
+        never downloads its files. Raises (eagerly) like :meth:`readdir`.
+        """
+        node = self.get(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectory(path)
+        children = self._children(node)
+        with self._lock:
+            memo = self._listings.get(id(children))
+            if memo is None or memo[0] is not children:
+                memo = (children, list(children.items()))
+                self._listings[id(children)] = memo
+                while len(self._listings) > LISTING_MEMO_ENTRIES:
+                    self._listings.pop(next(iter(self._listings)))
+        return self._attrs_from(memo[1], start)
+
+    def _attrs_from(
+        self, items: list[tuple[str, DirNode | FileRecord]], start: int
+    ) -> Iterator[tuple[str, dict[str, int] | None]]:
+        for i in range(start, len(items)):
+            name, child = items[i]
+            if isinstance(child, DirNode):
+                yield name, self._dir_attrs(child)
+                continue
+            size = child.size if child.size is not None else self._sizes.get(child)
+            yield name, None if size is None else self._record_attrs(child, size)
 
     def readdir(self, path: str) -> Sequence[str]:
         """Names in the directory ``path`` (without ``.`` and ``..``)."""

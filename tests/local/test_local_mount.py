@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
+from blobfs.fuse.compat import FUSE_MAJOR
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
@@ -148,6 +150,58 @@ def test_the_sdk_opens_a_packed_project(project: tuple[Path, dict[str, bytes]]) 
     for rel, data in expected.items():
         if rel.startswith("train/img/img_"):
             assert train.get_blob_img_bytes(rel.rsplit("/", 1)[1]) == data
+
+
+def test_listing_with_attributes_pages_from_any_entry(
+    project: tuple[Path, dict[str, bytes]],
+) -> None:
+    """readdirplus asks for a listing page by page, from an entry index."""
+    root, _ = project
+    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
+    whole = list(view.readdir_attrs("/train/img"))
+    assert [name for name, _ in whole] == list(view.readdir("/train/img"))
+    for name, attrs in whole:
+        assert attrs == view.getattr(f"/train/img/{name}")
+    assert list(view.readdir_attrs("/train/img", 5)) == whole[5:]
+    assert list(view.readdir_attrs("/train/img", len(whole))) == []
+    with pytest.raises(NotADirectory):
+        view.readdir_attrs("/meta.json")
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
+def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
+    """With libfuse 3 the listing carries every file's attributes (readdirplus): reading
+    all files after ``listdir`` costs no getattr (lookup) in the daemon."""
+    imgs = make_images(tmp_path / "images", 300)
+    root = tmp_path / "project"
+    ProjectPacker(root, "ds").pack(imgs)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run([sys.executable, "-m", "blobfs", "mount", str(root), str(mnt)], check=True)
+    try:
+
+        def ops() -> dict[str, int]:
+            out = subprocess.run(
+                [sys.executable, "-m", "blobfs", "stats", str(mnt), "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            return dict(json.loads(out)["fuse_ops"])
+
+        folder = mnt / "ds" / "img"
+        names = os.listdir(folder)
+        before = ops()
+        for p in imgs:
+            assert (folder / p.name).read_bytes() == p.read_bytes()
+            assert (folder / p.name).stat().st_size == p.stat().st_size
+        after = ops()
+        assert sorted(names) == sorted(p.name for p in imgs)
+        assert after.get("read", 0) - before.get("read", 0) == 300 + 1  # + the stats file
+        assert after.get("getattr", 0) - before.get("getattr", 0) < 5  # the stats file's own
+    finally:
+        subprocess.run([sys.executable, "-m", "blobfs", "unmount", str(mnt)], check=True)
 
 
 @pytest.mark.fuse
