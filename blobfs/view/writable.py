@@ -69,7 +69,7 @@ class WritableView(ProjectView):
         source: Source,
         spool: Spool,
         listing_ttl_s: float = float("inf"),
-        on_staged: Callable[[], None] | None = None,
+        on_staged: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(source, listing_ttl_s=listing_ttl_s)
         self.spool = spool
@@ -316,11 +316,11 @@ class WritableView(ProjectView):
         handle = self._writers.get(fh)
         if handle is None or not handle.dirty:
             return
-        self.spool.commit(handle.fd, handle.tmp_path, handle.path)
+        size = self.spool.commit(handle.fd, handle.tmp_path, handle.path)
         handle.dirty = False
         logger.debug("staged %s", handle.path)
         if self.on_staged is not None:
-            self.on_staged()
+            self.on_staged(size)
 
     def release(self, fh: int) -> None:
         with self._wlock:
@@ -356,7 +356,7 @@ class WritableView(ProjectView):
             if handle.path == old:
                 handle.path = new
         if self.on_staged is not None:
-            self.on_staged()
+            self.on_staged(0)
 
     def mkdir(self, path: str) -> None:
         parts = split_path(path)

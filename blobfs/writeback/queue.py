@@ -106,6 +106,8 @@ class WritebackQueue:
         self._retry_at = 0.0
         self._failures = 0
         self._checked: dict[str, tuple[int, int, str | None]] = {}
+        self._dirty = True  # the first pass finds what an earlier run left in the spool
+        self._staged_bytes = 0
         self.status = QueueStatus()
         self._thread: threading.Thread | None = None
 
@@ -115,11 +117,21 @@ class WritebackQueue:
         self._thread = threading.Thread(target=self._loop, name="blobfs-writeback", daemon=True)
         self._thread.start()
 
-    def staged(self) -> None:
-        """A file was committed to the spool: restart the quiet period."""
+    def staged(self, size: int = 0) -> None:
+        """A file was committed to the spool: restart the quiet period.
+
+        This runs on every durable close, so it only counts: a pass (which walks the whole
+        spool) is woken when a blob's worth of bytes is staged, not per file, which would
+        make copying N files cost O(N^2).
+        """
         with self._cond:
             self._last_write = self._clock()
-            self._cond.notify_all()
+            self._dirty = True
+            self._staged_bytes += size
+            self.status.pending += 1  # an estimate until the next pass counts the spool
+            self.status.pending_bytes += size
+            if self._staged_bytes >= self.blob_size:
+                self._cond.notify_all()
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Import everything importable now; True when nothing importable is left pending."""
@@ -152,10 +164,16 @@ class WritebackQueue:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                while not self._due():
+                    self._cond.wait(min(1.0, max(self.delay_s / 2, 0.05)))
                 if self._stopping:
                     return
                 force = self._force > 0
                 self._force = 0
+                quiet = self._clock() - self._last_write >= self.delay_s
+                if force or quiet:
+                    self._dirty = False  # this pass considers every staged file
+                self._staged_bytes = 0
                 self._running = True
             try:
                 self.run_once(force)
@@ -166,8 +184,19 @@ class WritebackQueue:
                 self._running = False
                 self._generation += 1
                 self._cond.notify_all()
-                if not self._stopping and self._force == 0:
-                    self._cond.wait(min(1.0, max(self.delay_s / 2, 0.05)))
+
+    def _due(self) -> bool:
+        """Whether a pass could do anything now (called with ``_cond`` held).
+
+        Idle passes are skipped: each one walks and stats the whole spool, and while a
+        program copies thousands of files the quiet period never ends anyway.
+        """
+        if self._stopping or self._force or self._staged_bytes >= self.blob_size:
+            return True
+        now = self._clock()
+        if self._failures and now >= self._retry_at:
+            return True
+        return self._dirty and now - self._last_write >= self.delay_s
 
     def run_once(self, force: bool = False) -> None:
         """One pass: finish old batches, then make and import new ones that are due."""
@@ -262,12 +291,12 @@ class WritebackQueue:
         failed: dict[str, str] = {}
         pending = pending_bytes = 0
         for path in sorted(files):
-            reason = self._check(path)
+            reason, size = self._check(path)
             if reason:
                 failed[path] = reason
                 continue
             pending += 1
-            pending_bytes += os.stat(self.spool.staged_path(path)).st_size
+            pending_bytes += size
             if path == "/meta.json":
                 meta = path
                 continue
@@ -276,28 +305,30 @@ class WritebackQueue:
                 failed[path] = "not a dataset image or annotation"
                 pending -= 1
                 continue
-            images, anns, size = groups.get(where[0], ([], [], 0))
+            images, anns, group_size = groups.get(where[0], ([], [], 0))
             if where[1] == "img":
                 images.append(path)
-                size += os.stat(self.spool.staged_path(path)).st_size
+                group_size += size
             else:
                 anns.append(path)
-            groups[where[0]] = (images, anns, size)
+            groups[where[0]] = (images, anns, group_size)
         self.status.failed = failed
         self.status.pending, self.status.pending_bytes = pending, pending_bytes
         return groups, meta
 
-    def _check(self, path: str) -> str | None:
-        staged = self.spool.staged_path(path)
+    def _check(self, path: str) -> tuple[str | None, int]:
+        """(why the staged file cannot be imported or None, its size); validated once
+        per version of the file."""
+        staged = str(self.spool.staged_path(path))
         try:
-            st = staged.stat()
+            st = os.stat(staged)
         except FileNotFoundError:
-            return "vanished"
+            return "vanished", 0
         known = self._checked.get(path)
         if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
-            return known[2]
-        reason = self.validate(path, str(staged))
+            return known[2], st.st_size
+        reason = self.validate(path, staged)
         self._checked[path] = (st.st_mtime_ns, st.st_size, reason)
         if reason:
             logger.warning("%s is kept in the spool, not imported: %s", path, reason)
-        return reason
+        return reason, st.st_size

@@ -57,6 +57,8 @@ class Spool:
         os.chmod(self.root, 0o700)
         self.tmp = self.root / "tmp"
         self.staged = self.root / "staged"
+        self.staged_str = str(self.staged)
+        self._folders: set[str] = set()  # staged folders known to exist (commit's memo)
         self.batches_dir = self.root / "batches"
         self._lock = threading.Lock()
         self._recover()
@@ -83,20 +85,37 @@ class Spool:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return fd, path
 
-    def commit(self, fd: int, tmp_path: str, view_path: str) -> None:
-        """Make the temp file the durable staged content of ``view_path``."""
+    def commit(self, fd: int, tmp_path: str, view_path: str) -> int:
+        """Make the temp file the durable staged content of ``view_path``; returns its size.
+
+        The hot path of every durable close: plain strings and a memo of folders known to
+        exist keep it to the syscalls that matter (fsync, link, rename, fsync of the folder).
+        """
         os.fsync(fd)
-        final = self.staged_path(view_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        st = os.fstat(fd)
+        final = os.path.join(self.staged_str, view_path.lstrip("/"))
+        folder = os.path.dirname(final)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
         try:
-            if final.stat().st_ino == os.fstat(fd).st_ino:
-                return  # committed before and written in place since: the fsync suffices
+            if os.stat(final).st_ino == st.st_ino:
+                return st.st_size  # committed before and written in place since: fsync suffices
         except FileNotFoundError:
             pass
-        link = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.commit")
-        os.link(tmp_path, link)
+        except NotADirectoryError:
+            self._folders.discard(folder)
+            raise
+        link = os.path.join(folder, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.commit")
+        try:
+            os.link(tmp_path, link)
+        except FileNotFoundError:  # the folder was removed (rmdir) since it was memoized
+            self._folders.discard(folder)
+            os.makedirs(folder, exist_ok=True)
+            os.link(tmp_path, link)
         os.replace(link, final)
-        fsync_dir(final.parent)
+        fsync_dir(folder)
+        return st.st_size
 
     def mkdir(self, view_path: str) -> None:
         path = self.staged_path(view_path)
