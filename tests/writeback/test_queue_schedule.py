@@ -1,0 +1,79 @@
+"""When the writeback queue runs a pass: never per file, always when something is due."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blobfs.writeback.queue import WritebackQueue
+from blobfs.writeback.spool import Batch, Spool
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class NoImport:
+    def import_batch(self, spool: Spool, batch: Batch) -> None:
+        raise AssertionError("nothing is imported in these tests")
+
+
+def make_queue(tmp_path: Path, clock: Clock) -> WritebackQueue:
+    return WritebackQueue(
+        Spool(tmp_path / "spool"),
+        NoImport(),
+        lambda view_path, staged: None,
+        delay_s=5.0,
+        blob_size=10_000,
+        clock=clock,
+    )
+
+
+def test_staging_files_does_not_start_passes_until_the_quiet_period_ends(tmp_path: Path) -> None:
+    clock = Clock()
+    queue = make_queue(tmp_path, clock)
+    queue._dirty = False  # the start-up pass is done
+    for _ in range(100):
+        queue.staged(50)
+        clock.now += 0.01
+        assert not queue._due()
+    assert queue.status.pending == 100 and queue.status.pending_bytes == 5000
+    clock.now += 4.9
+    assert queue._due()
+
+
+def test_a_blob_worth_of_staged_bytes_is_due_at_once(tmp_path: Path) -> None:
+    clock = Clock()
+    queue = make_queue(tmp_path, clock)
+    queue._dirty = False
+    queue.staged(9_999)
+    assert not queue._due()
+    queue.staged(1)
+    assert queue._due()
+
+
+def test_flush_stop_and_the_first_pass_are_always_due(tmp_path: Path) -> None:
+    clock = Clock()
+    queue = make_queue(tmp_path, clock)
+    clock.now += 5.0
+    assert queue._due()  # what an earlier run left in the spool
+    queue._dirty = False
+    assert not queue._due()
+    queue._force = 1
+    assert queue._due()
+    queue._force = 0
+    queue._stopping = True
+    assert queue._due()
+
+
+def test_a_failed_import_is_due_again_after_its_backoff(tmp_path: Path) -> None:
+    clock = Clock()
+    queue = make_queue(tmp_path, clock)
+    queue._dirty = False
+    queue._failures, queue._retry_at = 1, clock.now + 2.0
+    assert not queue._due()
+    clock.now += 2.0
+    assert queue._due()
