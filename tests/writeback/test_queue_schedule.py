@@ -42,6 +42,8 @@ def test_staging_files_does_not_start_passes_until_the_quiet_period_ends(tmp_pat
         assert not queue._due()
     assert queue.status.pending == 100 and queue.status.pending_bytes == 5000
     clock.now += 4.9
+    assert not queue._due()  # 4.9 s after the last write
+    clock.now += 0.1
     assert queue._due()
 
 
