@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := fuse libfuse2 libfuse3-3
+APT_PACKAGES := fuse libfuse2 libfuse3-3 rsync
 
 .PHONY: all system venv test test-fast lint demo bench clean
 
 all: test
 
 system:
-	@if ! command -v fusermount >/dev/null 2>&1 || ! ldconfig -p | grep -q "libfuse.so.2" || ! ldconfig -p | grep -q "libfuse3.so.3"; then \
+	@if ! command -v fusermount >/dev/null 2>&1 || ! ldconfig -p | grep -q "libfuse.so.2" || ! ldconfig -p | grep -q "libfuse3.so.3" || ! command -v rsync >/dev/null 2>&1; then \
 		echo "installing $(APT_PACKAGES)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES); \

@@ -18,5 +18,8 @@ def image_size(stream: IO[bytes], name: str) -> tuple[int, int]:
     try:
         with Image.open(stream) as img:
             return int(img.width), int(img.height)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's own message names the Python stream object, which tells a user nothing
+        raise InvalidInput(f"{name}: not an image (format unknown to Pillow)") from exc
+    except (OSError, ValueError) as exc:
         raise InvalidInput(f"{name}: not an image ({exc})") from exc

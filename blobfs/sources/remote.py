@@ -4,7 +4,10 @@ Listings (datasets, images) are fetched lazily per dataset and refreshed by the 
 its TTL. Image bytes are ranges of their blob, fetched through the shared block cache with
 sequential readahead; plain (non-blob) images are whole objects through the same cache.
 Annotation JSON is fetched on demand, 100 images per request starting at the one asked
-for (a reader walking ``ann/`` in order then costs one request per hundred files).
+for (a reader walking ``ann/`` in order then costs one request per hundred files), and
+converted from the server's subpixel coordinates to pixel coordinates exactly as the SDK's
+downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what ``sly.download``
+writes.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
 name that appears twice in a dataset is not served, a blob range outside its blob fails
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from blobfs.blob.ann_coords import AnnotationFormatError, to_pixel
 from blobfs.blob.index import name_problem
 from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
 from blobfs.cache.meta import LockedLru
@@ -70,7 +74,7 @@ class RemoteProjectSource(Source):
         self.readahead = readahead
         self._blobs: dict[int, CachedBlob | str] = {}
         self._images: dict[int, CachedBlob] = {}
-        self._anns: LockedLru[int, bytes] = LockedLru()
+        self._anns: LockedLru[int, bytes | str] = LockedLru()
         self._order: dict[int, list[int]] = {}
         self._problems: list[str] = []
         self._lock = threading.Lock()
@@ -168,6 +172,8 @@ class RemoteProjectSource(Source):
             data = self._anns.get(ref.image_id)
         if data is None:
             raise NotFound(f"no annotation for image {ref.image_id}")
+        if isinstance(data, str):
+            raise RemoteError(data)
         return data
 
     def _fetch_anns(self, ref: AnnRef) -> None:
@@ -181,7 +187,13 @@ class RemoteProjectSource(Source):
         if ref.image_id not in batch:
             batch.insert(0, ref.image_id)
         for image_id, ann in self.api.annotations(ref.dataset_id, batch).items():
-            self._anns.put(image_id, json.dumps(ann).encode())
+            try:
+                self._anns.put(image_id, json.dumps(to_pixel(ann)).encode())
+            except AnnotationFormatError as exc:
+                # Remembered like a good answer: asking again would get the same JSON.
+                reason = f"annotation of image {image_id}: {exc}"
+                logger.warning("%s; its ann file fails with EIO", reason)
+                self._anns.put(image_id, reason)
 
     def _blob(self, img: RemoteImage) -> CachedBlob | str:
         assert img.related_data_id is not None and img.download_id is not None

@@ -11,6 +11,9 @@ Standard library only (``http.client``, ``pickle`` behind an allow-list): it nei
 needs the SDK nor shares code with blobfs's own client, so a misreading of the API in
 blobfs cannot hide behind the same misreading here. Bulk calls carry up to
 :data:`BULK_ADD_BATCH` images, so 30,000 images take a few dozen requests.
+Annotations go up in the server's subpixel coordinates, as the SDK's uploads send them;
+that one conversion is shared with blobfs (:mod:`blobfs.blob.ann_coords`, stdlib only)
+because it is pinned to the SDK's own functions by ``tests/unit/test_ann_coords.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from blobfs.blob.ann_coords import to_subpixel
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +325,7 @@ class _Upload:
 
     def annotate(self, dataset: int, folder: Path, ids: dict[str, int]) -> None:
         anns = [
-            {"imageId": image_id, "annotation": _json(folder / "ann" / f"{name}.json")}
+            {"imageId": image_id, "annotation": to_subpixel(_json(folder / "ann" / f"{name}.json"))}
             for name, image_id in ids.items()
             if (folder / "ann" / f"{name}.json").is_file()
         ]

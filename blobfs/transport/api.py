@@ -178,7 +178,10 @@ class SuperviselyApi:
         answer = self.client.post_json("file-storage.info", {"id": file_id})
         if not isinstance(answer, dict):
             raise RemoteError("file-storage.info: answer is not an object")
-        size = _int(answer.get("size", answer.get("sizeb")), "size")
+        # The SDK's FileInfo.sizeb is ``meta.size`` (ApiField.SIZEB2); older answers had ``size``.
+        meta = answer.get("meta")
+        found = meta.get("size") if isinstance(meta, dict) else None
+        size = _int(found if found is not None else answer.get("size"), "size")
         version = f"{answer.get('hash') or ''}:{answer.get('updatedAt') or ''}:{size}"
         return RemoteFile(_int(answer.get("id", file_id), "id"), size, version)
 

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from blobfs.blob.ann_coords import AnnotationFormatError, to_subpixel
 from blobfs.blob.index import name_problem
 from blobfs.errors import (
     AlreadyExists,
@@ -467,7 +468,13 @@ class WritableView(ProjectView):
         except (ValueError, AttributeError) as exc:
             return f"cannot read classes: {exc}"
         unknown = sorted(str(u) for u in used - known)
-        return f"unknown classes {unknown} (add them to meta.json)" if unknown else None
+        if unknown:
+            return f"unknown classes {unknown} (add them to meta.json)"
+        try:
+            to_subpixel(ann)  # the conversion a remote import applies: refuse what it cannot
+        except AnnotationFormatError as exc:
+            return f"bad geometry: {exc}"
+        return None
 
 
 def _json_problem(path: str, required_key: str) -> str | None:

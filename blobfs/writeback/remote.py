@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from blobfs.blob.ann_coords import to_subpixel
 from blobfs.blob.images import image_size
 from blobfs.blob.pack import TarBlobWriter, empty_annotation
 from blobfs.errors import RemoteError
@@ -85,9 +86,8 @@ class RemoteImporter:
         for name, ann_path in anns.items():
             if name not in existing:
                 raise RemoteError(f"annotation for {name!r}: no such image in the dataset")
-            payload.append(
-                (existing[name], json.loads(spool.batch_file(batch, ann_path).read_bytes()))
-            )
+            ann = json.loads(spool.batch_file(batch, ann_path).read_bytes())
+            payload.append((existing[name], to_subpixel(ann)))
         self.api.add_annotations(dataset, payload)
         logger.info(
             "imported %d images and %d annotations into dataset %d",

@@ -130,13 +130,26 @@ def build_local_project(root: Path) -> LocalProject:
 
 
 def _write_ann(path: Path) -> None:
-    ann = {
+    """An SDK-style annotation in pixel coordinates with one rectangle that touches the
+    image's far corner (where the coordinate conversions are most easily wrong)."""
+    path.write_text(json.dumps(rectangle_ann([[3, 4], [31, 31]])))
+
+
+def rectangle_ann(exterior: list[list[float]]) -> dict[str, Any]:
+    """A 32x32 image's annotation JSON with one ``cat`` rectangle of corners ``exterior``."""
+    return {
         "description": "",
         "size": {"height": 32, "width": 32},
         "tags": [],
-        "objects": [],
+        "objects": [
+            {
+                "classTitle": "cat",
+                "geometryType": "rectangle",
+                "tags": [],
+                "points": {"exterior": exterior, "interior": []},
+            }
+        ],
     }
-    path.write_text(json.dumps(ann))
 
 
 @pytest.fixture

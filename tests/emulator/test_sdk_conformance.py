@@ -9,8 +9,10 @@ of blobfs's packer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,9 @@ from blobfs.testing._emu_api import INSTANCE_VERSION
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.testing.seed import upload_local_project
+from tests.helpers import start_mount
 
-from .conftest import TOKEN, build_local_project
+from .conftest import TOKEN, build_local_project, rectangle_ann
 
 sly = pytest.importorskip("supervisely")
 from supervisely.api.image_api import BlobImageInfo  # noqa: E402
@@ -355,3 +358,48 @@ def test_a_cut_blob_download_resumes_with_range_and_loses_one_byte_in_6_74_51(
     got = out.read_bytes()
     assert len(got) == len(data) - 1
     assert got == data[: 8 << 20] + data[(8 << 20) + 1 :]
+
+
+def test_a_remote_mount_serves_annotations_as_the_sdk_downloads_them(
+    sdk: Sdk, tmp_path: Path
+) -> None:
+    """The server keeps subpixel geometry; the SDK converts on upload and on download.
+    The mount's ``ann/*.json`` must equal ``api.annotation.download_json`` (and so the
+    project folder it came from), also for fractional coordinates as the labeling tool
+    stores them."""
+    local = build_local_project(tmp_path / "project")
+    project_id = upload_local_project(sdk.emu.url, TOKEN, local.root)
+    ds = next(d for d in sdk.api.dataset.get_list(project_id) if d.name == "ds")
+    infos = {i.name: i for i in sdk.api.image.get_list(ds.id)}
+    drawn = rectangle_ann([[1.74, 1.55], [3.76, 4.63]])
+    requests.post(
+        f"{sdk.emu.url}/public/api/v3/annotations.bulk.add",
+        json={
+            "datasetId": ds.id,
+            "annotations": [{"imageId": infos["img_001.png"].id, "annotation": drawn}],
+        },
+        headers={"x-api-key": TOKEN},
+        timeout=30,
+    ).raise_for_status()
+    mnt = tmp_path / "mnt"
+    proc = start_mount(
+        f"sly://{project_id}",
+        mnt,
+        tmp_path / "log",
+        "--server",
+        sdk.emu.url,
+        env={"API_TOKEN": TOKEN},
+    )
+    try:
+        for name, info in infos.items():
+            served = json.loads((mnt / "ds" / "ann" / f"{name}.json").read_bytes())
+            assert served == sdk.api.annotation.download_json(info.id), name
+            if name != "img_001.png":
+                assert served == json.loads(
+                    (local.root / "ds" / "ann" / f"{name}.json").read_text()
+                )
+        exterior = json.loads((mnt / "ds" / "ann" / "img_001.png.json").read_bytes())["objects"][0]
+        assert exterior["points"]["exterior"] == [[2, 1], [3, 4]]
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(30) == 0

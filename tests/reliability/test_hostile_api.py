@@ -155,3 +155,30 @@ def test_a_blob_range_outside_the_blob_fails_only_that_image(view_of: Any) -> No
     with pytest.raises(BlobfsError) as info:
         view.read_path("/ds/img/blob.png", 0, 100)
     assert to_errno(info.value) == 5
+
+
+def test_an_annotation_with_broken_geometry_fails_only_its_own_file(view_of: Any) -> None:
+    def ann(exterior: Any) -> dict[str, Any]:
+        label = {"classTitle": "c", "geometryType": "rectangle", "points": {"exterior": exterior}}
+        return {"size": {"height": 8, "width": 8}, "objects": [label]}
+
+    view = view_of(
+        {
+            "images.list": page(GOOD_IMAGE, {**GOOD_IMAGE, "id": 2, "name": "two.png"}),
+            "annotations.bulk.info": [
+                {"imageId": 1, "annotation": ann([[1, 1], [3.5, 8]])},
+                {"imageId": 2, "annotation": ann([["x", 1], [3, 3]])},
+            ],
+        }
+    )
+    good = json.loads(view.read_path("/ds/ann/ok.png.json", 0, 10_000))
+    assert good["objects"][0]["points"]["exterior"] == [[1, 1], [3, 7]]  # pixels, as the SDK
+    with pytest.raises(BlobfsError, match=r"image 2: objects\[0\].points.exterior") as info:
+        view.read_path("/ds/ann/two.png.json", 0, 10_000)
+    assert to_errno(info.value) == 5
+
+
+def test_a_team_file_size_is_read_where_the_sdk_reads_it(view_of: Any) -> None:
+    """``FileInfo.sizeb`` comes from ``meta.size`` (SDK ``ApiField.SIZEB2``)."""
+    view = view_of({"file-storage.info": {"id": 42, "meta": {"size": 600}, "hash": "x"}})
+    assert view.source.api.file_info(42).size == 600

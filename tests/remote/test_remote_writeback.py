@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from blobfs.blob.ann_coords import to_pixel
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images
 from blobfs.testing.seed import upload_local_project
@@ -112,7 +113,11 @@ def test_images_written_into_a_remote_mount_are_imported_once(
         if i["name"] == "img_000700.png"
     ]  # type: ignore[index]
     got = api(emulator, "annotations.info", {"imageId": image["id"]})
-    assert got["annotation"] == ann  # type: ignore[index]
+    stored = got["annotation"]  # type: ignore[index]
+    # the server keeps subpixel geometry, as the SDK's upload sends it; back in pixels it is
+    # what was written
+    assert stored["objects"][0]["points"]["exterior"] == [[1, 1], [6, 6]]
+    assert to_pixel(stored) == ann
     files = api(emulator, "file-storage.list", {"teamId": 1, "path": "/blob-files/"})
     assert len(files) >= 2  # type: ignore[arg-type]
 

@@ -87,11 +87,19 @@ def test_bad_input_is_kept_and_reported_not_dropped(
     (mnt / "ds" / "ann" / "img_000002.png.json").write_text(
         json.dumps({"size": {"height": 32, "width": 32}, "objects": [{"classTitle": "unicorn"}]})
     )
+    meta = json.loads((mnt / "meta.json").read_bytes())
+    meta["classes"] = [{"title": "cat", "shape": "rectangle", "color": "#FF0000"}]
+    (mnt / "meta.json").write_text(json.dumps(meta))
+    rectangle = {"classTitle": "cat", "geometryType": "rectangle", "points": {"exterior": [[1]]}}
+    (mnt / "ds" / "ann" / "img_000003.png.json").write_text(
+        json.dumps({"size": {"height": 32, "width": 32}, "objects": [rectangle]})
+    )
     flushed = blobfs("flush", str(mnt))
     assert flushed.returncode == 1
     assert "not-an-image.png" in flushed.stdout and "not an image" in flushed.stdout
     assert "not valid JSON" in flushed.stdout
     assert "unknown classes ['unicorn']" in flushed.stdout
+    assert "bad geometry: objects[0].points.exterior: [1] is not an [x, y] point" in flushed.stdout
     assert (mnt / "ds" / "img" / "not-an-image.png").read_bytes() == b"hello"
     assert d.unmount() == 0
     assert (tmp_path / "spool" / "staged" / "ds" / "img" / "not-an-image.png").exists()
