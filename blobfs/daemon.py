@@ -192,6 +192,7 @@ def _drain(queue: WritebackQueue) -> None:
     status = queue.status
     logger.info("writeback: importing %d pending files before exit", status.pending)
     ok = queue.stop(drain=True)
+    queue.spool.close()  # a clean exit leaves no journal to replay
     logger.info(
         "writeback: %d files imported in %d batches; %d pending, %d failed%s",
         status.imported,

@@ -153,7 +153,7 @@ class WritebackOperations(BlobfsOperations):
         self.readdir_plus = None  # type: ignore[method-assign,assignment]
 
     @errno_boundary
-    def create(self, path: str, mode: int, fi: Any = None) -> int:
+    def create(self, path: str, mode: int, flags: int = 0) -> int:
         return self.wview.create(path)
 
     @errno_boundary

@@ -373,11 +373,10 @@ class WritableView(ProjectView):
     def rmdir(self, path: str) -> None:
         if self.lookup(path) is not None:
             raise NotPermitted(f"{path}: imported datasets cannot be removed")
-        staged = self.spool.staged_path(path)
-        if not staged.is_dir():
+        if not self.spool.staged_path(path).is_dir():
             raise NotFound(path)
         try:
-            staged.rmdir()
+            self.spool.rmdir(path)
         except OSError as exc:
             if exc.errno == errno.ENOTEMPTY:
                 raise NotPermitted(f"{path}: not empty") from None

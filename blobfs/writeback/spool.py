@@ -1,33 +1,79 @@
-"""The spool: staged files on disk, where the file system itself is the journal.
+"""The spool: staged files on disk, made durable through a write-ahead journal.
 
 Layout::
 
+    spool/journal                    small closed files, removals, moves (``journal.py``)
     spool/tmp/<random>               a file being written (lost on crash: never acknowledged)
-    spool/staged/<view path>         committed: fsync'd, then renamed into place, dir fsync'd
+    spool/staged/<view path>         committed files, as a program last closed them
     spool/staged/<dataset>/          a dataset made with mkdir
     spool/batches/<id>/manifest.json a batch being imported (written atomically)
     spool/batches/<id>/files/<view path>  hard links to the staged files of the batch
 
-A file is acknowledged (``close()``/``fsync()`` returned) only after its rename into
-``staged/`` is durable, so a daemon killed at any moment loses nothing acknowledged. A batch
-holds hard links, so a file re-written while its batch imports keeps the batch's snapshot.
+A file is acknowledged (``close()``/``fsync()`` returned) only once it is durable: a file up
+to ``INLINE_MAX`` bytes as one journal record (one ``fdatasync``), its staged link left to
+the kernel's writeback; a larger one by fsync, rename and fsync of its folder. A
+*checkpoint* (one ``syncfs`` of the spool's file system, then a new journal generation)
+makes the staged folder itself durable; it runs before anything that must not be undone
+by a replay: a batch's hard links, a durable operation on a path the journal holds, a
+full journal. On start-up the journal is replayed over ``staged/`` and checkpointed, so a
+daemon killed at any moment loses nothing acknowledged. A batch holds hard links, so a
+file re-written while its batch imports keeps the batch's snapshot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
+import queue
 import shutil
+import stat
 import threading
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from blobfs.blob.pack import fsync_dir, write_atomic
+from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 
 logger = logging.getLogger(__name__)
+
+#: Files up to this size are made durable as one journal record (they are written twice:
+#: journal and staged file); larger ones by fsync + rename + fsync of the folder.
+INLINE_MAX = 1024 * 1024
+#: Bytes of journal before a checkpoint (one syncfs) must retire its records.
+JOURNAL_CAPACITY = 128 * 1024 * 1024
+#: Empty temp files created ahead of use (see ``Spool.new_temp``).
+POOL_SIZE = 64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write back everything dirty on the file system holding ``path`` (one flush)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    parts, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 @dataclass
@@ -50,7 +96,9 @@ class Batch:
 class Spool:
     """Durable staging area for one mount source (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], journal_capacity: int = JOURNAL_CAPACITY
+    ) -> None:
         self.root = Path(root)
         for sub in ("tmp", "staged", "batches"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -60,11 +108,16 @@ class Spool:
         self.staged_str = str(self.staged)
         self._folders: set[str] = set()  # staged folders known to exist (commit's memo)
         self.batches_dir = self.root / "batches"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._journal = Journal(self.root / "journal", journal_capacity)
+        self._journaled: set[str] = set()  # view paths the journal's records touch
+        self._pool: queue.Queue[tuple[int, str]] = queue.Queue(maxsize=POOL_SIZE)
+        self._pool_thread: threading.Thread | None = None
+        self._closed = threading.Event()
         self._recover()
 
     def _recover(self) -> None:
-        """Drop unacknowledged partial writes; everything else is kept as it is."""
+        """Drop unacknowledged partial writes, replay the journal, checkpoint."""
         dropped = 0
         for path in self.tmp.iterdir():
             path.unlink(missing_ok=True)
@@ -73,6 +126,68 @@ class Spool:
             path.unlink(missing_ok=True)
         if dropped:
             logger.info("spool %s: dropped %d unacknowledged partial writes", self.root, dropped)
+        replayed = 0
+        for record in self._journal.records():
+            self._replay(record)
+            replayed += 1
+        if replayed:
+            self.checkpoint()
+            logger.info("spool %s: replayed %d journal records", self.root, replayed)
+
+    def _replay(self, record: Record) -> None:
+        """Apply one blind journal record to ``staged/`` (idempotent, see journal.py)."""
+        if record.kind is Kind.REMOVE:
+            self._staged_file(record.path).unlink(missing_ok=True)
+            return
+        target = self._staged_file(record.path2 if record.kind is Kind.MOVE else record.path)
+        if target.is_dir():  # cannot happen: the operation checks first; never fail start-up
+            logger.error("journal: %s is a folder now; record skipped", target)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / uuid.uuid4().hex
+        tmp.write_bytes(record.data)
+        os.replace(tmp, target)
+        if record.kind is Kind.MOVE:
+            self._staged_file(record.path).unlink(missing_ok=True)
+
+    def _staged_file(self, view_path: str) -> Path:
+        """``staged_path`` for a path read back from the journal: refuses to leave staged/."""
+        path = self.staged_path(view_path)
+        if ".." in Path(view_path).parts or not path.is_relative_to(self.staged):
+            raise OSError(f"journal names a path outside the spool: {view_path!r}")
+        return path
+
+    def checkpoint(self) -> None:
+        """Make ``staged/`` durable as it is and retire the journal's records."""
+        with self._lock:
+            if self._journal.empty and not self._journaled:
+                return
+            syncfs(self.root)
+            self._journal.reset()
+            self._journaled.clear()
+
+    def _checkpoint_if_journaled(self, paths: Iterable[str], tree: bool = False) -> None:
+        """Checkpoint when a replay could touch any of ``paths`` (with ``tree``, anything
+        below them too): the durable operation that follows must not be undone by an
+        older record."""
+        for path in paths:
+            prefix = path.rstrip("/") + "/"
+            if path in self._journaled or (
+                tree and any(p.startswith(prefix) for p in self._journaled)
+            ):
+                self.checkpoint()
+                return
+
+    def _log(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> None:
+        """Append a record durably (checkpointing first when the journal is full)."""
+        try:
+            self._journal.append(kind, path, path2, data)
+        except JournalFull:
+            self.checkpoint()
+            self._journal.append(kind, path, path2, data)
+        self._journaled.add(path)
+        if path2:
+            self._journaled.add(path2)
 
     # ---- staging ---------------------------------------------------------------------
 
@@ -80,27 +195,101 @@ class Spool:
         return self.staged / view_path.lstrip("/")
 
     def new_temp(self) -> tuple[int, str]:
-        """An empty private temp file for a new write: ``(fd, path)``."""
+        """An empty private temp file for a new write: ``(fd, path)``.
+
+        Taken from a small pool that a background thread keeps filled: creating a file on
+        a busy ext4 waits behind the file system's own journal (80-280 us measured, as
+        much as the durable commit itself), and a ``cp -r`` pays it once per file in the
+        middle of its ``open()``. Pooled files are empty and unacknowledged: a crash
+        drops them with the rest of ``tmp/``.
+        """
+        if self._pool_thread is None:
+            with self._lock:
+                if self._pool_thread is None:
+                    self._pool_thread = threading.Thread(
+                        target=self._fill_pool, name="blobfs-spool-pool", daemon=True
+                    )
+                    self._pool_thread.start()
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return self._create_temp()
+
+    def _create_temp(self) -> tuple[int, str]:
         path = str(self.tmp / uuid.uuid4().hex)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return fd, path
+
+    def _fill_pool(self) -> None:
+        while not self._closed.is_set():
+            try:
+                item = self._create_temp()
+            except OSError as exc:  # e.g. no space: new_temp will report it inline
+                logger.debug("spool pool: %s", exc)
+                self._closed.wait(1.0)
+                continue
+            while True:
+                try:
+                    self._pool.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._closed.is_set():
+                        self._discard_temp(item)
+                        return
+
+    @staticmethod
+    def _discard_temp(item: tuple[int, str]) -> None:
+        os.close(item[0])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(item[1])
+
+    def stop_pool(self) -> None:
+        """Stop the pool's thread and remove its files."""
+        self._closed.set()
+        if self._pool_thread is not None:
+            self._pool_thread.join(5)
+        while True:
+            try:
+                self._discard_temp(self._pool.get_nowait())
+            except queue.Empty:
+                break
+
+    def close(self) -> None:
+        """Stop the pool and retire the journal with a checkpoint, so that a clean unmount
+        leaves nothing to replay."""
+        self.stop_pool()
+        self.checkpoint()
+        self._journal.close()
 
     def commit(self, fd: int, tmp_path: str, view_path: str) -> int:
         """Make the temp file the durable staged content of ``view_path``; returns its size.
 
         The hot path of every durable close: plain strings and a memo of folders known to
-        exist keep it to the syscalls that matter (fsync, link, rename, fsync of the folder).
+        exist keep it to the syscalls that matter (one journal append + fdatasync, a link
+        and a rename for a small file).
         """
-        os.fsync(fd)
-        st = os.fstat(fd)
+        size = os.fstat(fd).st_size
+        inline = size <= INLINE_MAX
+        data = _read_all(fd, size) if inline else b""
+        if not inline:
+            os.fsync(fd)
+        with self._lock:
+            if inline:
+                self._log(Kind.WRITE, view_path, data=data)
+            else:
+                self._checkpoint_if_journaled([view_path])
+            self._link_staged(fd, tmp_path, view_path, durable=not inline)
+        return size
+
+    def _link_staged(self, fd: int, tmp_path: str, view_path: str, durable: bool) -> None:
         final = os.path.join(self.staged_str, view_path.lstrip("/"))
         folder = os.path.dirname(final)
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
         try:
-            if os.stat(final).st_ino == st.st_ino:
-                return st.st_size  # committed before and written in place since: fsync suffices
+            if os.stat(final).st_ino == os.fstat(fd).st_ino:
+                return  # committed before and written in place since: nothing to link
         except FileNotFoundError:
             pass
         except NotADirectoryError:
@@ -114,25 +303,48 @@ class Spool:
             os.makedirs(folder, exist_ok=True)
             os.link(tmp_path, link)
         os.replace(link, final)
-        fsync_dir(folder)
-        return st.st_size
+        if durable:
+            fsync_dir(folder)
 
     def mkdir(self, view_path: str) -> None:
         path = self.staged_path(view_path)
         path.mkdir(parents=True, exist_ok=True)
         fsync_dir(path.parent)
 
+    def rmdir(self, view_path: str) -> None:
+        """Remove an empty staged folder, durably (after a checkpoint if a replay could
+        otherwise bring files back into it)."""
+        path = self.staged_path(view_path)
+        with self._lock:
+            self._checkpoint_if_journaled([view_path], tree=True)
+            path.rmdir()
+            self._folders.clear()
+            fsync_dir(path.parent)
+
     def remove(self, view_path: str) -> None:
         path = self.staged_path(view_path)
-        path.unlink()
-        fsync_dir(path.parent)
+        with self._lock:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a folder", view_path)
+            self._log(Kind.REMOVE, view_path)
+            path.unlink()
 
     def rename(self, old: str, new: str) -> None:
-        target = self.staged_path(new)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.staged_path(old), target)
-        fsync_dir(target.parent)
-        fsync_dir(self.staged_path(old).parent)
+        source, target = self.staged_path(old), self.staged_path(new)
+        with self._lock:
+            st = os.lstat(source)
+            if target.is_dir() and not stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a folder", new)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not stat.S_ISDIR(st.st_mode) and st.st_size <= INLINE_MAX:
+                self._log(Kind.MOVE, old, new, source.read_bytes())
+                os.replace(source, target)
+                return
+            self._checkpoint_if_journaled([old, new], tree=True)
+            os.replace(source, target)
+            fsync_dir(target.parent)
+            fsync_dir(source.parent)
+            self._folders.clear()  # a moved folder takes memoized subfolders with it
 
     def walk(self) -> tuple[list[str], list[str]]:
         """All staged files and dirs as view paths (``/ds/img/a.png``), dirs first."""
@@ -150,13 +362,15 @@ class Spool:
     def create_batch(self, batch: Batch) -> Batch:
         """Link the batch's files into its folder and write its manifest, durably."""
         folder = self.batches_dir / batch.id
-        (folder / "files").mkdir(parents=True, exist_ok=True)
-        for view_path in batch.files:
-            link = folder / "files" / view_path.lstrip("/")
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                os.link(self.staged_path(view_path), link)
-        self.save_batch(batch)
+        with self._lock:  # no commit between the checkpoint and the links
+            self.checkpoint()  # the linked files' bytes must be durable before the manifest
+            (folder / "files").mkdir(parents=True, exist_ok=True)
+            for view_path in batch.files:
+                link = folder / "files" / view_path.lstrip("/")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    os.link(self.staged_path(view_path), link)
+            self.save_batch(batch)
         return batch
 
     def save_batch(self, batch: Batch) -> None:

@@ -109,3 +109,24 @@ def test_crash_at_each_import_step_is_finished_on_the_next_mount(
     assert d.wait_exit(30) == 137, "the failpoint should have stopped the daemon"
     d.kill9()  # only unmounts the dead mount
     recover_and_verify(project, tmp_path, spool, seeds, list(seeds), point)
+
+
+def test_a_power_cut_after_close_loses_nothing_the_journal_holds(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """``kill -9`` keeps the kernel's page cache; a power cut does not. Small files are
+    acknowledged once their journal record is durable, their staged copies are left to the
+    kernel: play the worst case by wiping every staged file the kill leaves behind, and
+    every acknowledged image must still arrive, from the journal alone."""
+    spool = tmp_path / "spool"
+    d = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log", delay_s=3600).start()
+    daemons.append(d)
+    seeds = range(3000, 3016)
+    for seed in seeds:
+        (tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))
+    d.kill9()
+    wiped = [p for p in (spool / "staged").rglob("*") if p.is_file()]
+    assert len(wiped) == len(seeds)
+    for path in wiped:
+        path.unlink()
+    recover_and_verify(project, tmp_path, spool, seeds, list(seeds), "power-cut")
