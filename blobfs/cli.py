@@ -89,6 +89,11 @@ def main() -> None:
     show_default=True,
     help="Import a dataset's staged images once they reach this size.",
 )
+@click.option(
+    "--debug-fuse",
+    is_flag=True,
+    help="Print libfuse's log of every kernel request to stderr (with --foreground).",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -109,6 +114,7 @@ def mount(
     spool_dir: str | None,
     writeback_delay: float,
     blob_size: str,
+    debug_fuse: bool,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
@@ -132,6 +138,7 @@ def mount(
             spool_dir=spool_dir,
             writeback_delay_s=writeback_delay,
             writeback_blob_size=parse_size(blob_size),
+            debug_fuse=debug_fuse,
         )
     except BlobfsError as exc:
         _fail(str(exc))
@@ -232,11 +239,17 @@ def unmount(mountpoint: str, lazy: bool) -> None:
 @click.option("--dataset", default="ds0", show_default=True)
 @click.option("--blob-size", default="1G", show_default=True, help="Start a new blob past this.")
 def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> None:
-    """Pack the images in IMAGES_DIR into blobs of PROJECT_DIR (created or extended)."""
+    """Pack the images in IMAGES_DIR into blobs of PROJECT_DIR (created or extended).
+
+    Hidden files (``.name``, such as .DS_Store) are skipped, as a shell's ``*`` would."""
     from blobfs.blob.pack import ProjectPacker
 
     setup_logging("WARNING")
-    files = sorted(p for p in Path(images_dir).iterdir() if p.is_file() and not p.is_symlink())
+    files = sorted(
+        p
+        for p in Path(images_dir).iterdir()
+        if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+    )
     try:
         packer = ProjectPacker(Path(project_dir), dataset, parse_size(blob_size))
         show = sys.stderr.isatty()

@@ -82,6 +82,9 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
         "entry_timeout": timeout,
         "negative_timeout": min(timeout, 60.0),
         **({"max_read": 1 << 20} if FUSE_MAJOR == 2 else {}),
+        # libfuse 3.12-3.14 default this to -1 and then log "Ignoring invalid max threads
+        # value 4294967295" at error level on every mount; 10 is libfuse's own old default.
+        **({"max_idle_threads": 10} if FUSE_MAJOR >= 3 else {}),
     }
     if config.allow_other:
         kwargs["allow_other"] = True
@@ -89,7 +92,8 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
         kwargs["debug"] = True
     for key, value in config.fuse_options.items():
         if key in ("foreground", "debug"):
-            raise InvalidInput(f"-o {key} is a blobfs flag, not a FUSE option")
+            flag = "--foreground" if key == "foreground" else "--debug-fuse"
+            raise InvalidInput(f"-o {key} is not a FUSE option here: use {flag}")
         kwargs[key] = value
     return kwargs
 

@@ -72,11 +72,13 @@ class Journal:
         self.capacity = capacity
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._prepared = os.fstat(self._fd).st_size
-        self._generation = self._read_generation()
         self._end = HEADER_SIZE
-        if self._prepared < HEADER_SIZE:
+        generation = self._read_generation()
+        if generation is None:
             self._prepare(HEADER_SIZE)
-            self._write_header(self._generation)
+            self._write_header(1)
+        else:
+            self._generation = generation
 
     def close(self) -> None:
         os.close(self._fd)
@@ -136,10 +138,13 @@ class Journal:
         os.fdatasync(self._fd)
         self._generation = generation
 
-    def _read_generation(self) -> int:
+    def _read_generation(self) -> int | None:
+        """The header's generation; None for a journal that never had a header."""
         raw = os.pread(self._fd, _HEADER.size, 0)
-        if len(raw) < _HEADER.size:
-            return 1
+        if len(raw) < _HEADER.size or raw == bytes(len(raw)):
+            # New, or cut off between its zeros and its first header: no record was ever
+            # written (records come only after a durable header), so start afresh.
+            return None
         magic, generation, crc = _HEADER.unpack(raw)
         if magic != _HEADER_MAGIC or zlib.crc32(raw[:-4]) != crc:
             raise OSError(f"journal {self.path}: header is damaged; refusing to guess")

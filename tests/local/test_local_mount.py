@@ -221,6 +221,7 @@ def test_sigterm_unmounts_cleanly(project: tuple[Path, dict[str, bytes]], tmp_pa
 
 def test_pack_and_check_commands(tmp_path: Path) -> None:
     make_images(tmp_path / "imgs", 5)
+    (tmp_path / "imgs" / ".DS_Store").write_bytes(b"hidden files are not images to pack")
     out = subprocess.run(
         [
             sys.executable,

@@ -77,6 +77,14 @@ def test_a_damaged_header_is_refused_not_guessed(tmp_path: Path) -> None:
         Journal(tmp_path / "j")
 
 
+def test_a_journal_cut_off_before_its_first_header_starts_afresh(tmp_path: Path) -> None:
+    (tmp_path / "j").write_bytes(bytes(HEADER_SIZE))  # zeros written, header not yet
+    j = Journal(tmp_path / "j")
+    assert list(j.records()) == []
+    j.append(Kind.WRITE, "/a", data=b"x")
+    assert [r.path for r in Journal(tmp_path / "j").records()] == ["/a"]
+
+
 def test_a_full_journal_refuses_the_record_until_reset(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j", capacity=HEADER_SIZE + 1000)
     j.append(Kind.WRITE, "/a", data=bytes(600))
