@@ -1,0 +1,74 @@
+"""What one durable close() costs in the spool, without FUSE: journal vs fsync + rename.
+
+    python bench/durable_close.py [--files 3000] [--size 4096] [--dir DIR]
+
+Stages ``--files`` files of ``--size`` bytes through ``Spool`` (temp file, write, commit,
+close, as ``WritableView`` does for each ``close()``), twice in the same folder:
+1. the journal path (a file up to ``INLINE_MAX``: one append + ``fdatasync``);
+2. ``INLINE_MAX = 0``, so every file takes the fsync + link + rename + fsync-of-folder path.
+Prints microseconds per file and the ratio. Runs against the disk that holds ``--dir``
+(default: ``bench/out``), which should be the disk the spool lives on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OUT, table
+
+from blobfs.writeback import spool as spool_module
+from blobfs.writeback.spool import Spool
+
+
+def stage_all(root: Path, files: int, size: int) -> float:
+    """Seconds per file to stage ``files`` files through a fresh spool at ``root``."""
+    shutil.rmtree(root, ignore_errors=True)
+    spool = Spool(root)
+    data = os.urandom(size)
+    try:
+        start = time.perf_counter()
+        for i in range(files):
+            fd, tmp = spool.new_temp()
+            try:
+                os.write(fd, data)
+                spool.commit(fd, tmp, f"/ds/img/f_{i:06d}.png")
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
+        return (time.perf_counter() - start) / files
+    finally:
+        spool.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--dir", type=Path, default=OUT)
+    args = parser.parse_args()
+    root = args.dir / "durable-close-spool"
+    journal = stage_all(root, args.files, args.size)
+    inline_max = spool_module.INLINE_MAX
+    spool_module.INLINE_MAX = 0  # every file: fsync, link, rename, fsync of the folder
+    try:
+        fsync = stage_all(root, args.files, args.size)
+    finally:
+        spool_module.INLINE_MAX = inline_max
+    rows = [
+        ("durable close path", "us/file", "x journal"),
+        ("journal: append + fdatasync, link", f"{journal * 1e6:.0f}", "1.00"),
+        ("fsync + link + rename + fsync folder", f"{fsync * 1e6:.0f}", f"{fsync / journal:.2f}"),
+    ]
+    print(f"{args.files} files of {args.size} B staged through Spool in {args.dir}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
