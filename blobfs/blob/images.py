@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import IO
 
+from cachetools import LRUCache
+
 from blobfs.errors import InvalidInput
+
+#: (device, inode, size, mtime) of a file -> its (width, height): a staged image is parsed
+#: once when it is validated, and its batch's hard link (same inode) reuses the answer.
+_sizes: LRUCache[tuple[int, int, int, int], tuple[int, int]] = LRUCache(maxsize=200_000)
+_sizes_lock = threading.Lock()
 
 
 def image_size(stream: IO[bytes], name: str) -> tuple[int, int]:
@@ -23,3 +32,23 @@ def image_size(stream: IO[bytes], name: str) -> tuple[int, int]:
         raise InvalidInput(f"{name}: not an image (format unknown to Pillow)") from exc
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"{name}: not an image ({exc})") from exc
+
+
+def image_size_of_file(path: str | os.PathLike[str], name: str) -> tuple[int, int]:
+    """``image_size`` of the file at ``path``, remembered by the file's identity.
+
+    Writeback reads each image's header twice (validation, then the size for its empty
+    annotation at import); with 30,000 images the second parse cost ~0.45 s of a flush.
+    The key includes size and mtime, so a file rewritten in place is parsed again.
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _sizes_lock:
+            known = _sizes.get(key)
+        if known is not None:
+            return known
+        size = image_size(f, name)
+    with _sizes_lock:
+        _sizes[key] = size
+    return size

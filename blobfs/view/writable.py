@@ -435,11 +435,10 @@ class WritableView(ProjectView):
             return "not a dataset image or annotation"
         dataset, kind, name = where
         if kind == "img":
-            from blobfs.blob.images import image_size
+            from blobfs.blob.images import image_size_of_file
 
             try:
-                with open(staged_file, "rb") as f:
-                    image_size(f, name)
+                image_size_of_file(staged_file, name)
             except InvalidInput as exc:
                 return str(exc)
             return None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from blobfs.blob.ann_coords import to_subpixel
-from blobfs.blob.images import image_size
+from blobfs.blob.images import image_size_of_file
 from blobfs.blob.pack import TarBlobWriter, empty_annotation
 from blobfs.errors import RemoteError
 from blobfs.failpoints import failpoint
@@ -78,7 +78,9 @@ class RemoteImporter:
         sizes: dict[str, tuple[int, int]] = {}
         if images:
             sizes = self._import_images(spool, batch, images, dataset)
-        existing = {img.name: img.id for img in self.api.images(dataset)}
+        existing = dict(batch.image_ids)
+        if any(name not in existing for name in [*sizes, *anns]):
+            existing = {img.name: img.id for img in self.api.images(dataset)}
         payload: list[tuple[int, Any]] = []
         for name, (width, height) in sizes.items():
             if name not in anns:
@@ -102,8 +104,9 @@ class RemoteImporter:
         tar_path = spool.batches_dir / batch.id / f"{batch.stem}.tar"
         sizes: dict[str, tuple[int, int]] = {}
         for view_path in images:
-            with open(spool.batch_file(batch, view_path), "rb") as f:
-                sizes[view_path.rsplit("/", 1)[1]] = image_size(f, view_path)
+            sizes[view_path.rsplit("/", 1)[1]] = image_size_of_file(
+                spool.batch_file(batch, view_path), view_path
+            )
         if batch.state == "new":
             batch.members = self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
@@ -117,13 +120,19 @@ class RemoteImporter:
             spool.save_batch(batch)
         if batch.state == "uploaded":
             assert batch.team_file_id is not None
-            have = {img.name for img in self.api.images(dataset)}
+            have = {img.name: img.id for img in self.api.images(dataset)}
             todo = [
                 (str(n), int(str(s)), int(str(e))) for n, s, e in batch.members if n not in have
             ]
             self.api.mark_blob_project(self.project_id)
-            self.api.add_blob_images(dataset, batch.team_file_id, todo)
+            added = self.api.add_blob_images(dataset, batch.team_file_id, todo)
             failpoint("remote-after-register")
+            # the ids the annotations need: no second listing of the dataset
+            batch.image_ids = {
+                str(n): added[str(n)] if str(n) in added else have[str(n)]
+                for n, _, _ in batch.members
+                if str(n) in added or str(n) in have
+            }
             batch.state = "registered"
             spool.save_batch(batch)
         return sizes

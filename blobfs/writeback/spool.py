@@ -34,7 +34,7 @@ import stat
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,9 @@ class Batch:
     members: list[list[object]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # field by field: dataclasses.asdict deep-copies every member list (0.3 s a save
+        # for a batch of 30,000 images, and a batch is saved at every step)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Spool:

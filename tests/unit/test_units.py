@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import pickle
 import threading
 
@@ -229,3 +230,19 @@ def test_the_errno_table() -> None:
     assert to_errno(CorruptData()) == errno.EIO
     assert to_errno(RemoteError()) == errno.EIO
     assert to_errno(ValueError("bug")) == errno.EIO
+
+
+def test_image_size_of_a_file_is_remembered_but_a_rewrite_is_parsed_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from blobfs.blob.images import image_size_of_file
+    from blobfs.testing.sample import png_bytes
+
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(1, 20, 10))
+    assert image_size_of_file(path, "a.png") == (20, 10)
+    link = tmp_path / "batch-link.png"
+    os.link(path, link)  # a batch's hard link: same file, same answer
+    assert image_size_of_file(link, "a.png") == (20, 10)
+    with open(path, "r+b") as f:  # rewritten in place: same inode, new bytes
+        f.write(png_bytes(2, 7, 9))
+        f.truncate()
+    assert image_size_of_file(path, "a.png") == (7, 9)
