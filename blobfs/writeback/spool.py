@@ -122,8 +122,9 @@ class Spool:
         """Drop unacknowledged partial writes, replay the journal, checkpoint."""
         dropped = 0
         for path in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                dropped += path.stat().st_size > 0  # empty ones are the pool's, unused
             path.unlink(missing_ok=True)
-            dropped += 1
         for path in self.staged.rglob(".*.commit"):
             path.unlink(missing_ok=True)
         if dropped:
