@@ -213,3 +213,24 @@ def test_a_clean_close_leaves_nothing_to_replay(tmp_path: Path) -> None:
     spool.close()
     assert list(Journal(tmp_path / "spool" / "journal").records()) == []
     assert staged_state(Spool(tmp_path / "spool")) == {"/ds/img/a.png": b"x" * 100}
+
+
+def test_a_writer_committing_after_another_replaced_its_file_stages_its_own_bytes(
+    tmp_path: Path,
+) -> None:
+    """The last close wins, also when the first writer's file was renamed into place by an
+    earlier fsync and then replaced by a second program before the first one closed."""
+    spool = Spool(tmp_path / "spool")
+    fd, tmp = spool.new_temp()
+    try:
+        os.write(fd, b"A1")
+        spool.commit(fd, tmp, "/ds/img/p.png")  # fsync(): renamed into staged/
+        stage(spool, "/ds/img/p.png", b"B")  # another program writes the same name
+        os.pwrite(fd, b"A2-longer", 0)
+        spool.commit(fd, tmp, "/ds/img/p.png")  # close(): staged as a copy
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+    assert staged_state(spool) == {"/ds/img/p.png": b"A2-longer"}
+    die(spool)
+    assert staged_state(Spool(tmp_path / "spool")) == {"/ds/img/p.png": b"A2-longer"}
