@@ -38,6 +38,8 @@ _RECORD = struct.Struct("<4sB3xQIIQI")
 _RECORD_MAGIC = b"BJR1"
 #: Zeros are written ahead of use in steps of this size (bounded write amplification).
 SEGMENT = 16 * 1024 * 1024
+#: Bytes of records before the spool must checkpoint (one syncfs) to retire them.
+CAPACITY = 128 * 1024 * 1024
 
 
 class Kind(IntEnum):
@@ -57,6 +59,11 @@ class Record:
 _KINDS = frozenset(k.value for k in Kind)
 
 
+def _record_crc(head: bytes, p1: bytes, p2: bytes, data: bytes) -> int:
+    """CRC-32 of a record: its header without the CRC field, then the three payloads."""
+    return zlib.crc32(data, zlib.crc32(p2, zlib.crc32(p1, zlib.crc32(head[:-4]))))
+
+
 class JournalFull(Exception):
     """The record does not fit before ``capacity``: checkpoint, then append again."""
 
@@ -67,7 +74,7 @@ class Journal:
     Not thread-safe: the spool serialises appends and checkpoints under its lock.
     """
 
-    def __init__(self, path: str | os.PathLike[str], capacity: int = 128 * 1024 * 1024) -> None:
+    def __init__(self, path: str | os.PathLike[str], capacity: int = CAPACITY) -> None:
         self.path = Path(path)
         self.capacity = capacity
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -98,8 +105,7 @@ class Journal:
         """Append one record and make it durable; raises ``JournalFull`` if it does not fit."""
         p1, p2 = path.encode(), path2.encode()
         head = _RECORD.pack(_RECORD_MAGIC, kind, self._generation, len(p1), len(p2), len(data), 0)
-        crc = zlib.crc32(data, zlib.crc32(p2, zlib.crc32(p1, zlib.crc32(head[:-4]))))
-        record = head[:-4] + struct.pack("<I", crc) + p1 + p2 + data
+        record = head[:-4] + struct.pack("<I", _record_crc(head, p1, p2, data)) + p1 + p2 + data
         end = self._end + len(record)
         if end > self.capacity:
             raise JournalFull(f"{len(record)} bytes do not fit in the journal")
@@ -167,7 +173,7 @@ class Journal:
                 return
             body = os.pread(self._fd, n1 + n2 + n3, offset + _RECORD.size)
             p1, p2, data = body[:n1], body[n1 : n1 + n2], body[n1 + n2 :]
-            if zlib.crc32(data, zlib.crc32(p2, zlib.crc32(p1, zlib.crc32(head[:-4])))) != crc:
+            if _record_crc(head, p1, p2, data) != crc:
                 return
             try:
                 record = Record(Kind(kind), p1.decode(), p2.decode(), data)

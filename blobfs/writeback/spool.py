@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from blobfs.blob.pack import fsync_dir, write_atomic
+from blobfs.writeback import journal
 from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ logger = logging.getLogger(__name__)
 #: Files up to this size are made durable as one journal record (they are written twice:
 #: journal and staged file); larger ones by fsync + rename + fsync of the folder.
 INLINE_MAX = 1024 * 1024
-#: Bytes of journal before a checkpoint (one syncfs) must retire its records.
-JOURNAL_CAPACITY = 128 * 1024 * 1024
 #: Empty temp files created ahead of use (see ``Spool.new_temp``).
 POOL_SIZE = 64
 
@@ -99,7 +98,7 @@ class Spool:
     """Durable staging area for one mount source (see the module docstring)."""
 
     def __init__(
-        self, root: str | os.PathLike[str], journal_capacity: int = JOURNAL_CAPACITY
+        self, root: str | os.PathLike[str], journal_capacity: int = journal.CAPACITY
     ) -> None:
         self.root = Path(root)
         for sub in ("tmp", "staged", "batches"):
