@@ -172,7 +172,8 @@ def test_listing_with_attributes_pages_from_any_entry(
 @pytest.mark.skipif(FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
 def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
     """With libfuse 3 the listing carries every file's attributes (readdirplus): reading
-    all files after ``listdir`` costs no getattr (lookup) in the daemon."""
+    all files after ``listdir`` costs no getattr (lookup) in the daemon, and neither does a
+    second listing, which carries names only."""
     imgs = make_images(tmp_path / "images", 300)
     root = tmp_path / "project"
     ProjectPacker(root, "ds").pack(imgs)
@@ -200,6 +201,11 @@ def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
         assert sorted(names) == sorted(p.name for p in imgs)
         assert after.get("read", 0) - before.get("read", 0) == 300 + 1  # + the stats file
         assert after.get("getattr", 0) - before.get("getattr", 0) < 5  # the stats file's own
+        # listed again (names only now: the kernel holds the entries), nothing is looked up
+        assert sorted(os.listdir(folder)) == sorted(names)
+        for p in imgs:
+            assert (folder / p.name).stat().st_size == p.stat().st_size
+        assert ops().get("getattr", 0) - after.get("getattr", 0) < 5
     finally:
         subprocess.run([sys.executable, "-m", "blobfs", "unmount", str(mnt)], check=True)
 
