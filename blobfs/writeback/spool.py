@@ -162,7 +162,7 @@ class Spool:
     def checkpoint(self) -> None:
         """Make ``staged/`` durable as it is and retire the journal's records."""
         with self._lock:
-            if self._journal.empty and not self._journaled:
+            if self._journal.empty:  # every journaled path has a record: nothing to retire
                 return
             syncfs(self.root)
             self._journal.reset()
