@@ -326,7 +326,7 @@ def _remove_images(store: Store, ids: Any) -> dict[str, Any]:
         raise ApiError(400, "a list of image ids is required")
     with store.transaction():
         for image in store.get_many("images", ids):
-            store.delete_children("anns", image["id"])
+            _drop_annotation(store, image["id"])
             store.delete("images", image["id"])
     return {"success": True}
 
@@ -354,22 +354,52 @@ def _empty_annotation(image: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _ann_doc(image: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``AnnotationInfo`` of an image (an empty annotation of its size if none was set)."""
+def _ann_doc(
+    image: dict[str, Any], rows: list[dict[str, Any]], labels: _Labels | None = None
+) -> dict[str, Any]:
+    """``AnnotationInfo`` of an image (an empty annotation of its size if none was set),
+    with the figures and image tags added one by one merged in after the stored ones."""
     ann = rows[-1]["annotation"] if rows else _empty_annotation(image)
+    updated = rows[-1]["updatedAt"] if rows else image["updatedAt"]
+    if labels is not None and (labels.figures or labels.tags):
+        ann = {
+            **ann,
+            "objects": [*ann.get("objects", []), *labels.figures],
+            "tags": [*ann.get("tags", []), *labels.tags],
+        }
     return {
         "imageId": image["id"],
         "imageName": image["name"],
         "annotation": ann,
         "datasetId": image["datasetId"],
         "createdAt": image["createdAt"],
-        "updatedAt": rows[-1]["updatedAt"] if rows else image["updatedAt"],
+        "updatedAt": updated,
     }
 
 
+@dataclass
+class _Labels:
+    """The figures (as annotation objects) and image tags added to one image."""
+
+    figures: list[dict[str, Any]]
+    tags: list[dict[str, Any]]
+
+
 def _ann_docs(store: Store, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = store.children_of("anns", [i["id"] for i in images])
-    return [_ann_doc(i, rows[i["id"]]) for i in images]
+    ids = [i["id"] for i in images]
+    rows = store.children_of("anns", ids)
+    figures = store.children_of("figures", ids)
+    tags = store.children_of("imagetags", ids)
+    return [
+        _ann_doc(i, rows[i["id"]], _Labels([f["object"] for f in figures[i["id"]]], tags[i["id"]]))
+        for i in images
+    ]
+
+
+def _drop_annotation(store: Store, image_id: int) -> None:
+    """Everything labelled on an image: its stored annotation, figures and image tags."""
+    for kind in ("anns", "figures", "imagetags"):
+        store.delete_children(kind, image_id)
 
 
 @method("annotations.bulk.add")
@@ -387,7 +417,7 @@ def annotations_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
             ann = item.get("annotation")
             if not isinstance(ann, dict):
                 raise ApiError(400, "annotation must be an object")
-            store.delete_children("anns", image["id"])
+            _drop_annotation(store, image["id"])
             store.insert("anns", image["id"], {"annotation": ann})
             objects = ann.get("objects")
             image["labelsCount"] = len(objects) if isinstance(objects, list) else 0
@@ -425,3 +455,91 @@ def annotations_list(store: Store, body: Any, query: dict[str, str]) -> Any:
         total = store.count("images", dataset)
         images = store.page("images", dataset, (page - 1) * per_page, per_page)
     return paged(total, per_page, _ann_docs(store, images))
+
+
+# ---- figures and tags one by one (``upload_anns_async``, used by ``quick_import``) -------
+
+
+def _meta_of(store: Store, project_id: int) -> tuple[dict[int, str], dict[int, str]]:
+    """class id -> title and tag id -> name of a project's meta (ids the emulator gave)."""
+    meta = store.get("projects", project_id).get("meta") or {}
+    classes = {c["id"]: c.get("title", "") for c in meta.get("classes", []) if "id" in c}
+    tags = {t["id"]: t.get("name", "") for t in meta.get("tags", []) if "id" in t}
+    return classes, tags
+
+
+@method("figures.bulk.add")
+def figures_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
+    """Add labels to images; each becomes an object of the image's annotation.
+
+    The geometry is stored exactly as sent: the server keeps figures in its own
+    (subpixel) coordinates and the SDK's ``upload_anns_async`` sends ``to_json()`` of the
+    geometry without converting it, so a download converts what was never converted.
+    """
+    figures = need(body, "figures")
+    if not isinstance(figures, list):
+        raise ApiError(400, "figures must be a list")
+    default_entity = as_dict(body).get("entityId")
+    out: list[dict[str, Any]] = []
+    with store.transaction():
+        for raw in figures:
+            fig = as_dict(raw)
+            image = store.get("images", fig.get("entityId", default_entity))
+            classes, _ = _meta_of(store, image["projectId"])
+            class_id = fig.get("classId")
+            if class_id not in classes:
+                raise ApiError(400, f"class {class_id!r} is not in the project's meta")
+            geometry = fig.get("geometry")
+            if not isinstance(geometry, dict) or not isinstance(fig.get("geometryType"), str):
+                raise ApiError(400, "a figure needs geometryType and a geometry object")
+            row = store.insert("figures", image["id"], {"object": {}})
+            row["object"] = {
+                "id": row["id"],
+                "classId": class_id,
+                "classTitle": classes[class_id],
+                "geometryType": fig["geometryType"],
+                "tags": [],
+                **geometry,
+            }
+            store.update("figures", row)
+            image["labelsCount"] = image.get("labelsCount", 0) + 1
+            store.update("images", image)
+            out.append({"id": row["id"]})
+    return out
+
+
+def _tag_value(tag_names: dict[int, str], tag: dict[str, Any]) -> dict[str, Any]:
+    tag_id = tag.get("tagId")
+    if tag_id not in tag_names:
+        raise ApiError(400, f"tag {tag_id!r} is not in the project's meta")
+    return {"tagId": tag_id, "name": tag_names[tag_id], "value": tag.get("value")}
+
+
+@method("figures.tags.bulk.add")
+def figures_tags_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
+    tags = need(body, "tags")
+    if not isinstance(tags, list):
+        raise ApiError(400, "tags must be a list")
+    _, tag_names = _meta_of(store, need(body, "projectId"))
+    with store.transaction():
+        for raw in tags:
+            tag = as_dict(raw)
+            row = store.get("figures", tag.get("figureId"))
+            row["object"]["tags"].append(_tag_value(tag_names, tag))
+            store.update("figures", row)
+    return {"success": True}
+
+
+@method("image-tags.bulk.add-to-image")
+def image_tags_bulk_add(store: Store, body: Any, query: dict[str, str]) -> Any:
+    """One tag (with one value) on many images."""
+    ids = need(body, "ids")
+    if not isinstance(ids, list):
+        raise ApiError(400, "ids must be a list of image ids")
+    tag = {"tagId": need(body, "tagId"), "value": as_dict(body).get("value")}
+    with store.transaction():
+        for image_id in ids:
+            image = store.get("images", image_id)
+            _, tag_names = _meta_of(store, image["projectId"])
+            store.insert("imagetags", image["id"], _tag_value(tag_names, tag))
+    return {"success": True}

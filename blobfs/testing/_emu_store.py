@@ -26,7 +26,19 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("teams", "workspaces", "projects", "datasets", "files", "images", "anns")
+#: ``figures`` and ``imagetags`` are labels and image tags added one by one (the SDK's
+#: ``upload_anns_async``, behind ``quick_import``), children of their image.
+KINDS = (
+    "teams",
+    "workspaces",
+    "projects",
+    "datasets",
+    "files",
+    "images",
+    "anns",
+    "figures",
+    "imagetags",
+)
 #: Rows per ``IN (...)`` list: well under SQLite's bound-parameter limit.
 SQL_BATCH = 500
 COPY_CHUNK = 1 << 20
@@ -333,37 +345,39 @@ class Store:
     def add_team_file(self, team_id: int, remote_path: str, src: Path) -> dict[str, Any]:
         """Move ``src`` into Team Files at ``remote_path``.
 
-        A file already at that path is replaced by a new record with a new id (its bytes
-        are deleted), so images registered against the old id stop resolving: the same
-        outcome as deleting and re-uploading on a real instance.
+        A file already at that path is overwritten in place: same id, new bytes, hash, size
+        and ``updatedAt``. Team Files addresses its objects by path (``storagePath``) and the
+        SDK's own ``replace_if_conflict`` uploads onto existing paths, so images registered
+        against the old id keep resolving - to the new bytes. Re-uploading the same tar (the
+        usual re-run of ``upload_project``) therefore keeps earlier projects working, and a
+        *different* tar under the same name silently moves their offsets (see the docs).
         """
         remote_path = "/" + remote_path.lstrip("/")
         digest, size = sly_hash(src), src.stat().st_size
         name = os.path.basename(remote_path)
         ext = os.path.splitext(name)[1].lstrip(".")
+        fields = {
+            "teamId": team_id,
+            "userId": 1,
+            "name": name,
+            "path": remote_path,
+            "hash": digest,
+            "mime": mime_of(name),
+            "ext": ext,
+            "size": size,
+            "meta": {"mime": mime_of(name), "ext": ext, "size": size},
+            "storagePath": f"/teams_storage/{team_id}{remote_path}",
+            "fullStorageUrl": f"/teams_storage/{team_id}{remote_path}",
+            "isDir": False,
+            "type": "file",
+        }
         with self.transaction():
-            old = self.team_file_by_path(team_id, remote_path)
-            if old is not None:
-                self.remove_team_file(old)
-            doc = self.insert(
-                "files",
-                team_id,
-                {
-                    "teamId": team_id,
-                    "userId": 1,
-                    "name": name,
-                    "path": remote_path,
-                    "hash": digest,
-                    "mime": mime_of(name),
-                    "ext": ext,
-                    "size": size,
-                    "meta": {"mime": mime_of(name), "ext": ext, "size": size},
-                    "storagePath": f"/teams_storage/{team_id}{remote_path}",
-                    "fullStorageUrl": f"/teams_storage/{team_id}{remote_path}",
-                    "isDir": False,
-                    "type": "file",
-                },
-            )
+            doc = self.team_file_by_path(team_id, remote_path)
+            if doc is None:
+                doc = self.insert("files", team_id, fields)
+            else:
+                doc.update(fields)
+                self.update("files", doc)
             shutil.move(str(src), self.file_path(doc["id"]))
         return doc
 

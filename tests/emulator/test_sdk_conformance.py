@@ -259,6 +259,30 @@ def test_the_sdk_uploads_a_local_blob_project_like_seed_does(sdk: Sdk, tmp_path:
         assert [c.name for c in meta.obj_classes] == ["cat"]
 
 
+def test_uploading_a_project_again_overwrites_its_blobs_in_place(sdk: Sdk, tmp_path: Path) -> None:
+    """``sly.upload_project`` puts each tar at ``/blob-files/<stem>.tar`` without looking
+    first. Team Files overwrites a path in place (same id, new bytes), so re-running the
+    upload keeps the first project's images readable, and both projects share one file."""
+    local = build_local_project(tmp_path / "project")
+    first, _ = sly.upload_project(
+        str(local.root), sdk.api, sdk.workspace.id, "a", log_progress=False
+    )
+    second, _ = sly.upload_project(
+        str(local.root), sdk.api, sdk.workspace.id, "b", log_progress=False
+    )
+    assert describe(sdk, first) == describe(sdk, second) == local.images
+
+    def blob_ids(project_id: int) -> set[int]:
+        return {
+            i.related_data_id
+            for _, ds in sdk.api.dataset.tree(project_id)
+            for i in sdk.api.image.get_list(ds.id)
+            if i.related_data_id is not None
+        }
+
+    assert blob_ids(first) == blob_ids(second)
+
+
 def describe(sdk: Sdk, project_id: int) -> dict[str, bytes]:
     """``<dataset path>/<image name>`` -> bytes, read through the SDK."""
     out = {}
@@ -304,6 +328,95 @@ def test_quick_import_uploads_through_the_async_file_api(sdk: Sdk, tmp_path: Pat
         sdk.api.image.download_blob_file(project.id, infos[0].download_id) == blob.tar.read_bytes()
     )
     assert sdk.api.project.get_custom_data(project.id)["is_blob_project"] is True
+
+
+def test_quick_import_with_labels_and_tags_mounts_with_the_sdk_s_annotations(
+    sdk: Sdk, tmp_path: Path
+) -> None:
+    """The guide's fastest flow, end to end: ``quick_import`` uploads blob + offsets, registers
+    the images by offsets, and adds every label (``figures.bulk.add``), object tag
+    (``figures.tags.bulk.add``) and image tag (``image-tags.bulk.add-to-image``) one batch at a
+    time. The SDK then downloads each annotation with its labels and tags, the project is
+    marked as a blob project, and a remote mount serves the same annotations."""
+    blob = sdk_blob(tmp_path, count=8)
+    project, dataset = new_dataset(sdk)
+    meta = sly.ProjectMeta(
+        obj_classes=[
+            sly.ObjClass("cat", sly.Rectangle),
+            sly.ObjClass("dog", sly.Polygon),
+        ],
+        tag_metas=[
+            sly.TagMeta("train", sly.TagValueType.NONE),
+            sly.TagMeta("pose", sly.TagValueType.ANY_STRING),
+        ],
+    )
+    meta = sdk.api.project.update_meta(project.id, meta.to_json())  # with the ids given
+    ann_dir = tmp_path / "ann"
+    ann_dir.mkdir()
+    anns = []
+    for i, name in enumerate(sorted(blob.images)):
+        labels = [
+            sly.Label(
+                sly.Rectangle(1, 2, 10 + i, 12),
+                meta.get_obj_class("cat"),
+                tags=[sly.Tag(meta.get_tag_meta("pose"), value=f"sitting-{i}")],
+            )
+        ]
+        if i % 2:
+            labels.append(
+                sly.Label(
+                    sly.Polygon(
+                        [sly.PointLocation(1, 1), sly.PointLocation(5, 9), sly.PointLocation(9, 2)]
+                    ),
+                    meta.get_obj_class("dog"),
+                )
+            )
+        ann = sly.Annotation((32, 32), labels, img_tags=[sly.Tag(meta.get_tag_meta("train"))])
+        path = ann_dir / f"{name}.json"
+        sly.json.dump_json_file(ann.to_json(), str(path))
+        anns.append(str(path))
+    sdk.api.dataset.quick_import(
+        dataset,
+        str(blob.tar),
+        str(blob.offsets),
+        anns,
+        project_meta=meta,
+        project_type=sly.ProjectType.IMAGES,
+        log_progress=True,
+    )
+    methods = sdk.emu.stats()["methods"]
+    assert {"figures.bulk.add", "figures.tags.bulk.add", "image-tags.bulk.add-to-image"} <= set(
+        methods
+    )
+    assert sdk.api.project.get_custom_data(project.id)["is_blob_project"] is True
+    infos = {i.name: i for i in sdk.api.image.get_list(dataset.id)}
+    assert sorted(infos) == sorted(blob.images)
+    downloaded = {}
+    for i, name in enumerate(sorted(blob.images)):
+        got = sly.Annotation.from_json(sdk.api.annotation.download_json(infos[name].id), meta)
+        assert [lb.obj_class.name for lb in got.labels] == (["cat", "dog"] if i % 2 else ["cat"])
+        assert got.labels[0].tags.get("pose").value == f"sitting-{i}"
+        assert [t.name for t in got.img_tags] == ["train"]
+        downloaded[name] = sdk.api.annotation.download_json(infos[name].id)
+    mnt = tmp_path / "mnt"
+    proc = start_mount(
+        f"sly://{project.id}",
+        mnt,
+        tmp_path / "log",
+        "--server",
+        sdk.emu.url,
+        env={"API_TOKEN": TOKEN},
+    )
+    try:
+        for name, data in blob.images.items():
+            assert (mnt / "ds" / "img" / name).read_bytes() == data
+            served = json.loads((mnt / "ds" / "ann" / f"{name}.json").read_bytes())
+            assert served == downloaded[name], name
+        local = sly.Project(str(mnt), sly.OpenMode.READ)
+        assert local.total_items == len(blob.images)
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(30) == 0
 
 
 def test_the_sdk_retries_injected_server_errors(sdk: Sdk, tmp_path: Path) -> None:
