@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Two stamps: the demo needs only blobfs and its runtime dependencies; tests, linters and
+# benchmarks add the test and dev extras (the SDK among them) on top of the same venv.
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 APT_PACKAGES := fuse libfuse2 libfuse3-3 rsync
 
@@ -17,9 +20,13 @@ system:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
@@ -36,7 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check blobfs bench
 	$(VENV)/bin/mypy blobfs
 
-demo: system venv
+demo: system $(RUNTIME)
 	PY=$(PY) bash scripts/demo.sh
 
 bench: system venv
