@@ -17,7 +17,15 @@ from typing import Any, NoReturn
 import click
 
 from blobfs import __version__
-from blobfs.config import MountConfig, parse_fuse_options, parse_size
+from blobfs.config import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_LOCAL_BLOCK_SIZE,
+    DEFAULT_LOCAL_CACHE_BYTES,
+    DEFAULT_REMOTE_BLOCK_SIZE,
+    MountConfig,
+    parse_fuse_options,
+    parse_size,
+)
 from blobfs.credentials import token_file_warning
 from blobfs.errors import BlobfsError, InvalidInput
 from blobfs.fstab import BOOL_FLAGS, VALUE_FLAGS, daemon_command
@@ -33,6 +41,15 @@ from blobfs.mountpoint import (
 
 READY_TIMEOUT_S = 120.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _size_text(n: int) -> str:
+    """``256 << 20`` -> ``"256M"``: a default as the user would type it."""
+    for unit in "TGMK":
+        scale = 1 << (10 * (" KMGT".index(unit)))
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 def _fail(message: str) -> NoReturn:
@@ -54,6 +71,7 @@ def main() -> None:
     "-o",
     "options",
     multiple=True,
+    metavar="OPTS",
     help="Comma-separated options, as in fstab: blobfs's (cache_size=1G, server=URL, "
     "token_file=PATH, writeback, ...: the flags' names with _) and FUSE's (attr_timeout=5, "
     "nonempty to mount over a non-empty folder).",
@@ -61,17 +79,28 @@ def main() -> None:
 @click.option(
     "--cache-size",
     default=None,
-    help="Memory for cached blob blocks (default 32M local, 256M remote).",
+    metavar="SIZE",
+    help="Memory for cached blob blocks (default "
+    f"{_size_text(DEFAULT_LOCAL_CACHE_BYTES)} local, {_size_text(DEFAULT_CACHE_BYTES)} remote).",
 )
 @click.option(
-    "--block-size", default=None, help="Cache block size (default 256K local, 1M remote)."
+    "--block-size",
+    default=None,
+    metavar="SIZE",
+    help=f"Cache block size (default {_size_text(DEFAULT_LOCAL_BLOCK_SIZE)} local, "
+    f"{_size_text(DEFAULT_REMOTE_BLOCK_SIZE)} remote).",
 )
-@click.option("--server", default=None, help="Supervisely server (default: SERVER_ADDRESS).")
+@click.option(
+    "--server",
+    default=None,
+    metavar="URL",
+    help="Supervisely server (default: SERVER_ADDRESS, then ~/supervisely.env).",
+)
 @click.option(
     "--token-file",
     default=None,
     type=click.Path(dir_okay=False),
-    help="File holding the API token (default: API_TOKEN, ~/supervisely.env).",
+    help="File holding the API token (default: API_TOKEN, then ~/supervisely.env).",
 )
 @click.option(
     "--cache-dir",
@@ -79,7 +108,13 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help="Persistent disk cache for remote blob blocks.",
 )
-@click.option("--disk-cache-size", default="10G", show_default=True)
+@click.option(
+    "--disk-cache-size",
+    default="10G",
+    show_default=True,
+    metavar="SIZE",
+    help="Bound of the --cache-dir cache.",
+)
 @click.option("--allow-other", is_flag=True, help="Let other users see the mount.")
 @click.option(
     "--log-level",
@@ -87,24 +122,32 @@ def main() -> None:
     show_default=True,
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
 )
-@click.option("--log-file", default=None, type=click.Path(dir_okay=False))
+@click.option(
+    "--log-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Append the log here (created 0600); in the background without it, the log after "
+    "start-up is dropped.",
+)
 @click.option("--writeback", is_flag=True, help="Make the mount writable; import what is written.")
 @click.option(
     "--spool-dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Where written files wait for import (default ~/.cache/blobfs/spool/...).",
+    help="Where written files wait for import (default ~/.cache/blobfs/spool/<hash of SOURCE>).",
 )
 @click.option(
     "--writeback-delay",
     default=5.0,
     show_default=True,
+    metavar="SECONDS",
     help="Seconds without new writes before staged files are imported.",
 )
 @click.option(
     "--blob-size",
     default="256M",
     show_default=True,
+    metavar="SIZE",
     help="Import a dataset's staged images once they reach this size.",
 )
 @click.option(
@@ -137,7 +180,8 @@ def mount(
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
     Read-only unless --writeback: then files written into the mount are packed into new
-    blobs and imported into the project.
+    blobs and imported into the project. Refuses a MOUNTPOINT that is mounted already (or
+    dead) or not empty (unless -o nonempty), and a folder without meta.json.
     """
     given: dict[str, Any] = {
         "cache_size": cache_size,
@@ -232,6 +276,10 @@ def _log_level(value: object) -> str:
     return level
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _size_or_none(value: object) -> int | None:
     return None if value is None else parse_size(str(value))
 
@@ -305,7 +353,7 @@ def unmount(mountpoint: str, lazy: bool) -> None:
         )
         if status.get("pending") or status.get("failed"):
             click.echo(
-                f"blobfs: {status.get('pending', 0)} files still pending and "
+                f"blobfs: {_count(status.get('pending', 0), 'file')} still pending and "
                 f"{len(status.get('failed') or {})} failed stay in the spool for the "
                 "next mount",
                 err=True,
@@ -360,12 +408,19 @@ def _exists(path: Path) -> bool:
 @main.command()
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("project_dir", type=click.Path(file_okay=False))
-@click.option("--dataset", default="ds0", show_default=True)
-@click.option("--blob-size", default="1G", show_default=True, help="Start a new blob past this.")
+@click.option("--dataset", default="ds0", show_default=True, help="Dataset to create or extend.")
+@click.option(
+    "--blob-size",
+    default="1G",
+    show_default=True,
+    metavar="SIZE",
+    help="Start a new blob past this.",
+)
 def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> None:
     """Pack the images in IMAGES_DIR into blobs of PROJECT_DIR (created or extended).
 
-    Hidden files (``.name``, such as .DS_Store) are skipped, as a shell's ``*`` would."""
+    Hidden files (names starting with a dot, such as .DS_Store) and symlinks are skipped,
+    as a shell's * skips hidden files."""
     from blobfs.blob.pack import ProjectPacker
 
     setup_logging("WARNING")
@@ -384,8 +439,8 @@ def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> Non
     except BlobfsError as exc:
         _fail(str(exc))
     click.echo(
-        f"packed {result.images} images ({result.bytes} bytes) into "
-        f"{len(result.blobs)} blob(s) in {project_dir}/{dataset}"
+        f"packed {_count(result.images, 'image')} ({result.bytes} bytes) into "
+        f"{_count(len(result.blobs), 'blob')} in {project_dir}/{dataset}"
     )
 
 

@@ -8,6 +8,7 @@ directory holding a ``blobfs/`` package, files others can read.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -316,3 +317,42 @@ def test_unmount_of_a_live_read_only_mount_still_works(project: Path, mnt: Path)
     wait_mount(mnt)
     assert blobfs("unmount", str(mnt)).returncode == 0
     assert mounts_on(mnt) == 0
+
+
+# -- 21: --help, docs/usage.md and the code say the same ------------------------------------
+
+USAGE_MD = Path(__file__).resolve().parents[2] / "docs" / "usage.md"
+COMMANDS = ("mount", "unmount", "pack", "check", "flush", "status", "stats")
+
+
+def test_every_option_in_help_is_documented_in_usage_md() -> None:
+    usage = USAGE_MD.read_text()
+    for command in COMMANDS:
+        text = blobfs(command, "--help").stdout
+        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", text)) - {"--help"}:
+            assert re.search(rf"(?<![\w-]){option}(?![\w-])", usage), (command, option)
+
+
+def test_the_cache_defaults_in_help_and_usage_md_are_the_code_s() -> None:
+    from blobfs.config import DEFAULT_CACHE_BYTES, DEFAULT_LOCAL_CACHE_BYTES
+
+    local, remote = f"{DEFAULT_LOCAL_CACHE_BYTES >> 20}M", f"{DEFAULT_CACHE_BYTES >> 20}M"
+    row = next(line for line in USAGE_MD.read_text().splitlines() if "`--cache-size" in line)
+    assert f"{local} local" in row and f"{remote} remote" in row, row
+    help_text = " ".join(blobfs("mount", "--help").stdout.split())
+    assert f"(default {local} local, {remote} remote)" in help_text
+
+
+def test_help_texts_carry_no_markup() -> None:
+    for command in ("", *COMMANDS):
+        text = blobfs(*([command] if command else []), "--help").stdout
+        assert "``" not in text, (command, text)
+
+
+def test_check_counts_one_dataset_and_one_image_in_the_singular(tmp_path: Path) -> None:
+    ProjectPacker(tmp_path / "one", "ds").pack(make_images(tmp_path / "img1", 1))
+    out = blobfs("check", str(tmp_path / "one")).stdout
+    assert "1 dataset, 1 image (1 in blobs), 0 problems" in out, out
+    ProjectPacker(tmp_path / "one", "ds2").pack(make_images(tmp_path / "img2", 2))
+    out = blobfs("check", str(tmp_path / "one")).stdout
+    assert "2 datasets, 3 images" in out, out
