@@ -219,6 +219,7 @@ def mount(
             debug_fuse=debug_fuse,
         )
         log_level = _log_level(opt["log_level"])
+        _clear_dead_blobfs_mount(config.mountpoint)
         check_mount_target(config.mountpoint, nonempty=bool(fuse_opts.get("nonempty")))
     except BlobfsError as exc:
         _fail(str(exc))
@@ -389,6 +390,19 @@ def _unmount_dead(tool: str, path: str) -> None:
         "staged for writeback stays in the spool for the next mount.",
         err=True,
     )
+
+
+def _clear_dead_blobfs_mount(mountpoint: str) -> None:
+    """Before mounting: a dead *blobfs* mount there is taken away (nothing can be read from
+    it, and its spool is on disk); a dead mount of another kind is left for its owner
+    (``check_mount_target`` then says what to run)."""
+    try:
+        state = inspect(mountpoint)
+    except OSError:
+        return  # check_mount_target reports it
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if state.kind is Kind.DEAD and state.is_blobfs and tool is not None:
+        _unmount_dead(tool, state.path)
 
 
 def _state(mountpoint: str) -> MountState:

@@ -280,7 +280,6 @@ def test_a_killed_writeback_mount_is_reported_then_unmounted(
         os.listdir(mnt)  # ENOTCONN: what the user sees first
     for command in ("status", "flush", "stats"):
         assert_clean_failure(blobfs(command, str(mnt)), "dead mount", f"blobfs unmount {mnt}")
-    assert_clean_failure(blobfs("mount", str(project), str(mnt)), "dead mount", "blobfs unmount")
     result = blobfs("unmount", str(mnt))
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "spool" in result.stderr
@@ -288,6 +287,19 @@ def test_a_killed_writeback_mount_is_reported_then_unmounted(
     # and the folder is usable again
     assert blobfs("mount", str(project), str(mnt)).returncode == 0
     assert blobfs("unmount", str(mnt)).returncode == 0
+
+
+def test_mounting_onto_a_killed_mount_takes_the_dead_one_away_first(
+    project: Path, mnt: Path, tmp_path: Path
+) -> None:
+    proc = start_mount(str(project), mnt, tmp_path / "log")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    result = blobfs("mount", str(project), str(mnt))
+    assert result.returncode == 0, result.stderr
+    assert "dead mount" in result.stderr and "Traceback" not in result.stderr
+    assert mounts_on(mnt) == 1, "the dead mount must go, not stay under the new one"
+    assert len(os.listdir(mnt / "ds" / "img")) == 3
 
 
 def test_a_killed_mount_still_in_use_is_detached(project: Path, mnt: Path, tmp_path: Path) -> None:
