@@ -344,6 +344,8 @@ def unmount(mountpoint: str, lazy: bool) -> None:
     if state.kind is Kind.DEAD:
         _unmount_dead(tool, state.path)
         return
+    if state.kind is Kind.MISSING:
+        _fail(f"{state.path} does not exist")
     if state.kind is not Kind.MOUNTED:
         _fail(f"{state.path} is not mounted")
     if not lazy and state.is_blobfs and _exists(Path(mountpoint) / ".blobfs" / "writeback.json"):
@@ -549,7 +551,7 @@ def _read_control(mountpoint: str, name: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
-        _fail(f"{mountpoint} is not a blobfs mount (or not one with writeback)")
+        _fail(f"cannot read {path}: the daemon does not serve it")
     except OSError as exc:
         if exc.errno in DEAD_ERRNOS:
             _fail(dead_mount_advice(os.path.abspath(mountpoint)))

@@ -28,6 +28,7 @@ from tests.helpers import start_mount, wait_mount
 pytestmark = pytest.mark.fuse
 
 TOKEN = "cli-test-token-7c21"
+DAEMON = [sys.executable, "-P", "-m", "blobfs"]
 
 
 def blobfs(
@@ -253,8 +254,9 @@ def test_a_folder_without_meta_json_is_refused_before_ready(tmp_path: Path, mnt:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
         sock.setblocking(False)
+        log = tmp_path / "daemon.log"
         run = subprocess.run(
-            [sys.executable, "-P", "-m", "blobfs", "mount", str(images), str(mnt), "-f"],
+            [*DAEMON, "mount", str(images), str(mnt), "-f", "--log-file", str(log)],
             capture_output=True,
             text=True,
             env={**os.environ, "NOTIFY_SOCKET": str(sock_path)},
@@ -263,6 +265,7 @@ def test_a_folder_without_meta_json_is_refused_before_ready(tmp_path: Path, mnt:
         assert_clean_failure(run, "no meta.json")
         with pytest.raises(BlockingIOError):
             sock.recv(256)
+        assert "mounted" not in log.read_text()
 
 
 # -- 19: a daemon killed with SIGKILL leaves a dead mount; every command copes ---------------
