@@ -19,6 +19,7 @@ from blobfs.errors import InvalidInput
 #: ``stat`` on a FUSE mount whose daemon exited (or whose connection was aborted).
 DEAD_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 BLOBFS_FSTYPE = "fuse.blobfs"
+AUTOFS_FSTYPE = "autofs"
 MOUNTINFO = "/proc/self/mountinfo"
 
 
@@ -73,7 +74,7 @@ def mounted_fstype(path: str, mountinfo: str = MOUNTINFO) -> str | None:
     return found
 
 
-def inspect(path: str) -> MountState:
+def inspect(path: str, mountinfo: str = MOUNTINFO) -> MountState:
     """What ``path`` is now (the ``stat`` decides dead vs. alive, the mount table the type)."""
     path = os.path.abspath(path)
     try:
@@ -82,13 +83,15 @@ def inspect(path: str) -> MountState:
         return MountState(path, Kind.MISSING)
     except OSError as exc:
         if exc.errno in DEAD_ERRNOS:
-            return MountState(path, Kind.DEAD, mounted_fstype(path))
+            return MountState(path, Kind.DEAD, mounted_fstype(path, mountinfo))
         raise
     if not stat.S_ISDIR(st.st_mode):
         return MountState(path, Kind.NOT_A_DIRECTORY)
-    fstype = mounted_fstype(path)
+    fstype = mounted_fstype(path, mountinfo)
     if fstype is None and not os.path.ismount(path):
         return MountState(path, Kind.FOLDER)
+    if fstype == AUTOFS_FSTYPE:
+        return MountState(path, Kind.MOUNTED, fstype)  # statfs would trigger the automount
     # The kernel answers ``stat`` of a dead mount's root from its attribute cache (for up to
     # ``attr_timeout``); ``statfs`` always asks the daemon, so it tells a dead one.
     try:
@@ -106,18 +109,22 @@ def dead_mount_advice(path: str) -> str:
     )
 
 
-def check_mount_target(path: str, nonempty: bool = False) -> None:
+def check_mount_target(path: str, nonempty: bool = False, mountinfo: str = MOUNTINFO) -> None:
     """Refuse a mount point that is missing, mounted (dead or alive), or not empty.
 
     Mounting on top of a live mount would stack a second one and hide the first; over a
     non-empty folder it would hide the folder's files. Both are refused, as mount(8) and
-    libfuse 2 refuse them, unless ``-o nonempty`` says the files may be hidden.
+    libfuse 2 refuse them, unless ``-o nonempty`` says the files may be hidden. An autofs
+    trigger (fstab ``x-systemd.automount``) is the one mount that is meant to be mounted
+    over; it is not even listed, since reading it would wait for this very mount.
 
     Raises:
         InvalidInput: with a message that says what to run instead.
     """
+    if mounted_fstype(path, mountinfo) == AUTOFS_FSTYPE:
+        return
     try:
-        state = inspect(path)
+        state = inspect(path, mountinfo)
     except OSError as exc:
         raise InvalidInput(f"mount point {path}: {exc.strerror}") from None
     if state.kind is Kind.MISSING:

@@ -61,6 +61,18 @@ def test_the_mount_table_is_read_with_its_escapes_and_the_topmost_mount_wins(
     assert mounted_fstype(str(tmp_path), str(table)) is None
 
 
+def test_an_automount_trigger_is_mounted_over_without_being_listed(tmp_path: Path) -> None:
+    """fstab's ``x-systemd.automount`` runs the mount on top of an autofs mount point."""
+    point = tmp_path / "auto"
+    point.mkdir()
+    (point / "would-be-hidden").write_text("x")  # stands in for what listing would trigger
+    table = tmp_path / "mountinfo"
+    table.write_text(f"40 27 0:40 / {point} rw,relatime - autofs systemd-1 rw,fd=1\n")
+    check_mount_target(str(point), mountinfo=str(table))
+    with pytest.raises(InvalidInput, match="not empty"):
+        check_mount_target(str(point))
+
+
 def test_a_folder_without_meta_json_is_not_a_project(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match=r"not a Supervisely project: no meta\.json"):
         check_local_project(str(tmp_path))
