@@ -180,8 +180,9 @@ def mount(
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
     Read-only unless --writeback: then files written into the mount are packed into new
-    blobs and imported into the project. Refuses a MOUNTPOINT that is mounted already (or
-    dead) or not empty (unless -o nonempty), and a folder without meta.json.
+    blobs and imported into the project. Refuses a MOUNTPOINT that is mounted already or
+    not empty (unless -o nonempty), and a folder without meta.json; a dead blobfs mount
+    there (its daemon was killed) is unmounted first.
     """
     given: dict[str, Any] = {
         "cache_size": cache_size,
