@@ -17,11 +17,39 @@ from typing import Any, NoReturn
 import click
 
 from blobfs import __version__
-from blobfs.config import MountConfig, parse_fuse_options, parse_size
-from blobfs.errors import BlobfsError
+from blobfs.config import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_LOCAL_BLOCK_SIZE,
+    DEFAULT_LOCAL_CACHE_BYTES,
+    DEFAULT_REMOTE_BLOCK_SIZE,
+    MountConfig,
+    parse_fuse_options,
+    parse_size,
+)
+from blobfs.credentials import token_file_warning
+from blobfs.errors import BlobfsError, InvalidInput
+from blobfs.fstab import BOOL_FLAGS, VALUE_FLAGS, daemon_command
 from blobfs.logs import setup_logging
+from blobfs.mountpoint import (
+    DEAD_ERRNOS,
+    Kind,
+    MountState,
+    check_mount_target,
+    dead_mount_advice,
+    inspect,
+)
 
 READY_TIMEOUT_S = 120.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _size_text(n: int) -> str:
+    """``256 << 20`` -> ``"256M"``: a default as the user would type it."""
+    for unit in "TGMK":
+        scale = 1 << (10 * (" KMGT".index(unit)))
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 def _fail(message: str) -> NoReturn:
@@ -39,21 +67,40 @@ def main() -> None:
 @click.argument("source")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
-@click.option("-o", "options", multiple=True, help="FUSE/blobfs options, comma separated.")
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPTS",
+    help="Comma-separated options, as in fstab: blobfs's (cache_size=1G, server=URL, "
+    "token_file=PATH, writeback, ...: the flags' names with _) and FUSE's (attr_timeout=5, "
+    "nonempty to mount over a non-empty folder).",
+)
 @click.option(
     "--cache-size",
     default=None,
-    help="Memory for cached blob blocks (default 32M local, 256M remote).",
+    metavar="SIZE",
+    help="Memory for cached blob blocks (default "
+    f"{_size_text(DEFAULT_LOCAL_CACHE_BYTES)} local, {_size_text(DEFAULT_CACHE_BYTES)} remote).",
 )
 @click.option(
-    "--block-size", default=None, help="Cache block size (default 256K local, 1M remote)."
+    "--block-size",
+    default=None,
+    metavar="SIZE",
+    help=f"Cache block size (default {_size_text(DEFAULT_LOCAL_BLOCK_SIZE)} local, "
+    f"{_size_text(DEFAULT_REMOTE_BLOCK_SIZE)} remote).",
 )
-@click.option("--server", default=None, help="Supervisely server (default: SERVER_ADDRESS).")
+@click.option(
+    "--server",
+    default=None,
+    metavar="URL",
+    help="Supervisely server (default: SERVER_ADDRESS, then ~/supervisely.env).",
+)
 @click.option(
     "--token-file",
     default=None,
     type=click.Path(dir_okay=False),
-    help="File holding the API token (default: API_TOKEN, ~/supervisely.env).",
+    help="File holding the API token (default: API_TOKEN, then ~/supervisely.env).",
 )
 @click.option(
     "--cache-dir",
@@ -61,32 +108,46 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help="Persistent disk cache for remote blob blocks.",
 )
-@click.option("--disk-cache-size", default="10G", show_default=True)
+@click.option(
+    "--disk-cache-size",
+    default="10G",
+    show_default=True,
+    metavar="SIZE",
+    help="Bound of the --cache-dir cache.",
+)
 @click.option("--allow-other", is_flag=True, help="Let other users see the mount.")
 @click.option(
     "--log-level",
     default="INFO",
     show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
 )
-@click.option("--log-file", default=None, type=click.Path(dir_okay=False))
+@click.option(
+    "--log-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Append the log here (created 0600); in the background without it, the log after "
+    "start-up is dropped.",
+)
 @click.option("--writeback", is_flag=True, help="Make the mount writable; import what is written.")
 @click.option(
     "--spool-dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Where written files wait for import (default ~/.cache/blobfs/spool/...).",
+    help="Where written files wait for import (default ~/.cache/blobfs/spool/<hash of SOURCE>).",
 )
 @click.option(
     "--writeback-delay",
     default=5.0,
     show_default=True,
+    metavar="SECONDS",
     help="Seconds without new writes before staged files are imported.",
 )
 @click.option(
     "--blob-size",
     default="256M",
     show_default=True,
+    metavar="SIZE",
     help="Import a dataset's staged images once they reach this size.",
 )
 @click.option(
@@ -119,35 +180,61 @@ def mount(
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
     Read-only unless --writeback: then files written into the mount are packed into new
-    blobs and imported into the project.
+    blobs and imported into the project. Refuses a MOUNTPOINT that is mounted already or
+    not empty (unless -o nonempty), and a folder without meta.json; a dead blobfs mount
+    there (its daemon was killed) is unmounted first.
     """
+    given: dict[str, Any] = {
+        "cache_size": cache_size,
+        "block_size": block_size,
+        "server": server,
+        "token_file": token_file,
+        "cache_dir": cache_dir,
+        "disk_cache_size": disk_cache_size,
+        "log_level": log_level,
+        "log_file": log_file,
+        "spool_dir": spool_dir,
+        "writeback_delay": writeback_delay,
+        "blob_size": blob_size,
+        "allow_other": allow_other,
+        "writeback": writeback,
+    }
     try:
         fuse_opts = parse_fuse_options(options)
+        opt = {**given, **_blobfs_options(fuse_opts)}
         config = MountConfig(
             source=source if source.startswith("sly://") else os.path.abspath(source),
             mountpoint=os.path.abspath(mountpoint),
-            block_size=parse_size(block_size) if block_size else None,
-            cache_bytes=_size_or_none(fuse_opts.pop("cache_size", cache_size)),
-            allow_other=allow_other or bool(fuse_opts.pop("allow_other", False)),
+            block_size=parse_size(opt["block_size"]) if opt["block_size"] else None,
+            cache_bytes=_size_or_none(opt["cache_size"]),
+            allow_other=bool(opt["allow_other"]),
             fuse_options=fuse_opts,
-            server=server,
-            token_file=token_file,
-            cache_dir=cache_dir,
-            disk_cache_bytes=parse_size(disk_cache_size),
-            writeback=writeback or bool(fuse_opts.pop("writeback", False)),
-            spool_dir=spool_dir,
-            writeback_delay_s=writeback_delay,
-            writeback_blob_size=parse_size(blob_size),
+            server=opt["server"],
+            token_file=opt["token_file"],
+            cache_dir=opt["cache_dir"],
+            disk_cache_bytes=parse_size(opt["disk_cache_size"]),
+            writeback=bool(opt["writeback"]),
+            spool_dir=opt["spool_dir"],
+            writeback_delay_s=_seconds(opt["writeback_delay"]),
+            writeback_blob_size=parse_size(opt["blob_size"]),
             debug_fuse=debug_fuse,
         )
+        log_level = _log_level(opt["log_level"])
+        _clear_dead_blobfs_mount(config.mountpoint)
+        check_mount_target(config.mountpoint, nonempty=bool(fuse_opts.get("nonempty")))
     except BlobfsError as exc:
         _fail(str(exc))
-    if not os.path.isdir(config.mountpoint):
-        _fail(f"mount point {config.mountpoint} is not a directory")
     if not foreground:
         _spawn_background(sys.argv[1:], config.mountpoint)
+        if config.is_remote and config.token_file:
+            warning = token_file_warning(config.token_file)
+            if warning:  # the daemon logged it too, but its start-up output is not shown
+                click.echo(f"blobfs: warning: {warning}", err=True)
         return
-    setup_logging(log_level, log_file)
+    try:
+        setup_logging(log_level, opt["log_file"])
+    except OSError as exc:
+        _fail(f"cannot open log file {opt['log_file']}: {exc.strerror}")
     from blobfs.daemon import run
 
     try:
@@ -156,6 +243,43 @@ def mount(
         _fail(str(exc))
     except RuntimeError as exc:
         _fail(f"mount failed: {exc}")
+
+
+def _blobfs_options(fuse_opts: dict[str, str | bool]) -> dict[str, str | bool]:
+    """Take the blobfs options (``server=URL``, ``writeback`` ...) out of ``-o``.
+
+    They are the options an fstab line accepts (``blobfs.fstab``), so ``-o`` means the same on
+    the command line as in fstab; what is left goes to FUSE. An ``-o`` value wins over the
+    flag's.
+    """
+    out: dict[str, str | bool] = {}
+    for key in list(fuse_opts):
+        if key in VALUE_FLAGS:
+            value = fuse_opts.pop(key)
+            if value is True or value == "":
+                raise InvalidInput(f"-o {key} needs a value ({key}=...)")
+            out[key] = value
+        elif key in BOOL_FLAGS:
+            out[key] = bool(fuse_opts.pop(key))
+    return out
+
+
+def _seconds(value: object) -> float:
+    try:
+        return float(str(value))
+    except ValueError:
+        raise InvalidInput(f"not a number of seconds: {value!r}") from None
+
+
+def _log_level(value: object) -> str:
+    level = str(value).upper()
+    if level not in LOG_LEVELS:
+        raise InvalidInput(f"log level {value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _size_or_none(value: object) -> int | None:
@@ -169,7 +293,7 @@ def _spawn_background(argv: list[str], mountpoint: str) -> None:
     us until then, so a failing mount prints its reason here, like sshfs.
     """
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "blobfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    cmd = [*daemon_command(), *argv, "--foreground", "--ready-fd", str(write_fd)]
     err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"blobfs-{os.getpid()}-{time.time_ns()}.err"
     with open(err_path, "w+b") as err:
         os.chmod(err_path, 0o600)
@@ -210,11 +334,22 @@ def _wait_ready(read_fd: int, child: subprocess.Popen[bytes]) -> bool:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-z", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
 def unmount(mountpoint: str, lazy: bool) -> None:
-    """Unmount MOUNTPOINT (fusermount -u); a writeback mount imports what is staged first."""
+    """Unmount MOUNTPOINT (fusermount -u); a writeback mount imports what is staged first.
+
+    A dead mount (its daemon exited: Transport endpoint is not connected) is unmounted too,
+    lazily if it is still in use."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         _fail("fusermount not found (install the fuse package)")
-    if not lazy and (Path(mountpoint) / ".blobfs" / "writeback.json").exists():
+    state = _state(mountpoint)
+    if state.kind is Kind.DEAD:
+        _unmount_dead(tool, state.path)
+        return
+    if state.kind is Kind.MISSING:
+        _fail(f"{state.path} does not exist")
+    if state.kind is not Kind.MOUNTED:
+        _fail(f"{state.path} is not mounted")
+    if not lazy and state.is_blobfs and _exists(Path(mountpoint) / ".blobfs" / "writeback.json"):
         status = (
             _flush_with_progress(mountpoint)
             if sys.stderr.isatty()
@@ -222,26 +357,87 @@ def unmount(mountpoint: str, lazy: bool) -> None:
         )
         if status.get("pending") or status.get("failed"):
             click.echo(
-                f"blobfs: {status.get('pending', 0)} files still pending and "
+                f"blobfs: {_count(status.get('pending', 0), 'file')} still pending and "
                 f"{len(status.get('failed') or {})} failed stay in the spool for the "
                 "next mount",
                 err=True,
             )
-    args = [tool, "-u", *(["-z"] if lazy else []), mountpoint]
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    result = _fusermount(tool, state.path, lazy)
     if result.returncode != 0:
-        _fail(result.stderr.strip() or f"{tool} failed")
+        _fail(_fusermount_error(result, state.path))
+
+
+def _fusermount(tool: str, path: str, lazy: bool) -> subprocess.CompletedProcess[str]:
+    args = [tool, "-u", *(["-z"] if lazy else []), path]
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def _fusermount_error(result: subprocess.CompletedProcess[str], path: str) -> str:
+    """fusermount's own words, without its program-name prefix, plus what to do when busy."""
+    text = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+    text = text.split(": ", 1)[1] if text.startswith("fusermount") and ": " in text else text
+    if "busy" in text.lower():
+        return f"cannot unmount {path}: {text} (blobfs unmount -z {path} detaches lazily)"
+    return f"cannot unmount {path}: {text}"
+
+
+def _unmount_dead(tool: str, path: str) -> None:
+    """Take away a mount whose daemon is gone; what it had staged stays in its spool."""
+    result = _fusermount(tool, path, lazy=False)
+    if result.returncode != 0:  # still open somewhere: detach it now, the kernel frees it later
+        result = _fusermount(tool, path, lazy=True)
+    if result.returncode != 0:
+        _fail(_fusermount_error(result, path))
+    click.echo(
+        f"blobfs: {path} was a dead mount (its daemon had exited); unmounted. Anything it had "
+        "staged for writeback stays in the spool for the next mount.",
+        err=True,
+    )
+
+
+def _clear_dead_blobfs_mount(mountpoint: str) -> None:
+    """Before mounting: a dead *blobfs* mount there is taken away (nothing can be read from
+    it, and its spool is on disk); a dead mount of another kind is left for its owner
+    (``check_mount_target`` then says what to run)."""
+    try:
+        state = inspect(mountpoint)
+    except OSError:
+        return  # check_mount_target reports it
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if state.kind is Kind.DEAD and state.is_blobfs and tool is not None:
+        _unmount_dead(tool, state.path)
+
+
+def _state(mountpoint: str) -> MountState:
+    try:
+        return inspect(mountpoint)
+    except OSError as exc:
+        _fail(f"{mountpoint}: {exc.strerror}")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 @main.command()
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("project_dir", type=click.Path(file_okay=False))
-@click.option("--dataset", default="ds0", show_default=True)
-@click.option("--blob-size", default="1G", show_default=True, help="Start a new blob past this.")
+@click.option("--dataset", default="ds0", show_default=True, help="Dataset to create or extend.")
+@click.option(
+    "--blob-size",
+    default="1G",
+    show_default=True,
+    metavar="SIZE",
+    help="Start a new blob past this.",
+)
 def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> None:
     """Pack the images in IMAGES_DIR into blobs of PROJECT_DIR (created or extended).
 
-    Hidden files (``.name``, such as .DS_Store) are skipped, as a shell's ``*`` would."""
+    Hidden files (names starting with a dot, such as .DS_Store) and symlinks are skipped,
+    as a shell's * skips hidden files."""
     from blobfs.blob.pack import ProjectPacker
 
     setup_logging("WARNING")
@@ -260,8 +456,8 @@ def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> Non
     except BlobfsError as exc:
         _fail(str(exc))
     click.echo(
-        f"packed {result.images} images ({result.bytes} bytes) into "
-        f"{len(result.blobs)} blob(s) in {project_dir}/{dataset}"
+        f"packed {_count(result.images, 'image')} ({result.bytes} bytes) into "
+        f"{_count(len(result.blobs), 'blob')} in {project_dir}/{dataset}"
     )
 
 
@@ -293,9 +489,10 @@ def check(project_dir: str, deep: bool) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
 def flush(mountpoint: str) -> None:
     """Import everything staged in a writeback MOUNTPOINT now, and wait for it."""
+    _need_blobfs_mount(mountpoint, writeback="nothing to flush")
     status = (
         _flush_with_progress(mountpoint)
         if sys.stderr.isatty()
@@ -306,10 +503,11 @@ def flush(mountpoint: str) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def status(mountpoint: str, as_json: bool) -> None:
     """Show writeback state of MOUNTPOINT: pending, importing, failed (with reasons)."""
+    _need_blobfs_mount(mountpoint, writeback="no writeback state")
     data = _read_control(mountpoint, "writeback.json")
     if as_json:
         click.echo(json.dumps(data, indent=1))
@@ -333,13 +531,33 @@ def _flush_with_progress(mountpoint: str) -> dict[str, Any]:
     return result
 
 
+def _need_blobfs_mount(mountpoint: str, writeback: str | None = None) -> None:
+    """Fail with what ``mountpoint`` is when it is not a live blobfs mount (with writeback,
+    when ``writeback`` names what a read-only one lacks)."""
+    state = _state(mountpoint)
+    if state.kind is Kind.DEAD:
+        _fail(dead_mount_advice(state.path))
+    if state.kind is Kind.MISSING:
+        _fail(f"{state.path} does not exist")
+    if state.kind is not Kind.MOUNTED or not state.is_blobfs:
+        _fail(f"{state.path} is not a blobfs mount")
+    if writeback and not _exists(Path(state.path) / ".blobfs" / "writeback.json"):
+        _fail(
+            f"{state.path} is a read-only blobfs mount (mounted without --writeback): {writeback}"
+        )
+
+
 def _read_control(mountpoint: str, name: str) -> dict[str, Any]:
     path = Path(mountpoint) / ".blobfs" / name
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
-        _fail(f"{mountpoint} is not a blobfs mount (or not one with writeback)")
-    except (OSError, ValueError) as exc:
+        _fail(f"cannot read {path}: the daemon does not serve it")
+    except OSError as exc:
+        if exc.errno in DEAD_ERRNOS:
+            _fail(dead_mount_advice(os.path.abspath(mountpoint)))
+        _fail(f"cannot read {path}: {exc.strerror}")
+    except ValueError as exc:
         _fail(f"cannot read {path}: {exc}")
     if not isinstance(data, dict):
         _fail(f"{path}: unexpected content")
@@ -360,10 +578,11 @@ def _print_status(data: dict[str, Any]) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def stats(mountpoint: str, as_json: bool) -> None:
     """Live statistics of MOUNTPOINT: cache hits/misses, bytes and requests, memory."""
+    _need_blobfs_mount(mountpoint)
     # a fresh name each time: the kernel caches a file's size and pages (see view.tree)
     data = _read_control(mountpoint, f"stats-{uuid.uuid4().hex}.json")
     if as_json:

@@ -7,10 +7,14 @@ returned to the caller and nowhere else: no log line, argv or message contains i
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 from blobfs.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
 
 ENV_FILE = Path("~/supervisely.env")
 
@@ -51,6 +55,9 @@ def resolve(
             token = Path(token_file).expanduser().read_text().strip()
         except OSError as exc:
             raise InvalidInput(f"cannot read token file {token_file}: {exc.strerror}") from None
+        warning = token_file_warning(token_file)
+        if warning:
+            logger.warning("%s", warning)
     else:
         token = environ.get("API_TOKEN") or from_file.get("API_TOKEN") or ""
     if not server:
@@ -62,3 +69,22 @@ def resolve(
     if not server.startswith(("http://", "https://")):
         server = "https://" + server
     return server.rstrip("/"), token
+
+
+def token_file_warning(token_file: str) -> str | None:
+    """What to tell the user when others may read ``token_file`` (as ssh does for keys).
+
+    The token is still used: refusing would break a working mount over a mode. Only the
+    path and its mode are named, never the content.
+    """
+    path = Path(token_file).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return None
+    return (
+        f"token file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}): "
+        f"anyone who can read it can use the token; run chmod 600 {path}"
+    )

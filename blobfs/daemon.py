@@ -52,9 +52,24 @@ def build_source(config: MountConfig) -> Source:
         from blobfs.sources.remote import build_remote_source
 
         return build_remote_source(config, cache)
-    if not os.path.isdir(config.source):
-        raise NotFound(f"{config.source} is not a project folder")
+    check_local_project(config.source)
     return LocalProjectSource(config.source, cache)
+
+
+def check_local_project(path: str) -> None:
+    """Refuse a folder that is not a project before anything is mounted or reported ready.
+
+    A folder of images (or a typo'd path one level too high) would otherwise mount as an
+    empty tree with exit status 0. ``meta.json`` is what makes a folder a project for the
+    SDK; whether its content is sound is for the source to judge (and report), not this.
+
+    Raises:
+        NotFound: no such folder, or no ``meta.json`` in it.
+    """
+    if not os.path.isdir(path):
+        raise NotFound(f"{path} is not a project folder")
+    if not os.path.lexists(os.path.join(path, "meta.json")):
+        raise NotFound(f"{path}: not a Supervisely project: no meta.json")
 
 
 def build(
@@ -94,6 +109,8 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
         if key in ("foreground", "debug"):
             flag = "--foreground" if key == "foreground" else "--debug-fuse"
             raise InvalidInput(f"-o {key} is not a FUSE option here: use {flag}")
+        if key == "nonempty" and FUSE_MAJOR >= 3:
+            continue  # libfuse 3 mounts over files by itself (and rejects the option)
         kwargs[key] = value
     return kwargs
 
@@ -139,8 +156,10 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     problems = view.source.problems()
 
     def on_ready() -> None:
+        # the count is of what was found before mounting (meta.json, remote set-up); the
+        # entries are judged later, and the "indexed" line (local) reports those
         logger.info(
-            "mounted %s on %s in %.2f s (%d problems%s)",
+            "mounted %s on %s in %.2f s (%d problems so far%s)",
             config.source,
             config.mountpoint,
             time.monotonic() - started,

@@ -55,6 +55,16 @@ DROPPED = {
 }
 
 
+def daemon_command() -> list[str]:
+    """How blobfs runs itself again (the background daemon, and this helper's ``blobfs mount``).
+
+    ``-P`` keeps the working directory off ``sys.path``: a ``./blobfs/`` folder wherever the
+    user stands must not be imported in place of the installed package. ``PYTHONPATH`` still
+    counts (``-I`` would drop it), so a checkout run with ``PYTHONPATH=.`` mounts its own code.
+    """
+    return [sys.executable, "-P", "-m", "blobfs"]
+
+
 def translate(source: str, mountpoint: str, options: str) -> list[str]:
     """``blobfs mount`` arguments for one fstab line's fields."""
     args = ["mount", source, mountpoint]
@@ -97,7 +107,8 @@ def parse_argv(argv: list[str]) -> tuple[str, str, str]:
 def main() -> None:
     source, mountpoint, options = parse_argv(sys.argv[1:])
     args = translate(source, mountpoint, options)
-    os.execv(sys.executable, [sys.executable, "-m", "blobfs", *args])
+    cmd = daemon_command()
+    os.execv(cmd[0], [*cmd, *args])
 
 
 if __name__ == "__main__":

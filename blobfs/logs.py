@@ -15,7 +15,7 @@ def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler: logging.Handler = (
-        logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+        _private_file_handler(log_file) if log_file else logging.StreamHandler()
     )
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
@@ -25,3 +25,15 @@ def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
     root.setLevel(level.upper())
     # urllib3 would log full URLs with query strings at DEBUG; keep it at WARNING.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _private_file_handler(path: str) -> logging.FileHandler:
+    """A handler appending to ``path``, which is created ``0600`` when it does not exist.
+
+    The log names project paths, images and servers; other users have no business reading
+    it. The file is created before ``FileHandler`` opens it, so no umask makes it wider. An
+    existing file keeps its mode: whoever made it group-readable (say, for a log reader's
+    group) decided that.
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+    return logging.FileHandler(path)

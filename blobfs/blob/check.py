@@ -36,12 +36,16 @@ class Report:
 
     def lines(self) -> list[str]:
         head = (
-            f"{self.project}: {self.datasets} datasets, {self.images} images "
-            f"({self.blob_images} in blobs), {len(self.problems)} problems"
+            f"{self.project}: {_count(self.datasets, 'dataset')}, {_count(self.images, 'image')} "
+            f"({self.blob_images} in blobs), {_count(len(self.problems), 'problem')}"
         )
         return [head, *(f"  problem: {p}" for p in self.problems)] + (
             ["OK"] if not self.problems else []
         )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _tar_members(path: Path) -> dict[str, BlobMember] | str:

@@ -210,6 +210,7 @@ def start_process(
     proc = subprocess.Popen(
         [
             sys.executable,
+            "-P",
             "-m",
             "blobfs.testing.emulator",
             "--state",

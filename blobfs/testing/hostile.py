@@ -37,6 +37,8 @@ class Case:
     absent: list[str] = field(default_factory=list)
     eio: list[str] = field(default_factory=list)
     check_fails: bool = True
+    #: What ``blobfs mount`` says when it refuses the whole project ("": it mounts).
+    mount_refused: str = ""
 
 
 class _Evil:
@@ -216,6 +218,7 @@ def _file_cases(case: MakeCase) -> None:
     c, _ds, _stem = case("meta-json-missing")
     (c.root / "meta.json").unlink()
     c.absent.append("/meta.json")
+    c.mount_refused = "not a Supervisely project: no meta.json"
     c, ds, _stem = case("annotation-does-not-parse")
     (ds / "ann" / "good_0.png.json").write_text("{not json")
     c.good["/ds/ann/good_0.png.json"] = b"{not json"  # served as stored; check reports it

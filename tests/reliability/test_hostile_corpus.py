@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,16 @@ def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_pat
     cases, sentinel = corpus
     for case in cases:
         mnt, log = tmp_path / f"mnt-{case.name}", tmp_path / f"{case.name}.log"
+        if case.mount_refused:
+            mnt.mkdir()
+            refused = subprocess.run(
+                [sys.executable, "-P", "-m", "blobfs", "mount", str(case.root), str(mnt)],
+                capture_output=True,
+                text=True,
+            )
+            assert refused.returncode != 0 and not os.path.ismount(mnt), case.name
+            assert case.mount_refused in refused.stderr, (case.name, refused.stderr)
+            continue
         proc = start_mount(str(case.root), mnt, log)
         try:
             for path in case.eio:
