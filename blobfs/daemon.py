@@ -116,6 +116,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
         importer,
         view.validate,
         on_imported=view.imported,
+        on_importing=view.importing,
         delay_s=config.writeback_delay_s,
         blob_size=config.writeback_blob_size,
     )

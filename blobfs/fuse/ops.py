@@ -26,6 +26,7 @@ from blobfs.errors import (
     InvalidInput,
     IsADirectory,
     NotADirectory,
+    NotEmpty,
     NotFound,
     NotPermitted,
     ReadOnly,
@@ -38,7 +39,16 @@ from blobfs.view.writable import WritableView
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-REFUSALS = (NotPermitted, ReadOnly, AlreadyExists, InvalidInput, Busy, IsADirectory, NotADirectory)
+REFUSALS = (
+    NotPermitted,
+    ReadOnly,
+    AlreadyExists,
+    InvalidInput,
+    Busy,
+    IsADirectory,
+    NotADirectory,
+    NotEmpty,
+)
 
 
 def errno_boundary(func: F) -> F:

@@ -30,6 +30,7 @@ from blobfs.errors import (
     Busy,
     InvalidInput,
     NotADirectory,
+    NotEmpty,
     NotFound,
     NotPermitted,
 )
@@ -371,15 +372,27 @@ class WritableView(ProjectView):
         self.spool.mkdir(path)
 
     def rmdir(self, path: str) -> None:
+        """Remove a new dataset that holds no files (its ``img/`` and ``ann/`` always show,
+        so they do not count); ENOTEMPTY otherwise, like any file system."""
         if self.lookup(path) is not None:
             raise NotPermitted(f"{path}: imported datasets cannot be removed")
-        if not self.spool.staged_path(path).is_dir():
+        if self._implicit_dir(path):
+            raise NotPermitted(f"{path}: a dataset always has img/ and ann/")
+        staged = self.spool.staged_path(path)
+        if not staged.is_dir():
             raise NotFound(path)
+        if set(self.readdir(path)) != {"img", "ann"} or any(
+            self.readdir(f"{path}/{sub}") for sub in ("img", "ann")
+        ):
+            raise NotEmpty(f"{path}: not empty")
         try:
+            for sub in ("img", "ann"):
+                if (staged / sub).is_dir():
+                    self.spool.rmdir(f"{path}/{sub}")
             self.spool.rmdir(path)
         except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY:
-                raise NotPermitted(f"{path}: not empty") from None
+            if exc.errno == errno.ENOTEMPTY:  # a file staged meanwhile
+                raise NotEmpty(f"{path}: not empty") from None
             raise
 
     def utimens(self, path: str, times: tuple[int, int] | None) -> None:
@@ -412,6 +425,7 @@ class WritableView(ProjectView):
     # ---- import bookkeeping ----------------------------------------------------------
 
     def importing(self, paths: Sequence[str]) -> None:
+        """The queue's batch now importing (empty: none): changes to them are EBUSY."""
         self._importing = set(paths)
 
     def imported(self, batch: Batch) -> None:
@@ -422,7 +436,6 @@ class WritableView(ProjectView):
                 node.children = None
             else:  # meta.json, or a dataset the project did not have before
                 self._root.children = None
-        self._importing = set()
 
     # ---- validation before import --------------------------------------------------
 
