@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from blobfs.blob.pack import fsync_dir, write_atomic
+from blobfs.errors import Busy
 from blobfs.writeback import journal
 from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 
@@ -62,6 +64,47 @@ def syncfs(path: str | os.PathLike[str]) -> None:
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def lock_spool(root: Path) -> int:
+    """Lock ``root/lock`` for this process's lifetime (the fd returned holds it).
+
+    A POSIX record lock (``fcntl``): the kernel drops it when the process dies however it
+    dies, so a crashed mount never leaves a stale lock, and it belongs to the process, so
+    a test may open a spool again in-process as a restarted daemon would.
+    """
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise Busy(
+            f"spool {root} is in use by another writeback mount (pid {holder}): unmount "
+            "that one first, or give this mount its own --spool-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def lock_project(project: Path) -> int:
+    """Lock a local project folder against a second writeback mount (with another spool):
+    both would import into it. ``flock`` on the folder itself writes nothing into it."""
+    fd = os.open(project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise
+        raise Busy(
+            f"{project} is already mounted with --writeback (by another process): "
+            "unmount that one first"
+        ) from None
+    return fd
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -104,6 +147,9 @@ class Spool:
         for sub in ("tmp", "staged", "batches"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
+        # first of all: a second mount must not replay, stage into or import from a spool
+        # that a live mount is using (its batches would be imported twice)
+        self._lock_fd = lock_spool(self.root)
         self.tmp = self.root / "tmp"
         self.staged = self.root / "staged"
         self.staged_str = str(self.staged)
@@ -262,6 +308,7 @@ class Spool:
         self.stop_pool()
         self.checkpoint()
         self._journal.close()
+        os.close(self._lock_fd)  # releases the lock
 
     def commit(self, fd: int, tmp_path: str, view_path: str) -> int:
         """Make the temp file the durable staged content of ``view_path``; returns its size.

@@ -4,6 +4,8 @@ the queue's refusals and imports reach it."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -150,3 +152,48 @@ def test_a_refusal_is_checked_again_on_flush(overlay: Overlay) -> None:
     meta_path.write_text(json.dumps(meta))
     overlay.queue.run_once(force=True)
     assert overlay.queue.status.failed == {}
+
+
+# ---- item: one spool, one mount ----------------------------------------------------------
+
+
+def _hold_in_another_process(code: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"{code}\nprint('held', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_spool_in_use_by_another_process_is_refused_and_free_once_it_exits(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    holder = _hold_in_another_process(
+        f"import sys; from blobfs.writeback.spool import Spool; s = Spool({str(spool)!r})"
+    )
+    try:
+        with pytest.raises(Busy, match=rf"spool {spool} is in use .* \(pid {holder.pid}\)"):
+            Spool(spool)
+    finally:
+        holder.kill()
+        holder.wait()
+    Spool(spool).close()  # a dead holder leaves no stale lock
+
+
+def test_a_project_imported_into_by_another_process_is_refused(
+    project: Path,
+) -> None:
+    holder = _hold_in_another_process(
+        "import sys; from blobfs.writeback.importer import LocalImporter; "
+        f"i = LocalImporter({str(project)!r})"
+    )
+    try:
+        with pytest.raises(Busy, match="already mounted with --writeback"):
+            LocalImporter(project)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -198,3 +198,23 @@ def test_busy_notempty_and_a_refused_annotation_retried_through_the_mount(
     assert d.unmount() == 0
     assert (project / "ds" / "ann" / "img_000004.png.json").read_text() == ann
     assert project_images(project)["/fresh/img/a.png"] == png_bytes(901)
+
+
+def test_a_second_writeback_mount_of_the_same_source_is_refused_before_mounting(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    spool = tmp_path / "spool"
+    first = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log").start()
+    daemons.append(first)
+    for other_spool in (spool, tmp_path / "spool2"):
+        second = tmp_path / f"mnt-{other_spool.name}"
+        second.mkdir()
+        args = ["--writeback", "--spool-dir", str(other_spool), "--log-file", str(tmp_path / "l2")]
+        result = blobfs("mount", str(project), str(second), *args)
+        assert result.returncode != 0
+        assert not os.path.ismount(second)
+        expected = "is in use by another writeback mount" if other_spool == spool else "already"
+        assert expected in result.stderr, result.stderr
+    (tmp_path / "mnt" / "ds" / "img" / "one.png").write_bytes(png_bytes(77))
+    assert first.unmount() == 0
+    assert list(project_images(project)).count("/ds/img/one.png") == 1
