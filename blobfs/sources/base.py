@@ -55,6 +55,12 @@ class Source(ABC):
         """Human-readable reasons why some entries are not served (so far)."""
         return []
 
+    def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
+        """Why the last listing of ``dataset`` left out an entry it has at ``relpath``, or
+        None. Writeback asks before it accepts a new file: a name the project already
+        holds unservably (e.g. twice) would stay unservable after an import."""
+        return None
+
     def stats(self) -> dict[str, object]:
         """Counters for ``blobfs stats``."""
         return {}

@@ -224,6 +224,13 @@ class WritableView(ProjectView):
             raise NotPermitted(f"{path}: annotations are <image name>.json files")
         if kind == "img" and self._in_base(path):
             raise NotPermitted(f"{path}: an imported image cannot be changed")
+        if kind == "img":  # the lookup above listed the dataset: its refusals are known
+            refused = self.source.refused(dataset, f"img/{name}")
+            if refused is not None:
+                raise AlreadyExists(
+                    f"{path}: the project already has an entry of that name that is not "
+                    f"served ({refused}); an import could never be served either"
+                )
         if path in self._importing:
             raise Busy(f"{path}: being imported right now")
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache
-from blobfs.errors import Busy, NotEmpty, NotPermitted
+from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import png_bytes
 from blobfs.view.writable import WritableView
@@ -197,3 +198,31 @@ def test_a_project_imported_into_by_another_process_is_refused(
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---- item: names the project holds unservably ---------------------------------------------
+
+
+def duplicate_across_blobs(project: Path, tmp_path: Path, name: str) -> None:
+    """Pack a second blob into ``ds`` holding ``name`` again: neither copy is served."""
+    copy = tmp_path / "dup" / name
+    copy.parent.mkdir()
+    copy.write_bytes(png_bytes(99))
+    ProjectPacker(project, "ds").pack([copy], check_existing=False)
+
+
+def test_a_name_the_project_holds_twice_is_refused_at_create(project: Path, tmp_path: Path) -> None:
+    duplicate_across_blobs(project, tmp_path, "img_000003.png")
+    overlay = Overlay(project, tmp_path / "spool")
+    try:
+        assert "img_000003.png" not in overlay.view.readdir("/ds/img")
+        reason = overlay.view.source.refused(("ds",), "img/img_000003.png")
+        assert reason == "name appears more than once"
+        with pytest.raises(AlreadyExists, match="not served"):
+            overlay.view.create("/ds/img/img_000003.png")
+        overlay.write("/ds/img/tmp.png", png_bytes(5))
+        with pytest.raises(AlreadyExists):  # nor may a rename make one
+            overlay.view.rename("/ds/img/tmp.png", "/ds/img/img_000003.png")
+        overlay.write("/ds/img/img_000004.png.bak", png_bytes(6))  # other names are fine
+    finally:
+        overlay.close()

@@ -218,3 +218,21 @@ def test_a_second_writeback_mount_of_the_same_source_is_refused_before_mounting(
     (tmp_path / "mnt" / "ds" / "img" / "one.png").write_bytes(png_bytes(77))
     assert first.unmount() == 0
     assert list(project_images(project)).count("/ds/img/one.png") == 1
+
+
+def test_writing_a_name_the_project_holds_unservably_is_eexist(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    from .test_writable_view import duplicate_across_blobs
+
+    duplicate_across_blobs(project, tmp_path, "img_000003.png")
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    with pytest.raises(OSError) as info:
+        (mnt / "ds" / "img" / "img_000003.png").write_bytes(png_bytes(3))
+    assert info.value.errno == errno.EEXIST
+    assert "not served (name appears more than once)" in (tmp_path / "log").read_text()
+    assert d.unmount() == 0
+    assert "/ds/img/img_000003.png" not in project_images(project)
+    assert not any((tmp_path / "spool" / "staged").rglob("img_000003.png"))
