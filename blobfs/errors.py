@@ -16,6 +16,7 @@ Tree::
     ├── Busy                EBUSY   file is being imported right now
     ├── AlreadyExists       EEXIST  name taken
     ├── NotEmpty            ENOTEMPTY rmdir of a folder with files in it
+    ├── NoSpace             ENOSPC  the writeback spool's file system is full
     ├── PermissionDenied    EACCES
     ├── InvalidInput        EINVAL  bad argument from a caller (CLI, config)
     ├── OffsetsError        EIO     an offsets file that cannot be trusted
@@ -88,6 +89,12 @@ class NotEmpty(BlobfsError):
     """A folder to remove still holds files."""
 
     errno_value = errno.ENOTEMPTY
+
+
+class NoSpace(BlobfsError):
+    """The writeback spool's file system is full."""
+
+    errno_value = errno.ENOSPC
 
 
 class PermissionDenied(BlobfsError):

@@ -95,11 +95,15 @@ class TarBlobWriter:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsync'd temp file and rename: old or new, never half."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp files
+        raise
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -13,6 +13,7 @@ replace imported ones; images may not (EPERM), nor may imported files be renamed
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -29,6 +30,7 @@ from blobfs.errors import (
     AlreadyExists,
     Busy,
     InvalidInput,
+    NoSpace,
     NotADirectory,
     NotEmpty,
     NotFound,
@@ -61,6 +63,11 @@ class WriteHandle:
     tmp_path: str
     path: str
     dirty: bool = True
+    #: The first error a write (or truncate) of this handle met: the file is then never
+    #: committed, and close()/fsync() report the error (a program that checks only
+    #: close() still learns of it).
+    failed: Exception | None = None
+    committed: bool = False  # a version of this handle reached the spool (fsync)
 
 
 class WritableView(ProjectView):
@@ -282,7 +289,28 @@ class WritableView(ProjectView):
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self._writer(fh)
         handle.dirty = True
-        return os.pwrite(handle.fd, data, offset)
+        if handle.failed is not None:
+            raise handle.failed
+        try:
+            return os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            raise self._fail(handle, exc) from None
+
+    def _fail(self, handle: WriteHandle, exc: OSError) -> Exception:
+        """A write of ``handle`` failed (no space, I/O error): its file will never be
+        imported. A version it committed earlier (fsync) is removed too: the program was
+        told the file is incomplete. Returns the error to raise, now and on close."""
+        if handle.failed is None:
+            handle.failed = (
+                NoSpace(f"{handle.path}: no space left in the spool ({self.spool.root})")
+                if exc.errno == errno.ENOSPC
+                else exc
+            )
+            logger.warning("%s: write failed (%s); not imported", handle.path, exc.strerror)
+            if handle.committed:
+                with contextlib.suppress(OSError):
+                    self.spool.remove(handle.path)
+        return handle.failed
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._writers.get(fh)
@@ -308,7 +336,10 @@ class WritableView(ProjectView):
             finally:
                 self.release(self._fh_of(handle))
             return
-        os.ftruncate(handle.fd, length)
+        try:
+            os.ftruncate(handle.fd, length)
+        except OSError as exc:
+            raise self._fail(handle, exc) from None
         handle.dirty = True
 
     def _fh_of(self, handle: WriteHandle) -> int:
@@ -321,12 +352,21 @@ class WritableView(ProjectView):
         return handle
 
     def commit(self, fh: int) -> None:
-        """Make what was written durable in the spool (flush, fsync, release)."""
+        """Make what was written durable in the spool (flush, fsync, release); raises the
+        error of a failed write instead (the file is not committed)."""
         handle = self._writers.get(fh)
-        if handle is None or not handle.dirty:
+        if handle is None:
             return
-        size = self.spool.commit(handle.fd, handle.tmp_path, handle.path)
+        if handle.failed is not None:
+            raise handle.failed
+        if not handle.dirty:
+            return
+        try:
+            size = self.spool.commit(handle.fd, handle.tmp_path, handle.path)
+        except OSError as exc:  # e.g. no space even for the durable rename path
+            raise self._fail(handle, exc) from None
         handle.dirty = False
+        handle.committed = True
         logger.debug("staged %s", handle.path)
         if self.on_staged is not None:
             self.on_staged(size)
@@ -336,7 +376,8 @@ class WritableView(ProjectView):
             handle = self._writers.get(fh)
             if handle is not None:
                 try:
-                    self.commit(fh)
+                    if handle.failed is None:  # close() already reported a failure
+                        self.commit(fh)
                 finally:
                     self._writers.pop(fh, None)
                     os.close(handle.fd)

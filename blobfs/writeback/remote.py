@@ -143,12 +143,16 @@ class RemoteImporter:
         """Write the batch's tar; it is whole and durable before the manifest says ``packed``
         (an upload after a power cut must never send a torn tar)."""
         tmp = tar_path.with_name(f".{tar_path.name}.tmp")
-        with open(tmp, "wb") as stream:
-            writer = TarBlobWriter(stream)
-            for view_path in images:
-                path = spool.batch_file(batch, view_path)
-                st = path.stat()
-                with open(path, "rb") as src:
-                    writer.add(path.name, src, st.st_size, st.st_mtime)
-            finish_tar(writer, stream, tmp, tar_path)
+        try:
+            with open(tmp, "wb") as stream:
+                writer = TarBlobWriter(stream)
+                for view_path in images:
+                    path = spool.batch_file(batch, view_path)
+                    st = path.stat()
+                    with open(path, "rb") as src:
+                        writer.add(path.name, src, st.st_size, st.st_mtime)
+                finish_tar(writer, stream, tmp, tar_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full spool: the retry starts afresh
+            raise
         return [[m.name, m.start, m.end] for m in writer.members]
