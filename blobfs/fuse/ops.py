@@ -16,7 +16,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from blobfs.errors import (
@@ -32,7 +32,7 @@ from blobfs.errors import (
     ReadOnly,
     to_errno,
 )
-from blobfs.fuse.compat import FuseOSError, Operations
+from blobfs.fuse.compat import FuseOSError, Operations, invalidate_path
 from blobfs.view.tree import ProjectView
 from blobfs.view.writable import WritableView
 
@@ -161,6 +161,13 @@ class WritebackOperations(BlobfsOperations):
         # Staged files change size while written: the overlay's listing carries no
         # attributes, so the kernel asks getattr (with its short timeout) as before.
         self.readdir_plus = None  # type: ignore[method-assign,assignment]
+
+    def forget_cached(self, paths: Sequence[str]) -> None:
+        """Drop the kernel's attributes and pages of ``paths`` (imported files now served
+        from the project, whose content may differ from the staged copy in bytes and
+        length); called by the writeback queue's thread, never inside a request."""
+        for path in paths:
+            invalidate_path(path)
 
     @errno_boundary
     def create(self, path: str, mode: int, flags: int = 0) -> int:

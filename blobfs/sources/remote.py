@@ -238,6 +238,9 @@ class RemoteProjectSource(Source):
         with self._lock:
             return list(self._problems)
 
+    def changed(self) -> None:
+        self._anns.clear()
+
     def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
         with self._lock:
             return self._refused.get(dataset, {}).get(relpath)

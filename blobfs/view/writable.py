@@ -477,7 +477,10 @@ class WritableView(ProjectView):
         self._importing = set(paths)
 
     def imported(self, batch: Batch) -> None:
-        """Re-list the batch's dataset so imported files show from the project itself."""
+        """Re-list the batch's dataset so imported files show from the project itself, as
+        they are there now (the source and the sizes learnt from it forget old content)."""
+        self.source.changed()
+        self._sizes.clear()
         with self._lock:
             node = self.lookup("/" + "/datasets/".join(batch.dataset)) if batch.dataset else None
             if isinstance(node, DirNode):

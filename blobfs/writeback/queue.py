@@ -85,6 +85,7 @@ class WritebackQueue:
         validate: Validate,
         on_imported: Callable[[Batch], None] | None = None,
         on_importing: Callable[[Sequence[str]], None] | None = None,
+        on_settled: Callable[[Sequence[str]], None] | None = None,
         delay_s: float = DEFAULT_DELAY_S,
         blob_size: int = DEFAULT_BLOB_SIZE,
         clock: Callable[[], float] = time.monotonic,
@@ -97,6 +98,9 @@ class WritebackQueue:
         #: Told the view paths of the batch being imported (empty when none is): the view
         #: answers EBUSY for changes to them meanwhile.
         self.on_importing = on_importing
+        #: Told the batch's paths once they are served from the project alone (their staged
+        #: copies gone): the FUSE layer drops what the kernel caches of them.
+        self.on_settled = on_settled
         self.delay_s = delay_s
         self.blob_size = blob_size
         self.backoff_s = backoff_s
@@ -286,6 +290,8 @@ class WritebackQueue:
             self.on_imported(batch)
         sizes = {p: self._size(p) for p in batch.files}
         done = self.spool.finish_batch(batch)
+        if self.on_settled is not None:
+            self.on_settled(batch.files)
         self.status.imported += len(done)
         self.status.batches_done += 1
         self.status.pending = max(0, self.status.pending - len(done))

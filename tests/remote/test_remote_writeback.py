@@ -3,9 +3,12 @@ offsets exactly once (crash or not), annotations and meta follow."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,44 @@ def test_a_crash_between_upload_and_registration_makes_no_duplicates(
     for p in new:
         assert got[f"train/{p.name}"] == [p.read_bytes()], point
     assert not any(os.scandir(spool / "batches"))
+
+
+def test_after_a_flush_the_mount_serves_the_new_annotation_and_meta_at_once(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    """Sizes and contents change together: no old annotation from a cache, no new meta.json
+    cut to the old length by the kernel's cached attributes."""
+    mnt = tmp_path / "mnt"
+    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log", tmp_path / "spool")
+    ann_path = mnt / "train" / "ann" / "img_000001.png.json"
+    try:
+        old_ann, old_meta = ann_path.read_bytes(), (mnt / "meta.json").read_bytes()
+        assert json.loads(old_ann)["objects"] == []
+        ann = add_class_and_annotation(mnt, ann_path, "dog")  # meta.json grows by one class
+        done = threading.Event()
+
+        def keep_statting() -> None:  # the kernel holds fresh attributes when flush returns
+            while not done.is_set():
+                for path in (ann_path, mnt / "meta.json"):
+                    os.stat(path)
+                time.sleep(0.01)
+
+        statter = threading.Thread(target=keep_statting)
+        statter.start()
+        try:
+            result = flush(mnt)
+        finally:
+            done.set()
+            statter.join()
+        assert result.returncode == 0, result.stdout + result.stderr
+        for path in (ann_path, mnt / "meta.json"):  # at once: no wait for a timeout
+            data = path.read_bytes()
+            assert os.stat(path).st_size == len(data), path
+            json.loads(data)
+        assert json.loads(ann_path.read_bytes())["objects"] == ann["objects"]
+        meta = json.loads((mnt / "meta.json").read_bytes())
+        assert [c["title"] for c in meta["classes"]] == ["dog"]
+        assert len((mnt / "meta.json").read_bytes()) != len(old_meta)
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(60) == 0
