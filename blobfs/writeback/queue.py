@@ -98,8 +98,9 @@ class WritebackQueue:
         #: Told the view paths of the batch being imported (empty when none is): the view
         #: answers EBUSY for changes to them meanwhile.
         self.on_importing = on_importing
-        #: Told the batch's paths once they are served from the project alone (their staged
-        #: copies gone): the FUSE layer drops what the kernel caches of them.
+        #: Told the batch's annotations and meta once they are served from the project alone
+        #: (staged copies gone; a server's copy may differ in bytes and length): the FUSE
+        #: layer drops what the kernel caches of them.
         self.on_settled = on_settled
         self.delay_s = delay_s
         self.blob_size = blob_size
@@ -290,8 +291,10 @@ class WritebackQueue:
             self.on_imported(batch)
         sizes = {p: self._size(p) for p in batch.files}
         done = self.spool.finish_batch(batch)
-        if self.on_settled is not None:
-            self.on_settled(batch.files)
+        if self.on_settled is not None:  # images land byte for byte; the rest may not
+            self.on_settled(
+                [p for p in batch.files if (d := dataset_of(p)) is None or d[1] != "img"]
+            )
         self.status.imported += len(done)
         self.status.batches_done += 1
         self.status.pending = max(0, self.status.pending - len(done))
