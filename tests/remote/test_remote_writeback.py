@@ -190,3 +190,56 @@ def test_after_a_flush_the_mount_serves_the_new_annotation_and_meta_at_once(
     finally:
         subprocess.run(["fusermount", "-u", str(mnt)], check=False)
         assert proc.wait(60) == 0
+
+
+def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    """The layer below the kernel: after the import the view and the source hold no old
+    copy of the annotation (nor its size)."""
+    from blobfs.cache.blocks import BlockCache
+    from blobfs.sources.remote import RemoteProjectSource
+    from blobfs.transport.api import SuperviselyApi
+    from blobfs.transport.http import HttpClient
+    from blobfs.view.writable import WritableView
+    from blobfs.writeback.queue import WritebackQueue
+    from blobfs.writeback.remote import RemoteImporter
+    from blobfs.writeback.spool import Spool
+
+    client = HttpClient(emulator.url, TOKEN)
+    source = RemoteProjectSource(
+        SuperviselyApi(client), remote_project, BlockCache(1 << 16, 1 << 22)
+    )
+    spool = Spool(tmp_path / "spool")
+    view = WritableView(source, spool, listing_ttl_s=60)
+    queue = WritebackQueue(
+        spool,
+        RemoteImporter(source.api, remote_project),
+        view.validate,
+        on_imported=view.imported,
+        on_importing=view.importing,
+        delay_s=0,
+    )
+    path = "/train/ann/img_000002.png.json"
+    try:
+        old = view.read_path(path, 0, 1 << 20)
+        assert view.getattr(path)["st_size"] == len(old)
+        meta = json.loads(view.read_path("/meta.json", 0, 1 << 20))
+        meta["classes"] = [{"title": "cat", "shape": "rectangle", "color": "#FF0000"}]
+        rect = {"classTitle": "cat", "geometryType": "rectangle", "tags": []}
+        rect["points"] = {"exterior": [[2, 2], [9, 9]], "interior": []}
+        ann = json.loads(old)
+        ann["objects"] = [rect]
+        for where, data in (("/meta.json", meta), (path, ann)):
+            fh = view.create(where)
+            view.write(fh, json.dumps(data).encode(), 0)
+            view.release(fh)
+        queue.run_once(force=True)
+        assert queue.status.pending == 0 and queue.status.failed == {}
+        assert not spool.staged_path(path).exists()
+        new = view.read_path(path, 0, 1 << 20)
+        assert json.loads(new)["objects"] == [rect]
+        assert view.getattr(path)["st_size"] == len(new)
+    finally:
+        spool.close()
+        source.close()
