@@ -133,6 +133,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
         importer,
         view.validate,
         on_imported=view.imported,
+        on_importing=view.importing,
         delay_s=config.writeback_delay_s,
         blob_size=config.writeback_blob_size,
     )
@@ -189,6 +190,8 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     ops: BlobfsOperations
     if isinstance(view, WritableView):
         ops = WritebackOperations(view, on_ready=on_ready, on_exit=on_exit)
+        assert queue is not None
+        queue.on_settled = ops.forget_cached
     else:
         # direct_io is set per open: it needs the open round trips no-open mode removes
         no_open = "direct_io" not in config.fuse_options

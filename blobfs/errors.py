@@ -15,6 +15,8 @@ Tree::
     ├── NotPermitted        EPERM   change the mount refuses (rewrite an imported image)
     ├── Busy                EBUSY   file is being imported right now
     ├── AlreadyExists       EEXIST  name taken
+    ├── NotEmpty            ENOTEMPTY rmdir of a folder with files in it
+    ├── NoSpace             ENOSPC  the writeback spool's file system is full
     ├── PermissionDenied    EACCES
     ├── InvalidInput        EINVAL  bad argument from a caller (CLI, config)
     ├── OffsetsError        EIO     an offsets file that cannot be trusted
@@ -81,6 +83,18 @@ class AlreadyExists(BlobfsError):
     """The name is taken."""
 
     errno_value = errno.EEXIST
+
+
+class NotEmpty(BlobfsError):
+    """A folder to remove still holds files."""
+
+    errno_value = errno.ENOTEMPTY
+
+
+class NoSpace(BlobfsError):
+    """The writeback spool's file system is full."""
+
+    errno_value = errno.ENOSPC
 
 
 class PermissionDenied(BlobfsError):

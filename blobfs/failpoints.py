@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,11 @@ ENV = "BLOBFS_FAILPOINT"
 
 
 def failpoint(name: str) -> None:
-    """Die here when ``$BLOBFS_FAILPOINT`` names this point."""
-    if os.environ.get(ENV) == name:
+    """Die here when ``$BLOBFS_FAILPOINT`` names this point; with ``<name>:sleep=<s>``,
+    wait there instead (a step caught in the middle, e.g. an import still running)."""
+    value = os.environ.get(ENV)
+    if value == name:
         logger.critical("failpoint %s: exiting abruptly", name)
         os._exit(137)
+    if value and value.startswith(f"{name}:sleep="):
+        time.sleep(float(value.split("=", 1)[1]))

@@ -95,11 +95,15 @@ class TarBlobWriter:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsync'd temp file and rename: old or new, never half."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp files
+        raise
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -109,6 +113,21 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def finish_tar(writer: TarBlobWriter, stream: IO[bytes], tmp: Path, final: Path) -> None:
+    """End the tar written to ``tmp`` and move it to ``final``, durably.
+
+    The one way every tar blobfs writes is completed (``blobfs pack``, local and remote
+    writeback): whatever records the blob afterwards (an offsets file, a manifest saying
+    ``packed``) may then rely on the tar being whole after a power cut, never torn.
+    """
+    writer.close()
+    stream.flush()
+    os.fsync(stream.fileno())
+    stream.close()
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 @dataclass
@@ -234,14 +253,9 @@ class ProjectPacker:
         result: PackResult,
     ) -> None:
         assert stream is not None
-        writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-        stream.close()
         blob_dir = self.project_dir / "blob"
         final = blob_dir / f"{stem}.tar"
-        os.replace(blob_dir / f".{stem}.tar.tmp", final)
-        fsync_dir(blob_dir)
+        finish_tar(writer, stream, blob_dir / f".{stem}.tar.tmp", final)
         failpoint("pack-after-tar")
         for name, data in anns:
             write_atomic(self.dataset_dir / "ann" / f"{name}.json", data)

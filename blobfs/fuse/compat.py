@@ -97,6 +97,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         if conn and getattr(self.operations, "readdir_plus", None) is not None:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        _remember_fuse()
         super().init_fuse_3(conn, config)
 
     def readdir_fuse_3(
@@ -131,6 +132,38 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         return 0
 
 
+#: This process's ``struct fuse *`` once libfuse 3 is serving (one mount per process).
+_fuse: int | None = None
+
+
+def _remember_fuse() -> None:
+    """Keep the running ``struct fuse *`` (libfuse hands it out only inside a request)."""
+    global _fuse
+    import mfusepy
+
+    _fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+
+
+def invalidate_path(path: str) -> bool:
+    """Tell the kernel to drop the cached attributes and pages of ``path`` now.
+
+    For files whose content changes under the mount (writeback imports replace an
+    annotation or meta.json by the server's copy): without it the kernel keeps the old
+    size for the attribute timeout and cuts a longer new content to it. libfuse 3's
+    ``fuse_invalidate_path`` (a ``notify_inval_inode`` for the path's node); False where
+    it is missing (libfuse 2) or the kernel never looked the path up (nothing cached).
+    Call it from outside a FUSE request (the kernel answers it while holding the inode).
+    """
+    if _fuse is None or FUSE_MAJOR < 3:
+        return False
+    import mfusepy
+
+    fn = mfusepy._libfuse.fuse_invalidate_path
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    return int(fn(_fuse, path.encode())) == 0
+
+
 __all__ = [
     "FUSE",
     "FUSE_MAJOR",
@@ -138,4 +171,5 @@ __all__ = [
     "FuseOSError",
     "Operations",
     "ReaddirPlus",
+    "invalidate_path",
 ]

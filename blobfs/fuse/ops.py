@@ -16,7 +16,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from blobfs.errors import (
@@ -26,19 +27,29 @@ from blobfs.errors import (
     InvalidInput,
     IsADirectory,
     NotADirectory,
+    NotEmpty,
     NotFound,
     NotPermitted,
     ReadOnly,
     to_errno,
 )
-from blobfs.fuse.compat import FuseOSError, Operations
+from blobfs.fuse.compat import FuseOSError, Operations, invalidate_path
 from blobfs.view.tree import ProjectView
 from blobfs.view.writable import WritableView
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-REFUSALS = (NotPermitted, ReadOnly, AlreadyExists, InvalidInput, Busy, IsADirectory, NotADirectory)
+REFUSALS = (
+    NotPermitted,
+    ReadOnly,
+    AlreadyExists,
+    InvalidInput,
+    Busy,
+    IsADirectory,
+    NotADirectory,
+    NotEmpty,
+)
 
 
 def errno_boundary(func: F) -> F:
@@ -151,6 +162,19 @@ class WritebackOperations(BlobfsOperations):
         # Staged files change size while written: the overlay's listing carries no
         # attributes, so the kernel asks getattr (with its short timeout) as before.
         self.readdir_plus = None  # type: ignore[method-assign,assignment]
+
+    def forget_cached(self, paths: Sequence[str]) -> None:
+        """Drop the kernel's attributes and pages of ``paths`` (imported files now served
+        from the project, whose content may differ from the staged copy in bytes and
+        length); called by the writeback queue's thread, never inside a request."""
+        started = time.monotonic()
+        dropped = sum(invalidate_path(path) for path in paths)
+        logger.debug(
+            "kernel caches of %d of %d imported files dropped in %.4f s",
+            dropped,
+            len(paths),
+            time.monotonic() - started,
+        )
 
     @errno_boundary
     def create(self, path: str, mode: int, flags: int = 0) -> int:

@@ -55,6 +55,17 @@ class Source(ABC):
         """Human-readable reasons why some entries are not served (so far)."""
         return []
 
+    def changed(self) -> None:  # noqa: B027 - optional hook, immutable sources cache nothing
+        """The project was changed through this mount (a writeback import): forget small
+        files kept in memory (annotations), so the next read fetches what is there now.
+        Listings are re-read by the view; blob bytes are versioned and stay valid."""
+
+    def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
+        """Why the last listing of ``dataset`` left out an entry it has at ``relpath``, or
+        None. Writeback asks before it accepts a new file: a name the project already
+        holds unservably (e.g. twice) would stay unservable after an import."""
+        return None
+
     def stats(self) -> dict[str, object]:
         """Counters for ``blobfs stats``."""
         return {}

@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobfs.blob.index import OFFSETS_SUFFIX, name_problem, read_offsets_file, reject_conflicts
+from blobfs.blob.index import (
+    OFFSETS_SUFFIX,
+    Problem,
+    name_problem,
+    read_offsets_file,
+    reject_conflicts,
+)
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.errors import NotFound
 from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
@@ -58,6 +64,11 @@ def _regular_files(folder: Path) -> list[os.DirEntry[str]]:
         return []
 
 
+def _note_refused(refused: dict[str, str], problems: list[Problem]) -> None:
+    for problem in problems:
+        refused.setdefault(f"img/{problem.name}", problem.reason)
+
+
 class LocalProjectSource(Source):
     """Serve a project folder; listings are read once per dataset (the folder is immutable)."""
 
@@ -68,6 +79,7 @@ class LocalProjectSource(Source):
         self.cache = cache
         self._blobs: dict[str, _Blob] = {}
         self._problems: list[str] = []
+        self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     # ---- Source API ------------------------------------------------------------------
@@ -91,7 +103,8 @@ class LocalProjectSource(Source):
         folder = self._folder(dataset)
         records: dict[str, FileRecord] = {}
         conflicts: set[str] = set()
-        for rec in self._blob_images(folder):
+        refused: dict[str, str] = {}
+        for rec in self._blob_images(folder, refused):
             records[rec.relpath] = rec
         for entry in _regular_files(folder / "img"):
             self._add(records, conflicts, self._plain("img", entry), folder)
@@ -103,6 +116,9 @@ class LocalProjectSource(Source):
                 self._add(records, conflicts, self._plain(sub, entry), folder)
         for path in conflicts:
             records.pop(path, None)
+            refused[path] = "both a blob image and a file in img/"
+        with self._lock:
+            self._refused[dataset.path] = refused
         return list(records.values())
 
     def open(self, record: FileRecord) -> RangeReader:
@@ -118,6 +134,10 @@ class LocalProjectSource(Source):
     def problems(self) -> list[str]:
         with self._lock:
             return list(self._problems)
+
+    def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
+        with self._lock:
+            return self._refused.get(dataset, {}).get(relpath)
 
     def stats(self) -> dict[str, object]:
         return {"cache": self.cache.stats.as_dict(), "cache_bytes": self.cache.used_bytes}
@@ -177,7 +197,8 @@ class LocalProjectSource(Source):
         else:
             records[rec.relpath] = rec
 
-    def _blob_images(self, folder: Path) -> list[FileRecord]:
+    def _blob_images(self, folder: Path, refused: dict[str, str]) -> list[FileRecord]:
+        """The dataset's served blob images; names left out go into ``refused``."""
         for link in folder.glob(f"*{OFFSETS_SUFFIX}"):
             if link.is_symlink():  # could point anywhere on the machine: never followed
                 self._note(f"{link}: offsets file is a symlink; not read")
@@ -189,6 +210,7 @@ class LocalProjectSource(Source):
             blob = self._blob(stem)
             blob_size = blob.cached.size if blob.cached is not None else None
             index = read_offsets_file(entry.path, None)
+            _note_refused(refused, index.problems)
             for problem in index.problems:
                 self._note(str(problem))
             if blob.problem and index.members:
@@ -202,6 +224,7 @@ class LocalProjectSource(Source):
                     )
             members.extend((m, stem) for m in index.members)
         clean = reject_conflicts([m for m, _ in members], str(folder), check_overlaps=False)
+        _note_refused(refused, clean.problems)
         for problem in clean.problems:
             self._note(str(problem))
         keep = set(clean.members)

@@ -77,6 +77,7 @@ class RemoteProjectSource(Source):
         self._anns: LockedLru[int, bytes | str] = LockedLru()
         self._order: dict[int, list[int]] = {}
         self._problems: list[str] = []
+        self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def is_immutable(self) -> bool:
@@ -114,12 +115,14 @@ class RemoteProjectSource(Source):
             counts[img.name] = counts.get(img.name, 0) + 1
         records: list[FileRecord] = []
         order: list[int] = []
+        refused: dict[str, str] = {}
         for img in images:
             problem = name_problem(img.name) or (
                 "name appears more than once" if counts[img.name] > 1 else None
             )
             rec = None if problem else self._image_record(img)
             if rec is None:
+                refused.setdefault(f"img/{img.name}", problem or "bad blob range")
                 self._note(
                     f"dataset {dataset.key}: image {img.id} {img.name[:80]!r} not served: "
                     f"{problem or 'bad blob range'}"
@@ -133,6 +136,7 @@ class RemoteProjectSource(Source):
             order.append(img.id)
         with self._lock:
             self._order[dataset.key] = order
+            self._refused[dataset.path] = refused
         return records
 
     def _image_record(self, img: RemoteImage) -> FileRecord | None:
@@ -233,6 +237,13 @@ class RemoteProjectSource(Source):
     def problems(self) -> list[str]:
         with self._lock:
             return list(self._problems)
+
+    def changed(self) -> None:
+        self._anns.clear()
+
+    def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
+        with self._lock:
+            return self._refused.get(dataset, {}).get(relpath)
 
     def stats(self) -> dict[str, object]:
         client = self.api.client

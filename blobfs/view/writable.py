@@ -13,6 +13,7 @@ replace imported ones; images may not (EPERM), nor may imported files be renamed
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -29,7 +30,9 @@ from blobfs.errors import (
     AlreadyExists,
     Busy,
     InvalidInput,
+    NoSpace,
     NotADirectory,
+    NotEmpty,
     NotFound,
     NotPermitted,
 )
@@ -60,6 +63,11 @@ class WriteHandle:
     tmp_path: str
     path: str
     dirty: bool = True
+    #: The first error a write (or truncate) of this handle met: the file is then never
+    #: committed, and close()/fsync() report the error (a program that checks only
+    #: close() still learns of it).
+    failed: Exception | None = None
+    committed: bool = False  # a version of this handle reached the spool (fsync)
 
 
 class WritableView(ProjectView):
@@ -223,6 +231,13 @@ class WritableView(ProjectView):
             raise NotPermitted(f"{path}: annotations are <image name>.json files")
         if kind == "img" and self._in_base(path):
             raise NotPermitted(f"{path}: an imported image cannot be changed")
+        if kind == "img":  # the lookup above listed the dataset: its refusals are known
+            refused = self.source.refused(dataset, f"img/{name}")
+            if refused is not None:
+                raise AlreadyExists(
+                    f"{path}: the project already has an entry of that name that is not "
+                    f"served ({refused}); an import could never be served either"
+                )
         if path in self._importing:
             raise Busy(f"{path}: being imported right now")
 
@@ -274,7 +289,28 @@ class WritableView(ProjectView):
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self._writer(fh)
         handle.dirty = True
-        return os.pwrite(handle.fd, data, offset)
+        if handle.failed is not None:
+            raise handle.failed
+        try:
+            return os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            raise self._fail(handle, exc) from None
+
+    def _fail(self, handle: WriteHandle, exc: OSError) -> Exception:
+        """A write of ``handle`` failed (no space, I/O error): its file will never be
+        imported. A version it committed earlier (fsync) is removed too: the program was
+        told the file is incomplete. Returns the error to raise, now and on close."""
+        if handle.failed is None:
+            handle.failed = (
+                NoSpace(f"{handle.path}: no space left in the spool ({self.spool.root})")
+                if exc.errno == errno.ENOSPC
+                else exc
+            )
+            logger.warning("%s: write failed (%s); not imported", handle.path, exc.strerror)
+            if handle.committed:
+                with contextlib.suppress(OSError):
+                    self.spool.remove(handle.path)
+        return handle.failed
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._writers.get(fh)
@@ -300,7 +336,10 @@ class WritableView(ProjectView):
             finally:
                 self.release(self._fh_of(handle))
             return
-        os.ftruncate(handle.fd, length)
+        try:
+            os.ftruncate(handle.fd, length)
+        except OSError as exc:
+            raise self._fail(handle, exc) from None
         handle.dirty = True
 
     def _fh_of(self, handle: WriteHandle) -> int:
@@ -313,12 +352,21 @@ class WritableView(ProjectView):
         return handle
 
     def commit(self, fh: int) -> None:
-        """Make what was written durable in the spool (flush, fsync, release)."""
+        """Make what was written durable in the spool (flush, fsync, release); raises the
+        error of a failed write instead (the file is not committed)."""
         handle = self._writers.get(fh)
-        if handle is None or not handle.dirty:
+        if handle is None:
             return
-        size = self.spool.commit(handle.fd, handle.tmp_path, handle.path)
+        if handle.failed is not None:
+            raise handle.failed
+        if not handle.dirty:
+            return
+        try:
+            size = self.spool.commit(handle.fd, handle.tmp_path, handle.path)
+        except OSError as exc:  # e.g. no space even for the durable rename path
+            raise self._fail(handle, exc) from None
         handle.dirty = False
+        handle.committed = True
         logger.debug("staged %s", handle.path)
         if self.on_staged is not None:
             self.on_staged(size)
@@ -328,7 +376,8 @@ class WritableView(ProjectView):
             handle = self._writers.get(fh)
             if handle is not None:
                 try:
-                    self.commit(fh)
+                    if handle.failed is None:  # close() already reported a failure
+                        self.commit(fh)
                 finally:
                     self._writers.pop(fh, None)
                     os.close(handle.fd)
@@ -371,15 +420,27 @@ class WritableView(ProjectView):
         self.spool.mkdir(path)
 
     def rmdir(self, path: str) -> None:
+        """Remove a new dataset that holds no files (its ``img/`` and ``ann/`` always show,
+        so they do not count); ENOTEMPTY otherwise, like any file system."""
         if self.lookup(path) is not None:
             raise NotPermitted(f"{path}: imported datasets cannot be removed")
-        if not self.spool.staged_path(path).is_dir():
+        if self._implicit_dir(path):
+            raise NotPermitted(f"{path}: a dataset always has img/ and ann/")
+        staged = self.spool.staged_path(path)
+        if not staged.is_dir():
             raise NotFound(path)
+        if set(self.readdir(path)) != {"img", "ann"} or any(
+            self.readdir(f"{path}/{sub}") for sub in ("img", "ann")
+        ):
+            raise NotEmpty(f"{path}: not empty")
         try:
+            for sub in ("img", "ann"):
+                if (staged / sub).is_dir():
+                    self.spool.rmdir(f"{path}/{sub}")
             self.spool.rmdir(path)
         except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY:
-                raise NotPermitted(f"{path}: not empty") from None
+            if exc.errno == errno.ENOTEMPTY:  # a file staged meanwhile
+                raise NotEmpty(f"{path}: not empty") from None
             raise
 
     def utimens(self, path: str, times: tuple[int, int] | None) -> None:
@@ -412,17 +473,20 @@ class WritableView(ProjectView):
     # ---- import bookkeeping ----------------------------------------------------------
 
     def importing(self, paths: Sequence[str]) -> None:
+        """The queue's batch now importing (empty: none): changes to them are EBUSY."""
         self._importing = set(paths)
 
     def imported(self, batch: Batch) -> None:
-        """Re-list the batch's dataset so imported files show from the project itself."""
+        """Re-list the batch's dataset so imported files show from the project itself, as
+        they are there now (the source and the sizes learnt from it forget old content)."""
+        self.source.changed()
+        self._sizes.clear()
         with self._lock:
             node = self.lookup("/" + "/datasets/".join(batch.dataset)) if batch.dataset else None
             if isinstance(node, DirNode):
                 node.children = None
             else:  # meta.json, or a dataset the project did not have before
                 self._root.children = None
-        self._importing = set()
 
     # ---- validation before import --------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from blobfs.blob.index import OFFSETS_SUFFIX
 from blobfs.blob.pack import ProjectPacker, empty_annotation, write_atomic
-from blobfs.writeback.spool import Batch, Spool
+from blobfs.writeback.spool import Batch, Spool, lock_project
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class LocalImporter:
 
     def __init__(self, project_dir: str | Path) -> None:
         self.project = Path(project_dir)
+        self._lock_fd = lock_project(self.project)  # held while the mount lives
 
     def import_batch(self, spool: Spool, batch: Batch) -> None:
         images, anns, meta = split_batch(batch)

@@ -23,6 +23,7 @@ staged folder was left in: replay is idempotent and needs no undo.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -110,7 +111,12 @@ class Journal:
         if end > self.capacity:
             raise JournalFull(f"{len(record)} bytes do not fit in the journal")
         if end > self._prepared:
-            self._prepare(min(self.capacity, max(end, self._prepared + SEGMENT)))
+            try:
+                self._prepare(min(self.capacity, max(end, self._prepared + SEGMENT)))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                self._prepare(min(self.capacity, -(-end // 4096) * 4096))  # just this one
         written = os.pwrite(self._fd, record, self._end)
         if written != len(record):
             raise OSError(f"journal {self.path}: short write ({written} of {len(record)})")
@@ -127,14 +133,39 @@ class Journal:
         self._write_header(self._generation + 1)
         self._end = HEADER_SIZE
 
+    def shrink(self, keep: int = HEADER_SIZE) -> None:
+        """Give the zeroed space past ``keep`` bytes back to the file system (only while
+        empty: right after ``reset``); appends prepare it again as they need it."""
+        assert self.empty, "shrink only an empty journal"
+        keep = max(HEADER_SIZE, keep)
+        if self._prepared <= keep:
+            return
+        os.ftruncate(self._fd, keep)
+        os.fsync(self._fd)
+        self._prepared = keep
+
+    @property
+    def prepared(self) -> int:
+        """Bytes the journal file holds on disk (zeros included)."""
+        return self._prepared
+
     def _prepare(self, size: int) -> None:
-        """Write zeros up to ``size`` and make that allocation durable, ahead of appends."""
+        """Write zeros up to ``size`` and make that allocation durable, ahead of appends.
+
+        On a full file system the zeros written so far are given back (the journal never
+        keeps space it cannot use) and the error raised: the spool then makes the file
+        durable without the journal.
+        """
         zeros = bytes(1024 * 1024)
         offset = self._prepared
-        while offset < size:
-            chunk = zeros[: min(len(zeros), size - offset)]
-            offset += os.pwrite(self._fd, chunk, offset)
-        os.fsync(self._fd)
+        try:
+            while offset < size:
+                chunk = zeros[: min(len(zeros), size - offset)]
+                offset += os.pwrite(self._fd, chunk, offset)
+            os.fsync(self._fd)
+        except OSError:
+            os.ftruncate(self._fd, self._prepared)
+            raise
         self._prepared = offset
 
     def _write_header(self, generation: int) -> None:

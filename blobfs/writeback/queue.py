@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from blobfs.blob.pack import new_blob_stem
@@ -84,6 +84,8 @@ class WritebackQueue:
         importer: Importer,
         validate: Validate,
         on_imported: Callable[[Batch], None] | None = None,
+        on_importing: Callable[[Sequence[str]], None] | None = None,
+        on_settled: Callable[[Sequence[str]], None] | None = None,
         delay_s: float = DEFAULT_DELAY_S,
         blob_size: int = DEFAULT_BLOB_SIZE,
         clock: Callable[[], float] = time.monotonic,
@@ -93,6 +95,13 @@ class WritebackQueue:
         self.importer = importer
         self.validate = validate
         self.on_imported = on_imported
+        #: Told the view paths of the batch being imported (empty when none is): the view
+        #: answers EBUSY for changes to them meanwhile.
+        self.on_importing = on_importing
+        #: Told the batch's annotations and meta once they are served from the project alone
+        #: (staged copies gone; a server's copy may differ in bytes and length): the FUSE
+        #: layer drops what the kernel caches of them.
+        self.on_settled = on_settled
         self.delay_s = delay_s
         self.blob_size = blob_size
         self.backoff_s = backoff_s
@@ -105,7 +114,8 @@ class WritebackQueue:
         self._stopping = False
         self._retry_at = 0.0
         self._failures = 0
-        self._checked: dict[str, tuple[int, int, str | None]] = {}
+        self._checked: dict[str, tuple[int, int, str | None, object]] = {}
+        self._imports = 0  # batches imported: what a refused file was checked against
         self._dirty = True  # the first pass finds what an earlier run left in the spool
         self._staged_bytes = 0
         self.status = QueueStatus()
@@ -205,7 +215,7 @@ class WritebackQueue:
         for batch in self.spool.open_batches():
             if not self._run_batch(batch):
                 return
-        groups, meta = self._pending()
+        groups, meta = self._pending(force)
         quiet = self._clock() - self._last_write >= self.delay_s
         if meta is not None and (force or quiet):
             self._run_batch(self._new_batch([], [meta]))
@@ -249,8 +259,20 @@ class WritebackQueue:
         return self.spool.create_batch(Batch(uuid.uuid4().hex[:12], dataset, files, stem))
 
     def _run_batch(self, batch: Batch) -> bool:
-        self.status.importing = list(batch.files)
+        self._set_importing(batch.files)
         try:
+            return self._import(batch)
+        finally:  # only once the spool forgot the batch's files (or the import failed)
+            self._set_importing([])
+
+    def _set_importing(self, paths: list[str]) -> None:
+        self.status.importing = list(paths)
+        if self.on_importing is not None:
+            self.on_importing(paths)
+
+    def _import(self, batch: Batch) -> bool:
+        try:
+            failpoint("importing")
             self.importer.import_batch(self.spool, batch)
         except Exception as exc:
             self._failures += 1
@@ -261,15 +283,18 @@ class WritebackQueue:
                 "import of %d files failed (retry in %.1f s): %s", len(batch.files), delay, exc
             )
             return False
-        finally:
-            self.status.importing = []
         self._failures = 0
+        self._imports += 1
         self.status.last_error = None
         failpoint("after-import")
         if self.on_imported is not None:  # before the staged copies go: no gap in listings
             self.on_imported(batch)
         sizes = {p: self._size(p) for p in batch.files}
         done = self.spool.finish_batch(batch)
+        if self.on_settled is not None:  # images land byte for byte; the rest may not
+            self.on_settled(
+                [p for p in batch.files if (d := dataset_of(p)) is None or d[1] != "img"]
+            )
         self.status.imported += len(done)
         self.status.batches_done += 1
         self.status.pending = max(0, self.status.pending - len(done))
@@ -283,15 +308,16 @@ class WritebackQueue:
             return 0
 
     def _pending(
-        self,
+        self, force: bool = False
     ) -> tuple[dict[tuple[str, ...], tuple[list[str], list[str], int]], str | None]:
         files, _ = self.spool.walk()
+        context = None if force else self._context()
         groups: dict[tuple[str, ...], tuple[list[str], list[str], int]] = {}
         meta = None
         failed: dict[str, str] = {}
         pending = pending_bytes = 0
         for path in sorted(files):
-            reason, size = self._check(path)
+            reason, size = self._check(path, context)
             if reason:
                 failed[path] = reason
                 continue
@@ -316,19 +342,37 @@ class WritebackQueue:
         self.status.pending, self.status.pending_bytes = pending, pending_bytes
         return groups, meta
 
-    def _check(self, path: str) -> tuple[str | None, int]:
-        """(why the staged file cannot be imported or None, its size); validated once
-        per version of the file."""
+    def _context(self) -> object:
+        """What a refusal may depend on besides the file itself: the staged meta.json (its
+        classes) and the imports since (an annotation's image may have landed)."""
+        try:
+            st = os.stat(self.spool.staged_path("/meta.json"))
+            meta: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            meta = None
+        return (self._imports, meta)
+
+    def _check(self, path: str, context: object = None) -> tuple[str | None, int]:
+        """(why the staged file cannot be imported or None, its size).
+
+        A file is validated once per version; a refused one again whenever ``context``
+        differs from the one it was refused in (None, on a flush: always), so fixing
+        meta.json, or importing the image an annotation waited for, lets it through.
+        """
         staged = str(self.spool.staged_path(path))
         try:
             st = os.stat(staged)
         except FileNotFoundError:
             return "vanished", 0
         known = self._checked.get(path)
-        if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
+        if (
+            known is not None
+            and known[:2] == (st.st_mtime_ns, st.st_size)
+            and (known[2] is None or (context is not None and known[3] == context))
+        ):
             return known[2], st.st_size
         reason = self.validate(path, staged)
-        self._checked[path] = (st.st_mtime_ns, st.st_size, reason)
-        if reason:
+        self._checked[path] = (st.st_mtime_ns, st.st_size, reason, context)
+        if reason and (known is None or known[:3] != (st.st_mtime_ns, st.st_size, reason)):
             logger.warning("%s is kept in the spool, not imported: %s", path, reason)
         return reason, st.st_size

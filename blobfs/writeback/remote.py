@@ -24,7 +24,7 @@ from typing import Any
 
 from blobfs.blob.ann_coords import to_subpixel
 from blobfs.blob.images import image_size_of_file
-from blobfs.blob.pack import TarBlobWriter, empty_annotation
+from blobfs.blob.pack import TarBlobWriter, empty_annotation, finish_tar
 from blobfs.errors import RemoteError
 from blobfs.failpoints import failpoint
 from blobfs.transport.api import SuperviselyWriteApi
@@ -140,12 +140,19 @@ class RemoteImporter:
     def _pack(
         self, spool: Spool, batch: Batch, images: list[str], tar_path: Path
     ) -> list[list[object]]:
-        with open(tar_path, "wb") as stream:
-            writer = TarBlobWriter(stream)
-            for view_path in images:
-                path = spool.batch_file(batch, view_path)
-                st = path.stat()
-                with open(path, "rb") as src:
-                    writer.add(path.name, src, st.st_size, st.st_mtime)
-            writer.close()
+        """Write the batch's tar; it is whole and durable before the manifest says ``packed``
+        (an upload after a power cut must never send a torn tar)."""
+        tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+        try:
+            with open(tmp, "wb") as stream:
+                writer = TarBlobWriter(stream)
+                for view_path in images:
+                    path = spool.batch_file(batch, view_path)
+                    st = path.stat()
+                    with open(path, "rb") as src:
+                        writer.add(path.name, src, st.st_size, st.st_mtime)
+                finish_tar(writer, stream, tmp, tar_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full spool: the retry starts afresh
+            raise
         return [[m.name, m.start, m.end] for m in writer.members]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -33,12 +34,13 @@ import shutil
 import stat
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from blobfs.blob.pack import fsync_dir, write_atomic
+from blobfs.errors import Busy
 from blobfs.writeback import journal
 from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 
@@ -51,6 +53,7 @@ INLINE_MAX = 1024 * 1024
 POOL_SIZE = 64
 
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:
@@ -62,6 +65,47 @@ def syncfs(path: str | os.PathLike[str]) -> None:
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def lock_spool(root: Path) -> int:
+    """Lock ``root/lock`` for this process's lifetime (the fd returned holds it).
+
+    A POSIX record lock (``fcntl``): the kernel drops it when the process dies however it
+    dies, so a crashed mount never leaves a stale lock, and it belongs to the process, so
+    a test may open a spool again in-process as a restarted daemon would.
+    """
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise Busy(
+            f"spool {root} is in use by another writeback mount (pid {holder}): unmount "
+            "that one first, or give this mount its own --spool-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def lock_project(project: Path) -> int:
+    """Lock a local project folder against a second writeback mount (with another spool):
+    both would import into it. ``flock`` on the folder itself writes nothing into it."""
+    fd = os.open(project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise
+        raise Busy(
+            f"{project} is already mounted with --writeback (by another process): "
+            "unmount that one first"
+        ) from None
+    return fd
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -104,6 +148,9 @@ class Spool:
         for sub in ("tmp", "staged", "batches"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
+        # first of all: a second mount must not replay, stage into or import from a spool
+        # that a live mount is using (its batches would be imported twice)
+        self._lock_fd = lock_spool(self.root)
         self.tmp = self.root / "tmp"
         self.staged = self.root / "staged"
         self.staged_str = str(self.staged)
@@ -167,6 +214,9 @@ class Spool:
             syncfs(self.root)
             self._journal.reset()
             self._journaled.clear()
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize < self._journal.prepared:  # the disk is filling
+                self._journal.shrink()
 
     def _checkpoint_if_journaled(self, paths: Iterable[str], tree: bool = False) -> None:
         """Checkpoint when a replay could touch any of ``paths`` (with ``tree``, anything
@@ -180,16 +230,52 @@ class Spool:
                 self.checkpoint()
                 return
 
-    def _log(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> None:
-        """Append a record durably (checkpointing first when the journal is full)."""
+    def _log(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> bool:
+        """Append a record durably (checkpointing first when the journal is full).
+
+        False when the file system has no room for the record even after the journal
+        gave its space back: the caller then makes its change durable without the
+        journal (fsync, rename, fsync of the folder), which needs no extra space.
+        """
         try:
-            self._journal.append(kind, path, path2, data)
-        except JournalFull:
-            self.checkpoint()
-            self._journal.append(kind, path, path2, data)
+            try:
+                self._journal.append(kind, path, path2, data)
+            except JournalFull:
+                self.checkpoint()
+                self._journal.append(kind, path, path2, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self.reclaim()
+            return False
         self._journaled.add(path)
         if path2:
             self._journaled.add(path2)
+        return True
+
+    def reclaim(self, keep: int = journal.HEADER_SIZE) -> None:
+        """Checkpoint and give the journal's zeroed space past ``keep`` bytes back to the
+        file system: what a full spool does before it fails (the journal is the one thing
+        here that holds space it does not need yet), and a clean unmount."""
+        with self._lock:
+            if not self._journal.empty:
+                syncfs(self.root)
+                self._journal.reset()
+                self._journaled.clear()
+            if self._journal.prepared > keep:
+                self._journal.shrink(keep)
+                logger.info("spool %s: journal space given back", self.root)
+
+    def _retry_on_enospc(self, step: Callable[[], T]) -> T:
+        """Run ``step``; if the file system is full, reclaim the journal's space and run it
+        once more (so an import can start on a full spool and free it)."""
+        try:
+            return step()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self.reclaim()
+            return step()
 
     # ---- staging ---------------------------------------------------------------------
 
@@ -260,8 +346,9 @@ class Spool:
         """Stop the pool and retire the journal with a checkpoint, so that a clean unmount
         leaves nothing to replay."""
         self.stop_pool()
-        self.checkpoint()
+        self.reclaim(keep=journal.HEADER_SIZE + journal.SEGMENT)  # no more held unmounted
         self._journal.close()
+        os.close(self._lock_fd)  # releases the lock
 
     def commit(self, fd: int, tmp_path: str, view_path: str) -> int:
         """Make the temp file the durable staged content of ``view_path``; returns its size.
@@ -276,11 +363,12 @@ class Spool:
         if not inline:
             os.fsync(fd)
         with self._lock:
-            if inline:
-                self._log(Kind.WRITE, view_path, data=data)
-            else:
+            logged = inline and self._log(Kind.WRITE, view_path, data=data)
+            if not logged:
+                if inline:  # no room for the journal: the durable path without it
+                    os.fsync(fd)
                 self._checkpoint_if_journaled([view_path])
-            self._link_staged(fd, tmp_path, view_path, durable=not inline)
+            self._link_staged(fd, tmp_path, view_path, durable=not logged)
         return size
 
     def _link_staged(self, fd: int, tmp_path: str, view_path: str, durable: bool) -> None:
@@ -328,8 +416,12 @@ class Spool:
         with self._lock:
             if stat.S_ISDIR(os.lstat(path).st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", view_path)
-            self._log(Kind.REMOVE, view_path)
+            if self._log(Kind.REMOVE, view_path):
+                path.unlink()
+                return
+            self._checkpoint_if_journaled([view_path])
             path.unlink()
+            fsync_dir(path.parent)
 
     def rename(self, old: str, new: str) -> None:
         source, target = self.staged_path(old), self.staged_path(new)
@@ -338,8 +430,11 @@ class Spool:
             if target.is_dir() and not stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", new)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not stat.S_ISDIR(st.st_mode) and st.st_size <= INLINE_MAX:
-                self._log(Kind.MOVE, old, new, source.read_bytes())
+            if (
+                not stat.S_ISDIR(st.st_mode)
+                and st.st_size <= INLINE_MAX
+                and self._log(Kind.MOVE, old, new, source.read_bytes())
+            ):
                 os.replace(source, target)
                 return
             self._checkpoint_if_journaled([old, new], tree=True)
@@ -366,18 +461,24 @@ class Spool:
         folder = self.batches_dir / batch.id
         with self._lock:  # no commit between the checkpoint and the links
             self.checkpoint()  # the linked files' bytes must be durable before the manifest
-            (folder / "files").mkdir(parents=True, exist_ok=True)
-            for view_path in batch.files:
-                link = folder / "files" / view_path.lstrip("/")
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if not link.exists():
-                    os.link(self.staged_path(view_path), link)
+            self._retry_on_enospc(lambda: self._link_batch(folder, batch))
             self.save_batch(batch)
         return batch
 
+    def _link_batch(self, folder: Path, batch: Batch) -> None:
+        (folder / "files").mkdir(parents=True, exist_ok=True)
+        for view_path in batch.files:
+            link = folder / "files" / view_path.lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                os.link(self.staged_path(view_path), link)
+
     def save_batch(self, batch: Batch) -> None:
+        """Write the batch's manifest atomically (after reclaiming the journal's space if
+        the file system is full: the manifest is all an import needs of the spool)."""
         folder = self.batches_dir / batch.id
-        write_atomic(folder / "manifest.json", json.dumps(batch.to_json()).encode())
+        data = json.dumps(batch.to_json()).encode()
+        self._retry_on_enospc(lambda: write_atomic(folder / "manifest.json", data))
         fsync_dir(folder)
 
     def batch_file(self, batch: Batch, view_path: str) -> Path:

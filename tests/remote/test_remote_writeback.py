@@ -3,9 +3,12 @@ offsets exactly once (crash or not), annotations and meta follow."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,97 @@ def test_a_crash_between_upload_and_registration_makes_no_duplicates(
     for p in new:
         assert got[f"train/{p.name}"] == [p.read_bytes()], point
     assert not any(os.scandir(spool / "batches"))
+
+
+def test_after_a_flush_the_mount_serves_the_new_annotation_and_meta_at_once(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    """Sizes and contents change together: no old annotation from a cache, no new meta.json
+    cut to the old length by the kernel's cached attributes."""
+    mnt = tmp_path / "mnt"
+    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log", tmp_path / "spool")
+    ann_path = mnt / "train" / "ann" / "img_000001.png.json"
+    try:
+        old_ann, old_meta = ann_path.read_bytes(), (mnt / "meta.json").read_bytes()
+        assert json.loads(old_ann)["objects"] == []
+        ann = add_class_and_annotation(mnt, ann_path, "dog")  # meta.json grows by one class
+        done = threading.Event()
+
+        def keep_statting() -> None:  # the kernel holds fresh attributes when flush returns
+            while not done.is_set():
+                for path in (ann_path, mnt / "meta.json"):
+                    os.stat(path)
+                time.sleep(0.01)
+
+        statter = threading.Thread(target=keep_statting)
+        statter.start()
+        try:
+            result = flush(mnt)
+        finally:
+            done.set()
+            statter.join()
+        assert result.returncode == 0, result.stdout + result.stderr
+        for path in (ann_path, mnt / "meta.json"):  # at once: no wait for a timeout
+            data = path.read_bytes()
+            assert os.stat(path).st_size == len(data), path
+            json.loads(data)
+        assert json.loads(ann_path.read_bytes())["objects"] == ann["objects"]
+        meta = json.loads((mnt / "meta.json").read_bytes())
+        assert [c["title"] for c in meta["classes"]] == ["dog"]
+        assert len((mnt / "meta.json").read_bytes()) != len(old_meta)
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(60) == 0
+
+
+def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    """The layer below the kernel: after the import the view and the source hold no old
+    copy of the annotation (nor its size)."""
+    from blobfs.cache.blocks import BlockCache
+    from blobfs.sources.remote import RemoteProjectSource
+    from blobfs.transport.api import SuperviselyApi
+    from blobfs.transport.http import HttpClient
+    from blobfs.view.writable import WritableView
+    from blobfs.writeback.queue import WritebackQueue
+    from blobfs.writeback.remote import RemoteImporter
+    from blobfs.writeback.spool import Spool
+
+    client = HttpClient(emulator.url, TOKEN)
+    source = RemoteProjectSource(
+        SuperviselyApi(client), remote_project, BlockCache(1 << 16, 1 << 22)
+    )
+    spool = Spool(tmp_path / "spool")
+    view = WritableView(source, spool, listing_ttl_s=60)
+    queue = WritebackQueue(
+        spool,
+        RemoteImporter(source.api, remote_project),
+        view.validate,
+        on_imported=view.imported,
+        on_importing=view.importing,
+        delay_s=0,
+    )
+    path = "/train/ann/img_000002.png.json"
+    try:
+        old = view.read_path(path, 0, 1 << 20)
+        assert view.getattr(path)["st_size"] == len(old)
+        meta = json.loads(view.read_path("/meta.json", 0, 1 << 20))
+        meta["classes"] = [{"title": "cat", "shape": "rectangle", "color": "#FF0000"}]
+        rect = {"classTitle": "cat", "geometryType": "rectangle", "tags": []}
+        rect["points"] = {"exterior": [[2, 2], [9, 9]], "interior": []}
+        ann = json.loads(old)
+        ann["objects"] = [rect]
+        for where, data in (("/meta.json", meta), (path, ann)):
+            fh = view.create(where)
+            view.write(fh, json.dumps(data).encode(), 0)
+            view.release(fh)
+        queue.run_once(force=True)
+        assert queue.status.pending == 0 and queue.status.failed == {}
+        assert not spool.staged_path(path).exists()
+        new = view.read_path(path, 0, 1 << 20)
+        assert json.loads(new)["objects"] == [rect]
+        assert view.getattr(path)["st_size"] == len(new)
+    finally:
+        spool.close()
+        source.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -111,7 +112,13 @@ class Daemon:
 
 
 def cleanup_mount(mountpoint: Path) -> None:
-    if os.path.ismount(mountpoint):
+    """Unmount, also a dead mount (its daemon killed: ENOTCONN, which ``ismount`` hides)."""
+    try:
+        os.stat(mountpoint)
+        dead = False
+    except OSError as exc:
+        dead = exc.errno == errno.ENOTCONN
+    if dead or os.path.ismount(mountpoint):
         subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], capture_output=True)
 
 

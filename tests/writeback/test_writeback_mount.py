@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,81 @@ def test_rsync_into_the_mount(project: Path, tmp_path: Path, daemons: list[Daemo
     served = project_images(project)
     for p in new:
         assert served[f"/ds/img/{p.name}"] == p.read_bytes()
+
+
+def test_busy_notempty_and_a_refused_annotation_retried_through_the_mount(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    mnt = tmp_path / "mnt"
+    env = {"BLOBFS_FAILPOINT": "importing:sleep=2"}
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log", env=env, delay_s=30).start()
+    daemons.append(d)
+    (mnt / "fresh").mkdir()
+    (mnt / "fresh" / "img" / "a.png").write_bytes(png_bytes(901))
+    with pytest.raises(OSError) as info:
+        (mnt / "fresh").rmdir()
+    assert info.value.errno == errno.ENOTEMPTY
+    person = {"classTitle": "person", "geometryType": "rectangle", "tags": []}
+    person["points"] = {"exterior": [[1, 1], [5, 5]], "interior": []}
+    ann = json.dumps({"size": {"height": 32, "width": 32}, "objects": [person]})
+    (mnt / "ds" / "ann" / "img_000004.png.json").write_text(ann)
+    flusher = subprocess.Popen([sys.executable, "-m", "blobfs", "flush", str(mnt)])
+    staged = mnt / "fresh" / "img" / "a.png"
+    deadline = time.monotonic() + 10
+    while True:  # the status file says when the batch is importing
+        status = json.loads((mnt / ".blobfs" / "writeback.json").read_bytes())
+        if "/fresh/img/a.png" in status["importing"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert "/fresh/img/a.png" in status["importing"]
+    for action in (staged.unlink, lambda: staged.rename(staged.with_name("b.png"))):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EBUSY
+    assert flusher.wait(60) == 1  # the annotation names a class meta.json lacks
+    meta = json.loads((mnt / "meta.json").read_bytes())
+    meta["classes"] = [{"title": "person", "shape": "rectangle", "color": "#FF0000"}]
+    (mnt / "meta.json").write_text(json.dumps(meta))
+    flushed = blobfs("flush", str(mnt))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert d.unmount() == 0
+    assert (project / "ds" / "ann" / "img_000004.png.json").read_text() == ann
+    assert project_images(project)["/fresh/img/a.png"] == png_bytes(901)
+
+
+def test_a_second_writeback_mount_of_the_same_source_is_refused_before_mounting(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    spool = tmp_path / "spool"
+    first = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log").start()
+    daemons.append(first)
+    for other_spool in (spool, tmp_path / "spool2"):
+        second = tmp_path / f"mnt-{other_spool.name}"
+        second.mkdir()
+        args = ["--writeback", "--spool-dir", str(other_spool), "--log-file", str(tmp_path / "l2")]
+        result = blobfs("mount", str(project), str(second), *args)
+        assert result.returncode != 0
+        assert not os.path.ismount(second)
+        expected = "is in use by another writeback mount" if other_spool == spool else "already"
+        assert expected in result.stderr, result.stderr
+    (tmp_path / "mnt" / "ds" / "img" / "one.png").write_bytes(png_bytes(77))
+    assert first.unmount() == 0
+    assert list(project_images(project)).count("/ds/img/one.png") == 1
+
+
+def test_writing_a_name_the_project_holds_unservably_is_eexist(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    from .test_writable_view import duplicate_across_blobs
+
+    duplicate_across_blobs(project, tmp_path, "img_000003.png")
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    with pytest.raises(OSError) as info:
+        (mnt / "ds" / "img" / "img_000003.png").write_bytes(png_bytes(3))
+    assert info.value.errno == errno.EEXIST
+    assert "not served (name appears more than once)" in (tmp_path / "log").read_text()
+    assert d.unmount() == 0
+    assert "/ds/img/img_000003.png" not in project_images(project)
+    assert not any((tmp_path / "spool" / "staged").rglob("img_000003.png"))

@@ -1,0 +1,228 @@
+"""The writable overlay in-process (no kernel): what it refuses, with which error, and how
+the queue's refusals and imports reach it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob.pack import ProjectPacker
+from blobfs.cache.blocks import BlockCache
+from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.testing.sample import png_bytes
+from blobfs.view.writable import WritableView
+from blobfs.writeback.importer import LocalImporter
+from blobfs.writeback.queue import WritebackQueue
+from blobfs.writeback.spool import Spool
+
+
+class Overlay:
+    """A writable view over ``project`` with its queue, wired as the daemon wires them."""
+
+    def __init__(self, project: Path, spool_dir: Path) -> None:
+        self.project = project
+        self.spool = Spool(spool_dir)
+        self.view = WritableView(
+            LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)), self.spool
+        )
+        self.queue = WritebackQueue(
+            self.spool,
+            LocalImporter(project),
+            self.view.validate,
+            on_imported=self.view.imported,
+            on_importing=self.view.importing,
+            delay_s=0,
+        )
+        self.view.on_staged = self.queue.staged
+
+    def write(self, path: str, data: bytes) -> None:
+        fh = self.view.create(path)
+        self.view.write(fh, data, 0)
+        self.view.release(fh)
+
+    def close(self) -> None:
+        self.queue.stop(drain=False)
+        self.spool.close()
+
+
+@pytest.fixture
+def overlay(project: Path, tmp_path: Path) -> Iterator[Overlay]:
+    o = Overlay(project, tmp_path / "spool")
+    yield o
+    o.close()
+
+
+CAT = {"title": "person", "shape": "rectangle", "color": "#FF0000"}
+
+
+def _ann(class_title: str) -> bytes:
+    rect = {
+        "classTitle": class_title,
+        "geometryType": "rectangle",
+        "tags": [],
+        "points": {"exterior": [[1, 1], [5, 5]], "interior": []},
+    }
+    return json.dumps({"size": {"height": 32, "width": 32}, "objects": [rect]}).encode()
+
+
+# ---- item: EBUSY while importing, ENOTEMPTY, refusals retried -----------------------------
+
+
+def test_a_staged_file_is_busy_while_its_batch_imports(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BLOBFS_FAILPOINT", "importing:sleep=1.5")
+    overlay.write("/ds/img/new.png", png_bytes(50))
+    overlay.queue.start()
+    flusher = threading.Thread(target=overlay.queue.flush)
+    flusher.start()
+    deadline = time.monotonic() + 10
+    while not overlay.queue.status.importing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert overlay.queue.status.importing == ["/ds/img/new.png"]
+    with pytest.raises(Busy):
+        overlay.view.unlink("/ds/img/new.png")
+    with pytest.raises(Busy):
+        overlay.view.rename("/ds/img/new.png", "/ds/img/other.png")
+    with pytest.raises(Busy):
+        overlay.view.create("/ds/img/new.png")
+    flusher.join(30)
+    with pytest.raises(NotPermitted):  # imported now: a project file like the others
+        overlay.view.unlink("/ds/img/new.png")
+    assert overlay.view.read_path("/ds/img/new.png", 0, 1 << 20) == png_bytes(50)
+
+
+def test_a_failed_import_leaves_nothing_busy(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay.write("/ds/img/new.png", png_bytes(51))
+
+    def fail(*args: object) -> None:
+        raise OSError("boom")  # a server error, a full disk: anything an import can meet
+
+    monkeypatch.setattr(overlay.queue.importer, "import_batch", fail)
+    overlay.queue.run_once(force=True)
+    assert overlay.queue.status.last_error == "OSError: boom"
+    overlay.view.unlink("/ds/img/new.png")  # not EBUSY: the import is over
+
+
+def test_rmdir_of_a_dataset_with_files_is_enotempty_and_of_an_empty_one_works(
+    overlay: Overlay,
+) -> None:
+    overlay.view.mkdir("/fresh")
+    overlay.write("/fresh/img/a.png", png_bytes(52))
+    with pytest.raises(NotEmpty):
+        overlay.view.rmdir("/fresh")
+    overlay.view.unlink("/fresh/img/a.png")
+    overlay.view.rmdir("/fresh")  # img/ and ann/ always show; empty, they do not count
+    assert "fresh" not in overlay.view.readdir("/")
+
+
+def test_an_annotation_refused_for_unknown_classes_is_imported_once_meta_has_them(
+    overlay: Overlay,
+) -> None:
+    overlay.write("/ds/ann/img_000001.png.json", _ann("person"))
+    overlay.queue.run_once()
+    assert (
+        "unknown classes ['person']" in overlay.queue.status.failed["/ds/ann/img_000001.png.json"]
+    )
+    meta = json.loads(overlay.view.read_path("/meta.json", 0, 1 << 20))
+    meta["classes"] = [CAT]
+    overlay.write("/meta.json", json.dumps(meta).encode())
+    overlay.queue.run_once()
+    assert overlay.queue.status.failed == {}
+    assert (overlay.project / "ds" / "ann" / "img_000001.png.json").read_bytes() == _ann("person")
+
+
+def test_a_refusal_is_checked_again_on_flush(overlay: Overlay) -> None:
+    """A fix made outside the mount (meta.json edited in the project) counts on flush."""
+    overlay.write("/ds/ann/img_000002.png.json", _ann("person"))
+    overlay.queue.run_once()
+    assert overlay.queue.status.failed
+    meta_path = overlay.project / "meta.json"
+    meta = json.loads(meta_path.read_bytes())
+    meta["classes"] = [CAT]
+    meta_path.write_text(json.dumps(meta))
+    overlay.queue.run_once(force=True)
+    assert overlay.queue.status.failed == {}
+
+
+# ---- item: one spool, one mount ----------------------------------------------------------
+
+
+def _hold_in_another_process(code: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"{code}\nprint('held', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_spool_in_use_by_another_process_is_refused_and_free_once_it_exits(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    holder = _hold_in_another_process(
+        f"import sys; from blobfs.writeback.spool import Spool; s = Spool({str(spool)!r})"
+    )
+    try:
+        with pytest.raises(Busy, match=rf"spool {spool} is in use .* \(pid {holder.pid}\)"):
+            Spool(spool)
+    finally:
+        holder.kill()
+        holder.wait()
+    Spool(spool).close()  # a dead holder leaves no stale lock
+
+
+def test_a_project_imported_into_by_another_process_is_refused(
+    project: Path,
+) -> None:
+    holder = _hold_in_another_process(
+        "import sys; from blobfs.writeback.importer import LocalImporter; "
+        f"i = LocalImporter({str(project)!r})"
+    )
+    try:
+        with pytest.raises(Busy, match="already mounted with --writeback"):
+            LocalImporter(project)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---- item: names the project holds unservably ---------------------------------------------
+
+
+def duplicate_across_blobs(project: Path, tmp_path: Path, name: str) -> None:
+    """Pack a second blob into ``ds`` holding ``name`` again: neither copy is served."""
+    copy = tmp_path / "dup" / name
+    copy.parent.mkdir()
+    copy.write_bytes(png_bytes(99))
+    ProjectPacker(project, "ds").pack([copy], check_existing=False)
+
+
+def test_a_name_the_project_holds_twice_is_refused_at_create(project: Path, tmp_path: Path) -> None:
+    duplicate_across_blobs(project, tmp_path, "img_000003.png")
+    overlay = Overlay(project, tmp_path / "spool")
+    try:
+        assert "img_000003.png" not in overlay.view.readdir("/ds/img")
+        reason = overlay.view.source.refused(("ds",), "img/img_000003.png")
+        assert reason == "name appears more than once"
+        with pytest.raises(AlreadyExists, match="not served"):
+            overlay.view.create("/ds/img/img_000003.png")
+        overlay.write("/ds/img/tmp.png", png_bytes(5))
+        with pytest.raises(AlreadyExists):  # nor may a rename make one
+            overlay.view.rename("/ds/img/tmp.png", "/ds/img/img_000003.png")
+        overlay.write("/ds/img/img_000004.png.bak", png_bytes(6))  # other names are fine
+    finally:
+        overlay.close()
