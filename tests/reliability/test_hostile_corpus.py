@@ -55,6 +55,7 @@ def test_each_case_in_process(corpus: tuple[list[Case], Path]) -> None:
 
 
 @pytest.mark.fuse
+@pytest.mark.timeout(900)  # one mount per case, about a second each
 def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_path: Path) -> None:
     cases, sentinel = corpus
     for case in cases:
