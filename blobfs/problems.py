@@ -101,8 +101,9 @@ class Problems:
                 else:
                     group = self._groups[key] = _Group()
             group.count += count
-            for name in names[: self._names_kept - len(group.names)]:
-                group.names.append(name)
+            for name in names:
+                if len(group.names) < self._names_kept and name not in group.names:
+                    group.names.append(name)
         pending: set[tuple[str, str]] | None = getattr(self._local, "pending", None)
         if pending is not None:
             pending.add(key)

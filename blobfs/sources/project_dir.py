@@ -353,7 +353,9 @@ class LocalProjectSource(Source):
         verdict = self._verdict(blob, m)
         if verdict:
             self._note(blob.path, f"{NOT_A_MEMBER}: {verdict}", show(name))
-            raise CorruptData(f"{blob.path}: {name!r} [{ref.start}, {ref.end}): {verdict}")
+            err = CorruptData(f"{blob.path}: {show(name)} [{ref.start}, {ref.end}): {verdict}")
+            err.reported = True  # type: ignore[attr-defined]  # logged above, aggregated
+            raise err
 
     def _blob(self, stem: str) -> _Blob:
         with self._lock:
