@@ -24,13 +24,12 @@ member of an overlap or a duplicate instead of refusing both.
 
 from __future__ import annotations
 
-import struct
-
 from blobfs.model import BlobMember
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 _POSIX_MAGIC = b"ustar\0"
+_HIGH_BYTES = bytes(range(128, 256))
 
 NO_HEADER = "no tar member starts there (no valid header before it)"
 NOT_REGULAR = "the tar member there is not a regular file"
@@ -59,10 +58,14 @@ def checksum_ok(header: bytes) -> bool:
     stored = _number(header[148:156])
     if stored is None:
         return False
-    blanked = header[:148] + b" " * 8 + header[156:BLOCK]
-    unsigned = sum(blanked)
-    signed = sum(struct.unpack("512b", blanked))
-    return stored in (unsigned, signed)
+    field = header[148:156]
+    unsigned = sum(header) - sum(field) + 8 * 32  # the checksum field counts as spaces
+    if stored == unsigned:
+        return True
+    # the signed sum (old writers): every byte >= 128 counts 256 less
+    rest = header[:148] + header[156:BLOCK]
+    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))
+    return stored == unsigned - 256 * high
 
 
 def _name_agrees(header: bytes, name: str) -> bool:
@@ -74,8 +77,11 @@ def _name_agrees(header: bytes, name: str) -> bool:
         if prefix:
             stored = prefix + b"/" + stored
     base = stored.rsplit(b"/", 1)[-1]
-    forms = (name.encode("utf-8", "surrogateescape"), name.encode("ascii", "replace"))
-    if base in forms:
+    exact = name.encode("utf-8", "surrogateescape")
+    if base == exact:
+        return True
+    forms = (exact, name.encode("ascii", "replace"))
+    if base == forms[1]:
         return True
     if cut:
         if any(f.startswith(base) for f in forms):
