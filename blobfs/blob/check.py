@@ -20,7 +20,7 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError
 from blobfs.model import BlobMember, BlobRef, FileRecord
 from blobfs.problems import Problems, show
-from blobfs.safe_open import MAX_ANN_JSON_BYTES
+from blobfs.safe_open import MAX_ANN_JSON_BYTES, describe
 from blobfs.sources.project_dir import BLOB_DIR, LocalProjectSource
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,14 @@ def _check_source(
             json.loads(meta)
         except Exception as exc:
             found.add(source.fs.where("meta.json"), "meta.json does not parse", _why(exc))
+    try:
+        for item in source.fs.list_dir(BLOB_DIR):  # tars no offsets file names, too
+            if not item.is_file:
+                found.add(
+                    source.fs.where(BLOB_DIR), f"{describe(item.mode)}; never read", show(item.name)
+                )
+    except BlobfsError:
+        pass  # a symlinked or odd blob/ is reported by the source
     datasets = source.datasets()
     for done, ds in enumerate(datasets, 1):
         if progress is not None:
