@@ -4,7 +4,8 @@
 
 Two hypothesis targets, each run for its share of ``--seconds`` (hypothesis has no time
 budget of its own, so examples are drawn in rounds until time is up):
-1. arbitrary bytes, and mutations of valid offsets files, through ``parse_offsets``: it must
+1. arbitrary bytes, mutations of valid offsets files, and random sequences of hostile opcode
+   fragments (NEWOBJ without BUILD, huge ints, deep nesting), through ``parse_offsets``: it must
    return (members + problems) and never raise, run code, or produce an entry with a bad
    name or range;
 2. random blob sizes, block sizes, budgets and read ranges through ``BlockCache`` over a
@@ -73,6 +74,42 @@ def fuzz_mutated(entries: list[tuple[str, int, int]], seed: int) -> None:
     check_offsets(_mutate(valid, random.Random(seed)))
 
 
+#: Opcode fragments that once broke the parser or could: NEWOBJ with no BUILD, a huge
+#: LONG4 int (str() refuses it), deep nesting, memo references, tuples of any shape.
+_CLS = b"csupervisely.api.image_api\nBlobImageInfo\n"
+_FRAGMENTS = [
+    _CLS + b")\x81",
+    _CLS + b"q\x05",
+    b"h\x05",
+    b"h\x05" * 64,
+    b")\x81",
+    b"}(",
+    b"(",
+    b"u",
+    b"b",
+    b"e",
+    b"t",
+    b"](" * 300 + b"]" + b"e" * 300,
+    b"X\x04\x00\x00\x00name",
+    b"X\x0c\x00\x00\x00offset_start",
+    b"X\n\x00\x00\x00offset_end",
+    b"X\x05\x00\x00\x00a.png",
+    b"J\x00\x02\x00\x00",
+    b"J\xff\xff\xff\xff",
+    b"\x8b\x00\x08\x00\x00" + b"\x7f" * 2048,  # LONG4: a 4,900-digit int
+    b"\x88",
+    b"N",
+    b"G@\x80\x00\x00\x00\x00\x00\x00",
+]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=30), st.booleans())
+def fuzz_fragments(parts: list[bytes], close: bool) -> None:
+    body = b"".join(parts)
+    check_offsets(b"\x80\x02](" + body + (b"e." if close else b""))
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     st.integers(1, 20_000),
@@ -112,7 +149,7 @@ def main() -> int:
     rounds = 0
     try:
         while time.monotonic() < deadline:
-            for target in (fuzz_raw, fuzz_mutated, fuzz_cache):
+            for target in (fuzz_raw, fuzz_mutated, fuzz_fragments, fuzz_cache):
                 target()
             rounds += 1
     except Exception as exc:  # report the failing example hypothesis printed

@@ -12,13 +12,15 @@ import logging
 import os
 import tarfile
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobfs.blob.index import OFFSETS_SUFFIX, read_offsets_file
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError
-from blobfs.model import BlobMember
+from blobfs.model import BlobMember, BlobRef, FileRecord
+from blobfs.problems import Problems, show
+from blobfs.safe_open import MAX_ANN_JSON_BYTES, describe
 from blobfs.sources.project_dir import BLOB_DIR, LocalProjectSource
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Report:
-    """What ``check`` found: counts and one line per problem."""
+    """What ``check`` found: counts and one line per problem (aggregated by file and cause)."""
 
     project: Path
     datasets: int = 0
@@ -48,49 +50,71 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _tar_members(path: Path) -> dict[str, BlobMember] | str:
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _tar_members(source: LocalProjectSource, stem: str) -> dict[str, BlobMember] | str:
     """Basename -> data range of each regular member, or the reason the tar is unreadable."""
+    rel = f"{BLOB_DIR}/{stem}.tar"
     out: dict[str, BlobMember] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        fd = source.fs.open_file(rel)
+        with os.fdopen(fd, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
                 if m.isfile():
                     name = os.path.basename(m.name)
                     out[name] = BlobMember(name, m.offset_data, m.offset_data + m.size)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        return f"{path}: unreadable tar ({exc})"
+    except BlobfsError as exc:
+        return str(exc)
+    except Exception as exc:  # tarfile on hostile bytes: any failure is a finding
+        return f"unreadable tar ({_why(exc)})"
     return out
 
 
-def _check_tar_against_offsets(root: Path, report: Report) -> None:
+def _check_tars(
+    source: LocalProjectSource, blob_records: list[FileRecord], found: Problems
+) -> None:
     tars: dict[str, dict[str, BlobMember] | str] = {}
-    for offsets in sorted(root.rglob(f"*{OFFSETS_SUFFIX}")):
-        stem = offsets.name[: -len(OFFSETS_SUFFIX)]
-        tar_path = root / BLOB_DIR / f"{stem}.tar"
-        index = read_offsets_file(str(offsets))
-        if not index.members:
-            continue  # nothing to compare (a refused file is reported by the source)
-        if stem not in tars:
-            tars[stem] = _tar_members(tar_path) if tar_path.is_file() else f"{tar_path}: missing"
-        members = tars[stem]
+    for rec in blob_records:
+        ref = rec.ref
+        assert isinstance(ref, BlobRef)
+        if ref.blob_key not in tars:
+            tars[ref.blob_key] = _tar_members(source, ref.blob_key)
+        members = tars[ref.blob_key]
+        where = source.fs.where(f"{BLOB_DIR}/{ref.blob_key}.tar")
         if isinstance(members, str):
-            report.problems.append(members)
-            continue
-        for m in index.members:
-            real = members.get(m.name)
-            if real is None or (real.start, real.end) != (m.start, m.end):
-                where = f"[{real.start}, {real.end})" if real else "absent"
-                report.problems.append(
-                    f"{offsets}: {m.name!r} at [{m.start}, {m.end}) but the tar has it {where}"
-                )
+            continue  # the source reports an unusable blob itself
+        name = rec.relpath[4:]
+        real = members.get(name)
+        if real is None or (real.start, real.end) != (ref.start, ref.end):
+            at = f"[{real.start}, {real.end})" if real else "absent"
+            found.add(
+                where,
+                "offsets entry disagrees with the tar",
+                f"{show(name)} at [{ref.start}, {ref.end}), the tar has it {at}",
+            )
+    for stem, members in tars.items():
+        if isinstance(members, str) and not source.blob_problem(stem):
+            found.add(source.fs.where(f"{BLOB_DIR}/{stem}.tar"), "tar not read", members)
 
 
-def _check_annotations(files: dict[str, int], folder: str, report: Report) -> None:
+def _check_annotation(source: LocalProjectSource, rec: FileRecord, found: Problems) -> None:
+    assert isinstance(rec.ref, str)
+    try:
+        json.loads(source.fs.read_file(rec.ref, MAX_ANN_JSON_BYTES, "annotation"))
+    except BlobfsError as exc:
+        found.add(source.fs.where(rec.ref), "annotation not read", str(exc)[:200])
+    except Exception as exc:  # ValueError, RecursionError on deep nesting, ...
+        found.add(source.fs.where(rec.ref), "annotation does not parse", _why(exc))
+
+
+def _check_annotations(files: dict[str, int], folder: str, found: Problems) -> None:
     images = [p[4:] for p in files if p.startswith("img/")]
     anns = {p[4:] for p in files if p.startswith("ann/")}
     for name in images:
         if f"{name}.json" not in anns and f"{os.path.splitext(name)[0]}.json" not in anns:
-            report.problems.append(f"{folder}: image {name!r} has no annotation in ann/")
+            found.add(folder, "image has no annotation in ann/", show(name))
 
 
 def check_project(
@@ -98,20 +122,49 @@ def check_project(
 ) -> Report:
     """Validate a local project folder; never raises for bad content, reports it.
 
-    ``progress(done, total)`` is called after each dataset (for a progress bar).
+    ``progress(done, total)`` is called after each dataset (for a progress bar). Every
+    blob image is checked against its tar header (what a read would do); ``deep`` also
+    reads each tar's member list and compares it with the offsets.
     """
     report = Report(root)
+    found = Problems()
     try:
         source = LocalProjectSource(root, BlockCache(1 << 20, 1 << 20))
     except BlobfsError as exc:
         report.problems.append(str(exc))
         return report
+    try:
+        _check_source(source, report, found, deep, progress)
+    except Exception as exc:  # a bug must still give a report, never a traceback
+        logger.exception("check of %s failed", root)
+        found.add(str(root), "check stopped by an internal error", _why(exc))
+    finally:
+        report.problems = source.problems() + found.lines()
+        source.close()
+    return report
+
+
+def _check_source(
+    source: LocalProjectSource,
+    report: Report,
+    found: Problems,
+    deep: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
     meta = source.meta_json()
     if meta is not None:
         try:
             json.loads(meta)
-        except ValueError as exc:
-            report.problems.append(f"{root}/meta.json does not parse: {exc}")
+        except Exception as exc:
+            found.add(source.fs.where("meta.json"), "meta.json does not parse", _why(exc))
+    try:
+        for item in source.fs.list_dir(BLOB_DIR):  # tars no offsets file names, too
+            if not item.is_file:
+                found.add(
+                    source.fs.where(BLOB_DIR), f"{describe(item.mode)}; never read", show(item.name)
+                )
+    except BlobfsError:
+        pass  # a symlinked or odd blob/ is reported by the source
     datasets = source.datasets()
     for done, ds in enumerate(datasets, 1):
         if progress is not None:
@@ -119,18 +172,17 @@ def check_project(
         report.datasets += 1
         records = source.files(ds)
         sizes = {r.relpath: r.size or 0 for r in records}
+        blob_records: list[FileRecord] = []
         for rec in records:
             if rec.relpath.startswith("img/"):
                 report.images += 1
-                report.blob_images += not isinstance(rec.ref, str)
+                if isinstance(rec.ref, BlobRef):
+                    report.blob_images += 1
+                    blob_records.append(rec)
+                    with suppress(BlobfsError):  # noted by the source
+                        source.open(rec).read(0, 0)  # the tar-header check of a first read
             elif rec.relpath.startswith("ann/") and isinstance(rec.ref, str):
-                try:
-                    json.loads(Path(rec.ref).read_bytes())
-                except (ValueError, OSError) as exc:
-                    report.problems.append(f"{rec.ref}: annotation does not parse ({exc})")
-        _check_annotations(sizes, "/".join(ds.path), report)
-    report.problems[:0] = source.problems()
-    if deep:
-        _check_tar_against_offsets(root, report)
-    source.close()
-    return report
+                _check_annotation(source, rec, found)
+        _check_annotations(sizes, "/".join(ds.path), found)
+        if deep:
+            _check_tars(source, blob_records, found)

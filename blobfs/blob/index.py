@@ -19,12 +19,16 @@ import io
 import logging
 import pickle
 import struct
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
-from blobfs.errors import OffsetsError
+from blobfs.errors import BlobfsError, OffsetsError
 from blobfs.model import BlobMember
+from blobfs.problems import Problems, show
+from blobfs.safe_open import MAX_OFFSETS_FILE_BYTES, ProjectRoot
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ SDK_CLASS = "BlobImageInfo"
 BATCH_SIZE = 10_000
 #: Longest file name Linux accepts (NAME_MAX, bytes of UTF-8).
 NAME_MAX = 255
-#: An offsets file larger than this is refused before reading: 10M entries fit easily.
-MAX_OFFSETS_FILE_BYTES = 1 << 30
 
 
 class _BlobImageInfoStub:
@@ -60,16 +62,19 @@ class _OffsetsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in an offsets file")
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One reason an entry (or a whole file) is not served."""
+#: A real entry takes at least this many bytes of pickle (name, two ints, opcodes); a
+#: file with more entries than its size allows is made of references to one object (a
+#: "reference bomb") and is refused before its entries cost memory.
+MIN_ENTRY_BYTES = 16
 
-    source: str
-    name: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.name!r}: {self.reason}"
+# Causes, fixed strings so that problems aggregate by (file, cause).
+FILE_REFUSED = "file refused"
+NOT_AN_ENTRY = "not a BlobImageInfo entry"
+NOT_INTEGERS = "offsets are not integers"
+BAD_RANGE = "bad range (negative, or end before start)"
+PAST_BLOB = "range ends past the blob"
+DUPLICATE = "name appears more than once (none of them served)"
+OVERLAP = "range overlaps another entry of the blob (none of them served)"
 
 
 @dataclass
@@ -77,13 +82,13 @@ class OffsetsIndex:
     """The valid members of one or more offsets files, plus what was refused and why."""
 
     members: list[BlobMember] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)
 
 
 def _entry_fields(obj: Any) -> tuple[Any, Any, Any]:
     """Pull (name, start, end) out of a stand-in object or a REST-style dict."""
     if isinstance(obj, _BlobImageInfoStub):
-        state = obj.state
+        state = getattr(obj, "state", None)  # NEWOBJ without BUILD leaves no state
         if isinstance(state, tuple) and len(state) == 3:
             return state[0], state[1], state[2]
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
@@ -96,7 +101,7 @@ def _entry_fields(obj: Any) -> tuple[Any, Any, Any]:
             blob = obj["sourceBlob"]
             return obj.get("title"), blob.get("offsetStart"), blob.get("offsetEnd")
         return obj.get("name"), obj.get("offset_start"), obj.get("offset_end")
-    raise ValueError(f"unexpected {type(obj).__name__} where a BlobImageInfo belongs")
+    raise ValueError(f"{type(obj).__name__} where a BlobImageInfo belongs")
 
 
 def name_problem(name: object) -> str | None:
@@ -126,21 +131,23 @@ def _is_int(value: object) -> bool:
 
 def _range_problem(start: object, end: object, blob_size: int | None) -> str | None:
     if not (_is_int(start) and _is_int(end)):
-        return "offsets are not integers"
+        return NOT_INTEGERS
     assert isinstance(start, int) and isinstance(end, int)
     if start < 0 or end < start:
-        return f"bad range [{start}, {end})"
+        return BAD_RANGE
     if blob_size is not None and end > blob_size:
-        return f"range [{start}, {end}) ends past the blob ({blob_size} bytes)"
+        return PAST_BLOB
     return None
 
 
-def iter_raw_entries(stream: IO[bytes]) -> Iterator[Any]:
+def iter_raw_entries(stream: IO[bytes], limit: int | None = None) -> Iterator[Any]:
     """Yield every entry object of an offsets stream, pickle after pickle, until EOF.
 
     Raises:
-        OffsetsError: the stream holds a forbidden global, is truncated or is not a pickle.
+        OffsetsError: the stream holds a forbidden global, is truncated, is not a pickle,
+            or holds more than ``limit`` entries.
     """
+    seen = 0
     while True:
         try:
             data = _OffsetsUnpickler(stream).load()  # fresh memo per pickle, as the SDK
@@ -151,11 +158,24 @@ def iter_raw_entries(stream: IO[bytes]) -> Iterator[Any]:
         except OffsetsError:
             raise
         except Exception as exc:  # any unpickling failure is bad input, never a crash
-            raise OffsetsError(f"not a valid offsets pickle: {exc}") from exc
-        if isinstance(data, list):
-            yield from data
-        else:
-            yield data
+            raise OffsetsError(f"not a valid offsets pickle: {_why(exc)}") from exc
+        batch = data if isinstance(data, list) else [data]
+        seen += len(batch)
+        if limit is not None and seen > limit:
+            raise OffsetsError(
+                f"more entries than a file of its size can hold (over {limit}); "
+                "references to one object?"
+            )
+        yield from batch
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a short message; its text may quote hostile input."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def parse_offsets(
@@ -163,28 +183,36 @@ def parse_offsets(
 ) -> OffsetsIndex:
     """Parse and validate one offsets file's bytes into ``index`` (a new one by default).
 
-    A bad entry is recorded in ``index.problems`` and left out; a file that cannot be
-    unpickled at all (hostile, truncated) contributes one problem and no members, so the
-    rest of the project still mounts. Duplicates and overlaps are resolved later by
-    :func:`reject_conflicts`, once every offsets file of a dataset is in.
+    A bad entry is counted in ``index.problems`` (by cause, with the first few names) and
+    left out; a file that cannot be parsed at all, for *any* reason (hostile, truncated,
+    a reference bomb, a name no message can print, an exception nobody foresaw), adds one
+    problem and no members, so the other files and images of the dataset still serve.
+    Duplicates and overlaps are resolved later by :func:`reject_conflicts`, once every
+    offsets file of a dataset is in.
     """
     index = index if index is not None else OffsetsIndex()
     entries: list[BlobMember] = []
+    found = Problems()
     try:
-        for obj in iter_raw_entries(io.BytesIO(data)):
+        limit = len(data) // MIN_ENTRY_BYTES + 1
+        for obj in iter_raw_entries(io.BytesIO(data), limit):
             try:
                 name, start, end = _entry_fields(obj)
             except ValueError as exc:
-                index.problems.append(Problem(source, "?", str(exc)))
+                found.add(source, NOT_AN_ENTRY, str(exc)[:80])
                 continue
             reason = name_problem(name) or _range_problem(start, end, blob_size)
             if reason:
-                index.problems.append(Problem(source, str(name)[:80], reason))
+                found.add(source, reason, f"{show(name)} [{show(start)}, {show(end)})")
                 continue
             entries.append(BlobMember(name, start, end))
     except OffsetsError as exc:
-        index.problems.append(Problem(source, "*", f"file refused: {exc}"))
+        index.problems.add(source, FILE_REFUSED, str(exc)[:300])
         return index
+    except Exception as exc:  # hostile input must never take more than its own file down
+        index.problems.add(source, FILE_REFUSED, _why(exc))
+        return index
+    index.problems.merge(found)
     index.members.extend(entries)
     return index
 
@@ -196,57 +224,59 @@ def reject_conflicts(
 
     Both sides of a conflict are dropped: with two candidates there is no way to know which
     bytes are right, and serving the wrong ones is the one thing blobfs must never do.
+    (Locally the tar can tell: see :mod:`blobfs.blob.tarhead`, consulted before this.)
     ``members`` must all belong to one blob when overlaps are checked; across the blobs of
     a dataset only names can conflict (``check_overlaps=False``).
     """
     result = OffsetsIndex()
-    counts: dict[str, int] = {}
-    for m in members:
-        counts[m.name] = counts.get(m.name, 0) + 1
-    bad: set[int] = set()
-    for i, m in enumerate(members):
-        if counts[m.name] > 1:
-            bad.add(i)
-            result.problems.append(Problem(source, m.name, "name appears more than once"))
-    order = (
-        []
-        if not check_overlaps
-        else sorted(
-            (i for i in range(len(members)) if members[i].size > 0), key=lambda i: members[i].start
-        )
-    )
-    reach, reach_i = -1, -1
-    for i in order:
+    counts = Counter(m.name for m in members)
+    bad = conflicting(members, check_overlaps)
+    for i in sorted(bad):
         m = members[i]
-        if m.start < reach:
-            for j in (i, reach_i):
-                if j not in bad:
-                    bad.add(j)
-                    result.problems.append(
-                        Problem(source, members[j].name, "range overlaps another")
-                    )
-        if m.end > reach:
-            reach, reach_i = m.end, i
+        result.problems.add(source, DUPLICATE if counts[m.name] > 1 else OVERLAP, show(m.name))
     result.members = [m for i, m in enumerate(members) if i not in bad]
     return result
 
 
+def conflicting(members: Sequence[BlobMember], check_overlaps: bool = True) -> set[int]:
+    """Indexes of members whose name repeats or (``check_overlaps``) whose range overlaps."""
+    counts = Counter(m.name for m in members)
+    bad = {i for i, m in enumerate(members) if counts[m.name] > 1}
+    if check_overlaps:
+        order = sorted(
+            (i for i in range(len(members)) if members[i].size > 0), key=lambda i: members[i].start
+        )
+        reach, reach_i = -1, -1
+        for i in order:
+            m = members[i]
+            if m.start < reach:
+                bad.update((i, reach_i))
+            if m.end > reach:
+                reach, reach_i = m.end, i
+    return bad
+
+
 def read_offsets_file(path: str, blob_size: int | None = None) -> OffsetsIndex:
-    """Read, validate and de-conflict one offsets file from disk."""
+    """Read, validate and de-conflict one offsets file from disk (never through a symlink)."""
+    where = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_OFFSETS_FILE_BYTES + 1)
+        root = ProjectRoot(where.parent)
+        try:
+            data = root.read_file(where.name, MAX_OFFSETS_FILE_BYTES, "offsets file")
+        finally:
+            root.close()
+    except BlobfsError as exc:
+        index = OffsetsIndex()
+        index.problems.add(path, FILE_REFUSED, str(exc))
+        return index
     except OSError as exc:
         index = OffsetsIndex()
-        index.problems.append(Problem(path, "*", f"cannot read: {exc.strerror}"))
-        return index
-    if len(data) > MAX_OFFSETS_FILE_BYTES:
-        index = OffsetsIndex()
-        index.problems.append(Problem(path, "*", "file refused: larger than 1 GiB"))
+        index.problems.add(path, FILE_REFUSED, f"cannot read: {exc.strerror}")
         return index
     parsed = parse_offsets(data, path, blob_size)
     clean = reject_conflicts(parsed.members, path)
-    clean.problems[:0] = parsed.problems
+    parsed.problems.merge(clean.problems)
+    clean.problems = parsed.problems
     return clean
 
 

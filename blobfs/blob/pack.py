@@ -15,6 +15,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -24,6 +25,7 @@ from blobfs.blob.index import OFFSETS_SUFFIX, name_problem, write_offsets
 from blobfs.errors import InvalidInput
 from blobfs.failpoints import failpoint
 from blobfs.model import BlobMember
+from blobfs.safe_open import ProjectRoot, create_at, replace_at, split_rel, write_atomic_at
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +118,24 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def finish_tar(writer: TarBlobWriter, stream: IO[bytes], tmp: Path, final: Path) -> None:
-    """End the tar written to ``tmp`` and move it to ``final``, durably.
+    """End the tar written to ``tmp`` (a spool file) and move it to ``final``, durably.
 
-    The one way every tar blobfs writes is completed (``blobfs pack``, local and remote
-    writeback): whatever records the blob afterwards (an offsets file, a manifest saying
-    ``packed``) may then rely on the tar being whole after a power cut, never torn.
+    Whatever records the blob afterwards (a manifest saying ``packed``) may then rely on
+    the tar being whole after a power cut, never torn. Tars inside a project (``blobfs
+    pack``, local writeback) are sealed the same way (:func:`seal_tar`) and renamed through
+    the project's descriptor instead, so no symlink there is followed.
     """
+    seal_tar(writer, stream)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def seal_tar(writer: TarBlobWriter, stream: IO[bytes]) -> None:
+    """End the tar and make its bytes durable (before it is renamed into place)."""
     writer.close()
     stream.flush()
     os.fsync(stream.fileno())
     stream.close()
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 @dataclass
@@ -169,17 +177,35 @@ class ProjectPacker:
         self.blob_size = blob_size
 
     def prepare(self) -> set[str]:
-        """Create the layout (meta.json, blob/, dataset/ann) and return names already present."""
-        (self.project_dir / "blob").mkdir(parents=True, exist_ok=True)
-        (self.dataset_dir / "ann").mkdir(parents=True, exist_ok=True)
-        meta = self.project_dir / "meta.json"
-        if not meta.exists():
-            write_atomic(meta, json.dumps(EMPTY_META).encode())
-        existing = {p.name[: -len(".json")] for p in (self.dataset_dir / "ann").glob("*.json")}
-        img_dir = self.dataset_dir / "img"
-        if img_dir.is_dir():
-            existing.update(p.name for p in img_dir.iterdir())
+        """Create the layout (meta.json, blob/, dataset/ann) and return names already present.
+
+        Everything is created through :class:`ProjectRoot`: a symlinked ``blob/``, ``ann/``
+        or dataset folder is refused (:class:`UnsafeFile`), never written through.
+        """
+        self.project_dir.mkdir(parents=True, exist_ok=True)
+        root = ProjectRoot(self.project_dir)
+        try:
+            rel = self._dataset_rel()
+            with root.dir("blob", create=True), root.dir(f"{rel}/ann", create=True):
+                pass
+            if root.lstat("meta.json") is None:
+                root.write_atomic("meta.json", json.dumps(EMPTY_META).encode())
+            existing = {
+                e.name[: -len(".json")]
+                for e in root.list_dir(f"{rel}/ann")
+                if e.name.endswith(".json")
+            }
+            existing.update(e.name for e in root.list_dir(f"{rel}/img"))
+        finally:
+            root.close()
         return existing
+
+    def _dataset_rel(self) -> str:
+        try:
+            rel = self.dataset_dir.relative_to(self.project_dir)
+        except ValueError:
+            raise InvalidInput(f"{self.dataset_dir} is not inside {self.project_dir}") from None
+        return "/".join(split_rel(str(rel)))
 
     def pack(
         self,
@@ -223,7 +249,7 @@ class ProjectPacker:
             if writer is None:
                 stem = first_stem or new_blob_stem(self.dataset)
                 first_stem = None
-                stream = open(self.project_dir / "blob" / f".{stem}.tar.tmp", "wb")  # noqa: SIM115
+                stream = self._create("blob", f".{stem}.tar.tmp")
                 writer = TarBlobWriter(stream)
                 anns = []
             with open(path, "rb") as src:
@@ -253,19 +279,41 @@ class ProjectPacker:
         result: PackResult,
     ) -> None:
         assert stream is not None
-        blob_dir = self.project_dir / "blob"
-        final = blob_dir / f"{stem}.tar"
-        finish_tar(writer, stream, blob_dir / f".{stem}.tar.tmp", final)
-        failpoint("pack-after-tar")
-        for name, data in anns:
-            write_atomic(self.dataset_dir / "ann" / f"{name}.json", data)
-        failpoint("pack-after-anns")
-        tmp = self.dataset_dir / f".{stem}{OFFSETS_SUFFIX}.tmp"
-        with open(tmp, "wb") as f:
-            write_offsets(f, writer.members)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dataset_dir / f"{stem}{OFFSETS_SUFFIX}")
-        fsync_dir(self.dataset_dir)
+        seal_tar(writer, stream)  # the tar is whole before anything names it
+        root = ProjectRoot(self.project_dir)
+        try:
+            rel = self._dataset_rel()
+            final = self.project_dir / "blob" / f"{stem}.tar"
+            with root.dir("blob") as blob_dir:
+                replace_at(blob_dir, f".{stem}.tar.tmp", final.name)
+                os.fsync(blob_dir)
+            failpoint("pack-after-tar")
+            with root.dir(f"{rel}/ann") as ann_dir:
+                for name, data in anns:
+                    write_atomic_at(ann_dir, f"{name}.json", data)
+            failpoint("pack-after-anns")
+            with root.dir(rel) as ds_dir:
+                tmp = f".{stem}{OFFSETS_SUFFIX}.tmp"
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=ds_dir)
+                with os.fdopen(create_at(ds_dir, tmp), "wb") as f:
+                    write_offsets(f, writer.members)
+                    f.flush()
+                    os.fsync(f.fileno())
+                replace_at(ds_dir, tmp, f"{stem}{OFFSETS_SUFFIX}")
+                os.fsync(ds_dir)
+        finally:
+            root.close()
         result.blobs.append(final)
         logger.info("packed %d images (%d bytes) into %s", len(writer.members), writer.size, final)
+
+    def _create(self, folder: str, name: str) -> IO[bytes]:
+        """A new file in ``folder`` of the project (a stale one of a crashed run replaced)."""
+        root = ProjectRoot(self.project_dir)
+        try:
+            with root.dir(folder) as dfd:
+                with suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dfd)
+                return os.fdopen(create_at(dfd, name), "wb")
+        finally:
+            root.close()

@@ -71,7 +71,9 @@ def errno_boundary(func: F) -> F:
             logger.info("%s %s refused: %s", func.__name__, args[0] if args else "", exc)
             raise FuseOSError(to_errno(exc)) from None
         except BlobfsError as exc:
-            logger.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
+            # a problem the source already logged (aggregated) is not logged per request
+            log = logger.debug if getattr(exc, "reported", False) else logger.error
+            log("%s %s: %s", func.__name__, args[0] if args else "", exc)
             raise FuseOSError(to_errno(exc)) from None
         except Exception as exc:
             logger.exception("%s %s failed unexpectedly", func.__name__, args[0] if args else "")

@@ -20,24 +20,37 @@ import logging
 import os
 import stat
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from blobfs.blob.index import (
+    FILE_REFUSED,
     OFFSETS_SUFFIX,
-    Problem,
+    OffsetsIndex,
+    conflicting,
     name_problem,
-    read_offsets_file,
+    parse_offsets,
     reject_conflicts,
 )
+from blobfs.blob.tarhead import BLOCK, member_problem
 from blobfs.cache.blocks import BlockCache, CachedBlob
-from blobfs.errors import NotFound
+from blobfs.cache.meta import LockedLru
+from blobfs.errors import BlobfsError, CorruptData, NotFound
 from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
+from blobfs.problems import Problems, show
+from blobfs.safe_open import (
+    MAX_META_JSON_BYTES,
+    MAX_OFFSETS_FILE_BYTES,
+    DirItem,
+    ProjectFileReader,
+    ProjectRoot,
+    UnsafeFile,
+    describe,
+)
 from blobfs.sources.base import Source
 from blobfs.sources.readers import FailingReader, SliceReader
 from blobfs.transport.base import RangeReader
-from blobfs.transport.local import FileRangeReader
 
 logger = logging.getLogger(__name__)
 
@@ -46,39 +59,36 @@ DATASETS_DIR = "datasets"
 PASS_THROUGH_DIRS = ("img_info", "meta")
 #: Folder names that are never datasets (the SDK's ``Dataset.ignorable_dirs``).
 NOT_DATASETS = frozenset({"img", "ann", "img_info", "seg", "meta", "datasets", "blob"})
+#: Verdicts of the tar on entries already read (bounded; a forgotten one is asked again).
+VERDICTS_KEPT = 65_536
+NOT_A_MEMBER = "entry is not a member of the tar"
 
 
 @dataclass(frozen=True)
 class _Blob:
     cached: CachedBlob | None
-    path: Path
+    path: str
     problem: str | None
     mtime_ns: int = 0
 
 
-def _regular_files(folder: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(folder) as it:
-            return [e for e in it if e.is_file(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _note_refused(refused: dict[str, str], problems: list[Problem]) -> None:
-    for problem in problems:
-        refused.setdefault(f"img/{problem.name}", problem.reason)
-
-
 class LocalProjectSource(Source):
-    """Serve a project folder; listings are read once per dataset (the folder is immutable)."""
+    """Serve a project folder; listings are read once per dataset (the folder is immutable).
+
+    Everything is opened through :class:`ProjectRoot` (no symlink followed, only regular
+    files opened), every problem goes to one :class:`Problems` collector (aggregated log
+    lines), and blob entries are checked against the tar's own headers: conflicting ones
+    when the dataset is listed, every other one at its first read.
+    """
 
     def __init__(self, project_dir: str | os.PathLike[str], cache: BlockCache) -> None:
-        self.root = Path(project_dir)
-        if not self.root.is_dir():
-            raise NotFound(f"project folder {self.root} does not exist")
+        self.fs = ProjectRoot(project_dir)
+        self.root = self.fs.path
         self.cache = cache
         self._blobs: dict[str, _Blob] = {}
-        self._problems: list[str] = []
+        self._problems = Problems(logger)
+        self._verdicts: LockedLru[tuple[str, int, int, str], str] = LockedLru(VERDICTS_KEPT)
+        # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -86,40 +96,29 @@ class LocalProjectSource(Source):
 
     def meta_json(self) -> bytes | None:
         try:
-            return (self.root / "meta.json").read_bytes()
-        except FileNotFoundError:
-            self._note(f"{self.root}: meta.json is missing")
-            return None
-        except OSError as exc:
-            self._note(f"{self.root}/meta.json: {exc.strerror}")
-            return None
+            return self.fs.read_file("meta.json", MAX_META_JSON_BYTES, "meta.json")
+        except NotFound:
+            self._note(str(self.root), "meta.json is missing")
+        except UnsafeFile as exc:
+            self._note(self.fs.where("meta.json"), f"not served: {exc.reason}")
+        except BlobfsError as exc:
+            self._note(self.fs.where("meta.json"), "not served", str(exc))
+        return None
 
     def datasets(self) -> Sequence[DatasetRecord]:
         found: list[DatasetRecord] = []
-        self._walk_datasets(self.root, (), found, top=True)
+        with self._problems.deferred():
+            self._walk_datasets((), (), found, top=True)
         return found
 
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
-        folder = self._folder(dataset)
-        records: dict[str, FileRecord] = {}
-        conflicts: set[str] = set()
+        assert isinstance(dataset.key, str)
         refused: dict[str, str] = {}
-        for rec in self._blob_images(folder, refused):
-            records[rec.relpath] = rec
-        for entry in _regular_files(folder / "img"):
-            self._add(records, conflicts, self._plain("img", entry), folder)
-        for entry in _regular_files(folder / "ann"):
-            if entry.name.endswith(".json"):
-                self._add(records, conflicts, self._plain("ann", entry), folder)
-        for sub in PASS_THROUGH_DIRS:
-            for entry in _regular_files(folder / sub):
-                self._add(records, conflicts, self._plain(sub, entry), folder)
-        for path in conflicts:
-            records.pop(path, None)
-            refused[path] = "both a blob image and a file in img/"
+        with self._problems.deferred():
+            records = self._files(dataset.key, refused)
         with self._lock:
             self._refused[dataset.path] = refused
-        return list(records.values())
+        return records
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
@@ -127,13 +126,12 @@ class LocalProjectSource(Source):
             blob = self._blobs[ref.blob_key]
             if blob.cached is None or blob.problem:
                 return FailingReader(blob.problem or f"blob {blob.path} unusable")
-            return SliceReader(self.cache, blob.cached, ref)
+            return _MemberReader(self, blob, ref, record.relpath.rsplit("/", 1)[-1])
         assert isinstance(ref, str)
-        return FileRangeReader(ref)
+        return ProjectFileReader(self.fs, ref)
 
     def problems(self) -> list[str]:
-        with self._lock:
-            return list(self._problems)
+        return self._problems.lines()
 
     def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
         with self._lock:
@@ -145,124 +143,279 @@ class LocalProjectSource(Source):
     def close(self) -> None:
         for blob in self._blobs.values():
             if blob.cached is not None:
-                reader = blob.cached.reader
-                if isinstance(reader, FileRangeReader):
-                    reader.close()
+                close = getattr(blob.cached.reader, "close", None)
+                if close is not None:
+                    close()
+        self.fs.close()
 
-    # ---- helpers ---------------------------------------------------------------------
+    # ---- listing ---------------------------------------------------------------------
 
-    def _note(self, problem: str) -> None:
-        logger.warning("%s", problem)
-        with self._lock:
-            self._problems.append(problem)
+    def _note(self, where: str, cause: str, name: str | None = None) -> None:
+        self._problems.add(where, cause, name)
 
-    def _folder(self, dataset: DatasetRecord) -> Path:
-        assert isinstance(dataset.key, str)
-        return Path(dataset.key)
+    def _list(self, rel: str) -> list[DirItem]:
+        """The folder ``rel``, or [] (noted) when it is a symlink or not a folder."""
+        try:
+            return self.fs.list_dir(rel)
+        except BlobfsError as exc:
+            self._note(self.fs.where(rel), "folder not read", str(exc))
+            return []
+
+    def _refuse_item(self, folder: str, item: DirItem) -> None:
+        """Report a listed entry that is not a regular file (one line per folder and kind)."""
+        self._note(self.fs.where(folder), f"{describe(item.mode)}; not served", show(item.name))
 
     def _walk_datasets(
-        self, folder: Path, parents: tuple[str, ...], found: list[DatasetRecord], top: bool
+        self, rel: tuple[str, ...], parents: tuple[str, ...], found: list[DatasetRecord], top: bool
     ) -> None:
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        except OSError as exc:
-            self._note(f"{folder}: {exc.strerror}")
-            return
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+        for item in sorted(self._list("/".join(rel)), key=lambda e: e.name):
+            if item.name.startswith("."):
                 continue
-            if top and entry.name == BLOB_DIR:
+            if not item.is_dir:
+                if not item.is_file and not (top and item.name == "meta.json"):
+                    self._refuse_item("/".join(rel), item)
                 continue
-            if entry.name in NOT_DATASETS or name_problem(entry.name):
+            if top and item.name == BLOB_DIR:
                 continue
-            path = (*parents, entry.name)
-            found.append(DatasetRecord(path, entry.path, entry.stat().st_mtime_ns))
-            self._walk_datasets(Path(entry.path) / DATASETS_DIR, path, found, top=False)
+            if item.name in NOT_DATASETS or name_problem(item.name):
+                continue
+            path = (*parents, item.name)
+            here = (*rel, item.name)
+            found.append(DatasetRecord(path, "/".join(here), item.mtime_ns))
+            sub = {i.name: i for i in self._list("/".join(here))}.get(DATASETS_DIR)
+            if sub is not None and sub.is_dir:
+                self._walk_datasets((*here, DATASETS_DIR), path, found, top=False)
+            elif sub is not None:
+                self._refuse_item("/".join(here), sub)
 
-    def _plain(self, sub: str, entry: os.DirEntry[str]) -> FileRecord:
-        st = entry.stat(follow_symlinks=False)
-        return FileRecord(f"{sub}/{entry.name}", st.st_size, st.st_mtime_ns, entry.path)
+    def _files(self, key: str, refused: dict[str, str]) -> list[FileRecord]:
+        """The dataset's served files; entries it holds but refuses go into ``refused``."""
+        items = self._list(key)
+        records: dict[str, FileRecord] = {}
+        conflicts: set[str] = set()
+        for rec in self._blob_images(key, items, refused):
+            records[rec.relpath] = rec
+        by_name = {i.name: i for i in items}
+        for sub in ("img", "ann", *PASS_THROUGH_DIRS):
+            item = by_name.get(sub)
+            if item is None:
+                continue
+            if not item.is_dir:
+                self._refuse_item(key, item)
+                continue
+            folder = f"{key}/{sub}"
+            for entry in self._list(folder):
+                if not entry.is_file:
+                    self._refuse_item(folder, entry)
+                elif sub != "ann" or entry.name.endswith(".json"):
+                    rec = FileRecord(
+                        f"{sub}/{entry.name}", entry.size, entry.mtime_ns, f"{folder}/{entry.name}"
+                    )
+                    self._add(records, conflicts, rec, key)
+        for path in conflicts:
+            records.pop(path, None)
+            refused[path] = "both a blob image and a file in img/"
+        return list(records.values())
 
     def _add(
-        self, records: dict[str, FileRecord], conflicts: set[str], rec: FileRecord, folder: Path
+        self, records: dict[str, FileRecord], conflicts: set[str], rec: FileRecord, key: str
     ) -> None:
         if rec.relpath in records:
             conflicts.add(rec.relpath)
             self._note(
-                f"{folder}: {rec.relpath} is both a blob image and a file in img/; "
-                "neither is served"
+                self.fs.where(key),
+                "both a blob image and a file in img/ (neither is served)",
+                show(rec.relpath),
             )
         else:
             records[rec.relpath] = rec
 
-    def _blob_images(self, folder: Path, refused: dict[str, str]) -> list[FileRecord]:
-        """The dataset's served blob images; names left out go into ``refused``."""
-        for link in folder.glob(f"*{OFFSETS_SUFFIX}"):
-            if link.is_symlink():  # could point anywhere on the machine: never followed
-                self._note(f"{link}: offsets file is a symlink; not read")
-        members: list[tuple[BlobMember, str]] = []
-        for entry in sorted(_regular_files(folder), key=lambda e: e.name):
-            if not entry.name.endswith(OFFSETS_SUFFIX):
+    # ---- blob images -----------------------------------------------------------------
+
+    def _read_offsets(self, rel: str, blob_size: int | None) -> OffsetsIndex:
+        """One offsets file, validated; any failure refuses this file only."""
+        where = self.fs.where(rel)
+        try:
+            data = self.fs.read_file(rel, MAX_OFFSETS_FILE_BYTES, "offsets file")
+            return parse_offsets(data, where, blob_size)
+        except UnsafeFile as exc:
+            reason = exc.reason
+        except BlobfsError as exc:
+            reason = str(exc)
+        except Exception as exc:  # never more than this file: see parse_offsets
+            reason = f"{type(exc).__name__}"
+        index = OffsetsIndex()
+        index.problems.add(where, FILE_REFUSED, reason[:300])
+        return index
+
+    def _blob_images(
+        self, key: str, items: list[DirItem], refused: dict[str, str]
+    ) -> list[FileRecord]:
+        found: list[tuple[BlobMember, str, str]] = []  # (member, stem, offsets file)
+        for item in sorted(items, key=lambda e: e.name):
+            if not item.name.endswith(OFFSETS_SUFFIX):
                 continue
-            stem = entry.name[: -len(OFFSETS_SUFFIX)]
+            if not item.is_file:  # a symlink could point anywhere on the machine
+                self._refuse_item(key, item)
+                continue
+            stem = item.name[: -len(OFFSETS_SUFFIX)]
             blob = self._blob(stem)
-            blob_size = blob.cached.size if blob.cached is not None else None
-            index = read_offsets_file(entry.path, None)
-            _note_refused(refused, index.problems)
-            for problem in index.problems:
-                self._note(str(problem))
+            rel = f"{key}/{item.name}"
+            index = self._read_offsets(rel, None)
+            self._problems.merge(index.problems)
+            where = self.fs.where(rel)
             if blob.problem and index.members:
-                self._note(f"{entry.path}: {len(index.members)} images unreadable: {blob.problem}")
-            elif blob_size is not None:
-                past = [m for m in index.members if m.end > blob_size]
+                self._note(where, f"{len(index.members)} images unreadable: {blob.problem}")
+            elif blob.cached is not None:
+                past = sum(1 for m in index.members if m.end > blob.cached.size)
                 if past:
                     self._note(
-                        f"{entry.path}: {len(past)} images end past the blob "
-                        f"({blob_size} bytes; truncated?), reads of them fail"
+                        where,
+                        f"images end past the blob ({blob.cached.size} bytes; truncated?), "
+                        "reads of them fail",
+                        f"{past} images",
                     )
-            members.extend((m, stem) for m in index.members)
-        clean = reject_conflicts([m for m, _ in members], str(folder), check_overlaps=False)
-        _note_refused(refused, clean.problems)
-        for problem in clean.problems:
-            self._note(str(problem))
-        keep = set(clean.members)
-        out: list[FileRecord] = []
-        for m, stem in members:
-            if m in keep:
-                blob = self._blobs[stem]
-                version = blob.cached.version if blob.cached else ""
-                out.append(
-                    FileRecord(
-                        f"img/{m.name}",
-                        m.size,
-                        blob.mtime_ns,
-                        BlobRef(stem, version, m.start, m.end),
-                    )
+            found.extend((m, stem, where) for m in index.members)
+        kept = self._resolve(found, self.fs.where(key))
+        served = {m.name for m, _, _ in kept}
+        seen = Counter(m.name for m, _, _ in found)
+        for m, _, _ in found:
+            if m.name not in served:
+                refused[f"img/{m.name}"] = (
+                    "name appears more than once" if seen[m.name] > 1 else "range overlaps another"
                 )
+        out: list[FileRecord] = []
+        for m, stem, _ in kept:
+            blob = self._blobs[stem]
+            version = blob.cached.version if blob.cached else ""
+            out.append(
+                FileRecord(
+                    f"img/{m.name}", m.size, blob.mtime_ns, BlobRef(stem, version, m.start, m.end)
+                )
+            )
         return out
+
+    def _resolve(
+        self, found: list[tuple[BlobMember, str, str]], where: str
+    ) -> list[tuple[BlobMember, str, str]]:
+        """Settle duplicates and overlaps by asking the tar, then refuse what stays in doubt.
+
+        Only entries in conflict are checked here (a few, so the listing stays cheap); an
+        entry the tar disowns is dropped, and exact repeats of one verified member are one
+        file. What still conflicts afterwards (two real members of one name in two blobs,
+        or a blob that cannot be read) is refused on both sides, as remote sources do.
+        """
+        suspects = set(conflicting([m for m, _, _ in found], check_overlaps=False))
+        by_stem: dict[str, list[int]] = {}
+        for i, (_, stem, _) in enumerate(found):
+            by_stem.setdefault(stem, []).append(i)
+        for idxs in by_stem.values():
+            bad = conflicting([found[i][0] for i in idxs], check_overlaps=True)
+            suspects.update(idxs[j] for j in bad)
+        if not suspects:
+            return found
+        drop: set[int] = set()
+        verified: set[tuple[BlobMember, str]] = set()
+        for i in sorted(suspects):
+            m, stem, offsets = found[i]
+            verdict = self._verdict(self._blobs[stem], m)
+            if verdict is None:
+                if (m, stem) in verified:
+                    drop.add(i)  # the same member listed twice: one file
+                    self._note(offsets, "entry listed more than once (served once)", show(m.name))
+                verified.add((m, stem))
+            elif verdict != "":
+                drop.add(i)
+                self._note(offsets, f"{NOT_A_MEMBER}: {verdict}", show(m.name))
+        rest = [f for i, f in enumerate(found) if i not in drop]
+        # What the tar could not settle falls back to refusing every side.
+        clean = reject_conflicts([m for m, _, _ in rest], where, check_overlaps=False)
+        names_ok = Counter(m.name for m in clean.members)
+        self._problems.merge(clean.problems)
+        final: list[tuple[BlobMember, str, str]] = []
+        by_stem_rest: dict[str, list[tuple[BlobMember, str, str]]] = {}
+        for f in rest:
+            if names_ok[f[0].name]:
+                by_stem_rest.setdefault(f[1], []).append(f)
+        for stem, group in by_stem_rest.items():
+            clean = reject_conflicts([m for m, _, _ in group], self._blobs[stem].path)
+            self._problems.merge(clean.problems)
+            keep = Counter(clean.members)
+            final.extend(f for f in group if keep[f[0]])
+        return final
+
+    def _verdict(self, blob: _Blob, m: BlobMember) -> str | None:
+        """None: ``m`` is a member of the tar; a reason when it is not; "" when unknown."""
+        if blob.cached is None:
+            return ""
+        key = (blob.cached.key, m.start, m.end, m.name)
+        known = self._verdicts.get(key)
+        if known is not None:
+            return known or None
+        if m.start < BLOCK:
+            verdict = member_problem(b"", m)
+        else:
+            try:
+                header = self.cache.read(blob.cached, m.start - BLOCK, m.start)
+            except BlobfsError:
+                return ""  # the blob itself is unreadable; reads will say so
+            verdict = member_problem(header, m)
+        self._verdicts.put(key, verdict or "")
+        return verdict
+
+    def blob_problem(self, stem: str) -> str | None:
+        """Why the blob ``stem`` cannot be read (None when it can, or is not known)."""
+        blob = self._blobs.get(stem)
+        return blob.problem if blob is not None else None
+
+    def check_member(self, blob: _Blob, ref: BlobRef, name: str) -> None:
+        """Raise (EIO, logged once aggregated) when the tar disowns this entry."""
+        m = BlobMember(name, ref.start, ref.end)
+        verdict = self._verdict(blob, m)
+        if verdict:
+            self._note(blob.path, f"{NOT_A_MEMBER}: {verdict}", show(name))
+            err = CorruptData(f"{blob.path}: {show(name)} [{ref.start}, {ref.end}): {verdict}")
+            err.reported = True  # type: ignore[attr-defined]  # logged above, aggregated
+            raise err
 
     def _blob(self, stem: str) -> _Blob:
         with self._lock:
             known = self._blobs.get(stem)
         if known is not None:
             return known
-        path = self.root / BLOB_DIR / f"{stem}.tar"
+        rel = f"{BLOB_DIR}/{stem}.tar"
+        path = self.fs.where(rel)
         try:
-            st = path.stat()
+            st = self.fs.lstat(rel)
+        except BlobfsError as exc:
+            blob = _Blob(None, path, f"blob {path}: {exc}")
         except OSError as exc:
             blob = _Blob(None, path, f"blob {path}: {exc.strerror}")
         else:
-            if not stat.S_ISREG(st.st_mode):
-                blob = _Blob(None, path, f"blob {path} is not a regular file")
+            if st is None:
+                blob = _Blob(None, path, f"blob {path} is missing")
+            elif not stat.S_ISREG(st.st_mode):
+                blob = _Blob(None, path, f"blob {path} is {describe(st.st_mode)}")
             else:
                 version = f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
                 blob = _Blob(
-                    CachedBlob(stem, version, st.st_size, FileRangeReader(str(path))),
+                    CachedBlob(stem, version, st.st_size, ProjectFileReader(self.fs, rel)),
                     path,
                     None,
                     st.st_mtime_ns,
                 )
         with self._lock:
             return self._blobs.setdefault(stem, blob)
+
+
+class _MemberReader:
+    """A blob image whose entry is checked against the tar's header at its first read."""
+
+    def __init__(self, source: LocalProjectSource, blob: _Blob, ref: BlobRef, name: str) -> None:
+        assert blob.cached is not None
+        self._source, self._blob, self._ref, self._name = source, blob, ref, name
+        self._inner = SliceReader(source.cache, blob.cached, ref)
+
+    def read(self, start: int, end: int) -> bytes:
+        self._source.check_member(self._blob, self._ref, self._name)
+        return self._inner.read(start, end)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from blobfs.blob.index import OFFSETS_SUFFIX
-from blobfs.blob.pack import ProjectPacker, empty_annotation, write_atomic
+from blobfs.blob.pack import ProjectPacker, empty_annotation
+from blobfs.safe_open import ProjectRoot, split_rel, write_atomic_at
 from blobfs.writeback.spool import Batch, Spool, lock_project
 
 logger = logging.getLogger(__name__)
@@ -72,20 +73,25 @@ class LocalImporter:
 
     def import_batch(self, spool: Spool, batch: Batch) -> None:
         images, anns, meta = split_batch(batch)
-        if meta is not None:
-            write_atomic(self.project / "meta.json", spool.batch_file(batch, meta).read_bytes())
-        if not batch.dataset:
-            return
-        folder = dataset_dir(self.project, batch.dataset)
-        (folder / "ann").mkdir(parents=True, exist_ok=True)
-        image_names = {p.rsplit("/", 1)[1] for p in images}
-        for name, ann_path in anns.items():  # annotations of images imported earlier
-            if name not in image_names:
-                write_atomic(
-                    folder / "ann" / f"{name}.json", spool.batch_file(batch, ann_path).read_bytes()
-                )
-        if not images or (folder / f"{batch.stem}{OFFSETS_SUFFIX}").exists():
-            return
+        # Every file is created through ProjectRoot: nothing is written through a symlink.
+        root = ProjectRoot(self.project)
+        try:
+            if meta is not None:
+                root.write_atomic("meta.json", spool.batch_file(batch, meta).read_bytes())
+            if not batch.dataset:
+                return
+            folder = dataset_dir(self.project, batch.dataset)
+            rel = "/".join(split_rel(str(folder.relative_to(self.project))))
+            image_names = {p.rsplit("/", 1)[1] for p in images}
+            with root.dir(f"{rel}/ann", create=True) as ann_dir:
+                for name, ann_path in anns.items():  # annotations of images imported earlier
+                    if name not in image_names:
+                        data = spool.batch_file(batch, ann_path).read_bytes()
+                        write_atomic_at(ann_dir, f"{name}.json", data)
+            if not images or root.lstat(f"{rel}/{batch.stem}{OFFSETS_SUFFIX}") is not None:
+                return
+        finally:
+            root.close()
 
         def ann_for(path: Path, width: int, height: int) -> bytes:
             staged = anns.get(path.name)

@@ -56,6 +56,7 @@ def test_each_case_in_process(corpus: tuple[list[Case], Path]) -> None:
 
 
 @pytest.mark.fuse
+@pytest.mark.timeout(900)  # one mount per case, about a second each
 def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_path: Path) -> None:
     cases, sentinel = corpus
     for case in cases:
@@ -83,6 +84,11 @@ def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_pat
         finally:
             subprocess.run(["fusermount", "-u", str(mnt)], check=False)
             assert proc.wait(20) == 0, (case.name, log.read_text()[-2000:])
+        text = log.read_text()
         if case.eio:
-            assert "blob" in log.read_text(), f"{case.name}: the log must say why"
+            assert "blob" in text, f"{case.name}: the log must say why"
+        assert "Traceback" not in text, (case.name, text[-2000:])
+        if case.name == "many-bad-entries-one-log-line":  # 20,000 problems, one line
+            lines = [line for line in text.splitlines() if "many_offsets.pkl" in line]
+            assert len(lines) == 1 and "20000 entries" in lines[0], lines
     assert not sentinel.exists(), "a hostile pickle executed code"

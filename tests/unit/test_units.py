@@ -90,9 +90,7 @@ class _Evil:
 def test_a_pickle_that_calls_a_function_is_refused_before_it_runs() -> None:
     parsed = parse_offsets(pickle.dumps([_Evil()]), "evil")
     assert parsed.members == []
-    assert "posix.system is not allowed" in str(
-        parsed.problems[0]
-    ) or "system is not allowed" in str(parsed.problems[0])
+    assert "system is not allowed" in parsed.problems.lines()[0]
 
 
 def test_conflicts_drop_both_sides() -> None:
@@ -105,7 +103,7 @@ def test_conflicts_drop_both_sides() -> None:
     ]
     clean = reject_conflicts(ms, "x")
     assert [m.name for m in clean.members] == ["d"]
-    assert len(clean.problems) == 4
+    assert clean.problems.total == 4
 
 
 @given(st.integers(0, 10_000), st.integers(0, 5_000), st.integers(1, 4096))

@@ -1,0 +1,168 @@
+"""Problems found in untrusted input, aggregated: one line per (file, cause).
+
+A hostile or broken project can hold millions of bad entries (a 6 MB offsets file can
+reference one bad entry three million times). Logging or keeping each one would cost
+gigabytes of log and memory, and the first few names say as much as all of them. So every
+source reports through a :class:`Problems` collector: a problem is a ``(where, cause)``
+pair plus the name it concerns; the collector keeps a count and the first few names per
+pair, and a bounded number of pairs, so its memory does not grow with the input.
+
+Logging is aggregated the same way. Inside :meth:`Problems.deferred` (one file or one
+dataset being read) nothing is logged until the block ends, then one line per pair that
+grew. Outside it (failures found while serving reads) a pair is logged when first seen and
+again each time its count has grown tenfold, so a program reading a million bad entries
+writes a handful of lines, not a million.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+#: Names kept per (where, cause), and their length in characters.
+NAMES_KEPT = 3
+NAME_CHARS = 80
+#: Distinct (where, cause) pairs kept; further ones are only counted.
+MAX_GROUPS = 10_000
+OVERFLOW = ("(further files)", "more problems than are kept")
+
+
+def show(value: object) -> str:
+    """A short printable form of any untrusted value; never raises, never long.
+
+    ``repr`` of a str is cut to :data:`NAME_CHARS`; an int of thousands of digits (which
+    ``str`` refuses to print) or any other object is shown by its size or type only, so a
+    hostile name can neither crash a message nor flood it.
+    """
+    try:
+        if isinstance(value, str):
+            cut = value[:NAME_CHARS]
+            return repr(cut) + ("..." if len(value) > NAME_CHARS else "")
+        if value is None or isinstance(value, bool):
+            return repr(value)
+        if isinstance(value, int):
+            if value.bit_length() > 64:
+                return f"<int of {value.bit_length()} bits>"
+            return str(value)
+        if isinstance(value, float):
+            return repr(value)
+        return f"<{type(value).__name__}>"
+    except Exception:  # a str subclass with a hostile __repr__ cannot occur, but never fail
+        return "<?>"
+
+
+@dataclass
+class _Group:
+    count: int = 0
+    names: list[str] = field(default_factory=list)
+    logged: int = 0
+
+
+class Problems:
+    """A bounded, thread-safe tally of problems by ``(where, cause)``."""
+
+    def __init__(
+        self,
+        log: logging.Logger | None = None,
+        names_kept: int = NAMES_KEPT,
+        max_groups: int = MAX_GROUPS,
+    ) -> None:
+        self._log = log
+        self._names_kept = names_kept
+        self._max_groups = max_groups
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def add(self, where: str, cause: str, name: str | None = None, count: int = 1) -> None:
+        """Count ``count`` problems of ``cause`` in ``where``; ``name`` is kept if few yet.
+
+        ``name`` must already be short and printable (see :func:`show`).
+        """
+        self._bump((where, cause), count, [] if name is None else [name])
+
+    def merge(self, other: Problems) -> None:
+        """Add everything ``other`` collected (a parse's own collector) into this one."""
+        with other._lock:
+            items = [(k, g.count, list(g.names)) for k, g in other._groups.items()]
+        for key, count, names in items:
+            self._bump(key, count, names)
+
+    def _bump(self, key: tuple[str, str], count: int, names: list[str]) -> None:
+        with self._lock:
+            group = self._groups.get(key)
+            if group is None:
+                if len(self._groups) >= self._max_groups:
+                    key = OVERFLOW
+                    group = self._groups.setdefault(key, _Group())
+                else:
+                    group = self._groups[key] = _Group()
+            group.count += count
+            for name in names:
+                if len(group.names) < self._names_kept and name not in group.names:
+                    group.names.append(name)
+        pending: set[tuple[str, str]] | None = getattr(self._local, "pending", None)
+        if pending is not None:
+            pending.add(key)
+        else:
+            self._report([key], tenfold=True)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Log nothing until the block ends, then one line per pair that grew in it."""
+        outer: set[tuple[str, str]] | None = getattr(self._local, "pending", None)
+        if outer is not None:  # nested: the outermost block reports
+            yield
+            return
+        pending: set[tuple[str, str]] = set()
+        self._local.pending = pending
+        try:
+            yield
+        finally:
+            self._local.pending = None
+            self._report(sorted(pending), tenfold=False)
+
+    def _report(self, keys: list[tuple[str, str]], tenfold: bool) -> None:
+        if self._log is None:
+            return
+        for key in keys:
+            with self._lock:
+                group = self._groups[key]
+                due = group.count > group.logged and (
+                    not tenfold or group.logged == 0 or group.count >= 10 * group.logged
+                )
+                if due:
+                    group.logged = group.count
+                line = _line(key, group) if due else None
+            if line is not None:
+                self._log.warning("%s", line)
+
+    def lines(self) -> list[str]:
+        """One line per (where, cause): what ``blobfs check`` prints and the mount counts."""
+        with self._lock:
+            return [_line(k, g) for k, g in self._groups.items()]
+
+    @property
+    def total(self) -> int:
+        """Problems counted (not pairs)."""
+        with self._lock:
+            return sum(g.count for g in self._groups.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._groups)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+
+def _line(key: tuple[str, str], group: _Group) -> str:
+    where, cause = key
+    names = ", ".join(group.names)
+    if group.count == 1:
+        return f"{where}: {cause}" + (f": {names}" if names else "")
+    more = "e.g. " if len(group.names) < group.count else ""
+    return f"{where}: {cause}: {group.count} entries" + (f" ({more}{names})" if names else "")

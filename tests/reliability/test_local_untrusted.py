@@ -1,0 +1,327 @@
+"""An untrusted local project: nothing outside it is read or written, nothing blocks, bad
+entries never hide good ones, and problems are logged once per file and cause.
+
+The corpus (``test_hostile_corpus.py``) covers each class of input case by case; these
+tests pin the mechanisms underneath: :class:`ProjectRoot`, the :class:`Problems`
+collector, the tar-header verdict and the writers of ``pack`` and writeback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch, parse_offsets
+from blobfs.blob.pack import ProjectPacker
+from blobfs.blob.tarhead import NAME_DIFFERS, NO_HEADER, SIZE_DIFFERS, member_problem
+from blobfs.cache.blocks import BlockCache
+from blobfs.errors import BlobfsError, NotFound, to_errno
+from blobfs.model import BlobMember
+from blobfs.problems import Problems, show
+from blobfs.safe_open import ProjectRoot, UnsafeFile
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.testing.hostile import SECRET
+from blobfs.testing.sample import make_images, png_bytes
+from blobfs.view.tree import ProjectView
+from tests.helpers import start_mount
+from tests.writeback.conftest import Daemon, cleanup_mount
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    ProjectPacker(root, "ds").pack(make_images(tmp_path / "images", 4))
+    return root
+
+
+def _outside(tmp_path: Path) -> Path:
+    out = tmp_path / "outside"
+    out.mkdir(exist_ok=True)
+    (out / "secret").write_bytes(SECRET)
+    (out / "secret").chmod(0o600)
+    return out
+
+
+# ---- ProjectRoot ---------------------------------------------------------------------
+
+
+def test_a_symlink_anywhere_on_the_path_is_refused_not_followed(tmp_path: Path) -> None:
+    out = _outside(tmp_path)
+    root_dir = tmp_path / "p"
+    (root_dir / "real").mkdir(parents=True)
+    (root_dir / "real" / "f").write_bytes(b"inside")
+    (root_dir / "file-link").symlink_to(out / "secret")
+    (root_dir / "dir-link").symlink_to(out)
+    root = ProjectRoot(root_dir)
+    assert root.read_file("real/f", 100) == b"inside"
+    for rel in ("file-link", "dir-link/secret"):
+        with pytest.raises(UnsafeFile, match="symlink"):
+            root.read_file(rel, 100)
+    with pytest.raises(UnsafeFile, match="symlink"):
+        root.list_dir("dir-link")
+    with pytest.raises(UnsafeFile):
+        root.read_file("real/../file-link", 100)
+    with pytest.raises(NotFound):
+        root.read_file("real/missing", 100)
+
+
+def test_a_fifo_is_never_opened_so_nothing_waits_on_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    root = ProjectRoot(tmp_path)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            root.read_file("fifo", 100)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert isinstance(outcome[0], UnsafeFile) and "FIFO" in str(outcome[0])
+
+
+def test_whole_file_reads_are_capped(tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * 1000)
+    root = ProjectRoot(tmp_path)
+    with pytest.raises(UnsafeFile, match="larger than"):
+        root.read_file("big", 999, "meta.json")
+    assert len(root.read_file("big", 1000)) == 1000
+
+
+def test_writes_never_go_through_a_symlinked_folder(tmp_path: Path) -> None:
+    out = _outside(tmp_path)
+    root_dir = tmp_path / "p"
+    root_dir.mkdir()
+    (root_dir / "ann").symlink_to(out)
+    root = ProjectRoot(root_dir)
+    with pytest.raises(UnsafeFile):
+        root.write_atomic("ann/new.json", b"{}")
+    (root_dir / "x.json").symlink_to(out / "secret")
+    root.write_atomic("x.json", b"{}")  # replaces the link, never writes through it
+    assert (out / "secret").read_bytes() == SECRET
+    assert sorted(p.name for p in out.iterdir()) == ["secret"]
+    assert (root_dir / "x.json").read_bytes() == b"{}" and not (root_dir / "x.json").is_symlink()
+
+
+def test_pack_into_a_project_with_a_symlinked_blob_folder_writes_nothing_outside(
+    project: Path, tmp_path: Path
+) -> None:
+    out = _outside(tmp_path)
+    (project / "blob").rename(out / "blob")
+    (project / "blob").symlink_to(out / "blob")
+    before = sorted(p.name for p in (out / "blob").iterdir())
+    with pytest.raises(UnsafeFile):
+        ProjectPacker(project, "ds").pack(make_images(tmp_path / "more", 2, start_seed=50))
+    assert sorted(p.name for p in (out / "blob").iterdir()) == before
+
+
+# ---- problems ------------------------------------------------------------------------
+
+
+def test_problems_keep_a_count_and_the_first_names_in_bounded_memory() -> None:
+    found = Problems(names_kept=3, max_groups=100)
+    for i in range(100_000):
+        found.add("f.pkl", "bad range", show(f"n{i}"))
+    for i in range(500):
+        found.add(f"file{i}", "other")
+    assert found.total == 100_500
+    assert len(found) == 101  # 100 pairs kept, plus one line counting the rest
+    assert found.lines()[0] == "f.pkl: bad range: 100000 entries (e.g. 'n0', 'n1', 'n2')"
+
+
+def test_show_never_raises_on_hostile_values() -> None:
+    assert show(10**5000) == "<int of 16610 bits>"
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert show(deep) == "<list>"
+    assert len(show("x" * 10_000)) < 100
+
+
+def test_outside_a_listing_a_repeated_problem_is_logged_at_tenfold_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    found = Problems(logging.getLogger("t"))
+    with caplog.at_level(logging.WARNING, "t"):
+        for _ in range(1000):
+            found.add("blob.tar", "not a member", "'a.png'")
+    assert [r.getMessage().split(": ")[-1] for r in caplog.records] == [
+        "'a.png'",
+        "10 entries (e.g. 'a.png')",
+        "100 entries (e.g. 'a.png')",
+        "1000 entries (e.g. 'a.png')",
+    ]
+
+
+def test_a_file_of_many_bad_entries_is_one_log_line(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = [BlobMember(f"neg_{i}.png", 0, 0) for i in range(50_000)]
+    data = dumps_batch(bad).replace(b"J\x00\x00\x00\x00ub", b"J\xff\xff\xff\xffub")
+    (project / "ds" / f"many{OFFSETS_SUFFIX}").write_bytes(data)
+    with caplog.at_level(logging.WARNING):
+        view = ProjectView(LocalProjectSource(project, BlockCache(4096, 1 << 20)))
+        assert len(view.readdir("/ds/img")) == 4
+    lines = [r.getMessage() for r in caplog.records if "many_offsets" in r.getMessage()]
+    assert len(lines) == 1 and "50000 entries" in lines[0], lines
+
+
+def test_a_reference_bomb_is_refused_by_its_size() -> None:
+    one = (
+        b"csupervisely.api.image_api\nBlobImageInfo\n)\x81}(X\x04\x00\x00\x00name"
+        b"X\x05\x00\x00\x00b.pngX\x0c\x00\x00\x00offset_startJ\xff\xff\xff\xff"
+        b"X\n\x00\x00\x00offset_endJ\x00\x00\x00\x00ub"
+    )
+    data = b"\x80\x02](" + one + b"q\x05" + b"h\x05" * 3_000_000 + b"e."
+    parsed = parse_offsets(data, "bomb")
+    assert parsed.members == [] and parsed.problems.total == 1
+    assert "more entries than a file of its size can hold" in parsed.problems.lines()[0]
+
+
+# ---- tar headers ---------------------------------------------------------------------
+
+
+def _tar_with(tmp_path: Path, fmt: int, names: list[str]) -> tuple[bytes, list[BlobMember]]:
+    path = tmp_path / f"t{fmt}.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = png_bytes(i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            members.append(BlobMember(m.name, m.offset_data, m.offset_data + m.size))
+    return path.read_bytes(), members
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_every_real_member_passes_the_header_check(tmp_path: Path, fmt: int) -> None:
+    names = ["a.png", "é" * 40 + ".png", "n" * 99 + ".png", "日本.png"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = ["a.png", "n" * 95 + ".png"]
+    blob, members = _tar_with(tmp_path, fmt, names)
+    for m in members:
+        base = BlobMember(m.name.rsplit("/", 1)[-1], m.start, m.end)
+        assert member_problem(blob[m.start - 512 : m.start], base) is None, m.name
+
+
+def test_an_entry_the_tar_disowns_says_why(tmp_path: Path) -> None:
+    blob, members = _tar_with(tmp_path, tarfile.PAX_FORMAT, ["a.png", "b.png"])
+    a, b = members
+
+    def header(m: BlobMember) -> bytes:
+        return blob[max(0, m.start - 512) : m.start]
+
+    assert member_problem(header(BlobMember("x.png", 0, 512)), BlobMember("x", 0, 512)) == NO_HEADER
+    inside = BlobMember("a.png", a.start + 512, a.end)
+    assert member_problem(header(inside), inside) == NO_HEADER
+    assert member_problem(header(a), BlobMember("a.png", a.start, a.end - 1)) == SIZE_DIFFERS
+    assert member_problem(header(b), BlobMember("a.png", b.start, b.end)) == NAME_DIFFERS
+
+
+# ---- through a real mount ------------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_a_bogus_entry_is_eio_logged_once_and_hides_no_real_image(
+    project: Path, tmp_path: Path
+) -> None:
+    """The issue's case: ``img_3 [512, 520)`` once hid ``img_0``; ``[0, 512)`` served a header."""
+    from blobfs.blob.index import read_offsets_file
+
+    (offsets,) = (project / "ds").glob(f"*{OFFSETS_SUFFIX}")
+    real = read_offsets_file(str(offsets)).members
+    bogus = BlobMember(real[-1].name, real[0].start, real[0].start + 8)
+    offsets.write_bytes(dumps_batch([*real, bogus]))
+    stem = offsets.name[: -len(OFFSETS_SUFFIX)]
+    os.link(project / "blob" / f"{stem}.tar", project / "blob" / "extra.tar")
+    (project / "ds" / f"extra{OFFSETS_SUFFIX}").write_bytes(
+        dumps_batch([BlobMember("header.png", 0, 512)])
+    )
+    mnt, log = tmp_path / "mnt", tmp_path / "log"
+    proc = start_mount(str(project), mnt, log)
+    try:
+        images = make_images(tmp_path / "again", 4)
+        for m, src in zip(real, images, strict=True):
+            assert (mnt / "ds" / "img" / m.name).read_bytes() == src.read_bytes()
+        for _ in range(5):
+            with pytest.raises(OSError) as info:
+                (mnt / "ds" / "img" / "header.png").read_bytes()
+            assert info.value.errno == errno.EIO
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(20) == 0
+    text = log.read_text()
+    assert text.count("'header.png'") == 1, text
+    assert "no tar member starts there" in text
+
+
+@pytest.mark.fuse
+def test_writeback_never_writes_through_a_symlinked_ann_folder(
+    project: Path, tmp_path: Path
+) -> None:
+    out = _outside(tmp_path)
+    (project / "ds" / "ann").rename(out / "ann")
+    (project / "ds" / "ann").symlink_to(out / "ann")
+    before = sorted(p.name for p in (out / "ann").iterdir())
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "wb.log").start()
+    try:
+        (mnt / "ds" / "img" / "new.png").write_bytes(png_bytes(77))
+        subprocess.run(
+            [sys.executable, "-m", "blobfs", "flush", str(mnt)], capture_output=True, timeout=60
+        )
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        d.wait_exit(60)
+        cleanup_mount(mnt)
+    assert sorted(p.name for p in (out / "ann").iterdir()) == before
+    assert not any(p.name.endswith(".tar") for p in out.rglob("*"))
+    assert "symlink" in (tmp_path / "wb.log").read_text()
+
+
+def test_check_reports_hostile_offsets_without_a_traceback(project: Path) -> None:
+    (project / "ds" / f"nobuild{OFFSETS_SUFFIX}").write_bytes(
+        b"\x80\x02](csupervisely.api.image_api\nBlobImageInfo\n)\x81e."
+    )
+    big = 10**5000
+    raw = big.to_bytes((big.bit_length() + 8) // 8, "little", signed=True)
+    name = b"\x8b" + len(raw).to_bytes(4, "little") + raw
+    (project / "ds" / f"bigname{OFFSETS_SUFFIX}").write_bytes(
+        b"\x80\x02](csupervisely.api.image_api\nBlobImageInfo\n)\x81}(X\x04\x00\x00\x00name"
+        + name
+        + b"X\x0c\x00\x00\x00offset_startJ\x00\x02\x00\x00X\n\x00\x00\x00offset_endJ\x00\x03\x00\x00ube."
+    )
+    (project / "ds" / "img").mkdir()
+    (project / "ds" / "img" / "link.png").symlink_to("/etc/hostname")
+    os.mkfifo(project / "ds" / "img" / "fifo.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "blobfs", "check", str(project)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    for needle in ("nobuild_offsets.pkl", "bigname_offsets.pkl", "'link.png'", "'fifo.png'"):
+        assert needle in done.stdout, done.stdout
+    view = ProjectView(LocalProjectSource(project, BlockCache(4096, 1 << 20)))
+    assert len(view.readdir("/ds/img")) == 4  # every good image still listed
+    with pytest.raises(BlobfsError) as info:
+        view.read_path("/ds/img/link.png", 0, 10)
+    assert to_errno(info.value) == errno.ENOENT
+    assert json.loads(view.read_path("/meta.json", 0, 1 << 20))
