@@ -57,6 +57,7 @@ class CacheStats:
     prefetched_blocks: int = 0
     errors: int = 0
     disk_hits: int = 0
+    disk_corrupt: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -239,6 +240,8 @@ class BlockCache:
             expected = min((b + 1) * self.block_size, blob.size) - b * self.block_size
             data = self.disk.get((blob.key, blob.version, b), expected)
             if data is None:
+                with self._lock:
+                    self.stats.disk_corrupt = self.disk.corrupt_blocks
                 rest.append(b)
                 continue
             with self._lock:
@@ -273,6 +276,8 @@ class BlockCache:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.disk is not None:
+            self.disk.close()
 
 
 class SequentialReadahead:
