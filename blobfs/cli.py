@@ -18,7 +18,8 @@ import click
 
 from blobfs import __version__
 from blobfs.config import MountConfig, parse_fuse_options, parse_size
-from blobfs.errors import BlobfsError
+from blobfs.deadline import DEFAULT_TIMEOUT_S
+from blobfs.errors import BlobfsError, InvalidInput
 from blobfs.logs import setup_logging
 
 READY_TIMEOUT_S = 120.0
@@ -94,6 +95,13 @@ def main() -> None:
     is_flag=True,
     help="Print libfuse's log of every kernel request to stderr (with --foreground).",
 )
+@click.option(
+    "--timeout",
+    default=None,
+    type=float,
+    help="Seconds each file operation may take, retries included; then it fails "
+    "with ETIMEDOUT (default 30; -o timeout=).",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -115,6 +123,7 @@ def mount(
     writeback_delay: float,
     blob_size: str,
     debug_fuse: bool,
+    timeout: float | None,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
@@ -139,6 +148,7 @@ def mount(
             writeback_delay_s=writeback_delay,
             writeback_blob_size=parse_size(blob_size),
             debug_fuse=debug_fuse,
+            timeout_s=_timeout(fuse_opts.pop("timeout", timeout)),
         )
     except BlobfsError as exc:
         _fail(str(exc))
@@ -156,6 +166,19 @@ def mount(
         _fail(str(exc))
     except RuntimeError as exc:
         _fail(f"mount failed: {exc}")
+
+
+def _timeout(value: object) -> float:
+    """``--timeout`` / ``-o timeout=`` in seconds (default 30)."""
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        raise InvalidInput(f"timeout {value!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise InvalidInput(f"timeout must be more than 0 seconds, not {value!r}")
+    return seconds
 
 
 def _size_or_none(value: object) -> int | None:

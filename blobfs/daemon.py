@@ -168,12 +168,17 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
             _drain(queue)
 
     ops: BlobfsOperations
+    view.refresh_timeout_s = config.timeout_s
     if isinstance(view, WritableView):
-        ops = WritebackOperations(view, on_ready=on_ready, on_exit=on_exit)
+        ops = WritebackOperations(
+            view, on_ready=on_ready, on_exit=on_exit, timeout_s=config.timeout_s
+        )
     else:
         # direct_io is set per open: it needs the open round trips no-open mode removes
         no_open = "direct_io" not in config.fuse_options
-        ops = BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit, no_open=no_open)
+        ops = BlobfsOperations(
+            view, on_ready=on_ready, on_exit=on_exit, no_open=no_open, timeout_s=config.timeout_s
+        )
     kwargs = fuse_kwargs(config, view.source.is_immutable())
     if config.writeback:
         del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change

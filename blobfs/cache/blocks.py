@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cachetools import LRUCache
 
+from blobfs import deadline
 from blobfs.cache.disk import DiskBlockStore
 from blobfs.cache.ranges import runs, to_blocks
 from blobfs.errors import BlobfsError, CorruptData, InvalidInput
@@ -181,7 +182,7 @@ class BlockCache:
         if mine:
             self._fetch(blob, sorted(mine), mine, found, prefetch)
         for b, flight in waits.items():
-            flight.done.wait()
+            deadline.wait(flight.done, f"{blob.key}: block {b} fetched by another reader")
             if flight.error is not None:
                 raise flight.error
             assert flight.data is not None

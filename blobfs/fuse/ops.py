@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from blobfs import deadline
 from blobfs.errors import (
     AlreadyExists,
     BlobfsError,
@@ -51,7 +52,8 @@ def errno_boundary(func: F) -> F:
         counts = self.view.op_counts
         counts[name] = counts.get(name, 0) + 1  # under the GIL; a rare lost count is fine
         try:
-            return func(self, *args)
+            with deadline.within(self.timeout_s):  # every operation ends within --timeout
+                return func(self, *args)
         except FuseOSError:
             raise
         except NotFound:
@@ -86,8 +88,11 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
         on_ready: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         no_open: bool = True,
+        timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
     ) -> None:
         self.view = view
+        #: Deadline of each operation (``--timeout``); see :mod:`blobfs.deadline`.
+        self.timeout_s = timeout_s
         #: Set once libfuse tore the mount down after serving it (destroy was called).
         self.served = False
         self._on_ready = on_ready
@@ -145,8 +150,9 @@ class WritebackOperations(BlobfsOperations):
         view: WritableView,
         on_ready: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
+        timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
     ) -> None:
-        super().__init__(view, on_ready, on_exit)
+        super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
         self.wview = view
         # Staged files change size while written: the overlay's listing carries no
         # attributes, so the kernel asks getattr (with its short timeout) as before.
