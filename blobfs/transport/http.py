@@ -19,6 +19,7 @@ or an exception message.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from blobfs import deadline
@@ -149,10 +151,14 @@ class HttpClient:
         """POST ``payload`` to an API method and return the decoded JSON answer."""
 
         def attempt() -> Any:
-            response = self._send(method, payload, None, stream=False)
-            check_status(method, response)
+            response = self._send(method, payload, None, stream=True)
             try:
-                return response.json()
+                check_status(method, response)
+                body = _read_body(response)
+            finally:
+                response.close()
+            try:
+                return json.loads(body)
             except ValueError:
                 raise _Transient("answer is not JSON") from None
 
@@ -331,7 +337,7 @@ class HttpRangeReader:
         parts: list[bytes] = []
         got = 0
         try:
-            for chunk in response.iter_content(STREAM_CHUNK):
+            for chunk in _chunks(response):
                 parts.append(chunk)
                 got += len(chunk)
                 if got > want:
@@ -359,7 +365,7 @@ class HttpRangeReader:
         parts: list[bytes] = []
         pos = 0
         try:
-            for chunk in response.iter_content(STREAM_CHUNK):
+            for chunk in _chunks(response):
                 lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
                 if lo < hi:
                     parts.append(chunk[lo:hi])
@@ -373,6 +379,37 @@ class HttpRangeReader:
         if len(data) != end - start:
             raise _Transient(f"body ended at {pos} bytes before {end}")
         return data
+
+
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: each chunk is what one read of the socket gave (urllib3's
+    ``read1``), so the deadline is checked between reads, not only after a whole chunk
+    of ``STREAM_CHUNK`` bytes trickled in. Older urllib3 without ``read1``: fixed chunks."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:
+        yield from response.iter_content(STREAM_CHUNK)
+        return
+    while True:
+        try:
+            chunk = read1(STREAM_CHUNK, decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(type(exc).__name__) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_body(response: requests.Response) -> bytes:
+    """The whole body, read in chunks so that a body trickling in cannot outlast the
+    deadline (the socket timeout bounds each chunk, not the whole)."""
+    parts: list[bytes] = []
+    try:
+        for chunk in _chunks(response):
+            parts.append(chunk)
+            _check_body_deadline()
+    except (requests.RequestException, OSError) as exc:
+        raise _Transient(f"body cut short ({type(exc).__name__})") from None
+    return b"".join(parts)
 
 
 def _check_body_deadline() -> None:
