@@ -104,7 +104,8 @@ class HttpClient:
                     raise RemoteError(f"{what}: gave up after {n + 1} attempts: {exc}") from None
                 left = deadline.remaining()
                 if left is not None and left <= delay:
-                    raise deadline.expired(what, f"{exc} (after {n + 1} attempts)") from None
+                    tries = f"{n + 1} attempt{'s' if n else ''}"
+                    raise deadline.expired(what, f"{exc} ({tries})") from None
                 logger.info("%s: %s; retry %d/%d in %.2f s", what, exc, n + 1, self.retries, delay)
                 self._count(retried=True)
                 self._sleep(delay)

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 DATASETS_DIR = "datasets"
 DEFAULT_LISTING_TTL_S = 60.0
 DEFAULT_REFRESH_TIMEOUT_S = 30.0
+#: Background listing refreshes at a time (a ``find`` over many stale folders must not
+#: start a thread and a request per folder at once).
+MAX_REFRESHES = 4
 CONTROL_DIR = "/.blobfs"
 MAX_SNAPSHOTS = 64
 SIZE_CACHE_ENTRIES = 1_000_000
@@ -169,8 +172,8 @@ class ProjectView:
         in place (a failure is logged and tried again after another TTL).
         """
         with self._refresh_lock:
-            if node in self._refreshing:
-                return
+            if node in self._refreshing or len(self._refreshing) >= MAX_REFRESHES:
+                return  # a later access of a still stale folder starts it
             self._refreshing.add(node)
         threading.Thread(
             target=self._refresh, args=(node, seen), name="blobfs-refresh", daemon=True

@@ -230,9 +230,17 @@ def test_a_slow_server_fails_a_read_within_the_timeout_and_the_mount_recovers(
 ) -> None:
     pid, expected = seeded
     mnt, log = tmp_path / "mnt", tmp_path / "log"
-    proc = mount_remote(emulator, pid, mnt, log, "--timeout", "2")
+    proc = mount_remote(emulator, pid, mnt, log, "-o", "timeout=2")
     try:
         image = sorted(rel for rel in expected if not rel.endswith("plain.png"))[0]
+        emulator.faults.update({"latency_ms": 70_000})
+        started = time.monotonic()
+        with pytest.raises(OSError) as info:  # a first listing blocks, within the deadline
+            os.listdir(mnt / Path(image).parent)
+        assert info.value.errno == errno.ETIMEDOUT
+        assert time.monotonic() - started < 2 + 1.5
+        emulator.faults.reset()
+        time.sleep(RETRY_AFTER_TIMEOUT_S + 0.1)
         os.listdir(mnt / Path(image).parent)
         emulator.faults.update({"latency_ms": 70_000})
         started = time.monotonic()
@@ -248,7 +256,7 @@ def test_a_slow_server_fails_a_read_within_the_timeout_and_the_mount_recovers(
         emulator.faults.reset()
         assert unmount(mnt, proc) == 0
     lines = [line for line in log.read_text().splitlines() if "2 s deadline" in line]
-    assert len(lines) == 1, lines
+    assert len(lines) == 2, lines  # the listing, then the read
 
 
 class Clock:
