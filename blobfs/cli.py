@@ -27,6 +27,7 @@ from blobfs.config import (
     parse_size,
 )
 from blobfs.credentials import token_file_warning
+from blobfs.deadline import DEFAULT_TIMEOUT_S
 from blobfs.errors import BlobfsError, InvalidInput
 from blobfs.fstab import BOOL_FLAGS, VALUE_FLAGS, daemon_command
 from blobfs.logs import setup_logging
@@ -155,6 +156,14 @@ def main() -> None:
     is_flag=True,
     help="Print libfuse's log of every kernel request to stderr (with --foreground).",
 )
+@click.option(
+    "--timeout",
+    default=None,
+    type=float,
+    metavar="SECONDS",
+    help="Seconds each file operation may take, retries included; then it fails "
+    "with ETIMEDOUT (default 30; -o timeout=).",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -176,6 +185,7 @@ def mount(
     writeback_delay: float,
     blob_size: str,
     debug_fuse: bool,
+    timeout: float | None,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
@@ -198,6 +208,7 @@ def mount(
         "blob_size": blob_size,
         "allow_other": allow_other,
         "writeback": writeback,
+        "timeout": timeout,
     }
     try:
         fuse_opts = parse_fuse_options(options)
@@ -218,6 +229,7 @@ def mount(
             writeback_delay_s=_seconds(opt["writeback_delay"]),
             writeback_blob_size=parse_size(opt["blob_size"]),
             debug_fuse=debug_fuse,
+            timeout_s=_timeout(opt["timeout"]),
         )
         log_level = _log_level(opt["log_level"])
         _clear_dead_blobfs_mount(config.mountpoint)
@@ -280,6 +292,19 @@ def _log_level(value: object) -> str:
 
 def _count(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _timeout(value: object) -> float:
+    """``--timeout`` / ``-o timeout=`` in seconds (default 30)."""
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        raise InvalidInput(f"timeout {value!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise InvalidInput(f"timeout must be more than 0 seconds, not {value!r}")
+    return seconds
 
 
 def _size_or_none(value: object) -> int | None:

@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from blobfs.deadline import DEFAULT_TIMEOUT_S
 from blobfs.errors import InvalidInput
 
 DEFAULT_LOCAL_BLOCK_SIZE = 256 << 10
@@ -53,6 +54,8 @@ class MountConfig:
     spool_dir: str | None = None
     writeback_delay_s: float = 5.0
     writeback_blob_size: int = 256 << 20
+    #: Deadline of every FUSE operation, retries included (``--timeout``, ``-o timeout=``).
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_remote(self) -> bool:

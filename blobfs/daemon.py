@@ -143,6 +143,29 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
     return view, queue
 
 
+def _operations(
+    config: MountConfig,
+    view: ProjectView,
+    queue: WritebackQueue | None,
+    on_ready: Callable[[], None],
+    on_exit: Callable[[], None],
+) -> BlobfsOperations:
+    """The FUSE adapter for ``view``: writable over a writeback view, read-only otherwise."""
+    view.refresh_timeout_s = config.timeout_s
+    if isinstance(view, WritableView):
+        ops = WritebackOperations(
+            view, on_ready=on_ready, on_exit=on_exit, timeout_s=config.timeout_s
+        )
+        assert queue is not None
+        queue.on_settled = ops.forget_cached
+        return ops
+    # direct_io is set per open: it needs the open round trips no-open mode removes
+    no_open = "direct_io" not in config.fuse_options
+    return BlobfsOperations(
+        view, on_ready=on_ready, on_exit=on_exit, no_open=no_open, timeout_s=config.timeout_s
+    )
+
+
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
     """Mount and serve until unmounted; raises before mounting when the source is bad."""
     started = time.monotonic()
@@ -187,15 +210,7 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
         if queue is not None:
             _drain(queue)
 
-    ops: BlobfsOperations
-    if isinstance(view, WritableView):
-        ops = WritebackOperations(view, on_ready=on_ready, on_exit=on_exit)
-        assert queue is not None
-        queue.on_settled = ops.forget_cached
-    else:
-        # direct_io is set per open: it needs the open round trips no-open mode removes
-        no_open = "direct_io" not in config.fuse_options
-        ops = BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit, no_open=no_open)
+    ops = _operations(config, view, queue, on_ready, on_exit)
     kwargs = fuse_kwargs(config, view.source.is_immutable())
     if config.writeback:
         del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change

@@ -19,10 +19,12 @@ Tree::
     ├── NoSpace             ENOSPC  the writeback spool's file system is full
     ├── PermissionDenied    EACCES
     ├── InvalidInput        EINVAL  bad argument from a caller (CLI, config)
+    ├── TimedOut            ETIMEDOUT the operation's deadline (``--timeout``) passed
     ├── OffsetsError        EIO     an offsets file that cannot be trusted
     ├── CorruptData         EIO     a blob that is shorter or other than its index says
     └── RemoteError         EIO     the server failed or sent something wrong
         ├── AuthError       EACCES  401/403 from the server
+        ├── RemoteNotFound  EIO     404 for an object the listing named (a blob gone)
         └── RangeNotSatisfiable EIO 416, or a Content-Range that does not match
 """
 
@@ -109,6 +111,16 @@ class InvalidInput(BlobfsError):
     errno_value = errno.EINVAL
 
 
+class TimedOut(BlobfsError):
+    """The operation's deadline passed before the server answered (``--timeout``).
+
+    Not a :class:`RemoteError`: code that turns a failed remote object into a per-file
+    EIO must let a deadline through, so the program sees why its call failed.
+    """
+
+    errno_value = errno.ETIMEDOUT
+
+
 class OffsetsError(BlobfsError):
     """An offsets file (``*_offsets.pkl``) that is hostile, truncated or malformed."""
 
@@ -125,6 +137,15 @@ class AuthError(RemoteError):
     """The server refused the token."""
 
     errno_value = errno.EACCES
+
+
+class RemoteNotFound(RemoteError):
+    """The server has no such object (HTTP 404).
+
+    EIO, not ENOENT: the path exists in the mount (its listing named it), so a 404 behind
+    it means the project is damaged on the server (e.g. its blob was deleted), which a
+    program must see as an I/O error and the log must explain.
+    """
 
 
 class RangeNotSatisfiable(RemoteError):

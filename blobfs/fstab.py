@@ -28,6 +28,7 @@ VALUE_FLAGS = {
     "spool_dir": "--spool-dir",
     "writeback_delay": "--writeback-delay",
     "blob_size": "--blob-size",
+    "timeout": "--timeout",
 }
 #: fstab option -> flag without a value.
 BOOL_FLAGS = {"allow_other": "--allow-other", "writeback": "--writeback"}

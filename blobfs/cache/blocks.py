@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cachetools import LRUCache
 
+from blobfs import deadline
 from blobfs.cache.disk import DiskBlockStore
 from blobfs.cache.ranges import runs, to_blocks
 from blobfs.errors import BlobfsError, CorruptData, InvalidInput
@@ -57,6 +58,7 @@ class CacheStats:
     prefetched_blocks: int = 0
     errors: int = 0
     disk_hits: int = 0
+    disk_corrupt: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -180,7 +182,7 @@ class BlockCache:
         if mine:
             self._fetch(blob, sorted(mine), mine, found, prefetch)
         for b, flight in waits.items():
-            flight.done.wait()
+            deadline.wait(flight.done, f"{blob.key}: block {b} fetched by another reader")
             if flight.error is not None:
                 raise flight.error
             assert flight.data is not None
@@ -239,6 +241,8 @@ class BlockCache:
             expected = min((b + 1) * self.block_size, blob.size) - b * self.block_size
             data = self.disk.get((blob.key, blob.version, b), expected)
             if data is None:
+                with self._lock:
+                    self.stats.disk_corrupt = self.disk.corrupt_blocks
                 rest.append(b)
                 continue
             with self._lock:
@@ -273,6 +277,8 @@ class BlockCache:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.disk is not None:
+            self.disk.close()
 
 
 class SequentialReadahead:

@@ -16,10 +16,12 @@ import errno
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from blobfs import deadline
 from blobfs.errors import (
     AlreadyExists,
     BlobfsError,
@@ -31,6 +33,7 @@ from blobfs.errors import (
     NotFound,
     NotPermitted,
     ReadOnly,
+    TimedOut,
     to_errno,
 )
 from blobfs.fuse.compat import FuseOSError, Operations, invalidate_path
@@ -50,10 +53,17 @@ REFUSALS = (
     NotADirectory,
     NotEmpty,
 )
+#: How long a timed-out read's range fails again at once (the kernel's own repeat).
+RETRY_AFTER_TIMEOUT_S = 0.25
+#: A failure repeating within this many seconds is counted, not logged again.
+LOG_WINDOW_S = 10.0
 
 
 def errno_boundary(func: F) -> F:
-    """Map any exception of a FUSE operation to the errno the caller sees, and log why."""
+    """Map any exception of a FUSE operation to the errno the caller sees, and log why.
+
+    Each operation runs under the mount's deadline (:mod:`blobfs.deadline`).
+    """
 
     name = func.__name__
 
@@ -61,25 +71,94 @@ def errno_boundary(func: F) -> F:
     def wrapper(self: BlobfsOperations, *args: Any) -> Any:
         counts = self.view.op_counts
         counts[name] = counts.get(name, 0) + 1  # under the GIL; a rare lost count is fine
+        where = args[0] if args else ""
         try:
-            return func(self, *args)
+            with deadline.within(self.timeout_s):  # every operation ends within --timeout
+                return func(self, *args)
         except FuseOSError:
             raise
         except NotFound:
             raise FuseOSError(to_errno(NotFound())) from None
         except REFUSALS as exc:  # the caller's request, answered as designed
-            logger.info("%s %s refused: %s", func.__name__, args[0] if args else "", exc)
+            logger.info("%s %s refused: %s", name, where, exc)
             raise FuseOSError(to_errno(exc)) from None
         except BlobfsError as exc:
-            # a problem the source already logged (aggregated) is not logged per request
-            log = logger.debug if getattr(exc, "reported", False) else logger.error
-            log("%s %s: %s", func.__name__, args[0] if args else "", exc)
+            # a problem the source already logged (aggregated) is not logged per request;
+            # others repeating within LOG_WINDOW_S are counted and logged once
+            if getattr(exc, "reported", False):
+                logger.debug("%s %s: %s", name, where, exc)
+            else:
+                log_now, held = self.recent_failures.to_log(name, where, str(exc))
+                if log_now:
+                    more = f" (and {held} more times since)" if held else ""
+                    logger.error("%s %s: %s%s", name, where, exc, more)
             raise FuseOSError(to_errno(exc)) from None
         except Exception as exc:
-            logger.exception("%s %s failed unexpectedly", func.__name__, args[0] if args else "")
+            logger.exception("%s %s failed unexpectedly", name, where)
             raise FuseOSError(to_errno(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class RecentFailures:
+    """What failed a moment ago: to answer the kernel's immediate repeat of a timed-out
+    read at once, and to log a failure that repeats once per window with a count.
+
+    After a failed read the kernel asks again right away for the same pages (readahead
+    first, then the page the program waits for). A read that timed out would then cost a
+    second deadline, so a read inside a range that timed out less than ``retry_after_s``
+    ago fails with ETIMEDOUT at once; any other failure is tried again (it was quick).
+    A failure with the same operation, path and message as one logged less than
+    ``log_window_s`` ago is counted instead of logged, and the count goes with the next
+    line logged for it.
+    """
+
+    def __init__(
+        self,
+        retry_after_s: float = RETRY_AFTER_TIMEOUT_S,
+        log_window_s: float = LOG_WINDOW_S,
+        max_entries: int = 1024,
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        self.log_window_s = log_window_s
+        self.max_entries = max_entries
+        self._timeouts: dict[str, tuple[float, int, int]] = {}
+        self._logged: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def timed_out(self, path: str, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` of ``path`` lies in a read that just timed out."""
+        with self._lock:
+            found = self._timeouts.get(path)
+        if found is None:
+            return False
+        at, lo, hi = found
+        return lo <= start and end <= hi and time.monotonic() - at <= self.retry_after_s
+
+    def note_timeout(self, path: str, start: int, end: int) -> None:
+        with self._lock:
+            self._timeouts.pop(path, None)
+            self._timeouts[path] = (time.monotonic(), start, end)
+            _trim(self._timeouts, self.max_entries)
+
+    def to_log(self, op: str, path: str, message: str) -> tuple[bool, int]:
+        """``(log it now, how many times it was held back before)``."""
+        key = (op, path, message)
+        now = time.monotonic()
+        with self._lock:
+            at, held = self._logged.get(key, (0.0, 0))
+            if at and now - at <= self.log_window_s:
+                self._logged[key] = (at, held + 1)
+                return False, 0
+            self._logged.pop(key, None)
+            self._logged[key] = (now, 0)
+            _trim(self._logged, self.max_entries)
+            return True, held
+
+
+def _trim(items: dict[Any, Any], most: int) -> None:
+    while len(items) > most:
+        items.pop(next(iter(items)))
 
 
 class BlobfsOperations(Operations):  # type: ignore[misc]
@@ -99,8 +178,12 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
         on_ready: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         no_open: bool = True,
+        timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
     ) -> None:
         self.view = view
+        #: Deadline of each operation (``--timeout``); see :mod:`blobfs.deadline`.
+        self.timeout_s = timeout_s
+        self.recent_failures = RecentFailures()
         #: Set once libfuse tore the mount down after serving it (destroy was called).
         self.served = False
         self._on_ready = on_ready
@@ -138,7 +221,14 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
 
     @errno_boundary
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return self.view.read_path(path, offset, size)
+        if self.recent_failures.timed_out(path, offset, offset + size):
+            logger.debug("read %s: timed out a moment ago; fails again at once", path)
+            raise FuseOSError(errno.ETIMEDOUT)
+        try:
+            return self.view.read_path(path, offset, size)
+        except TimedOut:
+            self.recent_failures.note_timeout(path, offset, offset + size)
+            raise
 
     @errno_boundary
     def statfs(self, path: str) -> dict[str, int]:
@@ -158,8 +248,9 @@ class WritebackOperations(BlobfsOperations):
         view: WritableView,
         on_ready: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
+        timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
     ) -> None:
-        super().__init__(view, on_ready, on_exit)
+        super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
         self.wview = view
         # Staged files change size while written: the overlay's listing carries no
         # attributes, so the kernel asks getattr (with its short timeout) as before.

@@ -23,19 +23,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from blobfs import deadline
 from blobfs.blob.ann_coords import AnnotationFormatError, to_pixel
 from blobfs.blob.index import name_problem
 from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
 from blobfs.cache.meta import LockedLru
 from blobfs.config import MountConfig
 from blobfs.credentials import resolve
-from blobfs.errors import BlobfsError, InvalidInput, NotFound, RemoteError
+from blobfs.errors import (
+    AuthError,
+    BlobfsError,
+    InvalidInput,
+    NotFound,
+    RemoteError,
+    RemoteNotFound,
+)
 from blobfs.model import BlobRef, DatasetRecord, FileRecord
 from blobfs.sources.base import Source
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.transport.api import ANN_BATCH, RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.transport.base import RangeReader
-from blobfs.transport.http import HttpClient
+from blobfs.transport.http import HttpClient, safe_url
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +222,12 @@ class RemoteProjectSource(Source):
                 info.size,
                 self.api.blob_reader(self.project_id, img.download_id, info.size),
             )
+        except AuthError:
+            raise  # a refused token is EACCES for images as for annotations
         except RemoteError as exc:
-            return f"blob {key}: {exc}"  # not remembered: a later read retries
+            # EIO for this blob's images, with the reason in the log (a 404 here is a blob
+            # gone from Team Files); not remembered: a later read retries.
+            return f"blob {key}: {exc}"
         with self._lock:
             return self._blobs.setdefault(key, blob)
 
@@ -274,10 +286,26 @@ def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProject
     server, token = resolve(config.server, config.token_file)
     client = HttpClient(server, token)
     api = SuperviselyApi(client)
-    try:
-        api.project_info(project_id)
-    except BlobfsError as exc:
-        client.close()
-        raise RemoteError(f"project {project_id} on {server}: {exc}") from None
+    check_project(api, project_id, server, config.timeout_s)
     readahead = SequentialReadahead(cache.block_size * 2, READAHEAD_MAX_BYTES)
     return RemoteProjectSource(api, project_id, cache, readahead)
+
+
+def check_project(api: SuperviselyApi, project_id: int, server: str, timeout_s: float) -> None:
+    """Fail the mount now, in words a user can act on, when the project cannot be read.
+
+    Runs under the mount's ``--timeout`` like any operation. The server answers 404 both
+    for a project that does not exist and for one the token may not see, so the message
+    says both; no message carries the token.
+    """
+    try:
+        with deadline.within(timeout_s):
+            api.project_info(project_id)
+    except RemoteNotFound:
+        api.client.close()
+        raise RemoteError(
+            f"project {project_id} not found or not visible to this token (on {safe_url(server)})"
+        ) from None
+    except BlobfsError as exc:
+        api.client.close()
+        raise RemoteError(f"project {project_id} on {safe_url(server)}: {exc}") from None

@@ -5,7 +5,13 @@ with a ``Content-Range`` equal to the range asked for, and exactly that many bod
 A server that ignores ``Range`` (200 with the whole object) still gives correct bytes: the
 reader skips to the range in the stream and stops reading there, and logs that once.
 Transient failures (connection errors, cut bodies, 429/5xx) are retried with exponential
-backoff a bounded number of times; anything else is a :class:`RemoteError` at once.
+backoff a bounded number of times; anything else (TLS errors included: they do not heal by
+retrying) is a :class:`RemoteError` at once. Retries live inside the calling operation's
+deadline (:mod:`blobfs.deadline`): each request's timeouts shrink to the time left, and a
+retry that cannot fit is not started (:class:`~blobfs.errors.TimedOut`).
+
+Connection failures are said in words a user can act on ("connection refused: URL",
+"name not resolved: HOST", "TLS error ... use http://"), never as an exception class name.
 
 The API token lives only in the session's headers: it is never part of a URL, a log line
 or an exception message.
@@ -13,17 +19,23 @@ or an exception message.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
-from blobfs.errors import AuthError, NotFound, RangeNotSatisfiable, RemoteError
+from blobfs import deadline
+from blobfs.errors import AuthError, RangeNotSatisfiable, RemoteError, RemoteNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -80,34 +92,55 @@ class HttpClient:
             self.retried += retried
 
     def with_retries(self, what: str, attempt: Callable[[], T]) -> T:
-        """Run ``attempt`` until it succeeds, a permanent error, or the retries run out."""
+        """Run ``attempt`` until it succeeds, a permanent error, the retries run out, or the
+        calling operation's deadline leaves no time for another try."""
         delay = self.backoff_s
         for n in range(self.retries + 1):
+            deadline.check(what)
             try:
                 return attempt()
             except _Transient as exc:
                 if n == self.retries:
                     raise RemoteError(f"{what}: gave up after {n + 1} attempts: {exc}") from None
+                left = deadline.remaining()
+                if left is not None and left <= delay:
+                    tries = f"{n + 1} attempt{'s' if n else ''}"
+                    raise deadline.expired(what, f"{exc} ({tries})") from None
                 logger.info("%s: %s; retry %d/%d in %.2f s", what, exc, n + 1, self.retries, delay)
                 self._count(retried=True)
                 self._sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
         raise AssertionError("unreachable")
 
+    def _timeouts(self, what: str) -> tuple[float, float]:
+        """The (connect, read) timeouts of one request: the defaults, cut to the time left."""
+        left = deadline.remaining()
+        if left is None:
+            return self.timeout_s
+        if left <= 0:
+            raise deadline.expired(what)
+        return (min(self.timeout_s[0], left), min(self.timeout_s[1], left))
+
+    def _connection_failure(self, exc: requests.RequestException) -> Exception:
+        """A connection error as a retryable or permanent error saying what happened."""
+        message, transient = describe_connection_error(exc, self.server)
+        return _Transient(message) if transient else RemoteError(message)
+
     def _send(
         self, method: str, payload: dict[str, Any], headers: dict[str, str] | None, stream: bool
     ) -> requests.Response:
+        timeout = self._timeouts(method)
         self._count()
         try:
             response = self._session.post(
                 self.base + method,
                 json=payload,
                 headers=headers,
-                timeout=self.timeout_s,
+                timeout=timeout,
                 stream=stream,
             )
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Transient(type(exc).__name__) from None
+            raise self._connection_failure(exc) from None
         except requests.RequestException as exc:
             raise RemoteError(f"{method}: {type(exc).__name__}") from None
         if response.status_code in TRANSIENT_STATUS:
@@ -119,10 +152,14 @@ class HttpClient:
         """POST ``payload`` to an API method and return the decoded JSON answer."""
 
         def attempt() -> Any:
-            response = self._send(method, payload, None, stream=False)
-            check_status(method, response)
+            response = self._send(method, payload, None, stream=True)
             try:
-                return response.json()
+                check_status(method, response)
+                body = _read_body(response)
+            finally:
+                response.close()
+            try:
+                return json.loads(body)
             except ValueError:
                 raise _Transient("answer is not JSON") from None
 
@@ -137,16 +174,17 @@ class HttpClient:
 
         def attempt() -> Any:
             with open(path, "rb") as f:
+                timeout = self._timeouts(name)
                 self._count()
                 try:
                     response = self._session.post(
                         self.base + method,
                         data=fields,
                         files={field_name: (file_name, f, "application/x-tar")},
-                        timeout=self.timeout_s,
+                        timeout=timeout,
                     )
                 except (requests.ConnectionError, requests.Timeout) as exc:
-                    raise _Transient(type(exc).__name__) from None
+                    raise self._connection_failure(exc) from None
             if response.status_code in TRANSIENT_STATUS:
                 raise _Transient(f"HTTP {response.status_code}")
             check_status(name, response)
@@ -173,10 +211,76 @@ def check_status(method: str, response: requests.Response) -> None:
     if code in (401, 403):
         raise AuthError(f"{method}: HTTP {code} (is the API token right?)")
     if code == 404:
-        raise NotFound(f"{method}: HTTP 404")
+        raise RemoteNotFound(f"{method}: HTTP 404 (not found on the server)")
     if code == 416:
         raise RangeNotSatisfiable(f"{method}: HTTP 416")
     raise RemoteError(f"{method}: HTTP {code}")
+
+
+def safe_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (requests -> urllib3 -> socket/ssl), each once."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+        todo.extend(a for a in e.args if isinstance(a, BaseException))
+
+
+#: OpenSSL reasons that mean "this is not a TLS server" (plain HTTP on the port).
+_PLAIN_HTTP_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL")
+
+
+def describe_connection_error(exc: BaseException, server: str) -> tuple[str, bool]:
+    """``(message, transient)`` for a failure to reach ``server``.
+
+    Refused connections and unresolved names may heal (a restart, a network coming up) and
+    are retried; TLS errors do not heal by retrying. Messages name the URL or host (never
+    a header, so never the token) and what to do where that is clear.
+    """
+    url = safe_url(server)
+    host = urlsplit(server).hostname or server
+    causes = list(_causes(exc))
+    tls = next(
+        (e for e in causes if isinstance(e, ssl.SSLError | requests.exceptions.SSLError)), None
+    )
+    if tls is not None:
+        reason = next(
+            (str(e.reason) for e in causes if isinstance(e, ssl.SSLError) and e.reason), ""
+        )
+        hint = ""
+        if server.startswith("https://") and any(r in reason for r in _PLAIN_HTTP_REASONS):
+            plain = "http://" + url.removeprefix("https://")
+            hint = f"; the server may speak plain HTTP: use {plain}"
+        return f"TLS error talking to {url}: {reason or type(tls).__name__}{hint}", False
+    if any(isinstance(e, socket.gaierror) for e in causes) or any(
+        type(e).__name__ == "NameResolutionError" for e in causes
+    ):
+        return f"name not resolved: {host}", True
+    if any(isinstance(e, ConnectionRefusedError) for e in causes):
+        return f"connection refused: {url}", True
+    if isinstance(exc, requests.Timeout):
+        return f"no answer from {url} in time ({type(exc).__name__})", True
+    if any(isinstance(e, ConnectionResetError) for e in causes):
+        return f"connection reset by {url}", True
+    return f"cannot reach {url} ({type(exc).__name__})", True
 
 
 class HttpRangeReader:
@@ -234,11 +338,12 @@ class HttpRangeReader:
         parts: list[bytes] = []
         got = 0
         try:
-            for chunk in response.iter_content(STREAM_CHUNK):
+            for chunk in _chunks(response):
                 parts.append(chunk)
                 got += len(chunk)
                 if got > want:
                     break
+                _check_body_deadline()
         except (requests.RequestException, OSError) as exc:
             raise _Transient(f"body cut short ({type(exc).__name__})") from None
         if got != want:
@@ -261,16 +366,56 @@ class HttpRangeReader:
         parts: list[bytes] = []
         pos = 0
         try:
-            for chunk in response.iter_content(STREAM_CHUNK):
+            for chunk in _chunks(response):
                 lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
                 if lo < hi:
                     parts.append(chunk[lo:hi])
                 pos += len(chunk)
                 if pos >= end:
                     break
+                _check_body_deadline()
         except (requests.RequestException, OSError) as exc:
             raise _Transient(f"body cut short ({type(exc).__name__})") from None
         data = b"".join(parts)
         if len(data) != end - start:
             raise _Transient(f"body ended at {pos} bytes before {end}")
         return data
+
+
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: each chunk is what one read of the socket gave (urllib3's
+    ``read1``), so the deadline is checked between reads, not only after a whole chunk
+    of ``STREAM_CHUNK`` bytes trickled in. Older urllib3 without ``read1``: fixed chunks."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:
+        yield from response.iter_content(STREAM_CHUNK)
+        return
+    while True:
+        try:
+            chunk = read1(STREAM_CHUNK, decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(type(exc).__name__) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_body(response: requests.Response) -> bytes:
+    """The whole body, read in chunks so that a body trickling in cannot outlast the
+    deadline (the socket timeout bounds each chunk, not the whole)."""
+    parts: list[bytes] = []
+    try:
+        for chunk in _chunks(response):
+            parts.append(chunk)
+            _check_body_deadline()
+    except (requests.RequestException, OSError) as exc:
+        raise _Transient(f"body cut short ({type(exc).__name__})") from None
+    return b"".join(parts)
+
+
+def _check_body_deadline() -> None:
+    """A body trickling in past the deadline is a transient failure (the retry loop then
+    finds no time left and raises TimedOut); the socket timeout alone bounds each chunk."""
+    left = deadline.remaining()
+    if left is not None and left <= 0:
+        raise _Transient("body still arriving when the deadline passed")

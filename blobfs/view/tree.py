@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blobfs import deadline
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.model import DatasetRecord, FileRecord
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 DATASETS_DIR = "datasets"
 DEFAULT_LISTING_TTL_S = 60.0
+DEFAULT_REFRESH_TIMEOUT_S = 30.0
+#: Background listing refreshes at a time (a ``find`` over many stale folders must not
+#: start a thread and a request per folder at once).
+MAX_REFRESHES = 4
 CONTROL_DIR = "/.blobfs"
 MAX_SNAPSHOTS = 64
 SIZE_CACHE_ENTRIES = 1_000_000
@@ -93,6 +98,10 @@ class ProjectView:
         #: ``blobfs stats`` how many round trips reached Python, e.g. lookups saved by
         #: readdirplus.
         self.op_counts: dict[str, int] = {}
+        #: Deadline of a background listing refresh (the daemon sets ``--timeout``).
+        self.refresh_timeout_s = DEFAULT_REFRESH_TIMEOUT_S
+        self._refresh_lock = threading.Lock()
+        self._refreshing: set[DirNode] = set()
 
     # ---- tree ------------------------------------------------------------------------
 
@@ -133,22 +142,58 @@ class ProjectView:
         children = node.children
         if children is not None and self._immutable:
             return children  # the hot path: a filled folder of an immutable project
-        stale = (
-            node.fill is not None
-            and children is not None
-            and self._clock() - node.loaded_at > self.listing_ttl_s
-        )
-        if children is None or stale:
-            with self._lock:
-                if node.children is None or stale:
-                    assert node.fill is not None
-                    filled = node.fill()
-                    if node.subsets:
-                        filled[DATASETS_DIR] = DirNode(node.mtime_ns, dict(node.subsets))
-                    node.children, node.loaded_at = filled, self._clock()
-                children = node.children
-        assert children is not None
+        if children is not None:
+            if node.fill is not None and self._clock() - node.loaded_at > self.listing_ttl_s:
+                self._refresh_in_background(node, children)
+            return children  # a stale listing is served while it is refreshed
+        # Only a first listing blocks, and only until the operation's deadline.
+        deadline.acquire(self._lock, "listing")
+        try:
+            if node.children is None:
+                assert node.fill is not None
+                node.children, node.loaded_at = self._with_subsets(node, node.fill()), self._clock()
+            children = node.children
+        finally:
+            self._lock.release()
         return children
+
+    @staticmethod
+    def _with_subsets(
+        node: DirNode, filled: dict[str, DirNode | FileRecord]
+    ) -> dict[str, DirNode | FileRecord]:
+        if node.subsets:
+            filled[DATASETS_DIR] = DirNode(node.mtime_ns, dict(node.subsets))
+        return filled
+
+    def _refresh_in_background(self, node: DirNode, seen: dict[str, DirNode | FileRecord]) -> None:
+        """Re-list ``node`` in a thread of its own (one per folder at a time).
+
+        No operation waits for a refresh: a slow or failing server leaves the old listing
+        in place (a failure is logged and tried again after another TTL).
+        """
+        with self._refresh_lock:
+            if node in self._refreshing or len(self._refreshing) >= MAX_REFRESHES:
+                return  # a later access of a still stale folder starts it
+            self._refreshing.add(node)
+        threading.Thread(
+            target=self._refresh, args=(node, seen), name="blobfs-refresh", daemon=True
+        ).start()
+
+    def _refresh(self, node: DirNode, seen: dict[str, DirNode | FileRecord]) -> None:
+        try:
+            assert node.fill is not None
+            with deadline.within(self.refresh_timeout_s):
+                filled = self._with_subsets(node, node.fill())
+            _carry_over(seen, filled)
+            with self._lock:
+                if node.children is seen:  # not dropped or replaced meanwhile (an import)
+                    node.children, node.loaded_at = filled, self._clock()
+        except Exception as exc:
+            logger.warning("listing refresh failed (the previous listing stays served): %s", exc)
+            node.loaded_at = self._clock()  # try again after another TTL, not at once
+        finally:
+            with self._refresh_lock:
+                self._refreshing.discard(node)
 
     def lookup(self, path: str) -> DirNode | FileRecord | None:
         """The node at ``path``, or None when nothing is there."""
@@ -372,6 +417,25 @@ class ProjectView:
                 else:
                     out.append((f"{prefix}/{name}", child))
         return out
+
+
+def _carry_over(old: dict[str, DirNode | FileRecord], new: dict[str, DirNode | FileRecord]) -> None:
+    """Keep the listings already loaded under folders that a refresh of their parent
+    brought back as new, unloaded nodes (a refreshed root lists every dataset anew): a
+    read there must not wait for a first listing again. Each keeps its own load time, so
+    its own refresh comes after its own TTL, in the background."""
+    for name, node in new.items():
+        prev = old.get(name)
+        if not isinstance(node, DirNode) or not isinstance(prev, DirNode):
+            continue
+        _carry_over(prev.subsets, node.subsets)  # type: ignore[arg-type]
+        if node.children is None and prev.children is not None:
+            kept = {k: v for k, v in prev.children.items() if k != DATASETS_DIR}
+            if node.subsets:
+                kept[DATASETS_DIR] = DirNode(node.mtime_ns, dict(node.subsets))
+            node.children, node.loaded_at = kept, prev.loaded_at
+        elif node.children is not None and prev.children is not None:
+            _carry_over(prev.children, node.children)
 
 
 def _rss_bytes() -> int:

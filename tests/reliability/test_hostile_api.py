@@ -6,16 +6,19 @@ truth, so a fake is the one way to get these answers on demand).
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
+from blobfs import deadline
 from blobfs.cache.blocks import BlockCache
-from blobfs.errors import BlobfsError, RemoteError, to_errno
+from blobfs.errors import BlobfsError, RemoteError, TimedOut, to_errno
 from blobfs.sources.remote import RemoteProjectSource
 from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
@@ -39,8 +42,12 @@ def serve(answers: dict[str, Any]) -> tuple[ThreadingHTTPServer, str]:
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             method = self.path.rsplit("/", 1)[1]
-            body = json.dumps(answers.get(method, {})).encode()
-            self.send_response(200)
+            answer = answers.get(method, {})
+            status = 200
+            if isinstance(answer, tuple) and answer[0] == "status":  # a bare HTTP status
+                status, answer = answer[1], {}
+            body = json.dumps(answer).encode()
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -182,3 +189,71 @@ def test_a_team_file_size_is_read_where_the_sdk_reads_it(view_of: Any) -> None:
     """``FileInfo.sizeb`` comes from ``meta.size`` (SDK ``ApiField.SIZEB2``)."""
     view = view_of({"file-storage.info": {"id": 42, "meta": {"size": 600}, "hash": "x"}})
     assert view.source.api.file_info(42).size == 600
+
+
+def trickle_server(delay_s: float) -> tuple[ThreadingHTTPServer, str]:
+    """Answers every request with a valid body, one byte per ``delay_s``: each read of
+    the socket succeeds in time, only the whole answer is too slow (a fault the emulator,
+    which sleeps before answering, cannot produce)."""
+    body = json.dumps({"id": 1, "name": "p"}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(delay_s)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_an_answer_trickling_in_is_cut_at_the_deadline() -> None:
+    server, url = trickle_server(0.1)
+    try:
+        client = HttpClient(url, "t")
+        started = time.monotonic()
+        with pytest.raises(TimedOut) as info, deadline.within(1.0):
+            client.post_json("projects.info", {"id": 1})
+        assert time.monotonic() - started < 1.5
+        assert to_errno(info.value) == errno.ETIMEDOUT
+        assert client.post_json("projects.info", {"id": 1}) == {"id": 1, "name": "p"}  # no deadline
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(("status", "code"), [(404, errno.EIO), (401, errno.EACCES)])
+def test_a_blob_the_server_refuses_fails_its_images_with_the_right_errno(
+    view_of: Any, status: int, code: int
+) -> None:
+    """404 for a blob the listing named: the project is damaged (EIO, not ENOENT);
+    401/403: the token no longer works (EACCES, as for annotations)."""
+    blob_image = {
+        "id": 3,
+        "name": "blob.png",
+        "size": 10,
+        "updatedAt": "",
+        "hash": None,
+        "relatedDataId": 42,
+        "downloadId": "tf42",
+        "offsetStart": 0,
+        "offsetEnd": 10,
+    }
+    view = view_of({"images.list": page(blob_image), "file-storage.info": ("status", status)})
+    assert view.readdir("/ds/img") == ["blob.png"]
+    with pytest.raises(BlobfsError) as info:
+        view.read_path("/ds/img/blob.png", 0, 10)
+    assert to_errno(info.value) == code
+    assert "blob 42" in str(info.value) or status != 404
