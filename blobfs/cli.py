@@ -18,7 +18,7 @@ import click
 
 from blobfs import __version__
 from blobfs.config import MountConfig, parse_fuse_options, parse_size
-from blobfs.errors import BlobfsError
+from blobfs.errors import BlobfsError, InvalidInput
 from blobfs.logs import setup_logging
 
 READY_TIMEOUT_S = 120.0
@@ -94,6 +94,18 @@ def main() -> None:
     is_flag=True,
     help="Print libfuse's log of every kernel request to stderr (with --foreground).",
 )
+@click.option(
+    "--prefetch",
+    is_flag=True,
+    help="Remote: warm the whole project (blobs, annotations) in the background.",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Remote: requests in flight for one listing, annotation walk or prefetch.",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -115,6 +127,8 @@ def mount(
     writeback_delay: float,
     blob_size: str,
     debug_fuse: bool,
+    prefetch: bool,
+    concurrency: int,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
@@ -139,6 +153,8 @@ def mount(
             writeback_delay_s=writeback_delay,
             writeback_blob_size=parse_size(blob_size),
             debug_fuse=debug_fuse,
+            prefetch=prefetch or bool(fuse_opts.pop("prefetch", False)),
+            concurrency=_concurrency(fuse_opts.pop("concurrency", concurrency)),
         )
     except BlobfsError as exc:
         _fail(str(exc))
@@ -156,6 +172,14 @@ def mount(
         _fail(str(exc))
     except RuntimeError as exc:
         _fail(f"mount failed: {exc}")
+
+
+def _concurrency(value: object) -> int:
+    """``-o concurrency=N`` (text) or ``--concurrency N``: 1..64."""
+    text = str(value)
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise InvalidInput(f"concurrency must be 1..64, not {text!r}")
+    return int(text)
 
 
 def _size_or_none(value: object) -> int | None:

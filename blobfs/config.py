@@ -53,6 +53,10 @@ class MountConfig:
     spool_dir: str | None = None
     writeback_delay_s: float = 5.0
     writeback_blob_size: int = 256 << 20
+    #: Remote: warm the whole project in the background (``--prefetch``).
+    prefetch: bool = False
+    #: Remote: requests one listing, annotation walk or prefetch keeps in flight.
+    concurrency: int = 8
 
     @property
     def is_remote(self) -> bool:
