@@ -38,6 +38,12 @@ BlockKey = tuple[str, str, int]
 BlobId = tuple[str, str]
 
 
+def _span_key(blob: CachedBlob, start: int) -> BlockKey:
+    """The disk tier's key for a span: found again only by a read planned the same way
+    (same start and length), which a rerun of the same epoch is."""
+    return (f"{blob.key}#span", blob.version, start)
+
+
 class _Lru(LRUCache[BlockKey, bytes]):
     """An LRU that tells its owner which keys it evicts (to keep the span index true)."""
 
@@ -164,12 +170,14 @@ class BlockCache:
         if self._pool is None:
             return
         end = min(end, blob.size)
+        bs = self.block_size
         with self._lock:
             wanted = [
                 b
-                for b in to_blocks(start, end, self.block_size)
+                for b in to_blocks(start, end, bs)
                 if (blob.key, blob.version, b) not in self._lru
                 and (blob.key, blob.version, b) not in self._inflight
+                and not self._in_span_locked(blob, max(start, b * bs), min((b + 1) * bs, end))
             ]
         if wanted:
             self._pool.submit(self._prefetch_now, blob, wanted)
@@ -338,21 +346,8 @@ class BlockCache:
                 raise flight[2].error
             assert flight[2].data is not None
             return flight[2].data[start - flight[0] : end - flight[0]]
-        fetched: bytes | None = None
         try:
-            fetched = self._span_from_disk(blob, span_start, fetch_end)
-            if fetched is None:
-                fetched = blob.reader.read(span_start, fetch_end)
-                if len(fetched) != fetch_end - span_start:
-                    raise CorruptData(
-                        f"{blob.key}: reader returned {len(fetched)} bytes "
-                        f"for [{span_start}, {fetch_end})"
-                    )
-                with self._lock:
-                    self.stats.fetches += 1
-                    self.stats.span_fetches += 1
-                    self.stats.fetched_bytes += len(fetched)
-                    self._put_span_locked(ident, span_start, fetched)
+            fetched = self._fetch_span(blob, span_start, fetch_end)
             mine.data = fetched
         except BaseException as exc:
             mine.error = exc
@@ -367,6 +362,42 @@ class BlockCache:
                     self._span_flights.pop(ident, None)
             mine.done.set()
         return fetched[start - span_start : end - span_start]
+
+    def cached(self, blob: CachedBlob, start: int, end: int) -> bytes | None:
+        """``[start, end)`` if cached blocks or a cached span hold it, else None (no I/O)."""
+        with self._lock:
+            data = self._cached_locked(blob, start, end)
+            if data is not None:
+                self.stats.hits += 1
+            return data
+
+    def _in_span_locked(self, blob: CachedBlob, start: int, end: int) -> bool:
+        """Whether one cached span holds ``[start, end)`` (lock held; LRU order untouched)."""
+        index = self._spans.get((blob.key, blob.version))
+        if index is None:
+            return False
+        starts, ends = index
+        i = bisect.bisect_right(starts, start) - 1
+        return any(ends[starts[j]] >= end for j in range(i, max(i - 3, -1), -1))
+
+    def _fetch_span(self, blob: CachedBlob, start: int, end: int) -> bytes:
+        """``[start, end)`` from the disk tier or with one request, then kept as a span."""
+        fetched = self._span_from_disk(blob, start, end)
+        if fetched is not None:
+            return fetched
+        fetched = blob.reader.read(start, end)
+        if len(fetched) != end - start:
+            raise CorruptData(
+                f"{blob.key}: reader returned {len(fetched)} bytes for [{start}, {end})"
+            )
+        with self._lock:
+            self.stats.fetches += 1
+            self.stats.span_fetches += 1
+            self.stats.fetched_bytes += len(fetched)
+            self._put_span_locked((blob.key, blob.version), start, fetched)
+        if self.disk is not None:
+            self.disk.put(_span_key(blob, start), fetched)
+        return fetched
 
     def _cached_locked(self, blob: CachedBlob, start: int, end: int) -> bytes | None:
         """``[start, end)`` from cached blocks or one cached span, or None (lock held)."""
@@ -437,6 +468,12 @@ class BlockCache:
         in memory too), else None."""
         if self.disk is None:
             return None
+        span = self.disk.get(_span_key(blob, start), end - start)
+        if span is not None:
+            with self._lock:
+                self.stats.disk_hits += 1
+                self._put_span_locked((blob.key, blob.version), start, span)
+            return span
         bs = self.block_size
         blocks = to_blocks(start, end, bs)
         parts = []
@@ -540,8 +577,8 @@ class ReadPattern:
         self,
         block_size: int,
         max_window: int,
-        initial_window: int = 64 << 10,
-        max_gap: int = 16 << 10,
+        initial_window: int = 16 << 10,
+        max_gap: int = 4 << 10,
         member_cap: int = 1 << 20,
         random_span: int = 64 << 10,
         max_streams: int = 8,
@@ -572,11 +609,15 @@ class ReadPattern:
                     break
             if found is None and member_start <= self.max_gap:
                 # The blob's first member: as a kernel does for a read at offset 0, take it
-                # for the start of a scan (a shuffled epoch lands here once per blob).
+                # for the start of a scan. A shuffled epoch lands here once per blob, so
+                # what it fetches is kept to 1/64 of the blob (and at most a block).
                 self.sequential_reads += 1
-                streams.insert(0, _Stream(end, self.block_size, member_start, True))
+                ahead = min(self.block_size, max(self.initial_window * 4, size // 64))
+                streams.insert(0, _Stream(end, ahead, member_start, True))
                 del streams[self.max_streams :]
-                return ReadPlan(True, prefetch_end=end)
+                if ahead >= self.block_size:
+                    return ReadPlan(True, prefetch_end=end)
+                return ReadPlan(False, min(size, max(end, start + ahead)))
             if found is None:
                 self.random_reads += 1
                 streams.insert(0, _Stream(end, 0, member_start))

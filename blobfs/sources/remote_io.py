@@ -93,7 +93,9 @@ class PatternReader:
         plan = self._pattern.plan(blob.key, lo, hi, ref.start, ref.end, blob.size)
         if not plan.blocks:
             return self._cache.read_span(blob, lo, hi, min(plan.fetch_end, blob.size))
-        data = self._cache.read(blob, lo, hi)
+        data = self._cache.cached(blob, lo, hi)
+        if data is None:
+            data = self._cache.read(blob, lo, hi)
         self._cache.prefetch(blob, hi, plan.prefetch_end)
         return data
 
