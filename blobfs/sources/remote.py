@@ -1,13 +1,14 @@
 """A project on a Supervisely instance, read through the REST API and ranged blob reads.
 
-Listings (datasets, images) are fetched lazily per dataset and refreshed by the view after
-its TTL. Image bytes are ranges of their blob, fetched through the shared block cache with
-sequential readahead; plain (non-blob) images are whole objects through the same cache.
-Annotation JSON is fetched on demand, 100 images per request starting at the one asked
-for (a reader walking ``ann/`` in order then costs one request per hundred files), and
-converted from the server's subpixel coordinates to pixel coordinates exactly as the SDK's
-downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what ``sly.download``
-writes.
+Listings (datasets, images) are fetched lazily per dataset (pages at once after the first)
+and refreshed by the view after its TTL. Image bytes are ranges of their blob, fetched
+through the shared block cache as the read pattern says (:mod:`blobfs.sources.remote_io`:
+a random read fetches just its image, a walk grows a readahead window); plain (non-blob)
+images are whole objects through the same cache. Annotation JSON is fetched 100 images
+per request, read ahead of a reader walking ``ann/`` (:mod:`blobfs.sources.remote_anns`),
+and converted from the server's subpixel coordinates to pixel coordinates exactly as the
+SDK's downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what
+``sly.download`` writes. ``--prefetch`` warms all of it in the background.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
 name that appears twice in a dataset is not served, a blob range outside its blob fails

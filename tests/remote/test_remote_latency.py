@@ -21,8 +21,9 @@ import pytest
 
 from blobfs.blob import pack
 from blobfs.blob.pack import ProjectPacker
-from blobfs.cache.blocks import BlockCache, ReadPattern
+from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.model import DatasetRecord
+from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images
@@ -328,3 +329,19 @@ def test_the_read_pattern_tells_random_reads_from_walks_per_reader() -> None:
     for off in range(m0, m1, 128 * kib):
         plan = rp.plan("b", off, min(off + 128 * kib, m1), m0, m1, size)
         assert not plan.blocks and plan.fetch_end <= m1
+
+
+def test_spans_are_served_while_cached_and_forgotten_when_evicted() -> None:
+    data = bytes(range(256)) * 64  # 16 KiB
+    cache = BlockCache(block_size=4096, max_bytes=4096)
+    blob = CachedBlob("b", "v1", len(data), BytesReader(data))
+    assert cache.read_span(blob, 100, 500, 1000) == data[100:500]
+    assert cache.read_span(blob, 600, 1000, 1000) == data[600:1000]  # inside the span
+    assert (cache.stats.span_fetches, cache.stats.fetched_bytes) == (1, 900)
+    for start in range(2000, 14000, 1000):  # fill the 4 KiB budget many times over
+        assert cache.read_span(blob, start, start + 900, start + 900) == data[start : start + 900]
+    assert cache.used_bytes <= 4096
+    assert cache.read_span(blob, 100, 500, 500) == data[100:500]  # evicted: fetched again
+    assert cache.stats.span_fetches == 14
+    assert cache.read(blob, 0, 4096) == data[:4096]  # blocks and spans live side by side
+    assert cache.cached(blob, 10, 20) == data[10:20]
