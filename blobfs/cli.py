@@ -103,7 +103,7 @@ def main() -> None:
     "--concurrency",
     default=8,
     show_default=True,
-    type=click.IntRange(1, 64),
+    type=click.IntRange(1, 16),
     help="Remote: requests in flight for one listing, annotation walk or prefetch.",
 )
 @click.option("--ready-fd", default=None, type=int, hidden=True)
@@ -175,10 +175,10 @@ def mount(
 
 
 def _concurrency(value: object) -> int:
-    """``-o concurrency=N`` (text) or ``--concurrency N``: 1..64."""
+    """``-o concurrency=N`` (text) or ``--concurrency N``: 1..16 (the HTTP pool holds 32)."""
     text = str(value)
-    if not text.isdigit() or not 1 <= int(text) <= 64:
-        raise InvalidInput(f"concurrency must be 1..64, not {text!r}")
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise InvalidInput(f"concurrency must be 1..16, not {text!r}")
     return int(text)
 
 

@@ -345,3 +345,25 @@ def test_spans_are_served_while_cached_and_forgotten_when_evicted() -> None:
     assert cache.stats.span_fetches == 14
     assert cache.read(blob, 0, 4096) == data[:4096]  # blocks and spans live side by side
     assert cache.cached(blob, 10, 20) == data[10:20]
+
+
+def test_a_bad_concurrency_is_refused_before_mounting(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "mount",
+            "sly://1",
+            str(tmp_path / "mnt"),
+            "-o",
+            "concurrency=0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "concurrency must be 1..16" in done.stderr
+    assert "Traceback" not in done.stderr
