@@ -164,6 +164,19 @@ def main() -> None:
     help="Seconds each file operation may take, retries included; then it fails "
     "with ETIMEDOUT (default 30; -o timeout=).",
 )
+@click.option(
+    "--prefetch",
+    is_flag=True,
+    help="Remote: warm the whole project (blobs, annotations) in the background.",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    metavar="N",
+    help="Remote: requests in flight for one listing, annotation walk or prefetch.",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -186,6 +199,8 @@ def mount(
     blob_size: str,
     debug_fuse: bool,
     timeout: float | None,
+    prefetch: bool,
+    concurrency: int,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
@@ -209,6 +224,8 @@ def mount(
         "allow_other": allow_other,
         "writeback": writeback,
         "timeout": timeout,
+        "prefetch": prefetch,
+        "concurrency": concurrency,
     }
     try:
         fuse_opts = parse_fuse_options(options)
@@ -230,6 +247,8 @@ def mount(
             writeback_blob_size=parse_size(opt["blob_size"]),
             debug_fuse=debug_fuse,
             timeout_s=_timeout(opt["timeout"]),
+            prefetch=bool(opt["prefetch"]),
+            concurrency=_concurrency(opt["concurrency"]),
         )
         log_level = _log_level(opt["log_level"])
         _clear_dead_blobfs_mount(config.mountpoint)
@@ -305,6 +324,14 @@ def _timeout(value: object) -> float:
     if not seconds > 0:
         raise InvalidInput(f"timeout must be more than 0 seconds, not {value!r}")
     return seconds
+
+
+def _concurrency(value: object) -> int:
+    """``-o concurrency=N`` (text) or ``--concurrency N``: 1..16 (the HTTP pool holds 32)."""
+    text = str(value)
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise InvalidInput(f"concurrency must be 1..16, not {text!r}")
+    return int(text)
 
 
 def _size_or_none(value: object) -> int | None:

@@ -56,6 +56,10 @@ class MountConfig:
     writeback_blob_size: int = 256 << 20
     #: Deadline of every FUSE operation, retries included (``--timeout``, ``-o timeout=``).
     timeout_s: float = DEFAULT_TIMEOUT_S
+    #: Remote: warm the whole project in the background (``--prefetch``).
+    prefetch: bool = False
+    #: Remote: requests one listing, annotation walk or prefetch keeps in flight.
+    concurrency: int = 8
 
     @property
     def is_remote(self) -> bool:

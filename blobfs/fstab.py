@@ -29,9 +29,14 @@ VALUE_FLAGS = {
     "writeback_delay": "--writeback-delay",
     "blob_size": "--blob-size",
     "timeout": "--timeout",
+    "concurrency": "--concurrency",
 }
 #: fstab option -> flag without a value.
-BOOL_FLAGS = {"allow_other": "--allow-other", "writeback": "--writeback"}
+BOOL_FLAGS = {
+    "allow_other": "--allow-other",
+    "writeback": "--writeback",
+    "prefetch": "--prefetch",
+}
 #: Options for mount(8) or systemd only; FUSE must not see them. ``ro`` is the default.
 DROPPED = {
     "_netdev",

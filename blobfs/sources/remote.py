@@ -1,13 +1,14 @@
 """A project on a Supervisely instance, read through the REST API and ranged blob reads.
 
-Listings (datasets, images) are fetched lazily per dataset and refreshed by the view after
-its TTL. Image bytes are ranges of their blob, fetched through the shared block cache with
-sequential readahead; plain (non-blob) images are whole objects through the same cache.
-Annotation JSON is fetched on demand, 100 images per request starting at the one asked
-for (a reader walking ``ann/`` in order then costs one request per hundred files), and
-converted from the server's subpixel coordinates to pixel coordinates exactly as the SDK's
-downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what ``sly.download``
-writes.
+Listings (datasets, images) are fetched lazily per dataset (pages at once after the first)
+and refreshed by the view after its TTL. Image bytes are ranges of their blob, fetched
+through the shared block cache as the read pattern says (:mod:`blobfs.sources.remote_io`:
+a random read fetches just its image, a walk grows a readahead window); plain (non-blob)
+images are whole objects through the same cache. Annotation JSON is fetched 100 images
+per request, read ahead of a reader walking ``ann/`` (:mod:`blobfs.sources.remote_anns`),
+and converted from the server's subpixel coordinates to pixel coordinates exactly as the
+SDK's downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what
+``sly.download`` writes. ``--prefetch`` warms all of it in the background.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
 name that appears twice in a dataset is not served, a blob range outside its blob fails
@@ -24,10 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from blobfs import deadline
-from blobfs.blob.ann_coords import AnnotationFormatError, to_pixel
 from blobfs.blob.index import name_problem
-from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
-from blobfs.cache.meta import LockedLru
+from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.config import MountConfig
 from blobfs.credentials import resolve
 from blobfs.errors import (
@@ -41,7 +40,9 @@ from blobfs.errors import (
 from blobfs.model import BlobRef, DatasetRecord, FileRecord
 from blobfs.sources.base import Source
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
-from blobfs.transport.api import ANN_BATCH, RemoteDataset, RemoteImage, SuperviselyApi
+from blobfs.sources.remote_anns import AnnotationCache
+from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher, start_prefetch
+from blobfs.transport.api import RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.transport.base import RangeReader
 from blobfs.transport.http import HttpClient, safe_url
 
@@ -56,6 +57,8 @@ class AnnRef:
 
     dataset_id: int
     image_id: int
+    #: Where the image is in its dataset's listing (-1: unknown), for reading ahead.
+    position: int = -1
 
 
 def iso_to_ns(text: str) -> int:
@@ -74,15 +77,20 @@ class RemoteProjectSource(Source):
         api: SuperviselyApi,
         project_id: int,
         cache: BlockCache,
-        readahead: SequentialReadahead | None = None,
+        readahead: ReadPattern | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         self.api = api
         self.project_id = project_id
         self.cache = cache
         self.readahead = readahead
+        #: Where a blob whose server ignores Range is downloaded whole (None: the temp dir).
+        self.spill_dir = spill_dir
+        self.gate = DemandGate()
+        self.prefetcher: Prefetcher | None = None
         self._blobs: dict[int, CachedBlob | str] = {}
         self._images: dict[int, CachedBlob] = {}
-        self._anns: LockedLru[int, bytes | str] = LockedLru()
+        self.anns = AnnotationCache(api)
         self._order: dict[int, list[int]] = {}
         self._problems: list[str] = []
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
@@ -139,7 +147,9 @@ class RemoteProjectSource(Source):
             mtime = iso_to_ns(img.updated_at)
             records.append(rec)
             records.append(
-                FileRecord(f"ann/{img.name}.json", None, mtime, AnnRef(dataset.key, img.id))
+                FileRecord(
+                    f"ann/{img.name}.json", None, mtime, AnnRef(dataset.key, img.id, len(order))
+                )
             )
             order.append(img.id)
         with self._lock:
@@ -172,40 +182,30 @@ class RemoteProjectSource(Source):
         blob = self._blob(img)
         if isinstance(blob, str):
             return FailingReader(blob)
-        return SliceReader(self.cache, blob, blob_ref, self.readahead)
+        if self.readahead is None:
+            return SliceReader(self.cache, blob, blob_ref)
+        return PatternReader(self.cache, blob, blob_ref, self.readahead, self.gate)
 
     def content(self, record: FileRecord) -> bytes:
         ref = record.ref
         if not isinstance(ref, AnnRef):
             return super().content(record)
-        data = self._anns.get(ref.image_id)
-        if data is None:
-            self._fetch_anns(ref)
-            data = self._anns.get(ref.image_id)
+        data = self._annotation(ref)
         if data is None:
             raise NotFound(f"no annotation for image {ref.image_id}")
         if isinstance(data, str):
             raise RemoteError(data)
         return data
 
-    def _fetch_anns(self, ref: AnnRef) -> None:
+    def _annotation(self, ref: AnnRef) -> bytes | str | None:
         with self._lock:
             order = self._order.get(ref.dataset_id, [])
-        try:
-            at = order.index(ref.image_id)
-        except ValueError:
-            at, order = 0, [ref.image_id]
-        batch = [i for i in order[at : at + 4 * ANN_BATCH] if i not in self._anns][:ANN_BATCH]
-        if ref.image_id not in batch:
-            batch.insert(0, ref.image_id)
-        for image_id, ann in self.api.annotations(ref.dataset_id, batch).items():
-            try:
-                self._anns.put(image_id, json.dumps(to_pixel(ann)).encode())
-            except AnnotationFormatError as exc:
-                # Remembered like a good answer: asking again would get the same JSON.
-                reason = f"annotation of image {image_id}: {exc}"
-                logger.warning("%s; its ann file fails with EIO", reason)
-                self._anns.put(image_id, reason)
+        with self.gate.demand():
+            return self.anns.get(ref.dataset_id, ref.image_id, ref.position, order)
+
+    def cached_blob(self, img: RemoteImage) -> CachedBlob | str:
+        """The blob an image lives in, as the cache sees it (or why it cannot be read)."""
+        return self._blob(img)
 
     def _blob(self, img: RemoteImage) -> CachedBlob | str:
         assert img.related_data_id is not None and img.download_id is not None
@@ -220,7 +220,9 @@ class RemoteProjectSource(Source):
                 f"tf{key}",
                 info.version,
                 info.size,
-                self.api.blob_reader(self.project_id, img.download_id, info.size),
+                self.api.blob_reader(
+                    self.project_id, img.download_id, info.size, info, self.spill_dir
+                ),
             )
         except AuthError:
             raise  # a refused token is EACCES for images as for annotations
@@ -251,7 +253,7 @@ class RemoteProjectSource(Source):
             return list(self._problems)
 
     def changed(self) -> None:
-        self._anns.clear()
+        self.anns.clear()
 
     def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
         with self._lock:
@@ -265,9 +267,37 @@ class RemoteProjectSource(Source):
             "http_requests": client.requests,
             "http_retries": client.retried,
             "readahead_window_bytes": self.readahead.largest_window() if self.readahead else 0,
+            **self._io_stats(),
         }
 
+    def _io_stats(self) -> dict[str, object]:
+        """Read pattern, Range fallbacks, annotations and ``--prefetch`` progress."""
+        with self._lock:
+            readers = [b.reader for b in self._blobs.values() if isinstance(b, CachedBlob)]
+        modes = [getattr(r, "mode", 0) for r in readers]
+        out: dict[str, object] = {
+            "random_reads": self.readahead.random_reads if self.readahead else 0,
+            "sequential_reads": self.readahead.sequential_reads if self.readahead else 0,
+            "range_fallback_blobs": {
+                "file_storage": modes.count(1),
+                "whole_download": modes.count(2),
+            },
+            "annotations_stored": self.anns.stored,
+        }
+        if self.prefetcher is not None:
+            out["prefetch"] = self.prefetcher.progress()
+        return out
+
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
+        with self._lock:
+            readers = [b.reader for b in self._blobs.values() if isinstance(b, CachedBlob)]
+        for reader in readers:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
+        self.anns.close()
         self.cache.close()
         self.api.client.close()
 
@@ -285,10 +315,13 @@ def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProject
     project_id = parse_project_id(config.source)
     server, token = resolve(config.server, config.token_file)
     client = HttpClient(server, token)
-    api = SuperviselyApi(client)
+    api = SuperviselyApi(client, config.concurrency)
     check_project(api, project_id, server, config.timeout_s)
-    readahead = SequentialReadahead(cache.block_size * 2, READAHEAD_MAX_BYTES)
-    return RemoteProjectSource(api, project_id, cache, readahead)
+    readahead = ReadPattern(cache.block_size, READAHEAD_MAX_BYTES)
+    source = RemoteProjectSource(api, project_id, cache, readahead, config.cache_dir)
+    if config.prefetch:
+        start_prefetch(source)
+    return source
 
 
 def check_project(api: SuperviselyApi, project_id: int, server: str, timeout_s: float) -> None:

@@ -37,6 +37,8 @@ def _as_bool(value: Any) -> bool:
 
 def _coerce(current: Any, value: Any) -> Any:
     """``value`` converted to the type of the setting it replaces (JSON or header text)."""
+    if isinstance(current, dict):
+        return _per_method(value)
     if isinstance(current, bool):
         return _as_bool(value)
     if isinstance(current, int):
@@ -46,6 +48,20 @@ def _coerce(current: Any, value: Any) -> Any:
     if isinstance(current, float):
         return float(value)
     return str(value)
+
+
+def _per_method(value: Any) -> dict[str, str]:
+    """``{"images.data.download": "ignore_range"}``: each value in the header's syntax,
+    checked now so a typo is refused when set, not on some later request."""
+    if not isinstance(value, dict):
+        raise ValueError("methods must map method names to fault strings")
+    out: dict[str, str] = {}
+    for method, faults in value.items():
+        if not isinstance(method, str) or not isinstance(faults, str):
+            raise ValueError("methods must map method names to fault strings")
+        _apply_header(Active(), faults, 500)
+        out[method] = faults
+    return out
 
 
 @dataclass
@@ -85,6 +101,10 @@ class Faults:
                              requests in scope, then switch themselves off (0: all)
     ``scope``                ``blob`` (default: the byte downloads), ``all``, or method
                              names separated by commas (``images.data.download``)
+    ``methods``              faults per method, whatever the scope, in the header's syntax:
+                             ``{"images.data.download": "ignore_range",
+                             "file-storage.download": "fail_status=404"}`` (every request
+                             of that method suffers them)
     =======================  =============================================================
     """
 
@@ -97,6 +117,7 @@ class Faults:
     wrong_content_range: bool = False
     times: int = 0
     scope: str = "blob"
+    methods: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, values: dict[str, Any]) -> None:
@@ -115,7 +136,11 @@ class Faults:
 
     def snapshot(self) -> dict[str, Any]:
         """The current settings (without the lock)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return {
+            f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
+            for f in fields(self)
+            if not f.name.startswith("_")
+        }
 
     def reset(self) -> None:
         """Back to a healthy server (every setting at its default)."""
@@ -156,6 +181,9 @@ class Faults:
                 else:  # a failed request has no body to spoil: it does not use up ``times``
                     self._body_faults(active)
             default_status = self.fail_status
+            own = self.methods.get(method)
+        if own:
+            _apply_header(active, own, default_status)
         if header:
             _apply_header(active, header, default_status)
         return active

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from blobfs.errors import RemoteError
 from blobfs.transport.http import HttpClient, HttpRangeReader
+from blobfs.transport.ranged import BlobReader, StrictRangeReader, WholeBlob
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,8 @@ PER_PAGE = 1000
 ANN_BATCH = 100  # the server's cap for annotations.bulk.info imageIds
 #: A listing that claims more pages than this is refused, not followed.
 MAX_PAGES = 100_000
+#: Requests in flight at once for one listing, annotation walk or prefetch.
+DEFAULT_CONCURRENCY = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class RemoteFile:
     id: int
     size: int
     version: str
+    team_id: int | None = None
+    path: str | None = None
 
 
 def _int(value: Any, what: str) -> int:
@@ -99,20 +105,45 @@ def parse_image(item: Any) -> RemoteImage:
 class SuperviselyApi:
     """The subset of the public API a read-only mount uses."""
 
-    def __init__(self, client: HttpClient) -> None:
+    def __init__(self, client: HttpClient, concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self.client = client
+        #: Most requests one listing or annotation walk keeps in flight at once.
+        self.concurrency = max(1, concurrency)
 
     def _pages(self, method: str, payload: dict[str, Any]) -> Iterator[Any]:
-        page, pages = 1, 1
-        while page <= pages:
-            answer = self.client.post_json(method, {**payload, "page": page, "per_page": PER_PAGE})
-            if not isinstance(answer, dict) or not isinstance(answer.get("entities"), list):
-                raise RemoteError(f"{method}: answer has no entity list")
-            pages = answer.get("pagesCount", 1)
-            if not isinstance(pages, int) or pages < 0 or pages > MAX_PAGES:
-                raise RemoteError(f"{method}: implausible pagesCount {pages!r}")
-            yield from answer["entities"]
-            page += 1
+        """Every entity of a paged listing, in page order.
+
+        The first page says how many there are; the rest are asked for at once, at most
+        ``concurrency`` at a time, so a listing of N pages costs about N / concurrency
+        round trips instead of N. Each page has the client's own retries.
+        """
+        first = self._page(method, payload, 1)
+        pages = first.get("pagesCount", 1)
+        if not isinstance(pages, int) or pages < 0 or pages > MAX_PAGES:
+            raise RemoteError(f"{method}: implausible pagesCount {pages!r}")
+        yield from first["entities"]
+        if pages <= 1:
+            return
+        if self.concurrency <= 1 or pages == 2:
+            for page in range(2, pages + 1):
+                yield from self._page(method, payload, page)["entities"]
+            return
+        with ThreadPoolExecutor(
+            min(self.concurrency, pages - 1), thread_name_prefix="blobfs-pages"
+        ) as pool:
+            futures = [pool.submit(self._page, method, payload, p) for p in range(2, pages + 1)]
+            try:
+                for future in futures:
+                    yield from future.result()["entities"]
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    def _page(self, method: str, payload: dict[str, Any], page: int) -> dict[str, Any]:
+        answer = self.client.post_json(method, {**payload, "page": page, "per_page": PER_PAGE})
+        if not isinstance(answer, dict) or not isinstance(answer.get("entities"), list):
+            raise RemoteError(f"{method}: answer has no entity list")
+        return answer
 
     def project_info(self, project_id: int) -> dict[str, Any]:
         answer = self.client.post_json("projects.info", {"id": project_id})
@@ -153,25 +184,38 @@ class SuperviselyApi:
         ]
 
     def annotations(self, dataset_id: int, image_ids: Sequence[int]) -> dict[int, Any]:
-        """image id -> annotation JSON, fetched ``ANN_BATCH`` at a time."""
+        """image id -> annotation JSON, fetched ``ANN_BATCH`` at a time (batches at once,
+        at most ``concurrency`` in flight)."""
+        batches = [list(image_ids[i : i + ANN_BATCH]) for i in range(0, len(image_ids), ANN_BATCH)]
         out: dict[int, Any] = {}
-        for i in range(0, len(image_ids), ANN_BATCH):
-            batch = list(image_ids[i : i + ANN_BATCH])
-            answer = self.client.post_json(
-                "annotations.bulk.info",
-                {
-                    "datasetId": dataset_id,
-                    "imageIds": batch,
-                    "withCustomData": False,
-                    "forceMetadataForLinks": False,
-                    "integerCoords": False,
-                },
-            )
-            if not isinstance(answer, list):
-                raise RemoteError("annotations.bulk.info: answer is not a list")
-            for item in answer:
-                if isinstance(item, dict) and isinstance(item.get("annotation"), dict):
-                    out[_int(item.get("imageId"), "imageId")] = item["annotation"]
+        if len(batches) <= 1 or self.concurrency <= 1:
+            for batch in batches:
+                out.update(self._ann_batch(dataset_id, batch))
+            return out
+        with ThreadPoolExecutor(
+            min(self.concurrency, len(batches)), thread_name_prefix="blobfs-anns"
+        ) as pool:
+            for part in pool.map(lambda b: self._ann_batch(dataset_id, b), batches):
+                out.update(part)
+        return out
+
+    def _ann_batch(self, dataset_id: int, batch: list[int]) -> dict[int, Any]:
+        answer = self.client.post_json(
+            "annotations.bulk.info",
+            {
+                "datasetId": dataset_id,
+                "imageIds": batch,
+                "withCustomData": False,
+                "forceMetadataForLinks": False,
+                "integerCoords": False,
+            },
+        )
+        if not isinstance(answer, list):
+            raise RemoteError("annotations.bulk.info: answer is not a list")
+        out: dict[int, Any] = {}
+        for item in answer:
+            if isinstance(item, dict) and isinstance(item.get("annotation"), dict):
+                out[_int(item.get("imageId"), "imageId")] = item["annotation"]
         return out
 
     def file_info(self, file_id: int) -> RemoteFile:
@@ -183,17 +227,40 @@ class SuperviselyApi:
         found = meta.get("size") if isinstance(meta, dict) else None
         size = _int(found if found is not None else answer.get("size"), "size")
         version = f"{answer.get('hash') or ''}:{answer.get('updatedAt') or ''}:{size}"
-        return RemoteFile(_int(answer.get("id", file_id), "id"), size, version)
-
-    def blob_reader(self, project_id: int, download_id: str, size: int) -> HttpRangeReader:
-        """Ranged reads of a whole blob through ``images.data.download``."""
-        return HttpRangeReader(
-            self.client,
-            "images.data.download",
-            {"projectId": project_id, "downloadId": download_id},
+        team, path = answer.get("teamId"), answer.get("path")
+        return RemoteFile(
+            _int(answer.get("id", file_id), "id"),
             size,
-            f"blob {download_id}",
+            version,
+            team if isinstance(team, int) and not isinstance(team, bool) else None,
+            path if isinstance(path, str) and path.startswith("/") else None,
         )
+
+    def blob_reader(
+        self,
+        project_id: int,
+        download_id: str,
+        size: int,
+        file: RemoteFile | None = None,
+        spill_dir: str | None = None,
+    ) -> BlobReader:
+        """Ranged reads of a whole blob through ``images.data.download``, falling back to
+        ``file-storage.download`` (when ``file`` says its team and path) and then to one
+        whole download if the server ignores ``Range`` (see :mod:`blobfs.transport.ranged`)."""
+        name = f"blob {download_id}"
+        payload = {"projectId": project_id, "downloadId": download_id}
+        primary = StrictRangeReader(self.client, "images.data.download", payload, size, name)
+        secondary = None
+        if file is not None and file.team_id is not None and file.path is not None:
+            secondary = StrictRangeReader(
+                self.client,
+                "file-storage.download",
+                {"teamId": file.team_id, "path": file.path},
+                size,
+                name,
+            )
+        whole = WholeBlob(self.client, "images.data.download", payload, size, name, spill_dir)
+        return BlobReader(primary, secondary, whole)
 
     def image_reader(self, image: RemoteImage) -> HttpRangeReader:
         """Ranged reads of one ordinary image through ``images.download``."""

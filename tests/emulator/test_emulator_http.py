@@ -268,6 +268,30 @@ def test_faults_can_be_scoped_to_one_method(emu: Emulator, blob: dict[str, Any])
     assert r.status_code == 206
 
 
+def test_faults_can_be_set_per_method_whatever_the_scope(
+    emu: Emulator, blob: dict[str, Any]
+) -> None:
+    method, body = blob_download(blob)
+    team_file = {"id": blob["file"]["id"]}
+    emu.faults.update(
+        {
+            "methods": {
+                "images.data.download": "ignore_range",
+                "file-storage.download": "fail_status=404",
+            }
+        }
+    )
+    r = call(emu, method, body, headers={"Range": "bytes=0-9"})
+    assert (r.status_code, r.content) == (200, blob["tar"])
+    assert call(emu, "file-storage.download", team_file).status_code == 404
+    assert call(emu, "teams.list").status_code == 200  # other methods are healthy
+    with pytest.raises(ValueError):
+        emu.faults.update({"methods": {"images.data.download": "no_such_fault"}})
+    emu.faults.reset()
+    assert emu.faults.snapshot()["methods"] == {}
+    assert call(emu, method, body, headers={"Range": "bytes=0-9"}).status_code == 206
+
+
 def test_per_request_faults_come_from_a_header(emu: Emulator, blob: dict[str, Any]) -> None:
     method, body = blob_download(blob)
     fault = {"x-emulator-fault": "fail_n=1;fail_status=429"}

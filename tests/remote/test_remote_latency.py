@@ -1,0 +1,369 @@
+"""Remote reads at a distance: latency hidden by concurrency, bytes sized by the access
+pattern, a Range fallback that stays ranged, and ``--prefetch``.
+
+One project of 2,000 small images (~850 B) in one blob is uploaded once per module; each
+test starts from a healthy emulator with zeroed counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob import pack
+from blobfs.blob.pack import ProjectPacker
+from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
+from blobfs.model import DatasetRecord
+from blobfs.sources.readers import BytesReader
+from blobfs.sources.remote import AnnRef, RemoteProjectSource
+from blobfs.testing.emulator import Emulator
+from blobfs.testing.sample import make_images
+from blobfs.testing.seed import upload_local_project
+from blobfs.transport import api as api_module
+from blobfs.transport.api import SuperviselyApi
+from blobfs.transport.http import HttpClient
+
+from .conftest import TOKEN, mount_remote
+
+pytestmark = [pytest.mark.remote]
+
+COUNT = 2000
+
+
+@dataclass
+class Big:
+    emu: Emulator
+    pid: int
+    dataset_id: int
+    blob_size: int
+    images: dict[str, bytes]
+    anns: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Big]:
+    root = tmp_path_factory.mktemp("big")
+    paths = make_images(root / "images", COUNT, 16, 16)
+    with pytest.MonkeyPatch.context() as mp:  # test data need not survive a power cut
+        mp.setattr(pack, "write_atomic", lambda path, data: path.write_bytes(data))
+        mp.setattr(pack, "fsync_dir", lambda path: None)
+        mp.setattr(pack.os, "fsync", lambda fd: None)
+        ProjectPacker(root / "project", "train", blob_size=64 << 20).pack(paths)
+    [blob] = (root / "project" / "blob").iterdir()
+    emu = Emulator(root / "emu", TOKEN).start()
+    try:
+        pid = upload_local_project(emu.url, TOKEN, root / "project")
+        [ds] = emu.store.all("datasets", pid)
+        yield Big(
+            emu,
+            pid,
+            ds["id"],
+            blob.stat().st_size,
+            {p.name: p.read_bytes() for p in paths},
+            {
+                p.name: (root / "project" / "train" / "ann" / f"{p.name}.json").read_bytes()
+                for p in paths
+            },
+        )
+    finally:
+        emu.stop()
+
+
+@pytest.fixture
+def emu(big: Big) -> Iterator[Emulator]:
+    big.emu.faults.reset()
+    big.emu.reset_stats()
+    yield big.emu
+    big.emu.faults.reset()
+
+
+def method_bytes(emu: Emulator) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for entry in emu.request_log():
+        out[entry["method"]] = out.get(entry["method"], 0) + entry["bytes"]
+    return out
+
+
+def blobfs_stats(mnt: Path) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "blobfs", "stats", str(mnt), "--json"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> int:
+    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+    return proc.wait(30)
+
+
+# ---- latency hidden ------------------------------------------------------------------------
+
+
+def test_listing_pages_after_the_first_are_fetched_at_once(
+    big: Big, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api_module, "PER_PAGE", 100)  # 20 pages
+    emu.faults.update({"latency_ms": 100})
+    api = SuperviselyApi(HttpClient(emu.url, TOKEN), concurrency=8)
+    began = time.monotonic()
+    images = api.images(big.dataset_id)
+    took = time.monotonic() - began
+    assert [i.name for i in images] == sorted(big.images)  # every page, in page order
+    assert emu.stats()["methods"] == {"images.list": 20}  # each page once
+    assert took < 20 * 0.100 / 2, took  # one after another would take >= 2 s
+
+
+def test_a_walk_through_ann_has_its_batches_fetched_ahead(big: Big, emu: Emulator) -> None:
+    source = RemoteProjectSource(
+        SuperviselyApi(HttpClient(emu.url, TOKEN)), big.pid, BlockCache(1 << 16, 1 << 20)
+    )
+    try:
+        dataset = DatasetRecord(("train",), big.dataset_id, 0)
+        anns = [r for r in source.files(dataset) if r.relpath.startswith("ann/")]
+        emu.faults.update({"latency_ms": 100})
+        emu.reset_stats()
+        began = time.monotonic()
+        got = {r.relpath[4:-5]: source.content(r) for r in anns}
+        took = time.monotonic() - began
+        assert {k: json.loads(v) for k, v in got.items()} == {
+            k: json.loads(v) for k, v in big.anns.items()
+        }
+        assert emu.stats()["methods"] == {"annotations.bulk.info": COUNT // 100}  # none twice
+        assert took < 20 * 0.100 / 2, took  # batch after batch would take >= 2 s
+    finally:
+        source.close()
+
+
+def test_annotations_read_out_of_order_fetch_only_their_own_batches(
+    big: Big, emu: Emulator
+) -> None:
+    source = RemoteProjectSource(
+        SuperviselyApi(HttpClient(emu.url, TOKEN)), big.pid, BlockCache(1 << 16, 1 << 20)
+    )
+    try:
+        dataset = DatasetRecord(("train",), big.dataset_id, 0)
+        anns = [r for r in source.files(dataset) if r.relpath.startswith("ann/")]
+        emu.reset_stats()
+        for at in (1500, 200, 900, 50, 1300):
+            assert isinstance(anns[at].ref, AnnRef) and anns[at].ref.position == at
+            source.content(anns[at])
+        time.sleep(0.2)  # nothing is still on its way in the background
+        assert emu.stats()["methods"] == {"annotations.bulk.info": 5}
+    finally:
+        source.close()
+
+
+# ---- bytes sized by the access pattern ---------------------------------------------------
+
+
+def test_a_shuffled_read_fetches_at_most_twice_what_it_delivers(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
+    try:
+        img = mnt / "train" / "img"
+        os.listdir(img)
+        emu.reset_stats()
+        names = random.Random(7).sample(sorted(big.images), 300)
+        wrong = [n for n in names if (img / n).read_bytes() != big.images[n]]
+        delivered = sum(len(big.images[n]) for n in names)
+        fetched = method_bytes(emu).get("images.data.download", 0)
+        assert wrong == []
+        assert fetched <= 2 * delivered, (fetched, delivered)
+        assert blobfs_stats(mnt)["random_reads"] >= 250  # type: ignore[operator]
+    finally:
+        assert unmount(mnt, proc) == 0
+
+
+def test_a_scan_in_blob_order_still_reads_in_few_large_requests(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
+    try:
+        img = mnt / "train" / "img"
+        os.listdir(img)
+        emu.reset_stats()
+        assert [n for n in sorted(big.images) if (img / n).read_bytes() != big.images[n]] == []
+        requests = emu.stats()["methods"].get("images.data.download", 0)
+        fetched = method_bytes(emu).get("images.data.download", 0)
+        assert requests <= big.blob_size // (1 << 20) + 8, requests
+        assert fetched <= big.blob_size + (1 << 20), (fetched, big.blob_size)
+    finally:
+        assert unmount(mnt, proc) == 0
+
+
+# ---- the Range fallback --------------------------------------------------------------------
+
+
+def random_reads(mnt: Path, big: Big, n: int = 20, seed: int = 3) -> list[str]:
+    img = mnt / "train" / "img"
+    names = random.Random(seed).sample(sorted(big.images), n)
+    return [name for name in names if (img / name).read_bytes() != big.images[name]]
+
+
+def test_a_blob_download_that_ignores_range_switches_to_ranged_team_files_reads(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    emu.faults.update({"methods": {"images.data.download": "ignore_range"}})
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
+    try:
+        os.listdir(mnt / "train" / "img")
+        emu.reset_stats()
+        assert random_reads(mnt, big) == []
+        sent = method_bytes(emu)
+        methods = emu.stats()["methods"]
+        assert methods.get("images.data.download", 0) == 1  # the answer that showed it
+        assert methods.get("file-storage.download", 0) >= 19
+        assert sent.get("file-storage.download", 0) < 40 * 1024  # 20 images, not blobs
+        assert sum(sent.values()) < big.blob_size + 40 * 1024  # was ~10x the blob
+        stats = blobfs_stats(mnt)
+        assert stats["range_fallback_blobs"] == {"file_storage": 1, "whole_download": 0}
+    finally:
+        assert unmount(mnt, proc) == 0
+    assert "ignores Range" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("team_files", ["ignore_range", "fail_status=404"])
+def test_when_team_files_cannot_range_either_the_blob_is_downloaded_once(
+    team_files: str, tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    emu.faults.update(
+        {
+            "methods": {
+                "images.data.download": "ignore_range",
+                "file-storage.download": team_files,
+            }
+        }
+    )
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log", "--cache-dir", str(tmp_path / "c"))
+    try:
+        os.listdir(mnt / "train" / "img")
+        emu.reset_stats()
+        assert random_reads(mnt, big) == []
+        assert random_reads(mnt, big, 50, seed=4) == []
+        whole = [
+            e
+            for e in emu.request_log()
+            if e["method"] == "images.data.download" and e["range"] is None
+        ]
+        assert len(whole) == 1 and whole[0]["bytes"] == big.blob_size
+        assert emu.stats()["methods"].get("file-storage.download", 0) == 1
+        assert sum(method_bytes(emu).values()) < 3 * big.blob_size
+        stats = blobfs_stats(mnt)
+        assert stats["range_fallback_blobs"] == {"file_storage": 0, "whole_download": 1}
+    finally:
+        assert unmount(mnt, proc) == 0
+
+
+# ---- --prefetch ----------------------------------------------------------------------------
+
+
+def test_prefetch_warms_the_project_so_an_epoch_makes_no_request(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(
+        emu, big.pid, mnt, tmp_path / "log", "-o", "prefetch", "--cache-dir", str(tmp_path / "c")
+    )
+    try:
+        deadline = time.monotonic() + 60
+        progress: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            found = blobfs_stats(mnt).get("prefetch")
+            assert isinstance(found, dict)
+            progress = found
+            if progress["state"] != "running" and progress["state"] != "waiting":
+                break
+            time.sleep(0.1)
+        assert progress["state"] == "done", progress
+        assert progress["anns_done"] == progress["anns"] == COUNT
+        assert progress["blob_bytes_done"] == progress["blob_bytes"] == big.blob_size
+        img, ann = mnt / "train" / "img", mnt / "train" / "ann"
+        names = os.listdir(img)  # the view's own listing
+        os.listdir(ann)
+        emu.reset_stats()
+        random.Random(5).shuffle(names)
+        assert [n for n in names if (img / n).read_bytes() != big.images[n]] == []
+        assert [n for n in names if json.loads((ann / f"{n}.json").read_bytes()) is None] == []
+        assert emu.stats()["requests"] == 0
+    finally:
+        assert unmount(mnt, proc) == 0
+
+
+# ---- the read pattern, in process --------------------------------------------------------
+
+
+def test_the_read_pattern_tells_random_reads_from_walks_per_reader() -> None:
+    kib = 1024
+    rp = ReadPattern(block_size=256 * kib, max_window=1024 * kib)
+    size = 100_000 * kib
+    # a random read of one image fetches just that image
+    plan = rp.plan("b", 50_000 * kib, 50_000 * kib + 400, 50_000 * kib, 50_000 * kib + 400, size)
+    assert not plan.blocks and plan.fetch_end == 50_000 * kib + 400
+    # two readers walking the same blob from two places are both seen as walks
+    a, b = 10_000 * kib, 70_000 * kib
+    for step in range(8):
+        for base in (a, b):
+            lo = base + step * 1024
+            plan = rp.plan("b", lo, lo + 400, lo, lo + 400, size)
+    assert plan.blocks and plan.prefetch_end > lo + 400  # grown into block readahead
+    assert rp.random_reads == 3  # the lone read and the first read of each walk
+    # a big image read in pieces never pulls the bytes after it
+    m0, m1 = 30_000 * kib, 30_000 * kib + 3000 * kib
+    for off in range(m0, m1, 128 * kib):
+        plan = rp.plan("b", off, min(off + 128 * kib, m1), m0, m1, size)
+        assert not plan.blocks and plan.fetch_end <= m1
+
+
+def test_spans_are_served_while_cached_and_forgotten_when_evicted() -> None:
+    data = bytes(range(256)) * 64  # 16 KiB
+    cache = BlockCache(block_size=4096, max_bytes=4096)
+    blob = CachedBlob("b", "v1", len(data), BytesReader(data))
+    assert cache.read_span(blob, 100, 500, 1000) == data[100:500]
+    assert cache.read_span(blob, 600, 1000, 1000) == data[600:1000]  # inside the span
+    assert (cache.stats.span_fetches, cache.stats.fetched_bytes) == (1, 900)
+    for start in range(2000, 14000, 1000):  # fill the 4 KiB budget many times over
+        assert cache.read_span(blob, start, start + 900, start + 900) == data[start : start + 900]
+    assert cache.used_bytes <= 4096
+    assert cache.read_span(blob, 100, 500, 500) == data[100:500]  # evicted: fetched again
+    assert cache.stats.span_fetches == 14
+    assert cache.read(blob, 0, 4096) == data[:4096]  # blocks and spans live side by side
+    assert cache.cached(blob, 10, 20) == data[10:20]
+
+
+def test_a_bad_concurrency_is_refused_before_mounting(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blobfs",
+            "mount",
+            "sly://1",
+            str(tmp_path / "mnt"),
+            "-o",
+            "concurrency=0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "concurrency must be 1..16" in done.stderr
+    assert "Traceback" not in done.stderr
