@@ -252,6 +252,8 @@ class FileTable(Mapping[str, FileRecord]):
         return (
             len(self._names)
             + self._starts.itemsize * len(self._starts)
+            + sys.getsizeof(self._sample)
+            + sum(map(sys.getsizeof, self._sample))
             + self._src.nbytes
             + self._start.nbytes
             + self._size.nbytes

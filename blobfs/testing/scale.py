@@ -52,8 +52,8 @@ class _Headers:
     """
 
     def __init__(self, mtime: int) -> None:
-        self._mid = b"0000644\00000000\00000000\0"  # mode, uid, gid
-        self._mtime = b"%011o\0" % mtime
+        self._mid = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
+        self._mtime = b"%011o\x00" % mtime
         self._tail = (b"0" + b"\0" * 100 + b"ustar\x0000").ljust(BLOCK - 156, b"\0")
         self._const = sum(self._mid) + sum(self._mtime) + 8 * 32 + sum(self._tail)
         self._sizes: dict[int, tuple[bytes, int]] = {}
@@ -61,7 +61,7 @@ class _Headers:
     def header(self, name: bytes, size: int) -> bytes:
         field = self._sizes.get(size)
         if field is None:
-            raw = b"%011o\0" % size
+            raw = b"%011o\x00" % size
             field = self._sizes[size] = (raw, sum(raw))
         check = self._const + sum(name) + field[1]
         return b"".join(
@@ -70,7 +70,7 @@ class _Headers:
                 self._mid,
                 field[0],
                 self._mtime,
-                b"%06o\0 " % check,
+                b"%06o\x00 " % check,
                 self._tail,
             )
         )
