@@ -25,12 +25,17 @@ anything is served from it, and raises :class:`ValueError` otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import operator
 import os
 import stat
 import struct
 import sys
+import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
@@ -140,8 +145,10 @@ class FileTable(Mapping[str, FileRecord]):
         self._starts = starts
         self._count = len(starts) - 1
         # every SAMPLE-th name as bytes: bisect (in C) picks the block of SAMPLE entries
-        # that may hold a name, then one bytes.find inside that block settles it
-        self._sample = [names[starts[i] : starts[i + 1] - 1] for i in range(0, self._count, SAMPLE)]
+        # that may hold a name, then one bytes.find inside that block settles it. Made at
+        # the first lookup, once the builder's short-lived objects are gone: made among
+        # them, these few long-lived objects would pin their memory arenas.
+        self._sample: list[bytes] | None = None
         self._src, self._start, self._size = src, start, size
         self.lstat = lstat
 
@@ -188,7 +195,10 @@ class FileTable(Mapping[str, FileRecord]):
             key = encode_name(name)
         except UnicodeEncodeError:
             return -1
-        block = bisect_right(self._sample, key) - 1
+        sample = self._sample
+        if sample is None:
+            sample = self._sample = self._make_sample()
+        block = bisect_right(sample, key) - 1
         if block < 0:
             return -1
         lo = block * SAMPLE
@@ -201,6 +211,10 @@ class FileTable(Mapping[str, FileRecord]):
         if pos < 0:
             return -1
         return bisect_left(starts, pos + 1, lo + 1, hi)
+
+    def _make_sample(self) -> list[bytes]:
+        names, starts = self._names, self._starts
+        return [names[starts[i] : starts[i + 1] - 1] for i in range(0, self._count, SAMPLE)]
 
     def name_at(self, i: int) -> str:
         raw = self._names[self._starts[i] : self._starts[i + 1] - 1]
@@ -252,8 +266,8 @@ class FileTable(Mapping[str, FileRecord]):
         return (
             len(self._names)
             + self._starts.itemsize * len(self._starts)
-            + sys.getsizeof(self._sample)
-            + sum(map(sys.getsizeof, self._sample))
+            + sys.getsizeof(self._sample or [])
+            + sum(map(sys.getsizeof, self._sample or []))
             + self._src.nbytes
             + self._start.nbytes
             + self._size.nbytes
@@ -452,3 +466,45 @@ def table_of(prefix: str, entries: Iterable[tuple[str, EntrySource, int, int]]) 
     for name, source, start, size in entries:
         builder.add(encode_name(name), builder.source(source), start, size)
     return builder.build()[0]
+
+
+_building = 0
+_building_lock = threading.Lock()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+@contextlib.contextmanager
+def building() -> Iterator[None]:
+    """Around building an index: no cyclic GC meanwhile, and memory handed back after.
+
+    Parsing an offsets file makes hundreds of thousands of short-lived objects with no
+    cycles among them; each generational collection meanwhile walks every live object,
+    for nothing. Once the last build ends, the freed heap is returned to the system
+    (glibc keeps it otherwise, and the daemon's resident size would stay at its peak).
+    """
+    global _building
+    with _building_lock:
+        _building += 1
+        if _building == 1:
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _building_lock:
+            _building -= 1
+            last = _building == 0
+            if last:
+                gc.enable()
+        if last and _TRIM is not None:
+            _TRIM(0)

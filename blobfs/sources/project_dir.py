@@ -41,7 +41,15 @@ from blobfs.cache.index_store import IndexStore
 from blobfs.errors import NotFound
 from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
 from blobfs.sources.base import FolderLoaders, Source
-from blobfs.sources.compact import BLOB, FOLDER, EntrySource, FileTable, TableBuilder, encode_name
+from blobfs.sources.compact import (
+    BLOB,
+    FOLDER,
+    EntrySource,
+    FileTable,
+    TableBuilder,
+    building,
+    encode_name,
+)
 from blobfs.sources.readers import FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FdPool, FileRangeReader, open_regular
@@ -214,6 +222,22 @@ class LocalProjectSource(Source):
             records[rec.relpath] = rec
 
     def _blob_images(self, folder: Path) -> list[FileRecord]:
+        out: list[FileRecord] = []
+        for m, stem in self._blob_members(folder):
+            blob = self._blobs[stem]
+            version = blob.cached.version if blob.cached else ""
+            out.append(
+                FileRecord(
+                    f"img/{m.name}",
+                    m.size,
+                    blob.mtime_ns,
+                    BlobRef(stem, version, m.start, m.end),
+                )
+            )
+        return out
+
+    def _blob_members(self, folder: Path) -> list[tuple[BlobMember, str]]:
+        """Every blob image of ``folder`` that is served, with its blob's stem."""
         for link in folder.glob(f"*{OFFSETS_SUFFIX}"):
             if link.is_symlink():  # could point anywhere on the machine: never followed
                 self._note(f"{link}: offsets file is a symlink; not read")
@@ -240,21 +264,8 @@ class LocalProjectSource(Source):
         clean = reject_conflicts([m for m, _ in members], str(folder), check_overlaps=False)
         for problem in clean.problems:
             self._note(str(problem))
-        keep = set(clean.members)
-        out: list[FileRecord] = []
-        for m, stem in members:
-            if m in keep:
-                blob = self._blobs[stem]
-                version = blob.cached.version if blob.cached else ""
-                out.append(
-                    FileRecord(
-                        f"img/{m.name}",
-                        m.size,
-                        blob.mtime_ns,
-                        BlobRef(stem, version, m.start, m.end),
-                    )
-                )
-        return out
+        keep = {id(m) for m in clean.members}  # the objects themselves: no hashing
+        return [(m, stem) for m, stem in members if id(m) in keep]
 
     def _blob(self, stem: str) -> _Blob:
         with self._lock:
@@ -335,20 +346,25 @@ class LocalProjectSource(Source):
                     self._note(problem)
                 return table
         notes: list[str] = []
-        self._capture.notes = notes
-        try:
-            records = self._blob_images(folder)
-        finally:
-            self._capture.notes = None
-        builder = TableBuilder("img/")
-        for rec in records:
-            ref = rec.ref
-            assert isinstance(ref, BlobRef)
-            blob = self._blobs[ref.blob_key]
-            src = builder.source(EntrySource(BLOB, ref.blob_key, ref.version, blob.mtime_ns))
-            builder.add(encode_name(rec.relpath[4:]), src, ref.start, ref.size)
-        del records
-        table, _ = builder.build()  # names were de-duplicated by reject_conflicts
+        with building():
+            self._capture.notes = notes
+            try:
+                members = self._blob_members(folder)
+            finally:
+                self._capture.notes = None
+            builder = TableBuilder("img/")
+            sources: dict[str, int] = {}
+            for m, stem in members:
+                src = sources.get(stem)
+                if src is None:
+                    blob = self._blobs[stem]
+                    version = blob.cached.version if blob.cached else ""
+                    src = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
+                    sources[stem] = src
+                builder.add(encode_name(m.name), src, m.start, m.end - m.start)
+            del members
+            table, _ = builder.build()  # names were de-duplicated by reject_conflicts
+            del builder
         self.index_builds += 1
         if store is not None:
             store.save(str(folder), key, _pack_index(table, notes))
