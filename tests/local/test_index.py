@@ -236,7 +236,7 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         subprocess.run(["fusermount", "-u", str(mnt)], check=True)
         proc.wait(30)
     assert timings[0] < 20, timings
-    assert timings[1] < 3, timings
+    assert timings[1] < 1.5, timings
 
 
 def _write_huge_offsets(path: Path, entries: int) -> None:
@@ -268,4 +268,4 @@ def test_listing_a_dataset_does_not_wait_for_another_being_indexed(
     listing.join(120)
     huge_s = time.monotonic() - started
     assert len(names) == 10 and huge == [300_000]
-    assert busy and small_s < huge_s / 2, (small_s, huge_s)
+    assert busy and small_s < 5 and small_s < huge_s / 4, (small_s, huge_s)
