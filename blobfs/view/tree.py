@@ -175,20 +175,31 @@ class ProjectView:
         assert children is not None
         return children
 
+    def _wait_for_quiet(self) -> None:
+        """Return once no request is filling a folder and none arrived for a moment: the
+        preload shares the interpreter with the requests (one runs Python at a time), so
+        a listing being paged out or an epoch being read goes first."""
+        seen = -1
+        while True:
+            served = sum(list(self.op_counts.values()))
+            if not self._foreground and served == seen:
+                return
+            seen = served
+            time.sleep(PRELOAD_YIELD_S)
+
     def preload(self) -> tuple[int, int]:
         """Fill every folder of the tree, one at a time, yielding to requests.
 
         Run in the background after mounting, so that refused entries are logged early and
-        the index cache is warm for the next mount. Between folders it waits while a
-        request is filling one (the request's folder comes first); it holds no lock but
-        the folder's own. Returns (folders, files).
+        the index cache is warm for the next mount. Between folders it waits until no
+        request is filling a folder or being served (requests come first); it holds no
+        lock but the folder's own. Returns (folders, files).
         """
         folders = files = 0
         stack: list[DirNode] = [self._root]
         while stack:
             node = stack.pop()
-            while self._foreground:
-                time.sleep(PRELOAD_YIELD_S)
+            self._wait_for_quiet()
             children = self._children(node, background=True)
             folders += 1
             if isinstance(children, FileTable):
