@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from blobfs.cache.blocks import BlockCache
 from blobfs.cache.disk import DiskBlockStore
+from blobfs.cache.index_store import IndexStore, default_index_dir
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
 from blobfs.errors import InvalidInput, NotFound
 from blobfs.fuse.compat import FUSE_MAJOR, BlobfsFUSE
@@ -53,7 +54,10 @@ def build_source(config: MountConfig) -> Source:
 
         return build_remote_source(config, cache)
     check_local_project(config.source)
-    return LocalProjectSource(config.source, cache)
+    index_dir = default_index_dir(config.cache_dir)
+    return LocalProjectSource(
+        config.source, cache, index_store=IndexStore(index_dir) if index_dir else None
+    )
 
 
 def check_local_project(path: str) -> None:
@@ -245,21 +249,23 @@ def _drain(queue: WritebackQueue) -> None:
 
 
 def _index_all(view: ProjectView) -> None:
-    """Read every dataset's listing once after mounting, so bad entries are logged now.
+    """Index every folder once after mounting, so bad entries are logged now.
 
-    The mount is ready before this runs (listings are lazy); this only moves the work of
-    the first ``find`` earlier and makes ``the log says why`` true from the start.
+    The mount is ready before this runs (folders are lazy); it fills one folder at a time
+    under that folder's own lock and waits while a request is filling one, so it never
+    delays a ``stat`` or ``ls``. It also leaves the index cache warm for the next mount.
     """
     started = time.monotonic()
     try:
-        files = view.walk_files()
+        folders, files = view.preload()
     except Exception:  # a failure here must not take the mount down
         logger.exception("indexing the project failed")
         return
     problems = view.source.problems()
     logger.info(
-        "indexed %d files in %.2f s; %d entries not served%s",
-        len(files),
+        "indexed %d files in %d folders in %.2f s; %d entries not served%s",
+        files,
+        folders,
         time.monotonic() - started,
         len(problems),
         " (blobfs check PROJECT lists them)" if problems else "",

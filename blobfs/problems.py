@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Names kept per (where, cause), and their length in characters.
 NAMES_KEPT = 3
@@ -139,6 +140,29 @@ class Problems:
                 line = _line(key, group) if due else None
             if line is not None:
                 self._log.warning("%s", line)
+
+    def snapshot(self) -> list[list[Any]]:
+        """Every group as ``[where, cause, count, names]`` (JSON-ready), to be replayed by
+        :meth:`add_snapshot` (an index cache keeps the problems of the entries it holds)."""
+        with self._lock:
+            return [[w, c, g.count, list(g.names)] for (w, c), g in self._groups.items()]
+
+    def add_snapshot(self, items: object) -> None:
+        """Add what :meth:`snapshot` gave; malformed items (a damaged cache) are skipped."""
+        if not isinstance(items, list):
+            return
+        for item in items:
+            if (
+                isinstance(item, list)
+                and len(item) == 4
+                and isinstance(item[0], str)
+                and isinstance(item[1], str)
+                and isinstance(item[2], int)
+                and isinstance(item[3], list)
+                and all(isinstance(n, str) for n in item[3])
+            ):
+                names = [n[:NAME_CHARS] for n in item[3][: self._names_kept]]
+                self._bump((item[0], item[1]), max(1, item[2]), names)
 
     def lines(self) -> list[str]:
         """One line per (where, cause): what ``blobfs check`` prints and the mount counts."""

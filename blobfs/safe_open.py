@@ -252,6 +252,37 @@ class ProjectRoot:
         finally:
             os.close(fd)
 
+    def list_regular(self, rel: str | Sequence[str]) -> tuple[list[str], list[DirItem]]:
+        """The names of the folder's regular files, from its directory entries (no ``lstat``
+        per file: a 250,000-file folder lists in a fraction of the time), and its other
+        entries ``lstat``-ed, to say what they are; ([], []) when missing.
+
+        Raises:
+            UnsafeFile: ``rel`` (or a folder on its way) is a symlink or not a folder.
+        """
+        try:
+            fd = self.open_dir(rel)
+        except NotFound:
+            return [], []
+        names: list[str] = []
+        others: list[DirItem] = []
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            names.append(entry.name)
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # vanished while listing
+                    others.append(
+                        DirItem(entry.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+                    )
+            return names, others
+        finally:
+            os.close(fd)
+
     def lstat(self, rel: str | Sequence[str]) -> os.stat_result | None:
         """``lstat`` of ``rel`` reached without following; None when it does not exist."""
         parts = split_rel(rel)

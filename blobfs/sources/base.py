@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from blobfs.model import DatasetRecord, FileRecord
 from blobfs.transport.base import RangeReader
+
+#: A folder's entries by name: a dict, or a compact table that makes records on demand
+#: (:class:`blobfs.sources.compact.FileTable`). The standard folders ``img`` and ``ann``
+#: are always present.
+FolderEntries = Mapping[str, FileRecord]
+FolderLoaders = dict[str, Callable[[], FolderEntries]]
 
 
 class Source(ABC):
@@ -20,6 +26,9 @@ class Source(ABC):
           folder, in the standard layout: ``img/<name>``, ``ann/<name>.json`` and optional
           ``img_info/``, ``meta/`` files. Entries the source refuses (bad names, conflicts)
           are left out and reported through ``problems()``.
+        - ``listing(dataset)`` names the dataset's folders, each with a loader of its
+          entries; the view calls a loader once (per refresh), lazily, possibly in another
+          thread, and never under a lock another folder's lookups wait for.
         - ``open(record)`` returns a reader of the file's own bytes ``[0, size)``.
         - ``content(record)`` returns a small file whole (used when ``size`` is None).
         - Errors are :class:`blobfs.errors.BlobfsError` subclasses only.
@@ -36,6 +45,19 @@ class Source(ABC):
     @abstractmethod
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
         """The files of one dataset (see the class contract)."""
+
+    def listing(self, dataset: DatasetRecord) -> FolderLoaders:
+        """The dataset's folders with a loader of each one's entries.
+
+        The default groups :meth:`files` (one call, now); sources with large datasets
+        override it to load each folder on its own, compactly.
+        """
+        groups: dict[str, dict[str, FileRecord]] = {"img": {}, "ann": {}}
+        for rec in self.files(dataset):
+            sub, _, name = rec.relpath.partition("/")
+            if name and "/" not in name:
+                groups.setdefault(sub, {})[name] = rec
+        return {sub: _constant(entries) for sub, entries in groups.items()}
 
     @abstractmethod
     def open(self, record: FileRecord) -> RangeReader:
@@ -72,3 +94,7 @@ class Source(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release descriptors, sessions and threads."""
+
+
+def _constant(entries: FolderEntries) -> Callable[[], FolderEntries]:
+    return lambda: entries

@@ -10,19 +10,33 @@ Layout read (the SDK's ``project/project.py``)::
     project/<dataset>/img_info/*.json, meta/*.json   passed through
     project/<dataset>/datasets/<child>/...    nested datasets
 
-Blob images are served through the shared :class:`BlockCache` by ``os.pread`` on the tar;
-small plain files are read directly (the kernel page cache already does their caching).
+Blob images are read with one ``pread`` of exactly their range of the tar, through a
+bounded pool of descriptors; no block cache (the kernel's page cache already caches the
+tar). Plain files are read directly.
+
+Each folder of a dataset is indexed on first use into a compact table
+(:mod:`blobfs.sources.compact`); the blob part of ``img/`` is kept in the index cache
+(:mod:`blobfs.cache.index_store`) keyed by the identity of every offsets file and tar it
+came from, so a remount of an unchanged project reads no pickle. Everything is opened
+through :class:`ProjectRoot`, so no symlink of the project is ever followed.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import stat
+import struct
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from blobfs.blob.index import (
     FILE_REFUSED,
@@ -35,6 +49,7 @@ from blobfs.blob.index import (
 )
 from blobfs.blob.tarhead import BLOCK, member_problem
 from blobfs.cache.blocks import BlockCache, CachedBlob
+from blobfs.cache.index_store import IndexStore
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import BlobfsError, CorruptData, NotFound
 from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
@@ -48,9 +63,19 @@ from blobfs.safe_open import (
     UnsafeFile,
     describe,
 )
-from blobfs.sources.base import Source
-from blobfs.sources.readers import FailingReader, SliceReader
+from blobfs.sources.base import FolderLoaders, Source
+from blobfs.sources.compact import (
+    BLOB,
+    FOLDER,
+    EntrySource,
+    FileTable,
+    TableBuilder,
+    building,
+    encode_name,
+)
+from blobfs.sources.readers import FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
+from blobfs.transport.local import FdPool
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +87,16 @@ NOT_DATASETS = frozenset({"img", "ann", "img_info", "seg", "meta", "datasets", "
 #: Verdicts of the tar on entries already read (bounded; a forgotten one is asked again).
 VERDICTS_KEPT = 65_536
 NOT_A_MEMBER = "entry is not a member of the tar"
+_PAYLOAD_LEN = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
 class _Blob:
     cached: CachedBlob | None
-    path: str
+    path: str  # for messages
     problem: str | None
     mtime_ns: int = 0
+    rel: str = ""  # inside the project: what the descriptor pool opens
 
 
 class LocalProjectSource(Source):
@@ -81,12 +108,23 @@ class LocalProjectSource(Source):
     when the dataset is listed, every other one at its first read.
     """
 
-    def __init__(self, project_dir: str | os.PathLike[str], cache: BlockCache) -> None:
+    def __init__(
+        self,
+        project_dir: str | os.PathLike[str],
+        cache: BlockCache,
+        index_store: IndexStore | None = None,
+    ) -> None:
         self.fs = ProjectRoot(project_dir)
         self.root = self.fs.path
         self.cache = cache
+        self.index_store = index_store
+        self._pool = FdPool(self.fs.open_file)
         self._blobs: dict[str, _Blob] = {}
         self._problems = Problems(logger)
+        # problems noted while a cached index is built go to its own collector first
+        self._capture = threading.local()
+        self._tables: weakref.WeakSet[FileTable] = weakref.WeakSet()
+        self.index_builds = 0
         self._verdicts: LockedLru[tuple[str, int, int, str], str] = LockedLru(VERDICTS_KEPT)
         # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
@@ -123,10 +161,11 @@ class LocalProjectSource(Source):
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
         if isinstance(ref, BlobRef):
-            blob = self._blobs[ref.blob_key]
+            blob = self._blob(ref.blob_key)  # known from the listing, or (cached index) now
             if blob.cached is None or blob.problem:
                 return FailingReader(blob.problem or f"blob {blob.path} unusable")
-            return _MemberReader(self, blob, ref, record.relpath.rsplit("/", 1)[-1])
+            inner = PreadReader(self._pool, blob.rel, ref)
+            return _MemberReader(self, blob, ref, record.relpath.rsplit("/", 1)[-1], inner)
         assert isinstance(ref, str)
         return ProjectFileReader(self.fs, ref)
 
@@ -138,20 +177,31 @@ class LocalProjectSource(Source):
             return self._refused.get(dataset, {}).get(relpath)
 
     def stats(self) -> dict[str, object]:
-        return {"cache": self.cache.stats.as_dict(), "cache_bytes": self.cache.used_bytes}
+        tables = list(self._tables)
+        return {
+            "blob_reads": self._pool.stats(),
+            "index": {
+                "folders": len(tables),
+                "entries": sum(len(t) for t in tables),
+                "bytes": sum(t.nbytes for t in tables),
+                "builds": self.index_builds,
+                "cache": self.index_store.stats() if self.index_store else None,
+            },
+        }
 
     def close(self) -> None:
-        for blob in self._blobs.values():
-            if blob.cached is not None:
-                close = getattr(blob.cached.reader, "close", None)
-                if close is not None:
-                    close()
+        self._pool.close()
         self.fs.close()
 
     # ---- listing ---------------------------------------------------------------------
 
+    def _sink(self) -> Problems:
+        """Where problems go now: the collector of an index being built, else the source's."""
+        sink: Problems | None = getattr(self._capture, "sink", None)
+        return self._problems if sink is None else sink
+
     def _note(self, where: str, cause: str, name: str | None = None) -> None:
-        self._problems.add(where, cause, name)
+        self._sink().add(where, cause, name)
 
     def _list(self, rel: str) -> list[DirItem]:
         """The folder ``rel``, or [] (noted) when it is a symlink or not a folder."""
@@ -251,6 +301,22 @@ class LocalProjectSource(Source):
     def _blob_images(
         self, key: str, items: list[DirItem], refused: dict[str, str]
     ) -> list[FileRecord]:
+        out: list[FileRecord] = []
+        for m, stem in self._blob_members(key, items, refused):
+            blob = self._blobs[stem]
+            version = blob.cached.version if blob.cached else ""
+            out.append(
+                FileRecord(
+                    f"img/{m.name}", m.size, blob.mtime_ns, BlobRef(stem, version, m.start, m.end)
+                )
+            )
+        return out
+
+    def _blob_members(
+        self, key: str, items: list[DirItem], refused: dict[str, str]
+    ) -> list[tuple[BlobMember, str]]:
+        """Every blob image of the dataset ``key`` that is served, with its blob's stem;
+        entries held but refused go into ``refused``."""
         found: list[tuple[BlobMember, str, str]] = []  # (member, stem, offsets file)
         for item in sorted(items, key=lambda e: e.name):
             if not item.name.endswith(OFFSETS_SUFFIX):
@@ -262,7 +328,7 @@ class LocalProjectSource(Source):
             blob = self._blob(stem)
             rel = f"{key}/{item.name}"
             index = self._read_offsets(rel, None)
-            self._problems.merge(index.problems)
+            self._sink().merge(index.problems)
             where = self.fs.where(rel)
             if blob.problem and index.members:
                 self._note(where, f"{len(index.members)} images unreadable: {blob.problem}")
@@ -284,16 +350,7 @@ class LocalProjectSource(Source):
                 refused[f"img/{m.name}"] = (
                     "name appears more than once" if seen[m.name] > 1 else "range overlaps another"
                 )
-        out: list[FileRecord] = []
-        for m, stem, _ in kept:
-            blob = self._blobs[stem]
-            version = blob.cached.version if blob.cached else ""
-            out.append(
-                FileRecord(
-                    f"img/{m.name}", m.size, blob.mtime_ns, BlobRef(stem, version, m.start, m.end)
-                )
-            )
-        return out
+        return [(m, stem) for m, stem, _ in kept]
 
     def _resolve(
         self, found: list[tuple[BlobMember, str, str]], where: str
@@ -331,7 +388,7 @@ class LocalProjectSource(Source):
         # What the tar could not settle falls back to refusing every side.
         clean = reject_conflicts([m for m, _, _ in rest], where, check_overlaps=False)
         names_ok = Counter(m.name for m in clean.members)
-        self._problems.merge(clean.problems)
+        self._sink().merge(clean.problems)
         final: list[tuple[BlobMember, str, str]] = []
         by_stem_rest: dict[str, list[tuple[BlobMember, str, str]]] = {}
         for f in rest:
@@ -339,7 +396,7 @@ class LocalProjectSource(Source):
                 by_stem_rest.setdefault(f[1], []).append(f)
         for stem, group in by_stem_rest.items():
             clean = reject_conflicts([m for m, _, _ in group], self._blobs[stem].path)
-            self._problems.merge(clean.problems)
+            self._sink().merge(clean.problems)
             keep = Counter(clean.members)
             final.extend(f for f in group if keep[f[0]])
         return final
@@ -356,8 +413,8 @@ class LocalProjectSource(Source):
             verdict = member_problem(b"", m)
         else:
             try:
-                header = self.cache.read(blob.cached, m.start - BLOCK, m.start)
-            except BlobfsError:
+                header = self._pool.pread(blob.rel, m.start - BLOCK, m.start)
+            except (BlobfsError, OSError):
                 return ""  # the blob itself is unreadable; reads will say so
             verdict = member_problem(header, m)
         self._verdicts.put(key, verdict or "")
@@ -403,18 +460,198 @@ class LocalProjectSource(Source):
                     path,
                     None,
                     st.st_mtime_ns,
+                    rel,
                 )
         with self._lock:
             return self._blobs.setdefault(stem, blob)
+
+    # ---- compact listings (the view's path; ``files`` stays for ``check``) -----------
+
+    def listing(self, dataset: DatasetRecord) -> FolderLoaders:
+        assert isinstance(dataset.key, str)
+        key = dataset.key
+        loaders: FolderLoaders = {
+            "img": lambda: self._deferred(self._img_table, dataset),
+            "ann": lambda: self._deferred(self._plain_table, f"{key}/ann", "ann", ".json"),
+        }
+        for sub in PASS_THROUGH_DIRS:
+            st = self.fs.lstat(f"{key}/{sub}")
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                loaders[sub] = functools.partial(
+                    self._deferred, self._plain_table, f"{key}/{sub}", sub
+                )
+        return loaders
+
+    def _deferred(self, build: Any, *args: Any) -> FileTable:
+        """``build(*args)`` with its problems logged once it is done (one line each)."""
+        with self._problems.deferred():
+            table: FileTable = build(*args)
+        self._tables.add(table)
+        return table
+
+    def _lstat(self, rel: str) -> os.stat_result:
+        """``lstat`` of a plain file at lookup, reached without following any symlink."""
+        st = self.fs.lstat(rel)
+        if st is None:
+            raise FileNotFoundError(rel)
+        return st
+
+    def _plain_table(self, rel: str, sub: str, suffix: str = "") -> FileTable:
+        """A folder of ordinary files: names only (sizes come from ``lstat`` at lookup)."""
+        builder = TableBuilder(f"{sub}/")
+        self._add_plain(builder, rel, suffix)
+        table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        return table
+
+    def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> None:
+        try:
+            names, others = self.fs.list_regular(rel)
+        except BlobfsError as exc:
+            self._note(self.fs.where(rel), "folder not read", str(exc))
+            return
+        for item in others:
+            self._refuse_item(rel, item)
+        src = builder.source(EntrySource(FOLDER, rel))
+        for name in names:
+            if name.endswith(suffix):
+                builder.add(encode_name(name), src)
+
+    def _img_table(self, dataset: DatasetRecord) -> FileTable:
+        """Blob images (from the index cache when it is current) and plain ``img/`` files."""
+        assert isinstance(dataset.key, str)
+        key = dataset.key
+        refused: dict[str, str] = {}
+        blobs = self._blob_table(key, refused)
+        builder = TableBuilder("img/")
+        img = self.fs.lstat(f"{key}/img")
+        if img is not None and stat.S_ISDIR(img.st_mode):
+            self._add_plain(builder, f"{key}/img")
+        elif img is not None:
+            self._note(self.fs.where(key), f"{describe(img.st_mode)}; not served", "img")
+        if len(builder):
+            builder.add_table(blobs)
+            table, both = builder.build(self._lstat)
+            for name in both:
+                refused[f"img/{name}"] = "both a blob image and a file in img/"
+                self._note(
+                    self.fs.where(key),
+                    "both a blob image and a file in img/ (neither is served)",
+                    show(f"img/{name}"),
+                )
+        else:
+            table = blobs
+        with self._lock:
+            self._refused[dataset.path] = refused
+        return table
+
+    def _blob_table(self, key: str, refused: dict[str, str]) -> FileTable:
+        items = self._list(key)
+        store = self.index_store
+        index_key = self._index_key(key, items) if store is not None else b""
+        if store is not None:
+            cached = _unpack_index(store.load(self.fs.where(key), index_key))
+            if cached is not None:
+                table, problems, cached_refused = cached
+                self._problems.add_snapshot(problems)
+                refused.update(cached_refused)
+                return table
+        collected = Problems()
+        with building():
+            self._capture.sink = collected
+            try:
+                members = self._blob_members(key, items, refused)
+            finally:
+                self._capture.sink = None
+            builder = TableBuilder("img/")
+            sources: dict[str, int] = {}
+            for m, stem in members:
+                src = sources.get(stem)
+                if src is None:
+                    blob = self._blobs[stem]
+                    version = blob.cached.version if blob.cached else ""
+                    src = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
+                    sources[stem] = src
+                builder.add(encode_name(m.name), src, m.start, m.end - m.start)
+            del members
+            table, _ = builder.build()  # names were de-duplicated by _resolve
+            del builder
+        self._problems.merge(collected)
+        self.index_builds += 1
+        if store is not None:
+            payload = _pack_index(table, collected.snapshot(), refused)
+            store.save(self.fs.where(key), index_key, payload)
+        return table
+
+    def _index_key(self, key: str, items: list[DirItem]) -> bytes:
+        """What a cached index of ``key`` must have been built from to be current: every
+        offsets file's and tar's identity, and the code that decided the entries."""
+        files = []
+        tars = []
+        for item in sorted(items, key=lambda e: e.name):
+            if not item.name.endswith(OFFSETS_SUFFIX):
+                continue
+            files.append([item.name, item.ino, item.size, item.mtime_ns, item.mode])
+            stem = item.name[: -len(OFFSETS_SUFFIX)]
+            st = self.fs.lstat(f"{BLOB_DIR}/{stem}.tar")
+            tars.append(
+                [stem, None if st is None else [st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode]]
+            )
+        device = os.stat(self.root).st_dev
+        return json.dumps([_rules_digest(), device, key, files, tars]).encode()
+
+
+@functools.cache
+def _rules_digest() -> str:
+    """A digest of the code that decides which entries are served: a cached index built by
+    other rules (another blobfs version, a fixed validation) is never used."""
+    from blobfs import __version__
+    from blobfs.blob import index, tarhead
+    from blobfs.sources import compact
+
+    h = hashlib.sha256(__version__.encode())
+    for module in (index, tarhead, compact):
+        h.update(Path(module.__file__ or "").read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _pack_index(table: FileTable, problems: list[list[Any]], refused: dict[str, str]) -> bytes:
+    text = json.dumps({"problems": problems, "refused": refused}).encode("utf-8", "surrogateescape")
+    return _PAYLOAD_LEN.pack(len(text)) + text + table.to_bytes()
+
+
+def _unpack_index(
+    payload: bytes | None,
+) -> tuple[FileTable, list[list[Any]], dict[str, str]] | None:
+    """A cached (table, problems, refused names), or None when absent or not well-formed."""
+    if payload is None or len(payload) < _PAYLOAD_LEN.size:
+        return None
+    (size,) = _PAYLOAD_LEN.unpack_from(payload)
+    at = _PAYLOAD_LEN.size + size
+    try:
+        meta = json.loads(payload[_PAYLOAD_LEN.size : at].decode("utf-8", "surrogateescape"))
+        problems, refused = meta["problems"], meta["refused"]
+        if not isinstance(problems, list) or not isinstance(refused, dict):
+            raise ValueError("problems or refused names of the wrong type")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in refused.items()):
+            raise ValueError("refused names are not strings")
+        table = FileTable.from_bytes(payload[at:])
+    except (ValueError, KeyError, TypeError) as exc:
+        logger.info("index cache entry not usable (%s); rebuilding it", exc)
+        return None
+    if table.prefix != "img/" or any(s.kind != BLOB for s in table.sources):
+        return None
+    return table, problems, refused
 
 
 class _MemberReader:
     """A blob image whose entry is checked against the tar's header at its first read."""
 
-    def __init__(self, source: LocalProjectSource, blob: _Blob, ref: BlobRef, name: str) -> None:
-        assert blob.cached is not None
+    def __init__(
+        self, source: LocalProjectSource, blob: _Blob, ref: BlobRef, name: str, inner: RangeReader
+    ) -> None:
         self._source, self._blob, self._ref, self._name = source, blob, ref, name
-        self._inner = SliceReader(source.cache, blob.cached, ref)
+        self._inner = inner
 
     def read(self, start: int, end: int) -> bytes:
         self._source.check_member(self._blob, self._ref, self._name)

@@ -8,9 +8,13 @@ Shape of the tree::
     /<dataset>/img_info/, meta/       when the source has them
     /<dataset>/datasets/<child>/...   nested datasets
 
-Dataset folders are filled on first access (a mount of a 1M-image project is ready before
-any offsets file is read). Sources whose listings may change (remote) are re-listed after
-``listing_ttl_s``; immutable ones are listed once.
+Folders are filled on first access, each on its own: a dataset's ``img/`` is indexed when
+something in it is first looked up, under that folder's own lock, so a ``stat`` or ``ls``
+elsewhere never waits for it (a mount of a 1M-image project is ready before any offsets
+file is read). Large folders come from the source as compact tables
+(:class:`blobfs.sources.compact.FileTable`): a lookup is a binary search, a listing pages
+through the table, and no per-file object is kept. Sources whose listings may change
+(remote) are re-listed after ``listing_ttl_s``; immutable ones are listed once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +34,7 @@ from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.model import DatasetRecord, FileRecord
 from blobfs.sources.base import Source
+from blobfs.sources.compact import FileTable
 from blobfs.sources.readers import BytesReader
 from blobfs.view.handles import HandleTable, ReadHandle
 
@@ -52,15 +57,26 @@ DIR_MODE = stat.S_IFDIR | 0o555
 Node = "DirNode | FileRecord"
 
 
+Children = Mapping[str, "DirNode | FileRecord"]
+#: How often a background preload looks again whether foreground fills are still running.
+PRELOAD_YIELD_S = 0.02
+
+
 @dataclass(eq=False)
 class DirNode:
-    """A directory; ``children`` is None until ``fill`` has run (lazy datasets)."""
+    """A directory; ``children`` is None until ``fill`` has run (lazy folders).
+
+    ``lock`` serialises filling this node only. ``refresh`` is False for folders that are
+    re-created with their parent (a dataset's ``img/``): only the parent ages.
+    """
 
     mtime_ns: int
-    children: dict[str, DirNode | FileRecord] | None = None
-    fill: Callable[[], dict[str, DirNode | FileRecord]] | None = None
+    children: Children | None = None
+    fill: Callable[[], Children] | None = None
     loaded_at: float = 0.0
     subsets: dict[str, DirNode] = field(default_factory=dict)
+    refresh: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def split_path(path: str) -> list[str]:
@@ -86,7 +102,7 @@ class ProjectView:
         self._sizes: LockedLru[FileRecord, int] = LockedLru(SIZE_CACHE_ENTRIES)
         # id(children dict) -> (that dict, its items as a list): readdirplus pages through
         # a listing by index, and a 30,000-entry folder is listed in ~155 pages.
-        self._listings: dict[int, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
+        self._listings: dict[int, tuple[Children, list[tuple[str, Any]]]] = {}
         self.handles = HandleTable()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_time_ns = time.time_ns()
@@ -102,10 +118,13 @@ class ProjectView:
         self.refresh_timeout_s = DEFAULT_REFRESH_TIMEOUT_S
         self._refresh_lock = threading.Lock()
         self._refreshing: set[DirNode] = set()
+        # fills that a request waits for right now; a background preload yields to them
+        self._foreground = 0
+        self._foreground_lock = threading.Lock()
 
     # ---- tree ------------------------------------------------------------------------
 
-    def _fill_root(self) -> dict[str, DirNode | FileRecord]:
+    def _fill_root(self) -> Children:
         children: dict[str, DirNode | FileRecord] = {}
         meta = self.source.meta_json()
         if meta is not None:
@@ -120,52 +139,100 @@ class ProjectView:
                 by_path[ds.path[:-1]].subsets[ds.name] = node
         return children
 
-    def _dataset_filler(self, ds: DatasetRecord) -> Callable[[], dict[str, DirNode | FileRecord]]:
-        def fill() -> dict[str, DirNode | FileRecord]:
+    def _dataset_filler(self, ds: DatasetRecord) -> Callable[[], Children]:
+        def fill() -> Children:
             return self._fill_dataset(ds)
 
         return fill
 
-    def _fill_dataset(self, ds: DatasetRecord) -> dict[str, DirNode | FileRecord]:
+    def _fill_dataset(self, ds: DatasetRecord) -> Children:
+        """The dataset's folders, each filled on its own first access."""
         mtime = ds.mtime_ns or self.mount_time_ns
-        dirs: dict[str, DirNode] = {"img": DirNode(mtime, {}), "ann": DirNode(mtime, {})}
-        for rec in self.source.files(ds):
-            sub, _, name = rec.relpath.partition("/")
-            if not name or "/" in name:
-                continue
-            folder = dirs.setdefault(sub, DirNode(mtime, {}))
-            assert folder.children is not None
-            folder.children[name] = rec
-        return dict(dirs)
+        return {
+            sub: DirNode(mtime, fill=load, refresh=False)
+            for sub, load in self.source.listing(ds).items()
+        }
 
-    def _children(self, node: DirNode) -> dict[str, DirNode | FileRecord]:
+    def _stale(self, node: DirNode) -> bool:
+        return (
+            node.refresh
+            and node.fill is not None
+            and self._clock() - node.loaded_at > self.listing_ttl_s
+        )
+
+    def _children(self, node: DirNode, background: bool = False) -> Children:
         children = node.children
-        if children is not None and self._immutable:
-            return children  # the hot path: a filled folder of an immutable project
         if children is not None:
-            if node.fill is not None and self._clock() - node.loaded_at > self.listing_ttl_s:
+            if not self._immutable and self._stale(node):
                 self._refresh_in_background(node, children)
-            return children  # a stale listing is served while it is refreshed
-        # Only a first listing blocks, and only until the operation's deadline.
-        deadline.acquire(self._lock, "listing")
+            return children  # the hot path; a stale listing is served while it is refreshed
+        if not background:
+            with self._foreground_lock:
+                self._foreground += 1
         try:
-            if node.children is None:
-                assert node.fill is not None
-                node.children, node.loaded_at = self._with_subsets(node, node.fill()), self._clock()
-            children = node.children
+            # Only a first listing blocks, only this folder's (lookups elsewhere go on), and
+            # only until the operation's deadline.
+            deadline.acquire(node.lock, "listing")
+            try:
+                if node.children is None:
+                    assert node.fill is not None
+                    filled = self._with_subsets(node, node.fill())
+                    node.children, node.loaded_at = filled, self._clock()
+                children = node.children
+            finally:
+                node.lock.release()
         finally:
-            self._lock.release()
+            if not background:
+                with self._foreground_lock:
+                    self._foreground -= 1
+        assert children is not None
         return children
 
+    def _wait_for_quiet(self) -> None:
+        """Return once no request is filling a folder and none arrived for a moment: the
+        preload shares the interpreter with the requests (one runs Python at a time), so
+        a listing being paged out or an epoch being read goes first."""
+        seen = -1
+        while True:
+            served = sum(list(self.op_counts.values()))
+            if not self._foreground and served == seen:
+                return
+            seen = served
+            time.sleep(PRELOAD_YIELD_S)
+
+    def preload(self) -> tuple[int, int]:
+        """Fill every folder of the tree, one at a time, yielding to requests.
+
+        Run in the background after mounting, so that refused entries are logged early and
+        the index cache is warm for the next mount. Between folders it waits until no
+        request is filling a folder or being served (requests come first); it holds no
+        lock but the folder's own. Returns (folders, files).
+        """
+        folders = files = 0
+        stack: list[DirNode] = [self._root]
+        while stack:
+            node = stack.pop()
+            self._wait_for_quiet()
+            children = self._children(node, background=True)
+            folders += 1
+            if isinstance(children, FileTable):
+                files += len(children)
+                continue
+            for child in children.values():
+                if isinstance(child, DirNode):
+                    stack.append(child)
+                else:
+                    files += 1
+        return folders, files
+
     @staticmethod
-    def _with_subsets(
-        node: DirNode, filled: dict[str, DirNode | FileRecord]
-    ) -> dict[str, DirNode | FileRecord]:
+    def _with_subsets(node: DirNode, filled: Children) -> Children:
+        """A dataset's listing with its nested datasets under ``datasets/``."""
         if node.subsets:
-            filled[DATASETS_DIR] = DirNode(node.mtime_ns, dict(node.subsets))
+            return {**filled, DATASETS_DIR: DirNode(node.mtime_ns, dict(node.subsets))}
         return filled
 
-    def _refresh_in_background(self, node: DirNode, seen: dict[str, DirNode | FileRecord]) -> None:
+    def _refresh_in_background(self, node: DirNode, seen: Children) -> None:
         """Re-list ``node`` in a thread of its own (one per folder at a time).
 
         No operation waits for a refresh: a slow or failing server leaves the old listing
@@ -179,13 +246,13 @@ class ProjectView:
             target=self._refresh, args=(node, seen), name="blobfs-refresh", daemon=True
         ).start()
 
-    def _refresh(self, node: DirNode, seen: dict[str, DirNode | FileRecord]) -> None:
+    def _refresh(self, node: DirNode, seen: Children) -> None:
         try:
             assert node.fill is not None
             with deadline.within(self.refresh_timeout_s):
                 filled = self._with_subsets(node, node.fill())
-            _carry_over(seen, filled)
-            with self._lock:
+            _carry_over(seen, filled, self._clock())
+            with node.lock:
                 if node.children is seen:  # not dropped or replaced meanwhile (an import)
                     node.children, node.loaded_at = filled, self._clock()
         except Exception as exc:
@@ -288,14 +355,17 @@ class ProjectView:
         }
 
     def _record_attrs(self, rec: FileRecord, size: int) -> dict[str, int]:
+        return self._size_attrs(size, rec.mtime_ns)
+
+    def _size_attrs(self, size: int, mtime_ns: int) -> dict[str, int]:
         return {
             "st_mode": FILE_MODE,
             "st_nlink": 1,
             "st_size": size,
             "st_blocks": (size + 511) // 512,
-            "st_mtime": rec.mtime_ns,
-            "st_ctime": rec.mtime_ns,
-            "st_atime": rec.mtime_ns,
+            "st_mtime": mtime_ns,
+            "st_ctime": mtime_ns,
+            "st_atime": mtime_ns,
             "st_uid": self.uid,
             "st_gid": self.gid,
         }
@@ -315,6 +385,8 @@ class ProjectView:
         if not isinstance(node, DirNode):
             raise NotADirectory(path)
         children = self._children(node)
+        if isinstance(children, FileTable):  # pages straight from the table
+            return self._table_attrs(children, start)
         with self._lock:
             memo = self._listings.get(id(children))
             if memo is None or memo[0] is not children:
@@ -323,6 +395,13 @@ class ProjectView:
                 while len(self._listings) > LISTING_MEMO_ENTRIES:
                     self._listings.pop(next(iter(self._listings)))
         return self._attrs_from(memo[1], start)
+
+    def _table_attrs(
+        self, table: FileTable, start: int
+    ) -> Iterator[tuple[str, dict[str, int] | None]]:
+        # a folder entry's size is known only once it is looked up (no stat per listing)
+        for name, size, mtime in table.entries_from(start):
+            yield name, None if size is None else self._size_attrs(size, mtime)
 
     def _attrs_from(
         self, items: list[tuple[str, DirNode | FileRecord]], start: int
@@ -419,23 +498,28 @@ class ProjectView:
         return out
 
 
-def _carry_over(old: dict[str, DirNode | FileRecord], new: dict[str, DirNode | FileRecord]) -> None:
+def _carry_over(old: Children, new: Children, now: float) -> None:
     """Keep the listings already loaded under folders that a refresh of their parent
     brought back as new, unloaded nodes (a refreshed root lists every dataset anew): a
-    read there must not wait for a first listing again. Each keeps its own load time, so
-    its own refresh comes after its own TTL, in the background."""
+    read there must not wait for a first listing again. A dataset's own folders
+    (``img/``, ``ann/``: no TTL of their own) are filled anew here, in the refresh's
+    thread; other folders keep their listing and load time, so their own refresh comes
+    after their own TTL, in the background."""
     for name, node in new.items():
         prev = old.get(name)
         if not isinstance(node, DirNode) or not isinstance(prev, DirNode):
             continue
-        _carry_over(prev.subsets, node.subsets)  # type: ignore[arg-type]
-        if node.children is None and prev.children is not None:
+        _carry_over(prev.subsets, node.subsets, now)
+        if node.children is None and prev.children is not None and not node.refresh:
+            assert node.fill is not None
+            node.children, node.loaded_at = node.fill(), now
+        elif node.children is None and prev.children is not None:
             kept = {k: v for k, v in prev.children.items() if k != DATASETS_DIR}
             if node.subsets:
                 kept[DATASETS_DIR] = DirNode(node.mtime_ns, dict(node.subsets))
             node.children, node.loaded_at = kept, prev.loaded_at
         elif node.children is not None and prev.children is not None:
-            _carry_over(prev.children, node.children)
+            _carry_over(prev.children, node.children, now)
 
 
 def _rss_bytes() -> int:

@@ -1,0 +1,195 @@
+"""Index files kept between mounts, so a remount of an unchanged project parses no pickles.
+
+One file per dataset folder (its name is a hash of the folder's path), holding a *key* that
+says which input it was built from (for a local project: the device, inode, size and mtime
+of every offsets file and tar it read, and a digest of the code that decided its entries)
+and the payload. A file is used only when its key equals the key of the input now, and its
+checksum matches: anything else (another project at that path, a changed tar, a torn write,
+a flipped bit, a file that is not ours) is a miss, and the index is built again.
+
+Where: ``<--cache-dir>/index`` when a persistent block cache is configured, else
+``$XDG_CACHE_HOME/blobfs/index`` (``~/.cache/blobfs/index``). The folder is created
+``0700`` and used only when it belongs to this user and nobody else can write to it; files
+are written ``0600`` through a temp file and a rename, and opened without following
+symlinks. A file unused for :data:`MAX_AGE_S` is deleted when a store opens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import struct
+import time
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"BLOBFSIX"
+SUFFIX = ".idx"
+#: Files not used for this long are deleted (a project removed long ago).
+MAX_AGE_S = 30 * 24 * 3600.0
+#: A cache file larger than this is not read (a dataset of 10M entries is ~400 MB).
+MAX_FILE_BYTES = 4 << 30
+_HEAD = struct.Struct("<8sQQ")  # magic, key length, payload length
+_DIGEST = 32
+
+
+def default_index_dir(cache_dir: str | None = None) -> Path | None:
+    """Where index files live: under ``cache_dir``, or the user's XDG cache folder."""
+    if cache_dir:
+        return Path(cache_dir) / "index"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base and os.path.isabs(base):
+        return Path(base) / "blobfs" / "index"
+    try:
+        return Path.home() / ".cache" / "blobfs" / "index"
+    except (RuntimeError, KeyError):
+        return None
+
+
+class IndexStore:
+    """Payloads by (name, key) in one private folder; a failing store is just a miss.
+
+    Args:
+        folder: where the files live (created ``0700`` when missing).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.usable = self._prepare()
+        self.hits = 0
+        self.misses = 0
+        self.saves = 0
+
+    def _prepare(self) -> bool:
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.folder)
+        except OSError as exc:
+            logger.warning(
+                "index cache %s unusable (%s); indexes are rebuilt at each mount",
+                self.folder,
+                exc.strerror,
+            )
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            logger.warning(
+                "index cache %s is not a private folder of this user; not used", self.folder
+            )
+            return False
+        self._prune()
+        return True
+
+    def _path(self, name: str) -> Path:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        return self.folder / f"{digest}{SUFFIX}"
+
+    def load(self, name: str, key: bytes) -> bytes | None:
+        """The payload saved for ``name`` with exactly ``key``, or None."""
+        if not self.usable:
+            return None
+        data = self._read(self._path(name))
+        payload = None if data is None else _unwrap(data, key)
+        if payload is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return payload
+
+    def _read(self, path: Path) -> bytes | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+                return None
+            chunks = []
+            left = st.st_size
+            while left > 0:
+                chunk = os.read(fd, min(left, 64 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            with_time = time.time()
+            os.utime(fd, (with_time, with_time))  # recently used: kept by the pruning
+            return b"".join(chunks)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def save(self, name: str, key: bytes, payload: bytes) -> None:
+        """Keep ``payload`` for ``name`` under ``key``; failures are logged, never raised."""
+        if not self.usable:
+            return
+        path = self._path(name)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as f:
+                    f.write(_HEAD.pack(MAGIC, len(key), len(payload)))
+                    f.write(key)
+                    f.write(payload)
+                    f.write(_digest(key, payload))
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self.saves += 1
+        except OSError as exc:
+            logger.warning("index cache: cannot save %s: %s", path, exc.strerror)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _prune(self) -> None:
+        cutoff = time.time() - MAX_AGE_S
+        try:
+            with os.scandir(self.folder) as it:
+                for entry in it:
+                    if not entry.name.endswith((SUFFIX, ".tmp")):
+                        continue
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(entry.path)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "folder": str(self.folder) if self.usable else None,
+            "hits": self.hits,
+            "misses": self.misses,
+            "saves": self.saves,
+        }
+
+
+def _digest(key: bytes, payload: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=_DIGEST)
+    h.update(key)
+    h.update(payload)
+    return h.digest()
+
+
+def _unwrap(data: bytes, key: bytes) -> bytes | None:
+    """The payload of a file's bytes when its key is ``key`` and its checksum holds."""
+    if len(data) < _HEAD.size + _DIGEST:
+        return None
+    magic, key_len, payload_len = _HEAD.unpack_from(data)
+    if magic != MAGIC or _HEAD.size + key_len + payload_len + _DIGEST != len(data):
+        return None
+    at = _HEAD.size
+    if data[at : at + key_len] != key:
+        return None
+    payload = data[at + key_len : at + key_len + payload_len]
+    if data[-_DIGEST:] != _digest(key, payload):
+        return None
+    return payload

@@ -1,0 +1,269 @@
+"""How a local project is indexed: per folder, lazily, compactly, cached between mounts.
+
+In-process on the view and the source, then through real mounts of a 200,000-image project
+(written in a few seconds by :mod:`blobfs.testing.scale`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobfs.blob import index as offsets_module
+from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch
+from blobfs.cache.blocks import BlockCache
+from blobfs.cache.index_store import IndexStore
+from blobfs.errors import NotFound
+from blobfs.model import BlobMember
+from blobfs.sources.compact import FileTable
+from blobfs.sources.project_dir import LocalProjectSource
+from blobfs.testing.scale import ScaleProject, write_scale_project
+from blobfs.view.tree import DirNode, ProjectView
+from tests.helpers import start_mount
+
+
+def source(root: Path, store: IndexStore | None = None) -> LocalProjectSource:
+    return LocalProjectSource(root, BlockCache(4096, 1 << 20), index_store=store)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> ScaleProject:
+    """3 datasets of 2,000 images in 4 tars (one tar spans two datasets), with anns."""
+    return write_scale_project(tmp_path / "p", ["a", "b", "c"], 2000, 4, anns=True)
+
+
+def test_a_lookup_indexes_only_its_own_folder(small: ScaleProject) -> None:
+    view = ProjectView(source(small.root))
+    path = "/" + small.path(1, 1234)
+    assert view.read_path(path, 0, 1 << 20) == small.expected(1, 1234)
+    root = view._root.children
+    assert root is not None
+    b = root["b"]
+    assert isinstance(b, DirNode) and b.children is not None
+    img, ann = b.children["img"], b.children["ann"]
+    assert isinstance(img, DirNode) and isinstance(img.children, FileTable)
+    assert isinstance(ann, DirNode) and ann.children is None  # not listed, not scanned
+    for other in ("a", "c"):
+        node = root[other]
+        assert isinstance(node, DirNode) and node.children is None
+    assert view._listings == {}  # no listing was built to answer it
+
+
+def test_a_table_serves_the_exact_bytes_listing_and_attributes(small: ScaleProject) -> None:
+    view = ProjectView(source(small.root))
+    for d in range(3):
+        names = view.readdir(f"/{small.datasets[d]}/img")
+        assert sorted(names) == names and len(names) == 2000
+        for i in random.Random(d).sample(range(2000), 50):
+            path = "/" + small.path(d, i)
+            assert view.read_path(path, 0, 1 << 20) == small.expected(d, i)
+            assert view.getattr(path)["st_size"] == len(small.expected(d, i))
+            ann = f"/{small.datasets[d]}/ann/{path.rsplit('/', 1)[1]}.json"
+            assert json.loads(view.read_path(ann, 0, 1 << 20))["objects"] == []
+        page = list(view.readdir_attrs(f"/{small.datasets[d]}/img", 1990))
+        assert [n for n, _ in page] == names[1990:]
+        assert all(a is not None and a["st_size"] > 0 for _, a in page)
+    with pytest.raises(NotFound):
+        view.getattr("/a/img/small-image-0002000.png")
+
+
+def test_a_remount_of_an_unchanged_project_reads_no_offsets_file(
+    small: ScaleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_dir = tmp_path / "cache"
+    first = source(small.root, IndexStore(store_dir))
+    assert ProjectView(first).preload() == (3 + 1 + 3 * 2, 3 * 4000 + 1)
+    assert first.index_builds == 3
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an offsets file was parsed")
+
+    monkeypatch.setattr("blobfs.sources.project_dir.parse_offsets", refuse)
+    again = source(small.root, IndexStore(store_dir))
+    view = ProjectView(again)
+    for d in range(3):
+        for i in (0, 999, 1999):
+            assert view.read_path("/" + small.path(d, i), 0, 1 << 20) == small.expected(d, i)
+    assert again.index_builds == 0
+    assert again.index_store is not None and again.index_store.hits == 3
+
+
+@pytest.mark.parametrize("change", ["offsets", "tar", "cache"])
+def test_a_changed_input_or_a_damaged_cache_file_rebuilds(
+    small: ScaleProject, tmp_path: Path, change: str
+) -> None:
+    store_dir = tmp_path / "cache"
+    ProjectView(source(small.root, IndexStore(store_dir))).preload()
+    if change == "offsets":  # one entry dropped: the dataset's new offsets must be seen
+        offsets = small.root / "a" / f"blob_000{OFFSETS_SUFFIX}"
+        members = offsets_module.read_offsets_file(str(offsets)).members
+        offsets.write_bytes(dumps_batch(members[1:]))
+    elif change == "tar":
+        tar = small.root / "blob" / "blob_000.tar"
+        st = tar.stat()
+        os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    else:
+        for f in store_dir.iterdir():
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 1
+            f.write_bytes(bytes(data))
+    again = source(small.root, IndexStore(store_dir))
+    view = ProjectView(again)
+    if change == "offsets":
+        with pytest.raises(NotFound):
+            view.getattr("/" + small.path(0, 0))
+    assert view.read_path("/" + small.path(0, 5), 0, 1 << 20) == small.expected(0, 5)
+    builds = {"offsets": 1, "tar": 1, "cache": 1}[change]  # only dataset a reads blob_000
+    view.readdir("/b/img")
+    view.readdir("/c/img")
+    assert again.index_builds == builds + (2 if change == "cache" else 0)
+
+
+def test_problems_are_reported_again_from_a_cached_index(tmp_path: Path) -> None:
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
+    offsets = project.root / "a" / f"blob_000{OFFSETS_SUFFIX}"
+    members = offsets_module.read_offsets_file(str(offsets)).members
+    offsets.write_bytes(dumps_batch([*members, BlobMember("bad/name.png", 0, 1)]))
+    store = tmp_path / "cache"
+    first = source(project.root, IndexStore(store))
+    ProjectView(first).readdir("/a/img")
+    again = source(project.root, IndexStore(store))
+    ProjectView(again).readdir("/a/img")
+    assert again.index_builds == 0
+    assert first.problems() == again.problems() and any("bad/name" in p for p in first.problems())
+
+
+class _SlowFirstFolder(LocalProjectSource):
+    """A real source whose ``slow`` dataset's img/ takes until ``release`` is set."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, BlockCache(4096, 1 << 20))
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _blob_table(self, key: str, refused: dict[str, str]) -> FileTable:
+        if key == "slow":
+            self.entered.set()
+            assert self.release.wait(30)
+        return super()._blob_table(key, refused)
+
+
+def test_a_slow_folder_does_not_hold_up_any_other(tmp_path: Path) -> None:
+    project = write_scale_project(tmp_path / "p", ["fast", "slow"], 50, 2)
+    src = _SlowFirstFolder(project.root)
+    view = ProjectView(src)
+    slow = threading.Thread(target=view.readdir, args=("/slow/img",))
+    slow.start()
+    try:
+        assert src.entered.wait(10)
+        started = time.monotonic()
+        assert len(view.readdir("/fast/img")) == 50
+        assert view.read_path("/" + project.path(0, 7), 0, 4096) == project.expected(0, 7)
+        assert view.readdir("/slow/ann") == []  # another folder of the same dataset
+        assert time.monotonic() - started < 5 and slow.is_alive()
+    finally:
+        src.release.set()
+        slow.join(10)
+
+
+# ---- through real mounts ---------------------------------------------------------------
+
+
+def stats(mnt: Path) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "blobfs", "stats", str(mnt), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> ScaleProject:
+    """200,000 images: two datasets of 100,000 in 4 tars."""
+    return write_scale_project(tmp_path_factory.mktemp("big") / "p", ["ds0", "ds1"], 100_000, 4)
+
+
+@pytest.fixture
+def mount_env(tmp_path: Path) -> dict[str, str]:
+    return {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[list[Path]]:
+    points: list[Path] = []
+    yield points
+    for mnt in points:
+        subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
+
+
+@pytest.mark.fuse
+def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
+    big: ScaleProject, tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+) -> None:
+    """Generous bounds, not a benchmark: the first stat parses one dataset's offsets (not
+    the whole project's); after a remount it parses none."""
+    timings = []
+    for run in range(2):
+        mnt = tmp_path / f"mnt{run}"
+        proc = start_mount(str(big.root), mnt, tmp_path / f"log{run}", env=mount_env)
+        mounted.append(mnt)
+        started = time.monotonic()
+        size = os.stat(mnt / big.path(1, 54_321)).st_size
+        timings.append(time.monotonic() - started)
+        assert size == len(big.expected(1, 54_321))
+        assert (mnt / big.path(1, 54_321)).read_bytes() == big.expected(1, 54_321)
+        assert len(os.listdir(mnt / "ds0" / "img")) == 100_000
+        for i in random.Random(run).sample(range(100_000), 200):
+            assert (mnt / big.path(0, i)).read_bytes() == big.expected(0, i)
+        index = stats(mnt)["index"]
+        assert isinstance(index, dict)
+        assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
+        subprocess.run(["fusermount", "-u", str(mnt)], check=True)
+        proc.wait(30)
+    assert timings[0] < 20, timings
+    assert timings[1] < 1.5, timings
+
+
+def _write_huge_offsets(path: Path, entries: int) -> None:
+    """``entries`` empty images (valid, distinct names), written from one batch template."""
+    batch = dumps_batch([BlobMember(f"n000000-{i:05d}.png", 0, 0) for i in range(10_000)])
+    with open(path, "wb") as f:
+        for b in range(entries // 10_000):
+            f.write(batch.replace(b"n000000-", b"n%06d-" % b))
+
+
+@pytest.mark.fuse
+def test_listing_a_dataset_does_not_wait_for_another_being_indexed(
+    tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+) -> None:
+    project = write_scale_project(tmp_path / "p", ["huge", "small"], 10, 2)
+    _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 300_000)
+    mnt = tmp_path / "mnt"
+    start_mount(str(project.root), mnt, tmp_path / "log", env=mount_env)
+    mounted.append(mnt)
+    huge: list[int] = []
+    listing = threading.Thread(target=lambda: huge.append(len(os.listdir(mnt / "huge" / "img"))))
+    started = time.monotonic()
+    listing.start()
+    time.sleep(0.3)
+    names = os.listdir(mnt / "small" / "img")
+    small_s = time.monotonic() - started
+    busy = listing.is_alive()
+    assert (mnt / project.path(1, 3)).read_bytes() == project.expected(1, 3)
+    listing.join(120)
+    huge_s = time.monotonic() - started
+    assert len(names) == 10 and huge == [300_000]
+    assert busy and small_s < 5 and small_s < huge_s / 4, (small_s, huge_s)

@@ -1,0 +1,248 @@
+"""The compact folder index against a dict of records, its on-disk form, and its cache.
+
+A :class:`FileTable` must answer exactly what a ``dict`` of the same records answers:
+every lookup, every miss, the listing order (bytewise by UTF-8 name) and every page of
+it; and bytes read back from a cache file are trusted only when every promise holds.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from blobfs.cache.index_store import IndexStore
+from blobfs.model import BlobRef, FileRecord
+from blobfs.sources.compact import (
+    BLOB,
+    FOLDER,
+    EntrySource,
+    FileTable,
+    TableBuilder,
+    encode_name,
+    table_of,
+)
+
+BLOBS = [EntrySource(BLOB, f"blob{i}", f"v{i}", 1_700_000_000_000_000_000 + i) for i in range(3)]
+
+
+def _valid(name: str) -> bool:
+    raw = encode_name(name)
+    return name not in ("", ".", "..") and len(raw) <= 255 and b"/" not in raw and b"\0" not in raw
+
+
+# names as a directory scan yields them: any bytes but '/' and NUL, undecodable bytes
+# carried as surrogates; plus plain text with non-ASCII letters and 255-byte names
+scanned = st.binary(min_size=1, max_size=64).map(lambda b: b.decode("utf-8", "surrogateescape"))
+texts = st.text(
+    st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=85
+)
+long_names = st.integers(1, 255).map(lambda n: "x" * n)
+names = st.one_of(scanned, texts, long_names).filter(_valid)
+entries = st.dictionaries(
+    names,
+    st.tuples(st.integers(0, 2), st.integers(0, 2**40), st.integers(0, 2**31)),
+    max_size=120,
+)
+
+
+def model_record(name: str, src: int, start: int, size: int) -> FileRecord:
+    blob = BLOBS[src]
+    return FileRecord(
+        f"img/{name}", size, blob.mtime_ns, BlobRef(blob.key, blob.version, start, start + size)
+    )
+
+
+def build(model: dict[str, tuple[int, int, int]]) -> FileTable:
+    return table_of("img/", ((n, BLOBS[s], a, z) for n, (s, a, z) in model.items()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(entries, st.lists(names, max_size=20))
+@example({"b.png": (0, 512, 10), "a.png": (1, 0, 0), "é.png": (2, 2**40, 7)}, ["c.png", "a"])
+def test_a_table_answers_like_a_dict(
+    model: dict[str, tuple[int, int, int]], others: list[str]
+) -> None:
+    table = build(model)
+    for candidate in (build(model), FileTable.from_bytes(table.to_bytes())):
+        assert len(candidate) == len(model)
+        order = sorted(model, key=encode_name)
+        assert list(candidate) == order  # bytewise by UTF-8, what binary search needs
+        for name, (src, start, size) in model.items():
+            assert candidate.get(name) == model_record(name, src, start, size)
+            assert name in candidate
+        for other in others:
+            if other not in model:
+                assert candidate.get(other) is None and other not in candidate
+                with pytest.raises(KeyError):
+                    candidate[other]
+        assert dict(candidate.items()) == {n: model_record(n, *v) for n, v in model.items()}
+        for k in (0, 1, len(order) // 2, len(order)):
+            page = list(candidate.entries_from(k))
+            assert [n for n, _, _ in page] == order[k:]
+            assert [s for _, s, _ in page] == [model[n][2] for n in order[k:]]
+
+
+def test_lookups_hit_every_block_edge() -> None:
+    """Names at, before and after each bisect sample point (one in 32 entries)."""
+    model = {f"n{i:05d}": (0, i * 1024, i) for i in range(1000)}
+    table = build(model)
+    for i in range(1000):
+        assert table.index_of(f"n{i:05d}") == i
+        assert table.index_of(f"n{i:05d}x") == -1  # a longer name sorts just after
+        assert table.index_of(f"n{i:04d}") == -1  # a prefix of ten entries
+    assert table.index_of("") == -1 and table.index_of("a") == -1 and table.index_of("z") == -1
+    assert table.get("\ud800") is None  # not encodable: no file has that name
+
+
+def test_names_added_twice_are_left_out_both() -> None:
+    builder = TableBuilder("img/")
+    src = builder.source(BLOBS[0])
+    for name, start in (("a", 0), ("b", 10), ("a", 20), ("c", 30)):
+        builder.add(encode_name(name), src, start, 5)
+    table, duplicates = builder.build()
+    assert list(table) == ["b", "c"] and duplicates == ["a"]
+
+
+def test_columns_take_the_narrowest_type() -> None:
+    """A 250,000-entry folder of small images in three blobs costs a few bytes per entry
+    beyond its names (the figure that keeps a million images within a budget)."""
+    n = 250_000
+    table = table_of(
+        "img/",
+        (
+            (f"small-image-{i:07d}.png", BLOBS[i * 3 // n], 512 + i * 1024, 200 + i % 400)
+            for i in range(n)
+        ),
+    )
+    names = sum(len(f"small-image-{i:07d}.png") + 1 for i in range(n))
+    # offset 4 + source 1 + start 4 + size 2, and one name in 32 as an object to bisect
+    assert table.nbytes - names <= 14 * n
+
+
+def test_folder_entries_are_stat_ed_when_looked_up(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_bytes(b"{}")
+    (tmp_path / "b.json").write_bytes(b"[1, 2]")
+    folder = EntrySource(FOLDER, str(tmp_path))
+    table = table_of("ann/", ((n, folder, 0, 0) for n in ("a.json", "b.json", "gone.json")))
+    rec = table.get("b.json")
+    assert rec == FileRecord(
+        "ann/b.json", 6, (tmp_path / "b.json").stat().st_mtime_ns, str(tmp_path / "b.json")
+    )
+    assert table.get("gone.json") is None  # listed once, removed since
+    assert [s for _, s, _ in table.entries_from(0)] == [None, None, None]  # no I/O to list
+    (tmp_path / "a.json").unlink()
+    (tmp_path / "a.json").symlink_to(tmp_path / "b.json")
+    assert table.get("a.json") is None  # only regular files, never through a symlink
+
+
+def _payload() -> bytes:
+    return build({"a.png": (0, 512, 10), "b.png": (1, 1024, 20), "c.png": (2, 0, 0)}).to_bytes()
+
+
+def _mutate(data: bytes, at: int, value: int) -> bytes:
+    return data[:at] + bytes([value]) + data[at + 1 :]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_bytes_are_refused_or_stay_well_formed(data: st.DataObject) -> None:
+    """Any one changed byte gives ValueError or a table whose promises still hold."""
+    raw = _payload()
+    at = data.draw(st.integers(0, len(raw) - 1))
+    value = data.draw(st.integers(0, 255))
+    try:
+        table = FileTable.from_bytes(_mutate(raw, at, value))
+    except ValueError:
+        return
+    names = list(table)
+    assert names == sorted(set(names), key=encode_name)
+    for i, name in enumerate(names):
+        assert table.index_of(name) == i and table.get(name) is not None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:-1],  # names cut short
+        lambda b: b + b"x\0",  # one name too many
+        lambda b: b.replace(b"b.png\0", b"a.png\0"),  # a duplicate
+        lambda b: b.replace(b"c.png\0", b"a.pn/\0"),  # unsorted, and a slash
+        lambda b: b.replace(b"BLOBFSCT", b"BLOBFSXX"),
+        lambda b: b.replace(b'"byteorder": "little"', b'"byteorder": "big!!!"'),
+        lambda b: b"",
+    ],
+)
+def test_a_malformed_table_is_refused(damage: object) -> None:
+    assert callable(damage)
+    with pytest.raises(ValueError):
+        FileTable.from_bytes(damage(_payload()))
+
+
+def test_a_name_longer_than_name_max_is_refused_from_disk() -> None:
+    ok = table_of("img/", [("x" * 255, BLOBS[0], 0, 1)]).to_bytes()
+    FileTable.from_bytes(ok)
+    with pytest.raises(ValueError):
+        FileTable.from_bytes(
+            ok.replace(b"x" * 255 + b"\0", b"x" * 256 + b"\0").replace(
+                b'"names": 256', b'"names": 257'
+            )
+        )
+
+
+# ---- the store -----------------------------------------------------------------------
+
+
+def test_the_store_returns_a_payload_only_for_its_key(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "idx")
+    assert stat.S_IMODE((tmp_path / "idx").stat().st_mode) == 0o700
+    store.save("/p/ds", b"key-1", b"payload")
+    assert store.load("/p/ds", b"key-1") == b"payload"
+    assert store.load("/p/ds", b"key-2") is None  # the input changed: rebuild
+    assert store.load("/p/other", b"key-1") is None
+    (file,) = (tmp_path / "idx").iterdir()
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert IndexStore(tmp_path / "idx").load("/p/ds", b"key-1") == b"payload"  # next mount
+
+
+def test_a_damaged_or_foreign_cache_file_is_a_miss(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "idx")
+    store.save("/p/ds", b"key", b"payload" * 100)
+    (file,) = (tmp_path / "idx").iterdir()
+    raw = file.read_bytes()
+    for at in (0, 9, 30, len(raw) // 2, len(raw) - 1):
+        file.write_bytes(_mutate(raw, at, raw[at] ^ 0x40))
+        assert store.load("/p/ds", b"key") is None
+    file.write_bytes(raw[:-5])
+    assert store.load("/p/ds", b"key") is None
+    file.unlink()
+    outside = tmp_path / "outside"
+    outside.write_bytes(raw)
+    file.symlink_to(outside)
+    assert store.load("/p/ds", b"key") is None  # never through a symlink
+
+
+def test_a_folder_others_can_write_is_not_used(tmp_path: Path) -> None:
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    folder.chmod(0o777)
+    store = IndexStore(folder)
+    store.save("/p/ds", b"key", b"payload")
+    assert not store.usable and list(folder.iterdir()) == []
+    assert store.load("/p/ds", b"key") is None
+
+
+def test_files_unused_for_a_month_are_pruned(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "idx")
+    store.save("/old", b"k", b"p")
+    store.save("/new", b"k", b"p")
+    old = store._path("/old")
+    month_ago = time.time() - 31 * 24 * 3600
+    os.utime(old, (month_ago, month_ago))
+    IndexStore(tmp_path / "idx")
+    assert not old.exists() and store._path("/new").exists()
