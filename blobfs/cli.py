@@ -144,6 +144,13 @@ def main() -> None:
     help="Seconds without new writes before staged files are imported.",
 )
 @click.option(
+    "--sync-close",
+    is_flag=True,
+    help="With --writeback: every close() of a written file waits until it would survive "
+    "a power cut (default: like a local file system, only fsync(), sync, blobfs flush and "
+    "unmount do). -o sync_close or -o sync.",
+)
+@click.option(
     "--blob-size",
     default="256M",
     show_default=True,
@@ -175,6 +182,7 @@ def mount(
     spool_dir: str | None,
     writeback_delay: float,
     blob_size: str,
+    sync_close: bool,
     debug_fuse: bool,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
@@ -198,6 +206,7 @@ def mount(
         "blob_size": blob_size,
         "allow_other": allow_other,
         "writeback": writeback,
+        "sync_close": sync_close,
     }
     try:
         fuse_opts = parse_fuse_options(options)
@@ -214,9 +223,10 @@ def mount(
             cache_dir=opt["cache_dir"],
             disk_cache_bytes=parse_size(opt["disk_cache_size"]),
             writeback=bool(opt["writeback"]),
-            spool_dir=opt["spool_dir"],
+            spool_dir=os.path.abspath(str(opt["spool_dir"])) if opt["spool_dir"] else None,
             writeback_delay_s=_seconds(opt["writeback_delay"]),
             writeback_blob_size=parse_size(opt["blob_size"]),
+            sync_close=bool(opt["sync_close"] or opt.get("sync")),
             debug_fuse=debug_fuse,
         )
         log_level = _log_level(opt["log_level"])

@@ -53,6 +53,9 @@ class MountConfig:
     spool_dir: str | None = None
     writeback_delay_s: float = 5.0
     writeback_blob_size: int = 256 << 20
+    #: Every ``close()`` of a written file is durable (survives a power cut), not only
+    #: ``fsync()``: the behaviour of ``-o sync`` on a local file system.
+    sync_close: bool = False
 
     @property
     def is_remote(self) -> bool:

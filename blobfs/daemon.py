@@ -119,7 +119,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
     """The writable view over ``source`` and the queue that imports what is written."""
     spool = Spool(config.effective_spool_dir())
     ttl = DEFAULT_REMOTE_TTL_S if not source.is_immutable() else float("inf")
-    view = WritableView(source, spool, listing_ttl_s=ttl)
+    view = WritableView(source, spool, listing_ttl_s=ttl, sync_close=config.sync_close)
     importer: Importer
     if config.is_remote:
         from blobfs.writeback.remote import RemoteImporter

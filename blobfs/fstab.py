@@ -30,7 +30,12 @@ VALUE_FLAGS = {
     "blob_size": "--blob-size",
 }
 #: fstab option -> flag without a value.
-BOOL_FLAGS = {"allow_other": "--allow-other", "writeback": "--writeback"}
+BOOL_FLAGS = {
+    "allow_other": "--allow-other",
+    "writeback": "--writeback",
+    "sync_close": "--sync-close",
+    "sync": "--sync-close",  # mount(8)'s name for it
+}
 #: Options for mount(8) or systemd only; FUSE must not see them. ``ro`` is the default.
 DROPPED = {
     "_netdev",

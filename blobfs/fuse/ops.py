@@ -200,11 +200,11 @@ class WritebackOperations(BlobfsOperations):
 
     @errno_boundary
     def flush(self, path: str, fh: int) -> None:
-        self.wview.commit(fh)
+        self.wview.close_commit(fh)
 
     @errno_boundary
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        self.wview.commit(fh)
+        self.wview.fsync(path, fh)
 
     @errno_boundary
     def release(self, path: str, fh: int) -> None:

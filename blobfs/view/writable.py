@@ -1,7 +1,9 @@
 """WritableView: the project tree plus an overlay of staged files (``--writeback``).
 
-New files are written to private temp files in the spool and committed (fsync + rename)
-on ``flush``/``fsync``/``release``: ``close()`` returns only after the bytes are durable.
+New files are written to private temp files in the spool and committed on
+``flush``/``fsync``/``release``. As on a local file system, ``close()`` leaves the bytes in
+the spool's files (they survive a crash of the daemon) and ``fsync()`` makes them survive a
+power cut; with ``sync_close`` every ``close()`` is durable too.
 The overlay shows files being written, staged files and new datasets on top of the
 project's own tree, so a program sees what it wrote at once, before any import.
 
@@ -68,6 +70,7 @@ class WriteHandle:
     #: close() still learns of it).
     failed: Exception | None = None
     committed: bool = False  # a version of this handle reached the spool (fsync)
+    synced: bool = False  # what was last committed is durable (fsync, or sync_close)
 
 
 class WritableView(ProjectView):
@@ -79,9 +82,11 @@ class WritableView(ProjectView):
         spool: Spool,
         listing_ttl_s: float = float("inf"),
         on_staged: Callable[[int], None] | None = None,
+        sync_close: bool = False,
     ) -> None:
         super().__init__(source, listing_ttl_s=listing_ttl_s)
         self.spool = spool
+        self.sync_close = sync_close
         self.on_staged = on_staged
         self._writers: dict[int, WriteHandle] = {}
         self._wlock = threading.RLock()
@@ -332,7 +337,7 @@ class WritableView(ProjectView):
             try:
                 os.ftruncate(handle.fd, length)
                 handle.dirty = True
-                self.commit(self._fh_of(handle))
+                self.commit(self._fh_of(handle), durable=self.sync_close)
             finally:
                 self.release(self._fh_of(handle))
             return
@@ -351,24 +356,41 @@ class WritableView(ProjectView):
             raise InvalidInput(f"handle {fh} is not open for writing")
         return handle
 
-    def commit(self, fh: int) -> None:
-        """Make what was written durable in the spool (flush, fsync, release); raises the
+    def close_commit(self, fh: int) -> None:
+        """``close()`` (FUSE ``flush``): staged; durable only with ``sync_close``."""
+        self.commit(fh, durable=self.sync_close)
+
+    def fsync(self, path: str, fh: int | None) -> None:
+        """``fsync()``/``fdatasync()``: what ``path`` holds survives a power cut on return.
+
+        The kernel sends it on any handle (``sync FILE`` opens the file read-only): a
+        handle not open for writing makes the whole spool durable (one checkpoint).
+        """
+        if fh is not None and fh in self._writers:
+            self.commit(fh, durable=True)
+        elif self._staged_stat(path) is not None:
+            self.spool.sync()
+
+    def commit(self, fh: int, durable: bool = True) -> None:
+        """Stage what was written (flush, fsync, release), durably if asked; raises the
         error of a failed write instead (the file is not committed)."""
         handle = self._writers.get(fh)
         if handle is None:
             return
         if handle.failed is not None:
             raise handle.failed
-        if not handle.dirty:
+        if not handle.dirty and (handle.synced or not durable):
             return
         try:
-            size = self.spool.commit(handle.fd, handle.tmp_path, handle.path)
+            size = self.spool.commit(handle.fd, handle.tmp_path, handle.path, durable=durable)
         except OSError as exc:  # e.g. no space even for the durable rename path
             raise self._fail(handle, exc) from None
+        was_dirty = handle.dirty
         handle.dirty = False
         handle.committed = True
-        logger.debug("staged %s", handle.path)
-        if self.on_staged is not None:
+        handle.synced = durable
+        logger.debug("staged %s%s", handle.path, " durably" if durable else "")
+        if was_dirty and self.on_staged is not None:
             self.on_staged(size)
 
     def release(self, fh: int) -> None:
@@ -377,7 +399,7 @@ class WritableView(ProjectView):
             if handle is not None:
                 try:
                     if handle.failed is None:  # close() already reported a failure
-                        self.commit(fh)
+                        self.commit(fh, durable=self.sync_close)
                 finally:
                     self._writers.pop(fh, None)
                     os.close(handle.fd)
@@ -391,7 +413,7 @@ class WritableView(ProjectView):
             raise NotFound(path)
         if path in self._importing:
             raise Busy(f"{path}: being imported right now")
-        self.spool.remove(path)
+        self.spool.remove(path, durable=self.sync_close)
 
     def rename(self, old: str, new: str) -> None:
         if self._staged_stat(old) is None:
@@ -401,7 +423,7 @@ class WritableView(ProjectView):
         self._check_writable(new)
         if old in self._importing:
             raise Busy(f"{old}: being imported right now")
-        self.spool.rename(old, new)
+        self.spool.rename(old, new, durable=self.sync_close)
         for handle in self._writers.values():
             if handle.path == old:
                 handle.path = new

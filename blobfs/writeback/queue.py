@@ -144,7 +144,11 @@ class WritebackQueue:
                 self._cond.notify_all()
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Import everything importable now; True when nothing importable is left pending."""
+        """Import everything importable now; True when nothing importable is left pending.
+
+        What stays staged (refused files) is made durable first: after ``blobfs flush``
+        nothing written before it depends on the page cache."""
+        self.spool.sync()
         with self._cond:
             self._force += 1
             # the first pass that starts after this request: the next one, or the one after

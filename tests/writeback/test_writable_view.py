@@ -226,3 +226,67 @@ def test_a_name_the_project_holds_twice_is_refused_at_create(project: Path, tmp_
         overlay.write("/ds/img/img_000004.png.bak", png_bytes(6))  # other names are fine
     finally:
         overlay.close()
+
+
+# ---- durability: close() like a local file system, fsync() and --sync-close durable -------
+
+
+def _journal_paths(spool: Spool) -> list[str]:
+    return [r.path for r in spool._journal.records()]
+
+
+def test_close_stages_without_a_flush_and_fsync_makes_the_file_durable(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    view = overlay.view
+    fh = view.create("/ds/img/closed.png")
+    view.write(fh, png_bytes(1), 0)
+    view.close_commit(fh)  # close(): FUSE flush
+    view.release(fh)
+    assert overlay.spool.staged_path("/ds/img/closed.png").read_bytes() == png_bytes(1)
+    assert _journal_paths(overlay.spool) == []
+    fh = view.create("/ds/img/synced.png")
+    view.write(fh, png_bytes(2), 0)
+    view.fsync("/ds/img/synced.png", fh)
+    assert _journal_paths(overlay.spool) == ["/ds/img/synced.png"]
+    view.close_commit(fh)  # nothing written since the fsync: nothing to do
+    view.release(fh)
+    assert _journal_paths(overlay.spool) == ["/ds/img/synced.png"]
+    # fsync of a file not open for writing (``sync FILE`` opens it read-only): the spool
+    # is flushed as a whole
+    synced: list[bool] = []
+    monkeypatch.setattr(overlay.spool, "sync", lambda: synced.append(True))
+    view.fsync("/ds/img/closed.png", view.open("/ds/img/closed.png"))
+    assert synced == [True]
+
+
+def test_a_flush_after_close_then_fsync_on_another_descriptor_is_durable(
+    overlay: Overlay,
+) -> None:
+    """``dup``'d descriptors: close() of one commits plainly, fsync() of the other must still
+    make the bytes durable although nothing was written in between."""
+    view = overlay.view
+    fh = view.create("/ds/img/dup.png")
+    view.write(fh, png_bytes(3), 0)
+    view.close_commit(fh)
+    assert _journal_paths(overlay.spool) == []
+    view.fsync("/ds/img/dup.png", fh)
+    assert _journal_paths(overlay.spool) == ["/ds/img/dup.png"]
+    view.release(fh)
+
+
+def test_with_sync_close_every_close_is_durable(project: Path, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    view = WritableView(
+        LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)), spool, sync_close=True
+    )
+    try:
+        fh = view.create("/ds/img/a.png")
+        view.write(fh, png_bytes(4), 0)
+        view.close_commit(fh)
+        view.release(fh)
+        assert _journal_paths(spool) == ["/ds/img/a.png"]
+        view.rename("/ds/img/a.png", "/ds/img/b.png")
+        assert _journal_paths(spool) == ["/ds/img/a.png", "/ds/img/a.png"]
+    finally:
+        spool.close()
