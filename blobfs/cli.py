@@ -29,6 +29,7 @@ from blobfs.config import (
 from blobfs.credentials import token_file_warning
 from blobfs.errors import BlobfsError, InvalidInput
 from blobfs.fstab import BOOL_FLAGS, VALUE_FLAGS, daemon_command
+from blobfs.layout import CONTROL_DIR
 from blobfs.logs import setup_logging
 from blobfs.mountpoint import (
     DEAD_ERRNOS,
@@ -40,6 +41,7 @@ from blobfs.mountpoint import (
 )
 
 READY_TIMEOUT_S = 120.0
+CONTROL_NAME = CONTROL_DIR.lstrip("/")  # the mount's control folder, relative
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -359,11 +361,9 @@ def unmount(mountpoint: str, lazy: bool) -> None:
         _fail(f"{state.path} does not exist")
     if state.kind is not Kind.MOUNTED:
         _fail(f"{state.path} is not mounted")
-    if not lazy and state.is_blobfs and _exists(Path(mountpoint) / ".blobfs" / "writeback.json"):
+    if not lazy and state.is_blobfs and _exists(Path(mountpoint) / CONTROL_NAME / "writeback.json"):
         status = (
-            _flush_with_progress(mountpoint)
-            if sys.stderr.isatty()
-            else _read_control(mountpoint, "flush")
+            _flush_with_progress(mountpoint) if sys.stderr.isatty() else _flush_and_wait(mountpoint)
         )
         if status.get("pending") or status.get("failed"):
             click.echo(
@@ -504,9 +504,7 @@ def flush(mountpoint: str) -> None:
     """Import everything staged in a writeback MOUNTPOINT now, and wait for it."""
     _need_blobfs_mount(mountpoint, writeback="nothing to flush")
     status = (
-        _flush_with_progress(mountpoint)
-        if sys.stderr.isatty()
-        else (_read_control(mountpoint, "flush"))
+        _flush_with_progress(mountpoint) if sys.stderr.isatty() else _flush_and_wait(mountpoint)
     )
     _print_status(status)
     sys.exit(1 if status.get("pending") or status.get("failed") else 0)
@@ -525,10 +523,23 @@ def status(mountpoint: str, as_json: bool) -> None:
         _print_status(data)
 
 
+def _flush_and_wait(mountpoint: str) -> dict[str, Any]:
+    """Ask the daemon for a flush and wait until it is done.
+
+    Reading ``.blobfs/flush`` requests one; each read (of it, then of ``flush-<ticket>``)
+    waits at most a second inside the daemon, so no request holds a FUSE thread for long;
+    the answer says whether that flush is ``done``.
+    """
+    status = _read_control(mountpoint, "flush")
+    while status.get("done") is False:
+        status = _read_control(mountpoint, f"flush-{int(status.get('ticket') or 0)}")
+    return status
+
+
 def _flush_with_progress(mountpoint: str) -> dict[str, Any]:
     """Run the flush in a thread while a bar follows the daemon's pending count."""
     result: dict[str, Any] = {}
-    worker = threading.Thread(target=lambda: result.update(_read_control(mountpoint, "flush")))
+    worker = threading.Thread(target=lambda: result.update(_flush_and_wait(mountpoint)))
     start = _read_control(mountpoint, "writeback.json")
     total = max(1, int(start.get("pending") or 0))
     worker.start()
@@ -551,14 +562,14 @@ def _need_blobfs_mount(mountpoint: str, writeback: str | None = None) -> None:
         _fail(f"{state.path} does not exist")
     if state.kind is not Kind.MOUNTED or not state.is_blobfs:
         _fail(f"{state.path} is not a blobfs mount")
-    if writeback and not _exists(Path(state.path) / ".blobfs" / "writeback.json"):
+    if writeback and not _exists(Path(state.path) / CONTROL_NAME / "writeback.json"):
         _fail(
             f"{state.path} is a read-only blobfs mount (mounted without --writeback): {writeback}"
         )
 
 
 def _read_control(mountpoint: str, name: str) -> dict[str, Any]:
-    path = Path(mountpoint) / ".blobfs" / name
+    path = Path(mountpoint) / CONTROL_NAME / name
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:

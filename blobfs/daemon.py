@@ -14,22 +14,23 @@ import resource
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from blobfs.cache.blocks import BlockCache
 from blobfs.cache.disk import DiskBlockStore
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
 from blobfs.errors import InvalidInput, NotFound
 from blobfs.fuse.compat import FUSE_MAJOR, BlobfsFUSE
-from blobfs.fuse.ops import BlobfsOperations, WritebackOperations
+from blobfs.fuse.ops import BlobfsOperations
 from blobfs.notify import sd_notify
 from blobfs.sources.base import Source
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.sources.remote import RemoteProjectSource
 from blobfs.view.tree import ProjectView
-from blobfs.view.writable import WritableView
-from blobfs.writeback.importer import Importer, LocalImporter
-from blobfs.writeback.queue import WritebackQueue
-from blobfs.writeback.spool import Spool
+
+if TYPE_CHECKING:  # a read-only mount loads none of the writeback layer
+    from blobfs.writeback.fs import WritebackFS
+    from blobfs.writeback.queue import WritebackQueue
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +116,18 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
     return kwargs
 
 
-def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, WritebackQueue]:
-    """The writable view over ``source`` and the queue that imports what is written."""
+def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, WritebackQueue]:
+    """The writable layer over the read-only view of ``source``, and the queue that imports
+    what is written; each part gets what it uses when it is made."""
+    from blobfs.writeback.fs import WritebackFS
+    from blobfs.writeback.importer import Importer, LocalImporter
+    from blobfs.writeback.queue import WritebackQueue
+    from blobfs.writeback.spool import Spool
+    from blobfs.writeback.validate import Validator
+
     spool = Spool(config.effective_spool_dir())
     ttl = DEFAULT_REMOTE_TTL_S if not source.is_immutable() else float("inf")
-    view = WritableView(source, spool, listing_ttl_s=ttl, sync_close=config.sync_close)
+    project = ProjectView(source, listing_ttl_s=ttl)
     importer: Importer
     if config.is_remote:
         from blobfs.writeback.remote import RemoteImporter
@@ -131,16 +139,11 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
     queue = WritebackQueue(
         spool,
         importer,
-        view.validate,
-        on_imported=view.imported,
-        on_importing=view.importing,
+        Validator(spool, project),
         delay_s=config.writeback_delay_s,
         blob_size=config.writeback_blob_size,
     )
-    view.on_staged = queue.staged
-    view.queue = queue
-    view.extra_stats = lambda: {"writeback": queue.status.as_dict()}
-    return view, queue
+    return WritebackFS(project, spool, queue, sync_close=config.sync_close), queue
 
 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
@@ -149,7 +152,7 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     # A core dump of the daemon would hold the API token (and cached image bytes).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     queue: WritebackQueue | None = None
-    view: ProjectView
+    view: ProjectView | WritebackFS
     if config.writeback:
         view, queue = build_writeback(config, build_source(config))
     else:
@@ -187,15 +190,7 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
         if queue is not None:
             _drain(queue)
 
-    ops: BlobfsOperations
-    if isinstance(view, WritableView):
-        ops = WritebackOperations(view, on_ready=on_ready, on_exit=on_exit)
-        assert queue is not None
-        queue.on_settled = ops.forget_cached
-    else:
-        # direct_io is set per open: it needs the open round trips no-open mode removes
-        no_open = "direct_io" not in config.fuse_options
-        ops = BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit, no_open=no_open)
+    ops = _operations(config, view, queue, on_ready, on_exit)
     kwargs = fuse_kwargs(config, view.source.is_immutable())
     if config.writeback:
         del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change
@@ -211,6 +206,25 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     finally:
         view.source.close()
         logger.info("unmounted %s", config.mountpoint)
+
+
+def _operations(
+    config: MountConfig,
+    view: ProjectView | WritebackFS,
+    queue: WritebackQueue | None,
+    on_ready: Callable[[], None],
+    on_exit: Callable[[], None],
+) -> BlobfsOperations:
+    """The FUSE adapter for ``view``: the writable one only for a writeback mount."""
+    if queue is not None:
+        from blobfs.fuse.writeback_ops import WritebackOperations
+        from blobfs.writeback.fs import WritebackFS
+
+        assert isinstance(view, WritebackFS)
+        return WritebackOperations(view, queue, on_ready=on_ready, on_exit=on_exit)
+    # direct_io is set per open: it needs the open round trips no-open mode removes
+    no_open = "direct_io" not in config.fuse_options
+    return BlobfsOperations(view, on_ready=on_ready, on_exit=on_exit, no_open=no_open)
 
 
 def _drain(queue: WritebackQueue) -> None:
@@ -229,7 +243,7 @@ def _drain(queue: WritebackQueue) -> None:
     )
 
 
-def _index_all(view: ProjectView) -> None:
+def _index_all(view: ProjectView | WritebackFS) -> None:
     """Read every dataset's listing once after mounting, so bad entries are logged now.
 
     The mount is ready before this runs (listings are lazy); this only moves the work of

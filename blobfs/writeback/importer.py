@@ -23,6 +23,7 @@ from typing import Protocol
 
 from blobfs.blob.index import OFFSETS_SUFFIX
 from blobfs.blob.pack import ProjectPacker, empty_annotation, write_atomic
+from blobfs.layout import ANN_DIR, META_PATH, dataset_dir, dataset_of, image_of_ann
 from blobfs.writeback.spool import Batch, Spool, lock_project
 
 logger = logging.getLogger(__name__)
@@ -46,21 +47,14 @@ def split_batch(batch: Batch) -> tuple[list[str], dict[str, str], str | None]:
     anns: dict[str, str] = {}
     meta = None
     for path in batch.files:
-        if path == "/meta.json":
+        where = dataset_of(path)
+        if path == META_PATH:
             meta = path
-        elif "/img/" in path:
+        elif where is not None and where[1] == ANN_DIR:
+            anns[image_of_ann(where[2])] = path
+        elif where is not None:
             images.append(path)
-        elif path.endswith(".json") and "/ann/" in path:
-            anns[path.rsplit("/", 1)[1][: -len(".json")]] = path
     return images, anns, meta
-
-
-def dataset_dir(project: Path, dataset: list[str]) -> Path:
-    """``["a", "b"]`` -> ``project/a/datasets/b`` (the SDK's nested layout)."""
-    folder = project / dataset[0]
-    for name in dataset[1:]:
-        folder = folder / "datasets" / name
-    return folder
 
 
 class LocalImporter:
@@ -73,16 +67,19 @@ class LocalImporter:
     def import_batch(self, spool: Spool, batch: Batch) -> None:
         images, anns, meta = split_batch(batch)
         if meta is not None:
-            write_atomic(self.project / "meta.json", spool.batch_file(batch, meta).read_bytes())
+            write_atomic(
+                self.project / META_PATH.lstrip("/"), spool.batch_file(batch, meta).read_bytes()
+            )
         if not batch.dataset:
             return
         folder = dataset_dir(self.project, batch.dataset)
-        (folder / "ann").mkdir(parents=True, exist_ok=True)
+        (folder / ANN_DIR).mkdir(parents=True, exist_ok=True)
         image_names = {p.rsplit("/", 1)[1] for p in images}
         for name, ann_path in anns.items():  # annotations of images imported earlier
             if name not in image_names:
                 write_atomic(
-                    folder / "ann" / f"{name}.json", spool.batch_file(batch, ann_path).read_bytes()
+                    folder / ANN_DIR / f"{name}.json",
+                    spool.batch_file(batch, ann_path).read_bytes(),
                 )
         if not images or (folder / f"{batch.stem}{OFFSETS_SUFFIX}").exists():
             return

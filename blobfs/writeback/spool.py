@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 INLINE_MAX = 1024 * 1024
 #: Empty temp files created ahead of use (see ``Spool.new_temp``).
 POOL_SIZE = 64
+#: A staged file's link in flight (made, then renamed over its name): never a staged file.
+_COMMIT_SUFFIX = ".commit"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -181,7 +183,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 dropped += path.stat().st_size > 0  # empty ones are the pool's, unused
             path.unlink(missing_ok=True)
-        for path in self.staged.rglob(".*.commit"):
+        for path in self.staged.rglob(f".*{_COMMIT_SUFFIX}"):
             path.unlink(missing_ok=True)
         if dropped:
             logger.info("spool %s: dropped %d unacknowledged partial writes", self.root, dropped)
@@ -304,7 +306,44 @@ class Spool:
     # ---- staging ---------------------------------------------------------------------
 
     def staged_path(self, view_path: str) -> Path:
+        """Where the staged copy of ``view_path`` lives (for the spool's own layers:
+        queue, importers; the overlay goes through the methods below)."""
         return self.staged / view_path.lstrip("/")
+
+    def stat(self, view_path: str) -> os.stat_result | None:
+        """The staged file or folder at ``view_path``, or None."""
+        try:
+            return os.stat(self.staged_path(view_path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def is_dir(self, view_path: str) -> bool:
+        st = self.stat(view_path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def listdir(self, view_path: str) -> list[str]:
+        """Names staged in the folder ``view_path`` (none when it is not staged), without
+        the spool's own in-flight files."""
+        try:
+            names = os.listdir(self.staged_path(view_path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in names if not n.endswith(_COMMIT_SUFFIX)]
+
+    def file_path(self, view_path: str) -> str:
+        """A path to open the staged file ``view_path`` for reading."""
+        return str(self.staged_path(view_path))
+
+    def read_bytes(self, view_path: str) -> bytes:
+        return self.staged_path(view_path).read_bytes()
+
+    def utime(self, view_path: str, times_ns: tuple[int, int] | None) -> bool:
+        """Set the staged file's times; False when nothing is staged there."""
+        path = self.staged_path(view_path)
+        if not path.exists():
+            return False
+        os.utime(path, ns=times_ns) if times_ns else os.utime(path)
+        return True
 
     def new_temp(self) -> tuple[int, str]:
         """An empty private temp file for a new write: ``(fd, path)``.
@@ -416,7 +455,9 @@ class Spool:
         except NotADirectoryError:
             self._folders.discard(folder)
             raise
-        link = os.path.join(folder, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.commit")
+        link = os.path.join(
+            folder, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{_COMMIT_SUFFIX}"
+        )
         try:
             os.link(tmp_path, link)
         except FileNotFoundError:  # the folder was removed (rmdir) since it was memoized
@@ -491,7 +532,7 @@ class Spool:
             rel = os.path.relpath(dirpath, self.staged)
             prefix = "" if rel == "." else "/" + rel
             dirs.extend(f"{prefix}/{d}" for d in dirnames)
-            files.extend(f"{prefix}/{f}" for f in filenames if not f.endswith(".commit"))
+            files.extend(f"{prefix}/{f}" for f in filenames if not f.endswith(_COMMIT_SUFFIX))
         return files, dirs
 
     # ---- batches ---------------------------------------------------------------------

@@ -201,25 +201,23 @@ def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
     from blobfs.sources.remote import RemoteProjectSource
     from blobfs.transport.api import SuperviselyApi
     from blobfs.transport.http import HttpClient
-    from blobfs.view.writable import WritableView
+    from blobfs.view.tree import ProjectView
+    from blobfs.writeback.fs import WritebackFS
     from blobfs.writeback.queue import WritebackQueue
     from blobfs.writeback.remote import RemoteImporter
     from blobfs.writeback.spool import Spool
+    from blobfs.writeback.validate import Validator
 
     client = HttpClient(emulator.url, TOKEN)
     source = RemoteProjectSource(
         SuperviselyApi(client), remote_project, BlockCache(1 << 16, 1 << 22)
     )
     spool = Spool(tmp_path / "spool")
-    view = WritableView(source, spool, listing_ttl_s=60)
+    base = ProjectView(source, listing_ttl_s=60)
     queue = WritebackQueue(
-        spool,
-        RemoteImporter(source.api, remote_project),
-        view.validate,
-        on_imported=view.imported,
-        on_importing=view.importing,
-        delay_s=0,
+        spool, RemoteImporter(source.api, remote_project), Validator(spool, base), delay_s=0
     )
+    view = WritebackFS(base, spool, queue)
     path = "/train/ann/img_000002.png.json"
     try:
         old = view.read_path(path, 0, 1 << 20)

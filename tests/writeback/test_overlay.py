@@ -1,5 +1,5 @@
 """The writable overlay in-process (no kernel): what it refuses, with which error, and how
-the queue's refusals and imports reach it."""
+the queue's refusals and imports reach it (its events)."""
 
 from __future__ import annotations
 
@@ -18,30 +18,30 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import png_bytes
-from blobfs.view.writable import WritableView
+from blobfs.view.tree import ProjectView
+from blobfs.writeback.fs import WritebackFS
 from blobfs.writeback.importer import LocalImporter
 from blobfs.writeback.queue import WritebackQueue
 from blobfs.writeback.spool import Spool
+from blobfs.writeback.validate import Validator
+
+
+def writable(
+    project: Path, spool: Spool, sync_close: bool = False
+) -> tuple[WritebackFS, WritebackQueue]:
+    """The writable layer over ``project`` with its queue, wired as the daemon wires them."""
+    base = ProjectView(LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)))
+    queue = WritebackQueue(spool, LocalImporter(project), Validator(spool, base), delay_s=0)
+    return WritebackFS(base, spool, queue, sync_close=sync_close), queue
 
 
 class Overlay:
-    """A writable view over ``project`` with its queue, wired as the daemon wires them."""
+    """A writable layer over ``project`` with its queue."""
 
     def __init__(self, project: Path, spool_dir: Path) -> None:
         self.project = project
         self.spool = Spool(spool_dir)
-        self.view = WritableView(
-            LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)), self.spool
-        )
-        self.queue = WritebackQueue(
-            self.spool,
-            LocalImporter(project),
-            self.view.validate,
-            on_imported=self.view.imported,
-            on_importing=self.view.importing,
-            delay_s=0,
-        )
-        self.view.on_staged = self.queue.staged
+        self.view, self.queue = writable(project, self.spool)
 
     def write(self, path: str, data: bytes) -> None:
         fh = self.view.create(path)
@@ -277,9 +277,7 @@ def test_a_flush_after_close_then_fsync_on_another_descriptor_is_durable(
 
 def test_with_sync_close_every_close_is_durable(project: Path, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    view = WritableView(
-        LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)), spool, sync_close=True
-    )
+    view, _queue = writable(project, spool, sync_close=True)
     try:
         fh = view.create("/ds/img/a.png")
         view.write(fh, png_bytes(4), 0)
@@ -290,3 +288,36 @@ def test_with_sync_close_every_close_is_durable(project: Path, tmp_path: Path) -
         assert _journal_paths(spool) == ["/ds/img/a.png", "/ds/img/a.png"]
     finally:
         spool.close()
+
+
+# ---- control files ----------------------------------------------------------------------
+
+
+def test_reading_the_flush_file_only_waits_a_bounded_time_for_the_queue(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import runs on the queue's thread; a read of ``/.blobfs/flush`` asks for it and
+    waits at most ``FLUSH_WAIT_S``, then says whether it is done and which ticket
+    ``flush-<ticket>`` waits for (what ``blobfs flush`` loops on)."""
+    monkeypatch.setattr("blobfs.writeback.fs.FLUSH_WAIT_S", 0.2)
+    monkeypatch.setenv("BLOBFS_FAILPOINT", "importing:sleep=1.0")
+    overlay.write("/ds/img/slow.png", png_bytes(51))
+    overlay.queue.start()
+    started = time.monotonic()
+    first = json.loads(overlay.view.read_path("/.blobfs/flush", 0, 1 << 20))
+    assert time.monotonic() - started < 0.9
+    assert first["done"] is False and first["ticket"] == 1
+    answer = first
+    deadline = time.monotonic() + 30
+    while not answer["done"] and time.monotonic() < deadline:
+        answer = json.loads(overlay.view.read_path("/.blobfs/flush-1", 0, 1 << 20))
+    assert answer["done"] is True and answer["pending"] == 0
+    assert overlay.view.read_path("/ds/img/slow.png", 0, 1 << 20) == png_bytes(51)
+
+
+def test_stats_carry_the_writeback_section(overlay: Overlay) -> None:
+    stats = json.loads(overlay.view.read_path("/.blobfs/stats-x.json", 0, 1 << 20))
+    assert stats["writeback"]["pending"] == 0 and "uptime_s" in stats
+    assert overlay.view.getattr("/.blobfs/stats-x.json")["st_size"] == len(
+        overlay.view.read_path("/.blobfs/stats-x.json", 0, 1 << 20)
+    )
