@@ -526,13 +526,15 @@ def status(mountpoint: str, as_json: bool) -> None:
 def _flush_and_wait(mountpoint: str) -> dict[str, Any]:
     """Ask the daemon for a flush and wait until it is done.
 
-    Reading ``.blobfs/flush`` requests one; each read (of it, then of ``flush-<ticket>``)
-    waits at most a second inside the daemon, so no request holds a FUSE thread for long;
-    the answer says whether that flush is ``done``.
+    Reading ``.blobfs/flush-new-<nonce>`` requests one, ``flush-<ticket>-<nonce>`` waits
+    for it again: each read waits at most a second inside the daemon, so no request holds a
+    FUSE thread for long; the answer says whether that flush is ``done``. A fresh name per
+    read: the kernel caches a file's size and pages.
     """
-    status = _read_control(mountpoint, "flush")
+    status = _read_control(mountpoint, f"flush-new-{uuid.uuid4().hex}")
     while status.get("done") is False:
-        status = _read_control(mountpoint, f"flush-{int(status.get('ticket') or 0)}")
+        ticket = int(status.get("ticket") or 0)
+        status = _read_control(mountpoint, f"flush-{ticket}-{uuid.uuid4().hex}")
     return status
 
 

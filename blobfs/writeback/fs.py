@@ -30,7 +30,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from blobfs.blob.index import name_problem
@@ -71,7 +71,8 @@ STAGED_FILE_MODE = stat.S_IFREG | 0o644
 STAGED_DIR_MODE = stat.S_IFDIR | 0o755
 CONTROL_FLUSH = f"{CONTROL_DIR}/flush"
 CONTROL_STATUS = f"{CONTROL_DIR}/writeback.json"
-#: ``/.blobfs/flush-<ticket>``: waits (a bounded time) for that flush; see ``_control``.
+#: ``/.blobfs/flush-<ticket>-<nonce>`` waits (a bounded time) for that flush,
+#: ``flush-new-<nonce>`` asks for one first; see ``_control``.
 CONTROL_FLUSH_WAIT = f"{CONTROL_DIR}/flush-"
 CONTROL_SIZE = 1 << 20
 #: How long one read of a flush control file may wait for the flush: the FUSE thread only
@@ -143,38 +144,53 @@ class WritebackFS:
 
         ``flush`` asks the queue for a flush and waits for it at most ``FLUSH_WAIT_S``
         (the work runs on the queue's thread, never on this one); its JSON says whether
-        it is ``done`` and, if not, the ``ticket`` that ``flush-<ticket>`` waits for again.
+        it is ``done`` and, if not, the ``ticket`` to wait for again. The names
+        ``flush-new-<nonce>`` (ask, then wait) and ``flush-<ticket>-<nonce>`` (wait) are
+        answered once per name with their exact size, like the statistics files: the
+        kernel keeps a file's size and pages, so a repeated read of one name could show
+        the end of an older, longer answer.
         """
         if path == CONTROL_FLUSH:
             return self._flush_answer(self.queue.request_flush())
         if path.startswith(CONTROL_FLUSH_WAIT):
-            ticket = path[len(CONTROL_FLUSH_WAIT) :]
-            if not ticket.isdigit():
+            ticket, _, nonce = path[len(CONTROL_FLUSH_WAIT) :].partition("-")
+            if not nonce or "/" in nonce or not (ticket == "new" or ticket.isdigit()):
                 return None
-            return self._flush_answer(int(ticket))
+            name = path[len(CONTROL_DIR) + 1 :]
+            return self._snapshot(
+                name,
+                lambda: self._flush_answer(
+                    self.queue.request_flush() if ticket == "new" else int(ticket)
+                ),
+            )
         if path == CONTROL_STATUS:
             return _json_bytes(self.queue.status.as_dict())
         name = path[len(CONTROL_DIR) + 1 :]
         if "/" not in name and name.startswith("stats") and name.endswith(".json"):
-            return self._stats_snapshot(name)
+            return self._snapshot(name, self._stats)
         return None
 
     def _flush_answer(self, ticket: int) -> bytes:
         done = self.queue.wait_flushed(ticket, FLUSH_WAIT_S)
         return _json_bytes({**self.queue.status.as_dict(), "ticket": ticket, "done": done})
 
-    def _stats_snapshot(self, name: str) -> bytes:
-        """``blobfs stats`` of the view below plus writeback, fixed per file name (the
-        kernel caches a file's size, so each ask uses a fresh name)."""
+    def _stats(self) -> bytes:
+        """``blobfs stats`` of the view below plus writeback."""
+        stats = {**self.project.stats(), "writeback": self.queue.status.as_dict()}
+        return (json.dumps(stats, indent=1, default=str) + "\n").encode()
+
+    def _snapshot(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """The content of control file ``name``, made at its first lookup and fixed
+        afterwards (the kernel caches a file's size, so each ask uses a fresh name)."""
         with self._snap_lock:
             data = self._snapshots.get(name)
-            if data is None:
-                stats = {**self.project.stats(), "writeback": self.queue.status.as_dict()}
-                data = (json.dumps(stats, indent=1, default=str) + "\n").encode()
-                self._snapshots[name] = data
+        if data is None:
+            data = make()  # not under the lock: a flush answer may wait a second
+            with self._snap_lock:
+                data = self._snapshots.setdefault(name, data)
                 while len(self._snapshots) > MAX_SNAPSHOTS:
                     self._snapshots.pop(next(iter(self._snapshots)))
-            return data
+        return data
 
     def getattr(self, path: str) -> dict[str, int]:
         if path == CONTROL_DIR:
@@ -198,7 +214,7 @@ class WritebackFS:
         return self._writable_attrs(path, self.project.getattr(path))
 
     def _control_attrs(self, path: str) -> dict[str, int]:
-        if path in (CONTROL_FLUSH, CONTROL_STATUS) or path.startswith(CONTROL_FLUSH_WAIT):
+        if path in (CONTROL_FLUSH, CONTROL_STATUS):
             # The real length is known only when read: announce a bound; the short read
             # that follows is the end of file (no kernel_cache here).
             return {

@@ -298,7 +298,8 @@ def test_reading_the_flush_file_only_waits_a_bounded_time_for_the_queue(
 ) -> None:
     """The import runs on the queue's thread; a read of ``/.blobfs/flush`` asks for it and
     waits at most ``FLUSH_WAIT_S``, then says whether it is done and which ticket
-    ``flush-<ticket>`` waits for (what ``blobfs flush`` loops on)."""
+    ``flush-<ticket>-<nonce>`` waits for (what ``blobfs flush`` loops on); each such name
+    is answered once, with its exact size."""
     monkeypatch.setattr("blobfs.writeback.fs.FLUSH_WAIT_S", 0.2)
     monkeypatch.setenv("BLOBFS_FAILPOINT", "importing:sleep=1.0")
     overlay.write("/ds/img/slow.png", png_bytes(51))
@@ -307,11 +308,18 @@ def test_reading_the_flush_file_only_waits_a_bounded_time_for_the_queue(
     first = json.loads(overlay.view.read_path("/.blobfs/flush", 0, 1 << 20))
     assert time.monotonic() - started < 0.9
     assert first["done"] is False and first["ticket"] == 1
-    answer = first
+    answer, reads = first, 0
     deadline = time.monotonic() + 30
     while not answer["done"] and time.monotonic() < deadline:
-        answer = json.loads(overlay.view.read_path("/.blobfs/flush-1", 0, 1 << 20))
+        name = f"/.blobfs/flush-1-{reads}"
+        reads += 1
+        size = overlay.view.getattr(name)["st_size"]
+        data = overlay.view.read_path(name, 0, 1 << 20)
+        assert len(data) == size and overlay.view.read_path(name, 0, 1 << 20) == data
+        answer = json.loads(data)
     assert answer["done"] is True and answer["pending"] == 0
+    ticket = json.loads(overlay.view.read_path("/.blobfs/flush-new-a", 0, 1 << 20))["ticket"]
+    assert ticket == 2
     assert overlay.view.read_path("/ds/img/slow.png", 0, 1 << 20) == png_bytes(51)
 
 
