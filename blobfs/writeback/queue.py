@@ -347,6 +347,9 @@ class WritebackQueue:
         self, force: bool = False
     ) -> tuple[dict[tuple[str, ...], tuple[list[str], list[str], int]], str | None]:
         files, _ = self.spool.walk()
+        new_pass = getattr(self.validate, "new_pass", None)
+        if callable(new_pass):
+            new_pass()
         context = None if force else self._context()
         groups: dict[tuple[str, ...], tuple[list[str], list[str], int]] = {}
         meta = None

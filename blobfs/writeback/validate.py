@@ -24,6 +24,8 @@ class Validator:
     def __init__(self, spool: Spool, project: ProjectView) -> None:
         self.spool = spool
         self.project = project
+        self._meta: bytes | None = None
+        self._meta_read = False
 
     def __call__(self, path: str, staged_file: str) -> str | None:
         if path == META_PATH:
@@ -51,11 +53,21 @@ class Validator:
         node = self.project.lookup(path)
         return node is not None and not isinstance(node, DirNode)
 
+    def new_pass(self) -> None:
+        """The queue starts a pass over the spool: read the project's meta afresh (once
+        for the pass, not once per annotation: a request each on a remote project)."""
+        self._meta = None
+        self._meta_read = False
+
+    def _project_meta(self) -> bytes | None:
+        if not self._meta_read:
+            self._meta = self.project.source.meta_json()
+            self._meta_read = True
+        return self._meta
+
     def _class_problem(self, staged_file: str) -> str | None:
         staged_meta = self.spool.stat(META_PATH)
-        meta_bytes = (
-            self.spool.read_bytes(META_PATH) if staged_meta else self.project.source.meta_json()
-        )
+        meta_bytes = self.spool.read_bytes(META_PATH) if staged_meta else self._project_meta()
         try:
             meta = json.loads(meta_bytes or b"{}")
             known = {c.get("title") for c in meta.get("classes", []) if isinstance(c, dict)}

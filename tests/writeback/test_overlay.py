@@ -329,3 +329,22 @@ def test_stats_carry_the_writeback_section(overlay: Overlay) -> None:
     assert overlay.view.getattr("/.blobfs/stats-x.json")["st_size"] == len(
         overlay.view.read_path("/.blobfs/stats-x.json", 0, 1 << 20)
     )
+
+
+def test_validating_annotations_reads_the_project_meta_once_per_pass(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a remote project each read of meta is a request: once per pass, not per file."""
+    source = overlay.view.source
+    real, calls = source.meta_json, []
+
+    def counting() -> bytes | None:
+        calls.append(1)
+        return real()
+
+    for i in range(5):
+        overlay.write(f"/ds/ann/img_00000{i}.png.json", _ann("nobody"))
+    monkeypatch.setattr(source, "meta_json", counting)
+    overlay.queue.run_once()
+    assert len(overlay.queue.status.failed) == 5
+    assert len(calls) == 1
