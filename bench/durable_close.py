@@ -3,7 +3,7 @@
     python bench/durable_close.py [--files 3000] [--size 4096] [--threads 1] [--dir DIR]
 
 Stages ``--files`` files of ``--size`` bytes through ``Spool`` (temp file, write, commit,
-close, as ``WritableView`` does for each ``close()``), twice in the same folder:
+close, as ``WritebackFS`` does for each durable ``close()``), twice in the same folder:
 1. the journal path (a file up to ``INLINE_MAX``: one append + ``fdatasync``);
 2. ``INLINE_MAX = 0``, so every file takes the fsync + link + rename + fsync-of-folder path.
 With ``--threads N`` the files are staged by N threads at once (a parallel copy); the

@@ -30,6 +30,7 @@ from blobfs.credentials import token_file_warning
 from blobfs.deadline import DEFAULT_TIMEOUT_S
 from blobfs.errors import BlobfsError, InvalidInput
 from blobfs.fstab import BOOL_FLAGS, VALUE_FLAGS, daemon_command
+from blobfs.layout import CONTROL_DIR
 from blobfs.logs import setup_logging
 from blobfs.mountpoint import (
     DEAD_ERRNOS,
@@ -41,6 +42,7 @@ from blobfs.mountpoint import (
 )
 
 READY_TIMEOUT_S = 120.0
+CONTROL_NAME = CONTROL_DIR.lstrip("/")  # the mount's control folder, relative
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -145,6 +147,13 @@ def main() -> None:
     help="Seconds without new writes before staged files are imported.",
 )
 @click.option(
+    "--sync-close",
+    is_flag=True,
+    help="With --writeback: every close() of a written file waits until it would survive "
+    "a power cut (default: like a local file system, only fsync(), sync, blobfs flush and "
+    "unmount do). -o sync_close or -o sync.",
+)
+@click.option(
     "--blob-size",
     default="256M",
     show_default=True,
@@ -197,6 +206,7 @@ def mount(
     spool_dir: str | None,
     writeback_delay: float,
     blob_size: str,
+    sync_close: bool,
     debug_fuse: bool,
     timeout: float | None,
     prefetch: bool,
@@ -226,6 +236,7 @@ def mount(
         "timeout": timeout,
         "prefetch": prefetch,
         "concurrency": concurrency,
+        "sync_close": sync_close,
     }
     try:
         fuse_opts = parse_fuse_options(options)
@@ -242,9 +253,10 @@ def mount(
             cache_dir=opt["cache_dir"],
             disk_cache_bytes=parse_size(opt["disk_cache_size"]),
             writeback=bool(opt["writeback"]),
-            spool_dir=opt["spool_dir"],
+            spool_dir=os.path.abspath(str(opt["spool_dir"])) if opt["spool_dir"] else None,
             writeback_delay_s=_seconds(opt["writeback_delay"]),
             writeback_blob_size=parse_size(opt["blob_size"]),
+            sync_close=bool(opt["sync_close"] or opt.get("sync")),
             debug_fuse=debug_fuse,
             timeout_s=_timeout(opt["timeout"]),
             prefetch=bool(opt["prefetch"]),
@@ -401,11 +413,9 @@ def unmount(mountpoint: str, lazy: bool) -> None:
         _fail(f"{state.path} does not exist")
     if state.kind is not Kind.MOUNTED:
         _fail(f"{state.path} is not mounted")
-    if not lazy and state.is_blobfs and _exists(Path(mountpoint) / ".blobfs" / "writeback.json"):
+    if not lazy and state.is_blobfs and _exists(Path(mountpoint) / CONTROL_NAME / "writeback.json"):
         status = (
-            _flush_with_progress(mountpoint)
-            if sys.stderr.isatty()
-            else _read_control(mountpoint, "flush")
+            _flush_with_progress(mountpoint) if sys.stderr.isatty() else _flush_and_wait(mountpoint)
         )
         if status.get("pending") or status.get("failed"):
             click.echo(
@@ -546,9 +556,7 @@ def flush(mountpoint: str) -> None:
     """Import everything staged in a writeback MOUNTPOINT now, and wait for it."""
     _need_blobfs_mount(mountpoint, writeback="nothing to flush")
     status = (
-        _flush_with_progress(mountpoint)
-        if sys.stderr.isatty()
-        else (_read_control(mountpoint, "flush"))
+        _flush_with_progress(mountpoint) if sys.stderr.isatty() else _flush_and_wait(mountpoint)
     )
     _print_status(status)
     sys.exit(1 if status.get("pending") or status.get("failed") else 0)
@@ -567,10 +575,25 @@ def status(mountpoint: str, as_json: bool) -> None:
         _print_status(data)
 
 
+def _flush_and_wait(mountpoint: str) -> dict[str, Any]:
+    """Ask the daemon for a flush and wait until it is done.
+
+    Reading ``.blobfs/flush-new-<nonce>`` requests one, ``flush-<ticket>-<nonce>`` waits
+    for it again: each read waits at most a second inside the daemon, so no request holds a
+    FUSE thread for long; the answer says whether that flush is ``done``. A fresh name per
+    read: the kernel caches a file's size and pages.
+    """
+    status = _read_control(mountpoint, f"flush-new-{uuid.uuid4().hex}")
+    while status.get("done") is False:
+        ticket = int(status.get("ticket") or 0)
+        status = _read_control(mountpoint, f"flush-{ticket}-{uuid.uuid4().hex}")
+    return status
+
+
 def _flush_with_progress(mountpoint: str) -> dict[str, Any]:
     """Run the flush in a thread while a bar follows the daemon's pending count."""
     result: dict[str, Any] = {}
-    worker = threading.Thread(target=lambda: result.update(_read_control(mountpoint, "flush")))
+    worker = threading.Thread(target=lambda: result.update(_flush_and_wait(mountpoint)))
     start = _read_control(mountpoint, "writeback.json")
     total = max(1, int(start.get("pending") or 0))
     worker.start()
@@ -593,14 +616,14 @@ def _need_blobfs_mount(mountpoint: str, writeback: str | None = None) -> None:
         _fail(f"{state.path} does not exist")
     if state.kind is not Kind.MOUNTED or not state.is_blobfs:
         _fail(f"{state.path} is not a blobfs mount")
-    if writeback and not _exists(Path(state.path) / ".blobfs" / "writeback.json"):
+    if writeback and not _exists(Path(state.path) / CONTROL_NAME / "writeback.json"):
         _fail(
             f"{state.path} is a read-only blobfs mount (mounted without --writeback): {writeback}"
         )
 
 
 def _read_control(mountpoint: str, name: str) -> dict[str, Any]:
-    path = Path(mountpoint) / ".blobfs" / name
+    path = Path(mountpoint) / CONTROL_NAME / name
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:

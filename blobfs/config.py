@@ -60,6 +60,9 @@ class MountConfig:
     prefetch: bool = False
     #: Remote: requests one listing, annotation walk or prefetch keeps in flight.
     concurrency: int = 8
+    #: Every ``close()`` of a written file is durable (survives a power cut), not only
+    #: ``fsync()``: the behaviour of ``-o sync`` on a local file system.
+    sync_close: bool = False
 
     @property
     def is_remote(self) -> bool:

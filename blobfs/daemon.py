@@ -14,6 +14,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from blobfs.cache.blocks import BlockCache
 from blobfs.cache.disk import DiskBlockStore
@@ -21,16 +22,16 @@ from blobfs.cache.index_store import IndexStore, default_index_dir
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
 from blobfs.errors import InvalidInput, NotFound
 from blobfs.fuse.compat import FUSE_MAJOR, BlobfsFUSE
-from blobfs.fuse.ops import BlobfsOperations, WritebackOperations
+from blobfs.fuse.ops import BlobfsOperations
 from blobfs.notify import sd_notify
 from blobfs.sources.base import Source
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.sources.remote import RemoteProjectSource
 from blobfs.view.tree import ProjectView
-from blobfs.view.writable import WritableView
-from blobfs.writeback.importer import Importer, LocalImporter
-from blobfs.writeback.queue import WritebackQueue
-from blobfs.writeback.spool import Spool
+
+if TYPE_CHECKING:  # a read-only mount loads none of the writeback layer
+    from blobfs.writeback.fs import WritebackFS
+    from blobfs.writeback.queue import WritebackQueue
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,18 @@ def fuse_kwargs(config: MountConfig, immutable: bool) -> dict[str, object]:
     return kwargs
 
 
-def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, WritebackQueue]:
-    """The writable view over ``source`` and the queue that imports what is written."""
+def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, WritebackQueue]:
+    """The writable layer over the read-only view of ``source``, and the queue that imports
+    what is written; each part gets what it uses when it is made."""
+    from blobfs.writeback.fs import WritebackFS
+    from blobfs.writeback.importer import Importer, LocalImporter
+    from blobfs.writeback.queue import WritebackQueue
+    from blobfs.writeback.spool import Spool
+    from blobfs.writeback.validate import Validator
+
     spool = Spool(config.effective_spool_dir())
     ttl = DEFAULT_REMOTE_TTL_S if not source.is_immutable() else float("inf")
-    view = WritableView(source, spool, listing_ttl_s=ttl)
+    project = ProjectView(source, listing_ttl_s=ttl)
     importer: Importer
     if config.is_remote:
         from blobfs.writeback.remote import RemoteImporter
@@ -135,39 +143,11 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritableView, 
     queue = WritebackQueue(
         spool,
         importer,
-        view.validate,
-        on_imported=view.imported,
-        on_importing=view.importing,
+        Validator(spool, project),
         delay_s=config.writeback_delay_s,
         blob_size=config.writeback_blob_size,
     )
-    view.on_staged = queue.staged
-    view.queue = queue
-    view.extra_stats = lambda: {"writeback": queue.status.as_dict()}
-    return view, queue
-
-
-def _operations(
-    config: MountConfig,
-    view: ProjectView,
-    queue: WritebackQueue | None,
-    on_ready: Callable[[], None],
-    on_exit: Callable[[], None],
-) -> BlobfsOperations:
-    """The FUSE adapter for ``view``: writable over a writeback view, read-only otherwise."""
-    view.refresh_timeout_s = config.timeout_s
-    if isinstance(view, WritableView):
-        ops = WritebackOperations(
-            view, on_ready=on_ready, on_exit=on_exit, timeout_s=config.timeout_s
-        )
-        assert queue is not None
-        queue.on_settled = ops.forget_cached
-        return ops
-    # direct_io is set per open: it needs the open round trips no-open mode removes
-    no_open = "direct_io" not in config.fuse_options
-    return BlobfsOperations(
-        view, on_ready=on_ready, on_exit=on_exit, no_open=no_open, timeout_s=config.timeout_s
-    )
+    return WritebackFS(project, spool, queue, sync_close=config.sync_close), queue
 
 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
@@ -176,7 +156,7 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     # A core dump of the daemon would hold the API token (and cached image bytes).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     queue: WritebackQueue | None = None
-    view: ProjectView
+    view: ProjectView | WritebackFS
     if config.writeback:
         view, queue = build_writeback(config, build_source(config))
     else:
@@ -204,7 +184,10 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
             queue.start()
         if view.source.is_immutable():
             threading.Thread(
-                target=_index_all, args=(view,), name="blobfs-index", daemon=True
+                target=_index_all,
+                args=(view if isinstance(view, ProjectView) else view.project,),
+                name="blobfs-index",
+                daemon=True,
             ).start()
         sd_notify("READY=1")
 
@@ -230,6 +213,32 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     finally:
         view.source.close()
         logger.info("unmounted %s", config.mountpoint)
+
+
+def _operations(
+    config: MountConfig,
+    view: ProjectView | WritebackFS,
+    queue: WritebackQueue | None,
+    on_ready: Callable[[], None],
+    on_exit: Callable[[], None],
+) -> BlobfsOperations:
+    """The FUSE adapter for ``view``: the writable one only for a writeback mount."""
+    if queue is not None:
+        from blobfs.fuse.writeback_ops import WritebackOperations
+        from blobfs.writeback.fs import WritebackFS
+
+        assert isinstance(view, WritebackFS)
+        view.project.refresh_timeout_s = config.timeout_s
+        return WritebackOperations(
+            view, queue, on_ready=on_ready, on_exit=on_exit, timeout_s=config.timeout_s
+        )
+    assert isinstance(view, ProjectView)
+    view.refresh_timeout_s = config.timeout_s
+    # direct_io is set per open: it needs the open round trips no-open mode removes
+    no_open = "direct_io" not in config.fuse_options
+    return BlobfsOperations(
+        view, on_ready=on_ready, on_exit=on_exit, no_open=no_open, timeout_s=config.timeout_s
+    )
 
 
 def _drain(queue: WritebackQueue) -> None:

@@ -36,6 +36,8 @@ BOOL_FLAGS = {
     "allow_other": "--allow-other",
     "writeback": "--writeback",
     "prefetch": "--prefetch",
+    "sync_close": "--sync-close",
+    "sync": "--sync-close",  # mount(8)'s name for it
 }
 #: Options for mount(8) or systemd only; FUSE must not see them. ``ro`` is the default.
 DROPPED = {

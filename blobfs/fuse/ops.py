@@ -15,11 +15,10 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from blobfs import deadline
 from blobfs.errors import (
@@ -36,9 +35,8 @@ from blobfs.errors import (
     TimedOut,
     to_errno,
 )
-from blobfs.fuse.compat import FuseOSError, Operations, invalidate_path
+from blobfs.fuse.compat import FuseOSError, Operations
 from blobfs.view.tree import ProjectView
-from blobfs.view.writable import WritableView
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +159,26 @@ def _trim(items: dict[Any, Any], most: int) -> None:
         items.pop(next(iter(items)))
 
 
+class TreeView(Protocol):
+    """What the adapter asks of the tree it serves: the read-only
+    :class:`~blobfs.view.tree.ProjectView`, or the writable layer wrapping it."""
+
+    @property
+    def op_counts(self) -> dict[str, int]: ...
+
+    def getattr(self, path: str) -> dict[str, int]: ...
+
+    def readdir(self, path: str) -> Sequence[str]: ...
+
+    def readdir_attrs(
+        self, path: str, start: int = 0
+    ) -> Iterator[tuple[str, dict[str, int] | None]]: ...
+
+    def read_path(self, path: str, offset: int, size: int) -> bytes: ...
+
+    def statfs(self) -> dict[str, int]: ...
+
+
 class BlobfsOperations(Operations):  # type: ignore[misc]
     """The read-only mount: lookups, listings and reads by path.
 
@@ -174,7 +192,7 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
 
     def __init__(
         self,
-        view: ProjectView,
+        view: TreeView | ProjectView,
         on_ready: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         no_open: bool = True,
@@ -233,100 +251,3 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
     @errno_boundary
     def statfs(self, path: str) -> dict[str, int]:
         return self.view.statfs()
-
-
-class WritebackOperations(BlobfsOperations):
-    """The writable mount (``--writeback``): the read-only operations plus writes.
-
-    ``open``/``release``/``flush`` are implemented here (unlike the read-only class)
-    because a write handle must be committed durably before ``close()`` returns: the kernel
-    sends ``flush`` synchronously from ``close()``, and ``release`` only afterwards.
-    """
-
-    def __init__(
-        self,
-        view: WritableView,
-        on_ready: Callable[[], None] | None = None,
-        on_exit: Callable[[], None] | None = None,
-        timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
-    ) -> None:
-        super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
-        self.wview = view
-        # Staged files change size while written: the overlay's listing carries no
-        # attributes, so the kernel asks getattr (with its short timeout) as before.
-        self.readdir_plus = None  # type: ignore[method-assign,assignment]
-
-    def forget_cached(self, paths: Sequence[str]) -> None:
-        """Drop the kernel's attributes and pages of ``paths`` (imported files now served
-        from the project, whose content may differ from the staged copy in bytes and
-        length); called by the writeback queue's thread, never inside a request."""
-        started = time.monotonic()
-        dropped = sum(invalidate_path(path) for path in paths)
-        logger.debug(
-            "kernel caches of %d of %d imported files dropped in %.4f s",
-            dropped,
-            len(paths),
-            time.monotonic() - started,
-        )
-
-    @errno_boundary
-    def create(self, path: str, mode: int, flags: int = 0) -> int:
-        return self.wview.create(path)
-
-    @errno_boundary
-    def open(self, path: str, flags: int) -> int:
-        if flags & (os.O_WRONLY | os.O_RDWR):
-            return self.wview.open_write(path, truncate=bool(flags & os.O_TRUNC))
-        return self.wview.open(path)
-
-    @errno_boundary
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return self.wview.read(fh, offset, size)
-
-    @errno_boundary
-    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        return self.wview.write(fh, data, offset)
-
-    @errno_boundary
-    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
-        self.wview.truncate(path, length, fh)
-
-    @errno_boundary
-    def flush(self, path: str, fh: int) -> None:
-        self.wview.commit(fh)
-
-    @errno_boundary
-    def fsync(self, path: str, datasync: int, fh: int) -> None:
-        self.wview.commit(fh)
-
-    @errno_boundary
-    def release(self, path: str, fh: int) -> None:
-        self.wview.release(fh)
-
-    @errno_boundary
-    def unlink(self, path: str) -> None:
-        self.wview.unlink(path)
-
-    @errno_boundary
-    def rename(self, old: str, new: str) -> None:
-        self.wview.rename(old, new)
-
-    @errno_boundary
-    def mkdir(self, path: str, mode: int) -> None:
-        self.wview.mkdir(path)
-
-    @errno_boundary
-    def rmdir(self, path: str) -> None:
-        self.wview.rmdir(path)
-
-    @errno_boundary
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
-        self.wview.utimens(path, times)
-
-    @errno_boundary
-    def chmod(self, path: str, mode: int) -> None:
-        self.wview.chmod_or_chown(path)
-
-    @errno_boundary
-    def chown(self, path: str, uid: int, gid: int) -> None:
-        self.wview.chmod_or_chown(path)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from blobfs.blob.index import OFFSETS_SUFFIX
 from blobfs.blob.pack import ProjectPacker, empty_annotation
+from blobfs.layout import ANN_DIR, META_PATH, dataset_dir, dataset_of, image_of_ann
 from blobfs.safe_open import ProjectRoot, split_rel, write_atomic_at
 from blobfs.writeback.spool import Batch, Spool, lock_project
 
@@ -47,21 +48,14 @@ def split_batch(batch: Batch) -> tuple[list[str], dict[str, str], str | None]:
     anns: dict[str, str] = {}
     meta = None
     for path in batch.files:
-        if path == "/meta.json":
+        where = dataset_of(path)
+        if path == META_PATH:
             meta = path
-        elif "/img/" in path:
+        elif where is not None and where[1] == ANN_DIR:
+            anns[image_of_ann(where[2])] = path
+        elif where is not None:
             images.append(path)
-        elif path.endswith(".json") and "/ann/" in path:
-            anns[path.rsplit("/", 1)[1][: -len(".json")]] = path
     return images, anns, meta
-
-
-def dataset_dir(project: Path, dataset: list[str]) -> Path:
-    """``["a", "b"]`` -> ``project/a/datasets/b`` (the SDK's nested layout)."""
-    folder = project / dataset[0]
-    for name in dataset[1:]:
-        folder = folder / "datasets" / name
-    return folder
 
 
 class LocalImporter:

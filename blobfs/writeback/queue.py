@@ -7,6 +7,10 @@ exponential backoff; its files stay staged (and visible) meanwhile. A file that 
 imported as it is (not an image, an annotation that does not parse or names an unknown
 class) is kept in the spool and listed under ``failed`` until the user fixes or removes it.
 
+The queue knows nothing above it: what the layers above must learn (a batch is importing,
+was imported, is served from the project alone) is published as events to whoever
+subscribed (the writable overlay, the FUSE layer).
+
 Lock order: ``_cond`` only; it is never held while importing.
 """
 
@@ -17,11 +21,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blobfs.blob.pack import new_blob_stem
 from blobfs.failpoints import failpoint
+from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann
 from blobfs.writeback.importer import Importer
 from blobfs.writeback.spool import Batch, Spool
 
@@ -35,20 +40,33 @@ Validate = Callable[[str, str], str | None]
 """(view path, staged file path) -> reason it cannot be imported, or None."""
 
 
-def dataset_of(view_path: str) -> tuple[tuple[str, ...], str, str] | None:
-    """``/a/datasets/b/img/x.png`` -> ``(("a", "b"), "img", "x.png")``, else None."""
-    parts = [p for p in view_path.split("/") if p]
-    if len(parts) < 3 or parts[-2] not in ("img", "ann"):
-        return None
-    chain = parts[:-2]
-    names = [chain[0]]
-    rest = chain[1:]
-    while rest:
-        if len(rest) < 2 or rest[0] != "datasets":
-            return None
-        names.append(rest[1])
-        rest = rest[2:]
-    return tuple(names), parts[-2], parts[-1]
+@dataclass(frozen=True)
+class Importing:
+    """The batch of these view paths is importing now (empty: none is): changes to them
+    must wait (EBUSY) until the next ``Importing``."""
+
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Imported:
+    """The batch is in the project; its staged copies are still there (no gap in
+    listings): the project's own listing of the dataset must be read again."""
+
+    batch: Batch
+
+
+@dataclass(frozen=True)
+class Settled:
+    """These imported annotations and meta are now served from the project alone (staged
+    copies gone; the server's copy may differ in bytes and length). Images land byte for
+    byte and are not listed."""
+
+    paths: tuple[str, ...]
+
+
+Event = Importing | Imported | Settled
+Listener = Callable[[Event], None]
 
 
 @dataclass
@@ -83,9 +101,6 @@ class WritebackQueue:
         spool: Spool,
         importer: Importer,
         validate: Validate,
-        on_imported: Callable[[Batch], None] | None = None,
-        on_importing: Callable[[Sequence[str]], None] | None = None,
-        on_settled: Callable[[Sequence[str]], None] | None = None,
         delay_s: float = DEFAULT_DELAY_S,
         blob_size: int = DEFAULT_BLOB_SIZE,
         clock: Callable[[], float] = time.monotonic,
@@ -94,14 +109,7 @@ class WritebackQueue:
         self.spool = spool
         self.importer = importer
         self.validate = validate
-        self.on_imported = on_imported
-        #: Told the view paths of the batch being imported (empty when none is): the view
-        #: answers EBUSY for changes to them meanwhile.
-        self.on_importing = on_importing
-        #: Told the batch's annotations and meta once they are served from the project alone
-        #: (staged copies gone; a server's copy may differ in bytes and length): the FUSE
-        #: layer drops what the kernel caches of them.
-        self.on_settled = on_settled
+        self._listeners: list[Listener] = []
         self.delay_s = delay_s
         self.blob_size = blob_size
         self.backoff_s = backoff_s
@@ -120,8 +128,19 @@ class WritebackQueue:
         self._staged_bytes = 0
         self.status = QueueStatus()
         self._thread: threading.Thread | None = None
+        self._tickets = 0  # flush requests handed out
+        self._targets: list[tuple[int, int]] = []  # (pass generation, ticket) awaited
+        self._flushed = 0  # the last ticket whose flush pass has completed
 
     # ---- control ---------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with every event, on the queue's thread (keep it short)."""
+        self._listeners.append(listener)
+
+    def _publish(self, event: Event) -> None:
+        for listener in self._listeners:
+            listener(event)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="blobfs-writeback", daemon=True)
@@ -145,19 +164,36 @@ class WritebackQueue:
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Import everything importable now; True when nothing importable is left pending."""
+        ticket = self.request_flush()
+        done = self.wait_flushed(ticket, timeout_s)
+        return done and self.status.pending == 0
+
+    def request_flush(self) -> int:
+        """Ask for a flush pass and return at once; the ticket to wait for.
+
+        The pass runs on the queue's thread: it makes the spool durable (what stays staged,
+        refused files too, no longer depends on the page cache) and imports what it can.
+        """
         with self._cond:
             self._force += 1
+            self._tickets += 1
             # the first pass that starts after this request: the next one, or the one after
             # the pass running now (which may have listed the spool before the last write)
-            target = self._generation + (2 if self._running else 1)
+            self._targets.append((self._generation + (2 if self._running else 1), self._tickets))
             self._cond.notify_all()
+            return self._tickets
+
+    def wait_flushed(self, ticket: int, timeout_s: float | None = None) -> bool:
+        """Wait until the flush of ``ticket`` is done (True) or ``timeout_s`` passed (False).
+        Without a running thread there is nothing to wait for."""
+        with self._cond:
             deadline = None if timeout_s is None else self._clock() + timeout_s
-            while self._generation < target and self._thread is not None:
+            while self._flushed < ticket and self._thread is not None:
                 remaining = None if deadline is None else deadline - self._clock()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
-            return self.status.pending == 0
+            return True
 
     def stop(self, drain: bool = True, timeout_s: float | None = None) -> bool:
         """Stop the thread, after importing what can be imported when ``drain``."""
@@ -186,6 +222,8 @@ class WritebackQueue:
                 self._staged_bytes = 0
                 self._running = True
             try:
+                if force:
+                    self.spool.sync()
                 self.run_once(force)
             except Exception as exc:  # keep the thread alive whatever happens
                 logger.exception("writeback pass failed")
@@ -193,6 +231,8 @@ class WritebackQueue:
             with self._cond:
                 self._running = False
                 self._generation += 1
+                while self._targets and self._targets[0][0] <= self._generation:
+                    self._flushed = max(self._flushed, self._targets.pop(0)[1])
                 self._cond.notify_all()
 
     def _due(self) -> bool:
@@ -224,12 +264,12 @@ class WritebackQueue:
                 continue
             for chunk in self._chunks(images):
                 names = {p.rsplit("/", 1)[1] for p in chunk}
-                batch_anns = [a for a in anns if a.rsplit("/", 1)[1][:-5] in names]
+                batch_anns = [a for a in anns if image_of_ann(a.rsplit("/", 1)[1]) in names]
                 if not self._run_batch(self._new_batch(list(dataset), chunk + batch_anns)):
                     return
                 anns = [a for a in anns if a not in batch_anns]
             waiting = self._staged_image_names(dataset)
-            anns = [a for a in anns if a.rsplit("/", 1)[1][:-5] not in waiting]
+            anns = [a for a in anns if image_of_ann(a.rsplit("/", 1)[1]) not in waiting]
             if anns:  # annotations of images imported earlier
                 self._run_batch(self._new_batch(list(dataset), anns))
 
@@ -238,7 +278,7 @@ class WritebackQueue:
         names = set()
         for path in files:
             where = dataset_of(path)
-            if where is not None and where[0] == dataset and where[1] == "img":
+            if where is not None and where[0] == dataset and where[1] == IMG_DIR:
                 names.add(where[2])
         return names
 
@@ -267,8 +307,7 @@ class WritebackQueue:
 
     def _set_importing(self, paths: list[str]) -> None:
         self.status.importing = list(paths)
-        if self.on_importing is not None:
-            self.on_importing(paths)
+        self._publish(Importing(tuple(paths)))
 
     def _import(self, batch: Batch) -> bool:
         try:
@@ -287,14 +326,11 @@ class WritebackQueue:
         self._imports += 1
         self.status.last_error = None
         failpoint("after-import")
-        if self.on_imported is not None:  # before the staged copies go: no gap in listings
-            self.on_imported(batch)
+        self._publish(Imported(batch))  # before the staged copies go: no gap in listings
         sizes = {p: self._size(p) for p in batch.files}
         done = self.spool.finish_batch(batch)
-        if self.on_settled is not None:  # images land byte for byte; the rest may not
-            self.on_settled(
-                [p for p in batch.files if (d := dataset_of(p)) is None or d[1] != "img"]
-            )
+        settled = [p for p in batch.files if (d := dataset_of(p)) is None or d[1] != IMG_DIR]
+        self._publish(Settled(tuple(settled)))
         self.status.imported += len(done)
         self.status.batches_done += 1
         self.status.pending = max(0, self.status.pending - len(done))
@@ -311,6 +347,9 @@ class WritebackQueue:
         self, force: bool = False
     ) -> tuple[dict[tuple[str, ...], tuple[list[str], list[str], int]], str | None]:
         files, _ = self.spool.walk()
+        new_pass = getattr(self.validate, "new_pass", None)
+        if callable(new_pass):
+            new_pass()
         context = None if force else self._context()
         groups: dict[tuple[str, ...], tuple[list[str], list[str], int]] = {}
         meta = None
@@ -323,7 +362,7 @@ class WritebackQueue:
                 continue
             pending += 1
             pending_bytes += size
-            if path == "/meta.json":
+            if path == META_PATH:
                 meta = path
                 continue
             where = dataset_of(path)
@@ -332,7 +371,7 @@ class WritebackQueue:
                 pending -= 1
                 continue
             images, anns, group_size = groups.get(where[0], ([], [], 0))
-            if where[1] == "img":
+            if where[1] == IMG_DIR:
                 images.append(path)
                 group_size += size
             else:
@@ -346,7 +385,7 @@ class WritebackQueue:
         """What a refusal may depend on besides the file itself: the staged meta.json (its
         classes) and the imports since (an annotation's image may have landed)."""
         try:
-            st = os.stat(self.spool.staged_path("/meta.json"))
+            st = os.stat(self.spool.staged_path(META_PATH))
             meta: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             meta = None

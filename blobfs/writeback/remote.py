@@ -5,7 +5,10 @@ batch manifest before the next starts:
 
 1. ``packed``: the batch's images are written into ``spool/batches/<id>/<stem>.tar`` and
    their ranges recorded in the manifest;
-2. ``uploaded``: the tar is in Team Files under ``/blob-files/`` and its id is recorded;
+2. ``uploaded``: the tar is in Team Files under ``/blob-files/`` and its id is recorded,
+   with ``<stem>_offsets.pkl`` beside it (the SDK's own layout: the stock SDK's
+   ``upload_blob_images(dataset, blob_file)`` then registers the same blob into any other
+   dataset or project without uploading the images again);
 3. ``registered``: images are added by offsets; names the dataset already has are skipped,
    so a retried or repeated registration never creates duplicates;
 4. annotations (staged or empty ones with the right size) and meta are uploaded; both are
@@ -24,9 +27,11 @@ from typing import Any
 
 from blobfs.blob.ann_coords import to_subpixel
 from blobfs.blob.images import image_size_of_file
+from blobfs.blob.index import OFFSETS_SUFFIX, write_offsets
 from blobfs.blob.pack import TarBlobWriter, empty_annotation, finish_tar
 from blobfs.errors import RemoteError
 from blobfs.failpoints import failpoint
+from blobfs.model import BlobMember
 from blobfs.transport.api import SuperviselyWriteApi
 from blobfs.writeback.importer import split_batch
 from blobfs.writeback.spool import Batch, Spool
@@ -115,6 +120,10 @@ class RemoteImporter:
             batch.team_file_id = self.api.upload_team_file(
                 self.team_id(), TEAM_FILES_BLOB_DIR, tar_path.name, str(tar_path)
             )
+            offsets = self._write_offsets(batch, tar_path)
+            self.api.upload_team_file(
+                self.team_id(), TEAM_FILES_BLOB_DIR, offsets.name, str(offsets)
+            )
             failpoint("remote-after-upload")
             batch.state = "uploaded"
             spool.save_batch(batch)
@@ -136,6 +145,17 @@ class RemoteImporter:
             batch.state = "registered"
             spool.save_batch(batch)
         return sizes
+
+    @staticmethod
+    def _write_offsets(batch: Batch, tar_path: Path) -> Path:
+        """The batch's offsets file, made from the manifest's members (no flush: it can be
+        made again from them, and is only read by the upload that follows)."""
+        path = tar_path.with_name(f"{batch.stem}{OFFSETS_SUFFIX}")
+        with open(path, "wb") as stream:
+            write_offsets(
+                stream, (BlobMember(str(n), int(str(s)), int(str(e))) for n, s, e in batch.members)
+            )
+        return path
 
     def _pack(
         self, spool: Spool, batch: Batch, images: list[str], tar_path: Path

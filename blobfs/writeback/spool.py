@@ -9,15 +9,22 @@ Layout::
     spool/batches/<id>/manifest.json a batch being imported (written atomically)
     spool/batches/<id>/files/<view path>  hard links to the staged files of the batch
 
-A file is acknowledged (``close()``/``fsync()`` returned) only once it is durable: a file up
-to ``INLINE_MAX`` bytes as one journal record (one ``fdatasync``), its staged link left to
-the kernel's writeback; a larger one by fsync, rename and fsync of its folder. A
-*checkpoint* (one ``syncfs`` of the spool's file system, then a new journal generation)
-makes the staged folder itself durable; it runs before anything that must not be undone
-by a replay: a batch's hard links, a durable operation on a path the journal holds, a
-full journal. On start-up the journal is replayed over ``staged/`` and checkpointed, so a
-daemon killed at any moment loses nothing acknowledged. A batch holds hard links, so a
-file re-written while its batch imports keeps the batch's snapshot.
+Two strengths of commit. A plain one (``close()`` by default) links the temp file to its
+staged name and returns: the bytes are in the spool's files, in the kernel, so a daemon
+killed at any moment keeps them, and the next checkpoint makes them durable. A durable one
+(``fsync()``, or every ``close()`` with ``--sync-close``) returns only once the file
+survives a power cut: a file up to ``INLINE_MAX`` bytes as one journal record (one
+``fdatasync``), its staged link left to the kernel's writeback; a larger one by fsync,
+rename and fsync of its folder. A plain change to a path the journal holds goes through
+the journal too (a replay would otherwise bring the older record back over it).
+
+A *checkpoint* (one ``syncfs`` of the spool's file system, then a new journal generation)
+makes the staged folder itself durable, plain commits included; it runs before anything
+that must not be undone by a replay or rely on bytes still in the page cache: a batch's
+hard links, a durable operation on a path the journal holds, a full journal, a clean
+close, :meth:`Spool.sync`. On start-up the journal is replayed over ``staged/`` and
+checkpointed. A batch holds hard links, so a file re-written while its batch imports
+keeps the batch's snapshot.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ logger = logging.getLogger(__name__)
 INLINE_MAX = 1024 * 1024
 #: Empty temp files created ahead of use (see ``Spool.new_temp``).
 POOL_SIZE = 64
+#: A staged file's link in flight (made, then renamed over its name): never a staged file.
+_COMMIT_SUFFIX = ".commit"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -159,6 +168,9 @@ class Spool:
         self._lock = threading.RLock()
         self._journal = Journal(self.root / "journal", journal_capacity)
         self._journaled: set[str] = set()  # view paths the journal's records touch
+        # plain changes since the last syncfs; true at start: a killed daemon's plain
+        # commits may still be only in the page cache
+        self._unsynced = True
         self._pool: queue.Queue[tuple[int, str]] = queue.Queue(maxsize=POOL_SIZE)
         self._pool_thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -171,7 +183,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 dropped += path.stat().st_size > 0  # empty ones are the pool's, unused
             path.unlink(missing_ok=True)
-        for path in self.staged.rglob(".*.commit"):
+        for path in self.staged.rglob(f".*{_COMMIT_SUFFIX}"):
             path.unlink(missing_ok=True)
         if dropped:
             logger.info("spool %s: dropped %d unacknowledged partial writes", self.root, dropped)
@@ -209,26 +221,39 @@ class Spool:
     def checkpoint(self) -> None:
         """Make ``staged/`` durable as it is and retire the journal's records."""
         with self._lock:
-            if self._journal.empty:  # every journaled path has a record: nothing to retire
-                return
+            if self._journal.empty and not self._unsynced:
+                return  # every journaled path has a record: nothing to retire
             syncfs(self.root)
+            self._unsynced = False
+            if self._journal.empty:
+                return
             self._journal.reset()
             self._journaled.clear()
             st = os.statvfs(self.root)
             if st.f_bavail * st.f_frsize < self._journal.prepared:  # the disk is filling
                 self._journal.shrink()
 
-    def _checkpoint_if_journaled(self, paths: Iterable[str], tree: bool = False) -> None:
-        """Checkpoint when a replay could touch any of ``paths`` (with ``tree``, anything
-        below them too): the durable operation that follows must not be undone by an
-        older record."""
+    def sync(self) -> None:
+        """Make everything staged so far survive a power cut (``fsync`` of a file that is
+        not open for writing, ``blobfs flush``): one checkpoint."""
+        self.checkpoint()
+
+    def _journal_touches(self, paths: Iterable[str], tree: bool = False) -> bool:
+        """Whether a replay could touch any of ``paths`` (with ``tree``, anything below
+        them too)."""
         for path in paths:
             prefix = path.rstrip("/") + "/"
             if path in self._journaled or (
                 tree and any(p.startswith(prefix) for p in self._journaled)
             ):
-                self.checkpoint()
-                return
+                return True
+        return False
+
+    def _checkpoint_if_journaled(self, paths: Iterable[str], tree: bool = False) -> None:
+        """Checkpoint when a replay could touch any of ``paths``: the durable operation
+        that follows must not be undone by an older record."""
+        if self._journal_touches(paths, tree):
+            self.checkpoint()
 
     def _log(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> bool:
         """Append a record durably (checkpointing first when the journal is full).
@@ -258,8 +283,9 @@ class Spool:
         file system: what a full spool does before it fails (the journal is the one thing
         here that holds space it does not need yet), and a clean unmount."""
         with self._lock:
-            if not self._journal.empty:
+            if not self._journal.empty or self._unsynced:
                 syncfs(self.root)
+                self._unsynced = False
                 self._journal.reset()
                 self._journaled.clear()
             if self._journal.prepared > keep:
@@ -280,7 +306,44 @@ class Spool:
     # ---- staging ---------------------------------------------------------------------
 
     def staged_path(self, view_path: str) -> Path:
+        """Where the staged copy of ``view_path`` lives (for the spool's own layers:
+        queue, importers; the overlay goes through the methods below)."""
         return self.staged / view_path.lstrip("/")
+
+    def stat(self, view_path: str) -> os.stat_result | None:
+        """The staged file or folder at ``view_path``, or None."""
+        try:
+            return os.stat(self.staged_path(view_path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def is_dir(self, view_path: str) -> bool:
+        st = self.stat(view_path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def listdir(self, view_path: str) -> list[str]:
+        """Names staged in the folder ``view_path`` (none when it is not staged), without
+        the spool's own in-flight files."""
+        try:
+            names = os.listdir(self.staged_path(view_path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in names if not n.endswith(_COMMIT_SUFFIX)]
+
+    def file_path(self, view_path: str) -> str:
+        """A path to open the staged file ``view_path`` for reading."""
+        return str(self.staged_path(view_path))
+
+    def read_bytes(self, view_path: str) -> bytes:
+        return self.staged_path(view_path).read_bytes()
+
+    def utime(self, view_path: str, times_ns: tuple[int, int] | None) -> bool:
+        """Set the staged file's times; False when nothing is staged there."""
+        path = self.staged_path(view_path)
+        if not path.exists():
+            return False
+        os.utime(path, ns=times_ns) if times_ns else os.utime(path)
+        return True
 
     def new_temp(self) -> tuple[int, str]:
         """An empty private temp file for a new write: ``(fd, path)``.
@@ -350,14 +413,21 @@ class Spool:
         self._journal.close()
         os.close(self._lock_fd)  # releases the lock
 
-    def commit(self, fd: int, tmp_path: str, view_path: str) -> int:
-        """Make the temp file the durable staged content of ``view_path``; returns its size.
+    def commit(self, fd: int, tmp_path: str, view_path: str, durable: bool = True) -> int:
+        """Make the temp file the staged content of ``view_path``; returns its size.
 
-        The hot path of every durable close: plain strings and a memo of folders known to
-        exist keep it to the syscalls that matter (one journal append + fdatasync, a link
-        and a rename for a small file).
+        The hot path of every close: plain strings and a memo of folders known to exist
+        keep it to the syscalls that matter (a link and a rename; for a durable commit of
+        a small file one journal append + fdatasync before them).
         """
         size = os.fstat(fd).st_size
+        if not durable:
+            with self._lock:
+                if view_path not in self._journaled:
+                    self._unsynced = True
+                    self._link_staged(fd, tmp_path, view_path, durable=False)
+                    return size
+            # the journal holds an older version: replay must find this one after it
         inline = size <= INLINE_MAX
         data = _read_all(fd, size) if inline else b""
         if not inline:
@@ -385,7 +455,9 @@ class Spool:
         except NotADirectoryError:
             self._folders.discard(folder)
             raise
-        link = os.path.join(folder, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.commit")
+        link = os.path.join(
+            folder, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{_COMMIT_SUFFIX}"
+        )
         try:
             os.link(tmp_path, link)
         except FileNotFoundError:  # the folder was removed (rmdir) since it was memoized
@@ -411,11 +483,15 @@ class Spool:
             self._folders.clear()
             fsync_dir(path.parent)
 
-    def remove(self, view_path: str) -> None:
+    def remove(self, view_path: str, durable: bool = True) -> None:
         path = self.staged_path(view_path)
         with self._lock:
             if stat.S_ISDIR(os.lstat(path).st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", view_path)
+            if not durable and not self._journal_touches([view_path]):
+                self._unsynced = True
+                path.unlink()
+                return
             if self._log(Kind.REMOVE, view_path):
                 path.unlink()
                 return
@@ -423,13 +499,18 @@ class Spool:
             path.unlink()
             fsync_dir(path.parent)
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, durable: bool = True) -> None:
         source, target = self.staged_path(old), self.staged_path(new)
         with self._lock:
             st = os.lstat(source)
             if target.is_dir() and not stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", new)
             target.parent.mkdir(parents=True, exist_ok=True)
+            if not durable and not self._journal_touches([old, new], tree=True):
+                self._unsynced = True
+                os.replace(source, target)
+                self._folders.clear()
+                return
             if (
                 not stat.S_ISDIR(st.st_mode)
                 and st.st_size <= INLINE_MAX
@@ -451,7 +532,7 @@ class Spool:
             rel = os.path.relpath(dirpath, self.staged)
             prefix = "" if rel == "." else "/" + rel
             dirs.extend(f"{prefix}/{d}" for d in dirnames)
-            files.extend(f"{prefix}/{f}" for f in filenames if not f.endswith(".commit"))
+            files.extend(f"{prefix}/{f}" for f in filenames if not f.endswith(_COMMIT_SUFFIX))
         return files, dirs
 
     # ---- batches ---------------------------------------------------------------------

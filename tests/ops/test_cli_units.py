@@ -94,6 +94,13 @@ def test_o_takes_the_fstab_options_and_leaves_fuse_s_alone() -> None:
         _blobfs_options(parse_fuse_options(("server",)))
 
 
+def test_o_sync_and_sync_close_ask_for_durable_closes_and_never_reach_fuse() -> None:
+    for option in ("sync", "sync_close"):
+        fuse = parse_fuse_options((f"writeback,{option},attr_timeout=5",))
+        assert _blobfs_options(fuse) == {"writeback": True, option: True}
+        assert fuse == {"attr_timeout": "5"}
+
+
 def test_nonempty_reaches_libfuse_2_only() -> None:
     from blobfs.config import MountConfig
     from blobfs.fuse.compat import FUSE_MAJOR

@@ -201,25 +201,23 @@ def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
     from blobfs.sources.remote import RemoteProjectSource
     from blobfs.transport.api import SuperviselyApi
     from blobfs.transport.http import HttpClient
-    from blobfs.view.writable import WritableView
+    from blobfs.view.tree import ProjectView
+    from blobfs.writeback.fs import WritebackFS
     from blobfs.writeback.queue import WritebackQueue
     from blobfs.writeback.remote import RemoteImporter
     from blobfs.writeback.spool import Spool
+    from blobfs.writeback.validate import Validator
 
     client = HttpClient(emulator.url, TOKEN)
     source = RemoteProjectSource(
         SuperviselyApi(client), remote_project, BlockCache(1 << 16, 1 << 22)
     )
     spool = Spool(tmp_path / "spool")
-    view = WritableView(source, spool, listing_ttl_s=60)
+    base = ProjectView(source, listing_ttl_s=60)
     queue = WritebackQueue(
-        spool,
-        RemoteImporter(source.api, remote_project),
-        view.validate,
-        on_imported=view.imported,
-        on_importing=view.importing,
-        delay_s=0,
+        spool, RemoteImporter(source.api, remote_project), Validator(spool, base), delay_s=0
     )
+    view = WritebackFS(base, spool, queue)
     path = "/train/ann/img_000002.png.json"
     try:
         old = view.read_path(path, 0, 1 << 20)
@@ -243,3 +241,39 @@ def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
     finally:
         spool.close()
         source.close()
+
+
+@pytest.mark.sdk
+def test_the_stock_sdk_registers_an_imported_blob_into_another_project(
+    tmp_path: Path, emulator: Emulator, remote_project: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an import leaves in Team Files is the SDK's own layout (``<stem>.tar`` with
+    ``<stem>_offsets.pkl`` beside it), so the guide's reuse works: the same blob registered
+    into another project without uploading the images again, bytes read back whole."""
+    sly = pytest.importorskip("supervisely")
+    monkeypatch.setenv("SUPERVISELY_SKIP_HTTPS_USER_HELPER_CHECK", "1")
+    sdk = sly.Api(emulator.url, TOKEN, retry_count=2, retry_sleep_sec=0, ignore_task_id=True)
+    team = sdk.team.get_list()[0]
+    seeded = {f["name"] for f in sdk.file.list(team.id, "/blob-files/")}
+    new = make_images(tmp_path / "new", 6, start_seed=900)
+    mnt = tmp_path / "mnt"
+    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log", tmp_path / "spool")
+    try:
+        subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        assert proc.wait(60) == 0
+    names = {f["name"] for f in sdk.file.list(team.id, "/blob-files/")} - seeded
+    [tar] = [n for n in names if n.endswith(".tar")]
+    assert tar[: -len(".tar")] + "_offsets.pkl" in names
+    workspace = sdk.workspace.get_list(team.id)[0]
+    other = sdk.project.create(workspace.id, "reuse", change_name_if_conflict=True)
+    dataset = sdk.dataset.create(other.id, "copy")
+    sdk.image.upload_blob_images(dataset=dataset.id, blob_file=f"/blob-files/{tar}")
+    infos = sdk.image.get_list(dataset.id)
+    assert sorted(i.name for i in infos) == sorted(p.name for p in new)
+    data = sdk.image.download_bytes(dataset.id, [i.id for i in infos])
+    got = dict(zip([i.name for i in infos], data, strict=True))
+    assert got == {p.name: p.read_bytes() for p in new}

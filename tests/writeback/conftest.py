@@ -55,10 +55,12 @@ class Daemon:
         log: Path,
         env: dict[str, str] | None = None,
         delay_s: float = 0.3,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.source, self.mountpoint, self.spool, self.log = source, mountpoint, spool, log
         self.env = {**os.environ, **(env or {})}
         self.delay_s = delay_s
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
@@ -80,6 +82,7 @@ class Daemon:
             str(self.log),
             "--log-level",
             "DEBUG",
+            *self.args,
         ]
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20

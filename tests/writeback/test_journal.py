@@ -98,12 +98,13 @@ def test_a_full_journal_refuses_the_record_until_reset(tmp_path: Path) -> None:
 # ---- the spool over a power cut ---------------------------------------------------------
 
 
-def stage(spool: Spool, view_path: str, data: bytes) -> None:
-    """What a program's open/write/close does through the writable view."""
+def stage(spool: Spool, view_path: str, data: bytes, durable: bool = True) -> None:
+    """What a program's open/write/fsync/close does through the writable view (without
+    ``durable``: open/write/close with the default durability)."""
     fd, tmp = spool.new_temp()
     try:
         os.write(fd, data)
-        spool.commit(fd, tmp, view_path)
+        spool.commit(fd, tmp, view_path, durable=durable)
     finally:
         os.close(fd)
         os.unlink(tmp)
@@ -191,6 +192,112 @@ def test_after_a_power_cut_the_spool_rebuilds_exactly_what_was_acknowledged(
     put_back(root, on_disk)
 
     assert staged_state(Spool(root)) == acknowledged
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(st.tuples(operation, st.booleans()), min_size=1, max_size=25),
+    crash_at=st.integers(min_value=0),
+    torn=st.sets(st.sampled_from(NAMES)),
+)
+def test_with_the_default_durability_a_power_cut_keeps_every_fsynced_file(
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    ops: list[tuple[tuple[str, str, object], bool]],
+    crash_at: int,
+    torn: set[str],
+) -> None:
+    """Plain ``close()``, ``rename`` and ``unlink`` (no flush, like a local file system)
+    mixed with durable ones (``fsync``): after a power cut, every path whose last change
+    was durable holds exactly what was acknowledged; a path last changed plainly holds one
+    of its versions, nothing (lost) or a torn copy, as ext4 would give."""
+    root = tmp_path_factory.mktemp("spool")
+    checkpoints: list[int] = []
+    real_syncfs = spool_module.syncfs
+    done = 0
+
+    def counting_syncfs(path: str | os.PathLike[str]) -> None:
+        real_syncfs(path)
+        checkpoints.append(done)
+
+    monkeypatch.setattr(spool_module, "syncfs", counting_syncfs)
+    spool = Spool(root, journal_capacity=HEADER_SIZE + 2000)
+    states = [staged_state(spool)]
+    last_durable: dict[str, bool] = {}
+    seen: dict[str, set[bytes]] = {name: {b""} for name in NAMES}
+    for (kind, path, arg), durable in ops:
+        existing = spool.staged_path(path).is_file()
+        if kind == "write":
+            assert isinstance(arg, bytes)
+            stage(spool, path, arg, durable=durable)
+            last_durable[path] = durable
+        elif kind == "remove" and existing:
+            spool.remove(path, durable=durable)
+            last_durable[path] = durable
+        elif kind == "rename" and existing and arg != path:
+            assert isinstance(arg, str)
+            spool.rename(path, arg, durable=durable)
+            last_durable[path] = last_durable[arg] = durable
+        done += 1
+        states.append(staged_state(spool))
+        for name, data in states[-1].items():
+            seen[name].add(data)
+    acknowledged = states[-1]
+
+    floor = checkpoints[-1] if checkpoints else 0
+    on_disk = dict(states[floor + crash_at % (len(states) - floor)])
+    for path in torn & on_disk.keys():
+        if on_disk[path] != states[floor].get(path):
+            on_disk[path] = b""
+    die(spool)
+    put_back(root, on_disk)
+
+    rebuilt = staged_state(Spool(root))
+    for name in NAMES:
+        if last_durable.get(name, True):  # durable, or untouched
+            assert rebuilt.get(name) == acknowledged.get(name), name
+        else:
+            assert name not in rebuilt or rebuilt[name] in seen[name], name
+
+
+def test_a_plain_close_leaves_the_journal_alone_and_fsync_writes_it(tmp_path: Path) -> None:
+    """The default ``close()`` costs no flush: nothing is appended to the journal until a
+    durable commit of the file."""
+    spool = Spool(tmp_path / "spool")
+    stage(spool, "/ds/img/a.png", b"closed", durable=False)
+    assert list(spool._journal.records()) == []
+    stage(spool, "/ds/img/b.png", b"fsynced", durable=True)
+    assert [r.path for r in spool._journal.records()] == ["/ds/img/b.png"]
+    spool.close()
+
+
+def test_a_plain_close_after_a_journaled_one_is_not_undone_by_replay(tmp_path: Path) -> None:
+    """``kill -9`` after fsync(v1) then close(v2) of the same name: replaying the journal's
+    v1 must not bring the older bytes back over v2."""
+    spool = Spool(tmp_path / "spool")
+    stage(spool, "/ds/img/a.png", b"v1", durable=True)
+    stage(spool, "/ds/img/a.png", b"v2", durable=False)
+    spool.rename("/ds/img/a.png", "/ds/img/b.png", durable=False)
+    stage(spool, "/ds/img/a.png", b"v3", durable=False)
+    die(spool)  # the kernel keeps what the staged folder holds
+    assert staged_state(Spool(tmp_path / "spool")) == {
+        "/ds/img/a.png": b"v3",
+        "/ds/img/b.png": b"v2",
+    }
+
+
+def test_a_sync_makes_plain_closes_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(spool_module, "syncfs", lambda path: calls.append(str(path)))
+    spool = Spool(tmp_path / "spool")
+    spool.sync()  # a fresh spool may hold a killed daemon's plain closes: flushed
+    spool.sync()  # nothing new since: no flush
+    stage(spool, "/ds/img/a.png", b"x", durable=False)
+    spool.sync()
+    assert len(calls) == 2
+    spool.close()
 
 
 def test_a_large_file_after_a_small_one_of_the_same_name_is_not_undone_by_replay(

@@ -21,7 +21,7 @@ from blobfs.writeback.journal import HEADER_SIZE
 from blobfs.writeback.spool import Spool
 
 from .conftest import Daemon
-from .test_writable_view import Overlay
+from .test_overlay import Overlay
 from .test_writeback_mount import blobfs, project_images
 
 BIG = 300  # png_bytes(seed, BIG, BIG): ~270 KB of noise, a valid image

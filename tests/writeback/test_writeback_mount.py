@@ -223,7 +223,7 @@ def test_a_second_writeback_mount_of_the_same_source_is_refused_before_mounting(
 def test_writing_a_name_the_project_holds_unservably_is_eexist(
     project: Path, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    from .test_writable_view import duplicate_across_blobs
+    from .test_overlay import duplicate_across_blobs
 
     duplicate_across_blobs(project, tmp_path, "img_000003.png")
     mnt = tmp_path / "mnt"

@@ -1,5 +1,5 @@
 """The writable overlay in-process (no kernel): what it refuses, with which error, and how
-the queue's refusals and imports reach it."""
+the queue's refusals and imports reach it (its events)."""
 
 from __future__ import annotations
 
@@ -18,30 +18,30 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import png_bytes
-from blobfs.view.writable import WritableView
+from blobfs.view.tree import ProjectView
+from blobfs.writeback.fs import WritebackFS
 from blobfs.writeback.importer import LocalImporter
 from blobfs.writeback.queue import WritebackQueue
 from blobfs.writeback.spool import Spool
+from blobfs.writeback.validate import Validator
+
+
+def writable(
+    project: Path, spool: Spool, sync_close: bool = False
+) -> tuple[WritebackFS, WritebackQueue]:
+    """The writable layer over ``project`` with its queue, wired as the daemon wires them."""
+    base = ProjectView(LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)))
+    queue = WritebackQueue(spool, LocalImporter(project), Validator(spool, base), delay_s=0)
+    return WritebackFS(base, spool, queue, sync_close=sync_close), queue
 
 
 class Overlay:
-    """A writable view over ``project`` with its queue, wired as the daemon wires them."""
+    """A writable layer over ``project`` with its queue."""
 
     def __init__(self, project: Path, spool_dir: Path) -> None:
         self.project = project
         self.spool = Spool(spool_dir)
-        self.view = WritableView(
-            LocalProjectSource(project, BlockCache(1 << 16, 1 << 22)), self.spool
-        )
-        self.queue = WritebackQueue(
-            self.spool,
-            LocalImporter(project),
-            self.view.validate,
-            on_imported=self.view.imported,
-            on_importing=self.view.importing,
-            delay_s=0,
-        )
-        self.view.on_staged = self.queue.staged
+        self.view, self.queue = writable(project, self.spool)
 
     def write(self, path: str, data: bytes) -> None:
         fh = self.view.create(path)
@@ -226,3 +226,125 @@ def test_a_name_the_project_holds_twice_is_refused_at_create(project: Path, tmp_
         overlay.write("/ds/img/img_000004.png.bak", png_bytes(6))  # other names are fine
     finally:
         overlay.close()
+
+
+# ---- durability: close() like a local file system, fsync() and --sync-close durable -------
+
+
+def _journal_paths(spool: Spool) -> list[str]:
+    return [r.path for r in spool._journal.records()]
+
+
+def test_close_stages_without_a_flush_and_fsync_makes_the_file_durable(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    view = overlay.view
+    fh = view.create("/ds/img/closed.png")
+    view.write(fh, png_bytes(1), 0)
+    view.close_commit(fh)  # close(): FUSE flush
+    view.release(fh)
+    assert overlay.spool.staged_path("/ds/img/closed.png").read_bytes() == png_bytes(1)
+    assert _journal_paths(overlay.spool) == []
+    fh = view.create("/ds/img/synced.png")
+    view.write(fh, png_bytes(2), 0)
+    view.fsync("/ds/img/synced.png", fh)
+    assert _journal_paths(overlay.spool) == ["/ds/img/synced.png"]
+    view.close_commit(fh)  # nothing written since the fsync: nothing to do
+    view.release(fh)
+    assert _journal_paths(overlay.spool) == ["/ds/img/synced.png"]
+    # fsync of a file not open for writing (``sync FILE`` opens it read-only): the spool
+    # is flushed as a whole
+    synced: list[bool] = []
+    monkeypatch.setattr(overlay.spool, "sync", lambda: synced.append(True))
+    view.fsync("/ds/img/closed.png", view.open("/ds/img/closed.png"))
+    assert synced == [True]
+
+
+def test_a_flush_after_close_then_fsync_on_another_descriptor_is_durable(
+    overlay: Overlay,
+) -> None:
+    """``dup``'d descriptors: close() of one commits plainly, fsync() of the other must still
+    make the bytes durable although nothing was written in between."""
+    view = overlay.view
+    fh = view.create("/ds/img/dup.png")
+    view.write(fh, png_bytes(3), 0)
+    view.close_commit(fh)
+    assert _journal_paths(overlay.spool) == []
+    view.fsync("/ds/img/dup.png", fh)
+    assert _journal_paths(overlay.spool) == ["/ds/img/dup.png"]
+    view.release(fh)
+
+
+def test_with_sync_close_every_close_is_durable(project: Path, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    view, _queue = writable(project, spool, sync_close=True)
+    try:
+        fh = view.create("/ds/img/a.png")
+        view.write(fh, png_bytes(4), 0)
+        view.close_commit(fh)
+        view.release(fh)
+        assert _journal_paths(spool) == ["/ds/img/a.png"]
+        view.rename("/ds/img/a.png", "/ds/img/b.png")
+        assert _journal_paths(spool) == ["/ds/img/a.png", "/ds/img/a.png"]
+    finally:
+        spool.close()
+
+
+# ---- control files ----------------------------------------------------------------------
+
+
+def test_reading_the_flush_file_only_waits_a_bounded_time_for_the_queue(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import runs on the queue's thread; a read of ``/.blobfs/flush`` asks for it and
+    waits at most ``FLUSH_WAIT_S``, then says whether it is done and which ticket
+    ``flush-<ticket>-<nonce>`` waits for (what ``blobfs flush`` loops on); each such name
+    is answered once, with its exact size."""
+    monkeypatch.setattr("blobfs.writeback.fs.FLUSH_WAIT_S", 0.2)
+    monkeypatch.setenv("BLOBFS_FAILPOINT", "importing:sleep=1.0")
+    overlay.write("/ds/img/slow.png", png_bytes(51))
+    overlay.queue.start()
+    started = time.monotonic()
+    first = json.loads(overlay.view.read_path("/.blobfs/flush", 0, 1 << 20))
+    assert time.monotonic() - started < 0.9
+    assert first["done"] is False and first["ticket"] == 1
+    answer, reads = first, 0
+    deadline = time.monotonic() + 30
+    while not answer["done"] and time.monotonic() < deadline:
+        name = f"/.blobfs/flush-1-{reads}"
+        reads += 1
+        size = overlay.view.getattr(name)["st_size"]
+        data = overlay.view.read_path(name, 0, 1 << 20)
+        assert len(data) == size and overlay.view.read_path(name, 0, 1 << 20) == data
+        answer = json.loads(data)
+    assert answer["done"] is True and answer["pending"] == 0
+    ticket = json.loads(overlay.view.read_path("/.blobfs/flush-new-a", 0, 1 << 20))["ticket"]
+    assert ticket == 2
+    assert overlay.view.read_path("/ds/img/slow.png", 0, 1 << 20) == png_bytes(51)
+
+
+def test_stats_carry_the_writeback_section(overlay: Overlay) -> None:
+    stats = json.loads(overlay.view.read_path("/.blobfs/stats-x.json", 0, 1 << 20))
+    assert stats["writeback"]["pending"] == 0 and "uptime_s" in stats
+    assert overlay.view.getattr("/.blobfs/stats-x.json")["st_size"] == len(
+        overlay.view.read_path("/.blobfs/stats-x.json", 0, 1 << 20)
+    )
+
+
+def test_validating_annotations_reads_the_project_meta_once_per_pass(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a remote project each read of meta is a request: once per pass, not per file."""
+    source = overlay.view.source
+    real, calls = source.meta_json, []
+
+    def counting() -> bytes | None:
+        calls.append(1)
+        return real()
+
+    for i in range(5):
+        overlay.write(f"/ds/ann/img_00000{i}.png.json", _ann("nobody"))
+    monkeypatch.setattr(source, "meta_json", counting)
+    overlay.queue.run_once()
+    assert len(overlay.queue.status.failed) == 5
+    assert len(calls) == 1

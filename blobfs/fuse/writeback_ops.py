@@ -1,0 +1,123 @@
+"""WritebackOperations: the FUSE adapter of a writable mount (``--writeback``).
+
+Imported only by a writeback mount: the read-only mount's adapter (:mod:`blobfs.fuse.ops`)
+and everything below it load none of :mod:`blobfs.writeback`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from blobfs import deadline
+from blobfs.fuse.compat import invalidate_path
+from blobfs.fuse.ops import BlobfsOperations, errno_boundary
+from blobfs.writeback.fs import WritebackFS
+from blobfs.writeback.queue import Event, Settled, WritebackQueue
+
+logger = logging.getLogger(__name__)
+
+
+class WritebackOperations(BlobfsOperations):
+    """The writable mount (``--writeback``): the read-only operations plus writes.
+
+    ``open``/``release``/``flush`` are implemented here (unlike the read-only class)
+    because a write handle must be committed durably before ``close()`` returns: the kernel
+    sends ``flush`` synchronously from ``close()``, and ``release`` only afterwards.
+    """
+
+    def __init__(
+        self,
+        view: WritebackFS,
+        queue: WritebackQueue,
+        on_ready: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
+        timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
+    ) -> None:
+        super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
+        self.wview = view
+        queue.subscribe(self._on_event)
+        # Staged files change size while written: the overlay's listing carries no
+        # attributes, so the kernel asks getattr (with its short timeout) as before.
+        self.readdir_plus = None  # type: ignore[method-assign,assignment]
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Settled):
+            self.forget_cached(event.paths)
+
+    def forget_cached(self, paths: Sequence[str]) -> None:
+        """Drop the kernel's attributes and pages of ``paths`` (imported files now served
+        from the project, whose content may differ from the staged copy in bytes and
+        length); called by the writeback queue's thread, never inside a request."""
+        started = time.monotonic()
+        dropped = sum(invalidate_path(path) for path in paths)
+        logger.debug(
+            "kernel caches of %d of %d imported files dropped in %.4f s",
+            dropped,
+            len(paths),
+            time.monotonic() - started,
+        )
+
+    @errno_boundary
+    def create(self, path: str, mode: int, flags: int = 0) -> int:
+        return self.wview.create(path)
+
+    @errno_boundary
+    def open(self, path: str, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            return self.wview.open_write(path, truncate=bool(flags & os.O_TRUNC))
+        return self.wview.open(path)
+
+    @errno_boundary
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return self.wview.read(fh, offset, size)
+
+    @errno_boundary
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        return self.wview.write(fh, data, offset)
+
+    @errno_boundary
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self.wview.truncate(path, length, fh)
+
+    @errno_boundary
+    def flush(self, path: str, fh: int) -> None:
+        self.wview.close_commit(fh)
+
+    @errno_boundary
+    def fsync(self, path: str, datasync: int, fh: int) -> None:
+        self.wview.fsync(path, fh)
+
+    @errno_boundary
+    def release(self, path: str, fh: int) -> None:
+        self.wview.release(fh)
+
+    @errno_boundary
+    def unlink(self, path: str) -> None:
+        self.wview.unlink(path)
+
+    @errno_boundary
+    def rename(self, old: str, new: str) -> None:
+        self.wview.rename(old, new)
+
+    @errno_boundary
+    def mkdir(self, path: str, mode: int) -> None:
+        self.wview.mkdir(path)
+
+    @errno_boundary
+    def rmdir(self, path: str) -> None:
+        self.wview.rmdir(path)
+
+    @errno_boundary
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+        self.wview.utimens(path, times)
+
+    @errno_boundary
+    def chmod(self, path: str, mode: int) -> None:
+        self.wview.chmod_or_chown(path)
+
+    @errno_boundary
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.wview.chmod_or_chown(path)

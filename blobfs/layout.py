@@ -1,0 +1,92 @@
+"""The Supervisely project layout as paths: one grammar for every layer that names things.
+
+A project, on disk and as the mount shows it::
+
+    meta.json
+    <dataset>/img/<image>
+    <dataset>/ann/<image>.json
+    <dataset>/datasets/<child>/...     nested datasets (the SDK's layout)
+    blob/<stem>.tar                    local blobs (referenced by <dataset>/<stem>_offsets.pkl)
+
+and the mount adds ``/.blobfs`` (control and statistics files, hidden from listings). Paths
+inside the mount ("view paths") are absolute and ``/``-separated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Folder holding a dataset's nested datasets.
+DATASETS_DIR = "datasets"
+#: Folder of a local project holding its tar blobs.
+BLOB_DIR = "blob"
+IMG_DIR = "img"
+ANN_DIR = "ann"
+META_PATH = "/meta.json"
+ANN_SUFFIX = ".json"
+#: The mount's own folder: statistics and, with writeback, control files.
+CONTROL_DIR = "/.blobfs"
+#: Names a new top-level dataset may not take: they are not datasets in the layout.
+RESERVED_NAMES = frozenset({BLOB_DIR, CONTROL_DIR.lstrip("/")})
+
+DatasetPath = tuple[str, ...]
+"""A dataset by its chain of names from the top: ``("train", "val")``."""
+
+
+def split_path(path: str) -> list[str]:
+    """``/a/b`` -> ``["a", "b"]``."""
+    return [p for p in path.split("/") if p]
+
+
+def dataset_view_path(dataset: DatasetPath | list[str]) -> str:
+    """``("a", "b")`` -> ``/a/datasets/b``: the dataset's folder in the mount."""
+    return "/" + f"/{DATASETS_DIR}/".join(dataset)
+
+
+def dataset_dir(project: Path, dataset: DatasetPath | list[str]) -> Path:
+    """``("a", "b")`` -> ``project/a/datasets/b``: the dataset's folder on disk."""
+    folder = project / dataset[0]
+    for name in dataset[1:]:
+        folder = folder / DATASETS_DIR / name
+    return folder
+
+
+def image_path(dataset: DatasetPath | list[str], name: str) -> str:
+    """The view path of image ``name`` of ``dataset``."""
+    return f"{dataset_view_path(dataset)}/{IMG_DIR}/{name}"
+
+
+def ann_path(dataset: DatasetPath | list[str], image: str) -> str:
+    """The view path of the annotation of image ``image`` of ``dataset``."""
+    return f"{dataset_view_path(dataset)}/{ANN_DIR}/{image}{ANN_SUFFIX}"
+
+
+def dataset_of(view_path: str) -> tuple[DatasetPath, str, str] | None:
+    """``/a/datasets/b/img/x.png`` -> ``(("a", "b"), "img", "x.png")``; None for a path
+    that is not a dataset's image or annotation file."""
+    parts = split_path(view_path)
+    if len(parts) < 3 or parts[-2] not in (IMG_DIR, ANN_DIR):
+        return None
+    chain = parts[:-2]
+    names = [chain[0]]
+    rest = chain[1:]
+    while rest:
+        if len(rest) < 2 or rest[0] != DATASETS_DIR:
+            return None
+        names.append(rest[1])
+        rest = rest[2:]
+    return tuple(names), parts[-2], parts[-1]
+
+
+def image_of_ann(name: str) -> str:
+    """``x.png.json`` -> ``x.png``."""
+    return name[: -len(ANN_SUFFIX)] if name.endswith(ANN_SUFFIX) else name
+
+
+def is_image(view_path: str) -> bool:
+    where = dataset_of(view_path)
+    return where is not None and where[1] == IMG_DIR
+
+
+def in_control_dir(path: str) -> bool:
+    return path == CONTROL_DIR or path.startswith(CONTROL_DIR + "/")

@@ -1,0 +1,99 @@
+"""What makes a staged file importable: images, annotation JSON, classes, geometry.
+
+The queue asks before it puts a file into a batch; a refused file stays staged and the
+reason shows in ``blobfs status``. Checks read the staged file, the staged ``meta.json``
+and the read-only project below (does the image of an annotation exist, which classes
+does the project know): all of it lies below the writeback layer, nothing calls up.
+"""
+
+from __future__ import annotations
+
+import json
+
+from blobfs.blob.ann_coords import AnnotationFormatError, to_subpixel
+from blobfs.blob.images import image_size_of_file
+from blobfs.errors import InvalidInput
+from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann, image_path
+from blobfs.view.tree import DirNode, ProjectView
+from blobfs.writeback.spool import Spool
+
+
+class Validator:
+    """``validator(view path, staged file) -> reason it cannot be imported, or None``."""
+
+    def __init__(self, spool: Spool, project: ProjectView) -> None:
+        self.spool = spool
+        self.project = project
+        self._meta: bytes | None = None
+        self._meta_read = False
+
+    def __call__(self, path: str, staged_file: str) -> str | None:
+        if path == META_PATH:
+            return json_problem(staged_file, "classes")
+        where = dataset_of(path)
+        if where is None:
+            return "not a dataset image or annotation"
+        dataset, kind, name = where
+        if kind == IMG_DIR:
+            try:
+                image_size_of_file(staged_file, name)
+            except InvalidInput as exc:
+                return str(exc)
+            return None
+        problem = json_problem(staged_file, "objects")
+        if problem:
+            return problem
+        image = image_of_ann(name)
+        img = image_path(dataset, image)
+        if self.spool.stat(img) is None and not self._in_project(img):
+            return f"no image named {image!r} in the dataset"
+        return self._class_problem(staged_file)
+
+    def _in_project(self, path: str) -> bool:
+        node = self.project.lookup(path)
+        return node is not None and not isinstance(node, DirNode)
+
+    def new_pass(self) -> None:
+        """The queue starts a pass over the spool: read the project's meta afresh (once
+        for the pass, not once per annotation: a request each on a remote project)."""
+        self._meta = None
+        self._meta_read = False
+
+    def _project_meta(self) -> bytes | None:
+        if not self._meta_read:
+            self._meta = self.project.source.meta_json()
+            self._meta_read = True
+        return self._meta
+
+    def _class_problem(self, staged_file: str) -> str | None:
+        staged_meta = self.spool.stat(META_PATH)
+        meta_bytes = self.spool.read_bytes(META_PATH) if staged_meta else self._project_meta()
+        try:
+            meta = json.loads(meta_bytes or b"{}")
+            known = {c.get("title") for c in meta.get("classes", []) if isinstance(c, dict)}
+            with open(staged_file, "rb") as f:
+                ann = json.load(f)
+            used = {o.get("classTitle") for o in ann.get("objects", []) if isinstance(o, dict)}
+        except (ValueError, AttributeError) as exc:
+            return f"cannot read classes: {exc}"
+        unknown = sorted(str(u) for u in used - known)
+        if unknown:
+            return f"unknown classes {unknown} (add them to meta.json)"
+        try:
+            to_subpixel(ann)  # the conversion a remote import applies: refuse what it cannot
+        except AnnotationFormatError as exc:
+            return f"bad geometry: {exc}"
+        return None
+
+
+def json_problem(path: str, required_key: str) -> str | None:
+    """Why the file at ``path`` is not a Supervisely JSON object with a list under
+    ``required_key``, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get(required_key, []), list):
+        return f"not a Supervisely JSON object with a '{required_key}' list"
+    return None
