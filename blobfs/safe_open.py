@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blobfs.errors import CorruptData, NotFound
+from blobfs.transport.local import pread_exact
 
 #: Caps on whole-file reads; each far above any real file of its kind.
 MAX_META_JSON_BYTES = 64 << 20
@@ -356,21 +357,7 @@ class ProjectFileReader:
         return fd
 
     def read(self, start: int, end: int) -> bytes:
-        fd = self._descriptor()
-        want = end - start
-        data = b""
-        try:
-            while len(data) < want:
-                more = os.pread(fd, want - len(data), start + len(data))
-                if not more:
-                    raise CorruptData(
-                        f"{self.path} is truncated: wanted bytes [{start}, {end}), "
-                        f"file ends at {start + len(data)}"
-                    )
-                data += more
-        except OSError as exc:
-            raise CorruptData(f"{self.path}: {exc.strerror}") from exc
-        return data
+        return pread_exact(self._descriptor(), self.path, start, end)
 
     def close(self) -> None:
         with self._lock:

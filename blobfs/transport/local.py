@@ -46,23 +46,7 @@ class FileRangeReader:
         return fd
 
     def read(self, start: int, end: int) -> bytes:
-        fd = self._descriptor()
-        want = end - start
-        try:
-            data = os.pread(fd, want, start)
-        except IsADirectoryError as exc:
-            raise CorruptData(f"blob {self.path} is a directory") from exc
-        except OSError as exc:
-            raise CorruptData(f"blob {self.path}: {exc.strerror}") from exc
-        while len(data) < want:  # pread may return less before EOF on some filesystems
-            more = os.pread(fd, want - len(data), start + len(data))
-            if not more:
-                raise CorruptData(
-                    f"blob {self.path} is truncated: wanted bytes [{start}, {end}), "
-                    f"file ends at {start + len(data)}"
-                )
-            data += more
-        return data
+        return pread_exact(self._descriptor(), f"blob {self.path}", start, end)
 
     def close(self) -> None:
         with self._lock:
@@ -146,7 +130,7 @@ class FdPool:
         """
         slot = self._acquire(key)
         try:
-            data = _pread_exact(slot.fd, key, start, end)
+            data = pread_exact(slot.fd, f"blob {key}", start, end)
         finally:
             self._release(slot)
         self.reads += 1  # under the GIL; a rare lost count is fine
@@ -226,7 +210,9 @@ class FdPool:
         }
 
 
-def _pread_exact(fd: int, key: str, start: int, end: int) -> bytes:
+def pread_exact(fd: int, what: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of ``fd``, or :class:`CorruptData` naming ``what`` (a short
+    read past the end is a truncated file, never fewer bytes served)."""
     want = end - start
     try:
         data = os.pread(fd, want, start)
@@ -234,12 +220,12 @@ def _pread_exact(fd: int, key: str, start: int, end: int) -> bytes:
             more = os.pread(fd, want - len(data), start + len(data))
             if not more:
                 raise CorruptData(
-                    f"blob {key} is truncated: wanted bytes [{start}, {end}), "
+                    f"{what} is truncated: wanted bytes [{start}, {end}), "
                     f"file ends at {start + len(data)}"
                 )
             data += more
     except IsADirectoryError as exc:
-        raise CorruptData(f"blob {key} is a directory") from exc
+        raise CorruptData(f"{what} is a directory") from exc
     except OSError as exc:
-        raise CorruptData(f"blob {key}: {exc.strerror}") from exc
+        raise CorruptData(f"{what}: {exc.strerror}") from exc
     return data
