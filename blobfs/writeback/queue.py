@@ -339,7 +339,7 @@ class WritebackQueue:
 
     def _size(self, view_path: str) -> int:
         try:
-            return os.stat(self.spool.staged_path(view_path)).st_size
+            return os.stat(self.spool.file_path(view_path)).st_size
         except FileNotFoundError:
             return 0
 
@@ -398,7 +398,7 @@ class WritebackQueue:
         differs from the one it was refused in (None, on a flush: always), so fixing
         meta.json, or importing the image an annotation waited for, lets it through.
         """
-        staged = str(self.spool.staged_path(path))
+        staged = self.spool.file_path(path)
         try:
             st = os.stat(staged)
         except FileNotFoundError:

@@ -60,6 +60,9 @@ INLINE_MAX = 1024 * 1024
 POOL_SIZE = 64
 #: A staged file's link in flight (made, then renamed over its name): never a staged file.
 _COMMIT_SUFFIX = ".commit"
+#: A finished batch's folder, renamed out of the way and removed in the background (its
+#: thousands of links cost a flush as much as the import's requests).
+_RETIRED_PREFIX = ".done-"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -174,6 +177,7 @@ class Spool:
         self._pool: queue.Queue[tuple[int, str]] = queue.Queue(maxsize=POOL_SIZE)
         self._pool_thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._removals: list[threading.Thread] = []
         self._recover()
 
     def _recover(self) -> None:
@@ -313,7 +317,7 @@ class Spool:
     def stat(self, view_path: str) -> os.stat_result | None:
         """The staged file or folder at ``view_path``, or None."""
         try:
-            return os.stat(self.staged_path(view_path))
+            return os.stat(self.file_path(view_path))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -325,14 +329,15 @@ class Spool:
         """Names staged in the folder ``view_path`` (none when it is not staged), without
         the spool's own in-flight files."""
         try:
-            names = os.listdir(self.staged_path(view_path))
+            names = os.listdir(self.file_path(view_path))
         except (FileNotFoundError, NotADirectoryError):
             return []
         return [n for n in names if not n.endswith(_COMMIT_SUFFIX)]
 
     def file_path(self, view_path: str) -> str:
-        """A path to open the staged file ``view_path`` for reading."""
-        return str(self.staged_path(view_path))
+        """A path to open the staged file ``view_path`` for reading (a plain string: the
+        queue asks for thousands per pass)."""
+        return os.path.join(self.staged_str, view_path.lstrip("/"))
 
     def read_bytes(self, view_path: str) -> bytes:
         return self.staged_path(view_path).read_bytes()
@@ -409,6 +414,8 @@ class Spool:
         """Stop the pool and retire the journal with a checkpoint, so that a clean unmount
         leaves nothing to replay."""
         self.stop_pool()
+        for thread in self._removals:
+            thread.join()
         self.reclaim(keep=journal.HEADER_SIZE + journal.SEGMENT)  # no more held unmounted
         self._journal.close()
         os.close(self._lock_fd)  # releases the lock
@@ -569,6 +576,9 @@ class Spool:
         """Batches left by an earlier run (oldest first), to be finished before new ones."""
         out = []
         for folder in sorted(self.batches_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns):
+            if folder.name.startswith(_RETIRED_PREFIX):  # finished; its removal was cut short
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
             manifest = folder / "manifest.json"
             if not manifest.is_file():
                 shutil.rmtree(folder, ignore_errors=True)  # crashed before its manifest
@@ -579,14 +589,26 @@ class Spool:
     def finish_batch(self, batch: Batch) -> list[str]:
         """Drop the staged files the batch imported (unless re-written since); returns them."""
         done = []
+        links = os.path.join(str(self.batches_dir), batch.id, "files")
         for view_path in batch.files:
-            staged, link = self.staged_path(view_path), self.batch_file(batch, view_path)
+            rel = view_path.lstrip("/")
+            staged = os.path.join(self.staged_str, rel)
             try:
-                if staged.stat().st_ino == link.stat().st_ino:
-                    staged.unlink()
+                if os.stat(staged).st_ino == os.stat(os.path.join(links, rel)).st_ino:
+                    os.unlink(staged)
                     done.append(view_path)
             except FileNotFoundError:
                 pass
-        shutil.rmtree(self.batches_dir / batch.id, ignore_errors=True)
+        retired = self.batches_dir / f"{_RETIRED_PREFIX}{batch.id}"
+        os.replace(self.batches_dir / batch.id, retired)  # no longer a batch to finish
         fsync_dir(self.batches_dir)
+        thread = threading.Thread(
+            target=shutil.rmtree,
+            args=(retired,),
+            kwargs={"ignore_errors": True},
+            name="blobfs-spool-cleanup",
+            daemon=True,
+        )
+        thread.start()
+        self._removals = [t for t in self._removals if t.is_alive()] + [thread]
         return done
