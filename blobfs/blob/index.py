@@ -42,15 +42,16 @@ NAME_MAX = 255
 
 
 class _BlobImageInfoStub:
-    """Inert stand-in for the SDK's dataclass: it only stores what a pickle gives it."""
+    """Inert stand-in for the SDK's dataclass: it only stores what a pickle gives it.
 
-    __slots__ = ("state",)
+    It has no ``__setstate__``, so the C unpickler puts the state dict of an SDK entry
+    straight into the instance's ``__dict__`` (a Python ``__setstate__`` call per entry was
+    most of the parse). Arguments of a REDUCE land in ``args``; anything else a hostile
+    pickle sets is just an attribute nobody reads.
+    """
 
     def __init__(self, *args: Any) -> None:
-        self.state: Any = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
+        self.args = args
 
 
 class _OffsetsUnpickler(pickle.Unpickler):
@@ -88,13 +89,12 @@ class OffsetsIndex:
 def _entry_fields(obj: Any) -> tuple[Any, Any, Any]:
     """Pull (name, start, end) out of a stand-in object or a REST-style dict."""
     if isinstance(obj, _BlobImageInfoStub):
-        state = getattr(obj, "state", None)  # NEWOBJ without BUILD leaves no state
-        if isinstance(state, tuple) and len(state) == 3:
-            return state[0], state[1], state[2]
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-            state = state[0]  # (dict_state, slots_state) form
-        if isinstance(state, dict):
+        state = vars(obj)  # BUILD's dict state (or its slots part) lands here
+        if "name" in state:
             return state.get("name"), state.get("offset_start"), state.get("offset_end")
+        args = state.get("args")  # the class called with (name, start, end)
+        if isinstance(args, tuple) and len(args) == 3:
+            return args[0], args[1], args[2]
         raise ValueError("BlobImageInfo without name/offset_start/offset_end")
     if isinstance(obj, dict):
         if "sourceBlob" in obj and isinstance(obj["sourceBlob"], dict):
@@ -140,8 +140,52 @@ def _range_problem(start: object, end: object, blob_size: int | None) -> str | N
     return None
 
 
-def iter_raw_entries(stream: IO[bytes], limit: int | None = None) -> Iterator[Any]:
-    """Yield every entry object of an offsets stream, pickle after pickle, until EOF.
+#: A str of at most this many characters encodes to at most NAME_MAX bytes of UTF-8.
+_SHORT_NAME = NAME_MAX // 4
+
+
+def _plain_batch(batch: list[Any], blob_size: int | None) -> list[BlobMember] | None:
+    """The members of a batch in which every entry is a plain, valid SDK entry, or None.
+
+    This is the common case, checked a batch at a time: exact types, one join of all the
+    names for the forbidden characters and UTF-8, a per-name test only for long names.
+    Any doubt returns None and the caller goes entry by entry with its messages; so the
+    answer is always the one :func:`name_problem` and :func:`_range_problem` would give.
+    """
+    names: list[str] = []
+    out: list[BlobMember] = []
+    limit = blob_size if blob_size is not None else -1
+    stub, text, integer = _BlobImageInfoStub, str, int
+    member = BlobMember
+    for obj in batch:
+        if type(obj) is not stub:
+            return None
+        state = obj.__dict__
+        if len(state) != 3:
+            return None
+        name, start, end = state.get("name"), state.get("offset_start"), state.get("offset_end")
+        if type(name) is not text or type(start) is not integer or type(end) is not integer:
+            return None
+        if start < 0 or end < start or (limit >= 0 and end > limit):
+            return None
+        if len(name) > _SHORT_NAME or name in ("", ".", ".."):
+            if name_problem(name) is not None:
+                return None
+        names.append(name)
+        out.append(member(name, start, end))
+    # "/" is itself forbidden, so as the separator it must appear exactly between names
+    joined = "/".join(names)
+    if joined.count("/") != len(names) - 1 or "\\" in joined or "\0" in joined:
+        return None
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return out
+
+
+def iter_raw_batches(stream: IO[bytes], limit: int | None = None) -> Iterator[list[Any]]:
+    """Yield the entry objects of an offsets stream, one list per pickle, until EOF.
 
     Raises:
         OffsetsError: the stream holds a forbidden global, is truncated, is not a pickle,
@@ -166,6 +210,16 @@ def iter_raw_entries(stream: IO[bytes], limit: int | None = None) -> Iterator[An
                 f"more entries than a file of its size can hold (over {limit}); "
                 "references to one object?"
             )
+        yield batch
+
+
+def iter_raw_entries(stream: IO[bytes], limit: int | None = None) -> Iterator[Any]:
+    """Yield every entry object of an offsets stream, pickle after pickle, until EOF.
+
+    Raises:
+        OffsetsError: as :func:`iter_raw_batches`.
+    """
+    for batch in iter_raw_batches(stream, limit):
         yield from batch
 
 
@@ -195,17 +249,22 @@ def parse_offsets(
     found = Problems()
     try:
         limit = len(data) // MIN_ENTRY_BYTES + 1
-        for obj in iter_raw_entries(io.BytesIO(data), limit):
-            try:
-                name, start, end = _entry_fields(obj)
-            except ValueError as exc:
-                found.add(source, NOT_AN_ENTRY, str(exc)[:80])
+        for batch in iter_raw_batches(io.BytesIO(data), limit):
+            fast = _plain_batch(batch, blob_size)
+            if fast is not None:
+                entries.extend(fast)
                 continue
-            reason = name_problem(name) or _range_problem(start, end, blob_size)
-            if reason:
-                found.add(source, reason, f"{show(name)} [{show(start)}, {show(end)})")
-                continue
-            entries.append(BlobMember(name, start, end))
+            for obj in batch:
+                try:
+                    name, start, end = _entry_fields(obj)
+                except ValueError as exc:
+                    found.add(source, NOT_AN_ENTRY, str(exc)[:80])
+                    continue
+                reason = name_problem(name) or _range_problem(start, end, blob_size)
+                if reason:
+                    found.add(source, reason, f"{show(name)} [{show(start)}, {show(end)})")
+                    continue
+                entries.append(BlobMember(name, start, end))
     except OffsetsError as exc:
         index.problems.add(source, FILE_REFUSED, str(exc)[:300])
         return index
@@ -229,8 +288,11 @@ def reject_conflicts(
     a dataset only names can conflict (``check_overlaps=False``).
     """
     result = OffsetsIndex()
-    counts = Counter(m.name for m in members)
     bad = conflicting(members, check_overlaps)
+    if not bad:
+        result.members = list(members)
+        return result
+    counts = Counter(m.name for m in members)
     for i in sorted(bad):
         m = members[i]
         result.problems.add(source, DUPLICATE if counts[m.name] > 1 else OVERLAP, show(m.name))
@@ -239,20 +301,28 @@ def reject_conflicts(
 
 
 def conflicting(members: Sequence[BlobMember], check_overlaps: bool = True) -> set[int]:
-    """Indexes of members whose name repeats or (``check_overlaps``) whose range overlaps."""
-    counts = Counter(m.name for m in members)
-    bad = {i for i, m in enumerate(members) if counts[m.name] > 1}
+    """Indexes of members whose name repeats or (``check_overlaps``) whose range overlaps.
+
+    Conflicts are rare, so each check first asks cheaply whether there is any (a set of
+    the names; ranges in start order) and only then finds which.
+    """
+    names = [m.name for m in members]
+    bad: set[int] = set()
+    if len(set(names)) != len(names):
+        counts = Counter(names)
+        bad = {i for i, n in enumerate(names) if counts[n] > 1}
     if check_overlaps:
+        starts = [m.start for m in members]
+        ends = [m.end for m in members]
         order = sorted(
-            (i for i in range(len(members)) if members[i].size > 0), key=lambda i: members[i].start
+            (i for i in range(len(members)) if ends[i] > starts[i]), key=starts.__getitem__
         )
         reach, reach_i = -1, -1
         for i in order:
-            m = members[i]
-            if m.start < reach:
+            if starts[i] < reach:
                 bad.update((i, reach_i))
-            if m.end > reach:
-                reach, reach_i = m.end, i
+            if ends[i] > reach:
+                reach, reach_i = ends[i], i
     return bad
 
 

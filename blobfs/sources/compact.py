@@ -427,6 +427,15 @@ class TableBuilder:
         self._start.append(start)
         self._size.append(size)
 
+    def extend(
+        self, names: list[bytes], source: int, starts: list[int], sizes: list[int]
+    ) -> None:
+        """Many entries of one source at once (a blob's members)."""
+        self._names.extend(names)
+        self._src.extend([source] * len(names))
+        self._start.extend(starts)
+        self._size.extend(sizes)
+
     def add_table(self, table: FileTable) -> None:
         """Every entry of ``table`` (sources remapped)."""
         remap = [self.source(s) for s in table.sources]

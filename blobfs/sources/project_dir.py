@@ -343,6 +343,8 @@ class LocalProjectSource(Source):
                     )
             found.extend((m, stem, where) for m in index.members)
         kept = self._resolve(found, self.fs.where(key))
+        if len(kept) == len(found):  # nothing was in conflict (the common case)
+            return [(m, stem) for m, stem, _ in kept]
         served = {m.name for m, _, _ in kept}
         seen = Counter(m.name for m, _, _ in found)
         for m, _, _ in found:
@@ -563,16 +565,24 @@ class LocalProjectSource(Source):
             finally:
                 self._capture.sink = None
             builder = TableBuilder("img/")
-            sources: dict[str, int] = {}
+            by_stem: dict[str, list[BlobMember]] = {}
             for m, stem in members:
-                src = sources.get(stem)
-                if src is None:
-                    blob = self._blobs[stem]
-                    version = blob.cached.version if blob.cached else ""
-                    src = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
-                    sources[stem] = src
-                builder.add(encode_name(m.name), src, m.start, m.end - m.start)
+                group = by_stem.get(stem)
+                if group is None:
+                    group = by_stem[stem] = []
+                group.append(m)
             del members
+            for stem, group in by_stem.items():
+                blob = self._blobs[stem]
+                version = blob.cached.version if blob.cached else ""
+                src = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
+                builder.extend(
+                    [encode_name(m.name) for m in group],
+                    src,
+                    [m.start for m in group],
+                    [m.end - m.start for m in group],
+                )
+            del by_stem
             table, _ = builder.build()  # names were de-duplicated by _resolve
             del builder
         self._problems.merge(collected)

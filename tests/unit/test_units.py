@@ -49,6 +49,46 @@ def test_offsets_round_trip(items: list[BlobMember]) -> None:
     assert parse_offsets(dumps_batch(items), "x").members == items
 
 
+any_names = st.one_of(
+    st.text(max_size=8),
+    st.text(st.characters(whitelist_categories=("Lo",)), min_size=60, max_size=70),
+    st.sampled_from(["", ".", "..", "a/b", "a\\b", "a\0b", "\ud800", "x" * 256, "é" * 128]),
+)
+raw_entries = st.lists(
+    st.tuples(any_names, st.integers(-3, 2**34), st.integers(-3, 2**34)), max_size=12
+)
+
+
+def _sdk_pickle(entries: list[tuple[str, int, int]]) -> bytes:
+    """A batch as the SDK pickles it, names not checked (dumps_batch writes any str)."""
+    out = [b"\x80\x02]q\x00("]
+    for i, (name, start, end) in enumerate(entries):
+        out.append(index._GLOBAL if i == 0 else index._GET_CLASS)
+        out.append(b")\x81}(")
+        raw = name.encode("utf-8", "surrogatepass")
+        out += [index._KEYS[0], b"X" + len(raw).to_bytes(4, "little") + raw]
+        out += [index._KEYS[1], index._op_int(start), index._KEYS[2], index._op_int(end), b"ub"]
+    out.append(b"e.")
+    return b"".join(out)
+
+
+@given(st.lists(raw_entries, min_size=1, max_size=3), st.one_of(st.none(), st.integers(0, 2**34)))
+@settings(max_examples=300)
+def test_the_batch_fast_path_accepts_and_refuses_exactly_what_the_entry_checks_do(
+    batches: list[list[tuple[str, int, int]]], blob_size: int | None
+) -> None:
+    data = b"".join(_sdk_pickle(b) for b in batches)
+    fast = parse_offsets(data, "x", blob_size)
+    original = index._plain_batch
+    try:
+        index._plain_batch = lambda batch, size: None  # type: ignore[assignment]
+        slow = parse_offsets(data, "x", blob_size)
+    finally:
+        index._plain_batch = original  # type: ignore[assignment]
+    assert fast.members == slow.members
+    assert fast.problems.lines() == slow.problems.lines()
+
+
 def test_offsets_files_are_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(index, "BATCH_SIZE", 3)
     items = [BlobMember(f"{i}.png", i * 10, i * 10 + 5) for i in range(8)]
