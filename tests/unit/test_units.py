@@ -73,7 +73,7 @@ def _sdk_pickle(entries: list[tuple[str, int, int]]) -> bytes:
 
 
 @given(st.lists(raw_entries, min_size=1, max_size=3), st.one_of(st.none(), st.integers(0, 2**34)))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_the_batch_fast_path_accepts_and_refuses_exactly_what_the_entry_checks_do(
     batches: list[list[tuple[str, int, int]]], blob_size: int | None
 ) -> None:
