@@ -168,9 +168,9 @@ def _plain_batch(batch: list[Any], blob_size: int | None) -> list[BlobMember] | 
             return None
         if start < 0 or end < start or (limit >= 0 and end > limit):
             return None
-        if len(name) > _SHORT_NAME or name in ("", ".", ".."):
-            if name_problem(name) is not None:
-                return None
+        long_or_odd = len(name) > _SHORT_NAME or name in ("", ".", "..")
+        if long_or_odd and name_problem(name) is not None:
+            return None
         names.append(name)
         out.append(member(name, start, end))
     # "/" is itself forbidden, so as the separator it must appear exactly between names

@@ -427,9 +427,7 @@ class TableBuilder:
         self._start.append(start)
         self._size.append(size)
 
-    def extend(
-        self, names: list[bytes], source: int, starts: list[int], sizes: list[int]
-    ) -> None:
+    def extend(self, names: list[bytes], source: int, starts: list[int], sizes: list[int]) -> None:
         """Many entries of one source at once (a blob's members)."""
         self._names.extend(names)
         self._src.extend([source] * len(names))
