@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Two stamps: the demo needs only blobfs and its runtime dependencies; tests, linters and
-# benchmarks add the test and dev extras (the SDK among them) on top of the same venv.
+# benchmarks add the test and dev extras (the SDK among them) and the API emulator (its own
+# distribution, ./emulator) on top of the same venv.
 RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 APT_PACKAGES := fuse libfuse2 libfuse3-3 rsync
@@ -26,8 +27,8 @@ $(RUNTIME): pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $(RUNTIME)
 
-$(STAMP): $(RUNTIME)
-	$(PY) -m pip install -q -e '.[test,dev]'
+$(STAMP): $(RUNTIME) emulator/pyproject.toml
+	$(PY) -m pip install -q -e '.[test,dev]' -e emulator
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,9 +40,10 @@ test-fast: system venv
 	$(PY) -m pytest -q -m "not sdk"
 
 lint: venv
-	$(VENV)/bin/ruff check blobfs tests bench
-	$(VENV)/bin/ruff format --check blobfs bench
+	$(VENV)/bin/ruff check blobfs tests bench emulator
+	$(VENV)/bin/ruff format --check blobfs bench emulator/sly_emulator emulator/tests
 	$(VENV)/bin/mypy blobfs
+	$(VENV)/bin/mypy emulator/sly_emulator
 
 demo: system $(RUNTIME)
 	PY=$(PY) bash scripts/demo.sh

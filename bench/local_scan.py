@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support
 from _common import (
     OUT,
     Mounts,
@@ -82,7 +83,7 @@ def build(n: int, px: int) -> Path:
     if (root / "build.json").exists():
         return root
     from blobfs.blob.pack import ProjectPacker
-    from blobfs.testing.sample import png_bytes
+    from tests.support.sample import png_bytes
 
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{n}-", dir=OUT))

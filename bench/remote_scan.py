@@ -36,9 +36,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, Mounts, load_note, mountpoint, scan, spawn_foreground, table
 from local_scan import DATASET, build
-
-from blobfs.testing.emulator import start_process
-from blobfs.testing.seed import upload_local_project
+from sly_emulator import start_process
+from sly_emulator.seed import upload_local_project
 
 TOKEN = "bench-token"
 

@@ -7,7 +7,7 @@
 
 Builds once (cached in ``bench/out/scale-<N>/``, gitignored) the project of the scale issue:
 ``datasets x per-dataset`` PNGs of 200-600 bytes in ``tars`` tars shared by the datasets in
-order, one annotation per image (:mod:`blobfs.testing.scale`), plus the same tree as a plain
+order, one annotation per image (:mod:`tests.support.scale`), plus the same tree as a plain
 folder (images written, annotations hard-linked). Then, in interleaved rounds (blobfs, then
 the plain folder, each round), with median / min / max over the rounds:
 
@@ -60,7 +60,7 @@ from bench._common import (
     rss_mb,
     table,
 )
-from blobfs.testing.scale import ScaleProject, image_name, image_pool, write_scale_project
+from tests.support.scale import ScaleProject, image_name, image_pool, write_scale_project
 
 
 def build(args: argparse.Namespace) -> tuple[ScaleProject, Path]:

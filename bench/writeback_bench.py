@@ -36,10 +36,11 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support
 from _common import OUT, Mounts, mountpoint, spawn_foreground, table
 from remote_scan import TOKEN, start_emulator
 
-from blobfs.testing.sample import png_bytes
+from tests.support.sample import png_bytes
 
 SIDE = 36  # 36x36 PNGs of noise: ~4 KB each
 

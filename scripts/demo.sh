@@ -8,7 +8,7 @@ DEMO=${DEMO_DIR:-demo}
 rm -rf "$DEMO"
 mkdir -p "$DEMO/mnt"
 echo "== generating 200 sample images"
-$PY -m blobfs.testing.sample "$DEMO/images" --count 200
+$PY -m tests.support.sample "$DEMO/images" --count 200
 echo "== packing them into a blob project (several blobs of at most 256K)"
 $BLOBFS pack "$DEMO/images" "$DEMO/project" --dataset train --blob-size 256K
 ls -l "$DEMO/project/blob" "$DEMO/project/train"

@@ -1,8 +1,8 @@
-"""Fixtures for the emulator tests: an in-process emulator, a raw HTTP caller, sample blobs.
+"""Sample projects for the SDK conformance tests of the emulator.
 
-The sample blob is a plain ``tarfile`` tar plus an offsets file in the SDK's pickle
-format (written by blobfs's writer, which the SDK conformance tests cross-check), so the
-raw HTTP tests need neither the SDK nor a packer.
+Blobs are plain ``tarfile`` tars plus offsets files written by blobfs's own writer, so
+the SDK's ``upload_project`` reading them cross-checks that writer too. The emulator's
+own raw-HTTP tests live with it, in ``emulator/tests``.
 """
 
 from __future__ import annotations
@@ -10,72 +10,15 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-import requests
-
 from blobfs.blob.index import write_offsets
 from blobfs.model import BlobMember
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.sample import png_bytes
+from tests.support.sample import png_bytes
 
 TOKEN = "emulator-test-token-7d1c"
-
-
-@pytest.fixture
-def emu(tmp_path: Path) -> Iterator[Emulator]:
-    with Emulator(tmp_path / "state", TOKEN) as e:
-        yield e
-
-
-def api_url(emu: Emulator | str, method: str) -> str:
-    base = emu if isinstance(emu, str) else emu.url
-    return f"{base}/public/api/v3/{method}"
-
-
-def call(
-    emu: Emulator | str,
-    method: str,
-    body: Any = None,
-    token: str = TOKEN,
-    headers: dict[str, str] | None = None,
-) -> requests.Response:
-    """POST a JSON body to an API method (raw: no status check)."""
-    return requests.post(
-        api_url(emu, method),
-        json={} if body is None else body,
-        headers={"x-api-key": token, **(headers or {})},
-        timeout=30,
-    )
-
-
-def ok(emu: Emulator | str, method: str, body: Any = None) -> Any:
-    """POST and return the JSON answer, failing the test on any non-200."""
-    r = call(emu, method, body)
-    assert r.status_code == 200, (method, r.status_code, r.text)
-    return r.json()
-
-
-def upload_file(emu: Emulator, path: Path, remote_dir: str = "/blob-files/") -> dict[str, Any]:
-    """Team Files upload as ``api.file.upload`` sends it (multipart name/path/file)."""
-    with open(path, "rb") as f:
-        r = requests.post(
-            api_url(emu, "file-storage.bulk.upload") + "?teamId=1",
-            files=[
-                ("name", (None, path.name)),
-                ("path", (None, remote_dir)),
-                ("file", (path.name, f, "application/octet-stream")),
-            ],
-            headers={"x-api-key": TOKEN},
-            timeout=30,
-        )
-    assert r.status_code == 200, r.text
-    [info] = r.json()
-    return info  # type: ignore[no-any-return]
 
 
 def write_tar(path: Path, files: dict[str, bytes]) -> list[BlobMember]:
@@ -150,8 +93,3 @@ def rectangle_ann(exterior: list[list[float]]) -> dict[str, Any]:
             }
         ],
     }
-
-
-@pytest.fixture
-def local_project(tmp_path: Path) -> LocalProject:
-    return build_local_project(tmp_path / "project")

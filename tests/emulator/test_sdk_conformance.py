@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 import requests
+from sly_emulator import INSTANCE_VERSION, Emulator
+from sly_emulator.seed import upload_local_project
 
-from blobfs.testing._emu_api import INSTANCE_VERSION
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.sample import make_images, png_bytes
-from blobfs.testing.seed import upload_local_project
 from tests.helpers import start_mount
+from tests.support.sample import make_images, png_bytes
 
 from .conftest import TOKEN, build_local_project, rectangle_ann
 

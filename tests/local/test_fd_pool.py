@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from blobfs.errors import CorruptData
-from blobfs.testing.scale import write_scale_project
 from blobfs.transport.local import FdPool, open_regular, pool_capacity
 from tests.helpers import wait_mount
+from tests.support.scale import write_scale_project
 
 
 def blobs(tmp_path: Path, count: int) -> list[str]:

@@ -1,7 +1,7 @@
 """How a local project is indexed: per folder, lazily, compactly, cached between mounts.
 
 In-process on the view and the source, then through real mounts of a 200,000-image project
-(written in a few seconds by :mod:`blobfs.testing.scale`).
+(written in a few seconds by :mod:`tests.support.scale`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from blobfs.errors import NotFound
 from blobfs.model import BlobMember
 from blobfs.sources.compact import FileTable
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.testing.scale import ScaleProject, write_scale_project
 from blobfs.view.tree import DirNode, ProjectView
 from tests.helpers import start_mount
+from tests.support.scale import ScaleProject, write_scale_project
 
 
 def source(root: Path, store: IndexStore | None = None) -> LocalProjectSource:

@@ -20,8 +20,8 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.fuse.compat import FUSE_MAJOR
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
+from tests.support.sample import make_images, png_bytes
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sly_emulator import Emulator
+from sly_emulator.seed import upload_local_project
 
 from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.sample import make_images
-from blobfs.testing.seed import upload_local_project
 from tests.helpers import start_mount, wait_mount
+from tests.support.sample import make_images
 
 pytestmark = pytest.mark.fuse
 

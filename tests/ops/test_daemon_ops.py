@@ -15,8 +15,8 @@ import pytest
 
 from blobfs import __version__
 from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.sample import make_images
 from tests.helpers import wait_mount
+from tests.support.sample import make_images
 
 pytestmark = pytest.mark.fuse
 

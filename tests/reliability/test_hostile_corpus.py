@@ -1,6 +1,6 @@
 """Hostile input corpus: no code runs, bad entries are not served, good ones still are.
 
-The corpus (``blobfs.testing.hostile``) holds 40+ broken or malicious projects. Each is
+The corpus (``tests.support.hostile``) holds 40+ broken or malicious projects. Each is
 checked in-process on the view and through a real mount: exact bytes for the good images,
 ENOENT for refused entries, EIO for images whose blob is unusable, the mount alive after
 every error, ``blobfs check`` failing where it must, and the sentinel file that the
@@ -21,9 +21,9 @@ from blobfs.blob.check import check_project
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError, to_errno
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.testing.hostile import Case, build_corpus
 from blobfs.view.tree import ProjectView
 from tests.helpers import start_mount
+from tests.support.hostile import Case, build_corpus
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.sample import png_bytes
 from tests.helpers import start_mount
+from tests.support.sample import png_bytes
 
 pytestmark = pytest.mark.fuse
 

@@ -29,10 +29,10 @@ from blobfs.model import BlobMember
 from blobfs.problems import Problems, show
 from blobfs.safe_open import ProjectRoot, UnsafeFile
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.testing.hostile import SECRET
-from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
 from tests.helpers import start_mount
+from tests.support.hostile import SECRET
+from tests.support.sample import make_images, png_bytes
 from tests.writeback.conftest import Daemon, cleanup_mount
 
 

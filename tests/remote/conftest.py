@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sly_emulator import Emulator
+from sly_emulator.seed import upload_local_project
 
 from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.sample import make_images, png_bytes
-from blobfs.testing.seed import upload_local_project
 from tests.helpers import start_mount
+from tests.support.sample import make_images, png_bytes
 
 TOKEN = "remote-test-token-3f9a"
 

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sly_emulator import Emulator
+from sly_emulator.seed import upload_local_project
 
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.cache.disk import DiskBlockStore
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.seed import upload_local_project
 
 from .conftest import TOKEN, build_project, mount_remote
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sly_emulator import Emulator
+from sly_emulator.seed import upload_local_project
 
 from blobfs.blob import pack
 from blobfs.blob.pack import ProjectPacker
@@ -25,12 +27,10 @@ from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.model import DatasetRecord
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.sample import make_images
-from blobfs.testing.seed import upload_local_project
 from blobfs.transport import api as api_module
 from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
+from tests.support.sample import make_images
 
 from .conftest import TOKEN, mount_remote
 

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from blobfs.testing.emulator import Emulator, start_process
-from blobfs.testing.seed import upload_local_project
+from sly_emulator import Emulator, start_process
+from sly_emulator.seed import upload_local_project
 
 from .conftest import TOKEN, build_project, mount_remote, start_mount
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from sly_emulator import Emulator
+from sly_emulator.seed import upload_local_project
 
 from blobfs.blob.ann_coords import to_pixel
-from blobfs.testing.emulator import Emulator
-from blobfs.testing.sample import make_images
-from blobfs.testing.seed import upload_local_project
 from tests.helpers import add_class_and_annotation
+from tests.support.sample import make_images
 
 from .conftest import TOKEN, build_project, start_mount
 

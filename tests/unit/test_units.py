@@ -272,7 +272,7 @@ def test_the_errno_table() -> None:
 
 def test_image_size_of_a_file_is_remembered_but_a_rewrite_is_parsed_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from blobfs.blob.images import image_size_of_file
-    from blobfs.testing.sample import png_bytes
+    from tests.support.sample import png_bytes
 
     path = tmp_path / "a.png"
     path.write_bytes(png_bytes(1, 20, 10))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.sample import make_images
+from tests.support.sample import make_images
 
 
 def fuse_usable() -> str | None:

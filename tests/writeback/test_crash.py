@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from blobfs.blob.check import check_project
-from blobfs.testing.sample import png_bytes
+from tests.support.sample import png_bytes
 
 from .conftest import Daemon
 from .test_writeback_mount import project_images

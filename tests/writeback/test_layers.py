@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from blobfs.blob.pack import ProjectPacker
-from blobfs.testing.sample import make_images
 from tests.helpers import wait_mount
+from tests.support.sample import make_images
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITEBACK = ("blobfs.writeback", "blobfs.fuse.writeback_ops")

@@ -17,13 +17,13 @@ from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.testing.sample import png_bytes
 from blobfs.view.tree import ProjectView
 from blobfs.writeback.fs import WritebackFS
 from blobfs.writeback.importer import LocalImporter
 from blobfs.writeback.queue import WritebackQueue
 from blobfs.writeback.spool import Spool
 from blobfs.writeback.validate import Validator
+from tests.support.sample import png_bytes
 
 
 def writable(

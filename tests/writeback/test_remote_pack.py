@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from blobfs.testing.sample import png_bytes
 from blobfs.writeback.remote import RemoteImporter
 from blobfs.writeback.spool import Batch, Spool
+from tests.support.sample import png_bytes
 
 
 class _StopAtUpload:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from blobfs.errors import NoSpace
-from blobfs.testing.sample import png_bytes
 from blobfs.writeback.journal import HEADER_SIZE
 from blobfs.writeback.spool import Spool
+from tests.support.sample import png_bytes
 
 from .conftest import Daemon
 from .test_overlay import Overlay

@@ -16,9 +16,9 @@ import pytest
 from blobfs.blob.check import check_project
 from blobfs.cache.blocks import BlockCache
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
 from tests.helpers import add_class_and_annotation
+from tests.support.sample import make_images, png_bytes
 
 from .conftest import Daemon
 

@@ -2,7 +2,7 @@
 
 Payloads and answers follow the Supervisely SDK 6.74.51 (``supervisely/api/*_api.py``):
 what each SDK call sends and which fields its ``*Info`` tuples read
-(``info_sequence()``). Images and annotations are in :mod:`blobfs.testing._emu_images`.
+(``info_sequence()``). Images and annotations are in :mod:`sly_emulator._images`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from blobfs.testing._emu_common import (
+from sly_emulator._common import (
     FileBody,
     Registry,
     Upload,
@@ -20,7 +20,7 @@ from blobfs.testing._emu_common import (
     need,
     page_of,
 )
-from blobfs.testing._emu_store import ApiError, Store
+from sly_emulator._store import ApiError, Store
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
-"""Generated sample images and projects for the demo, tests and benchmarks.
+"""Generated sample images for the demo, tests and benchmarks.
 
 Images are small PNGs of seeded noise, so every file differs (no accidental dedup) and a
-test can regenerate the exact bytes from the seed.
+test can regenerate the exact bytes from the seed. ``make demo`` runs this module
+(``python -m tests.support.sample DIR``) in a venv with blobfs's runtime dependencies only,
+so it imports nothing beyond them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The emulator over raw HTTP: auth, Range, faults, persistence, counters, the REST methods.
 
 Each test starts its own emulator on a free port in ``tmp_path``; the Python API
-(``Emulator``) and the command line (``python -m blobfs.testing.emulator``) are both used.
+(``Emulator``) and the command line (``python -m sly_emulator``) are both used.
 """
 
 from __future__ import annotations
@@ -18,22 +18,21 @@ from typing import Any
 
 import pytest
 import requests
-
-from blobfs.testing._emu_store import image_dims
-from blobfs.testing.emulator import Emulator, Unsatisfiable, parse_range, start_process
-from blobfs.testing.sample import png_bytes
-from blobfs.testing.seed import SeedError, read_offsets, upload_local_project
-
-from .conftest import (
+from support import (
     TOKEN,
     LocalProject,
     api_url,
     call,
     ok,
+    png_bytes,
     upload_file,
     write_offsets_file,
     write_tar,
 )
+
+from sly_emulator import Emulator, Unsatisfiable, parse_range, start_process
+from sly_emulator._store import image_dims
+from sly_emulator.seed import SeedError, read_offsets, upload_local_project
 
 BLOB_FILES = {f"img_{i:02d}.png": png_bytes(i) for i in range(8)}
 
@@ -499,12 +498,12 @@ def test_runs_as_a_command_with_the_token_from_a_file(tmp_path: Path) -> None:
 
 
 def test_the_token_can_come_from_the_environment(tmp_path: Path) -> None:
-    env = {**os.environ, "BLOBFS_EMULATOR_TOKEN": TOKEN}
+    env = {**os.environ, "SLY_EMULATOR_TOKEN": TOKEN}
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "blobfs.testing.emulator",
+            "sly_emulator",
             "--state",
             str(tmp_path / "s"),
             "--port",
@@ -523,10 +522,10 @@ def test_the_token_can_come_from_the_environment(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
     missing = subprocess.run(
-        [sys.executable, "-m", "blobfs.testing.emulator", "--state", str(tmp_path / "s")],
+        [sys.executable, "-m", "sly_emulator", "--state", str(tmp_path / "s")],
         capture_output=True,
         text=True,
-        env={k: v for k, v in os.environ.items() if k != "BLOBFS_EMULATOR_TOKEN"},
+        env={k: v for k, v in os.environ.items() if k != "SLY_EMULATOR_TOKEN"},
         timeout=30,
     )
     assert missing.returncode != 0 and "token" in missing.stderr

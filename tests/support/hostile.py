@@ -6,7 +6,7 @@ which must fail with EIO, and whether ``blobfs check`` must fail. Nothing in a c
 run code or touch a file outside its folder: hostile pickles aim at a sentinel path the
 tests check afterwards.
 
-Run ``python -m blobfs.testing.hostile OUT_DIR`` to write the corpus for manual poking.
+Run ``python -m tests.support.hostile OUT_DIR`` to write the corpus for manual poking.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch
 from blobfs.blob.pack import ProjectPacker, empty_annotation
 from blobfs.model import BlobMember
 from blobfs.safe_open import MAX_META_JSON_BYTES, MAX_OFFSETS_FILE_BYTES
-from blobfs.testing.sample import png_bytes
+from tests.support.sample import png_bytes
 
 GOOD = 3  # good images per case, seeds 0..2
 #: The content of files outside the projects that must never be served.

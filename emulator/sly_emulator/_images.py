@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import IO, Any
 
-from blobfs.testing._emu_api import file_body
-from blobfs.testing._emu_common import (
+from sly_emulator._api import file_body
+from sly_emulator._common import (
     FileBody,
     Raw,
     Registry,
@@ -26,7 +26,7 @@ from blobfs.testing._emu_common import (
     paged,
     sorted_docs,
 )
-from blobfs.testing._emu_store import ApiError, Store, image_dims, mime_of, sly_hash
+from sly_emulator._store import ApiError, Store, image_dims, mime_of, sly_hash
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from blobfs.blob.index import OFFSETS_SUFFIX, write_offsets
 from blobfs.blob.pack import EMPTY_META, empty_annotation
 from blobfs.model import BlobMember
-from blobfs.testing.sample import png_bytes
+from tests.support.sample import png_bytes
 
 BLOCK = tarfile.BLOCKSIZE
 POOL_SIZE = 997  # prime, so image i and i + len(dataset) rarely share bytes by accident

@@ -1,7 +1,7 @@
 """The HTTP side of the emulator: request parsing, Range, faults on the wire, dispatch.
 
-:class:`Server` serves one :class:`~blobfs.testing.emulator.Emulator` (its store, token,
-faults, counters); the REST handlers themselves are in ``_emu_api`` and ``_emu_images``.
+:class:`Server` serves one :class:`~sly_emulator.Emulator` (its store, token,
+faults, counters); the REST handlers themselves are in ``_api`` and ``_images``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from blobfs.testing import _emu_api, _emu_images
-from blobfs.testing._emu_common import FileBody, Handler, Raw, Upload
-from blobfs.testing._emu_faults import HEADER, Active
-from blobfs.testing._emu_store import ApiError, parse_multipart
+from sly_emulator import _api, _images
+from sly_emulator._common import FileBody, Handler, Raw, Upload
+from sly_emulator._faults import HEADER, Active
+from sly_emulator._store import ApiError, parse_multipart
 
 if TYPE_CHECKING:
-    from blobfs.testing.emulator import Emulator
+    from sly_emulator.server import Emulator
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MAX_JSON_BYTES = 64 << 20
 #: the 401); a bigger one is not read at all and the connection is closed.
 MAX_DRAIN_BYTES = 1 << 20
 IDLE_TIMEOUT_S = 120
-METHODS: dict[str, Handler] = {**_emu_api.REGISTRY.methods, **_emu_images.REGISTRY.methods}
+METHODS: dict[str, Handler] = {**_api.REGISTRY.methods, **_images.REGISTRY.methods}
 _RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
@@ -110,7 +110,7 @@ class Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "blobfs-emulator"
+    server_version = "sly-emulator"
     # Headers and body go out in separate writes; with Nagle on, the body waits for the
     # client's delayed ACK (~40 ms per request on Linux).
     disable_nagle_algorithm = True

@@ -1,18 +1,18 @@
 """An emulator of the Supervisely public REST API, for tests, benchmarks and demos.
 
-    python -m blobfs.testing.emulator --state DIR [--port PORT] --token-file FILE
+    python -m sly_emulator --state DIR [--port PORT] --token-file FILE
 
-(or ``--token TOKEN``, or the ``BLOBFS_EMULATOR_TOKEN`` environment variable). It prints
+(or ``--token TOKEN``, or the ``SLY_EMULATOR_TOKEN`` environment variable). It prints
 ``listening on http://HOST:PORT`` once ready; ``--port 0`` picks a free port.
 
-Serves ``/public/api/v3/<method>`` (handlers in :mod:`blobfs.testing._emu_api` and
-:mod:`blobfs.testing._emu_images`, HTTP in :mod:`blobfs.testing._emu_http`) with the
+Serves ``/public/api/v3/<method>`` (handlers in :mod:`sly_emulator._api` and
+:mod:`sly_emulator._images`, HTTP in :mod:`sly_emulator._http`) with the
 token in ``x-api-key`` (401 without it), keeps its state in ``DIR`` (SQLite + files, so
 a restart keeps everything), streams file bytes with HTTP Range (206, 416,
 ``Content-Range``, ``ETag``), keeps connections alive and answers from many threads.
 ``docs/emulator.md`` says what is and is not emulated.
 
-Faults (:mod:`blobfs.testing._emu_faults`) are set for the run through
+Faults (:mod:`sly_emulator._faults`) are set for the run through
 ``Emulator.faults`` or ``POST /_emulator/faults``, and per request by the header
 ``x-emulator-fault: latency_ms=5;ignore_range``. Counters and a log of recent requests
 are in ``Emulator.stats()`` / ``request_log()`` and ``GET /_emulator/stats`` / ``log``.
@@ -34,9 +34,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from blobfs.testing._emu_faults import Faults
-from blobfs.testing._emu_http import METHODS, Server, Unsatisfiable, parse_range
-from blobfs.testing._emu_store import ApiError, Store
+from sly_emulator._faults import Faults
+from sly_emulator._http import METHODS, Server, Unsatisfiable, parse_range
+from sly_emulator._store import ApiError, Store
 
 __all__ = ["METHODS", "Emulator", "Unsatisfiable", "main", "parse_range", "start_process"]
 
@@ -94,9 +94,7 @@ class Emulator:
 
     def start(self) -> Emulator:
         """Serve from a daemon thread; returns self (``emu = Emulator(...).start()``)."""
-        self._thread = threading.Thread(
-            target=self.serve_forever, name="blobfs-emulator", daemon=True
-        )
+        self._thread = threading.Thread(target=self.serve_forever, name="sly-emulator", daemon=True)
         self._thread.start()
         return self
 
@@ -212,7 +210,7 @@ def start_process(
             sys.executable,
             "-P",
             "-m",
-            "blobfs.testing.emulator",
+            "sly_emulator",
             "--state",
             str(state_dir),
             "--port",
@@ -235,13 +233,13 @@ def start_process(
 
 
 def _token(args: argparse.Namespace) -> str:
-    """From ``--token-file``, ``--token`` or ``BLOBFS_EMULATOR_TOKEN`` (first found)."""
+    """From ``--token-file``, ``--token`` or ``SLY_EMULATOR_TOKEN`` (first found)."""
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     else:
-        token = args.token or os.environ.get("BLOBFS_EMULATOR_TOKEN", "")
+        token = args.token or os.environ.get("SLY_EMULATOR_TOKEN", "")
     if not token:
-        sys.exit("emulator: give --token-file, --token or BLOBFS_EMULATOR_TOKEN")
+        sys.exit("emulator: give --token-file, --token or SLY_EMULATOR_TOKEN")
     return str(token)
 
 
@@ -251,7 +249,7 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m blobfs.testing.emulator", description="Emulated Supervisely REST API."
+        prog="python -m sly_emulator", description="Emulated Supervisely REST API."
     )
     parser.add_argument("--state", required=True, help="state folder (created if missing)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blobfs.testing._emu_store import ApiError, Store
+from sly_emulator._store import ApiError, Store
 
 logger = logging.getLogger(__name__)
 

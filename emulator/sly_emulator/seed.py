@@ -8,12 +8,14 @@ file, as ``upload_blob_images`` expects them side by side) to Team Files under
 annotations, and sets the project's ``is_blob_project`` flag.
 
 Standard library only (``http.client``, ``pickle`` behind an allow-list): it neither
-needs the SDK nor shares code with blobfs's own client, so a misreading of the API in
-blobfs cannot hide behind the same misreading here. Bulk calls carry up to
+needs the SDK nor shares code with any client under test, so a client's misreading of the
+API cannot hide behind the same misreading here. Bulk calls carry up to
 :data:`BULK_ADD_BATCH` images, so 30,000 images take a few dozen requests.
-Annotations go up in the server's subpixel coordinates, as the SDK's uploads send them;
-that one conversion is shared with blobfs (:mod:`blobfs.blob.ann_coords`, stdlib only)
-because it is pinned to the SDK's own functions by ``tests/unit/test_ann_coords.py``.
+Annotations go up in the server's subpixel coordinates, as the SDK's uploads send them
+(:mod:`sly_emulator._subpixel`).
+
+From a shell: ``python -m sly_emulator.seed URL PROJECT_DIR --token-file FILE`` prints the
+new project's id.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from blobfs.blob.ann_coords import to_subpixel
+from sly_emulator._subpixel import to_subpixel
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +327,7 @@ class _Upload:
 
     def annotate(self, dataset: int, folder: Path, ids: dict[str, int]) -> None:
         anns = [
-            {"imageId": image_id, "annotation": to_subpixel(_json(folder / "ann" / f"{name}.json"))}
+            {"imageId": image_id, "annotation": _annotation(folder / "ann" / f"{name}.json")}
             for name, image_id in ids.items()
             if (folder / "ann" / f"{name}.json").is_file()
         ]
@@ -363,6 +365,14 @@ def _json(path: Path) -> Any:
         return json.loads(path.read_bytes())
     except ValueError as exc:
         raise SeedError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _annotation(path: Path) -> dict[str, Any]:
+    """A local (pixel) annotation file in the form the SDK uploads (subpixel)."""
+    try:
+        return to_subpixel(_json(path))
+    except ValueError as exc:
+        raise SeedError(f"{path}: {exc}") from None
 
 
 def _with_meta(item: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -436,3 +446,35 @@ def upload_local_project(
         return project
     finally:
         client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sly_emulator.seed URL PROJECT_DIR``: upload, print the project id."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sly_emulator.seed",
+        description="Upload a local (blob) project folder to a Supervisely API server.",
+    )
+    parser.add_argument("url", help="server address, e.g. http://127.0.0.1:8123")
+    parser.add_argument("project_dir")
+    parser.add_argument("--name", default=None, help="project name (default: folder + suffix)")
+    parser.add_argument("--token", default=None, help="prefer --token-file (argv is public)")
+    parser.add_argument("--token-file", default=None)
+    args = parser.parse_args(argv)
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    else:
+        token = args.token or os.environ.get("SLY_EMULATOR_TOKEN", "")
+    if not token:
+        sys.exit("seed: give --token-file, --token or SLY_EMULATOR_TOKEN")
+    try:
+        project = upload_local_project(args.url, token, args.project_dir, args.name)
+    except SeedError as exc:
+        sys.exit(f"seed: {exc}")
+    print(project)
+
+
+if __name__ == "__main__":
+    main()
