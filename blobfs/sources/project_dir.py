@@ -190,6 +190,10 @@ class LocalProjectSource(Source):
         }
 
     def close(self) -> None:
+        with self._lock:
+            readers = [b.cached.reader for b in self._blobs.values() if b.cached is not None]
+        for reader in readers:
+            reader.close()
         self._pool.close()
         self.fs.close()
 
@@ -656,3 +660,6 @@ class _MemberReader:
     def read(self, start: int, end: int) -> bytes:
         self._source.check_member(self._blob, self._ref, self._name)
         return self._inner.read(start, end)
+
+    def close(self) -> None:
+        self._inner.close()

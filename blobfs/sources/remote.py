@@ -294,9 +294,7 @@ class RemoteProjectSource(Source):
         with self._lock:
             readers = [b.reader for b in self._blobs.values() if isinstance(b, CachedBlob)]
         for reader in readers:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            reader.close()
         self.anns.close()
         self.cache.close()
         self.api.client.close()

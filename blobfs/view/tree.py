@@ -54,9 +54,6 @@ LISTING_MEMO_ENTRIES = 64
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 
-Node = "DirNode | FileRecord"
-
-
 Children = Mapping[str, "DirNode | FileRecord"]
 #: How often a background preload looks again whether foreground fills are still running.
 PRELOAD_YIELD_S = 0.02
@@ -461,15 +458,12 @@ class ProjectView:
         try:
             return reader.read(offset, end)
         finally:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            reader.close()
 
     def release(self, fh: int) -> None:
         handle = self.handles.remove(fh)
-        close = getattr(handle.reader, "close", None) if handle else None
-        if close is not None:
-            close()
+        if handle is not None:
+            handle.reader.close()
 
     def statfs(self) -> dict[str, int]:
         """Filesystem figures for ``df``; a read-only tree has no free space."""
