@@ -129,7 +129,8 @@ class Problems:
         what the previous listing of ``scope`` found, and once the block ends one line is
         logged per pair that grew beyond what was logged before.
 
-        A listing inside another one in the same thread counts towards the outer one.
+        A listing inside another one in the same thread counts towards the outer one. A
+        listing that fails part way keeps the previous one's finds (it is tried again).
         """
         if getattr(self._local, "sink", None) is not None:
             yield
@@ -140,7 +141,7 @@ class Problems:
             yield
         finally:
             self._local.sink = None
-            self._replace(scope, found)
+        self._replace(scope, found)
 
     def _replace(self, scope: Hashable, found: Problems) -> None:
         items = [(k, g.count, g.names) for k, g in found._groups.items()]

@@ -192,6 +192,9 @@ def test_a_listing_met_again_counts_and_logs_only_what_is_new(
     with found.listing(("dataset", 6)):  # another scope counts on its own
         found.add("dataset 5", "name appears twice", show("a"))
     assert found.total == 4
+    with pytest.raises(TimeoutError), found.listing(("dataset", 5)):
+        raise TimeoutError  # a listing that fails part way: the last finds stay
+    assert found.total == 4
 
 
 def test_a_file_of_many_bad_entries_is_one_log_line(
