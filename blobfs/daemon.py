@@ -77,11 +77,9 @@ def check_local_project(path: str) -> None:
         raise NotFound(f"{path}: not a Supervisely project: no meta.json")
 
 
-def build(
-    config: MountConfig, make_source: Callable[[MountConfig], Source] = build_source
-) -> ProjectView:
-    """Source and view for ``config``; the seam tests use to inject a source."""
-    source = make_source(config)
+def build(config: MountConfig) -> ProjectView:
+    """Source and view for ``config``."""
+    source = build_source(config)
     ttl = DEFAULT_REMOTE_TTL_S if not source.is_immutable() else float("inf")
     return ProjectView(source, listing_ttl_s=ttl)
 

@@ -11,13 +11,11 @@ Tree::
     ├── NotADirectory       ENOTDIR a path component is a file
     ├── IsADirectory        EISDIR  file operation on a directory
     ├── ReadOnly            EROFS   write on a read-only mount
-    ├── NotSupported        ENOTSUP operation the mount does not offer
     ├── NotPermitted        EPERM   change the mount refuses (rewrite an imported image)
     ├── Busy                EBUSY   file is being imported right now
     ├── AlreadyExists       EEXIST  name taken
     ├── NotEmpty            ENOTEMPTY rmdir of a folder with files in it
     ├── NoSpace             ENOSPC  the writeback spool's file system is full
-    ├── PermissionDenied    EACCES
     ├── InvalidInput        EINVAL  bad argument from a caller (CLI, config)
     ├── TimedOut            ETIMEDOUT the operation's deadline (``--timeout``) passed
     ├── OffsetsError        EIO     an offsets file that cannot be trusted
@@ -63,12 +61,6 @@ class ReadOnly(BlobfsError):
     errno_value = errno.EROFS
 
 
-class NotSupported(BlobfsError):
-    """An operation the mount does not offer (e.g. rename of an imported image)."""
-
-    errno_value = errno.ENOTSUP
-
-
 class NotPermitted(BlobfsError):
     """The mount refuses this change (e.g. rewriting an image already imported)."""
 
@@ -97,12 +89,6 @@ class NoSpace(BlobfsError):
     """The writeback spool's file system is full."""
 
     errno_value = errno.ENOSPC
-
-
-class PermissionDenied(BlobfsError):
-    """The caller may not do this."""
-
-    errno_value = errno.EACCES
 
 
 class InvalidInput(BlobfsError):

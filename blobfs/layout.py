@@ -81,12 +81,3 @@ def dataset_of(view_path: str) -> tuple[DatasetPath, str, str] | None:
 def image_of_ann(name: str) -> str:
     """``x.png.json`` -> ``x.png``."""
     return name[: -len(ANN_SUFFIX)] if name.endswith(ANN_SUFFIX) else name
-
-
-def is_image(view_path: str) -> bool:
-    where = dataset_of(view_path)
-    return where is not None and where[1] == IMG_DIR
-
-
-def in_control_dir(path: str) -> bool:
-    return path == CONTROL_DIR or path.startswith(CONTROL_DIR + "/")

@@ -7,18 +7,23 @@ source reports through a :class:`Problems` collector: a problem is a ``(where, c
 pair plus the name it concerns; the collector keeps a count and the first few names per
 pair, and a bounded number of pairs, so its memory does not grow with the input.
 
-Logging is aggregated the same way. Inside :meth:`Problems.deferred` (one file or one
-dataset being read) nothing is logged until the block ends, then one line per pair that
+Logging is aggregated the same way. Inside :meth:`Problems.listing` (one folder or one
+dataset being listed) nothing is logged until the block ends, then one line per pair that
 grew. Outside it (failures found while serving reads) a pair is logged when first seen and
 again each time its count has grown tenfold, so a program reading a million bad entries
 writes a handful of lines, not a million.
+
+A listing is read again whenever it may have changed (a remote source's TTL refresh, a
+local dataset re-listed after a writeback import). What a listing finds replaces what the
+previous listing of the same scope found, so meeting the same bad entries again counts
+and logs nothing, and an entry fixed since is no longer counted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +80,8 @@ class Problems:
         self._names_kept = names_kept
         self._max_groups = max_groups
         self._groups: dict[tuple[str, str], _Group] = {}
+        # scope -> what its last listing counted, by the pair it was counted under here
+        self._scopes: dict[Hashable, dict[tuple[str, str], int]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -93,45 +100,82 @@ class Problems:
             self._bump(key, count, names)
 
     def _bump(self, key: tuple[str, str], count: int, names: list[str]) -> None:
+        sink: Problems | None = getattr(self._local, "sink", None)
+        if sink is not None:  # inside a listing: counted when it ends
+            sink._bump(key, count, names)
+            return
         with self._lock:
-            group = self._groups.get(key)
-            if group is None:
-                if len(self._groups) >= self._max_groups:
-                    key = OVERFLOW
-                    group = self._groups.setdefault(key, _Group())
-                else:
-                    group = self._groups[key] = _Group()
-            group.count += count
-            for name in names:
-                if len(group.names) < self._names_kept and name not in group.names:
-                    group.names.append(name)
-        pending: set[tuple[str, str]] | None = getattr(self._local, "pending", None)
-        if pending is not None:
-            pending.add(key)
-        else:
-            self._report([key], tenfold=True)
+            key = self._count(key, count, names)
+        self._report([key], tenfold=True)
+
+    def _count(self, key: tuple[str, str], count: int, names: list[str]) -> tuple[str, str]:
+        """Add ``count`` to ``key`` (under the lock); returns the pair it was counted under."""
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) >= self._max_groups:
+                key = OVERFLOW
+                group = self._groups.setdefault(key, _Group())
+            else:
+                group = self._groups[key] = _Group()
+        group.count += count
+        for name in names:
+            if len(group.names) < self._names_kept and name not in group.names:
+                group.names.append(name)
+        return key
 
     @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Log nothing until the block ends, then one line per pair that grew in it."""
-        outer: set[tuple[str, str]] | None = getattr(self._local, "pending", None)
-        if outer is not None:  # nested: the outermost block reports
+    def listing(self, scope: Hashable) -> Iterator[None]:
+        """Problems found in the block are ``scope``'s (a dataset, a folder): they replace
+        what the previous listing of ``scope`` found, and once the block ends one line is
+        logged per pair that grew beyond what was logged before.
+
+        A listing inside another one in the same thread counts towards the outer one. A
+        listing that fails part way keeps the previous one's finds (it is tried again).
+        """
+        if getattr(self._local, "sink", None) is not None:
             yield
             return
-        pending: set[tuple[str, str]] = set()
-        self._local.pending = pending
+        found = Problems(names_kept=self._names_kept, max_groups=self._max_groups)
+        self._local.sink = found
         try:
             yield
         finally:
-            self._local.pending = None
-            self._report(sorted(pending), tenfold=False)
+            self._local.sink = None
+        self._replace(scope, found)
+
+    def _replace(self, scope: Hashable, found: Problems) -> None:
+        items = [(k, g.count, g.names) for k, g in found._groups.items()]
+        with self._lock:
+            before = self._scopes.pop(scope, {})
+            now: dict[tuple[str, str], int] = {}
+            grew: list[tuple[str, str]] = []
+            for key, count, names in items:
+                was = before.pop(key, 0)
+                group = self._groups.get(key)
+                if group is not None and group.count <= was:  # counted by this scope only
+                    group.names = []  # the names it has now, not those it had
+                key = self._count(key, count - was, names)
+                now[key] = now.get(key, 0) + count
+                if count > was:
+                    grew.append(key)
+            for key, was in before.items():  # not met again: fixed since
+                group = self._groups.get(key)
+                if group is not None:
+                    group.count -= was
+                    if group.count <= 0:
+                        del self._groups[key]
+            if now:
+                self._scopes[scope] = now
+        self._report(sorted(set(grew)), tenfold=False)
 
     def _report(self, keys: list[tuple[str, str]], tenfold: bool) -> None:
         if self._log is None:
             return
         for key in keys:
             with self._lock:
-                group = self._groups[key]
+                group = self._groups.get(key)
+                if group is None:
+                    continue
                 due = group.count > group.logged and (
                     not tenfold or group.logged == 0 or group.count >= 10 * group.logged
                 )

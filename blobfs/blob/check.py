@@ -15,10 +15,19 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import assert_never
 
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError
-from blobfs.model import BlobMember, BlobRef, FileRecord
+from blobfs.model import (
+    AnnRef,
+    BlobMember,
+    BlobRef,
+    BytesRef,
+    FileRecord,
+    LocalFileRef,
+    RemoteImageRef,
+)
 from blobfs.problems import Problems, show
 from blobfs.safe_open import MAX_ANN_JSON_BYTES, describe
 from blobfs.sources.project_dir import BLOB_DIR, LocalProjectSource
@@ -73,12 +82,10 @@ def _tar_members(source: LocalProjectSource, stem: str) -> dict[str, BlobMember]
 
 
 def _check_tars(
-    source: LocalProjectSource, blob_records: list[FileRecord], found: Problems
+    source: LocalProjectSource, blob_records: list[tuple[FileRecord, BlobRef]], found: Problems
 ) -> None:
     tars: dict[str, dict[str, BlobMember] | str] = {}
-    for rec in blob_records:
-        ref = rec.ref
-        assert isinstance(ref, BlobRef)
+    for rec, ref in blob_records:
         if ref.blob_key not in tars:
             tars[ref.blob_key] = _tar_members(source, ref.blob_key)
         members = tars[ref.blob_key]
@@ -99,14 +106,13 @@ def _check_tars(
             found.add(source.fs.where(f"{BLOB_DIR}/{stem}.tar"), "tar not read", members)
 
 
-def _check_annotation(source: LocalProjectSource, rec: FileRecord, found: Problems) -> None:
-    assert isinstance(rec.ref, str)
+def _check_annotation(source: LocalProjectSource, path: str, found: Problems) -> None:
     try:
-        json.loads(source.fs.read_file(rec.ref, MAX_ANN_JSON_BYTES, "annotation"))
+        json.loads(source.fs.read_file(path, MAX_ANN_JSON_BYTES, "annotation"))
     except BlobfsError as exc:
-        found.add(source.fs.where(rec.ref), "annotation not read", str(exc)[:200])
+        found.add(source.fs.where(path), "annotation not read", str(exc)[:200])
     except Exception as exc:  # ValueError, RecursionError on deep nesting, ...
-        found.add(source.fs.where(rec.ref), "annotation does not parse", _why(exc))
+        found.add(source.fs.where(path), "annotation does not parse", _why(exc))
 
 
 def _check_annotations(files: dict[str, int], folder: str, found: Problems) -> None:
@@ -144,6 +150,37 @@ def check_project(
     return report
 
 
+def _check_record(
+    source: LocalProjectSource,
+    rec: FileRecord,
+    report: Report,
+    found: Problems,
+    blob_records: list[tuple[FileRecord, BlobRef]],
+) -> None:
+    """Count one listed file and check what a read of it would meet."""
+    ref = rec.ref
+    match ref:
+        case BlobRef():  # always an image
+            report.images += 1
+            report.blob_images += 1
+            blob_records.append((rec, ref))
+            with suppress(BlobfsError):  # noted by the source
+                reader = source.open(rec)
+                try:
+                    reader.read(0, 0)  # the tar-header check of a first read
+                finally:
+                    reader.close()
+        case LocalFileRef():
+            if rec.relpath.startswith("img/"):
+                report.images += 1
+            elif rec.relpath.startswith("ann/"):
+                _check_annotation(source, ref.path, found)
+        case BytesRef() | RemoteImageRef() | AnnRef():
+            pass  # never in a local project's listing
+        case _:
+            assert_never(ref)
+
+
 def _check_source(
     source: LocalProjectSource,
     report: Report,
@@ -172,17 +209,9 @@ def _check_source(
         report.datasets += 1
         records = source.files(ds)
         sizes = {r.relpath: r.size or 0 for r in records}
-        blob_records: list[FileRecord] = []
+        blob_records: list[tuple[FileRecord, BlobRef]] = []
         for rec in records:
-            if rec.relpath.startswith("img/"):
-                report.images += 1
-                if isinstance(rec.ref, BlobRef):
-                    report.blob_images += 1
-                    blob_records.append(rec)
-                    with suppress(BlobfsError):  # noted by the source
-                        source.open(rec).read(0, 0)  # the tar-header check of a first read
-            elif rec.relpath.startswith("ann/") and isinstance(rec.ref, str):
-                _check_annotation(source, rec, found)
+            _check_record(source, rec, report, found, blob_records)
         _check_annotations(sizes, "/".join(ds.path), found)
         if deep:
             _check_tars(source, blob_records, found)

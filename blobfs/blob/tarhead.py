@@ -101,10 +101,3 @@ def member_problem(header: bytes, member: BlobMember) -> str | None:
     if not _name_agrees(header, member.name):
         return NAME_DIFFERS
     return None
-
-
-def header_range(member: BlobMember) -> tuple[int, int] | None:
-    """The byte range of ``member``'s own header, or None when it cannot have one."""
-    if member.start < BLOCK:
-        return None
-    return member.start - BLOCK, member.start

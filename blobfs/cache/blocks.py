@@ -503,43 +503,6 @@ class BlockCache:
             self.disk.close()
 
 
-class SequentialReadahead:
-    """Grow a readahead window while reads of one blob move forward, reset on a jump.
-
-    Images are read one after another in blob order by scans and training epochs; each
-    read then ends a little before the next one starts (tar headers sit between). A read
-    that starts within ``max_gap`` after the previous end counts as sequential and doubles
-    the window (up to ``max_window``); any other read resets it to zero.
-    """
-
-    def __init__(self, initial_window: int, max_window: int, max_gap: int = 64 << 10) -> None:
-        self.initial_window = initial_window
-        self.max_window = max_window
-        self.max_gap = max_gap
-        self._state: dict[str, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-
-    def advise(self, key: str, start: int, end: int) -> int:
-        """Record a read of ``[start, end)``; return how many bytes after ``end`` to prefetch."""
-        with self._lock:
-            last_end, window = self._state.get(key, (-1, 0))
-            if last_end >= 0 and last_end - self.max_gap <= start <= last_end + self.max_gap:
-                window = min(max(window * 2, self.initial_window), self.max_window)
-            else:
-                window = 0
-            self._state[key] = (end, window)
-            return window
-
-    def largest_window(self) -> int:
-        """The widest readahead window now (for ``blobfs stats``)."""
-        with self._lock:
-            return max((w for _, w in self._state.values()), default=0)
-
-    def window(self, key: str) -> int:
-        with self._lock:
-            return self._state.get(key, (0, 0))[1]
-
-
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
     """How to serve one read: a span ``[start, fetch_end)``, or blocks plus readahead."""

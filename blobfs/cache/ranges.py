@@ -22,8 +22,3 @@ def runs(blocks: list[int], max_run: int) -> list[tuple[int, int]]:
         else:
             out.append((b, b + 1))
     return out
-
-
-def clip(start: int, end: int, size: int) -> tuple[int, int]:
-    """Clip a range to ``[0, size)``."""
-    return max(0, min(start, size)), max(0, min(end, size))

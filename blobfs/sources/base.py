@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 
+from blobfs.errors import BlobfsError
 from blobfs.model import DatasetRecord, FileRecord
+from blobfs.problems import Problems
 from blobfs.transport.base import RangeReader
 
 #: A folder's entries by name: a dict, or a compact table that makes records on demand
@@ -25,7 +28,9 @@ class Source(ABC):
         - ``files(dataset)`` lists the dataset's files with paths relative to the dataset
           folder, in the standard layout: ``img/<name>``, ``ann/<name>.json`` and optional
           ``img_info/``, ``meta/`` files. Entries the source refuses (bad names, conflicts)
-          are left out and reported through ``problems()``.
+          are left out and reported through ``problems()``: each listing is counted in a
+          scope of its own (``with self._problems.listing(scope)``), so listing the same
+          bad entries again logs nothing new.
         - ``listing(dataset)`` names the dataset's folders, each with a loader of its
           entries; the view calls a loader once (per refresh), lazily, possibly in another
           thread, and never under a lock another folder's lookups wait for.
@@ -33,6 +38,11 @@ class Source(ABC):
         - ``content(record)`` returns a small file whole (used when ``size`` is None).
         - Errors are :class:`blobfs.errors.BlobfsError` subclasses only.
     """
+
+    def __init__(self, log: logging.Logger | None = None) -> None:
+        #: The one collector of this source's problems: aggregated by (file, cause),
+        #: bounded, each logged once (see :mod:`blobfs.problems`).
+        self._problems = Problems(log)
 
     @abstractmethod
     def meta_json(self) -> bytes | None:
@@ -74,8 +84,9 @@ class Source(ABC):
         return True
 
     def problems(self) -> list[str]:
-        """Human-readable reasons why some entries are not served (so far)."""
-        return []
+        """Human-readable reasons why some entries are not served, one line per (file,
+        cause), as the latest listings found them (plus failures met while reading)."""
+        return self._problems.lines()
 
     def changed(self) -> None:  # noqa: B027 - optional hook, immutable sources cache nothing
         """The project was changed through this mount (a writeback import): forget small
@@ -94,6 +105,11 @@ class Source(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release descriptors, sessions and threads."""
+
+    def foreign(self, record: FileRecord) -> BlobfsError:
+        """The error for a record of a kind this source never lists (another source's):
+        a bug, so EIO, with the path for the log."""
+        return BlobfsError(f"{record.relpath}: a {type(record.ref).__name__} is not served here")
 
 
 def _constant(entries: FolderEntries) -> Callable[[], FolderEntries]:

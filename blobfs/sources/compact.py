@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from itertools import accumulate, islice
 from typing import Any
 
-from blobfs.model import BlobRef, FileRecord
+from blobfs.model import BlobRef, FileRecord, LocalFileRef
 
 #: Kinds of entry source.
 BLOB = "blob"
@@ -239,7 +239,7 @@ class FileTable(Mapping[str, FileRecord]):
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        return FileRecord(self.prefix + name, st.st_size, st.st_mtime_ns, path)
+        return FileRecord(self.prefix + name, st.st_size, st.st_mtime_ns, LocalFileRef(path))
 
     def entries_from(self, start: int) -> Iterator[tuple[str, int | None, int]]:
         """``(name, size, mtime_ns)`` from entry ``start`` on, without any I/O: the size is

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from blobfs.blob.index import (
     FILE_REFUSED,
@@ -52,7 +52,16 @@ from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.cache.index_store import IndexStore
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import BlobfsError, CorruptData, NotFound
-from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
+from blobfs.model import (
+    AnnRef,
+    BlobMember,
+    BlobRef,
+    BytesRef,
+    DatasetRecord,
+    FileRecord,
+    LocalFileRef,
+    RemoteImageRef,
+)
 from blobfs.problems import Problems, show
 from blobfs.safe_open import (
     MAX_META_JSON_BYTES,
@@ -73,7 +82,7 @@ from blobfs.sources.compact import (
     building,
     encode_name,
 )
-from blobfs.sources.readers import FailingReader, PreadReader
+from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FdPool
 
@@ -114,13 +123,13 @@ class LocalProjectSource(Source):
         cache: BlockCache,
         index_store: IndexStore | None = None,
     ) -> None:
+        super().__init__(logger)
         self.fs = ProjectRoot(project_dir)
         self.root = self.fs.path
         self.cache = cache
         self.index_store = index_store
         self._pool = FdPool(self.fs.open_file)
         self._blobs: dict[str, _Blob] = {}
-        self._problems = Problems(logger)
         # problems noted while a cached index is built go to its own collector first
         self._capture = threading.local()
         self._tables: weakref.WeakSet[FileTable] = weakref.WeakSet()
@@ -133,6 +142,10 @@ class LocalProjectSource(Source):
     # ---- Source API ------------------------------------------------------------------
 
     def meta_json(self) -> bytes | None:
+        with self._problems.listing("meta.json"):
+            return self._meta_json()
+
+    def _meta_json(self) -> bytes | None:
         try:
             return self.fs.read_file("meta.json", MAX_META_JSON_BYTES, "meta.json")
         except NotFound:
@@ -145,14 +158,14 @@ class LocalProjectSource(Source):
 
     def datasets(self) -> Sequence[DatasetRecord]:
         found: list[DatasetRecord] = []
-        with self._problems.deferred():
+        with self._problems.listing("datasets"):
             self._walk_datasets((), (), found, top=True)
         return found
 
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
         assert isinstance(dataset.key, str)
         refused: dict[str, str] = {}
-        with self._problems.deferred():
+        with self._problems.listing(("files", dataset.path)):
             records = self._files(dataset.key, refused)
         with self._lock:
             self._refused[dataset.path] = refused
@@ -160,17 +173,21 @@ class LocalProjectSource(Source):
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
-        if isinstance(ref, BlobRef):
-            blob = self._blob(ref.blob_key)  # known from the listing, or (cached index) now
-            if blob.cached is None or blob.problem:
-                return FailingReader(blob.problem or f"blob {blob.path} unusable")
-            inner = PreadReader(self._pool, blob.rel, ref)
-            return _MemberReader(self, blob, ref, record.relpath.rsplit("/", 1)[-1], inner)
-        assert isinstance(ref, str)
-        return ProjectFileReader(self.fs, ref)
-
-    def problems(self) -> list[str]:
-        return self._problems.lines()
+        match ref:
+            case BlobRef():
+                blob = self._blob(ref.blob_key)  # known from the listing, or (cached index) now
+                if blob.cached is None or blob.problem:
+                    return FailingReader(blob.problem or f"blob {blob.path} unusable")
+                inner = PreadReader(self._pool, blob.rel, ref)
+                return _MemberReader(self, blob, ref, record.relpath.rsplit("/", 1)[-1], inner)
+            case LocalFileRef():
+                return ProjectFileReader(self.fs, ref.path)
+            case BytesRef():
+                return BytesReader(ref.data)
+            case RemoteImageRef() | AnnRef():
+                raise self.foreign(record)
+            case _:
+                assert_never(ref)
 
     def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
         with self._lock:
@@ -190,6 +207,10 @@ class LocalProjectSource(Source):
         }
 
     def close(self) -> None:
+        with self._lock:
+            readers = [b.cached.reader for b in self._blobs.values() if b.cached is not None]
+        for reader in readers:
+            reader.close()
         self._pool.close()
         self.fs.close()
 
@@ -258,9 +279,8 @@ class LocalProjectSource(Source):
                 if not entry.is_file:
                     self._refuse_item(folder, entry)
                 elif sub != "ann" or entry.name.endswith(".json"):
-                    rec = FileRecord(
-                        f"{sub}/{entry.name}", entry.size, entry.mtime_ns, f"{folder}/{entry.name}"
-                    )
+                    ref = LocalFileRef(f"{folder}/{entry.name}")
+                    rec = FileRecord(f"{sub}/{entry.name}", entry.size, entry.mtime_ns, ref)
                     self._add(records, conflicts, rec, key)
         for path in conflicts:
             records.pop(path, None)
@@ -473,20 +493,22 @@ class LocalProjectSource(Source):
         assert isinstance(dataset.key, str)
         key = dataset.key
         loaders: FolderLoaders = {
-            "img": lambda: self._deferred(self._img_table, dataset),
-            "ann": lambda: self._deferred(self._plain_table, f"{key}/ann", "ann", ".json"),
+            "img": lambda: self._listed(self._img_table, dataset),
+            "ann": lambda: self._listed(self._plain_table, f"{key}/ann", "ann", ".json"),
         }
         for sub in PASS_THROUGH_DIRS:
             st = self.fs.lstat(f"{key}/{sub}")
             if st is not None and stat.S_ISDIR(st.st_mode):
                 loaders[sub] = functools.partial(
-                    self._deferred, self._plain_table, f"{key}/{sub}", sub
+                    self._listed, self._plain_table, f"{key}/{sub}", sub
                 )
         return loaders
 
-    def _deferred(self, build: Any, *args: Any) -> FileTable:
-        """``build(*args)`` with its problems logged once it is done (one line each)."""
-        with self._problems.deferred():
+    def _listed(self, build: Any, *args: Any) -> FileTable:
+        """``build(*args)`` with its problems logged once it is done (one line each); a
+        folder listed again (after an import) logs only what is new."""
+        scope = (build.__name__, *(a.path if isinstance(a, DatasetRecord) else a for a in args))
+        with self._problems.listing(scope):
             table: FileTable = build(*args)
         self._tables.add(table)
         return table
@@ -666,3 +688,6 @@ class _MemberReader:
     def read(self, start: int, end: int) -> bytes:
         self._source.check_member(self._blob, self._ref, self._name)
         return self._inner.read(start, end)
+
+    def close(self) -> None:
+        self._inner.close()

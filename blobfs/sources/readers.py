@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
+from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.errors import CorruptData
 from blobfs.model import BlobRef
 from blobfs.transport.local import FdPool
 
 
 class SliceReader:
-    """The bytes of one image: ``[ref.start, ref.end)`` of a blob, through the block cache.
+    """The bytes of one image: ``[ref.start, ref.end)`` of a blob, through the block cache."""
 
-    With a ``readahead`` policy, each read also tells it where the reader is in the blob, and
-    prefetches the window it grants, so a scan in blob order finds its blocks already cached.
-    """
-
-    def __init__(
-        self,
-        cache: BlockCache,
-        blob: CachedBlob,
-        ref: BlobRef,
-        readahead: SequentialReadahead | None = None,
-    ) -> None:
-        self._cache, self._blob, self._ref, self._readahead = cache, blob, ref, readahead
+    def __init__(self, cache: BlockCache, blob: CachedBlob, ref: BlobRef) -> None:
+        self._cache, self._blob, self._ref = cache, blob, ref
 
     def read(self, start: int, end: int) -> bytes:
-        lo, hi = self._ref.start + start, self._ref.start + end
-        data = self._cache.read(self._blob, lo, hi)
-        if self._readahead is not None:
-            window = self._readahead.advise(self._blob.key, lo, hi)
-            if window:
-                self._cache.prefetch(self._blob, hi, hi + window)
-        return data
+        base = self._ref.start
+        return self._cache.read(self._blob, base + start, base + end)
+
+    def close(self) -> None:
+        """Nothing to release: the blob's transport belongs to the source."""
 
 
 class PreadReader:
@@ -49,6 +37,9 @@ class PreadReader:
         base = self._ref.start
         return self._pool.pread(self._blob, base + start, base + end)
 
+    def close(self) -> None:
+        """Nothing to release: descriptors are leased per read from the source's pool."""
+
 
 class FailingReader:
     """Stands in for a blob that is missing or truncated: every read fails with why."""
@@ -59,6 +50,9 @@ class FailingReader:
     def read(self, start: int, end: int) -> bytes:
         raise CorruptData(self.reason)
 
+    def close(self) -> None:
+        """Holds nothing."""
+
 
 class BytesReader:
     """A reader over bytes already in memory (meta.json, fetched annotations)."""
@@ -68,3 +62,6 @@ class BytesReader:
 
     def read(self, start: int, end: int) -> bytes:
         return self._data[start:end]
+
+    def close(self) -> None:
+        """Holds nothing but the bytes."""

@@ -21,8 +21,8 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
+from typing import assert_never
 
 from blobfs import deadline
 from blobfs.blob.index import name_problem
@@ -37,7 +37,16 @@ from blobfs.errors import (
     RemoteError,
     RemoteNotFound,
 )
-from blobfs.model import BlobRef, DatasetRecord, FileRecord
+from blobfs.model import (
+    AnnRef,
+    BlobRef,
+    BytesRef,
+    DatasetRecord,
+    FileRecord,
+    LocalFileRef,
+    RemoteImageRef,
+)
+from blobfs.problems import show
 from blobfs.sources.base import Source
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
@@ -49,16 +58,6 @@ from blobfs.transport.http import HttpClient, safe_url
 logger = logging.getLogger(__name__)
 
 READAHEAD_MAX_BYTES = 32 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class AnnRef:
-    """Where an annotation comes from: its image in its dataset."""
-
-    dataset_id: int
-    image_id: int
-    #: Where the image is in its dataset's listing (-1: unknown), for reading ahead.
-    position: int = -1
 
 
 def iso_to_ns(text: str) -> int:
@@ -80,6 +79,7 @@ class RemoteProjectSource(Source):
         readahead: ReadPattern | None = None,
         spill_dir: str | None = None,
     ) -> None:
+        super().__init__(logger)
         self.api = api
         self.project_id = project_id
         self.cache = cache
@@ -92,7 +92,6 @@ class RemoteProjectSource(Source):
         self._images: dict[int, CachedBlob] = {}
         self.anns = AnnotationCache(api)
         self._order: dict[int, list[int]] = {}
-        self._problems: list[str] = []
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -104,6 +103,10 @@ class RemoteProjectSource(Source):
 
     def datasets(self) -> Sequence[DatasetRecord]:
         remote = self.api.datasets(self.project_id)
+        with self._problems.listing("datasets"):
+            return self._datasets(remote)
+
+    def _datasets(self, remote: Sequence[RemoteDataset]) -> list[DatasetRecord]:
         by_id = {d.id: d for d in remote}
         out: list[DatasetRecord] = []
         for d in remote:
@@ -116,8 +119,10 @@ class RemoteProjectSource(Source):
                 node = by_id.get(node.parent_id) if node.parent_id is not None else None
             bad = next((name_problem(n) for n in path if name_problem(n)), None)
             if node is not None or bad:
-                self._note(
-                    f"dataset {d.id} {d.name[:80]!r} not served: {bad or 'parent chain loops'}"
+                self._problems.add(
+                    f"project {self.project_id}",
+                    f"dataset not served: {bad or 'parent chain loops'}",
+                    f"{d.id} {show(d.name)}",
                 )
                 continue
             out.append(DatasetRecord(tuple(reversed(path)), d.id, iso_to_ns(d.updated_at)))
@@ -126,6 +131,11 @@ class RemoteProjectSource(Source):
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
         assert isinstance(dataset.key, int)
         images = self.api.images(dataset.key)
+        with self._problems.listing(("files", dataset.key)):
+            return self._files(dataset, images)
+
+    def _files(self, dataset: DatasetRecord, images: Sequence[RemoteImage]) -> list[FileRecord]:
+        assert isinstance(dataset.key, int)
         counts: dict[str, int] = {}
         for img in images:
             counts[img.name] = counts.get(img.name, 0) + 1
@@ -139,9 +149,10 @@ class RemoteProjectSource(Source):
             rec = None if problem else self._image_record(img)
             if rec is None:
                 refused.setdefault(f"img/{img.name}", problem or "bad blob range")
-                self._note(
-                    f"dataset {dataset.key}: image {img.id} {img.name[:80]!r} not served: "
-                    f"{problem or 'bad blob range'}"
+                self._problems.add(
+                    f"dataset {dataset.key}",
+                    f"image not served: {problem or 'bad blob range'}",
+                    f"{img.id} {show(img.name)}",
                 )
                 continue
             mtime = iso_to_ns(img.updated_at)
@@ -159,32 +170,42 @@ class RemoteProjectSource(Source):
 
     def _image_record(self, img: RemoteImage) -> FileRecord | None:
         mtime = iso_to_ns(img.updated_at)
+        version = img.hash or img.updated_at
         if img.in_blob:
             start, end = img.offset_start, img.offset_end
             if start is None or end is None or start < 0 or end < start:
                 return None
-            return FileRecord(
-                f"img/{img.name}",
-                end - start,
-                mtime,
-                (img, BlobRef(f"tf{img.related_data_id}", "", start, end)),
+            member = BlobRef(f"tf{img.related_data_id}", "", start, end)
+            ref = RemoteImageRef(
+                img.id, end - start, version, member, img.related_data_id, img.download_id
             )
-        return FileRecord(f"img/{img.name}", img.size, mtime, (img, None))
+            return FileRecord(f"img/{img.name}", end - start, mtime, ref)
+        return FileRecord(
+            f"img/{img.name}", img.size, mtime, RemoteImageRef(img.id, img.size, version)
+        )
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
-        if isinstance(ref, AnnRef):
-            return BytesReader(self.content(record))
-        assert isinstance(ref, tuple)
-        img, blob_ref = ref
-        if blob_ref is None:
-            return SliceReader(self.cache, self._plain_image(img), BlobRef("", "", 0, img.size))
-        blob = self._blob(img)
-        if isinstance(blob, str):
-            return FailingReader(blob)
-        if self.readahead is None:
-            return SliceReader(self.cache, blob, blob_ref)
-        return PatternReader(self.cache, blob, blob_ref, self.readahead, self.gate)
+        match ref:
+            case RemoteImageRef():
+                member = ref.blob
+                if member is None:  # an ordinary image, fetched whole
+                    whole = BlobRef("", "", 0, ref.size)
+                    return SliceReader(self.cache, self._plain_image(ref), whole)
+                blob = self._blob(ref.blob_file_id, ref.download_id)
+                if isinstance(blob, str):
+                    return FailingReader(blob)
+                if self.readahead is None:
+                    return SliceReader(self.cache, blob, member)
+                return PatternReader(self.cache, blob, member, self.readahead, self.gate)
+            case AnnRef():
+                return BytesReader(self.content(record))
+            case BytesRef():
+                return BytesReader(ref.data)
+            case BlobRef() | LocalFileRef():
+                raise self.foreign(record)
+            case _:
+                assert_never(ref)
 
     def content(self, record: FileRecord) -> bytes:
         ref = record.ref
@@ -205,11 +226,11 @@ class RemoteProjectSource(Source):
 
     def cached_blob(self, img: RemoteImage) -> CachedBlob | str:
         """The blob an image lives in, as the cache sees it (or why it cannot be read)."""
-        return self._blob(img)
+        return self._blob(img.related_data_id, img.download_id)
 
-    def _blob(self, img: RemoteImage) -> CachedBlob | str:
-        assert img.related_data_id is not None and img.download_id is not None
-        key = img.related_data_id
+    def _blob(self, key: int | None, download_id: str | None) -> CachedBlob | str:
+        """The blob of Team Files id ``key`` (``download_id`` names it for downloads)."""
+        assert key is not None and download_id is not None
         with self._lock:
             known = self._blobs.get(key)
         if known is not None:
@@ -220,9 +241,7 @@ class RemoteProjectSource(Source):
                 f"tf{key}",
                 info.version,
                 info.size,
-                self.api.blob_reader(
-                    self.project_id, img.download_id, info.size, info, self.spill_dir
-                ),
+                self.api.blob_reader(self.project_id, download_id, info.size, info, self.spill_dir),
             )
         except AuthError:
             raise  # a refused token is EACCES for images as for annotations
@@ -233,24 +252,14 @@ class RemoteProjectSource(Source):
         with self._lock:
             return self._blobs.setdefault(key, blob)
 
-    def _plain_image(self, img: RemoteImage) -> CachedBlob:
+    def _plain_image(self, ref: RemoteImageRef) -> CachedBlob:
         with self._lock:
-            known = self._images.get(img.id)
+            known = self._images.get(ref.image_id)
             if known is None:
-                known = CachedBlob(
-                    f"img{img.id}", img.hash or img.updated_at, img.size, self.api.image_reader(img)
-                )
-                self._images[img.id] = known
+                reader = self.api.image_reader(ref.image_id, ref.size)
+                known = CachedBlob(f"img{ref.image_id}", ref.version, ref.size, reader)
+                self._images[ref.image_id] = known
             return known
-
-    def _note(self, problem: str) -> None:
-        logger.warning("%s", problem)
-        with self._lock:
-            self._problems.append(problem)
-
-    def problems(self) -> list[str]:
-        with self._lock:
-            return list(self._problems)
 
     def changed(self) -> None:
         self.anns.clear()
@@ -294,9 +303,7 @@ class RemoteProjectSource(Source):
         with self._lock:
             readers = [b.reader for b in self._blobs.values() if isinstance(b, CachedBlob)]
         for reader in readers:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            reader.close()
         self.anns.close()
         self.cache.close()
         self.api.client.close()

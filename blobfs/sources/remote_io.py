@@ -88,6 +88,9 @@ class PatternReader:
         with self._gate.demand():
             return self._read(lo, hi)
 
+    def close(self) -> None:
+        """Nothing to release: the blob's transport belongs to the source."""
+
     def _read(self, lo: int, hi: int) -> bytes:
         ref, blob = self._ref, self._blob
         plan = self._pattern.plan(blob.key, lo, hi, ref.start, ref.end, blob.size)

@@ -262,10 +262,10 @@ class SuperviselyApi:
         whole = WholeBlob(self.client, "images.data.download", payload, size, name, spill_dir)
         return BlobReader(primary, secondary, whole)
 
-    def image_reader(self, image: RemoteImage) -> HttpRangeReader:
-        """Ranged reads of one ordinary image through ``images.download``."""
+    def image_reader(self, image_id: int, size: int) -> HttpRangeReader:
+        """Ranged reads of one ordinary image of ``size`` bytes through ``images.download``."""
         return HttpRangeReader(
-            self.client, "images.download", {"id": image.id}, image.size, f"image {image.id}"
+            self.client, "images.download", {"id": image_id}, size, f"image {image_id}"
         )
 
 

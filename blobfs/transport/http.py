@@ -306,6 +306,9 @@ class HttpRangeReader:
             f"{self.method} {self.name}", lambda: self._attempt(start, end)
         )
 
+    def close(self) -> None:
+        """Nothing to release: the connections belong to the client (one per mount)."""
+
     def _attempt(self, start: int, end: int) -> bytes:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         response = self.client.post_stream(self.method, self.payload, headers)

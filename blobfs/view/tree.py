@@ -32,7 +32,8 @@ from typing import Any
 from blobfs import deadline
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
-from blobfs.model import DatasetRecord, FileRecord
+from blobfs.layout import DatasetPath, dataset_view_path
+from blobfs.model import BytesRef, DatasetRecord, FileRecord
 from blobfs.sources.base import Source
 from blobfs.sources.compact import FileTable
 from blobfs.sources.readers import BytesReader
@@ -53,9 +54,6 @@ SIZE_CACHE_ENTRIES = 1_000_000
 LISTING_MEMO_ENTRIES = 64
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
-
-Node = "DirNode | FileRecord"
-
 
 Children = Mapping[str, "DirNode | FileRecord"]
 #: How often a background preload looks again whether foreground fills are still running.
@@ -128,7 +126,9 @@ class ProjectView:
         children: dict[str, DirNode | FileRecord] = {}
         meta = self.source.meta_json()
         if meta is not None:
-            children["meta.json"] = FileRecord("meta.json", len(meta), self.mount_time_ns, meta)
+            children["meta.json"] = FileRecord(
+                "meta.json", len(meta), self.mount_time_ns, BytesRef(meta)
+            )
         by_path: dict[tuple[str, ...], DirNode] = {}
         for ds in sorted(self.source.datasets(), key=lambda d: len(d.path)):
             node = DirNode(ds.mtime_ns or self.mount_time_ns, fill=self._dataset_filler(ds))
@@ -292,7 +292,7 @@ class ProjectView:
             rec = self._snapshots.get(name)
             if rec is None:
                 data = (json.dumps(self.stats(), indent=1, default=str) + "\n").encode()
-                rec = FileRecord(name, len(data), time.time_ns(), data)
+                rec = FileRecord(name, len(data), time.time_ns(), BytesRef(data))
                 self._snapshots[name] = rec
                 while len(self._snapshots) > MAX_SNAPSHOTS:
                     self._snapshots.pop(next(iter(self._snapshots)))
@@ -322,6 +322,25 @@ class ProjectView:
         if node is None:
             raise NotFound(path)
         return node
+
+    def forget(self, dataset: DatasetPath | list[str]) -> None:
+        """The project changed under this view (a writeback import into ``dataset``, a
+        chain of names): its folder is listed again at its next access, from the source
+        as it is now, and what was learnt from files' content is dropped (sizes fetched,
+        the source's small files, see :meth:`Source.changed`).
+
+        An empty chain (``meta.json``), or a dataset the tree does not hold yet, forgets
+        the root listing instead, so meta.json and new datasets show (every folder is then
+        listed again at its next access); otherwise other folders keep their listings.
+        """
+        self.source.changed()
+        self._sizes.clear()
+        with self._lock:
+            node = self.lookup(dataset_view_path(dataset)) if dataset else None
+            if isinstance(node, DirNode):
+                node.children = None
+            else:
+                self._root.children = None
 
     # ---- operations ------------------------------------------------------------------
 
@@ -428,8 +447,9 @@ class ProjectView:
         node = self.get(path)
         if isinstance(node, DirNode):
             raise IsADirectory(path)
-        if isinstance(node.ref, bytes):
-            handle = ReadHandle(BytesReader(node.ref), len(node.ref), path)
+        if isinstance(node.ref, BytesRef):  # the view's own files; the rest is the source's
+            data = node.ref.data
+            handle = ReadHandle(BytesReader(data), len(data), path)
         elif node.size is None:
             data = self.source.content(node)
             handle = ReadHandle(BytesReader(data), len(data), path)
@@ -450,8 +470,8 @@ class ProjectView:
         node = self.get(path)
         if isinstance(node, DirNode):
             raise IsADirectory(path)
-        if isinstance(node.ref, bytes):
-            return node.ref[offset : offset + size]
+        if isinstance(node.ref, BytesRef):
+            return node.ref.data[offset : offset + size]
         if node.size is None:
             return self.source.content(node)[offset : offset + size]
         end = min(offset + size, node.size)
@@ -461,15 +481,12 @@ class ProjectView:
         try:
             return reader.read(offset, end)
         finally:
-            close = getattr(reader, "close", None)
-            if close is not None:
-                close()
+            reader.close()
 
     def release(self, fh: int) -> None:
         handle = self.handles.remove(fh)
-        close = getattr(handle.reader, "close", None) if handle else None
-        if close is not None:
-            close()
+        if handle is not None:
+            handle.reader.close()
 
     def statfs(self) -> dict[str, int]:
         """Filesystem figures for ``df``; a read-only tree has no free space."""

@@ -587,25 +587,8 @@ class WritebackFS:
         if isinstance(event, Importing):
             self._importing = frozenset(event.paths)  # changes to them are EBUSY meanwhile
         elif isinstance(event, Imported):
-            _forget_listing(self.project, list(event.batch.dataset))
-
-
-def _forget_listing(project: ProjectView, dataset: list[str]) -> None:
-    """Make the view below list the batch's dataset again, so imported files show from the
-    project itself as they are there now (the source and the sizes learnt from it forget
-    old content).
-
-    The one place this layer reaches into the view's internals: ``ProjectView`` has no
-    public "forget this folder" yet (the view is being reworked; this belongs there).
-    """
-    project.source.changed()
-    project._sizes.clear()
-    with project._lock:
-        node = project.lookup(dataset_view_path(dataset)) if dataset else None
-        if isinstance(node, DirNode):
-            node.children = None
-        else:  # meta.json, or a dataset the project did not have before
-            project._root.children = None
+            # imported files show from the project itself, as they are there now
+            self.project.forget(event.batch.dataset)
 
 
 def _json_bytes(data: dict[str, object]) -> bytes:

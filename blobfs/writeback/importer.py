@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +28,6 @@ from blobfs.writeback.spool import Batch, Spool, lock_project
 
 logger = logging.getLogger(__name__)
 
-AnnFor = Callable[[Path, int, int], bytes]
 #: A blob size no batch reaches: a batch is one blob by construction (the queue sizes it).
 BATCH_BLOB_SIZE = 1 << 62
 

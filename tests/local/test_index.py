@@ -6,7 +6,9 @@ In-process on the view and the source, then through real mounts of a 200,000-ima
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import subprocess
@@ -22,8 +24,8 @@ from blobfs.blob import index as offsets_module
 from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch
 from blobfs.cache.blocks import BlockCache
 from blobfs.cache.index_store import IndexStore
-from blobfs.errors import NotFound
-from blobfs.model import BlobMember
+from blobfs.errors import BlobfsError, NotFound, to_errno
+from blobfs.model import AnnRef, BlobMember, FileRecord, RemoteImageRef
 from blobfs.sources.compact import FileTable
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import DirNode, ProjectView
@@ -140,6 +142,42 @@ def test_problems_are_reported_again_from_a_cached_index(tmp_path: Path) -> None
     ProjectView(again).readdir("/a/img")
     assert again.index_builds == 0
     assert first.problems() == again.problems() and any("bad/name" in p for p in first.problems())
+
+
+def test_a_forgotten_dataset_is_listed_again_and_logs_no_old_problem_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What writeback asks once an import changed the project under the view."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
+    offsets = project.root / "a" / f"blob_000{OFFSETS_SUFFIX}"
+    members = offsets_module.read_offsets_file(str(offsets)).members
+    offsets.write_bytes(dumps_batch([*members, BlobMember("bad/name.png", 0, 1)]))
+    view = ProjectView(source(project.root))
+    with caplog.at_level(logging.WARNING):
+        assert len(view.readdir("/a/img")) == 100
+        (project.root / "a" / "img").mkdir()
+        (project.root / "a" / "img" / "new.png").write_bytes(b"new")
+        assert "new.png" not in view.readdir("/a/img")  # a local listing is read once
+        view.forget(("a",))
+        assert "new.png" in view.readdir("/a/img")
+        assert view.read_path("/a/img/new.png", 0, 10) == b"new"
+        (project.root / "b" / "ann").mkdir(parents=True)
+        view.forget(("b",))  # a dataset the tree did not have: the root is listed again
+        assert "b" in view.readdir("/")
+        assert len(view.readdir("/a/img")) == 101  # the whole tree is read again, lazily
+    lines = [r.getMessage() for r in caplog.records if "bad/name" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert sum("bad/name" in p for p in view.source.problems()) == 1
+
+
+@pytest.mark.parametrize("ref", [AnnRef(1, 2), RemoteImageRef(1, 4, "v")])
+def test_a_record_of_a_kind_the_source_never_lists_is_eio(
+    tmp_path: Path, ref: AnnRef | RemoteImageRef
+) -> None:
+    project = write_scale_project(tmp_path / "p", ["a"], 2, 1)
+    with pytest.raises(BlobfsError) as info:
+        source(project.root).open(FileRecord("img/x.png", 4, 0, ref))
+    assert to_errno(info.value) == errno.EIO
 
 
 class _SlowFirstFolder(LocalProjectSource):

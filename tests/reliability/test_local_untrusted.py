@@ -165,6 +165,38 @@ def test_outside_a_listing_a_repeated_problem_is_logged_at_tenfold_counts(
     ]
 
 
+def test_a_listing_met_again_counts_and_logs_only_what_is_new(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A source re-lists a folder whenever it may have changed (remote TTL, an import):
+    the same bad entries again are not news, a fixed one stops counting, a new one is."""
+    found = Problems(logging.getLogger("t"))
+
+    def listing(*names: str) -> None:
+        with found.listing(("dataset", 5)):
+            for name in names:
+                found.add("dataset 5", "name appears twice", show(name))
+
+    with caplog.at_level(logging.WARNING, "t"):
+        listing("a", "b")
+        listing("a", "b")
+        listing("a", "b")
+        assert found.total == 2 and len(caplog.records) == 1
+        listing("a")  # b was fixed on the server
+        assert found.total == 1 and found.lines() == ["dataset 5: name appears twice: 'a'"]
+        listing("a", "b", "c")  # more than was ever logged: one new line
+    assert [r.getMessage() for r in caplog.records] == [
+        "dataset 5: name appears twice: 2 entries ('a', 'b')",
+        "dataset 5: name appears twice: 3 entries ('a', 'b', 'c')",
+    ]
+    with found.listing(("dataset", 6)):  # another scope counts on its own
+        found.add("dataset 5", "name appears twice", show("a"))
+    assert found.total == 4
+    with pytest.raises(TimeoutError), found.listing(("dataset", 5)):
+        raise TimeoutError  # a listing that fails part way: the last finds stay
+    assert found.total == 4
+
+
 def test_a_file_of_many_bad_entries_is_one_log_line(
     project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

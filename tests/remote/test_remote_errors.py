@@ -7,6 +7,7 @@ errno a program sees.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import subprocess
@@ -330,6 +331,30 @@ def test_a_refresh_in_the_background_brings_the_new_listing(
     assert "renamed.png" in view.readdir(folder)
     assert time.monotonic() - started < 0.5
     settle(view)
+
+
+def test_a_refresh_that_meets_the_same_bad_entries_logs_nothing_new(
+    emulator: Emulator, seeded: tuple[int, dict[str, bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each TTL refresh lists the dataset again; its bad entries were reported already, so
+    the log (and ``problems()``) keep one line however long the mount runs."""
+    pid, expected = seeded
+    first, second = sorted(rel for rel in expected if rel.startswith("train/img/img"))[:2]
+    doc = image_doc(emulator, Path(second).name)
+    emulator.store.update("images", {**doc, "name": Path(first).name})  # one name twice
+    clock = Clock()
+    view = remote_view(emulator, pid, clock)
+    before = emulator.stats()["methods"].get("images.list", 0)
+    with caplog.at_level(logging.WARNING):
+        assert Path(first).name not in view.readdir("/train/img")
+        for now in (3600.0, 7200.0):
+            clock.now = now
+            view.readdir("/train/img")  # stale: listed again in the background
+            settle(view)
+    assert emulator.stats()["methods"]["images.list"] - before >= 3  # really listed again
+    lines = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert len(lines) == 1 and "name appears more than once: 2 entries" in lines[0], lines
+    assert view.source.problems() == lines
 
 
 def test_a_reader_waiting_for_another_readers_fetch_stops_at_its_deadline() -> None:

@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from blobfs.cache.index_store import IndexStore
-from blobfs.model import BlobRef, FileRecord
+from blobfs.model import BlobRef, FileRecord, LocalFileRef
 from blobfs.sources.compact import (
     BLOB,
     FOLDER,
@@ -132,7 +132,10 @@ def test_folder_entries_are_stat_ed_when_looked_up(tmp_path: Path) -> None:
     table = table_of("ann/", ((n, folder, 0, 0) for n in ("a.json", "b.json", "gone.json")))
     rec = table.get("b.json")
     assert rec == FileRecord(
-        "ann/b.json", 6, (tmp_path / "b.json").stat().st_mtime_ns, str(tmp_path / "b.json")
+        "ann/b.json",
+        6,
+        (tmp_path / "b.json").stat().st_mtime_ns,
+        LocalFileRef(str(tmp_path / "b.json")),
     )
     assert table.get("gone.json") is None  # listed once, removed since
     assert [s for _, s, _ in table.entries_from(0)] == [None, None, None]  # no I/O to list

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from blobfs.blob import index
 from blobfs.blob.index import dumps_batch, parse_offsets, reject_conflicts, write_offsets
-from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
+from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.cache.ranges import runs, to_blocks
 from blobfs.errors import (
     CorruptData,
@@ -249,16 +249,6 @@ def test_a_new_blob_version_never_serves_old_blocks() -> None:
     cache = BlockCache(64, 640)
     assert cache.read(CachedBlob("k", "v1", 64, BytesReader(b"a" * 64)), 0, 4) == b"aaaa"
     assert cache.read(CachedBlob("k", "v2", 64, BytesReader(b"b" * 64)), 0, 4) == b"bbbb"
-
-
-def test_readahead_grows_on_sequential_reads_and_resets_on_a_jump() -> None:
-    ra = SequentialReadahead(initial_window=100, max_window=400)
-    assert ra.advise("b", 0, 50) == 0
-    assert ra.advise("b", 60, 120) == 100
-    assert ra.advise("b", 130, 200) == 200
-    assert ra.advise("b", 210, 300) == 400
-    assert ra.advise("b", 310, 400) == 400
-    assert ra.advise("b", 10_000_000, 10_000_100) == 0
 
 
 def test_the_errno_table() -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from blobfs.blob.check import check_project
+from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch, read_offsets_file
 from blobfs.cache.blocks import BlockCache
+from blobfs.model import BlobMember
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
 from tests.helpers import add_class_and_annotation
@@ -236,3 +238,23 @@ def test_writing_a_name_the_project_holds_unservably_is_eexist(
     assert d.unmount() == 0
     assert "/ds/img/img_000003.png" not in project_images(project)
     assert not any((tmp_path / "spool" / "staged").rglob("img_000003.png"))
+
+
+def test_an_import_lists_its_dataset_again_and_logs_no_old_problem_again(
+    project: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    offsets = next((project / "ds").glob(f"*{OFFSETS_SUFFIX}"))
+    members = read_offsets_file(str(offsets)).members
+    offsets.write_bytes(dumps_batch([*members, BlobMember("bad/name.png", 0, 1)]))
+    mnt = tmp_path / "mnt"
+    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
+    daemons.append(d)
+    assert len(os.listdir(mnt / "ds" / "img")) == 10
+    (mnt / "ds" / "img" / "new.png").write_bytes(png_bytes(901))
+    flushed = blobfs("flush", str(mnt))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert len(os.listdir(mnt / "ds" / "img")) == 11  # listed again, from the project
+    assert (mnt / "ds" / "img" / "new.png").read_bytes() == png_bytes(901)
+    assert d.unmount() == 0
+    lines = [line for line in (tmp_path / "log").read_text().splitlines() if "bad/name" in line]
+    assert len(lines) == 1, lines
