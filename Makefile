@@ -42,6 +42,7 @@ lint: venv
 	$(VENV)/bin/ruff check blobfs tests bench
 	$(VENV)/bin/ruff format --check blobfs bench
 	$(VENV)/bin/mypy blobfs
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 
 demo: system $(RUNTIME)
 	PY=$(PY) bash scripts/demo.sh

@@ -224,7 +224,7 @@ def reject_conflicts(
 
     Both sides of a conflict are dropped: with two candidates there is no way to know which
     bytes are right, and serving the wrong ones is the one thing blobfs must never do.
-    (Locally the tar can tell: see :mod:`blobfs.blob.tarhead`, consulted before this.)
+    (Locally the tar can tell: see :mod:`blobfs.format.tarhead`, consulted before this.)
     ``members`` must all belong to one blob when overlaps are checked; across the blobs of
     a dataset only names can conflict (``check_overlaps=False``).
     """

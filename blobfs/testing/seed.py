@@ -12,7 +12,7 @@ needs the SDK nor shares code with blobfs's own client, so a misreading of the A
 blobfs cannot hide behind the same misreading here. Bulk calls carry up to
 :data:`BULK_ADD_BATCH` images, so 30,000 images take a few dozen requests.
 Annotations go up in the server's subpixel coordinates, as the SDK's uploads send them;
-that one conversion is shared with blobfs (:mod:`blobfs.blob.ann_coords`, stdlib only)
+that one conversion is shared with blobfs (:mod:`blobfs.format.ann_coords`, stdlib only)
 because it is pinned to the SDK's own functions by ``tests/unit/test_ann_coords.py``.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from blobfs.blob.ann_coords import to_subpixel
+from blobfs.format.ann_coords import to_subpixel
 
 logger = logging.getLogger(__name__)
 

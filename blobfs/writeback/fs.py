@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from blobfs.blob.index import name_problem
 from blobfs.errors import (
     AlreadyExists,
     Busy,
@@ -44,6 +43,7 @@ from blobfs.errors import (
     NotFound,
     NotPermitted,
 )
+from blobfs.format.offsets import name_problem
 from blobfs.layout import (
     ANN_DIR,
     ANN_SUFFIX,

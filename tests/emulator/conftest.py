@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from blobfs.blob.index import write_offsets
+from blobfs.format.offsets import write_offsets
 from blobfs.model import BlobMember
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import png_bytes

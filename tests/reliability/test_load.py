@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.pack import ProjectPacker
+from blobfs.format.pack import ProjectPacker
 from blobfs.testing.sample import png_bytes
 from tests.helpers import start_mount
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.pack import ProjectPacker
+from blobfs.format.pack import ProjectPacker
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.testing.seed import upload_local_project

@@ -22,10 +22,10 @@ from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.errors import AuthError, RemoteError, TimedOut, to_errno
 from blobfs.fuse.ops import RETRY_AFTER_TIMEOUT_S
+from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.remote import RemoteProjectSource
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.seed import upload_local_project
-from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
 from blobfs.view.tree import ProjectView
 

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob import pack
-from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
+from blobfs.format import pack
+from blobfs.format.pack import ProjectPacker
 from blobfs.model import DatasetRecord
+from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images
 from blobfs.testing.seed import upload_local_project
 from blobfs.transport import api as api_module
-from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
 
 from .conftest import TOKEN, mount_remote

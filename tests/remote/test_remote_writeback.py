@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from blobfs.blob.ann_coords import to_pixel
+from blobfs.format.ann_coords import to_pixel
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images
 from blobfs.testing.seed import upload_local_project
@@ -198,8 +198,8 @@ def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
     """The layer below the kernel: after the import the view and the source hold no old
     copy of the annotation (nor its size)."""
     from blobfs.cache.blocks import BlockCache
+    from blobfs.sly.api import SuperviselyApi
     from blobfs.sources.remote import RemoteProjectSource
-    from blobfs.transport.api import SuperviselyApi
     from blobfs.transport.http import HttpClient
     from blobfs.view.tree import ProjectView
     from blobfs.writeback.fs import WritebackFS

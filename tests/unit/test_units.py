@@ -12,8 +12,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from blobfs.blob import index
-from blobfs.blob.index import dumps_batch, parse_offsets, reject_conflicts, write_offsets
 from blobfs.cache.blocks import BlockCache, CachedBlob, SequentialReadahead
 from blobfs.cache.ranges import runs, to_blocks
 from blobfs.errors import (
@@ -24,6 +22,8 @@ from blobfs.errors import (
     RemoteError,
     to_errno,
 )
+from blobfs.format import offsets
+from blobfs.format.offsets import dumps_batch, parse_offsets, reject_conflicts, write_offsets
 from blobfs.model import BlobMember
 
 names = st.text(
@@ -50,7 +50,7 @@ def test_offsets_round_trip(items: list[BlobMember]) -> None:
 
 
 def test_offsets_files_are_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(index, "BATCH_SIZE", 3)
+    monkeypatch.setattr(offsets, "BATCH_SIZE", 3)
     items = [BlobMember(f"{i}.png", i * 10, i * 10 + 5) for i in range(8)]
     out = io.BytesIO()
     write_offsets(out, items)
@@ -77,7 +77,7 @@ def test_the_sdk_reads_what_blobfs_writes_and_the_other_way(tmp_path) -> None:  
     sly_image_api.BlobImageInfo.dump_to_pickle(
         [sly_image_api.BlobImageInfo(m.name, m.start, m.end) for m in items], str(sdk_path)
     )
-    assert index.read_offsets_file(str(sdk_path)).members == items
+    assert offsets.read_offsets_file(str(sdk_path)).members == items
 
 
 class _Evil:
@@ -231,7 +231,7 @@ def test_the_errno_table() -> None:
 
 
 def test_image_size_of_a_file_is_remembered_but_a_rewrite_is_parsed_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from blobfs.blob.images import image_size_of_file
+    from blobfs.format.images import image_size_of_file
     from blobfs.testing.sample import png_bytes
 
     path = tmp_path / "a.png"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.check import check_project
 from blobfs.cache.blocks import BlockCache
+from blobfs.commands.check import check_project
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
