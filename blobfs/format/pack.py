@@ -23,7 +23,8 @@ from typing import IO
 from blobfs.errors import InvalidInput
 from blobfs.failpoints import failpoint
 from blobfs.format.images import image_size
-from blobfs.format.offsets import OFFSETS_SUFFIX, name_problem, write_offsets
+from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
+from blobfs.layout import name_problem
 from blobfs.model import BlobMember
 from blobfs.safe_open import ProjectRoot, create_at, replace_at, split_rel, write_atomic_at
 

@@ -47,11 +47,11 @@ from blobfs.format.offsets import (
     OFFSETS_SUFFIX,
     OffsetsIndex,
     conflicting,
-    name_problem,
     parse_offsets,
     reject_conflicts,
 )
 from blobfs.format.tarhead import BLOCK, member_problem
+from blobfs.layout import name_problem
 from blobfs.model import BlobMember, BlobRef, DatasetRecord, FileRecord
 from blobfs.problems import Problems, show
 from blobfs.safe_open import (
@@ -604,12 +604,12 @@ class LocalProjectSource(Source):
 def _rules_digest() -> str:
     """A digest of the code that decides which entries are served: a cached index built by
     other rules (another blobfs version, a fixed validation) is never used."""
-    from blobfs import __version__
+    from blobfs import __version__, layout
     from blobfs.format import offsets, tarhead
     from blobfs.sources import compact
 
     h = hashlib.sha256(__version__.encode())
-    for module in (offsets, tarhead, compact):
+    for module in (offsets, tarhead, layout, compact):
         h.update(Path(module.__file__ or "").read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()

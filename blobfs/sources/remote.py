@@ -30,7 +30,7 @@ from blobfs.errors import (
     NotFound,
     RemoteError,
 )
-from blobfs.format.offsets import name_problem
+from blobfs.layout import name_problem
 from blobfs.model import BlobRef, DatasetRecord, FileRecord
 from blobfs.sly.api import RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.sources.base import Source

@@ -43,7 +43,6 @@ from blobfs.errors import (
     NotFound,
     NotPermitted,
 )
-from blobfs.format.offsets import name_problem
 from blobfs.layout import (
     ANN_DIR,
     ANN_SUFFIX,
@@ -54,6 +53,7 @@ from blobfs.layout import (
     RESERVED_NAMES,
     dataset_of,
     dataset_view_path,
+    name_problem,
     split_path,
 )
 from blobfs.model import FileRecord
