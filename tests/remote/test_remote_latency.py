@@ -23,13 +23,13 @@ from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.format import pack
 from blobfs.format.pack import ProjectPacker
 from blobfs.model import DatasetRecord
+from blobfs.sly import api as api_module
 from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images
 from blobfs.testing.seed import upload_local_project
-from blobfs.transport import api as api_module
 from blobfs.transport.http import HttpClient
 
 from .conftest import TOKEN, mount_remote
