@@ -44,6 +44,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check blobfs bench emulator/sly_emulator emulator/tests
 	$(VENV)/bin/mypy blobfs
 	$(VENV)/bin/mypy emulator/sly_emulator
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 
 demo: system $(RUNTIME)
 	PY=$(PY) bash scripts/demo.sh

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from blobfs.blob.pack import ProjectPacker  # noqa: E402
+from blobfs.format.pack import ProjectPacker  # noqa: E402
 from tests.support.sample import make_images, png_bytes  # noqa: E402
 from tests.writeback.conftest import Daemon, cleanup_mount  # noqa: E402
 from tests.writeback.test_crash import recover_and_verify, write_until_dead  # noqa: E402

@@ -24,9 +24,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobfs.blob.index import dumps_batch, name_problem, parse_offsets
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.errors import CorruptData
+from blobfs.format.offsets import dumps_batch, parse_offsets
+from blobfs.layout import name_problem
 from blobfs.model import BlobMember
 
 SENTINEL = Path("/tmp/blobfs-fuzz-sentinel")

@@ -82,7 +82,7 @@ def build(n: int, px: int) -> Path:
     root = OUT / f"scan-{n}-{px}px"
     if (root / "build.json").exists():
         return root
-    from blobfs.blob.pack import ProjectPacker
+    from blobfs.format.pack import ProjectPacker
     from tests.support.sample import png_bytes
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from blobfs.blob.pack import TarBlobWriter
-from blobfs.blob.tarhead import member_problem
+from blobfs.format.pack import TarBlobWriter
+from blobfs.format.tarhead import member_problem
 
 
 def main() -> None:

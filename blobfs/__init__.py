@@ -4,8 +4,8 @@ The public surface is small: the CLI (``blobfs``), and for programs that embed i
 offsets reader/writer, the pack writer and the exception tree.
 """
 
-from blobfs.blob.index import OffsetsIndex, parse_offsets, read_offsets_file, write_offsets
 from blobfs.errors import BlobfsError, CorruptData, NotFound, OffsetsError, RemoteError, to_errno
+from blobfs.format.offsets import OffsetsIndex, parse_offsets, read_offsets_file, write_offsets
 from blobfs.model import BlobMember
 
 __version__ = "0.1.0"

@@ -500,14 +500,11 @@ def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> Non
 
     Hidden files (names starting with a dot, such as .DS_Store) and symlinks are skipped,
     as a shell's * skips hidden files."""
-    from blobfs.blob.pack import ProjectPacker
+    from blobfs.commands.pack import images_in
+    from blobfs.format.pack import ProjectPacker
 
     setup_logging("WARNING")
-    files = sorted(
-        p
-        for p in Path(images_dir).iterdir()
-        if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
-    )
+    files = images_in(Path(images_dir))
     try:
         packer = ProjectPacker(Path(project_dir), dataset, parse_size(blob_size))
         show = sys.stderr.isatty()
@@ -533,7 +530,7 @@ def pack(images_dir: str, project_dir: str, dataset: str, blob_size: str) -> Non
 )
 def check(project_dir: str, deep: bool) -> None:
     """Validate PROJECT_DIR; exit status 1 when anything would not be served."""
-    from blobfs.blob.check import check_project
+    from blobfs.commands.check import check_project
 
     setup_logging("ERROR")
     with click.progressbar(

@@ -16,20 +16,23 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from blobfs.cache.blocks import BlockCache
+from blobfs import deadline
+from blobfs.cache.blocks import BlockCache, ReadPattern
 from blobfs.cache.disk import DiskBlockStore
 from blobfs.cache.index_store import IndexStore, default_index_dir
 from blobfs.config import DEFAULT_ATTR_TIMEOUT_S, DEFAULT_REMOTE_TTL_S, MountConfig
-from blobfs.errors import InvalidInput, NotFound
+from blobfs.errors import BlobfsError, InvalidInput, NotFound, RemoteError, RemoteNotFound
 from blobfs.fuse.compat import FUSE_MAJOR, BlobfsFUSE
 from blobfs.fuse.ops import BlobfsOperations
 from blobfs.notify import sd_notify
 from blobfs.sources.base import Source
 from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.sources.remote import RemoteProjectSource
 from blobfs.view.tree import ProjectView
 
-if TYPE_CHECKING:  # a read-only mount loads none of the writeback layer
+if TYPE_CHECKING:  # annotations only: a read-only mount loads none of the writeback layer,
+    # a local one none of the remote source (nor ``requests``)
+    from blobfs.sly.api import SuperviselyApi
+    from blobfs.sources.remote import RemoteProjectSource
     from blobfs.writeback.fs import WritebackFS
     from blobfs.writeback.queue import WritebackQueue
 
@@ -51,8 +54,6 @@ def build_source(config: MountConfig) -> Source:
         else None,
     )
     if config.is_remote:
-        from blobfs.sources.remote import build_remote_source
-
         return build_remote_source(config, cache)
     check_local_project(config.source)
     index_dir = default_index_dir(config.cache_dir)
@@ -75,6 +76,62 @@ def check_local_project(path: str) -> None:
         raise NotFound(f"{path} is not a project folder")
     if not os.path.lexists(os.path.join(path, "meta.json")):
         raise NotFound(f"{path}: not a Supervisely project: no meta.json")
+
+
+def parse_project_id(source: str) -> int:
+    """``sly://123`` -> 123."""
+    text = source.removeprefix("sly://").strip("/")
+    if not text.isdigit():
+        raise InvalidInput(f"{source!r}: expected sly://PROJECT_ID")
+    return int(text)
+
+
+def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProjectSource:
+    """Resolve credentials, check the project exists, and return its source.
+
+    The remote source, the REST client and the HTTP stack under them are imported here,
+    not at the top: a local mount never loads them, nor ``requests``.
+    """
+    from blobfs.credentials import resolve
+    from blobfs.sly.api import SuperviselyApi
+    from blobfs.sources.remote import READAHEAD_MAX_BYTES, RemoteProjectSource
+    from blobfs.sources.remote_io import start_prefetch
+    from blobfs.transport.http import HttpClient
+
+    project_id = parse_project_id(config.source)
+    server, token = resolve(config.server, config.token_file)
+    client = HttpClient(server, token)
+    api = SuperviselyApi(client, config.concurrency)
+    check_remote_project(api, project_id, server, config.timeout_s)
+    readahead = ReadPattern(cache.block_size, READAHEAD_MAX_BYTES)
+    source = RemoteProjectSource(api, project_id, cache, readahead, config.cache_dir)
+    if config.prefetch:
+        start_prefetch(source)
+    return source
+
+
+def check_remote_project(
+    api: SuperviselyApi, project_id: int, server: str, timeout_s: float
+) -> None:
+    """Fail the mount now, in words a user can act on, when the project cannot be read.
+
+    Runs under the mount's ``--timeout`` like any operation. The server answers 404 both
+    for a project that does not exist and for one the token may not see, so the message
+    says both; no message carries the token.
+    """
+    from blobfs.transport.http import safe_url
+
+    try:
+        with deadline.within(timeout_s):
+            api.project_info(project_id)
+    except RemoteNotFound:
+        api.client.close()
+        raise RemoteError(
+            f"project {project_id} not found or not visible to this token (on {safe_url(server)})"
+        ) from None
+    except BlobfsError as exc:
+        api.client.close()
+        raise RemoteError(f"project {project_id} on {safe_url(server)}: {exc}") from None
 
 
 def build(config: MountConfig) -> ProjectView:
@@ -132,6 +189,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, W
     project = ProjectView(source, listing_ttl_s=ttl)
     importer: Importer
     if config.is_remote:
+        from blobfs.sources.remote import RemoteProjectSource
         from blobfs.writeback.remote import RemoteImporter
 
         assert isinstance(source, RemoteProjectSource)

@@ -81,3 +81,28 @@ def dataset_of(view_path: str) -> tuple[DatasetPath, str, str] | None:
 def image_of_ann(name: str) -> str:
     """``x.png.json`` -> ``x.png``."""
     return name[: -len(ANN_SUFFIX)] if name.endswith(ANN_SUFFIX) else name
+
+
+#: Longest file name Linux accepts (NAME_MAX, bytes of UTF-8).
+NAME_MAX = 255
+
+
+def name_problem(name: object) -> str | None:
+    """Say why ``name`` cannot be a file name in the mount, or None when it can.
+
+    A name is one path component: no ``/`` (or ``\\``), no NUL, not ``.``/``..``, valid
+    UTF-8, at most NAME_MAX bytes. Anything else could escape its folder or fail later.
+    """
+    if not isinstance(name, str):
+        return f"name is {type(name).__name__}, not str"
+    if name in ("", ".", ".."):
+        return "name is empty, '.' or '..'"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "name contains '/', '\\' or NUL"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if len(encoded) > NAME_MAX:
+        return f"name is longer than {NAME_MAX} bytes"
+    return None

@@ -38,20 +38,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
 
-from blobfs.blob.index import (
-    FILE_REFUSED,
-    OFFSETS_SUFFIX,
-    OffsetsIndex,
-    conflicting,
-    name_problem,
-    parse_offsets,
-    reject_conflicts,
-)
-from blobfs.blob.tarhead import BLOCK, member_problem
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.cache.index_store import IndexStore
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import BlobfsError, CorruptData, NotFound
+from blobfs.format.offsets import (
+    FILE_REFUSED,
+    OFFSETS_SUFFIX,
+    OffsetsIndex,
+    conflicting,
+    parse_offsets,
+    reject_conflicts,
+)
+from blobfs.format.tarhead import BLOCK, member_problem
+from blobfs.layout import name_problem
 from blobfs.model import (
     AnnRef,
     BlobMember,
@@ -636,12 +636,12 @@ class LocalProjectSource(Source):
 def _rules_digest() -> str:
     """A digest of the code that decides which entries are served: a cached index built by
     other rules (another blobfs version, a fixed validation) is never used."""
-    from blobfs import __version__
-    from blobfs.blob import index, tarhead
+    from blobfs import __version__, layout
+    from blobfs.format import offsets, tarhead
     from blobfs.sources import compact
 
     h = hashlib.sha256(__version__.encode())
-    for module in (index, tarhead, compact):
+    for module in (offsets, tarhead, layout, compact):
         h.update(Path(module.__file__ or "").read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()

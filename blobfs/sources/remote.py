@@ -7,7 +7,7 @@ a random read fetches just its image, a walk grows a readahead window); plain (n
 images are whole objects through the same cache. Annotation JSON is fetched 100 images
 per request, read ahead of a reader walking ``ann/`` (:mod:`blobfs.sources.remote_anns`),
 and converted from the server's subpixel coordinates to pixel coordinates exactly as the
-SDK's downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what
+SDK's downloads do (:mod:`blobfs.format.ann_coords`), so ``ann/*.json`` equals what
 ``sly.download`` writes. ``--prefetch`` warms all of it in the background.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
@@ -24,19 +24,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import assert_never
 
-from blobfs import deadline
-from blobfs.blob.index import name_problem
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
-from blobfs.config import MountConfig
-from blobfs.credentials import resolve
 from blobfs.errors import (
     AuthError,
-    BlobfsError,
-    InvalidInput,
     NotFound,
     RemoteError,
-    RemoteNotFound,
 )
+from blobfs.layout import name_problem
 from blobfs.model import (
     AnnRef,
     BlobRef,
@@ -47,13 +41,12 @@ from blobfs.model import (
     RemoteImageRef,
 )
 from blobfs.problems import show
+from blobfs.sly.api import RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.sources.base import Source
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
-from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher, start_prefetch
-from blobfs.transport.api import RemoteDataset, RemoteImage, SuperviselyApi
+from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher
 from blobfs.transport.base import RangeReader
-from blobfs.transport.http import HttpClient, safe_url
 
 logger = logging.getLogger(__name__)
 
@@ -307,45 +300,3 @@ class RemoteProjectSource(Source):
         self.anns.close()
         self.cache.close()
         self.api.client.close()
-
-
-def parse_project_id(source: str) -> int:
-    """``sly://123`` -> 123."""
-    text = source.removeprefix("sly://").strip("/")
-    if not text.isdigit():
-        raise InvalidInput(f"{source!r}: expected sly://PROJECT_ID")
-    return int(text)
-
-
-def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProjectSource:
-    """Resolve credentials, check the project exists, and return its source."""
-    project_id = parse_project_id(config.source)
-    server, token = resolve(config.server, config.token_file)
-    client = HttpClient(server, token)
-    api = SuperviselyApi(client, config.concurrency)
-    check_project(api, project_id, server, config.timeout_s)
-    readahead = ReadPattern(cache.block_size, READAHEAD_MAX_BYTES)
-    source = RemoteProjectSource(api, project_id, cache, readahead, config.cache_dir)
-    if config.prefetch:
-        start_prefetch(source)
-    return source
-
-
-def check_project(api: SuperviselyApi, project_id: int, server: str, timeout_s: float) -> None:
-    """Fail the mount now, in words a user can act on, when the project cannot be read.
-
-    Runs under the mount's ``--timeout`` like any operation. The server answers 404 both
-    for a project that does not exist and for one the token may not see, so the message
-    says both; no message carries the token.
-    """
-    try:
-        with deadline.within(timeout_s):
-            api.project_info(project_id)
-    except RemoteNotFound:
-        api.client.close()
-        raise RemoteError(
-            f"project {project_id} not found or not visible to this token (on {safe_url(server)})"
-        ) from None
-    except BlobfsError as exc:
-        api.client.close()
-        raise RemoteError(f"project {project_id} on {safe_url(server)}: {exc}") from None

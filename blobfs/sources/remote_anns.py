@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from blobfs.blob.ann_coords import AnnotationFormatError, to_pixel
 from blobfs.cache.meta import LockedLru
 from blobfs.errors import BlobfsError
-from blobfs.transport.api import ANN_BATCH, SuperviselyApi
+from blobfs.format.ann_coords import AnnotationFormatError, to_pixel
+from blobfs.sly.api import ANN_BATCH, SuperviselyApi
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.cache.meta import DEFAULT_MAX_ENTRIES
 from blobfs.errors import BlobfsError
 from blobfs.model import BlobRef
-from blobfs.transport.api import ANN_BATCH
+from blobfs.sly.api import ANN_BATCH
 
 if TYPE_CHECKING:
     from blobfs.sources.remote import RemoteProjectSource

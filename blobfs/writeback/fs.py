@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from blobfs.blob.index import name_problem
 from blobfs.errors import (
     AlreadyExists,
     Busy,
@@ -54,6 +53,7 @@ from blobfs.layout import (
     RESERVED_NAMES,
     dataset_of,
     dataset_view_path,
+    name_problem,
     split_path,
 )
 from blobfs.model import FileRecord

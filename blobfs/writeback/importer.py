@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from blobfs.blob.index import OFFSETS_SUFFIX
-from blobfs.blob.pack import ProjectPacker, empty_annotation
+from blobfs.format.offsets import OFFSETS_SUFFIX
+from blobfs.format.pack import ProjectPacker, empty_annotation
 from blobfs.layout import ANN_DIR, META_PATH, dataset_dir, dataset_of, image_of_ann
 from blobfs.safe_open import ProjectRoot, split_rel, write_atomic_at
 from blobfs.writeback.spool import Batch, Spool, lock_project

@@ -24,8 +24,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from blobfs.blob.pack import new_blob_stem
 from blobfs.failpoints import failpoint
+from blobfs.format.pack import new_blob_stem
 from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann
 from blobfs.writeback.importer import Importer
 from blobfs.writeback.spool import Batch, Spool

@@ -25,14 +25,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from blobfs.blob.ann_coords import to_subpixel
-from blobfs.blob.images import image_size_of_file
-from blobfs.blob.index import OFFSETS_SUFFIX, write_offsets
-from blobfs.blob.pack import TarBlobWriter, empty_annotation, finish_tar
 from blobfs.errors import RemoteError
 from blobfs.failpoints import failpoint
+from blobfs.format.ann_coords import to_subpixel
+from blobfs.format.images import image_size_of_file
+from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
+from blobfs.format.pack import TarBlobWriter, empty_annotation, finish_tar
 from blobfs.model import BlobMember
-from blobfs.transport.api import SuperviselyWriteApi
+from blobfs.sly.api import SuperviselyWriteApi
 from blobfs.writeback.importer import split_batch
 from blobfs.writeback.spool import Batch, Spool
 

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from blobfs.blob.pack import fsync_dir, write_atomic
 from blobfs.errors import Busy
+from blobfs.format.pack import fsync_dir, write_atomic
 from blobfs.writeback import journal
 from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 

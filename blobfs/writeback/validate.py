@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from blobfs.blob.ann_coords import AnnotationFormatError, to_subpixel
-from blobfs.blob.images import image_size_of_file
 from blobfs.errors import InvalidInput
+from blobfs.format.ann_coords import AnnotationFormatError, to_subpixel
+from blobfs.format.images import image_size_of_file
 from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann, image_path
 from blobfs.view.tree import DirNode, ProjectView
 from blobfs.writeback.spool import Spool

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blobfs.blob.index import write_offsets
+from blobfs.format.offsets import write_offsets
 from blobfs.model import BlobMember
 from tests.support.sample import png_bytes
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob import index as offsets_module
-from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch
 from blobfs.cache.blocks import BlockCache
 from blobfs.cache.index_store import IndexStore
 from blobfs.errors import BlobfsError, NotFound, to_errno
+from blobfs.format import offsets as offsets_module
+from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch
 from blobfs.model import AnnRef, BlobMember, FileRecord, RemoteImageRef
 from blobfs.sources.compact import FileTable
 from blobfs.sources.project_dir import LocalProjectSource

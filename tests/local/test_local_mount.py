@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
+from blobfs.format.pack import ProjectPacker
 from blobfs.fuse.compat import FUSE_MAJOR
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from blobfs import __version__
-from blobfs.blob.pack import ProjectPacker
+from blobfs.format.pack import ProjectPacker
 from tests.helpers import wait_mount
 from tests.support.sample import make_images
 

@@ -19,8 +19,8 @@ import pytest
 from blobfs import deadline
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError, RemoteError, TimedOut, to_errno
+from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.remote import RemoteProjectSource
-from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
 from blobfs.view.tree import ProjectView
 

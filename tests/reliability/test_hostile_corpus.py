@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.check import check_project
 from blobfs.cache.blocks import BlockCache
+from blobfs.commands.check import check_project
 from blobfs.errors import BlobfsError, to_errno
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.pack import ProjectPacker
+from blobfs.format.pack import ProjectPacker
 from tests.helpers import start_mount
 from tests.support.sample import png_bytes
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch, parse_offsets
-from blobfs.blob.pack import ProjectPacker
-from blobfs.blob.tarhead import NAME_DIFFERS, NO_HEADER, SIZE_DIFFERS, member_problem
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError, NotFound, to_errno
+from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch, parse_offsets
+from blobfs.format.pack import ProjectPacker
+from blobfs.format.tarhead import NAME_DIFFERS, NO_HEADER, SIZE_DIFFERS, member_problem
 from blobfs.model import BlobMember
 from blobfs.problems import Problems, show
 from blobfs.safe_open import ProjectRoot, UnsafeFile
@@ -273,7 +273,7 @@ def test_a_bogus_entry_is_eio_logged_once_and_hides_no_real_image(
     project: Path, tmp_path: Path
 ) -> None:
     """The issue's case: ``img_3 [512, 520)`` once hid ``img_0``; ``[0, 512)`` served a header."""
-    from blobfs.blob.index import read_offsets_file
+    from blobfs.format.offsets import read_offsets_file
 
     (offsets,) = (project / "ds").glob(f"*{OFFSETS_SUFFIX}")
     real = read_offsets_file(str(offsets)).members

@@ -12,7 +12,7 @@ import pytest
 from sly_emulator import Emulator
 from sly_emulator.seed import upload_local_project
 
-from blobfs.blob.pack import ProjectPacker
+from blobfs.format.pack import ProjectPacker
 from tests.helpers import start_mount
 from tests.support.sample import make_images, png_bytes
 

@@ -25,8 +25,8 @@ from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.errors import AuthError, RemoteError, TimedOut, to_errno
 from blobfs.fuse.ops import RETRY_AFTER_TIMEOUT_S
+from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.remote import RemoteProjectSource
-from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
 from blobfs.view.tree import ProjectView
 

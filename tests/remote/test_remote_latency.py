@@ -21,14 +21,14 @@ import pytest
 from sly_emulator import Emulator
 from sly_emulator.seed import upload_local_project
 
-from blobfs.blob import pack
-from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
+from blobfs.format import pack
+from blobfs.format.pack import ProjectPacker
 from blobfs.model import DatasetRecord
+from blobfs.sly import api as api_module
+from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
-from blobfs.transport import api as api_module
-from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
 from tests.support.sample import make_images
 

@@ -16,7 +16,7 @@ import requests
 from sly_emulator import Emulator
 from sly_emulator.seed import upload_local_project
 
-from blobfs.blob.ann_coords import to_pixel
+from blobfs.format.ann_coords import to_pixel
 from tests.helpers import add_class_and_annotation
 from tests.support.sample import make_images
 
@@ -198,8 +198,8 @@ def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
     """The layer below the kernel: after the import the view and the source hold no old
     copy of the annotation (nor its size)."""
     from blobfs.cache.blocks import BlockCache
+    from blobfs.sly.api import SuperviselyApi
     from blobfs.sources.remote import RemoteProjectSource
-    from blobfs.transport.api import SuperviselyApi
     from blobfs.transport.http import HttpClient
     from blobfs.view.tree import ProjectView
     from blobfs.writeback.fs import WritebackFS

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch
-from blobfs.blob.pack import ProjectPacker, empty_annotation
+from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch
+from blobfs.format.pack import ProjectPacker, empty_annotation
 from blobfs.model import BlobMember
 from blobfs.safe_open import MAX_META_JSON_BYTES, MAX_OFFSETS_FILE_BYTES
 from tests.support.sample import png_bytes
@@ -503,7 +503,7 @@ def _first_member(case: Case) -> BlobMember:
 
 
 def _member(case: Case, view_path: str) -> BlobMember:
-    from blobfs.blob.index import read_offsets_file
+    from blobfs.format.offsets import read_offsets_file
 
     name = view_path.rsplit("/", 1)[1]
     for f in (case.root / "ds").glob(f"*{OFFSETS_SUFFIX}"):

@@ -1,6 +1,6 @@
 """Large generated projects for scale tests and ``bench/scale.py``, written quickly.
 
-A million images cannot go through :class:`blobfs.blob.pack.ProjectPacker` in a test's time
+A million images cannot go through :class:`blobfs.format.pack.ProjectPacker` in a test's time
 budget (it writes one annotation file and one ``TarInfo`` per image), so this writer emits
 ustar headers from a template, cycles a small pool of tiny distinct PNGs (the expected bytes
 of image ``i`` are ``pool[i % len(pool)]``, so a reader can check every byte it gets), and
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobfs.blob.index import OFFSETS_SUFFIX, write_offsets
-from blobfs.blob.pack import EMPTY_META, empty_annotation
+from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
+from blobfs.format.pack import EMPTY_META, empty_annotation
 from blobfs.model import BlobMember
 from tests.support.sample import png_bytes
 

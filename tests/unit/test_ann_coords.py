@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blobfs.blob.ann_coords import AnnotationFormatError, to_pixel, to_subpixel
+from blobfs.format.ann_coords import AnnotationFormatError, to_pixel, to_subpixel
 
 W, H = 40, 30
 coord_x = st.one_of(st.integers(0, W), st.floats(0, W, allow_nan=False).map(lambda v: round(v, 3)))

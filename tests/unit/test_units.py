@@ -12,8 +12,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from blobfs.blob import index
-from blobfs.blob.index import dumps_batch, parse_offsets, reject_conflicts, write_offsets
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.cache.ranges import runs, to_blocks
 from blobfs.errors import (
@@ -24,6 +22,8 @@ from blobfs.errors import (
     RemoteError,
     to_errno,
 )
+from blobfs.format import offsets
+from blobfs.format.offsets import dumps_batch, parse_offsets, reject_conflicts, write_offsets
 from blobfs.model import BlobMember
 
 names = st.text(
@@ -63,11 +63,17 @@ def _sdk_pickle(entries: list[tuple[str, int, int]]) -> bytes:
     """A batch as the SDK pickles it, names not checked (dumps_batch writes any str)."""
     out = [b"\x80\x02]q\x00("]
     for i, (name, start, end) in enumerate(entries):
-        out.append(index._GLOBAL if i == 0 else index._GET_CLASS)
+        out.append(offsets._GLOBAL if i == 0 else offsets._GET_CLASS)
         out.append(b")\x81}(")
         raw = name.encode("utf-8", "surrogatepass")
-        out += [index._KEYS[0], b"X" + len(raw).to_bytes(4, "little") + raw]
-        out += [index._KEYS[1], index._op_int(start), index._KEYS[2], index._op_int(end), b"ub"]
+        out += [offsets._KEYS[0], b"X" + len(raw).to_bytes(4, "little") + raw]
+        out += [
+            offsets._KEYS[1],
+            offsets._op_int(start),
+            offsets._KEYS[2],
+            offsets._op_int(end),
+            b"ub",
+        ]
     out.append(b"e.")
     return b"".join(out)
 
@@ -79,18 +85,18 @@ def test_the_batch_fast_path_accepts_and_refuses_exactly_what_the_entry_checks_d
 ) -> None:
     data = b"".join(_sdk_pickle(b) for b in batches)
     fast = parse_offsets(data, "x", blob_size)
-    original = index._plain_batch
+    original = offsets._plain_batch
     try:
-        index._plain_batch = lambda batch, size: None  # type: ignore[assignment]
+        offsets._plain_batch = lambda batch, size: None  # type: ignore[assignment]
         slow = parse_offsets(data, "x", blob_size)
     finally:
-        index._plain_batch = original  # type: ignore[assignment]
+        offsets._plain_batch = original  # type: ignore[assignment]
     assert fast.members == slow.members
     assert fast.problems.lines() == slow.problems.lines()
 
 
 def test_offsets_files_are_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(index, "BATCH_SIZE", 3)
+    monkeypatch.setattr(offsets, "BATCH_SIZE", 3)
     items = [BlobMember(f"{i}.png", i * 10, i * 10 + 5) for i in range(8)]
     out = io.BytesIO()
     write_offsets(out, items)
@@ -117,7 +123,7 @@ def test_the_sdk_reads_what_blobfs_writes_and_the_other_way(tmp_path) -> None:  
     sly_image_api.BlobImageInfo.dump_to_pickle(
         [sly_image_api.BlobImageInfo(m.name, m.start, m.end) for m in items], str(sdk_path)
     )
-    assert index.read_offsets_file(str(sdk_path)).members == items
+    assert offsets.read_offsets_file(str(sdk_path)).members == items
 
 
 class _Evil:
@@ -261,7 +267,7 @@ def test_the_errno_table() -> None:
 
 
 def test_image_size_of_a_file_is_remembered_but_a_rewrite_is_parsed_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from blobfs.blob.images import image_size_of_file
+    from blobfs.format.images import image_size_of_file
     from tests.support.sample import png_bytes
 
     path = tmp_path / "a.png"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.pack import ProjectPacker
+from blobfs.format.pack import ProjectPacker
 from tests.support.sample import make_images
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.check import check_project
+from blobfs.commands.check import check_project
 from tests.support.sample import png_bytes
 
 from .conftest import Daemon

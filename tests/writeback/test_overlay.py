@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache
 from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
+from blobfs.format.pack import ProjectPacker
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
 from blobfs.writeback.fs import WritebackFS

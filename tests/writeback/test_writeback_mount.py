@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.blob.check import check_project
-from blobfs.blob.index import OFFSETS_SUFFIX, dumps_batch, read_offsets_file
 from blobfs.cache.blocks import BlockCache
+from blobfs.commands.check import check_project
+from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch, read_offsets_file
 from blobfs.model import BlobMember
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView

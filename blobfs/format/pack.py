@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from blobfs.blob.images import image_size
-from blobfs.blob.index import OFFSETS_SUFFIX, name_problem, write_offsets
 from blobfs.errors import InvalidInput
 from blobfs.failpoints import failpoint
+from blobfs.format.images import image_size
+from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
+from blobfs.layout import name_problem
 from blobfs.model import BlobMember
 from blobfs.safe_open import ProjectRoot, create_at, replace_at, split_rel, write_atomic_at
 

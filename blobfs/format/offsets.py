@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from blobfs.errors import BlobfsError, OffsetsError
+from blobfs.layout import NAME_MAX, name_problem
 from blobfs.model import BlobMember
 from blobfs.problems import Problems, show
 from blobfs.safe_open import MAX_OFFSETS_FILE_BYTES, ProjectRoot
@@ -37,8 +38,6 @@ SDK_MODULE = "supervisely.api.image_api"
 SDK_CLASS = "BlobImageInfo"
 #: The SDK's ``OFFSETS_PKL_BATCH_SIZE``: one pickled list per this many entries.
 BATCH_SIZE = 10_000
-#: Longest file name Linux accepts (NAME_MAX, bytes of UTF-8).
-NAME_MAX = 255
 
 
 class _BlobImageInfoStub:
@@ -102,27 +101,6 @@ def _entry_fields(obj: Any) -> tuple[Any, Any, Any]:
             return obj.get("title"), blob.get("offsetStart"), blob.get("offsetEnd")
         return obj.get("name"), obj.get("offset_start"), obj.get("offset_end")
     raise ValueError(f"{type(obj).__name__} where a BlobImageInfo belongs")
-
-
-def name_problem(name: object) -> str | None:
-    """Say why ``name`` cannot be a file name in the mount, or None when it can.
-
-    A name is one path component: no ``/`` (or ``\\``), no NUL, not ``.``/``..``, valid
-    UTF-8, at most NAME_MAX bytes. Anything else could escape its folder or fail later.
-    """
-    if not isinstance(name, str):
-        return f"name is {type(name).__name__}, not str"
-    if name in ("", ".", ".."):
-        return "name is empty, '.' or '..'"
-    if "/" in name or "\\" in name or "\0" in name:
-        return "name contains '/', '\\' or NUL"
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "name is not valid UTF-8"
-    if len(encoded) > NAME_MAX:
-        return f"name is longer than {NAME_MAX} bytes"
-    return None
 
 
 def _is_int(value: object) -> bool:
@@ -283,7 +261,7 @@ def reject_conflicts(
 
     Both sides of a conflict are dropped: with two candidates there is no way to know which
     bytes are right, and serving the wrong ones is the one thing blobfs must never do.
-    (Locally the tar can tell: see :mod:`blobfs.blob.tarhead`, consulted before this.)
+    (Locally the tar can tell: see :mod:`blobfs.format.tarhead`, consulted before this.)
     ``members`` must all belong to one blob when overlaps are checked; across the blobs of
     a dataset only names can conflict (``check_overlaps=False``).
     """
