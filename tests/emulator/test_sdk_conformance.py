@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from blobfs.testing._emu_api import INSTANCE_VERSION
 from blobfs.testing.emulator import Emulator
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.testing.seed import upload_local_project
-from tests.helpers import start_mount
+from tests.support import harness
 
 from .conftest import TOKEN, build_local_project, rectangle_ann
 
@@ -399,14 +398,7 @@ def test_quick_import_with_labels_and_tags_mounts_with_the_sdk_s_annotations(
         assert [t.name for t in got.img_tags] == ["train"]
         downloaded[name] = sdk.api.annotation.download_json(infos[name].id)
     mnt = tmp_path / "mnt"
-    proc = start_mount(
-        f"sly://{project.id}",
-        mnt,
-        tmp_path / "log",
-        "--server",
-        sdk.emu.url,
-        env={"API_TOKEN": TOKEN},
-    )
+    proc = harness.start_remote(sdk.emu.url, project.id, mnt, token=TOKEN, log=tmp_path / "log")
     try:
         for name, data in blob.images.items():
             assert (mnt / "ds" / "img" / name).read_bytes() == data
@@ -415,8 +407,7 @@ def test_quick_import_with_labels_and_tags_mounts_with_the_sdk_s_annotations(
         local = sly.Project(str(mnt), sly.OpenMode.READ)
         assert local.total_items == len(blob.images)
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(30) == 0
+        assert proc.unmount(30) == 0
 
 
 def test_the_sdk_retries_injected_server_errors(sdk: Sdk, tmp_path: Path) -> None:
@@ -495,14 +486,7 @@ def test_a_remote_mount_serves_annotations_as_the_sdk_downloads_them(
         timeout=30,
     ).raise_for_status()
     mnt = tmp_path / "mnt"
-    proc = start_mount(
-        f"sly://{project_id}",
-        mnt,
-        tmp_path / "log",
-        "--server",
-        sdk.emu.url,
-        env={"API_TOKEN": TOKEN},
-    )
+    proc = harness.start_remote(sdk.emu.url, project_id, mnt, token=TOKEN, log=tmp_path / "log")
     try:
         for name, info in infos.items():
             served = json.loads((mnt / "ds" / "ann" / f"{name}.json").read_bytes())
@@ -514,5 +498,4 @@ def test_a_remote_mount_serves_annotations_as_the_sdk_downloads_them(
         exterior = json.loads((mnt / "ds" / "ann" / "img_001.png.json").read_bytes())["objects"][0]
         assert exterior["points"]["exterior"] == [[2, 1], [3, 4]]
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(30) == 0
+        assert proc.unmount(30) == 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from blobfs.fuse.compat import FUSE_MAJOR
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import make_images, png_bytes
 from blobfs.view.tree import ProjectView
+from tests.support import harness
 
 
 @pytest.fixture
@@ -45,13 +45,11 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 
 @pytest.fixture
-def mnt(project: tuple[Path, dict[str, bytes]], tmp_path: Path) -> Iterator[Path]:
-    root, _ = project
-    point = tmp_path / "mnt"
-    point.mkdir()
-    subprocess.run([sys.executable, "-m", "blobfs", "mount", str(root), str(point)], check=True)
-    yield point
-    subprocess.run(["fusermount", "-u", "-z", str(point)], check=False)
+def mnt(project: tuple[Path, dict[str, bytes]], tmp_path: Path, mounts: harness.Mounts) -> Path:
+    """The project mounted by ``blobfs mount`` as a user runs it (daemon in the background)."""
+    done, mount = mounts.mount_cli(project[0], tmp_path / "mnt")
+    assert done.returncode == 0 and mount is not None, done.stderr
+    return mount.mnt
 
 
 def test_view_in_process(project: tuple[Path, dict[str, bytes]]) -> None:
@@ -217,16 +215,13 @@ def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
 
 
 @pytest.mark.fuse
-def test_sigterm_unmounts_cleanly(project: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+def test_sigterm_unmounts_cleanly(
+    project: tuple[Path, dict[str, bytes]], tmp_path: Path, mounts: harness.Mounts
+) -> None:
     root, _ = project
     point = tmp_path / "m2"
-    point.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", str(root), str(point), "-f"])
-    deadline = time.monotonic() + 20
-    while not os.path.ismount(point):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    proc.terminate()
+    proc = mounts.start(root, point)
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert not os.path.ismount(point)
 

@@ -31,6 +31,7 @@ from blobfs.testing.seed import upload_local_project
 from blobfs.transport import api as api_module
 from blobfs.transport.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
+from tests.support import harness
 
 from .conftest import TOKEN, mount_remote
 
@@ -103,9 +104,8 @@ def blobfs_stats(mnt: Path) -> dict[str, object]:
     return result
 
 
-def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> int:
-    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-    return proc.wait(30)
+def unmount(mnt: Path, mount: harness.Mount) -> int | None:
+    return mount.unmount(30)
 
 
 # ---- latency hidden ------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The kit the tests and the benchmarks share: mounts (``harness``), durability trials."""
