@@ -212,7 +212,9 @@ def ro(
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def wb(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def wb(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """A writeback mount of its own project (per module and adapter); nothing is imported
     unless a test flushes (``--writeback-delay 3600``)."""
     where = tmp_path_factory.mktemp(f"wb-{request.param}")
@@ -310,7 +312,10 @@ def flush(fs: FS, timeout_s: float = 60) -> dict[str, Any]:
 
 
 def status(fs: FS) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(fs.read("/.blobfs/writeback.json"))
+    """The writeback status, from a fresh ``/.blobfs/stats-<nonce>.json`` (a name read
+    once has its size fixed, so the kernel's cached size never cuts it short)."""
+    stats: dict[str, Any] = json.loads(fs.read(f"/.blobfs/stats-{uuid.uuid4().hex}.json"))
+    result: dict[str, Any] = stats["writeback"]
     return result
 
 

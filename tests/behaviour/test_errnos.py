@@ -42,7 +42,7 @@ import pytest
 
 from blobfs.testing.sample import png_bytes
 
-from .conftest import DAMAGED, Served, flush, status
+from .conftest import DAMAGED, TOKEN, Served, flush, status
 from .fs import FS, errno_of, wait_until, write_file
 
 IMPORTED = "/ds/img/img_000000.png"
@@ -152,17 +152,20 @@ def test_eio_when_the_server_keeps_failing(remote: Callable[..., Any]) -> None:
 
 
 def test_eio_when_the_remote_blob_is_gone(remote: Callable[..., Any]) -> None:
+    """Its Team Files object deleted (``img_000007.png`` is alone in its blob, and only
+    this test reads it): EIO, one log line naming the blob and the 404."""
     with remote() as r:
         r.fs.listdir("/train/img")
-        blob = _image_doc(r, "img_000003.png")["relatedDataId"]
-        r.emulator.faults.update({"methods": {"images.data.download": "fail_status=404"}})
-        assert errno_of(r.fs.read, "/train/img/img_000003.png") == errno.EIO
-        assert errno_of(r.fs.read, "/train/img/img_000003.png") == errno.EIO
-        r.emulator.faults.reset()
+        blob = _image_doc(r, "img_000007.png")["relatedDataId"]
+        store = r.emulator.store
+        if store.get_many("files", [blob]):
+            store.remove_team_file(store.get("files", blob))
+        assert errno_of(r.fs.read, "/train/img/img_000007.png") == errno.EIO
+        assert errno_of(r.fs.read, "/train/img/img_000007.png") == errno.EIO
         assert r.fs.read("/train/img/img_000004.png") == png_bytes(4)
         if r.mount is not None:
             lines = [ln for ln in r.log_text().splitlines() if f"blob {blob}" in ln]
-            assert len(lines) == 1 and "404" in lines[0], lines
+            assert len(lines) == 1 and "404" in lines[0], r.log_text()[-1500:]
 
 
 # ---- ETIMEDOUT, EACCES --------------------------------------------------------------------
@@ -184,13 +187,16 @@ def test_etimedout_when_the_server_is_slower_than_the_deadline(
 
 def test_eacces_when_the_token_is_refused(remote: Callable[..., Any]) -> None:
     with remote() as r:
+        r.emulator.token = "revoked"  # before anything was listed: the root's listing
+        assert errno_of(r.fs.listdir, "/") == errno.EACCES
+        assert errno_of(r.fs.read, "/meta.json") == errno.EACCES
+        r.emulator.token = TOKEN
         r.fs.listdir("/train/img")
         r.emulator.token = "revoked"
         for path in (
             "/train/img/img_000006.png",
             "/train/ann/img_000006.png.json",
             "/train/img/plain.png",
-            "/meta.json",
         ):
             assert errno_of(r.fs.read, path) == errno.EACCES, path
         assert errno_of(r.fs.listdir, "/other/img") == errno.EACCES

@@ -31,8 +31,10 @@ def test_img_lists_every_image_once_blob_and_plain_alike(ro: Served) -> None:
         )
 
 
-def test_listings_are_in_name_order(ro: Served) -> None:
-    for folder in ("/", "/train/img", "/train/ann", "/train/datasets/val/img"):
+def test_listings_are_in_name_order_meta_json_first(ro: Served) -> None:
+    names = ro.fs.listdir("/")
+    assert names[0] == "meta.json" and names[1:] == sorted(names[1:])
+    for folder in ("/train/img", "/train/ann", "/train/datasets/val/img"):
         names = ro.fs.listdir(folder)
         assert names == sorted(names), folder
 
@@ -62,9 +64,7 @@ def test_files_are_0444_folders_0555_with_real_sizes(ro: Served) -> None:
 
 def test_a_blob_image_has_the_mtime_of_its_tar(ro: Served) -> None:
     tars = [p.stat().st_mtime_ns for p in (ro.root / "blob").glob("*.tar") if p.is_file()]
-    assert ro.fs.stat("/train/img/img_000000.png").mtime_ns // 10**9 in {
-        t // 10**9 for t in tars
-    }
+    assert ro.fs.stat("/train/img/img_000000.png").mtime_ns // 10**9 in {t // 10**9 for t in tars}
 
 
 def test_every_image_reads_back_exactly(ro: Served) -> None:
