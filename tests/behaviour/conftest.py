@@ -37,7 +37,7 @@ from tests.support import harness
 
 from .fs import FS, InProcessFS, MountFS
 
-KINDS = ["inprocess", "mount"]
+KINDS = ["inprocess", pytest.param("mount", marks=pytest.mark.fuse)]
 TOKEN = "behaviour-token-5d1e"
 #: The datasets of the read-only project whose blob is damaged, and how.
 DAMAGED = ("gone", "cut", "dirtar", "past")
@@ -188,6 +188,15 @@ def serve(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the emulator carry the ``remote`` mark (the ``fuse`` one comes with the
+    ``mount`` parameter)."""
+    here = Path(__file__).parent
+    for item in items:
+        if "remote" in getattr(item, "fixturenames", ()) and here in item.path.parents:
+            item.add_marker(pytest.mark.remote)
 
 
 # ---- fixtures --------------------------------------------------------------------------

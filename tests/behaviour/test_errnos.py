@@ -7,6 +7,7 @@ errno       documented for                                       test
 ENOENT      a path that does not exist; a write into a dataset   test_enoent_*
             that does not exist
 ENOTDIR     readdir on a file (and a path through a file)        test_enotdir_*
+(remote)    ENOENT, ENOTDIR, EROFS of a remote project           test_enoent_enotdir_and_erofs_*
 EISDIR      a file operation on a folder (errors.py)             test_eisdir_for_a_read_of_a_folder
 EROFS       open for writing, creat, mkdir, unlink, rename,      test_erofs_*
             chmod, truncate on a read-only mount
@@ -80,6 +81,14 @@ def test_enotdir_for_a_path_through_a_file(ro: Served) -> None:
 
 def test_eisdir_for_a_read_of_a_folder(ro: Served) -> None:
     assert errno_of(ro.fs.read, "/train/img") == errno.EISDIR
+
+
+def test_enoent_enotdir_and_erofs_on_a_remote_mount_too(remote: Callable[..., Any]) -> None:
+    with remote() as r:
+        assert errno_of(r.fs.stat, "/train/img/missing.png") == errno.ENOENT
+        assert errno_of(r.fs.listdir, "/meta.json") == errno.ENOTDIR
+        assert errno_of(write_file, r.fs, "/train/img/new.png", b"x") == errno.EROFS
+        assert errno_of(r.fs.mkdir, "/newds") == errno.EROFS
 
 
 # ---- EROFS ----------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from PIL import Image
 
 from blobfs.blob.pack import ProjectPacker
 from blobfs.cache.blocks import BlockCache
-from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
+from blobfs.errors import NotADirectory
 from blobfs.fuse.compat import FUSE_MAJOR
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.testing.sample import make_images, png_bytes
@@ -52,26 +51,6 @@ def mnt(project: tuple[Path, dict[str, bytes]], tmp_path: Path, mounts: harness.
     return mount.mnt
 
 
-def test_view_in_process(project: tuple[Path, dict[str, bytes]]) -> None:
-    root, expected = project
-    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
-    assert sorted(view.readdir("/")) == ["meta.json", "train"]
-    assert sorted(view.readdir("/train")) == ["ann", "datasets", "img", "img_info"]
-    for rel, data in expected.items():
-        attrs = view.getattr("/" + rel)
-        assert attrs["st_size"] == len(data) and attrs["st_mode"] & 0o777 == 0o444
-        assert view.read_path("/" + rel, 0, 1 << 20) == data
-        assert view.read_path("/" + rel, 5, 7) == data[5:12]
-    with pytest.raises(NotFound):
-        view.getattr("/train/img/nope.png")
-    with pytest.raises(NotADirectory):
-        view.readdir("/meta.json")
-    with pytest.raises(IsADirectory):
-        view.open("/train")
-    with pytest.raises(ReadOnly):
-        view.open("/meta.json", write=True)
-
-
 @pytest.mark.fuse
 def test_real_tools_see_the_exact_bytes(
     mnt: Path, project: tuple[Path, dict[str, bytes]], tmp_path: Path
@@ -99,25 +78,6 @@ def test_real_tools_see_the_exact_bytes(
     import hashlib
 
     assert md5 == hashlib.md5(png_bytes(777)).hexdigest()
-
-
-@pytest.mark.fuse
-def test_stat_times_sizes_and_read_only(mnt: Path, project: tuple[Path, dict[str, bytes]]) -> None:
-    root, expected = project
-    blob = next((root / "blob").iterdir())
-    st = os.stat(mnt / "train/img/img_000000.png")
-    assert st.st_size == len(expected["train/img/img_000000.png"])
-    assert st.st_mtime_ns == blob.stat().st_mtime_ns or abs(st.st_mtime - blob.stat().st_mtime) < 1
-    assert st.st_mode & 0o222 == 0
-    for action in (
-        lambda: (mnt / "x").write_bytes(b"1"),
-        lambda: (mnt / "meta.json").unlink(),
-        lambda: (mnt / "d").mkdir(),
-    ):
-        with pytest.raises(OSError) as info:
-            action()
-        assert info.value.errno == errno.EROFS
-    assert (mnt / "meta.json").read_bytes()  # still up
 
 
 @pytest.mark.fuse

@@ -91,28 +91,6 @@ def test_bad_input_is_kept_and_reported_not_dropped(
     assert "/ds/img/not-an-image.png" not in project_images(project)
 
 
-def test_unsupported_changes_are_refused_with_their_errno(
-    project: Path, tmp_path: Path, mounts: harness.Mounts
-) -> None:
-    mnt = tmp_path / "mnt"
-    mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
-    imported = mnt / "ds" / "img" / "img_000000.png"
-    cases = [
-        (lambda: imported.write_bytes(b"x"), errno.EPERM),
-        (lambda: imported.unlink(), errno.EPERM),
-        (lambda: imported.rename(mnt / "ds" / "img" / "other.png"), errno.EPERM),
-        (lambda: (mnt / "stray.txt").write_bytes(b"x"), errno.EPERM),
-        (lambda: (mnt / "ds" / "elsewhere").mkdir(), errno.EPERM),
-        (lambda: (mnt / "ds").mkdir(), errno.EEXIST),
-        (lambda: (mnt / "nope" / "img" / "a.png").write_bytes(b"x"), errno.ENOENT),
-    ]
-    for action, expected in cases:
-        with pytest.raises(OSError) as info:
-            action()
-        assert info.value.errno == expected, (info.value, expected)
-    assert imported.read_bytes() == png_bytes(0)
-
-
 def test_staged_files_can_be_renamed_and_removed_before_import(
     project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
