@@ -269,7 +269,7 @@ def test_enoent_for_a_write_into_a_dataset_that_does_not_exist(wb: Served) -> No
 
 
 def test_ebusy_while_its_batch_imports(fresh_wb: Callable[..., Any]) -> None:
-    with fresh_wb(env={"BLOBFS_FAILPOINT": "importing:sleep=3"}) as w:
+    with fresh_wb(env={"BLOBFS_FAILPOINT": "importing:sleep=1.5"}) as w:
         write_file(w.fs, "/ds/img/new.png", png_bytes(50))
         flush_answer = w.fs.read("/.blobfs/flush-new-busy")  # asks; waits at most 1 s
         assert flush_answer
