@@ -1,33 +1,35 @@
 """Helpers shared by the benchmarks: timing, scans, RSS, mounts, tables. Not part of the suite.
 
-Mount points are private to one benchmark process (``bench/out/mnt/<name>-<pid>``): two
-benchmarks run at the same time must never stack mounts on one directory (an unmount by
-one of them would make the other's files vanish mid-scan, which reads as ENOENT).
-Every mount made through :class:`Mounts` is unmounted on exit, on Ctrl-C, on SIGTERM and
-on errors.
+Mounts are made and ended by the suite's harness (``tests/support/harness.py``), so a
+benchmark mounts exactly as the tests do. Mount points are private to one benchmark process
+(``bench/out/mnt/<name>-<pid>``): two benchmarks run at the same time must never stack
+mounts on one directory (an unmount by one of them would make the other's files vanish
+mid-scan, which reads as ENOENT). Every mount made through :class:`Mounts` is unmounted on
+exit, on Ctrl-C, on SIGTERM and on errors.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-OUT = Path(__file__).resolve().parent / "out"
-MOUNT_TIMEOUT_S = 600.0
-UNMOUNT_TIMEOUT_S = 30.0
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+# the shared mount kit lives with the tests (tests/support/harness.py); a benchmark run as
+# ``python bench/x.py`` has only bench/ on its path
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from tests.support import harness  # noqa: E402
+from tests.support.harness import is_mounted, pid_alive, pids_with_args, pin, unmount  # noqa: E402, F401
 
 # ---- timing and statistics ---------------------------------------------------------------
 
@@ -133,59 +135,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan") if kb is None else kb / 1024
 
 
-def pids_with_args(*needles: str) -> list[int]:
-    """Processes whose argv contains every one of ``needles`` as a whole argument."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = {a.decode(errors="replace") for a in argv}
-        if all(n in args for n in needles):
-            found.append(int(entry.name))
-    return found
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of ``pid`` to ``cpus`` (threads it starts later inherit that)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child still answers kill(0): look at its state
-    with suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 # ---- mounts ------------------------------------------------------------------------------
-
-
-def is_mounted(path: Path | str) -> bool:
-    """True when ``path`` is a mount point (per /proc/self/mountinfo, exact match)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if _unescape(line.split()[4]) == target:
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def clean_stale_mounts() -> list[Path]:
@@ -207,47 +157,6 @@ def clean_stale_mounts() -> list[Path]:
     return cleaned
 
 
-def wait_mounted(
-    mnt: Path, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = MOUNT_TIMEOUT_S
-) -> None:
-    """Poll until ``mnt`` is a mount point; raise if ``proc`` exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while not os.path.ismount(mnt):
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"mount of {mnt} exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{mnt} did not mount within {timeout_s:.0f} s")
-        time.sleep(0.002)
-
-
-def fusermount() -> str:
-    return shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
-
-
-def unmount(mnt: Path, pid: int | None = None, timeout_s: float = UNMOUNT_TIMEOUT_S) -> None:
-    """Unmount ``mnt`` (fusermount -u, retried while busy, lazily as a last resort) and
-    wait for the daemon ``pid`` to exit; kill it only if it outlives the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while is_mounted(mnt):
-        done = subprocess.run(
-            [fusermount(), "-u", str(mnt)], capture_output=True, text=True, check=False
-        )
-        if done.returncode == 0 or not is_mounted(mnt):
-            break
-        if time.monotonic() > deadline:
-            subprocess.run([fusermount(), "-u", "-z", str(mnt)], check=False)
-            break
-        time.sleep(0.2)
-    if pid is None:
-        return
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-
-
 def mountpoint(name: str) -> Path:
     """A fresh, empty mount point private to this process."""
     path = OUT / "mnt" / f"{name}-{os.getpid()}"
@@ -257,74 +166,14 @@ def mountpoint(name: str) -> Path:
     return path
 
 
-class Mounts:
-    """Every mount a benchmark makes, so that all of them go away however it ends.
-
-    Use as a context manager around the whole benchmark: on leaving (normally, by an
-    exception, by Ctrl-C) and on SIGTERM/SIGHUP it unmounts what is still mounted, waits
-    for the daemons and removes the private mount points.
-    """
+class Mounts(harness.Mounts):
+    """Every mount a benchmark makes (:class:`tests.support.harness.Mounts`), so that all of
+    them go away however it ends: use as a context manager around the whole benchmark; on
+    leaving (normally, by an exception, by Ctrl-C) and on SIGTERM/SIGHUP it unmounts what
+    is still mounted, in order, waits for the daemons and removes the mount points."""
 
     def __init__(self) -> None:
-        self._live: dict[Path, tuple[int | None, subprocess.Popen[bytes] | None]] = {}
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> Mounts:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.unmount_all()
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    @staticmethod
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def add(
-        self, mnt: Path, pid: int | None = None, proc: subprocess.Popen[bytes] | None = None
-    ) -> None:
-        self._live[mnt] = (pid, proc)
-
-    def release(self, mnt: Path) -> None:
-        """Unmount ``mnt`` now and wait for its daemon."""
-        pid, proc = self._live.pop(mnt, (None, None))
-        try:
-            unmount(mnt, pid)
-        finally:
-            if proc is not None:
-                try:
-                    proc.wait(UNMOUNT_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            with suppress(OSError):
-                mnt.rmdir()
-
-    def unmount_all(self) -> None:
-        # Ctrl-C pressed again while cleaning up must not leave mounts behind
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            for mnt in list(self._live):
-                try:
-                    self.release(mnt)
-                except Exception as exc:  # keep cleaning the others
-                    print(f"warning: could not unmount {mnt}: {exc}", file=sys.stderr)
-        finally:
-            signal.signal(signal.SIGINT, old)
-
-    @contextmanager
-    def mounted(
-        self, mnt: Path, pid: int | None = None, proc: subprocess.Popen[bytes] | None = None
-    ) -> Iterator[Path]:
-        """Register ``mnt`` for the block's duration; unmounted when the block ends."""
-        self.add(mnt, pid, proc)
-        try:
-            yield mnt
-        finally:
-            self.release(mnt)
+        super().__init__(signals=True, clean=True)
 
 
 def blobfs_mount_cli(
@@ -337,28 +186,17 @@ def blobfs_mount_cli(
 ) -> tuple[float, int]:
     """``python -m blobfs mount SOURCE MNT`` as a user runs it (it returns once the mount is
     live); returns (seconds until it returned, daemon pid). The mount is registered."""
-    cmd = [python, "-m", "blobfs", "mount", source, str(mnt), *args]
     if "--log-level" not in args:
-        cmd += ["--log-level", "WARNING"]
+        args = [*args, "--log-level", "WARNING"]
     start = time.perf_counter()
-    # cwd: ``-m blobfs`` must import the interpreter's blobfs, not a checkout in the cwd
-    done = subprocess.run(
-        cmd,
-        env={**os.environ, **(env or {})},
-        cwd="/",
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # cwd "/": ``-m blobfs`` must import the interpreter's blobfs, not a checkout in the cwd
+    done, mount = mounts.mount_cli(source, mnt, *args, python=python, python_flags=(), env=env)
     seconds = time.perf_counter() - start
-    # the daemon is the re-executed foreground child: its argv names the mount point
-    pids = pids_with_args("blobfs", "mount", str(mnt), "--foreground")
-    mounts.add(mnt, pids[0] if pids else None)
-    if done.returncode != 0 or not is_mounted(mnt):
+    if done.returncode != 0 or mount is None or not harness.is_mounted(mnt):
         raise RuntimeError(f"blobfs mount failed ({done.returncode}): {done.stderr.strip()}")
-    if not pids:
+    if mount.pid is None:
         raise RuntimeError(f"blobfs mounted {mnt} but its daemon was not found")
-    return seconds, pids[0]
+    return seconds, mount.pid
 
 
 def spawn_foreground(
@@ -367,26 +205,12 @@ def spawn_foreground(
     mnt: Path,
     log: Path,
     env: dict[str, str] | None = None,
-) -> tuple[float, subprocess.Popen[bytes]]:
-    """Start a foreground FUSE daemon ``cmd`` (its own session: Ctrl-C reaches only us, and
-    we unmount it in order); returns (seconds until ``mnt`` was live, process)."""
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-    mounts.add(mnt, proc.pid, proc)
-    try:
-        wait_mounted(mnt, proc)
-    except RuntimeError as exc:
-        tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{exc}; log {log}:\n{tail}") from None
-    return time.perf_counter() - start, proc
+) -> tuple[float, harness.Mount]:
+    """Start a foreground FUSE daemon ``cmd`` (:func:`tests.support.harness.spawn_server`);
+    returns (seconds until ``mnt`` was live, its mount). The mount is registered."""
+    start = time.perf_counter()
+    mount = mounts.spawn_server(cmd, mnt, log, env=env)
+    return time.perf_counter() - start, mount
 
 
 # ---- output ------------------------------------------------------------------------------

@@ -31,12 +31,12 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from blobfs.format.pack import ProjectPacker  # noqa: E402
-from tests.support.sample import make_images, png_bytes  # noqa: E402
-from tests.writeback.conftest import Daemon, cleanup_mount  # noqa: E402
-from tests.writeback.test_crash import recover_and_verify, write_until_dead  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import harness
+
+from blobfs.format.pack import ProjectPacker
+from tests.support.crash import recover_and_verify, write_until_dead
+from tests.support.sample import make_images, png_bytes
 
 
 def write_fsync_until_dead(
@@ -64,17 +64,17 @@ def trial(
     project = tmp / "project"
     ProjectPacker(project, "ds").pack(make_images(tmp / "seed", 5))
     spool = tmp / "spool"
-    d = Daemon(
+    d = harness.start_writeback(
         project,
         tmp / "mnt",
         spool,
-        tmp / "log",
+        *(("--sync-close",) if mode == "sync-close" else ()),
+        log=tmp / "log",
         # with --power-cut no import runs during the writes: a batch starts with a
         # checkpoint, which makes the staged folder durable, so wiping it would play a
         # power cut that cannot happen
         delay_s=3600 if power_cut else rng.choice([0.02, 0.1, 0.3]),
-        args=("--sync-close",) if mode == "sync-close" else (),
-    ).start()
+    )
     seeds = range(10_000 + 1000 * n, 10_000 + 1000 * n + 80)
     acked: list[int] = []
     stop = threading.Event()
@@ -97,7 +97,7 @@ def trial(
     except AssertionError as exc:
         return len(acked), str(exc)[:300]
     finally:
-        cleanup_mount(tmp / "mnt")
+        d.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return len(acked), None
 

@@ -182,7 +182,7 @@ def bench_blobfs(
         ready_s, pid = blobfs_mount_cli(
             mounts, str(root / "project"), mnt, extra, python=args.python, env=env
         )
-        with mounts.mounted(mnt, pid):
+        with mounts.mounted(mnt):
             if args.pin_cpu is not None:
                 pin(pid, {args.pin_cpu})
             cold = scan(mnt / DATASET / "img")
@@ -236,7 +236,7 @@ def bench_ratarmount(
             log = OUT / f"ratarmount-{os.getpid()}.log"
             cmd = [exe, "-f", "--index-file", str(index), info["tar_path"], str(mnt)]
             ready_s, proc = spawn_foreground(mounts, cmd, mnt, log)
-            with mounts.mounted(mnt, proc.pid, proc):
+            with mounts.mounted(mnt):
                 if args.pin_cpu is not None:
                     pin(proc.pid, {args.pin_cpu})
                 folder = files_folder(mnt)

@@ -7,9 +7,12 @@ plugin imports its package lazily at the end of the session.
 """
 
 import os
+from collections.abc import Iterator
 
 import hypothesis  # noqa: F401
 import pytest
+
+from tests.support import harness
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -30,3 +33,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 def _private_index_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Mounts made by the suite keep their index cache in a temp folder, not in ~/.cache."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
+def require_fuse() -> None:
+    """Skip a test that needs real mounts where they cannot run (fail under ``CI=true``)."""
+    reason = harness.fuse_missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"FUSE must work in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def mounts() -> Iterator[harness.Mounts]:
+    """The mounts a test starts (``mounts.start(...)``); whatever is left is killed and
+    unmounted after the test, dead or busy ones too."""
+    require_fuse()
+    with harness.Mounts() as made:
+        yield made

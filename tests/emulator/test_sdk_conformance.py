@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import requests
 from sly_emulator import INSTANCE_VERSION, Emulator
 from sly_emulator.seed import upload_local_project
 
-from tests.helpers import start_mount
+from tests.support import harness
 from tests.support.sample import make_images, png_bytes
 
 from .conftest import TOKEN, build_local_project, rectangle_ann
@@ -398,14 +397,7 @@ def test_quick_import_with_labels_and_tags_mounts_with_the_sdk_s_annotations(
         assert [t.name for t in got.img_tags] == ["train"]
         downloaded[name] = sdk.api.annotation.download_json(infos[name].id)
     mnt = tmp_path / "mnt"
-    proc = start_mount(
-        f"sly://{project.id}",
-        mnt,
-        tmp_path / "log",
-        "--server",
-        sdk.emu.url,
-        env={"API_TOKEN": TOKEN},
-    )
+    proc = harness.start_remote(sdk.emu.url, project.id, mnt, token=TOKEN, log=tmp_path / "log")
     try:
         for name, data in blob.images.items():
             assert (mnt / "ds" / "img" / name).read_bytes() == data
@@ -414,8 +406,7 @@ def test_quick_import_with_labels_and_tags_mounts_with_the_sdk_s_annotations(
         local = sly.Project(str(mnt), sly.OpenMode.READ)
         assert local.total_items == len(blob.images)
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(30) == 0
+        assert proc.unmount(30) == 0
 
 
 def test_the_sdk_retries_injected_server_errors(sdk: Sdk, tmp_path: Path) -> None:
@@ -494,14 +485,7 @@ def test_a_remote_mount_serves_annotations_as_the_sdk_downloads_them(
         timeout=30,
     ).raise_for_status()
     mnt = tmp_path / "mnt"
-    proc = start_mount(
-        f"sly://{project_id}",
-        mnt,
-        tmp_path / "log",
-        "--server",
-        sdk.emu.url,
-        env={"API_TOKEN": TOKEN},
-    )
+    proc = harness.start_remote(sdk.emu.url, project_id, mnt, token=TOKEN, log=tmp_path / "log")
     try:
         for name, info in infos.items():
             served = json.loads((mnt / "ds" / "ann" / f"{name}.json").read_bytes())
@@ -513,5 +497,4 @@ def test_a_remote_mount_serves_annotations_as_the_sdk_downloads_them(
         exterior = json.loads((mnt / "ds" / "ann" / "img_001.png.json").read_bytes())["objects"][0]
         assert exterior["points"]["exterior"] == [[2, 1], [3, 4]]
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(30) == 0
+        assert proc.unmount(30) == 0

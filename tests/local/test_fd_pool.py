@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 
 from blobfs.errors import CorruptData
 from blobfs.transport.local import FdPool, open_regular, pool_capacity
-from tests.helpers import wait_mount
+from tests.support import harness
 from tests.support.scale import write_scale_project
 
 
@@ -102,33 +100,24 @@ def _limit_descriptors() -> None:
 
 
 @pytest.mark.fuse
-def test_1100_tars_in_one_dataset_all_serve_under_ulimit_1024(tmp_path: Path) -> None:
+def test_1100_tars_in_one_dataset_all_serve_under_ulimit_1024(
+    tmp_path: Path, mounts: harness.Mounts
+) -> None:
     project = write_scale_project(tmp_path / "p", ["ds"], 1100, 1100)
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
     log = tmp_path / "log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blobfs",
-            "mount",
-            str(project.root),
-            str(mnt),
-            "--foreground",
-            "--log-file",
-            str(log),
-        ],
-        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
-        preexec_fn=_limit_descriptors,
+    proc = mounts.start(
+        project.root,
+        mnt,
+        log=log,
+        env={"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+        preexec=_limit_descriptors,
     )
     try:
-        wait_mount(mnt, proc, log)
         for _ in range(2):
             for i in range(1100):
                 assert (mnt / project.path(0, i)).read_bytes() == project.expected(0, i), i
         assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 1024 // 2 + 64
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        proc.wait(30)
+        proc.unmount(30)
     assert "Too many open files" not in log.read_text()

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from blobfs.model import AnnRef, BlobMember, FileRecord, RemoteImageRef
 from blobfs.sources.compact import FileTable
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import DirNode, ProjectView
-from tests.helpers import start_mount
+from tests.support import harness
 from tests.support.scale import ScaleProject, write_scale_project
 
 
@@ -239,25 +238,16 @@ def mount_env(tmp_path: Path) -> dict[str, str]:
     return {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
 
 
-@pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[list[Path]]:
-    points: list[Path] = []
-    yield points
-    for mnt in points:
-        subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
-
-
 @pytest.mark.fuse
 def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
-    big: ScaleProject, tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+    big: ScaleProject, tmp_path: Path, mount_env: dict[str, str], mounts: harness.Mounts
 ) -> None:
     """Generous bounds, not a benchmark: the first stat parses one dataset's offsets (not
     the whole project's); after a remount it parses none."""
     timings = []
     for run in range(2):
         mnt = tmp_path / f"mnt{run}"
-        proc = start_mount(str(big.root), mnt, tmp_path / f"log{run}", env=mount_env)
-        mounted.append(mnt)
+        proc = mounts.start(big.root, mnt, log=tmp_path / f"log{run}", env=mount_env)
         started = time.monotonic()
         size = os.stat(mnt / big.path(1, 54_321)).st_size
         timings.append(time.monotonic() - started)
@@ -269,8 +259,7 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         index = stats(mnt)["index"]
         assert isinstance(index, dict)
         assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
-        subprocess.run(["fusermount", "-u", str(mnt)], check=True)
-        proc.wait(30)
+        assert proc.unmount(30) == 0
     assert timings[0] < 20, timings
     assert timings[1] < 1.5, timings
 
@@ -285,13 +274,12 @@ def _write_huge_offsets(path: Path, entries: int) -> None:
 
 @pytest.mark.fuse
 def test_listing_a_dataset_does_not_wait_for_another_being_indexed(
-    tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+    tmp_path: Path, mount_env: dict[str, str], mounts: harness.Mounts
 ) -> None:
     project = write_scale_project(tmp_path / "p", ["huge", "small"], 10, 2)
     _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 300_000)
     mnt = tmp_path / "mnt"
-    start_mount(str(project.root), mnt, tmp_path / "log", env=mount_env)
-    mounted.append(mnt)
+    mounts.start(project.root, mnt, log=tmp_path / "log", env=mount_env)
     huge: list[int] = []
     listing = threading.Thread(target=lambda: huge.append(len(os.listdir(mnt / "huge" / "img"))))
     started = time.monotonic()

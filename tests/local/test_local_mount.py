@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from blobfs.cache.blocks import BlockCache
-from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
+from blobfs.errors import NotADirectory
 from blobfs.format.pack import ProjectPacker
 from blobfs.fuse.compat import FUSE_MAJOR
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
+from tests.support import harness
 from tests.support.sample import make_images, png_bytes
 
 
@@ -45,33 +44,11 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 
 @pytest.fixture
-def mnt(project: tuple[Path, dict[str, bytes]], tmp_path: Path) -> Iterator[Path]:
-    root, _ = project
-    point = tmp_path / "mnt"
-    point.mkdir()
-    subprocess.run([sys.executable, "-m", "blobfs", "mount", str(root), str(point)], check=True)
-    yield point
-    subprocess.run(["fusermount", "-u", "-z", str(point)], check=False)
-
-
-def test_view_in_process(project: tuple[Path, dict[str, bytes]]) -> None:
-    root, expected = project
-    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
-    assert sorted(view.readdir("/")) == ["meta.json", "train"]
-    assert sorted(view.readdir("/train")) == ["ann", "datasets", "img", "img_info"]
-    for rel, data in expected.items():
-        attrs = view.getattr("/" + rel)
-        assert attrs["st_size"] == len(data) and attrs["st_mode"] & 0o777 == 0o444
-        assert view.read_path("/" + rel, 0, 1 << 20) == data
-        assert view.read_path("/" + rel, 5, 7) == data[5:12]
-    with pytest.raises(NotFound):
-        view.getattr("/train/img/nope.png")
-    with pytest.raises(NotADirectory):
-        view.readdir("/meta.json")
-    with pytest.raises(IsADirectory):
-        view.open("/train")
-    with pytest.raises(ReadOnly):
-        view.open("/meta.json", write=True)
+def mnt(project: tuple[Path, dict[str, bytes]], tmp_path: Path, mounts: harness.Mounts) -> Path:
+    """The project mounted by ``blobfs mount`` as a user runs it (daemon in the background)."""
+    done, mount = mounts.mount_cli(project[0], tmp_path / "mnt")
+    assert done.returncode == 0 and mount is not None, done.stderr
+    return mount.mnt
 
 
 @pytest.mark.fuse
@@ -101,25 +78,6 @@ def test_real_tools_see_the_exact_bytes(
     import hashlib
 
     assert md5 == hashlib.md5(png_bytes(777)).hexdigest()
-
-
-@pytest.mark.fuse
-def test_stat_times_sizes_and_read_only(mnt: Path, project: tuple[Path, dict[str, bytes]]) -> None:
-    root, expected = project
-    blob = next((root / "blob").iterdir())
-    st = os.stat(mnt / "train/img/img_000000.png")
-    assert st.st_size == len(expected["train/img/img_000000.png"])
-    assert st.st_mtime_ns == blob.stat().st_mtime_ns or abs(st.st_mtime - blob.stat().st_mtime) < 1
-    assert st.st_mode & 0o222 == 0
-    for action in (
-        lambda: (mnt / "x").write_bytes(b"1"),
-        lambda: (mnt / "meta.json").unlink(),
-        lambda: (mnt / "d").mkdir(),
-    ):
-        with pytest.raises(OSError) as info:
-            action()
-        assert info.value.errno == errno.EROFS
-    assert (mnt / "meta.json").read_bytes()  # still up
 
 
 @pytest.mark.fuse
@@ -217,16 +175,13 @@ def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
 
 
 @pytest.mark.fuse
-def test_sigterm_unmounts_cleanly(project: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+def test_sigterm_unmounts_cleanly(
+    project: tuple[Path, dict[str, bytes]], tmp_path: Path, mounts: harness.Mounts
+) -> None:
     root, _ = project
     point = tmp_path / "m2"
-    point.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "blobfs", "mount", str(root), str(point), "-f"])
-    deadline = time.monotonic() + 20
-    while not os.path.ismount(point):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    proc.terminate()
+    proc = mounts.start(root, point)
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert not os.path.ismount(point)
 

@@ -22,7 +22,7 @@ from sly_emulator import Emulator
 from sly_emulator.seed import upload_local_project
 
 from blobfs.format.pack import ProjectPacker
-from tests.helpers import start_mount, wait_mount
+from tests.support import harness
 from tests.support.sample import make_images
 
 pytestmark = pytest.mark.fuse
@@ -45,13 +45,6 @@ def blobfs(
     )
 
 
-def mounts_on(path: Path) -> int:
-    """How many file systems the kernel has mounted on ``path`` (dead ones included)."""
-    target = os.fsencode(os.path.realpath(path)).replace(b" ", b"\\040")
-    with open("/proc/self/mountinfo", "rb") as fh:
-        return sum(1 for line in fh if line.split()[4] == target)
-
-
 def assert_clean_failure(result: subprocess.CompletedProcess[str], *words: str) -> None:
     assert result.returncode != 0, result
     assert "Traceback" not in result.stderr, result.stderr
@@ -70,8 +63,7 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
-    for _ in range(mounts_on(path)):
-        subprocess.run(["fusermount", "-u", "-z", str(path)], capture_output=True)
+    harness.detach(path)
 
 
 # -- 1: nothing is imported from the working directory ---------------------------------------
@@ -226,7 +218,7 @@ def test_mounting_onto_a_mounted_path_is_refused(project: Path, mnt: Path) -> No
     assert blobfs("mount", str(project), str(mnt)).returncode == 0
     result = blobfs("mount", str(project), str(mnt))
     assert_clean_failure(result, "already a mount point", "blobfs unmount")
-    assert mounts_on(mnt) == 1
+    assert harness.mounts_on(mnt) == 1
 
 
 def test_mounting_over_files_needs_nonempty_and_hides_them_only_while_mounted(
@@ -235,7 +227,7 @@ def test_mounting_over_files_needs_nonempty_and_hides_them_only_while_mounted(
     (mnt / "mine.txt").write_text("keep")
     result = blobfs("mount", str(project), str(mnt))
     assert_clean_failure(result, "not empty", "-o nonempty")
-    assert mounts_on(mnt) == 0
+    assert harness.mounts_on(mnt) == 0
     result = blobfs("mount", str(project), str(mnt), "-o", "nonempty")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(mnt)) == ["ds", "meta.json"]
@@ -248,7 +240,7 @@ def test_a_folder_without_meta_json_is_refused_before_ready(tmp_path: Path, mnt:
     make_images(images, 3)
     result = blobfs("mount", str(images), str(mnt))
     assert_clean_failure(result, "not a Supervisely project: no meta.json")
-    assert mounts_on(mnt) == 0
+    assert harness.mounts_on(mnt) == 0
     # in the foreground under systemd: the error, and no READY=1 before it
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -272,10 +264,10 @@ def test_a_folder_without_meta_json_is_refused_before_ready(tmp_path: Path, mnt:
 
 
 def test_a_killed_writeback_mount_is_reported_then_unmounted(
-    project: Path, mnt: Path, tmp_path: Path
+    project: Path, mnt: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
-    proc = start_mount(
-        str(project), mnt, tmp_path / "log", "--writeback", "--spool-dir", str(tmp_path / "sp")
+    proc = mounts.start(
+        project, mnt, "--writeback", "--spool-dir", str(tmp_path / "sp"), log=tmp_path / "log"
     )
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -286,34 +278,36 @@ def test_a_killed_writeback_mount_is_reported_then_unmounted(
     result = blobfs("unmount", str(mnt))
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "spool" in result.stderr
-    assert mounts_on(mnt) == 0
+    assert harness.mounts_on(mnt) == 0
     # and the folder is usable again
     assert blobfs("mount", str(project), str(mnt)).returncode == 0
     assert blobfs("unmount", str(mnt)).returncode == 0
 
 
 def test_mounting_onto_a_killed_mount_takes_the_dead_one_away_first(
-    project: Path, mnt: Path, tmp_path: Path
+    project: Path, mnt: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
-    proc = start_mount(str(project), mnt, tmp_path / "log")
+    proc = mounts.start(project, mnt, log=tmp_path / "log")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     result = blobfs("mount", str(project), str(mnt))
     assert result.returncode == 0, result.stderr
     assert "dead mount" in result.stderr and "Traceback" not in result.stderr
-    assert mounts_on(mnt) == 1, "the dead mount must go, not stay under the new one"
+    assert harness.mounts_on(mnt) == 1, "the dead mount must go, not stay under the new one"
     assert len(os.listdir(mnt / "ds" / "img")) == 3
 
 
-def test_a_killed_mount_still_in_use_is_detached(project: Path, mnt: Path, tmp_path: Path) -> None:
-    proc = start_mount(str(project), mnt, tmp_path / "log")
+def test_a_killed_mount_still_in_use_is_detached(
+    project: Path, mnt: Path, tmp_path: Path, mounts: harness.Mounts
+) -> None:
+    proc = mounts.start(project, mnt, log=tmp_path / "log")
     shell = subprocess.Popen(["sleep", "60"], cwd=mnt / "ds")  # holds the mount busy
     try:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         result = blobfs("unmount", str(mnt))
         assert result.returncode == 0, result.stderr
-        assert mounts_on(mnt) == 0
+        assert harness.mounts_on(mnt) == 0
     finally:
         shell.kill()
         shell.wait()
@@ -329,9 +323,9 @@ def test_unmount_of_a_path_that_is_not_mounted_says_so_in_one_line(mnt: Path) ->
 def test_unmount_of_a_live_read_only_mount_still_works(project: Path, mnt: Path) -> None:
     proc_free = blobfs("mount", str(project), str(mnt))
     assert proc_free.returncode == 0
-    wait_mount(mnt)
+    harness.wait_mounted(mnt)
     assert blobfs("unmount", str(mnt)).returncode == 0
-    assert mounts_on(mnt) == 0
+    assert harness.mounts_on(mnt) == 0
 
 
 # -- 21: --help, docs/usage.md and the code say the same ------------------------------------

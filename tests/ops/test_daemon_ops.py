@@ -15,7 +15,7 @@ import pytest
 
 from blobfs import __version__
 from blobfs.format.pack import ProjectPacker
-from tests.helpers import wait_mount
+from tests.support import harness
 from tests.support.sample import make_images
 
 pytestmark = pytest.mark.fuse
@@ -34,10 +34,7 @@ def test_sd_notify_ready_only_once_mounted_then_stopping(project: Path, tmp_path
     sock.settimeout(20)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blobfs", "mount", str(project), str(mnt), "--foreground"],
-        env={**os.environ, "NOTIFY_SOCKET": str(sock_path)},
-    )
+    proc = harness.spawn(harness.daemon_argv(project, mnt), {"NOTIFY_SOCKET": str(sock_path)})
     try:
         ready = sock.recv(256).decode()
         assert ready == "READY=1"
@@ -48,9 +45,7 @@ def test_sd_notify_ready_only_once_mounted_then_stopping(project: Path, tmp_path
         assert not os.path.ismount(mnt)
     finally:
         sock.close()
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["fusermount", "-u", "-z", str(mnt)], capture_output=True)
+        harness.Mount(mnt, proc).close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) with a helper in /sbin needs root")
@@ -124,14 +119,14 @@ def test_log_lines_for_mount_and_unmount_without_timestamps_under_journald(
 ) -> None:
     mnt, log = tmp_path / "mnt", tmp_path / "log"
     mnt.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blobfs", "mount", str(project), str(mnt), "--foreground"],
-        stderr=open(log, "wb"),  # noqa: SIM115
-        env={**os.environ, "JOURNAL_STREAM": "8:1234"},
-    )
-    wait_mount(mnt, proc)
-    subprocess.run(["fusermount", "-u", str(mnt)], check=True)
-    assert proc.wait(20) == 0
+    with open(log, "wb") as stderr, harness.Mount(mnt) as mount:
+        # no --log-file: the log goes to stderr, as under systemd
+        mount.proc = harness.spawn(
+            harness.daemon_argv(project, mnt), {"JOURNAL_STREAM": "8:1234"}, stderr=stderr
+        )
+        mount.pid = mount.proc.pid
+        harness.wait_mounted(mnt, mount.proc)
+        assert mount.unmount(20) == 0
     lines = log.read_text().splitlines()
     assert any(line.startswith("INFO blobfs.daemon: mounted ") for line in lines), lines
     assert any("unmounted" in line for line in lines)

@@ -22,7 +22,7 @@ from blobfs.commands.check import check_project
 from blobfs.errors import BlobfsError, to_errno
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
-from tests.helpers import start_mount
+from tests.support import harness
 from tests.support.hostile import Case, build_corpus
 
 
@@ -71,8 +71,7 @@ def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_pat
             assert refused.returncode != 0 and not os.path.ismount(mnt), case.name
             assert case.mount_refused in refused.stderr, (case.name, refused.stderr)
             continue
-        proc = start_mount(str(case.root), mnt, log)
-        try:
+        with harness.start(case.root, mnt, log=log) as proc:
             for path in case.eio:
                 with pytest.raises(OSError) as info:
                     (mnt / path.lstrip("/")).read_bytes()
@@ -81,9 +80,7 @@ def test_each_case_through_a_real_mount(corpus: tuple[list[Case], Path], tmp_pat
                 assert not os.path.exists(mnt / path.lstrip("/")), (case.name, path)
             for path, data in case.good.items():  # still served after the errors above
                 assert (mnt / path.lstrip("/")).read_bytes() == data, (case.name, path)
-        finally:
-            subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-            assert proc.wait(20) == 0, (case.name, log.read_text()[-2000:])
+            assert proc.unmount(20) == 0, (case.name, log.read_text()[-2000:])
         text = log.read_text()
         if case.eio:
             assert "blob" in text, f"{case.name}: the log must say why"

@@ -12,7 +12,6 @@ import hashlib
 import multiprocessing
 import os
 import random
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from blobfs.format.pack import ProjectPacker
-from tests.helpers import start_mount
+from tests.support import harness
 from tests.support.sample import png_bytes
 
 pytestmark = pytest.mark.fuse
@@ -42,20 +41,20 @@ def mounted(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
         digests[f"l_{i:05d}.png"] = hashlib.sha256(data).hexdigest()
     ProjectPacker(root / "project", "ds", blob_size=2 << 20).pack(sorted(src.iterdir()))
     mnt = root / "mnt"
-    proc = start_mount(
-        str(root / "project"),
+    proc = harness.start(
+        root / "project",
         mnt,
-        root / "log",
         "--cache-size",
         str(CACHE_BYTES),
         "--block-size",
         "64K",
         "-o",
         "direct_io",
+        log=root / "log",
     )
-    yield mnt / "ds" / "img", digests, proc
-    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-    proc.wait(20)
+    with proc:
+        yield mnt / "ds" / "img", digests, proc
+        proc.unmount(20)
 
 
 def _reader(

@@ -30,10 +30,9 @@ from blobfs.problems import Problems, show
 from blobfs.safe_open import ProjectRoot, UnsafeFile
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
-from tests.helpers import start_mount
+from tests.support import harness
 from tests.support.hostile import SECRET
 from tests.support.sample import make_images, png_bytes
-from tests.writeback.conftest import Daemon, cleanup_mount
 
 
 @pytest.fixture
@@ -270,7 +269,7 @@ def test_an_entry_the_tar_disowns_says_why(tmp_path: Path) -> None:
 
 @pytest.mark.fuse
 def test_a_bogus_entry_is_eio_logged_once_and_hides_no_real_image(
-    project: Path, tmp_path: Path
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     """The issue's case: ``img_3 [512, 520)`` once hid ``img_0``; ``[0, 512)`` served a header."""
     from blobfs.format.offsets import read_offsets_file
@@ -285,7 +284,7 @@ def test_a_bogus_entry_is_eio_logged_once_and_hides_no_real_image(
         dumps_batch([BlobMember("header.png", 0, 512)])
     )
     mnt, log = tmp_path / "mnt", tmp_path / "log"
-    proc = start_mount(str(project), mnt, log)
+    proc = mounts.start(project, mnt, log=log)
     try:
         images = make_images(tmp_path / "again", 4)
         for m, src in zip(real, images, strict=True):
@@ -295,8 +294,7 @@ def test_a_bogus_entry_is_eio_logged_once_and_hides_no_real_image(
                 (mnt / "ds" / "img" / "header.png").read_bytes()
             assert info.value.errno == errno.EIO
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(20) == 0
+        assert proc.unmount(20) == 0
     text = log.read_text()
     assert text.count("'header.png'") == 1, text
     assert "no tar member starts there" in text
@@ -304,23 +302,19 @@ def test_a_bogus_entry_is_eio_logged_once_and_hides_no_real_image(
 
 @pytest.mark.fuse
 def test_writeback_never_writes_through_a_symlinked_ann_folder(
-    project: Path, tmp_path: Path
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     out = _outside(tmp_path)
     (project / "ds" / "ann").rename(out / "ann")
     (project / "ds" / "ann").symlink_to(out / "ann")
     before = sorted(p.name for p in (out / "ann").iterdir())
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "wb.log").start()
-    try:
-        (mnt / "ds" / "img" / "new.png").write_bytes(png_bytes(77))
-        subprocess.run(
-            [sys.executable, "-m", "blobfs", "flush", str(mnt)], capture_output=True, timeout=60
-        )
-    finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        d.wait_exit(60)
-        cleanup_mount(mnt)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "wb.log")
+    (mnt / "ds" / "img" / "new.png").write_bytes(png_bytes(77))
+    subprocess.run(
+        [sys.executable, "-m", "blobfs", "flush", str(mnt)], capture_output=True, timeout=60
+    )
+    d.unmount()
     assert sorted(p.name for p in (out / "ann").iterdir()) == before
     assert not any(p.name.endswith(".tar") for p in out.rglob("*"))
     assert "symlink" in (tmp_path / "wb.log").read_text()

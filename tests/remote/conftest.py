@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,7 @@ from sly_emulator import Emulator
 from sly_emulator.seed import upload_local_project
 
 from blobfs.format.pack import ProjectPacker
-from tests.helpers import start_mount
+from tests.support import harness
 from tests.support.sample import make_images, png_bytes
 
 TOKEN = "remote-test-token-3f9a"
@@ -26,13 +24,12 @@ class Mounted:
     kind: str
     mnt: Path
     log: Path
-    proc: subprocess.Popen[bytes]
+    proc: harness.Mount
     expected: dict[str, bytes]
     emulator: Emulator | None = None
 
-    def unmount(self) -> int:
-        subprocess.run(["fusermount", "-u", str(self.mnt)], check=False)
-        return self.proc.wait(30)
+    def unmount(self) -> int | None:
+        return self.proc.unmount(30)
 
 
 def build_project(root: Path, count: int = 40) -> tuple[Path, dict[str, bytes]]:
@@ -63,10 +60,8 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
 
 def mount_remote(
     emu: Emulator, project_id: int, mnt: Path, log: Path, *extra: str
-) -> subprocess.Popen[bytes]:
-    return start_mount(
-        f"sly://{project_id}", mnt, log, "--server", emu.url, *extra, env={"API_TOKEN": TOKEN}
-    )
+) -> harness.Mount:
+    return harness.start_remote(emu.url, project_id, mnt, *extra, token=TOKEN, log=log)
 
 
 @pytest.fixture(params=["local", "remote"])
@@ -74,7 +69,7 @@ def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mounted]
     project, expected = build_project(tmp_path)
     log = tmp_path / "daemon.log"
     if request.param == "local":
-        proc = start_mount(str(project), tmp_path / "mnt", log)
+        proc = harness.start(project, tmp_path / "mnt", log=log)
         m = Mounted("local", tmp_path / "mnt", log, proc, expected)
     else:
         emu = Emulator(tmp_path / "emu-state", TOKEN).start()
@@ -82,10 +77,6 @@ def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mounted]
         proc = mount_remote(emu, pid, tmp_path / "mnt", log)
         m = Mounted("remote", tmp_path / "mnt", log, proc, expected, emu)
     yield m
-    if os.path.ismount(m.mnt):
-        subprocess.run(["fusermount", "-u", "-z", str(m.mnt)], check=False)
-    if m.proc.poll() is None:
-        m.proc.kill()
-        m.proc.wait(10)
+    m.proc.close()
     if m.emulator is not None:
         m.emulator.stop()

@@ -3,7 +3,6 @@ by the emulator: the mount must look and read the same."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -43,17 +42,6 @@ def test_annotations_carry_the_image_size(mounted: Mounted) -> None:
         ann_path = mounted.mnt / rel.replace("/img/", "/ann/")
         ann = json.loads(ann_path.with_name(ann_path.name + ".json").read_bytes())
         assert ann["size"] == {"height": 32, "width": 32}
-
-
-def test_errnos(mounted: Mounted) -> None:
-    mnt = mounted.mnt
-    with pytest.raises(FileNotFoundError):
-        (mnt / "train" / "img" / "missing.png").read_bytes()
-    with pytest.raises(OSError) as info:
-        (mnt / "train" / "img" / "new.png").write_bytes(b"x")
-    assert info.value.errno == errno.EROFS
-    with pytest.raises(NotADirectoryError):
-        os.listdir(mnt / "meta.json")
 
 
 def test_sixteen_readers_in_parallel_get_every_byte_right(mounted: Mounted) -> None:

@@ -107,8 +107,7 @@ def test_a_damaged_disk_cache_never_serves_wrong_bytes_through_the_mount(
         for rel, data in expected.items():
             assert (mnt / rel).read_bytes() == data
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(30) == 0
+        assert proc.unmount(30) == 0
     files = block_files(cache)
     assert files
     for path in files:
@@ -130,8 +129,7 @@ def test_a_damaged_disk_cache_never_serves_wrong_bytes_through_the_mount(
         )
         assert stats["cache"]["disk_corrupt"] == len(files)
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(30) == 0
+        assert proc.unmount(30) == 0
     lines = [line for line in log.read_text().splitlines() if "disk cache" in line]
     assert len(lines) == 2, lines  # the first damaged block, then the total at unmount
     assert f"{len(files)} damaged blocks" in lines[-1]

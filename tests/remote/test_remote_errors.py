@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.remote import RemoteProjectSource
 from blobfs.transport.http import HttpClient
 from blobfs.view.tree import ProjectView
+from tests.support import harness
 
 from .conftest import TOKEN, build_project, mount_remote
 
@@ -41,9 +41,8 @@ def seeded(tmp_path: Path, emulator: Emulator) -> tuple[int, dict[str, bytes]]:
     return upload_local_project(emulator.url, TOKEN, project), expected
 
 
-def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> int:
-    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-    return proc.wait(30)
+def unmount(mnt: Path, mount: harness.Mount) -> int | None:
+    return mount.unmount(30)
 
 
 def image_doc(emu: Emulator, name: str) -> dict[str, Any]:
@@ -62,17 +61,12 @@ def closed_port() -> int:
 
 def mount_cli(source: str, mnt: Path, *extra: str, token: str = TOKEN) -> tuple[int, str, float]:
     """``blobfs mount`` in the background as a user runs it: (rc, stderr, seconds)."""
-    mnt.mkdir(exist_ok=True)
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "blobfs", "mount", source, str(mnt), *extra],
-        env={**os.environ, "API_TOKEN": token},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result, mount = harness.mount_cli(
+        source, mnt, *extra, env={"API_TOKEN": token}, python_flags=(), timeout_s=120
     )
-    if os.path.ismount(mnt):
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+    if mount is not None:
+        mount.unmount()
     return result.returncode, result.stderr, time.monotonic() - started
 
 

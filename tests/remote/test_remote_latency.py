@@ -30,6 +30,7 @@ from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.transport.http import HttpClient
+from tests.support import harness
 from tests.support.sample import make_images
 
 from .conftest import TOKEN, mount_remote
@@ -103,9 +104,8 @@ def blobfs_stats(mnt: Path) -> dict[str, object]:
     return result
 
 
-def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> int:
-    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-    return proc.wait(30)
+def unmount(mnt: Path, mount: harness.Mount) -> int | None:
+    return mount.unmount(30)
 
 
 # ---- latency hidden ------------------------------------------------------------------------

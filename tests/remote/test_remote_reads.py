@@ -13,7 +13,9 @@ import pytest
 from sly_emulator import Emulator, start_process
 from sly_emulator.seed import upload_local_project
 
-from .conftest import TOKEN, build_project, mount_remote, start_mount
+from tests.support import harness
+
+from .conftest import TOKEN, build_project, mount_remote
 
 pytestmark = [pytest.mark.fuse, pytest.mark.remote]
 
@@ -29,9 +31,8 @@ def read_all(mnt: Path, expected: dict[str, bytes]) -> list[str]:
     return [rel for rel, data in sorted(expected.items()) if (mnt / rel).read_bytes() != data]
 
 
-def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> int:
-    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-    return proc.wait(30)
+def unmount(mnt: Path, mount: harness.Mount) -> int | None:
+    return mount.unmount(30)
 
 
 def test_a_scan_costs_about_one_request_per_blob_and_warm_reads_none(
@@ -113,9 +114,7 @@ def test_server_killed_mid_read_fails_with_eio_and_a_restart_recovers(
     port = int(url.rsplit(":", 1)[1])
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = start_mount(
-        f"sly://{pid}", mnt, tmp_path / "log", "--server", url, env={"API_TOKEN": TOKEN}
-    )
+    proc = harness.start_remote(url, pid, mnt, token=TOKEN, log=tmp_path / "log")
     try:
         names = sorted(expected)
         assert (mnt / names[0]).read_bytes() == expected[names[0]]

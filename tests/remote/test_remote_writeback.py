@@ -18,9 +18,10 @@ from sly_emulator.seed import upload_local_project
 
 from blobfs.format.ann_coords import to_pixel
 from tests.helpers import add_class_and_annotation
+from tests.support import harness
 from tests.support.sample import make_images
 
-from .conftest import TOKEN, build_project, start_mount
+from .conftest import TOKEN, build_project
 
 pytestmark = [pytest.mark.fuse, pytest.mark.remote]
 
@@ -51,19 +52,19 @@ def remote_images(emu: Emulator, project: int) -> dict[str, list[bytes]]:
 
 def writeback_mount(
     emu: Emulator, pid: int, mnt: Path, log: Path, spool: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    return start_mount(
-        f"sly://{pid}",
-        mnt,
-        log,
-        "--server",
+) -> harness.Mount:
+    return harness.start_remote(
         emu.url,
+        pid,
+        mnt,
         "--writeback",
         "--spool-dir",
         str(spool),
         "--writeback-delay",
         "30",
-        env={"API_TOKEN": TOKEN, **(env or {})},
+        token=TOKEN,
+        log=log,
+        env=env or {},
     )
 
 
@@ -96,8 +97,7 @@ def test_images_written_into_a_remote_mount_are_imported_once(
         result = flush(mnt)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(60) == 0
+        assert proc.unmount(60) == 0
     got = remote_images(emulator, remote_project)
     for p in new:
         assert got[f"train/{p.name}"] == [p.read_bytes()]
@@ -137,14 +137,13 @@ def test_a_crash_between_upload_and_registration_makes_no_duplicates(
     subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
     flush(mnt)
     assert proc.wait(30) == 137
-    subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
+    proc.kill9()  # only takes the dead mount away
     proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log2", spool)
     try:
         result = flush(mnt)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(60) == 0
+        assert proc.unmount(60) == 0
     got = remote_images(emulator, remote_project)
     for p in new:
         assert got[f"train/{p.name}"] == [p.read_bytes()], point
@@ -188,8 +187,7 @@ def test_after_a_flush_the_mount_serves_the_new_annotation_and_meta_at_once(
         assert [c["title"] for c in meta["classes"]] == ["dog"]
         assert len((mnt / "meta.json").read_bytes()) != len(old_meta)
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(60) == 0
+        assert proc.unmount(60) == 0
 
 
 def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
@@ -263,8 +261,7 @@ def test_the_stock_sdk_registers_an_imported_blob_into_another_project(
         result = flush(mnt)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        assert proc.wait(60) == 0
+        assert proc.unmount(60) == 0
     names = {f["name"] for f in sdk.file.list(team.id, "/blob-files/")} - seeded
     [tar] = [n for n in names if n.endswith(".tar")]
     assert tar[: -len(".tar")] + "_offsets.pkl" in names

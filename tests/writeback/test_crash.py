@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.commands.check import check_project
+from tests.support import harness
+from tests.support.crash import recover_and_verify, write_until_dead
 from tests.support.sample import png_bytes
-
-from .conftest import Daemon
-from .test_writeback_mount import project_images
 
 pytestmark = pytest.mark.fuse
 
@@ -34,47 +32,13 @@ RANDOM_TRIALS = 8
 CHAIN_KILLS = 20
 
 
-def write_until_dead(img_dir: Path, seeds: range, acked: list[int], stop: threading.Event) -> None:
-    for seed in seeds:
-        if stop.is_set():
-            return
-        try:
-            with open(img_dir / f"c_{seed:05d}.png", "wb") as f:
-                f.write(png_bytes(seed))
-        except OSError:
-            return
-        acked.append(seed)  # close() returned: the write is acknowledged
-
-
-def recover_and_verify(
-    project: Path, tmp_path: Path, spool: Path, seeds: range, acked: list[int], trial: str
-) -> None:
-    mnt = tmp_path / f"mnt-{trial}-again"
-    again = Daemon(project, mnt, spool, tmp_path / f"log-{trial}-again").start()
-    try:
-        flushed = subprocess.run(
-            [sys.executable, "-m", "blobfs", "flush", str(mnt)], capture_output=True, text=True
-        )
-        assert flushed.returncode == 0, flushed.stdout + flushed.stderr
-    finally:
-        assert again.unmount() == 0
-    served = project_images(project)
-    for seed in acked:
-        assert served.get(f"/ds/img/c_{seed:05d}.png") == png_bytes(seed), (trial, seed)
-    for seed in seeds:
-        got = served.get(f"/ds/img/c_{seed:05d}.png")
-        assert got is None or got == png_bytes(seed), (trial, seed)
-    assert check_project(project).problems == [], trial  # a duplicate name would show here
-
-
 @pytest.mark.parametrize("trial", range(RANDOM_TRIALS))
 def test_kill9_at_a_random_moment_loses_nothing_acknowledged(
-    trial: int, project: Path, tmp_path: Path, daemons: list[Daemon]
+    trial: int, project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     rng = random.Random(trial)
     spool = tmp_path / "spool"
-    d = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log", delay_s=0.05).start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, tmp_path / "mnt", spool, log=tmp_path / "log", delay_s=0.05)
     seeds = range(1000 + 100 * trial, 1000 + 100 * trial + 60)
     acked: list[int] = []
     stop = threading.Event()
@@ -91,18 +55,17 @@ def test_kill9_at_a_random_moment_loses_nothing_acknowledged(
 
 @pytest.mark.parametrize("point", FAILPOINTS * 2)
 def test_crash_at_each_import_step_is_finished_on_the_next_mount(
-    point: str, project: Path, tmp_path: Path, daemons: list[Daemon]
+    point: str, project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     spool = tmp_path / "spool"
-    d = Daemon(
+    d = mounts.start_writeback(
         project,
         tmp_path / "mnt",
         spool,
-        tmp_path / "log",
+        log=tmp_path / "log",
         delay_s=30,
         env={"BLOBFS_FAILPOINT": point},
-    ).start()
-    daemons.append(d)
+    )
     seeds = range(2000, 2012)
     for seed in seeds:
         (tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))
@@ -127,7 +90,7 @@ def write_or_rename(img: Path, seed: int) -> None:
 
 
 def test_kill9_again_and_again_keeps_every_closed_file(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     """A chain of kills: each daemon finds what every earlier one acknowledged (in the
     mount, from the spool), writes more, and is killed at a random moment; at the end one
@@ -138,8 +101,7 @@ def test_kill9_again_and_again_keeps_every_closed_file(
     seeds = iter(range(4000, 9000))
     for kill in range(CHAIN_KILLS):
         mnt = tmp_path / f"mnt{kill}"
-        d = Daemon(project, mnt, spool, tmp_path / f"log{kill}", delay_s=3600).start()
-        daemons.append(d)
+        d = mounts.start_writeback(project, mnt, spool, log=tmp_path / f"log{kill}", delay_s=3600)
         img = mnt / "ds" / "img"
         for seed in acked:
             assert (img / f"c_{seed:05d}.png").read_bytes() == png_bytes(seed), (kill, seed)
@@ -167,15 +129,14 @@ def test_kill9_again_and_again_keeps_every_closed_file(
 
 
 def test_a_power_cut_after_fsync_loses_nothing(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     """``kill -9`` keeps the kernel's page cache; a power cut does not. With the default
     durability a file is safe from it once ``fsync()`` returned: play the worst case by
     wiping every staged file the kill leaves behind, and every fsync'd image must still
     arrive, from the journal alone."""
     spool = tmp_path / "spool"
-    d = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log", delay_s=3600).start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, tmp_path / "mnt", spool, log=tmp_path / "log", delay_s=3600)
     seeds = range(3100, 3116)
     for seed in seeds:
         with open(tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png", "wb") as f:
@@ -191,16 +152,15 @@ def test_a_power_cut_after_fsync_loses_nothing(
 
 
 def test_with_sync_close_a_power_cut_after_close_loses_nothing(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     """``--sync-close``: small files are acknowledged at ``close()`` once their journal
     record is durable, their staged copies are left to the kernel: wipe every staged file
     the kill leaves behind, and every closed image must still arrive."""
     spool = tmp_path / "spool"
-    d = Daemon(
-        project, tmp_path / "mnt", spool, tmp_path / "log", delay_s=3600, args=("--sync-close",)
-    ).start()
-    daemons.append(d)
+    d = mounts.start_writeback(
+        project, tmp_path / "mnt", spool, "--sync-close", log=tmp_path / "log", delay_s=3600
+    )
     seeds = range(3000, 3016)
     for seed in seeds:
         (tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))

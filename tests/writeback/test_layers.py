@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from blobfs.format.pack import ProjectPacker
-from tests.helpers import wait_mount
+from tests.support import harness
 from tests.support.sample import make_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,23 +27,13 @@ def test_a_read_only_mount_imports_nothing_of_writeback(tmp_path: Path) -> None:
     images = make_images(tmp_path / "seed", 3)
     ProjectPacker(project, "ds").pack(images)
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log = tmp_path / "log"
     err = tmp_path / "imports"
     with open(err, "wb") as stderr:
-        mount = ["mount", str(project), str(mnt), "--foreground", "--log-file", str(log)]
-        proc = subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "blobfs", *mount],
-            stderr=stderr,
-            env=os.environ,
-        )
-        try:
-            wait_mount(mnt, proc, log)
+        proc = harness.start(project, mnt, python_flags=("-X", "importtime"), stderr=stderr)
+        with proc:
             assert (mnt / "ds" / "img" / images[0].name).read_bytes() == images[0].read_bytes()
             assert sorted(os.listdir(mnt / "ds" / "img")) == sorted(p.name for p in images)
-        finally:
-            subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-            assert proc.wait(30) == 0
+            assert proc.unmount(30) == 0
     loaded = {line.rsplit("|", 1)[-1].strip() for line in err.read_text().splitlines()}
     assert "blobfs.view.tree" in loaded  # the log is what it claims to be
     assert not [m for m in loaded if m.startswith(WRITEBACK)], sorted(loaded)

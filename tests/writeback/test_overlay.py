@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blobfs.cache.blocks import BlockCache
-from blobfs.errors import AlreadyExists, Busy, NotEmpty, NotPermitted
+from blobfs.errors import AlreadyExists, Busy
 from blobfs.format.pack import ProjectPacker
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
@@ -73,31 +72,7 @@ def _ann(class_title: str) -> bytes:
     return json.dumps({"size": {"height": 32, "width": 32}, "objects": [rect]}).encode()
 
 
-# ---- item: EBUSY while importing, ENOTEMPTY, refusals retried -----------------------------
-
-
-def test_a_staged_file_is_busy_while_its_batch_imports(
-    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BLOBFS_FAILPOINT", "importing:sleep=1.5")
-    overlay.write("/ds/img/new.png", png_bytes(50))
-    overlay.queue.start()
-    flusher = threading.Thread(target=overlay.queue.flush)
-    flusher.start()
-    deadline = time.monotonic() + 10
-    while not overlay.queue.status.importing and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert overlay.queue.status.importing == ["/ds/img/new.png"]
-    with pytest.raises(Busy):
-        overlay.view.unlink("/ds/img/new.png")
-    with pytest.raises(Busy):
-        overlay.view.rename("/ds/img/new.png", "/ds/img/other.png")
-    with pytest.raises(Busy):
-        overlay.view.create("/ds/img/new.png")
-    flusher.join(30)
-    with pytest.raises(NotPermitted):  # imported now: a project file like the others
-        overlay.view.unlink("/ds/img/new.png")
-    assert overlay.view.read_path("/ds/img/new.png", 0, 1 << 20) == png_bytes(50)
+# ---- item: refusals retried (EBUSY and ENOTEMPTY: tests/behaviour/test_errnos.py) ------
 
 
 def test_a_failed_import_leaves_nothing_busy(
@@ -112,18 +87,6 @@ def test_a_failed_import_leaves_nothing_busy(
     overlay.queue.run_once(force=True)
     assert overlay.queue.status.last_error == "OSError: boom"
     overlay.view.unlink("/ds/img/new.png")  # not EBUSY: the import is over
-
-
-def test_rmdir_of_a_dataset_with_files_is_enotempty_and_of_an_empty_one_works(
-    overlay: Overlay,
-) -> None:
-    overlay.view.mkdir("/fresh")
-    overlay.write("/fresh/img/a.png", png_bytes(52))
-    with pytest.raises(NotEmpty):
-        overlay.view.rmdir("/fresh")
-    overlay.view.unlink("/fresh/img/a.png")
-    overlay.view.rmdir("/fresh")  # img/ and ann/ always show; empty, they do not count
-    assert "fresh" not in overlay.view.readdir("/")
 
 
 def test_an_annotation_refused_for_unknown_classes_is_imported_once_meta_has_them(

@@ -18,9 +18,9 @@ import pytest
 from blobfs.errors import NoSpace
 from blobfs.writeback.journal import HEADER_SIZE
 from blobfs.writeback.spool import Spool
+from tests.support import harness
 from tests.support.sample import png_bytes
 
-from .conftest import Daemon
 from .test_overlay import Overlay
 from .test_writeback_mount import blobfs, project_images
 
@@ -101,11 +101,10 @@ def test_a_failed_write_is_never_imported_and_a_full_spool_drains(
 
 @pytest.mark.fuse
 def test_through_a_mount_a_full_spool_fails_the_write_and_flush_drains_it(
-    project: Path, tmp_path: Path, tmpfs: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, tmpfs: Path, mounts: harness.Mounts
 ) -> None:
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmpfs / "spool", tmp_path / "log", delay_s=30).start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmpfs / "spool", log=tmp_path / "log", delay_s=30)
     acknowledged: dict[str, bytes] = {}
     failed = None
     for i in range(200):

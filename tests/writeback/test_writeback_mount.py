@@ -13,28 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from blobfs.cache.blocks import BlockCache
 from blobfs.commands.check import check_project
 from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch, read_offsets_file
 from blobfs.model import BlobMember
-from blobfs.sources.project_dir import LocalProjectSource
-from blobfs.view.tree import ProjectView
 from tests.helpers import add_class_and_annotation
+from tests.support import harness
+from tests.support.crash import project_images
 from tests.support.sample import make_images, png_bytes
 
-from .conftest import Daemon
-
 pytestmark = pytest.mark.fuse
-
-
-def project_images(root: Path) -> dict[str, bytes]:
-    """``dataset/name -> bytes`` of every image the project serves (read like the mount)."""
-    view = ProjectView(LocalProjectSource(root, BlockCache(1 << 16, 1 << 20)))
-    out = {}
-    for path, rec in view.walk_files():
-        if "/img/" in path:
-            out[path] = view.read_path(path, 0, rec.size or 0)
-    return out
 
 
 def blobfs(*args: str) -> subprocess.CompletedProcess[str]:
@@ -42,12 +29,11 @@ def blobfs(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_copied_folder_is_imported_once_with_the_same_bytes(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     new = make_images(tmp_path / "new", 25, start_seed=500)
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
     subprocess.run(["cp", "-r", *map(str, new), str(mnt / "ds" / "img")], check=True)
     for p in new:  # visible at once, before any import
         assert (mnt / "ds" / "img" / p.name).read_bytes() == p.read_bytes()
@@ -63,11 +49,10 @@ def test_copied_folder_is_imported_once_with_the_same_bytes(
 
 
 def test_new_dataset_meta_and_annotation_are_imported(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
     (mnt / "fresh").mkdir()
     (mnt / "fresh" / "img" / "a.png").write_bytes(png_bytes(900))
     ann = add_class_and_annotation(mnt, mnt / "fresh" / "ann" / "a.png.json", "cat")
@@ -80,11 +65,10 @@ def test_new_dataset_meta_and_annotation_are_imported(
 
 
 def test_bad_input_is_kept_and_reported_not_dropped(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
     (mnt / "ds" / "img" / "not-an-image.png").write_bytes(b"hello")
     (mnt / "ds" / "ann" / "img_000001.png.json").write_text("{broken")
     (mnt / "ds" / "ann" / "img_000002.png.json").write_text(
@@ -109,34 +93,11 @@ def test_bad_input_is_kept_and_reported_not_dropped(
     assert "/ds/img/not-an-image.png" not in project_images(project)
 
 
-def test_unsupported_changes_are_refused_with_their_errno(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    mnt = tmp_path / "mnt"
-    daemons.append(Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start())
-    imported = mnt / "ds" / "img" / "img_000000.png"
-    cases = [
-        (lambda: imported.write_bytes(b"x"), errno.EPERM),
-        (lambda: imported.unlink(), errno.EPERM),
-        (lambda: imported.rename(mnt / "ds" / "img" / "other.png"), errno.EPERM),
-        (lambda: (mnt / "stray.txt").write_bytes(b"x"), errno.EPERM),
-        (lambda: (mnt / "ds" / "elsewhere").mkdir(), errno.EPERM),
-        (lambda: (mnt / "ds").mkdir(), errno.EEXIST),
-        (lambda: (mnt / "nope" / "img" / "a.png").write_bytes(b"x"), errno.ENOENT),
-    ]
-    for action, expected in cases:
-        with pytest.raises(OSError) as info:
-            action()
-        assert info.value.errno == expected, (info.value, expected)
-    assert imported.read_bytes() == png_bytes(0)
-
-
 def test_staged_files_can_be_renamed_and_removed_before_import(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log", delay_s=30).start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log", delay_s=30)
     img = mnt / "ds" / "img"
     (img / ".tmp-upload").write_bytes(png_bytes(700))  # what rsync does
     (img / ".tmp-upload").rename(img / "renamed.png")
@@ -150,11 +111,10 @@ def test_staged_files_can_be_renamed_and_removed_before_import(
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
-def test_rsync_into_the_mount(project: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_rsync_into_the_mount(project: Path, tmp_path: Path, mounts: harness.Mounts) -> None:
     new = make_images(tmp_path / "new", 8, start_seed=300)
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
     subprocess.run(["rsync", "-a", f"{tmp_path / 'new'}/", str(mnt / "ds" / "img")], check=True)
     assert d.unmount() == 0
     served = project_images(project)
@@ -163,12 +123,13 @@ def test_rsync_into_the_mount(project: Path, tmp_path: Path, daemons: list[Daemo
 
 
 def test_busy_notempty_and_a_refused_annotation_retried_through_the_mount(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     mnt = tmp_path / "mnt"
     env = {"BLOBFS_FAILPOINT": "importing:sleep=2"}
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log", env=env, delay_s=30).start()
-    daemons.append(d)
+    d = mounts.start_writeback(
+        project, mnt, tmp_path / "spool", log=tmp_path / "log", env=env, delay_s=30
+    )
     (mnt / "fresh").mkdir()
     (mnt / "fresh" / "img" / "a.png").write_bytes(png_bytes(901))
     with pytest.raises(OSError) as info:
@@ -203,11 +164,10 @@ def test_busy_notempty_and_a_refused_annotation_retried_through_the_mount(
 
 
 def test_a_second_writeback_mount_of_the_same_source_is_refused_before_mounting(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     spool = tmp_path / "spool"
-    first = Daemon(project, tmp_path / "mnt", spool, tmp_path / "log").start()
-    daemons.append(first)
+    first = mounts.start_writeback(project, tmp_path / "mnt", spool, log=tmp_path / "log")
     for other_spool in (spool, tmp_path / "spool2"):
         second = tmp_path / f"mnt-{other_spool.name}"
         second.mkdir()
@@ -223,14 +183,13 @@ def test_a_second_writeback_mount_of_the_same_source_is_refused_before_mounting(
 
 
 def test_writing_a_name_the_project_holds_unservably_is_eexist(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     from .test_overlay import duplicate_across_blobs
 
     duplicate_across_blobs(project, tmp_path, "img_000003.png")
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
     with pytest.raises(OSError) as info:
         (mnt / "ds" / "img" / "img_000003.png").write_bytes(png_bytes(3))
     assert info.value.errno == errno.EEXIST
@@ -241,14 +200,13 @@ def test_writing_a_name_the_project_holds_unservably_is_eexist(
 
 
 def test_an_import_lists_its_dataset_again_and_logs_no_old_problem_again(
-    project: Path, tmp_path: Path, daemons: list[Daemon]
+    project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     offsets = next((project / "ds").glob(f"*{OFFSETS_SUFFIX}"))
     members = read_offsets_file(str(offsets)).members
     offsets.write_bytes(dumps_batch([*members, BlobMember("bad/name.png", 0, 1)]))
     mnt = tmp_path / "mnt"
-    d = Daemon(project, mnt, tmp_path / "spool", tmp_path / "log").start()
-    daemons.append(d)
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
     assert len(os.listdir(mnt / "ds" / "img")) == 10
     (mnt / "ds" / "img" / "new.png").write_bytes(png_bytes(901))
     flushed = blobfs("flush", str(mnt))
