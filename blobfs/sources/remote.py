@@ -5,10 +5,12 @@ and refreshed by the view after its TTL. Image bytes are ranges of their blob, f
 through the shared block cache as the read pattern says (:mod:`blobfs.sources.remote_io`:
 a random read fetches just its image, a walk grows a readahead window); plain (non-blob)
 images are whole objects through the same cache. Annotation JSON is fetched 100 images
-per request, read ahead of a reader walking ``ann/`` (:mod:`blobfs.sources.remote_anns`),
-and converted from the server's subpixel coordinates to pixel coordinates exactly as the
-SDK's downloads do (:mod:`blobfs.blob.ann_coords`), so ``ann/*.json`` equals what
-``sly.download`` writes. ``--prefetch`` warms all of it in the background.
+per request: all of a dataset's at once when its ``ann/`` is first listed or looked up, so
+the listing carries every file's size, or read ahead of a reader walking ``ann/``
+(:mod:`blobfs.sources.remote_anns`), and converted from the server's subpixel coordinates
+to pixel coordinates exactly as the SDK's downloads do (:mod:`blobfs.blob.ann_coords`),
+so ``ann/*.json`` equals what ``sly.download`` writes. ``--prefetch`` warms all of it in
+the background.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
 name that appears twice in a dataset is not served, a blob range outside its blob fails
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,7 +40,7 @@ from blobfs.errors import (
     RemoteNotFound,
 )
 from blobfs.model import BlobRef, DatasetRecord, FileRecord
-from blobfs.sources.base import Source
+from blobfs.sources.base import FolderEntries, FolderLoaders, Source
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
 from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher, start_prefetch
@@ -49,6 +51,14 @@ from blobfs.transport.http import HttpClient, safe_url
 logger = logging.getLogger(__name__)
 
 READAHEAD_MAX_BYTES = 32 << 20
+#: Annotations one ``ann/`` listing fetches, at most; the rest are sized when looked up.
+LISTING_ANNS_MAX = 100_000
+#: Annotation JSON one ``ann/`` listing keeps in its entries, at most (beyond it, entries
+#: are sized on lookup from the annotation cache, which may evict).
+LISTING_ANN_BYTES = 128 << 20
+#: Longest an ``ann/`` listing waits for its annotations (half the operation's time left
+#: when that is less): a slow server gives a listing without some sizes, not a timeout.
+LISTING_ANNS_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,48 @@ class RemoteProjectSource(Source):
             self._refused[dataset.path] = refused
         return records
 
+    def listing(self, dataset: DatasetRecord) -> FolderLoaders:
+        """``img/`` and ``ann/`` from one ``images.list`` (the folder filled first asks for
+        it), ``ann/`` with its annotations fetched (see :meth:`_ann_entries`)."""
+        shared = _SharedFiles(lambda: self.files(dataset), ("img", "ann"))
+
+        def img() -> FolderEntries:
+            return {r.relpath[4:]: r for r in shared.take("img") if r.relpath.startswith("img/")}
+
+        def ann() -> FolderEntries:
+            records = [r for r in shared.take("ann") if r.relpath.startswith("ann/")]
+            return self._ann_entries(dataset, records)
+
+        return {"img": img, "ann": ann}
+
+    def _ann_entries(self, dataset: DatasetRecord, records: list[FileRecord]) -> FolderEntries:
+        """``ann/`` entries whose annotation came in time hold its bytes (and so their size);
+        the others (a batch that failed or is late, an annotation that cannot be served,
+        beyond ``LISTING_ANNS_MAX`` or ``LISTING_ANN_BYTES``) stay sized on lookup, where a
+        read asks again and gets any error first-hand.
+
+        With sizes in the listing, readdirplus hands the kernel every file's attributes,
+        so reading each file then costs one READ round trip; without them it costs a LOOKUP,
+        a GETATTR and a READ, and those round trips, not the requests, are what reading a
+        large ``ann/`` through the mount waits for.
+        """
+        assert isinstance(dataset.key, int)
+        ids = [r.ref.image_id for r in records[:LISTING_ANNS_MAX] if isinstance(r.ref, AnnRef)]
+        left = deadline.remaining()
+        wait_s = LISTING_ANNS_WAIT_S if left is None else min(LISTING_ANNS_WAIT_S, left / 2)
+        with self.gate.demand():
+            self.anns.fetch_all(dataset.key, ids, wait_s)
+        out: dict[str, FileRecord] = {}
+        kept = 0
+        for rec in records:
+            ref = rec.ref
+            data = self.anns.peek(ref.image_id) if isinstance(ref, AnnRef) else None
+            if isinstance(data, bytes) and kept + len(data) <= LISTING_ANN_BYTES:
+                kept += len(data)
+                rec = FileRecord(rec.relpath, len(data), rec.mtime_ns, data)
+            out[rec.relpath[4:]] = rec
+        return out
+
     def _image_record(self, img: RemoteImage) -> FileRecord | None:
         mtime = iso_to_ns(img.updated_at)
         if img.in_blob:
@@ -173,6 +225,8 @@ class RemoteProjectSource(Source):
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
+        if isinstance(ref, bytes):  # an annotation fetched with its listing
+            return BytesReader(ref)
         if isinstance(ref, AnnRef):
             return BytesReader(self.content(record))
         assert isinstance(ref, tuple)
@@ -188,6 +242,8 @@ class RemoteProjectSource(Source):
 
     def content(self, record: FileRecord) -> bytes:
         ref = record.ref
+        if isinstance(ref, bytes):
+            return ref
         if not isinstance(ref, AnnRef):
             return super().content(record)
         data = self._annotation(ref)
@@ -300,6 +356,32 @@ class RemoteProjectSource(Source):
         self.anns.close()
         self.cache.close()
         self.api.client.close()
+
+
+class _SharedFiles:
+    """One dataset's :meth:`RemoteProjectSource.files`, asked for once for all its folders.
+
+    Each folder takes it once (per listing: a refresh makes a new one); once every folder
+    has taken it, it is dropped. A failed call is not remembered: the next fill asks again.
+    """
+
+    def __init__(self, load: Callable[[], Sequence[FileRecord]], parts: tuple[str, ...]) -> None:
+        self._load = load
+        self._waiting = set(parts)
+        self._files: Sequence[FileRecord] | None = None
+        self._lock = threading.Lock()
+
+    def take(self, part: str) -> Sequence[FileRecord]:
+        deadline.acquire(self._lock, "listing")
+        try:
+            files = self._files
+            if files is None:
+                files = self._load()
+            self._waiting.discard(part)
+            self._files = files if self._waiting else None
+            return files
+        finally:
+            self._lock.release()
 
 
 def parse_project_id(source: str) -> int:
