@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +42,7 @@ from blobfs.errors import (
 )
 from blobfs.model import BlobRef, DatasetRecord, FileRecord
 from blobfs.sources.base import FolderEntries, FolderLoaders, Source
+from blobfs.sources.compact import building
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
 from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher, start_prefetch
@@ -134,50 +136,74 @@ class RemoteProjectSource(Source):
         return out
 
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
+        listed = self._served(dataset)
+        records: list[FileRecord] = []
+        for rec, ann in zip(listed[0], self._ann_records(dataset, listed), strict=True):
+            records += (rec, ann)
+        return records
+
+    def _served(self, dataset: DatasetRecord) -> Served:
+        """The ``img/`` records of a dataset and, in the same order, the images they serve.
+
+        One pass over ``images.list`` that makes nothing a listing of ``img/`` does not
+        need (``ann/`` records are made when that folder is filled): its per-image cost is
+        most of a first ``ls`` of a large remote folder.
+        """
+        with building():  # many objects, no cycles: no collection meanwhile
+            return self._served_now(dataset)
+
+    def _served_now(self, dataset: DatasetRecord) -> Served:
         assert isinstance(dataset.key, int)
         images = self.api.images(dataset.key)
-        counts: dict[str, int] = {}
-        for img in images:
-            counts[img.name] = counts.get(img.name, 0) + 1
+        counts = Counter(img.name for img in images)
+        mtimes: dict[str, int] = {}  # images added together share their update time
         records: list[FileRecord] = []
-        order: list[int] = []
+        served: list[RemoteImage] = []
         refused: dict[str, str] = {}
         for img in images:
-            problem = name_problem(img.name) or (
-                "name appears more than once" if counts[img.name] > 1 else None
+            name = img.name
+            problem = name_problem(name) or (
+                "name appears more than once" if counts[name] > 1 else None
             )
-            rec = None if problem else self._image_record(img)
+            stamp = img.updated_at
+            mtime = mtimes.get(stamp)
+            if mtime is None:
+                mtime = mtimes[stamp] = iso_to_ns(stamp)
+            rec = None if problem else self._image_record(img, mtime)
             if rec is None:
-                refused.setdefault(f"img/{img.name}", problem or "bad blob range")
+                refused.setdefault(f"img/{name}", problem or "bad blob range")
                 self._note(
-                    f"dataset {dataset.key}: image {img.id} {img.name[:80]!r} not served: "
+                    f"dataset {dataset.key}: image {img.id} {name[:80]!r} not served: "
                     f"{problem or 'bad blob range'}"
                 )
                 continue
-            mtime = iso_to_ns(img.updated_at)
             records.append(rec)
-            records.append(
-                FileRecord(
-                    f"ann/{img.name}.json", None, mtime, AnnRef(dataset.key, img.id, len(order))
-                )
-            )
-            order.append(img.id)
+            served.append(img)
         with self._lock:
-            self._order[dataset.key] = order
+            self._order[dataset.key] = [img.id for img in served]
             self._refused[dataset.path] = refused
-        return records
+        return records, served
+
+    def _ann_records(self, dataset: DatasetRecord, listed: Served) -> list[FileRecord]:
+        """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`)."""
+        key = dataset.key
+        assert isinstance(key, int)
+        return [
+            FileRecord(f"ann/{img.name}.json", None, rec.mtime_ns, AnnRef(key, img.id, at))
+            for at, (rec, img) in enumerate(zip(*listed, strict=True))
+        ]
 
     def listing(self, dataset: DatasetRecord) -> FolderLoaders:
         """``img/`` and ``ann/`` from one ``images.list`` (the folder filled first asks for
         it), ``ann/`` with its annotations fetched (see :meth:`_ann_entries`)."""
-        shared = _SharedFiles(lambda: self.files(dataset), ("img", "ann"))
+        shared = _SharedListing(lambda: self._served(dataset), ("img", "ann"))
 
         def img() -> FolderEntries:
-            return {r.relpath[4:]: r for r in shared.take("img") if r.relpath.startswith("img/")}
+            records, _ = shared.take("img")
+            return {r.relpath[4:]: r for r in records}
 
         def ann() -> FolderEntries:
-            records = [r for r in shared.take("ann") if r.relpath.startswith("ann/")]
-            return self._ann_entries(dataset, records)
+            return self._ann_entries(dataset, self._ann_records(dataset, shared.take("ann")))
 
         return {"img": img, "ann": ann}
 
@@ -209,19 +235,15 @@ class RemoteProjectSource(Source):
             out[rec.relpath[4:]] = rec
         return out
 
-    def _image_record(self, img: RemoteImage) -> FileRecord | None:
-        mtime = iso_to_ns(img.updated_at)
+    def _image_record(self, img: RemoteImage, mtime: int) -> FileRecord | None:
+        """The image's record, its ref the image itself (where its bytes are is worked out
+        when it is opened: a listing makes one object per image, not three)."""
         if img.in_blob:
             start, end = img.offset_start, img.offset_end
             if start is None or end is None or start < 0 or end < start:
                 return None
-            return FileRecord(
-                f"img/{img.name}",
-                end - start,
-                mtime,
-                (img, BlobRef(f"tf{img.related_data_id}", "", start, end)),
-            )
-        return FileRecord(f"img/{img.name}", img.size, mtime, (img, None))
+            return FileRecord(f"img/{img.name}", end - start, mtime, img)
+        return FileRecord(f"img/{img.name}", img.size, mtime, img)
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
@@ -229,10 +251,12 @@ class RemoteProjectSource(Source):
             return BytesReader(ref)
         if isinstance(ref, AnnRef):
             return BytesReader(self.content(record))
-        assert isinstance(ref, tuple)
-        img, blob_ref = ref
-        if blob_ref is None:
+        assert isinstance(ref, RemoteImage)
+        img = ref
+        if not img.in_blob:
             return SliceReader(self.cache, self._plain_image(img), BlobRef("", "", 0, img.size))
+        assert img.offset_start is not None and img.offset_end is not None
+        blob_ref = BlobRef(f"tf{img.related_data_id}", "", img.offset_start, img.offset_end)
         blob = self._blob(img)
         if isinstance(blob, str):
             return FailingReader(blob)
@@ -358,28 +382,31 @@ class RemoteProjectSource(Source):
         self.api.client.close()
 
 
-class _SharedFiles:
-    """One dataset's :meth:`RemoteProjectSource.files`, asked for once for all its folders.
+Served = tuple[list[FileRecord], list[RemoteImage]]
+
+
+class _SharedListing:
+    """One dataset's ``images.list`` as records, asked for once for all its folders.
 
     Each folder takes it once (per listing: a refresh makes a new one); once every folder
     has taken it, it is dropped. A failed call is not remembered: the next fill asks again.
     """
 
-    def __init__(self, load: Callable[[], Sequence[FileRecord]], parts: tuple[str, ...]) -> None:
+    def __init__(self, load: Callable[[], Served], parts: tuple[str, ...]) -> None:
         self._load = load
         self._waiting = set(parts)
-        self._files: Sequence[FileRecord] | None = None
+        self._value: Served | None = None
         self._lock = threading.Lock()
 
-    def take(self, part: str) -> Sequence[FileRecord]:
+    def take(self, part: str) -> Served:
         deadline.acquire(self._lock, "listing")
         try:
-            files = self._files
-            if files is None:
-                files = self._load()
+            value = self._value
+            if value is None:
+                value = self._load()
             self._waiting.discard(part)
-            self._files = files if self._waiting else None
-            return files
+            self._value = value if self._waiting else None
+            return value
         finally:
             self._lock.release()
 
