@@ -7,9 +7,9 @@ test starts from a healthy emulator with zeroed counters.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import errno
 import random
 import subprocess
 import sys
