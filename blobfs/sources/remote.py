@@ -214,9 +214,8 @@ class RemoteProjectSource(Source):
         read asks again and gets any error first-hand.
 
         With sizes in the listing, readdirplus hands the kernel every file's attributes,
-        so reading each file then costs one READ round trip; without them it costs a LOOKUP,
-        a GETATTR and a READ, and those round trips, not the requests, are what reading a
-        large ``ann/`` through the mount waits for.
+        and reading a file asks the server nothing: the requests are all made at once, at
+        ``--concurrency``, instead of while a reader waits for its next file.
         """
         assert isinstance(dataset.key, int)
         ids = [r.ref.image_id for r in records[:LISTING_ANNS_MAX] if isinstance(r.ref, AnnRef)]

@@ -9,9 +9,7 @@ shuffled epoch reading one annotation per image) fetches only its own batch.
 
 Listing a dataset's ``ann/`` asks for all of its annotations at once (:meth:`AnnotationCache.
 fetch_all`): a file's size is its converted JSON's length, so a listing that carries sizes
-must have the JSON, and with sizes in the listing the kernel reads each file with one READ
-instead of a LOOKUP, a GETATTR and a READ (for a large ``ann/`` those per-file round trips,
-not the requests, are most of the time).
+must have the JSON, and with it every read of a file is answered from memory.
 
 Batches already asked for are remembered by image id until their answer is stored, so no
 annotation is asked for twice at once. A background batch that fails is forgotten: the
