@@ -257,7 +257,7 @@ def test_a_failing_ann_batch_fails_only_its_own_files(big: Big, emu: Emulator) -
 
 
 @pytest.mark.fuse
-def test_reading_a_listed_ann_folder_costs_no_lookup_per_file(
+def test_reading_a_listed_ann_folder_asks_the_server_nothing_per_file(
     tmp_path: Path, big: Big, emu: Emulator
 ) -> None:
     mnt = tmp_path / "mnt"
