@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from blobfs.errors import RemoteError
 from blobfs.transport.http import HttpClient, HttpRangeReader
@@ -36,9 +36,13 @@ class RemoteDataset:
     updated_at: str
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteImage:
-    """The fields of an image info the mount needs (blob fields None for plain images)."""
+class RemoteImage(NamedTuple):
+    """The fields of an image info the mount needs (blob fields None for plain images).
+
+    A named tuple, not a frozen dataclass: a listing holds one per image, and a tuple of
+    plain values is cheap to build and left alone by the cyclic garbage collector, which
+    otherwise walks every one of them on each full collection.
+    """
 
     id: int
     name: str
@@ -83,7 +87,47 @@ def _str(value: Any, what: str) -> str:
 
 
 def parse_image(item: Any) -> RemoteImage:
-    """One ``images.list`` entity -> RemoteImage; raises RemoteError on missing/odd fields."""
+    """One ``images.list`` entity -> RemoteImage; raises RemoteError on missing/odd fields.
+
+    Well-formed entities take a path of plain type tests (a first listing of a large
+    dataset parses every one of them); anything else goes through the field-by-field
+    checks, which say what is wrong.
+    """
+    if type(item) is dict:
+        get = item.get
+        id_, name, size, rel = get("id"), get("name"), get("size") or 0, get("relatedDataId")
+        start, end, download, stamp = (
+            get("offsetStart"),
+            get("offsetEnd"),
+            get("downloadId"),
+            get("updatedAt"),
+        )
+        digest = get("hash")
+        if (
+            type(id_) is int
+            and type(name) is str
+            and type(size) is int
+            and (rel is None or type(rel) is int)
+            and (start is None or type(start) is int)
+            and (end is None or type(end) is int)
+            and (download is None or type(download) is str)
+            and type(stamp) is str
+        ):
+            return RemoteImage(
+                id_,
+                name,
+                size,
+                stamp,
+                digest if type(digest) is str else None,
+                rel,
+                download,
+                start,
+                end,
+            )
+    return _parse_image_checked(item)
+
+
+def _parse_image_checked(item: Any) -> RemoteImage:
     if not isinstance(item, dict):
         raise RemoteError("image info is not an object")
     try:

@@ -5,10 +5,12 @@ and refreshed by the view after its TTL. Image bytes are ranges of their blob, f
 through the shared block cache as the read pattern says (:mod:`blobfs.sources.remote_io`:
 a random read fetches just its image, a walk grows a readahead window); plain (non-blob)
 images are whole objects through the same cache. Annotation JSON is fetched 100 images
-per request, read ahead of a reader walking ``ann/`` (:mod:`blobfs.sources.remote_anns`),
-and converted from the server's subpixel coordinates to pixel coordinates exactly as the
-SDK's downloads do (:mod:`blobfs.format.ann_coords`), so ``ann/*.json`` equals what
-``sly.download`` writes. ``--prefetch`` warms all of it in the background.
+per request: all of a dataset's at once when its ``ann/`` is first listed or looked up, so
+the listing carries every file's size, or read ahead of a reader walking ``ann/``
+(:mod:`blobfs.sources.remote_anns`), and converted from the server's subpixel coordinates
+to pixel coordinates exactly as the SDK's downloads do (:mod:`blobfs.format.ann_coords`),
+so ``ann/*.json`` equals what ``sly.download`` writes. ``--prefetch`` warms all of it in
+the background.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
 name that appears twice in a dataset is not served, a blob range outside its blob fails
@@ -20,10 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import assert_never
 
+from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.errors import (
     AuthError,
@@ -42,7 +46,8 @@ from blobfs.model import (
 )
 from blobfs.problems import show
 from blobfs.sly.api import RemoteDataset, RemoteImage, SuperviselyApi
-from blobfs.sources.base import Source
+from blobfs.sources.base import FolderEntries, FolderLoaders, Source
+from blobfs.sources.compact import building
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
 from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher
@@ -51,6 +56,14 @@ from blobfs.transport.base import RangeReader
 logger = logging.getLogger(__name__)
 
 READAHEAD_MAX_BYTES = 32 << 20
+#: Annotations one ``ann/`` listing fetches, at most; the rest are sized when looked up.
+LISTING_ANNS_MAX = 100_000
+#: Annotation JSON one ``ann/`` listing keeps in its entries, at most (beyond it, entries
+#: are sized on lookup from the annotation cache, which may evict).
+LISTING_ANN_BYTES = 128 << 20
+#: Longest an ``ann/`` listing waits for its annotations (half the operation's time left
+#: when that is less): a slow server gives a listing without some sizes, not a timeout.
+LISTING_ANNS_WAIT_S = 10.0
 
 
 def iso_to_ns(text: str) -> int:
@@ -122,47 +135,112 @@ class RemoteProjectSource(Source):
         return out
 
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
+        listed = self._served(dataset)
+        records: list[FileRecord] = []
+        for rec, ann in zip(listed[0], self._ann_records(dataset, listed), strict=True):
+            records += (rec, ann)
+        return records
+
+    def _served(self, dataset: DatasetRecord) -> Served:
+        """The ``img/`` records of a dataset and, in the same order, the images they serve.
+
+        One pass over ``images.list`` that makes nothing a listing of ``img/`` does not
+        need (``ann/`` records are made when that folder is filled): its per-image cost is
+        most of a first ``ls`` of a large remote folder.
+        """
+        with building():  # many objects, no cycles: no collection meanwhile
+            return self._served_now(dataset)
+
+    def _served_now(self, dataset: DatasetRecord) -> Served:
         assert isinstance(dataset.key, int)
         images = self.api.images(dataset.key)
         with self._problems.listing(("files", dataset.key)):
-            return self._files(dataset, images)
+            return self._served_images(dataset, images)
 
-    def _files(self, dataset: DatasetRecord, images: Sequence[RemoteImage]) -> list[FileRecord]:
+    def _served_images(self, dataset: DatasetRecord, images: Sequence[RemoteImage]) -> Served:
         assert isinstance(dataset.key, int)
-        counts: dict[str, int] = {}
-        for img in images:
-            counts[img.name] = counts.get(img.name, 0) + 1
+        counts = Counter(img.name for img in images)
+        mtimes: dict[str, int] = {}  # images added together share their update time
         records: list[FileRecord] = []
-        order: list[int] = []
+        served: list[RemoteImage] = []
         refused: dict[str, str] = {}
         for img in images:
-            problem = name_problem(img.name) or (
-                "name appears more than once" if counts[img.name] > 1 else None
+            name = img.name
+            problem = name_problem(name) or (
+                "name appears more than once" if counts[name] > 1 else None
             )
-            rec = None if problem else self._image_record(img)
+            stamp = img.updated_at
+            mtime = mtimes.get(stamp)
+            if mtime is None:
+                mtime = mtimes[stamp] = iso_to_ns(stamp)
+            rec = None if problem else self._image_record(img, mtime)
             if rec is None:
-                refused.setdefault(f"img/{img.name}", problem or "bad blob range")
+                refused.setdefault(f"img/{name}", problem or "bad blob range")
                 self._problems.add(
                     f"dataset {dataset.key}",
                     f"image not served: {problem or 'bad blob range'}",
-                    f"{img.id} {show(img.name)}",
+                    f"{img.id} {show(name)}",
                 )
                 continue
-            mtime = iso_to_ns(img.updated_at)
             records.append(rec)
-            records.append(
-                FileRecord(
-                    f"ann/{img.name}.json", None, mtime, AnnRef(dataset.key, img.id, len(order))
-                )
-            )
-            order.append(img.id)
+            served.append(img)
         with self._lock:
-            self._order[dataset.key] = order
+            self._order[dataset.key] = [img.id for img in served]
             self._refused[dataset.path] = refused
-        return records
+        return records, served
 
-    def _image_record(self, img: RemoteImage) -> FileRecord | None:
-        mtime = iso_to_ns(img.updated_at)
+    def _ann_records(self, dataset: DatasetRecord, listed: Served) -> list[FileRecord]:
+        """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`)."""
+        key = dataset.key
+        assert isinstance(key, int)
+        return [
+            FileRecord(f"ann/{img.name}.json", None, rec.mtime_ns, AnnRef(key, img.id, at))
+            for at, (rec, img) in enumerate(zip(*listed, strict=True))
+        ]
+
+    def listing(self, dataset: DatasetRecord) -> FolderLoaders:
+        """``img/`` and ``ann/`` from one ``images.list`` (the folder filled first asks for
+        it), ``ann/`` with its annotations fetched (see :meth:`_ann_entries`)."""
+        shared = _SharedListing(lambda: self._served(dataset), ("img", "ann"))
+
+        def img() -> FolderEntries:
+            records, _ = shared.take("img")
+            return {r.relpath[4:]: r for r in records}
+
+        def ann() -> FolderEntries:
+            return self._ann_entries(dataset, self._ann_records(dataset, shared.take("ann")))
+
+        return {"img": img, "ann": ann}
+
+    def _ann_entries(self, dataset: DatasetRecord, records: list[FileRecord]) -> FolderEntries:
+        """``ann/`` entries whose annotation came in time hold its bytes (and so their size);
+        the others (a batch that failed or is late, an annotation that cannot be served,
+        beyond ``LISTING_ANNS_MAX`` or ``LISTING_ANN_BYTES``) stay sized on lookup, where a
+        read asks again and gets any error first-hand.
+
+        With sizes in the listing, readdirplus hands the kernel every file's attributes,
+        and reading a file asks the server nothing: the requests are all made at once, at
+        ``--concurrency``, instead of while a reader waits for its next file.
+        """
+        assert isinstance(dataset.key, int)
+        ids = [r.ref.image_id for r in records[:LISTING_ANNS_MAX] if isinstance(r.ref, AnnRef)]
+        left = deadline.remaining()
+        wait_s = LISTING_ANNS_WAIT_S if left is None else min(LISTING_ANNS_WAIT_S, left / 2)
+        with self.gate.demand():
+            self.anns.fetch_all(dataset.key, ids, wait_s)
+        out: dict[str, FileRecord] = {}
+        kept = 0
+        for rec in records:
+            ref = rec.ref
+            data = self.anns.peek(ref.image_id) if isinstance(ref, AnnRef) else None
+            if isinstance(data, bytes) and kept + len(data) <= LISTING_ANN_BYTES:
+                kept += len(data)
+                rec = FileRecord(rec.relpath, len(data), rec.mtime_ns, BytesRef(data))
+            out[rec.relpath[4:]] = rec
+        return out
+
+    def _image_record(self, img: RemoteImage, mtime: int) -> FileRecord | None:
+        """The image's record: where its bytes are (its blob's range, or the whole image)."""
         version = img.hash or img.updated_at
         if img.in_blob:
             start, end = img.offset_start, img.offset_end
@@ -202,6 +280,8 @@ class RemoteProjectSource(Source):
 
     def content(self, record: FileRecord) -> bytes:
         ref = record.ref
+        if isinstance(ref, bytes):
+            return ref
         if not isinstance(ref, AnnRef):
             return super().content(record)
         data = self._annotation(ref)
@@ -300,3 +380,32 @@ class RemoteProjectSource(Source):
         self.anns.close()
         self.cache.close()
         self.api.client.close()
+
+
+Served = tuple[list[FileRecord], list[RemoteImage]]
+
+
+class _SharedListing:
+    """One dataset's ``images.list`` as records, asked for once for all its folders.
+
+    Each folder takes it once (per listing: a refresh makes a new one); once every folder
+    has taken it, it is dropped. A failed call is not remembered: the next fill asks again.
+    """
+
+    def __init__(self, load: Callable[[], Served], parts: tuple[str, ...]) -> None:
+        self._load = load
+        self._waiting = set(parts)
+        self._value: Served | None = None
+        self._lock = threading.Lock()
+
+    def take(self, part: str) -> Served:
+        deadline.acquire(self._lock, "listing")
+        try:
+            value = self._value
+            if value is None:
+                value = self._load()
+            self._waiting.discard(part)
+            self._value = value if self._waiting else None
+            return value
+        finally:
+            self._lock.release()

@@ -7,6 +7,10 @@ keeps the next ``ahead`` batches in flight in the background, and a read that fi
 batch in flight waits for that request instead of sending its own. A read elsewhere (a
 shuffled epoch reading one annotation per image) fetches only its own batch.
 
+Listing a dataset's ``ann/`` asks for all of its annotations at once (:meth:`AnnotationCache.
+fetch_all`): a file's size is its converted JSON's length, so a listing that carries sizes
+must have the JSON, and with it every read of a file is answered from memory.
+
 Batches already asked for are remembered by image id until their answer is stored, so no
 annotation is asked for twice at once. A background batch that fails is forgotten: the
 reader that needs it asks again itself and gets the error (or the answer) first-hand.
@@ -18,7 +22,7 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from blobfs.cache.meta import LockedLru
@@ -194,6 +198,34 @@ class AnnotationCache:
         if todo:
             self._fetch_store(dataset_id, todo)
         return len(todo)
+
+    def fetch_all(self, dataset_id: int, image_ids: Sequence[int], wait_s: float) -> None:
+        """Ask for every annotation of ``image_ids`` not stored or asked for yet, in batches
+        at most ``concurrency`` in flight (the pool's size), and wait up to ``wait_s`` for
+        them and for those already on their way.
+
+        A batch still out when the wait ends goes on in the background and is stored when
+        it arrives; a batch that fails is forgotten (see the module docstring). Either way
+        the caller then finds in :meth:`peek` what arrived in time.
+        """
+        with self._lock:
+            waits = {self._inflight[i] for i in image_ids if i in self._inflight}
+            todo = [i for i in image_ids if not self._known(i)]
+            batches: list[tuple[list[int], Future[None]]] = []
+            for start in range(0, len(todo), ANN_BATCH):
+                batch, future = todo[start : start + ANN_BATCH], Future[None]()
+                for i in batch:
+                    self._inflight[i] = future
+                batches.append((batch, future))
+        for batch, future in batches:
+            self._pool.submit(self._background, dataset_id, batch, future)
+            waits.add(future)
+        if waits:
+            wait(waits, timeout=max(0.0, wait_s))
+
+    def peek(self, image_id: int) -> bytes | str | None:
+        """The stored annotation (or why it cannot be served); None when not stored."""
+        return self._anns.get(image_id)
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._anns

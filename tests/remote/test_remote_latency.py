@@ -7,21 +7,25 @@ test starts from a healthy emulator with zeroed counters.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sly_emulator import Emulator
 from sly_emulator.seed import upload_local_project
 
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
+from blobfs.errors import BlobfsError, to_errno
 from blobfs.format import pack
 from blobfs.format.pack import ProjectPacker
 from blobfs.model import DatasetRecord
@@ -30,6 +34,7 @@ from blobfs.sly.api import SuperviselyApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.transport.http import HttpClient
+from blobfs.view.tree import ProjectView
 from tests.support import harness
 from tests.support.sample import make_images
 
@@ -163,6 +168,144 @@ def test_annotations_read_out_of_order_fetch_only_their_own_batches(
         assert emu.stats()["methods"] == {"annotations.bulk.info": 5}
     finally:
         source.close()
+
+
+# ---- ann/ listed with its sizes ------------------------------------------------------------
+
+
+def remote_view(big: Big, concurrency: int = 8) -> ProjectView:
+    api = SuperviselyApi(HttpClient(big.emu.url, TOKEN), concurrency=concurrency)
+    return ProjectView(RemoteProjectSource(api, big.pid, BlockCache(1 << 16, 1 << 20)))
+
+
+def test_listing_ann_gives_every_file_its_true_size_and_reading_then_asks_nothing(
+    big: Big, emu: Emulator
+) -> None:
+    view = remote_view(big)
+    try:
+        listed = dict(view.readdir_attrs("/train/ann"))
+        assert emu.stats()["methods"] == {
+            "projects.meta": 1,
+            "datasets.list": 1,
+            "images.list": 2,  # one listing for img/ and ann/ (pages of 1,000)
+            "annotations.bulk.info": COUNT // 100,
+        }
+        assert sorted(listed) == sorted(f"{n}.json" for n in big.images)
+        emu.reset_stats()
+        for name, attrs in listed.items():
+            data = view.read_path(f"/train/ann/{name}", 0, 1 << 20)
+            assert attrs is not None and attrs["st_size"] == len(data), name
+            assert json.loads(data) == json.loads(big.anns[name[:-5]]), name
+        view.readdir("/train/img")  # the same images.list answer
+        assert emu.stats()["requests"] == 0
+    finally:
+        view.source.close()
+
+
+def test_the_ann_listing_keeps_at_most_concurrency_batches_in_flight(
+    big: Big, emu: Emulator
+) -> None:
+    view = remote_view(big, concurrency=3)
+    client = view.source.api.client  # type: ignore[attr-defined]
+    post_json = client.post_json
+    lock, now, most = threading.Lock(), [0], [0]
+
+    def counted(method: str, payload: dict[str, Any]) -> Any:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            return post_json(method, payload)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    client.post_json = counted
+    emu.faults.update({"latency_ms": 50})
+    try:
+        began = time.monotonic()
+        listed = dict(view.readdir_attrs("/train/ann"))
+        took = time.monotonic() - began
+        assert all(attrs is not None for attrs in listed.values())
+        assert most[0] == 3  # concurrent, and never more than --concurrency
+        assert took >= COUNT / 100 / 3 * 0.050  # 20 batches, 3 at a time
+        assert emu.stats()["methods"]["annotations.bulk.info"] == COUNT // 100  # each once
+    finally:
+        view.source.close()
+
+
+def test_a_failing_ann_batch_fails_only_its_own_files(big: Big, emu: Emulator) -> None:
+    view = remote_view(big)
+    try:
+        view.readdir("/train/img")
+        emu.faults.update({"fail_n": 1, "fail_status": 400, "scope": "annotations.bulk.info"})
+        listed = dict(view.readdir_attrs("/train/ann"))
+        unsized = sorted(name for name, attrs in listed.items() if attrs is None)
+        assert len(unsized) == 100  # the one batch that failed; the others are sized
+        emu.faults.update({"fail_n": 1})  # still failing when one of its files is read
+        with pytest.raises(BlobfsError) as info:
+            view.read_path(f"/train/ann/{unsized[0]}", 0, 1 << 20)
+        assert to_errno(info.value) == errno.EIO
+        sized = next(name for name, attrs in listed.items() if attrs is not None)
+        assert json.loads(view.read_path(f"/train/ann/{sized}", 0, 1 << 20)) is not None
+        for name in unsized:  # the server answers again: its files read (asked again)
+            data = view.read_path(f"/train/ann/{name}", 0, 1 << 20)
+            assert json.loads(data) == json.loads(big.anns[name[:-5]]), name
+            assert view.getattr(f"/train/ann/{name}")["st_size"] == len(data)
+    finally:
+        view.source.close()
+
+
+@pytest.mark.fuse
+def test_reading_a_listed_ann_folder_asks_the_server_nothing_per_file(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
+    try:
+        ann = mnt / "train" / "ann"
+        names = os.listdir(ann)
+        before = blobfs_stats(mnt)["fuse_ops"]
+        emu.reset_stats()
+        got = {n: (ann / n).read_bytes() for n in names}
+        after = blobfs_stats(mnt)["fuse_ops"]
+        assert {n: json.loads(v) for n, v in got.items()} == {
+            f"{n}.json": json.loads(v) for n, v in big.anns.items()
+        }
+        assert emu.stats()["requests"] == 0  # fetched with the listing
+        assert isinstance(before, dict) and isinstance(after, dict)
+        getattrs = after.get("getattr", 0) - before.get("getattr", 0)
+        assert getattrs < 10, getattrs  # the kernel has every size from the listing
+    finally:
+        assert unmount(mnt, proc) == 0
+
+
+@pytest.mark.fuse
+def test_through_the_mount_a_failed_ann_batch_fails_only_a_read_that_fails_again(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
+    try:
+        ann = mnt / "train" / "ann"
+        os.listdir(mnt / "train" / "img")
+        emu.faults.update({"fail_n": 1, "fail_status": 400, "scope": "annotations.bulk.info"})
+        names = sorted(os.listdir(ann))  # one batch failed: its files are listed unsized
+        assert len(names) == COUNT
+        emu.faults.update({"fail_n": 1})  # and fails once more, for the first read asking
+        failed = []
+        for name in names:
+            try:
+                data = (ann / name).read_bytes()
+            except OSError as exc:
+                failed.append((name, exc.errno))
+                continue
+            assert json.loads(data) == json.loads(big.anns[name[:-5]]), name
+        assert len(failed) == 1 and failed[0][1] == errno.EIO, failed
+        assert json.loads((ann / failed[0][0]).read_bytes()) is not None  # asked again
+    finally:
+        assert unmount(mnt, proc) == 0
+    assert "HTTP 400" in (tmp_path / "log").read_text()
 
 
 # ---- bytes sized by the access pattern ---------------------------------------------------
