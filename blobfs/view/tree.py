@@ -34,7 +34,7 @@ from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.model import DatasetRecord, FileRecord
 from blobfs.sources.base import Source
-from blobfs.sources.compact import FileTable
+from blobfs.sources.compact import BLOB, FileTable
 from blobfs.sources.readers import BytesReader
 from blobfs.view.handles import HandleTable, ReadHandle
 
@@ -60,6 +60,23 @@ Node = "DirNode | FileRecord"
 Children = Mapping[str, "DirNode | FileRecord"]
 #: How often a background preload looks again whether foreground fills are still running.
 PRELOAD_YIELD_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class ListingRun:
+    """Consecutive files of a listing that share every ``stat`` field but the size.
+
+    What a large folder hands the FUSE layer instead of one ``(name, attrs)`` pair per
+    entry: the names as the bytes the kernel gets, their sizes, and the fields they share
+    (``attrs``, without ``st_size``/``st_blocks``), so that a ``stat`` per entry costs two
+    integer stores rather than a dict built and copied field by field. ``attrs`` is None
+    when these entries' attributes need I/O to learn (ordinary files, ``lstat``-ed at
+    lookup): they go out with their names and file type only.
+    """
+
+    names: Sequence[bytes]
+    sizes: Sequence[int]
+    attrs: dict[str, int] | None
 
 
 @dataclass(eq=False)
@@ -395,6 +412,32 @@ class ProjectView:
                 while len(self._listings) > LISTING_MEMO_ENTRIES:
                     self._listings.pop(next(iter(self._listings)))
         return self._attrs_from(memo[1], start)
+
+    def readdir_runs(
+        self, path: str, start: int = 0
+    ) -> Iterator[ListingRun | tuple[str, dict[str, int] | None]]:
+        """:meth:`readdir_attrs` for the FUSE hot path: a folder held as a table comes as
+        :class:`ListingRun` s (one per page and source), any other folder as pairs.
+        Raises (eagerly) like :meth:`readdir`."""
+        node = self.get(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectory(path)
+        children = self._children(node)
+        if isinstance(children, FileTable):
+            return self._table_runs(children, start)
+        return self.readdir_attrs(path, start)
+
+    def _table_runs(self, table: FileTable, start: int) -> Iterator[ListingRun]:
+        shared: dict[int, dict[str, int]] = {}
+        for names, source, sizes in table.runs_from(start):
+            if source.kind != BLOB:  # sizes of ordinary files are known only at lookup
+                yield ListingRun(names, sizes, None)
+                continue
+            attrs = shared.get(source.mtime_ns)
+            if attrs is None:
+                attrs = shared[source.mtime_ns] = self._size_attrs(0, source.mtime_ns)
+                del attrs["st_size"], attrs["st_blocks"]
+            yield ListingRun(names, sizes, attrs)
 
     def _table_attrs(
         self, table: FileTable, start: int

@@ -174,6 +174,30 @@ def test_listing_with_attributes_pages_from_any_entry(
         view.readdir_attrs("/meta.json")
 
 
+def test_listing_runs_say_what_the_attributes_say(
+    project: tuple[Path, dict[str, bytes]],
+) -> None:
+    """The FUSE hot path lists a table as runs of files sharing all attributes but the
+    size: entry by entry they must say what ``readdir_attrs`` says, from any entry on."""
+    root, _ = project
+    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
+    whole = list(view.readdir_attrs("/train/img"))
+    for start in (0, 1, 5, len(whole) - 1, len(whole)):
+        flat: list[tuple[str, dict[str, int] | None]] = []
+        for run in view.readdir_runs("/train/img", start):
+            assert not isinstance(run, tuple)  # a table comes as runs only
+            for name, size in zip(run.names, run.sizes, strict=True):
+                attrs = None
+                if run.attrs is not None:
+                    attrs = {**run.attrs, "st_size": size, "st_blocks": (size + 511) // 512}
+                flat.append((name.decode("utf-8", "surrogateescape"), attrs))
+        assert flat == whole[start:]
+    # small folders (the root, a dataset) keep coming entry by entry
+    assert list(view.readdir_runs("/train")) == list(view.readdir_attrs("/train"))
+    with pytest.raises(NotADirectory):
+        view.readdir_runs("/meta.json")
+
+
 @pytest.mark.fuse
 @pytest.mark.skipif(FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
 def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
