@@ -111,6 +111,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         plus: ReaddirPlus | None = getattr(self.operations, "readdir_plus", None)
         if plus is None or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
+        filler = _keeping_the_gil(filler)
         st = c_stat()
         stp = ctypes.pointer(st)
         size = ctypes.sizeof(st)
@@ -182,6 +183,36 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
             if filler(buf, name, stp, index, FUSE_FILL_DIR_PLUS):
                 return -1
         return index
+
+
+#: libfuse 3's ``fuse_fill_dir_t``, called without releasing the interpreter lock.
+_FILL_DIR = ctypes.PYFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_char_p,
+    ctypes.POINTER(c_stat),
+    ctypes.c_int64,
+    ctypes.c_int,
+)
+_fillers: dict[int, Any] = {}
+
+
+def _keeping_the_gil(filler: Any) -> Any:
+    """libfuse's filler, called the way that keeps the interpreter lock.
+
+    ctypes releases and retakes the GIL around every foreign call; a listing makes one
+    call per entry, and with another thread runnable (the background index, other
+    requests) each retake waits for it. libfuse's fillers only copy the entry into the
+    reply (and add its node under libfuse's own lock, never held while Python runs), so
+    they are called holding the GIL. A filler that is not a C function (tests) is kept.
+    """
+    if getattr(filler, "_flags_", None) is None:
+        return filler
+    address = ctypes.cast(filler, ctypes.c_void_p).value or 0
+    fast = _fillers.get(address)
+    if fast is None:
+        fast = _fillers[address] = _FILL_DIR(address)
+    return fast
 
 
 #: This process's ``struct fuse *`` once libfuse 3 is serving (one mount per process).

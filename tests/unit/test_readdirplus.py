@@ -201,3 +201,36 @@ def test_a_later_listing_of_runs_sends_names_only() -> None:
     assert [n for n, _, _, _ in again][2:] == [e[0] for e in EXPECTED]
     assert all(fl == 0 for _, _, fl, _ in again)
     assert all(a[1] == 0 for _, _, _, a in again)  # no stale size left in the stat
+
+
+def test_a_c_filler_is_called_holding_the_interpreter_lock_and_gets_every_entry() -> None:
+    """libfuse hands a C function pointer; it is called as a PYFUNCTYPE (no GIL release
+    per entry) with the same arguments."""
+    import ctypes
+
+    from mfusepy import c_stat
+
+    from blobfs.fuse.compat import _FILL_DIR, _keeping_the_gil
+
+    got: list[tuple[bytes, int, int]] = []
+
+    def record(buf: Any, name: bytes, stp: Any, off: int, fl: int) -> int:
+        got.append((name, off, stp.contents.st_size))
+        return 0
+
+    c_filler = ctypes.CFUNCTYPE(
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.POINTER(c_stat),
+        ctypes.c_int64,
+        ctypes.c_int,
+    )(record)
+    fast = _keeping_the_gil(c_filler)
+    assert isinstance(fast, _FILL_DIR) and _keeping_the_gil(c_filler) is fast
+    assert _keeping_the_gil(record) is record  # a Python filler stays as it is
+    f = fuse()
+    f.operations = RunListing()
+    assert f.readdir_fuse_3(b"/ds/img", None, c_filler, 0, None, FUSE_READDIR_PLUS) == 0
+    assert [(n, s) for n, _, s in got[2:]] == [(e[0], e[2][1]) for e in EXPECTED]
+    assert [o for _, o, _ in got] == list(range(1, len(EXPECTED) + 3))
