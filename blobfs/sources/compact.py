@@ -479,28 +479,77 @@ class TableBuilder:
     def __len__(self) -> int:
         return len(self._names)
 
+    def add_names(self, names: Iterable[bytes], source: int) -> None:
+        """Entries with a name only (an ordinary folder's files), in bulk."""
+        before = len(self._names)
+        self._names.extend(names)
+        added = len(self._names) - before
+        self._src.extend([source] * added)
+        self._start.extend([0] * added)
+        self._size.extend([0] * added)
+
     def build(
         self, lstat: Callable[[str], os.stat_result] = os.lstat
     ) -> tuple[FileTable, list[str]]:
         names = self._names
         order = sorted(range(len(names)), key=names.__getitem__)
+        pace()
+        ordered = [names[i] for i in order]
         dup: set[int] = set()
-        for a, b in zip(order, islice(order, 1, None), strict=False):
-            if names[a] == names[b]:
-                dup.update((a, b))
-        if dup:
+        if len(set(ordered)) != len(ordered):
+            for k, (a, b) in enumerate(zip(ordered, islice(ordered, 1, None), strict=False)):
+                if a == b:
+                    dup.update((order[k], order[k + 1]))
             order = [i for i in order if i not in dup]
+            ordered = [names[i] for i in order]
+        pace()
         table = FileTable(
             self.prefix,
             self.sources,
-            b"".join(names[i] + b"\0" for i in order),
-            _Column.of([self._src[i] for i in order]),
-            _Column.of([self._start[i] for i in order]),
-            _Column.of([self._size[i] for i in order]),
+            b"\0".join(ordered) + b"\0" if ordered else b"",
+            _column_in(self._src, order),
+            _column_in(self._start, order),
+            _column_in(self._size, order),
             lstat,
         )
         duplicates = sorted({names[i].decode("utf-8", "surrogateescape") for i in dup})
         return table, duplicates
+
+
+def _column_in(values: list[int], order: list[int]) -> _Column:
+    """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
+    if values and min(values) == max(values):
+        return _Column(values[0], None, len(order))
+    column = _Column.of([values[i] for i in order])
+    pace()
+    return column
+
+
+_pacing = threading.local()
+
+
+def pace() -> None:
+    """A point where a background build may pause for requests (see :func:`paced`)."""
+    hook: Callable[[], None] | None = getattr(_pacing, "hook", None)
+    if hook is not None:
+        hook()
+
+
+@contextlib.contextmanager
+def paced(hook: Callable[[], None]) -> Iterator[None]:
+    """Builds made by this thread inside the block call ``hook`` now and then.
+
+    An index built in the background (the mount's preload) shares the interpreter with
+    the requests: while it runs, each request that gives up the interpreter lock (every
+    FUSE round trip does) waits up to a switch interval to get it back, so a listing of
+    1,300 pages would wait seconds. The hook lets the build step aside while requests
+    are being served.
+    """
+    _pacing.hook = hook
+    try:
+        yield
+    finally:
+        _pacing.hook = None
 
 
 def table_of(prefix: str, entries: Iterable[tuple[str, EntrySource, int, int]]) -> FileTable:

@@ -72,6 +72,7 @@ from blobfs.sources.compact import (
     TableBuilder,
     building,
     encode_name,
+    pace,
 )
 from blobfs.sources.readers import FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
@@ -88,6 +89,8 @@ NOT_DATASETS = frozenset({"img", "ann", "img_info", "seg", "meta", "datasets", "
 VERDICTS_KEPT = 65_536
 NOT_A_MEMBER = "entry is not a member of the tar"
 _PAYLOAD_LEN = struct.Struct("<I")
+#: Names of an ordinary folder added between two chances for a background build to pause.
+PACE_EVERY = 8192
 
 
 @dataclass(frozen=True)
@@ -328,6 +331,7 @@ class LocalProjectSource(Source):
             blob = self._blob(stem)
             rel = f"{key}/{item.name}"
             index = self._read_offsets(rel, None)
+            pace()
             self._sink().merge(index.problems)
             where = self.fs.where(rel)
             if blob.problem and index.members:
@@ -512,9 +516,11 @@ class LocalProjectSource(Source):
         for item in others:
             self._refuse_item(rel, item)
         src = builder.source(EntrySource(FOLDER, rel))
-        for name in names:
-            if name.endswith(suffix):
-                builder.add(encode_name(name), src)
+        pace()
+        for at in range(0, len(names), PACE_EVERY):
+            chunk = names[at : at + PACE_EVERY]
+            builder.add_names((encode_name(n) for n in chunk if n.endswith(suffix)), src)
+            pace()
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
         """Blob images (from the index cache when it is current) and plain ``img/`` files."""

@@ -267,3 +267,48 @@ def test_listing_a_dataset_does_not_wait_for_another_being_indexed(
     huge_s = time.monotonic() - started
     assert len(names) == 10 and huge == [300_000]
     assert busy and small_s < 5 and small_s < huge_s / 4, (small_s, huge_s)
+
+
+def test_a_background_build_steps_aside_while_requests_are_served(small: ScaleProject) -> None:
+    """The mount's preload shares the interpreter with the requests: inside a build it
+    pauses while requests keep arriving, and goes on at once when one waits for a folder
+    (it may be the folder being built) or when they stop."""
+    from blobfs.sources import compact
+
+    view = ProjectView(source(small.root))
+    calls: list[float] = []
+    with compact.paced(lambda: calls.append(time.monotonic())):
+        view.readdir("/a/ann")  # a folder of ordinary files, built under the hook
+    assert calls
+    view.readdir("/b/ann")
+    count = len(calls)
+    assert len(calls) == count  # outside the block no hook is called
+
+    busy = threading.Event()
+
+    def requests() -> None:
+        while not busy.is_set():
+            view.op_counts["read"] = view.op_counts.get("read", 0) + 1
+            time.sleep(0.002)
+
+    worker = threading.Thread(target=requests)
+    worker.start()
+    try:
+        started = time.monotonic()
+        threading.Timer(0.3, busy.set).start()
+        view._step_aside()
+        assert time.monotonic() - started >= 0.25  # paused until the requests stopped
+    finally:
+        busy.set()
+        worker.join()
+    busy.clear()
+    worker = threading.Thread(target=requests)
+    worker.start()
+    try:
+        view._foreground = 1  # a request waits for a folder to be filled
+        started = time.monotonic()
+        view._step_aside()
+        assert time.monotonic() - started < 0.2
+    finally:
+        busy.set()
+        worker.join()

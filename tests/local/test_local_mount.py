@@ -198,6 +198,25 @@ def test_listing_runs_say_what_the_attributes_say(
         view.readdir_runs("/meta.json")
 
 
+def test_a_folder_above_the_attributes_limit_is_listed_with_names_only(
+    project: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``LISTING_ATTRS_MAX`` files a listing hands out names and types only (the
+    kernel would make an inode per entry at once); lookups still answer every file."""
+    import blobfs.view.tree as tree
+
+    root, _ = project
+    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
+    small = [run for run in view.readdir_runs("/train/img") if not isinstance(run, tuple)]
+    assert any(run.attrs is not None for run in small)
+    monkeypatch.setattr(tree, "LISTING_ATTRS_MAX", 3)
+    runs = [run for run in view.readdir_runs("/train/img") if not isinstance(run, tuple)]
+    assert all(run.attrs is None for run in runs)
+    names = [n.decode() for run in runs for n in run.names]
+    assert names == list(view.readdir("/train/img")) and len(names) > 3
+    assert all(view.getattr(f"/train/img/{n}")["st_size"] > 0 for n in names)
+
+
 @pytest.mark.fuse
 @pytest.mark.skipif(FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
 def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
