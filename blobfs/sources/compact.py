@@ -479,6 +479,17 @@ class TableBuilder:
     def __len__(self) -> int:
         return len(self._names)
 
+    def add_many(
+        self, names: list[bytes], sources: list[int], starts: list[int], sizes: list[int]
+    ) -> None:
+        """Entries in bulk: the i-th of each list makes one entry."""
+        if not len(names) == len(sources) == len(starts) == len(sizes):
+            raise ValueError("columns of different lengths")
+        self._names.extend(names)
+        self._src.extend(sources)
+        self._start.extend(starts)
+        self._size.extend(sizes)
+
     def add_names(self, names: Iterable[bytes], source: int) -> None:
         """Entries with a name only (an ordinary folder's files), in bulk."""
         before = len(self._names)

@@ -285,3 +285,36 @@ def test_files_unused_for_a_month_are_pruned(tmp_path: Path) -> None:
     os.utime(old, (month_ago, month_ago))
     IndexStore(tmp_path / "idx")
     assert not old.exists() and store._path("/new").exists()
+
+
+spans = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from(["s0", "s1"]),
+        st.integers(0, 40),
+        st.integers(0, 10),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spans)
+def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
+    entries_: list[tuple[str, str, int, int]],
+) -> None:
+    """A listing skips the entry-by-entry conflict search when the bulk check finds no
+    repeated name and no overlap within a blob: it must never miss one."""
+    from blobfs.blob.index import conflicting
+    from blobfs.model import BlobMember
+    from blobfs.sources.project_dir import _no_conflicts
+
+    found = [(BlobMember(n, a, a + z), stem, "x") for n, stem, a, z in entries_]
+    by_stem: dict[str, list[int]] = {}
+    for i, (_, stem, _) in enumerate(found):
+        by_stem.setdefault(stem, []).append(i)
+    members = [m for m, _, _ in found]
+    clean = not conflicting(members, check_overlaps=False) and not any(
+        conflicting([members[i] for i in idxs]) for idxs in by_stem.values()
+    )
+    assert _no_conflicts(found, by_stem) == clean
