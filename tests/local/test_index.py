@@ -312,3 +312,35 @@ def test_a_background_build_steps_aside_while_requests_are_served(small: ScalePr
     finally:
         busy.set()
         worker.join()
+
+
+@pytest.mark.fuse
+def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
+    tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+) -> None:
+    """Through the mount: a 300,000-file ``img/`` lists whole with names only (the kernel
+    gets no attributes to build 300,000 inodes from), so a ``stat`` after ``ls`` is a
+    lookup; a small folder's listing still carries them (no lookup per file)."""
+    project = write_scale_project(tmp_path / "p", ["huge", "small"], 10, 2)
+    _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 300_000)
+    mnt = tmp_path / "mnt"
+    start_mount(str(project.root), mnt, tmp_path / "log", env=mount_env)
+    mounted.append(mnt)
+    names = os.listdir(mnt / "huge" / "img")
+    assert len(names) == 300_000 and len(set(names)) == 300_000
+    small = os.listdir(mnt / "small" / "img")
+
+    def getattrs() -> int:
+        ops = stats(mnt)["fuse_ops"]
+        assert isinstance(ops, dict)
+        return int(ops.get("getattr", 0))
+
+    before = getattrs()
+    picked = random.Random(5).sample(names, 50)
+    assert all(os.stat(mnt / "huge" / "img" / n).st_size == 0 for n in picked)
+    for n in small:
+        assert os.stat(mnt / "small" / "img" / n).st_size == len(
+            project.expected(1, int(n.split("-")[-1].split(".")[0]))
+        )
+    looked_up = getattrs() - before
+    assert 50 <= looked_up < 50 + 5, looked_up  # the huge folder's only (+ stats files)
