@@ -181,7 +181,10 @@ def one_round(
 ) -> dict[str, float]:
     got: dict[str, float] = {}
     rng = random.Random(r)
-    d_stat, d_ls = rng.sample(range(len(project.datasets)), 2)
+    # two different datasets where there are two (one dataset: both in it)
+    d_stat, d_ls = (
+        rng.sample(range(len(project.datasets)), 2) if len(project.datasets) > 1 else (0, 0)
+    )
     stat_rel = project.path(d_stat, rng.randrange(project.per_dataset))
     ls_rel = f"{project.datasets[d_ls]}/img"
     # the mount point, meta.json, and per dataset its folder, img/, ann/ and their files

@@ -13,7 +13,10 @@ import ctypes.util
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blobfs.view.tree import ListingRun
 
 
 def _choose_libfuse() -> None:
@@ -57,9 +60,11 @@ S_IFDIR = 0o040000
 S_IFREG = 0o100000
 S_IFMT = 0o170000
 
-#: What an operations object offers for readdirplus: ``(name, stat fields or None)`` from
-#: entry number ``start`` on; None for an entry whose attributes need I/O to learn.
-ReaddirPlus = Callable[[str, int], Iterable[tuple[str, dict[str, int] | None]]]
+#: What an operations object offers for readdirplus, from entry number ``start`` on:
+#: ``(name, stat fields or None)`` pairs (None for an entry whose attributes need I/O to
+#: learn) and/or :class:`~blobfs.view.tree.ListingRun` s of files that share all fields
+#: but their size (names already encoded).
+ReaddirPlus = Callable[[str, int], Iterable["tuple[str, dict[str, int] | None] | ListingRun"]]
 
 
 class BlobfsFUSE(FUSE):  # type: ignore[misc]
@@ -104,32 +109,110 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
         plus: ReaddirPlus | None = getattr(self.operations, "readdir_plus", None)
-        if plus is None or not flags & FUSE_READDIR_PLUS or path is None:
+        if plus is None or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
+        filler = _keeping_the_gil(filler)
         st = c_stat()
+        stp = ctypes.pointer(st)
         size = ctypes.sizeof(st)
         index = offset
         while index < 2:  # "." and "..": libfuse never looks these up
-            ctypes.memset(ctypes.byref(st), 0, size)
+            ctypes.memset(stp, 0, size)
             st.st_mode = S_IFDIR
-            if filler(buf, b"." * (index + 1), st, index + 1, 0):
+            if filler(buf, b"." * (index + 1), stp, index + 1, 0):
                 return 0
             index += 1
         decoded = path.decode(self.encoding, self.errors)
-        warm = decoded in self._listed
-        for name, attrs in plus(decoded, index - 2):
-            ctypes.memset(ctypes.byref(st), 0, size)
-            if attrs is None or warm:
-                entry_flags = 0  # the kernel looks the rest up when (if) it needs it
-                st.st_mode = S_IFREG if attrs is None else attrs["st_mode"] & S_IFMT
-            else:
-                entry_flags = FUSE_FILL_DIR_PLUS
-                set_st_attrs(st, attrs, use_ns=self.use_ns)
-            index += 1
-            if filler(buf, name.encode(self.encoding, self.errors), st, index, entry_flags):
-                return 0
-        self._listed.add(decoded)  # the whole listing went out with attributes
+        # names only when the kernel asked for a plain READDIR, or already holds them
+        names_only = not flags & FUSE_READDIR_PLUS or decoded in self._listed
+        for item in plus(decoded, index - 2):
+            if isinstance(item, tuple):  # (name, attrs): a small folder, entry by entry
+                index = self._fill_pair(filler, buf, stp, item, index, names_only)
+            else:  # files sharing all but their size: the hot path of a large folder
+                index = self._fill_run(filler, buf, stp, item, index, names_only)
+            if index < 0:
+                return 0  # the reply buffer is full
+        if flags & FUSE_READDIR_PLUS:
+            self._listed.add(decoded)  # the whole listing went out with attributes
         return 0
+
+    def _fill_pair(
+        self,
+        filler: Any,
+        buf: Any,
+        stp: Any,
+        item: tuple[str, dict[str, int] | None],
+        index: int,
+        names_only: bool,
+    ) -> int:
+        """Hand libfuse one entry; the next entry's index, or -1 when the buffer is full."""
+        name, attrs = item
+        st = stp.contents
+        ctypes.memset(stp, 0, ctypes.sizeof(st))
+        if attrs is None or names_only:
+            entry_flags = 0  # the kernel looks the rest up when (if) it needs it
+            st.st_mode = S_IFREG if attrs is None else attrs["st_mode"] & S_IFMT
+        else:
+            entry_flags = FUSE_FILL_DIR_PLUS
+            set_st_attrs(st, attrs, use_ns=self.use_ns)
+        index += 1
+        if filler(buf, name.encode(self.encoding, self.errors), stp, index, entry_flags):
+            return -1
+        return index
+
+    def _fill_run(
+        self, filler: Any, buf: Any, stp: Any, run: ListingRun, index: int, names_only: bool
+    ) -> int:
+        """Hand libfuse a run of files: the shared fields are set once, and per entry only
+        the size (the ``stat`` is copied by libfuse at each call). The next entry's
+        index, or -1 when the buffer is full."""
+        st = stp.contents
+        ctypes.memset(stp, 0, ctypes.sizeof(st))
+        if run.attrs is None or names_only:
+            st.st_mode = S_IFREG
+            for name in run.names:
+                index += 1
+                if filler(buf, name, stp, index, 0):
+                    return -1
+            return index
+        set_st_attrs(st, run.attrs, use_ns=self.use_ns)
+        for name, file_size in zip(run.names, run.sizes, strict=True):
+            st.st_size = file_size
+            st.st_blocks = (file_size + 511) >> 9
+            index += 1
+            if filler(buf, name, stp, index, FUSE_FILL_DIR_PLUS):
+                return -1
+        return index
+
+
+#: libfuse 3's ``fuse_fill_dir_t``, called without releasing the interpreter lock.
+_FILL_DIR = ctypes.PYFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_char_p,
+    ctypes.POINTER(c_stat),
+    ctypes.c_int64,
+    ctypes.c_int,
+)
+_fillers: dict[int, Any] = {}
+
+
+def _keeping_the_gil(filler: Any) -> Any:
+    """libfuse's filler, called the way that keeps the interpreter lock.
+
+    ctypes releases and retakes the GIL around every foreign call; a listing makes one
+    call per entry, and with another thread runnable (the background index, other
+    requests) each retake waits for it. libfuse's fillers only copy the entry into the
+    reply (and add its node under libfuse's own lock, never held while Python runs), so
+    they are called holding the GIL. A filler that is not a C function (tests) is kept.
+    """
+    if getattr(filler, "_flags_", None) is None:
+        return filler
+    address = ctypes.cast(filler, ctypes.c_void_p).value or 0
+    fast = _fillers.get(address)
+    if fast is None:
+        fast = _fillers[address] = _FILL_DIR(address)
+    return fast
 
 
 #: This process's ``struct fuse *`` once libfuse 3 is serving (one mount per process).

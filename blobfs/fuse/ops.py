@@ -36,7 +36,7 @@ from blobfs.errors import (
     to_errno,
 )
 from blobfs.fuse.compat import FuseOSError, Operations
-from blobfs.view.tree import ProjectView
+from blobfs.view.tree import ListingRun, ProjectView
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,16 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
         return [".", "..", *self.view.readdir(path)]
 
     @errno_boundary
-    def readdir_plus(self, path: str, start: int) -> Iterator[tuple[str, dict[str, int] | None]]:
-        """Listing with attributes, for libfuse 3's readdirplus (see ``BlobfsFUSE``)."""
+    def readdir_plus(
+        self, path: str, start: int
+    ) -> Iterator[ListingRun | tuple[str, dict[str, int] | None]]:
+        """Listing with attributes, for libfuse 3's readdirplus (see ``BlobfsFUSE``): a
+        large folder as runs of files sharing their attributes but the size, when the
+        tree offers them."""
+        runs = getattr(self.view, "readdir_runs", None)
+        if runs is not None:
+            found: Iterator[ListingRun | tuple[str, dict[str, int] | None]] = runs(path, start)
+            return found
         return self.view.readdir_attrs(path, start)
 
     @errno_boundary

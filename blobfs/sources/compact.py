@@ -40,7 +40,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, islice
+from itertools import accumulate, groupby, islice
 from typing import Any
 
 from blobfs.model import BlobRef, FileRecord, LocalFileRef
@@ -53,6 +53,10 @@ FORMAT = 1
 NAME_MAX = 255
 #: Names decoded at a time when a listing is paged through.
 PAGE = 256
+#: Entries of a listing's first run; each next run doubles, up to 4 pages. A listing
+#: request takes what fits in the kernel's buffer (about 190 entries with attributes in
+#: 32 KiB), so a request decodes few names it does not send.
+RUN_FIRST = 64
 #: One name in this many is kept as an object, to bisect in C (see ``index_of``).
 SAMPLE = 32
 _TYPECODES = ("B", "H", "I", "Q")
@@ -105,6 +109,15 @@ class _Column:
 
     def maximum(self) -> int:
         return self.base + (max(self.values) if self.values else 0)
+
+    def slice(self, lo: int, hi: int) -> Sequence[int]:
+        """Values ``lo`` to ``hi`` in one C-level step (a listing page's sizes)."""
+        values, base = self.values, self.base
+        if values is None:
+            return [base] * (hi - lo)
+        if base == 0:
+            return values[lo:hi]
+        return list(map(base.__add__, values[lo:hi]))
 
 
 def encode_name(name: str) -> bytes:
@@ -253,6 +266,36 @@ class FileTable(Mapping[str, FileRecord]):
                     yield name, size[i], source.mtime_ns
                 else:
                     yield name, None, 0
+
+    def runs_from(self, start: int) -> Iterator[tuple[list[bytes], EntrySource, Sequence[int]]]:
+        """The entries from ``start`` on as runs of consecutive entries of one source:
+        ``(encoded names, their source, their sizes)``, without any I/O.
+
+        The listing's hot path: names stay the bytes the kernel gets (no decode, no
+        encode), sizes come as a slice of their column, and each run shares its source's
+        mtime, so a caller fills the per-entry part of a ``stat`` only. Folder entries'
+        sizes are 0 here (known only once looked up).
+        """
+        sources, src, size, starts = self.sources, self._src, self._size, self._starts
+        lo, step = max(0, start), RUN_FIRST
+        while lo < self._count:
+            hi = min(self._count, lo + step)
+            names = self._names[starts[lo] : starts[hi] - 1].split(b"\0")
+            if src.values is None:
+                yield names, sources[src.base], size.slice(lo, hi)
+            else:
+                which = src.values[lo:hi]
+                first = which[0]
+                if which.count(first) == len(which):  # one source for the whole page
+                    yield names, sources[src.base + first], size.slice(lo, hi)
+                else:
+                    at = 0
+                    for value, group in groupby(which):
+                        n = sum(1 for _ in group)
+                        run_sizes = size.slice(lo + at, lo + at + n)
+                        yield names[at : at + n], sources[src.base + value], run_sizes
+                        at += n
+            lo, step = hi, min(2 * step, PAGE * 4)
 
     def raw_entries(self) -> Iterator[tuple[bytes, int, int, int]]:
         """``(encoded name, source index, start, size)`` of every entry, in order."""
@@ -427,44 +470,88 @@ class TableBuilder:
         self._start.append(start)
         self._size.append(size)
 
-    def extend(self, names: list[bytes], source: int, starts: list[int], sizes: list[int]) -> None:
-        """Many entries of one source at once (a blob's members)."""
+    def add_many(
+        self, names: list[bytes], sources: list[int], starts: list[int], sizes: list[int]
+    ) -> None:
+        """Entries in bulk: the i-th of each list makes one entry."""
+        if not len(names) == len(sources) == len(starts) == len(sizes):
+            raise ValueError("columns of different lengths")
         self._names.extend(names)
-        self._src.extend([source] * len(names))
+        self._src.extend(sources)
         self._start.extend(starts)
         self._size.extend(sizes)
 
-    def add_table(self, table: FileTable) -> None:
-        """Every entry of ``table`` (sources remapped)."""
-        remap = [self.source(s) for s in table.sources]
-        for name, src, start, size in table.raw_entries():
-            self.add(name, remap[src], start, size)
-
-    def __len__(self) -> int:
-        return len(self._names)
+    def add_names(self, names: Iterable[bytes], source: int) -> None:
+        """Entries with a name only (an ordinary folder's files), in bulk."""
+        before = len(self._names)
+        self._names.extend(names)
+        added = len(self._names) - before
+        self._src.extend([source] * added)
+        self._start.extend([0] * added)
+        self._size.extend([0] * added)
 
     def build(
         self, lstat: Callable[[str], os.stat_result] = os.lstat
     ) -> tuple[FileTable, list[str]]:
         names = self._names
         order = sorted(range(len(names)), key=names.__getitem__)
+        pace()
+        ordered = [names[i] for i in order]
         dup: set[int] = set()
-        for a, b in zip(order, islice(order, 1, None), strict=False):
-            if names[a] == names[b]:
-                dup.update((a, b))
-        if dup:
+        if len(set(ordered)) != len(ordered):
+            for k, (a, b) in enumerate(zip(ordered, islice(ordered, 1, None), strict=False)):
+                if a == b:
+                    dup.update((order[k], order[k + 1]))
             order = [i for i in order if i not in dup]
+            ordered = [names[i] for i in order]
+        pace()
         table = FileTable(
             self.prefix,
             self.sources,
-            b"".join(names[i] + b"\0" for i in order),
-            _Column.of([self._src[i] for i in order]),
-            _Column.of([self._start[i] for i in order]),
-            _Column.of([self._size[i] for i in order]),
+            b"\0".join(ordered) + b"\0" if ordered else b"",
+            _column_in(self._src, order),
+            _column_in(self._start, order),
+            _column_in(self._size, order),
             lstat,
         )
         duplicates = sorted({names[i].decode("utf-8", "surrogateescape") for i in dup})
         return table, duplicates
+
+
+def _column_in(values: list[int], order: list[int]) -> _Column:
+    """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
+    if values and min(values) == max(values):
+        return _Column(values[0], None, len(order))
+    column = _Column.of([values[i] for i in order])
+    pace()
+    return column
+
+
+_pacing = threading.local()
+
+
+def pace() -> None:
+    """A point where a background build may pause for requests (see :func:`paced`)."""
+    hook: Callable[[], None] | None = getattr(_pacing, "hook", None)
+    if hook is not None:
+        hook()
+
+
+@contextlib.contextmanager
+def paced(hook: Callable[[], None]) -> Iterator[None]:
+    """Builds made by this thread inside the block call ``hook`` now and then.
+
+    An index built in the background (the mount's preload) shares the interpreter with
+    the requests: while it runs, each request that gives up the interpreter lock (every
+    FUSE round trip does) waits up to a switch interval to get it back, so a listing of
+    1,300 pages would wait seconds. The hook lets the build step aside while requests
+    are being served.
+    """
+    _pacing.hook = hook
+    try:
+        yield
+    finally:
+        _pacing.hook = None
 
 
 def table_of(prefix: str, entries: Iterable[tuple[str, EntrySource, int, int]]) -> FileTable:

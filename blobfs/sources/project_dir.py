@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import stat
 import struct
@@ -35,6 +36,7 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -81,6 +83,7 @@ from blobfs.sources.compact import (
     TableBuilder,
     building,
     encode_name,
+    pace,
 )
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
@@ -97,6 +100,8 @@ NOT_DATASETS = frozenset({"img", "ann", "img_info", "seg", "meta", "datasets", "
 VERDICTS_KEPT = 65_536
 NOT_A_MEMBER = "entry is not a member of the tar"
 _PAYLOAD_LEN = struct.Struct("<I")
+#: Names of an ordinary folder added between two chances for a background build to pause.
+PACE_EVERY = 8192
 
 
 @dataclass(frozen=True)
@@ -348,6 +353,7 @@ class LocalProjectSource(Source):
             blob = self._blob(stem)
             rel = f"{key}/{item.name}"
             index = self._read_offsets(rel, None)
+            pace()
             self._sink().merge(index.problems)
             where = self.fs.where(rel)
             if blob.problem and index.members:
@@ -384,10 +390,12 @@ class LocalProjectSource(Source):
         file. What still conflicts afterwards (two real members of one name in two blobs,
         or a blob that cannot be read) is refused on both sides, as remote sources do.
         """
-        suspects = set(conflicting([m for m, _, _ in found], check_overlaps=False))
         by_stem: dict[str, list[int]] = {}
         for i, (_, stem, _) in enumerate(found):
             by_stem.setdefault(stem, []).append(i)
+        if _no_conflicts(found, by_stem):
+            return found  # the usual case, checked in bulk
+        suspects = set(conflicting([m for m, _, _ in found], check_overlaps=False))
         for idxs in by_stem.values():
             bad = conflicting([found[i][0] for i in idxs], check_overlaps=True)
             suspects.update(idxs[j] for j in bad)
@@ -536,9 +544,11 @@ class LocalProjectSource(Source):
         for item in others:
             self._refuse_item(rel, item)
         src = builder.source(EntrySource(FOLDER, rel))
-        for name in names:
-            if name.endswith(suffix):
-                builder.add(encode_name(name), src)
+        pace()
+        for at in range(0, len(names), PACE_EVERY):
+            chunk = names[at : at + PACE_EVERY]
+            builder.add_names((encode_name(n) for n in chunk if n.endswith(suffix)), src)
+            pace()
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
         """Blob images (from the index cache when it is current) and plain ``img/`` files."""
@@ -587,24 +597,19 @@ class LocalProjectSource(Source):
             finally:
                 self._capture.sink = None
             builder = TableBuilder("img/")
-            by_stem: dict[str, list[BlobMember]] = {}
-            for m, stem in members:
-                group = by_stem.get(stem)
-                if group is None:
-                    group = by_stem[stem] = []
-                group.append(m)
-            del members
-            for stem, group in by_stem.items():
+            sources: dict[str, int] = {}
+            for stem in dict.fromkeys(stem for _, stem in members):
                 blob = self._blobs[stem]
                 version = blob.cached.version if blob.cached else ""
-                src = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
-                builder.extend(
-                    [encode_name(m.name) for m in group],
-                    src,
-                    [m.start for m in group],
-                    [m.end - m.start for m in group],
-                )
-            del by_stem
+                sources[stem] = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
+            pace()
+            builder.add_many(
+                [encode_name(m.name) for m, _ in members],
+                [sources[stem] for _, stem in members],
+                [m.start for m, _ in members],
+                [m.end - m.start for m, _ in members],
+            )
+            del members
             table, _ = builder.build()  # names were de-duplicated by _resolve
             del builder
         self._problems.merge(collected)
@@ -645,6 +650,23 @@ def _rules_digest() -> str:
         h.update(Path(module.__file__ or "").read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
+
+
+def _no_conflicts(found: list[tuple[BlobMember, str, str]], by_stem: dict[str, list[int]]) -> bool:
+    """True when no name repeats and no two non-empty ranges of one blob overlap: what
+    ``conflicting`` would find nothing in, checked with C-level passes."""
+    names = [m.name for m, _, _ in found]
+    if len(set(names)) != len(names):
+        return False
+    for idxs in by_stem.values():
+        spans = sorted((found[i][0].start, found[i][0].end) for i in idxs)
+        spans = [(a, b) for a, b in spans if b > a]
+        if len(spans) < 2:
+            continue
+        reach = list(accumulate((b for _, b in spans), max))
+        if not all(map(operator.le, reach, (a for a, _ in islice(spans, 1, None)))):
+            return False
+    return True
 
 
 def _pack_index(table: FileTable, problems: list[list[Any]], refused: dict[str, str]) -> bytes:

@@ -35,7 +35,7 @@ from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.layout import DatasetPath, dataset_view_path
 from blobfs.model import BytesRef, DatasetRecord, FileRecord
 from blobfs.sources.base import Source
-from blobfs.sources.compact import FileTable
+from blobfs.sources.compact import BLOB, FileTable, paced
 from blobfs.sources.readers import BytesReader
 from blobfs.view.handles import HandleTable, ReadHandle
 
@@ -52,12 +52,35 @@ MAX_SNAPSHOTS = 64
 SIZE_CACHE_ENTRIES = 1_000_000
 #: Folders whose listing is kept as a list for paging (readdirplus); a few suffice.
 LISTING_MEMO_ENTRIES = 64
+#: Folders of up to this many files are listed with every file's attributes (the kernel
+#: then never looks them up; a scan of the folder costs one round trip per file less).
+#: A larger folder is listed with names and types only: with attributes the kernel makes
+#: an inode per entry at once (1,000,000 entries: seconds, and memory for an hour), which
+#: an ``ls`` or ``find`` never uses; its files are looked up when first opened.
+LISTING_ATTRS_MAX = 100_000
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 
 Children = Mapping[str, "DirNode | FileRecord"]
 #: How often a background preload looks again whether foreground fills are still running.
 PRELOAD_YIELD_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class ListingRun:
+    """Consecutive files of a listing that share every ``stat`` field but the size.
+
+    What a large folder hands the FUSE layer instead of one ``(name, attrs)`` pair per
+    entry: the names as the bytes the kernel gets, their sizes, and the fields they share
+    (``attrs``, without ``st_size``/``st_blocks``), so that a ``stat`` per entry costs two
+    integer stores rather than a dict built and copied field by field. ``attrs`` is None
+    when these entries' attributes need I/O to learn (ordinary files, ``lstat``-ed at
+    lookup): they go out with their names and file type only.
+    """
+
+    names: Sequence[bytes]
+    sizes: Sequence[int]
+    attrs: dict[str, int] | None
 
 
 @dataclass(eq=False)
@@ -119,6 +142,7 @@ class ProjectView:
         # fills that a request waits for right now; a background preload yields to them
         self._foreground = 0
         self._foreground_lock = threading.Lock()
+        self._served_seen = 0  # requests served when a background build last looked
 
     # ---- tree ------------------------------------------------------------------------
 
@@ -200,6 +224,19 @@ class ProjectView:
             seen = served
             time.sleep(PRELOAD_YIELD_S)
 
+    def _step_aside(self) -> None:
+        """Called inside a background build now and then: while requests are being
+        served, pause (the requests need the interpreter lock back after every round
+        trip), unless one waits for a folder to be filled, which may be this one."""
+        seen = self._served_seen
+        while True:
+            served = sum(list(self.op_counts.values()))
+            if self._foreground or served == seen:
+                break
+            seen = served
+            time.sleep(PRELOAD_YIELD_S)
+        self._served_seen = served
+
     def preload(self) -> tuple[int, int]:
         """Fill every folder of the tree, one at a time, yielding to requests.
 
@@ -213,7 +250,8 @@ class ProjectView:
         while stack:
             node = stack.pop()
             self._wait_for_quiet()
-            children = self._children(node, background=True)
+            with paced(self._step_aside):
+                children = self._children(node, background=True)
             folders += 1
             if isinstance(children, FileTable):
                 files += len(children)
@@ -414,6 +452,35 @@ class ProjectView:
                 while len(self._listings) > LISTING_MEMO_ENTRIES:
                     self._listings.pop(next(iter(self._listings)))
         return self._attrs_from(memo[1], start)
+
+    def readdir_runs(
+        self, path: str, start: int = 0
+    ) -> Iterator[ListingRun | tuple[str, dict[str, int] | None]]:
+        """:meth:`readdir_attrs` for the FUSE hot path: a folder held as a table comes as
+        :class:`ListingRun` s (one per page and source), any other folder as pairs.
+        Raises (eagerly) like :meth:`readdir`."""
+        node = self.get(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectory(path)
+        children = self._children(node)
+        if isinstance(children, FileTable):
+            return self._table_runs(children, start)
+        return self.readdir_attrs(path, start)
+
+    def _table_runs(self, table: FileTable, start: int) -> Iterator[ListingRun]:
+        shared: dict[int, dict[str, int]] = {}
+        with_attrs = len(table) <= LISTING_ATTRS_MAX
+        for names, source, sizes in table.runs_from(start):
+            if source.kind != BLOB or not with_attrs:
+                # sizes of ordinary files are known only at lookup; a huge folder's
+                # entries are made by the kernel when (if) they are looked up
+                yield ListingRun(names, sizes, None)
+                continue
+            attrs = shared.get(source.mtime_ns)
+            if attrs is None:
+                attrs = shared[source.mtime_ns] = self._size_attrs(0, source.mtime_ns)
+                del attrs["st_size"], attrs["st_blocks"]
+            yield ListingRun(names, sizes, attrs)
 
     def _table_attrs(
         self, table: FileTable, start: int

@@ -293,3 +293,80 @@ def test_listing_a_dataset_does_not_wait_for_another_being_indexed(
     huge_s = time.monotonic() - started
     assert len(names) == 10 and huge == [300_000]
     assert busy and small_s < 5 and small_s < huge_s / 4, (small_s, huge_s)
+
+
+def test_a_background_build_steps_aside_while_requests_are_served(small: ScaleProject) -> None:
+    """The mount's preload shares the interpreter with the requests: inside a build it
+    pauses while requests keep arriving, and goes on at once when one waits for a folder
+    (it may be the folder being built) or when they stop."""
+    from blobfs.sources import compact
+
+    view = ProjectView(source(small.root))
+    calls: list[float] = []
+    with compact.paced(lambda: calls.append(time.monotonic())):
+        view.readdir("/a/ann")  # a folder of ordinary files, built under the hook
+    assert calls
+    view.readdir("/b/ann")
+    count = len(calls)
+    assert len(calls) == count  # outside the block no hook is called
+
+    busy = threading.Event()
+
+    def requests() -> None:
+        while not busy.is_set():
+            view.op_counts["read"] = view.op_counts.get("read", 0) + 1
+            time.sleep(0.002)
+
+    worker = threading.Thread(target=requests)
+    worker.start()
+    try:
+        started = time.monotonic()
+        threading.Timer(0.3, busy.set).start()
+        view._step_aside()
+        assert time.monotonic() - started >= 0.25  # paused until the requests stopped
+    finally:
+        busy.set()
+        worker.join()
+    busy.clear()
+    worker = threading.Thread(target=requests)
+    worker.start()
+    try:
+        view._foreground = 1  # a request waits for a folder to be filled
+        started = time.monotonic()
+        view._step_aside()
+        assert time.monotonic() - started < 0.2
+    finally:
+        busy.set()
+        worker.join()
+
+
+@pytest.mark.fuse
+def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
+    tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+) -> None:
+    """Through the mount: a 300,000-file ``img/`` lists whole with names only (the kernel
+    gets no attributes to build 300,000 inodes from), so a ``stat`` after ``ls`` is a
+    lookup; a small folder's listing still carries them (no lookup per file)."""
+    project = write_scale_project(tmp_path / "p", ["huge", "small"], 10, 2)
+    _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 300_000)
+    mnt = tmp_path / "mnt"
+    start_mount(str(project.root), mnt, tmp_path / "log", env=mount_env)
+    mounted.append(mnt)
+    names = os.listdir(mnt / "huge" / "img")
+    assert len(names) == 300_000 and len(set(names)) == 300_000
+    small = os.listdir(mnt / "small" / "img")
+
+    def getattrs() -> int:
+        ops = stats(mnt)["fuse_ops"]
+        assert isinstance(ops, dict)
+        return int(ops.get("getattr", 0))
+
+    before = getattrs()
+    picked = random.Random(5).sample(names, 50)
+    assert all(os.stat(mnt / "huge" / "img" / n).st_size == 0 for n in picked)
+    for n in small:
+        assert os.stat(mnt / "small" / "img" / n).st_size == len(
+            project.expected(1, int(n.split("-")[-1].split(".")[0]))
+        )
+    looked_up = getattrs() - before
+    assert 50 <= looked_up < 50 + 5, looked_up  # the huge folder's only (+ stats files)

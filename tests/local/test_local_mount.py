@@ -132,6 +132,49 @@ def test_listing_with_attributes_pages_from_any_entry(
         view.readdir_attrs("/meta.json")
 
 
+def test_listing_runs_say_what_the_attributes_say(
+    project: tuple[Path, dict[str, bytes]],
+) -> None:
+    """The FUSE hot path lists a table as runs of files sharing all attributes but the
+    size: entry by entry they must say what ``readdir_attrs`` says, from any entry on."""
+    root, _ = project
+    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
+    whole = list(view.readdir_attrs("/train/img"))
+    for start in (0, 1, 5, len(whole) - 1, len(whole)):
+        flat: list[tuple[str, dict[str, int] | None]] = []
+        for run in view.readdir_runs("/train/img", start):
+            assert not isinstance(run, tuple)  # a table comes as runs only
+            for name, size in zip(run.names, run.sizes, strict=True):
+                attrs = None
+                if run.attrs is not None:
+                    attrs = {**run.attrs, "st_size": size, "st_blocks": (size + 511) // 512}
+                flat.append((name.decode("utf-8", "surrogateescape"), attrs))
+        assert flat == whole[start:]
+    # small folders (the root, a dataset) keep coming entry by entry
+    assert list(view.readdir_runs("/train")) == list(view.readdir_attrs("/train"))
+    with pytest.raises(NotADirectory):
+        view.readdir_runs("/meta.json")
+
+
+def test_a_folder_above_the_attributes_limit_is_listed_with_names_only(
+    project: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``LISTING_ATTRS_MAX`` files a listing hands out names and types only (the
+    kernel would make an inode per entry at once); lookups still answer every file."""
+    import blobfs.view.tree as tree
+
+    root, _ = project
+    view = ProjectView(LocalProjectSource(root, BlockCache(4096, 1 << 20)))
+    small = [run for run in view.readdir_runs("/train/img") if not isinstance(run, tuple)]
+    assert any(run.attrs is not None for run in small)
+    monkeypatch.setattr(tree, "LISTING_ATTRS_MAX", 3)
+    runs = [run for run in view.readdir_runs("/train/img") if not isinstance(run, tuple)]
+    assert all(run.attrs is None for run in runs)
+    names = [n.decode() for run in runs for n in run.names]
+    assert names == list(view.readdir("/train/img")) and len(names) > 3
+    assert all(view.getattr(f"/train/img/{n}")["st_size"] > 0 for n in names)
+
+
 @pytest.mark.fuse
 @pytest.mark.skipif(FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
 def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:

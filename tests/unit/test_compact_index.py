@@ -88,6 +88,45 @@ def test_a_table_answers_like_a_dict(
             assert [s for _, s, _ in page] == [model[n][2] for n in order[k:]]
 
 
+def flat_runs(table: FileTable, start: int) -> list[tuple[bytes, EntrySource, int]]:
+    """Every entry of ``table.runs_from(start)``; each run must hold one source only."""
+    out: list[tuple[bytes, EntrySource, int]] = []
+    for names, source, sizes in table.runs_from(start):
+        assert len(names) == len(sizes) > 0
+        out.extend((n, source, z) for n, z in zip(names, sizes, strict=True))
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries, st.integers(0, 130))
+def test_runs_list_the_same_entries_as_the_records(
+    model: dict[str, tuple[int, int, int]], start: int
+) -> None:
+    """The listing's hot path (runs of one source, names as stored) says exactly what
+    the records say, from any entry on."""
+    table = build(model)
+    order = sorted(model, key=encode_name)[start:]
+    assert flat_runs(table, start) == [
+        (encode_name(n), BLOBS[model[n][0]], model[n][2]) for n in order
+    ]
+
+
+def test_runs_split_where_the_source_changes_and_page_the_rest() -> None:
+    """Thousands of entries whose source changes every 700, read from every kind of start."""
+    model = {f"n{i:05d}": ((i // 700) % 3, i * 1024, i % 500) for i in range(5000)}
+    table = build(model)
+    order = sorted(model)
+    for start in (0, 1, 255, 256, 699, 700, 4999, 5000, 6000):
+        got = flat_runs(table, start)
+        assert [n.decode() for n, _, _ in got] == order[start:]
+        assert [(s, z) for _, s, z in got] == [
+            (BLOBS[model[n][0]], model[n][2]) for n in order[start:]
+        ]
+    # one source and one size for all: the columns are constants
+    same = build({f"n{i:05d}": (1, 0, 42) for i in range(600)})
+    assert flat_runs(same, 0) == [(f"n{i:05d}".encode(), BLOBS[1], 42) for i in range(600)]
+
+
 def test_lookups_hit_every_block_edge() -> None:
     """Names at, before and after each bisect sample point (one in 32 entries)."""
     model = {f"n{i:05d}": (0, i * 1024, i) for i in range(1000)}
@@ -249,3 +288,36 @@ def test_files_unused_for_a_month_are_pruned(tmp_path: Path) -> None:
     os.utime(old, (month_ago, month_ago))
     IndexStore(tmp_path / "idx")
     assert not old.exists() and store._path("/new").exists()
+
+
+spans = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from(["s0", "s1"]),
+        st.integers(0, 40),
+        st.integers(0, 10),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spans)
+def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
+    entries_: list[tuple[str, str, int, int]],
+) -> None:
+    """A listing skips the entry-by-entry conflict search when the bulk check finds no
+    repeated name and no overlap within a blob: it must never miss one."""
+    from blobfs.blob.index import conflicting
+    from blobfs.model import BlobMember
+    from blobfs.sources.project_dir import _no_conflicts
+
+    found = [(BlobMember(n, a, a + z), stem, "x") for n, stem, a, z in entries_]
+    by_stem: dict[str, list[int]] = {}
+    for i, (_, stem, _) in enumerate(found):
+        by_stem.setdefault(stem, []).append(i)
+    members = [m for m, _, _ in found]
+    clean = not conflicting(members, check_overlaps=False) and not any(
+        conflicting([members[i] for i in idxs]) for idxs in by_stem.values()
+    )
+    assert _no_conflicts(found, by_stem) == clean

@@ -14,6 +14,7 @@ import pytest
 
 from blobfs.fuse import compat
 from blobfs.fuse.compat import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, BlobfsFUSE
+from blobfs.view.tree import ListingRun
 
 pytestmark = pytest.mark.skipif(compat.FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
 
@@ -49,10 +50,10 @@ def list_once(f: Any, room: int = 100, offset: int = 0) -> list[tuple[str, int, 
     """(name, file type, flags) of every entry the filler accepted, as libfuse sees them."""
     got: list[tuple[str, int, int]] = []
 
-    def filler(buf: Any, name: bytes, st: Any, off: int, flags: int) -> int:
+    def filler(buf: Any, name: bytes, stp: Any, off: int, flags: int) -> int:
         if len(got) == room:
             return 1  # the reply buffer is full
-        got.append((name.decode(), stat.S_IFMT(st.st_mode), flags))
+        got.append((name.decode(), stat.S_IFMT(stp.contents.st_mode), flags))
         return 0
 
     assert f.readdir_fuse_3(b"/ds/img", None, filler, offset, None, FUSE_READDIR_PLUS) == 0
@@ -92,3 +93,144 @@ def test_a_listing_cut_short_by_a_full_buffer_keeps_attributes_for_the_next_page
         ("c.json", 0),
     ]
     assert all(fl == 0 for _, _, fl in list_once(f))
+
+
+# ---- runs: a large folder's files, sharing all attributes but the size -----------------
+
+SHARED = {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_mtime": 7 * 10**9 + 5, "st_uid": 3}
+RUNS: list[ListingRun | tuple[str, dict[str, int] | None]] = [
+    ("sub", DIR),
+    ListingRun([b"a.png", b"b.png", b"\xff.png"], [10, 600, 0], SHARED),
+    ListingRun([b"c.png"], [4096], {**SHARED, "st_mtime": 9 * 10**9}),
+    ListingRun([b"d.json", b"e.json"], [0, 0], None),  # sizes known only at lookup
+]
+#: what libfuse must receive for each entry after "." and "..": (name, flags, stat fields)
+EXPECTED = [
+    (b"sub", FUSE_FILL_DIR_PLUS, (stat.S_IFDIR | 0o555, 0, 0, 0)),
+    (b"a.png", FUSE_FILL_DIR_PLUS, (stat.S_IFREG | 0o444, 10, 1, 7 * 10**9 + 5)),
+    (b"b.png", FUSE_FILL_DIR_PLUS, (stat.S_IFREG | 0o444, 600, 2, 7 * 10**9 + 5)),
+    (b"\xff.png", FUSE_FILL_DIR_PLUS, (stat.S_IFREG | 0o444, 0, 0, 7 * 10**9 + 5)),
+    (b"c.png", FUSE_FILL_DIR_PLUS, (stat.S_IFREG | 0o444, 4096, 8, 9 * 10**9)),
+    (b"d.json", 0, (stat.S_IFREG, 0, 0, 0)),
+    (b"e.json", 0, (stat.S_IFREG, 0, 0, 0)),
+]
+
+
+class RunListing:
+    """An operations object whose listing comes as runs (what a ``FileTable`` gives)."""
+
+    def readdir_plus(
+        self, path: str, start: int
+    ) -> Iterator[ListingRun | tuple[str, dict[str, int] | None]]:
+        # entry ``start`` may fall inside a run: the rest of that run, then the others
+        at = 0
+        for item in RUNS:
+            if isinstance(item, tuple):
+                if at >= start:
+                    yield item
+                at += 1
+                continue
+            skip = max(0, start - at)
+            if skip < len(item.names):
+                yield ListingRun(item.names[skip:], item.sizes[skip:], item.attrs)
+            at += len(item.names)
+
+
+Seen = tuple[bytes, int, int, tuple[int, int, int, int]]
+
+
+def list_runs(
+    f: Any, room: int = 100, offset: int = 0, flags: int = FUSE_READDIR_PLUS
+) -> list[Seen]:
+    """(name, next offset, flags, (mode, size, blocks, mtime ns)) of each accepted entry."""
+    got: list[Seen] = []
+
+    def filler(buf: Any, name: bytes, stp: Any, off: int, fl: int) -> int:
+        if len(got) == room:
+            return 1
+        st = stp.contents
+        mtime = st.st_mtimespec.tv_sec * 10**9 + st.st_mtimespec.tv_nsec
+        got.append((name, off, fl, (st.st_mode, st.st_size, st.st_blocks, mtime)))
+        return 0
+
+    f.operations = RunListing()
+    assert f.readdir_fuse_3(b"/ds/img", None, filler, offset, None, flags) == 0
+    return got
+
+
+def test_a_run_hands_each_file_the_shared_attributes_and_its_own_size() -> None:
+    got = list_runs(fuse())
+    assert [(n, o) for n, o, _, _ in got] == [
+        (n, i + 1) for i, n in enumerate([b".", b"..", *(e[0] for e in EXPECTED)])
+    ]
+    assert [(n, fl, attrs) for n, _, fl, attrs in got[2:]] == EXPECTED
+
+
+def test_a_run_cut_by_a_full_buffer_goes_on_from_the_next_entry() -> None:
+    f = fuse()
+    first = list_runs(f, room=4)  # ".", "..", "sub", "a.png"
+    assert first[-1][:2] == (b"a.png", 4)
+    rest = list_runs(f, offset=4)
+    assert [(n, fl, attrs) for n, _, fl, attrs in rest] == EXPECTED[2:]
+    assert [o for _, o, _, _ in rest] == list(range(5, 5 + len(EXPECTED) - 2))
+
+
+def test_a_plain_readdir_request_gets_names_and_types_paged_by_offset() -> None:
+    """Without FUSE_READDIR_PLUS the kernel wants names and types only; the listing still
+    pages by entry index rather than being produced whole for libfuse to keep."""
+    f = fuse()
+    got = list_runs(f, room=5, flags=0)
+    assert [(n, o, fl) for n, o, fl, _ in got] == [
+        (b".", 1, 0),
+        (b"..", 2, 0),
+        (b"sub", 3, 0),
+        (b"a.png", 4, 0),
+        (b"b.png", 5, 0),
+    ]
+    rest = list_runs(f, offset=5, flags=0)
+    assert [n for n, _, _, _ in rest] == [e[0] for e in EXPECTED[3:]]
+    assert all(fl == 0 and stat.S_IFMT(a[0]) == stat.S_IFREG for _, _, fl, a in rest)
+    # a plain listing does not count as one the kernel received with attributes
+    assert list_runs(f)[3][2] == FUSE_FILL_DIR_PLUS
+
+
+def test_a_later_listing_of_runs_sends_names_only() -> None:
+    f = fuse()
+    list_runs(f)
+    again = list_runs(f)
+    assert [n for n, _, _, _ in again][2:] == [e[0] for e in EXPECTED]
+    assert all(fl == 0 for _, _, fl, _ in again)
+    assert all(a[1] == 0 for _, _, _, a in again)  # no stale size left in the stat
+
+
+def test_a_c_filler_is_called_holding_the_interpreter_lock_and_gets_every_entry() -> None:
+    """libfuse hands a C function pointer; it is called as a PYFUNCTYPE (no GIL release
+    per entry) with the same arguments."""
+    import ctypes
+
+    from mfusepy import c_stat
+
+    from blobfs.fuse.compat import _FILL_DIR, _keeping_the_gil
+
+    got: list[tuple[bytes, int, int]] = []
+
+    def record(buf: Any, name: bytes, stp: Any, off: int, fl: int) -> int:
+        got.append((name, off, stp.contents.st_size))
+        return 0
+
+    c_filler = ctypes.CFUNCTYPE(
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.POINTER(c_stat),
+        ctypes.c_int64,
+        ctypes.c_int,
+    )(record)
+    fast = _keeping_the_gil(c_filler)
+    assert isinstance(fast, _FILL_DIR) and _keeping_the_gil(c_filler) is fast
+    assert _keeping_the_gil(record) is record  # a Python filler stays as it is
+    f = fuse()
+    f.operations = RunListing()
+    assert f.readdir_fuse_3(b"/ds/img", None, c_filler, 0, None, FUSE_READDIR_PLUS) == 0
+    assert [(n, s) for n, _, s in got[2:]] == [(e[0], e[2][1]) for e in EXPECTED]
+    assert [o for _, o, _ in got] == list(range(1, len(EXPECTED) + 3))
