@@ -470,6 +470,15 @@ class TableBuilder:
         self._start.append(start)
         self._size.append(size)
 
+    def add_table(self, table: FileTable) -> None:
+        """Every entry of ``table`` (sources remapped)."""
+        remap = [self.source(s) for s in table.sources]
+        for name, src, start, size in table.raw_entries():
+            self.add(name, remap[src], start, size)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
     def add_many(
         self, names: list[bytes], sources: list[int], starts: list[int], sizes: list[int]
     ) -> None:
