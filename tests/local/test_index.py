@@ -342,7 +342,7 @@ def test_a_background_build_steps_aside_while_requests_are_served(small: ScalePr
 
 @pytest.mark.fuse
 def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
-    tmp_path: Path, mount_env: dict[str, str], mounted: list[Path]
+    tmp_path: Path, mount_env: dict[str, str], mounts: harness.Mounts
 ) -> None:
     """Through the mount: a 300,000-file ``img/`` lists whole with names only (the kernel
     gets no attributes to build 300,000 inodes from), so a ``stat`` after ``ls`` is a
@@ -350,8 +350,7 @@ def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
     project = write_scale_project(tmp_path / "p", ["huge", "small"], 10, 2)
     _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 300_000)
     mnt = tmp_path / "mnt"
-    start_mount(str(project.root), mnt, tmp_path / "log", env=mount_env)
-    mounted.append(mnt)
+    mounts.start(project.root, mnt, log=tmp_path / "log", env=mount_env)
     names = os.listdir(mnt / "huge" / "img")
     assert len(names) == 300_000 and len(set(names)) == 300_000
     small = os.listdir(mnt / "small" / "img")
