@@ -19,9 +19,6 @@ from blobfs.writeback.queue import Event, Settled, WritebackQueue
 
 logger = logging.getLogger(__name__)
 
-#: The extended-attribute calls this mount leaves to libfuse (see ``__init__``).
-XATTR_OPS = ("getxattr", "listxattr", "setxattr", "removexattr")
-
 
 class WritebackOperations(BlobfsOperations):
     """The writable mount (``--writeback``): the read-only operations plus writes.
@@ -45,12 +42,6 @@ class WritebackOperations(BlobfsOperations):
         # Staged files change size while written: the overlay's listing carries no
         # attributes, so the kernel asks getattr (with its short timeout) as before.
         self.readdir_plus = None  # type: ignore[method-assign,assignment]
-        # No extended attributes: left to libfuse, which answers ENOSYS, so the kernel
-        # stops asking for good. Answered here (ENOTSUP), the kernel would ask again
-        # for "security.capability" before every write to a file it has not checked
-        # yet: one more round trip per file copied into the mount.
-        for name in XATTR_OPS:
-            setattr(self, name, None)
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Settled):

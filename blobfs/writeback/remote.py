@@ -135,7 +135,7 @@ class RemoteImporter:
         batch: Batch,
         images: list[str],
         dataset: int,
-        meanwhile: Callable[[], None],
+        meanwhile: Callable[[], None] = lambda: None,
     ) -> None:
         """Pack, upload, register (each step once, saved in the manifest); ``meanwhile``
         runs on this thread while the tar and its offsets upload."""

@@ -68,6 +68,9 @@ _RETIRED_PREFIX = ".done-"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 T = TypeVar("T")
 
 
@@ -82,9 +85,21 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def link_fd(fd: int, target: str) -> None:
+    """Give the open file ``fd`` (unnamed or not) the name ``target``:
+    ``linkat(fd, "", AT_FDCWD, target, AT_EMPTY_PATH)``, which needs
+    ``CAP_DAC_READ_SEARCH`` (root), else ``/proc/self/fd/<fd>`` followed."""
+    if _libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.ENOENT, errno.EPERM, errno.EINVAL):
+        raise OSError(err, os.strerror(err), target)
+    os.link(f"/proc/self/fd/{fd}", target)  # ENOENT here too: the folder is missing
+
+
 def _unnamed_temps_work(folder: str) -> bool:
-    """Whether ``folder``'s file system makes unnamed files (``O_TMPFILE``) that can be
-    linked into place later (through ``/proc/self/fd``, which needs no privilege)."""
+    """Whether ``folder``'s file system makes unnamed files (``O_TMPFILE``) that
+    :func:`link_fd` can link into place later."""
     if not _O_TMPFILE:
         return False
     try:
@@ -93,10 +108,10 @@ def _unnamed_temps_work(folder: str) -> bool:
         return False
     probe = os.path.join(folder, f".probe-{uuid.uuid4().hex}")
     try:
-        os.link(f"/proc/self/fd/{fd}", probe)
+        link_fd(fd, probe)
         os.unlink(probe)
         return True
-    except OSError:  # no /proc
+    except OSError:  # neither privilege nor a /proc whose links resolve here
         return False
     finally:
         os.close(fd)
@@ -490,7 +505,7 @@ class Spool:
         with the whole file); an existing one is replaced by a link and a rename."""
         final = os.path.join(self.staged_str, view_path.lstrip("/"))
         folder = os.path.dirname(final)
-        source = tmp_path if tmp_path is not None else f"/proc/self/fd/{fd}"
+        source: str | int = tmp_path if tmp_path is not None else fd
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
@@ -503,7 +518,19 @@ class Spool:
             link = os.path.join(
                 folder, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{_COMMIT_SUFFIX}"
             )
-            self._link(source, link, folder)
+            try:
+                self._link(source, link, folder)
+            except OSError as exc:
+                # an unnamed file whose only name was replaced meanwhile (by another
+                # writer) has no name left and cannot be linked again: stage a copy
+                if not isinstance(source, int) or exc.errno not in (errno.ENOENT, errno.EXDEV):
+                    raise
+                copy, _ = self._create_temp()
+                try:
+                    os.pwrite(copy, _read_all(fd, os.fstat(fd).st_size), 0)
+                    self._link(copy, link, folder)
+                finally:
+                    os.close(copy)
             try:
                 os.replace(link, final)
             except OSError:
@@ -512,13 +539,21 @@ class Spool:
         if durable:
             fsync_dir(folder)
 
-    def _link(self, source: str, target: str, folder: str) -> None:
+    def _link(self, source: str | int, target: str, folder: str) -> None:
+        """Link ``source`` (a path, or the descriptor of an unnamed file) to ``target``."""
+
+        def link() -> None:
+            if isinstance(source, int):
+                link_fd(source, target)
+            else:
+                os.link(source, target)
+
         try:
-            os.link(source, target)
+            link()
         except FileNotFoundError:  # the folder was removed (rmdir) since it was memoized
             self._folders.discard(folder)
             os.makedirs(folder, exist_ok=True)
-            os.link(source, target)
+            link()
         except NotADirectoryError:
             self._folders.discard(folder)
             raise
@@ -640,17 +675,19 @@ class Spool:
             out.append(Batch(**json.loads(manifest.read_bytes())))
         return out
 
-    def finish_batch(self, batch: Batch) -> list[str]:
-        """Drop the staged files the batch imported (unless re-written since); returns them."""
-        done = []
+    def finish_batch(self, batch: Batch) -> dict[str, int]:
+        """Drop the staged files the batch imported (unless re-written since); returns
+        them with their sizes."""
+        done: dict[str, int] = {}
         links = os.path.join(str(self.batches_dir), batch.id, "files")
         for view_path in batch.files:
             rel = view_path.lstrip("/")
             staged = os.path.join(self.staged_str, rel)
             try:
-                if os.stat(staged).st_ino == os.stat(os.path.join(links, rel)).st_ino:
+                st = os.stat(staged)
+                if st.st_ino == os.stat(os.path.join(links, rel)).st_ino:
                     os.unlink(staged)
-                    done.append(view_path)
+                    done[view_path] = st.st_size
             except FileNotFoundError:
                 pass
         retired = self.batches_dir / f"{_RETIRED_PREFIX}{batch.id}"
