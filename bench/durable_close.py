@@ -42,8 +42,7 @@ def stage_all(root: Path, files: int, size: int, threads: int = 1) -> float:
                 os.write(fd, data)
                 spool.commit(fd, tmp, f"/ds/img/f_{i:06d}.png")
             finally:
-                os.close(fd)
-                os.unlink(tmp)
+                spool.drop_temp(fd, tmp)
 
     try:
         start = time.perf_counter()

@@ -258,6 +258,12 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     if config.writeback:
         del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change
         kwargs["attr_timeout"] = kwargs["entry_timeout"] = 1.0
+        if not config.allow_other:
+            # Only the mounting user can reach this mount, and the overlay itself decides
+            # what may be written. The kernel's own mode checks would cost a round trip
+            # per file copied in: each create drops the folder's cached attributes, and
+            # the next lookup in it fetches them again just to check them.
+            del kwargs["default_permissions"]
     try:
         BlobfsFUSE(ops, config.mountpoint, raw_fi=False, **kwargs)
     except RuntimeError as exc:

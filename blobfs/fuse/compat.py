@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,13 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         #: Folders whose full listing was sent with attributes (see the class docstring).
         self._listed: set[str] = set()
         super().__init__(*args, **kwargs)
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every callback: first keep this libfuse thread's Python thread state (see
+        :func:`_keep_thread_state`)."""
+        if not getattr(_thread_kept, "kept", False):
+            _keep_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
         """mfusepy's ``create`` without its per-call ``inspect.signature`` of the handler
@@ -213,6 +221,22 @@ def _keeping_the_gil(filler: Any) -> Any:
     if fast is None:
         fast = _fillers[address] = _FILL_DIR(address)
     return fast
+
+
+_thread_kept = threading.local()
+
+
+def _keep_thread_state() -> None:
+    """Keep the Python thread state of the libfuse thread this runs on, for good.
+
+    A libfuse worker thread is not a Python thread: ctypes makes a thread state for each
+    callback on it and throws it away afterwards (with its frame stack, an mmap and
+    munmap of 16 KiB each time). One more ``PyGILState_Ensure`` that is never released
+    keeps it: the callbacks that follow on this thread reuse it (and still release the
+    GIL when they return). A thread that libfuse ends leaves its state behind, a few KiB.
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    _thread_kept.kept = True
 
 
 #: This process's ``struct fuse *`` once libfuse 3 is serving (one mount per process).

@@ -26,7 +26,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import stat
 import threading
 import time
@@ -79,6 +78,7 @@ CONTROL_SIZE = 1 << 20
 #: waits (the queue's thread does the work), and never for longer than this.
 FLUSH_WAIT_S = 1.0
 MAX_SNAPSHOTS = 64
+_NO_BYTES = BytesReader(b"")
 
 
 @dataclass(eq=False)
@@ -86,7 +86,7 @@ class WriteHandle:
     """A file open for writing: a temp file in the spool, committed to ``path`` on flush."""
 
     fd: int
-    tmp_path: str
+    tmp_path: str | None  # None: unnamed (see ``Spool.new_temp``)
     path: str
     dirty: bool = True
     #: The first error a write (or truncate) of this handle met: the file is then never
@@ -368,8 +368,10 @@ class WritebackFS:
         if not truncate:
             staged = self.spool.stat(path)
             if staged is not None and stat.S_ISREG(staged.st_mode):
-                with open(self.spool.file_path(path), "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                with open(self.spool.file_path(path), "rb") as src:
+                    offset = 0
+                    while chunk := src.read(1 << 20):
+                        offset += os.pwrite(fd, chunk, offset)
             elif self._in_project(path):
                 rec = self.project.get(path)
                 assert isinstance(rec, FileRecord)
@@ -378,8 +380,8 @@ class WritebackFS:
 
     def _add_writer(self, handle: WriteHandle) -> int:
         with self._wlock:
-            reader = FileRangeReader(handle.tmp_path)
-            fh = self.project.handles.add(ReadHandle(reader, -1, handle.path))
+            # the number only: a writer's reads go to its descriptor (``read``)
+            fh = self.project.handles.add(ReadHandle(_NO_BYTES, -1, handle.path))
             self._writers[fh] = handle
         return fh
 
@@ -505,8 +507,7 @@ class WritebackFS:
                         self.commit(fh, durable=self.sync_close)
                 finally:
                     self._writers.pop(fh, None)
-                    os.close(handle.fd)
-                    os.unlink(handle.tmp_path)
+                    self.spool.drop_temp(handle.fd, handle.tmp_path)
         self.project.release(fh)
 
     def unlink(self, path: str) -> None:

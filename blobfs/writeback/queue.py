@@ -327,21 +327,14 @@ class WritebackQueue:
         self.status.last_error = None
         failpoint("after-import")
         self._publish(Imported(batch))  # before the staged copies go: no gap in listings
-        sizes = {p: self._size(p) for p in batch.files}
         done = self.spool.finish_batch(batch)
         settled = [p for p in batch.files if (d := dataset_of(p)) is None or d[1] != IMG_DIR]
         self._publish(Settled(tuple(settled)))
         self.status.imported += len(done)
         self.status.batches_done += 1
         self.status.pending = max(0, self.status.pending - len(done))
-        self.status.pending_bytes = max(0, self.status.pending_bytes - sum(sizes[p] for p in done))
+        self.status.pending_bytes = max(0, self.status.pending_bytes - sum(done.values()))
         return True
-
-    def _size(self, view_path: str) -> int:
-        try:
-            return os.stat(self.spool.file_path(view_path)).st_size
-        except FileNotFoundError:
-            return 0
 
     def _pending(
         self, force: bool = False

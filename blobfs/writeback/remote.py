@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from blobfs.errors import RemoteError
 from blobfs.failpoints import failpoint
@@ -32,22 +34,37 @@ from blobfs.format.images import image_size_of_file
 from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
 from blobfs.format.pack import TarBlobWriter, empty_annotation, finish_tar
 from blobfs.model import BlobMember
-from blobfs.sly.api import SuperviselyWriteApi
+from blobfs.sly.api import ANN_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
 from blobfs.writeback.importer import split_batch
 from blobfs.writeback.spool import Batch, Spool
 
 logger = logging.getLogger(__name__)
 
 TEAM_FILES_BLOB_DIR = "/blob-files/"
+#: Images per ``images.bulk.add`` request.
+REGISTER_BATCH = 500
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class RemoteImporter:
     """Imports batches into one remote project."""
 
     def __init__(self, api: Any, project_id: int) -> None:
-        self.api = SuperviselyWriteApi(api.client)
+        concurrency = getattr(api, "concurrency", DEFAULT_CONCURRENCY)
+        self.api = SuperviselyWriteApi(api.client, concurrency)
         self.project_id = project_id
         self._team_id: int | None = None
+
+    def _each(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``work`` of every item, up to ``--concurrency`` requests in flight: a batch's
+        requests are independent, and at 50 ms a request one after the other is what a
+        flush of 30,000 images would wait for."""
+        if len(items) <= 1:
+            return [work(item) for item in items]
+        workers = min(self.api.concurrency, len(items))
+        with ThreadPoolExecutor(workers, thread_name_prefix="blobfs-import") as pool:
+            return list(pool.map(work, items))
 
     def team_id(self) -> int:
         if self._team_id is None:
@@ -80,22 +97,31 @@ class RemoteImporter:
         if not batch.dataset:
             return
         dataset = self.dataset_id(batch.dataset)
-        sizes: dict[str, tuple[int, int]] = {}
+        # what the annotations step sends, made while the tar uploads (the upload waits
+        # on the network, this on the CPU): the staged annotations, and an empty one
+        # with its image's size for an image without one
+        by_name: dict[str, Any] = {}
+        for view_path in images:
+            name = view_path.rsplit("/", 1)[1]
+            if name not in anns:
+                width, height = image_size_of_file(spool.batch_file(batch, view_path), name)
+                by_name[name] = empty_annotation(width, height)
         if images:
-            sizes = self._import_images(spool, batch, images, dataset)
+            self._import_images(
+                spool, batch, images, dataset, lambda: _read_anns(spool, batch, anns, by_name)
+            )
+        else:
+            _read_anns(spool, batch, anns, by_name)
         existing = dict(batch.image_ids)
-        if any(name not in existing for name in [*sizes, *anns]):
+        if any(name not in existing for name in by_name):
             existing = {img.name: img.id for img in self.api.images(dataset)}
         payload: list[tuple[int, Any]] = []
-        for name, (width, height) in sizes.items():
-            if name not in anns:
-                payload.append((existing[name], empty_annotation(width, height)))
-        for name, ann_path in anns.items():
+        for name, ann in by_name.items():
             if name not in existing:
                 raise RemoteError(f"annotation for {name!r}: no such image in the dataset")
-            ann = json.loads(spool.batch_file(batch, ann_path).read_bytes())
-            payload.append((existing[name], to_subpixel(ann)))
-        self.api.add_annotations(dataset, payload)
+            payload.append((existing[name], ann))
+        chunks = [payload[i : i + ANN_BATCH] for i in range(0, len(payload), ANN_BATCH)]
+        self._each(lambda chunk: self.api.add_annotations(dataset, chunk), chunks)
         logger.info(
             "imported %d images and %d annotations into dataset %d",
             len(images),
@@ -104,26 +130,35 @@ class RemoteImporter:
         )
 
     def _import_images(
-        self, spool: Spool, batch: Batch, images: list[str], dataset: int
-    ) -> dict[str, tuple[int, int]]:
+        self,
+        spool: Spool,
+        batch: Batch,
+        images: list[str],
+        dataset: int,
+        meanwhile: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Pack, upload, register (each step once, saved in the manifest); ``meanwhile``
+        runs on this thread while the tar and its offsets upload."""
         tar_path = spool.batches_dir / batch.id / f"{batch.stem}.tar"
-        sizes: dict[str, tuple[int, int]] = {}
-        for view_path in images:
-            sizes[view_path.rsplit("/", 1)[1]] = image_size_of_file(
-                spool.batch_file(batch, view_path), view_path
-            )
         if batch.state == "new":
             batch.members = self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
             spool.save_batch(batch)
-        if batch.state == "packed":
-            batch.team_file_id = self.api.upload_team_file(
-                self.team_id(), TEAM_FILES_BLOB_DIR, tar_path.name, str(tar_path)
-            )
+        if batch.state != "packed":
+            meanwhile()
+        else:
+            team = self.team_id()
             offsets = self._write_offsets(batch, tar_path)
-            self.api.upload_team_file(
-                self.team_id(), TEAM_FILES_BLOB_DIR, offsets.name, str(offsets)
-            )
+            with ThreadPoolExecutor(2, thread_name_prefix="blobfs-upload") as pool:
+                uploads: list[Future[int]] = [
+                    pool.submit(
+                        self.api.upload_team_file, team, TEAM_FILES_BLOB_DIR, path.name, str(path)
+                    )
+                    for path in (tar_path, offsets)
+                ]
+                meanwhile()
+                batch.team_file_id = uploads[0].result()
+                uploads[1].result()
             failpoint("remote-after-upload")
             batch.state = "uploaded"
             spool.save_batch(batch)
@@ -134,7 +169,13 @@ class RemoteImporter:
                 (str(n), int(str(s)), int(str(e))) for n, s, e in batch.members if n not in have
             ]
             self.api.mark_blob_project(self.project_id)
-            added = self.api.add_blob_images(dataset, batch.team_file_id, todo)
+            team_file = batch.team_file_id
+            added: dict[str, int] = {}
+            chunks = [todo[i : i + REGISTER_BATCH] for i in range(0, len(todo), REGISTER_BATCH)]
+            for part in self._each(
+                lambda chunk: self.api.add_blob_images(dataset, team_file, chunk), chunks
+            ):
+                added.update(part)
             failpoint("remote-after-register")
             # the ids the annotations need: no second listing of the dataset
             batch.image_ids = {
@@ -144,7 +185,6 @@ class RemoteImporter:
             }
             batch.state = "registered"
             spool.save_batch(batch)
-        return sizes
 
     @staticmethod
     def _write_offsets(batch: Batch, tar_path: Path) -> Path:
@@ -176,3 +216,10 @@ class RemoteImporter:
             tmp.unlink(missing_ok=True)  # e.g. a full spool: the retry starts afresh
             raise
         return [[m.name, m.start, m.end] for m in writer.members]
+
+
+def _read_anns(spool: Spool, batch: Batch, anns: dict[str, str], into: dict[str, Any]) -> None:
+    """The batch's staged annotations, converted as the server stores them, into ``into``
+    (image name -> annotation)."""
+    for name, ann_path in anns.items():
+        into[name] = to_subpixel(json.loads(spool.batch_file(batch, ann_path).read_bytes()))

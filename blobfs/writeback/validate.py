@@ -9,6 +9,7 @@ does the project know): all of it lies below the writeback layer, nothing calls 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from blobfs.errors import InvalidInput
 from blobfs.format.ann_coords import AnnotationFormatError, to_subpixel
@@ -40,14 +41,14 @@ class Validator:
             except InvalidInput as exc:
                 return str(exc)
             return None
-        problem = json_problem(staged_file, "objects")
+        ann, problem = read_json(staged_file, "objects")
         if problem:
             return problem
         image = image_of_ann(name)
         img = image_path(dataset, image)
         if self.spool.stat(img) is None and not self._in_project(img):
             return f"no image named {image!r} in the dataset"
-        return self._class_problem(staged_file)
+        return self._class_problem(ann)
 
     def _in_project(self, path: str) -> bool:
         node = self.project.lookup(path)
@@ -65,14 +66,14 @@ class Validator:
             self._meta_read = True
         return self._meta
 
-    def _class_problem(self, staged_file: str) -> str | None:
+    def _class_problem(self, ann: dict[str, Any]) -> str | None:
+        """Why the annotation ``ann`` (parsed) names classes meta.json lacks or holds
+        geometry the remote import cannot convert, or None."""
         staged_meta = self.spool.stat(META_PATH)
         meta_bytes = self.spool.read_bytes(META_PATH) if staged_meta else self._project_meta()
         try:
             meta = json.loads(meta_bytes or b"{}")
             known = {c.get("title") for c in meta.get("classes", []) if isinstance(c, dict)}
-            with open(staged_file, "rb") as f:
-                ann = json.load(f)
             used = {o.get("classTitle") for o in ann.get("objects", []) if isinstance(o, dict)}
         except (ValueError, AttributeError) as exc:
             return f"cannot read classes: {exc}"
@@ -89,11 +90,17 @@ class Validator:
 def json_problem(path: str, required_key: str) -> str | None:
     """Why the file at ``path`` is not a Supervisely JSON object with a list under
     ``required_key``, or None."""
+    return read_json(path, required_key)[1]
+
+
+def read_json(path: str, required_key: str) -> tuple[dict[str, Any], str | None]:
+    """``(the object, None)`` when the file at ``path`` is a Supervisely JSON object with a
+    list under ``required_key``, else ``({}, why not)``: parsed once for every check."""
     try:
         with open(path, "rb") as f:
             data = json.load(f)
     except (ValueError, OSError) as exc:
-        return f"not valid JSON: {exc}"
+        return {}, f"not valid JSON: {exc}"
     if not isinstance(data, dict) or not isinstance(data.get(required_key, []), list):
-        return f"not a Supervisely JSON object with a '{required_key}' list"
-    return None
+        return {}, f"not a Supervisely JSON object with a '{required_key}' list"
+    return data, None

@@ -106,8 +106,7 @@ def stage(spool: Spool, view_path: str, data: bytes, durable: bool = True) -> No
         os.write(fd, data)
         spool.commit(fd, tmp, view_path, durable=durable)
     finally:
-        os.close(fd)
-        os.unlink(tmp)
+        spool.drop_temp(fd, tmp)
 
 
 def die(spool: Spool) -> None:
@@ -336,8 +335,7 @@ def test_a_writer_committing_after_another_replaced_its_file_stages_its_own_byte
         os.pwrite(fd, b"A2-longer", 0)
         spool.commit(fd, tmp, "/ds/img/p.png")  # close(): staged as a copy
     finally:
-        os.close(fd)
-        os.unlink(tmp)
+        spool.drop_temp(fd, tmp)
     assert staged_state(spool) == {"/ds/img/p.png": b"A2-longer"}
     die(spool)
     assert staged_state(Spool(tmp_path / "spool")) == {"/ds/img/p.png": b"A2-longer"}

@@ -35,7 +35,7 @@ def test_the_tar_and_its_folder_are_flushed_before_the_manifest_says_packed(
         fd, tmp = spool.new_temp()
         os.write(fd, png_bytes(i))
         spool.commit(fd, tmp, f"/ds/img/{i}.png")
-        os.close(fd)
+        spool.drop_temp(fd, tmp)
     files = [f"/ds/img/{i}.png" for i in range(3)]
     batch = spool.create_batch(Batch("b1", ["ds"], files, "ds_stem"))
     events: list[tuple[str, str]] = []

@@ -43,7 +43,7 @@ def test_files_are_acknowledged_when_the_journal_has_no_room(tmpfs: Path) -> Non
     fd, tmp = spool.new_temp()
     os.write(fd, b"small file")
     spool.commit(fd, tmp, "/ds/img/a.png")  # durable without the journal: fsync + rename
-    os.close(fd)
+    spool.drop_temp(fd, tmp)
     again = Spool(tmpfs / "spool")  # as a restarted daemon finds it
     assert again.staged_path("/ds/img/a.png").read_bytes() == b"small file"
     assert os.stat(tmpfs / "spool" / "journal").st_size <= HEADER_SIZE + 4096
@@ -55,7 +55,7 @@ def test_a_clean_close_gives_the_journal_space_back(tmp_path: Path) -> None:
         fd, tmp = spool.new_temp()
         os.write(fd, bytes([i]) * (1 << 20))
         spool.commit(fd, tmp, f"/ds/img/{i}.png")
-        os.close(fd)
+        spool.drop_temp(fd, tmp)
     assert os.stat(tmp_path / "spool" / "journal").st_size > 32 << 20
     spool.close()
     assert os.stat(tmp_path / "spool" / "journal").st_size <= (16 << 20) + HEADER_SIZE
