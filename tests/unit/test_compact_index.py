@@ -309,7 +309,6 @@ def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
     """A listing skips the entry-by-entry conflict search when the bulk check finds no
     repeated name and no overlap within a blob: it must never miss one."""
     from blobfs.format.offsets import conflicting
-
     from blobfs.model import BlobMember
     from blobfs.sources.project_dir import _no_conflicts
 
