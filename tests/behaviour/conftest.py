@@ -190,13 +190,31 @@ def serve(
                 os.environ[k] = v
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests on the emulator carry the ``remote`` mark (the ``fuse`` one comes with the
-    ``mount`` parameter)."""
+    ``mount`` parameter). A test marked ``only_on(kind, reason)`` is a case the other
+    harness cannot produce (the reason says why): it is not collected there, rather than
+    skipped, since under ``CI=true`` a skip fails."""
     here = Path(__file__).parent
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
-        if "remote" in getattr(item, "fixturenames", ()) and here in item.path.parents:
+        if here not in item.path.parents:
+            kept.append(item)
+            continue
+        if "remote" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.remote)
+        only = item.get_closest_marker("only_on")
+        callspec = getattr(item, "callspec", None)
+        kinds = (
+            {v for v in callspec.params.values() if v in ("inprocess", "mount")}
+            if callspec
+            else set()
+        )
+        (dropped if only is not None and kinds and only.args[0] not in kinds else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 # ---- fixtures --------------------------------------------------------------------------

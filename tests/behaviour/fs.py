@@ -9,7 +9,7 @@ the kernel only carries it. Where the kernel itself takes part in a call (walkin
 one component at a time, choosing ``create`` or ``open`` for ``O_CREAT``, treating ENOSYS
 from ``open`` as "no open needed"), the in-process adapter does what the kernel does, and
 no more; where the kernel answers without asking the daemon at all (a write on a ``ro``
-mount), the in-process adapter cannot tell, and the test says so in its skip reason.
+mount), the in-process adapter cannot tell, and the test says so in its ``only_on`` mark.
 """
 
 from __future__ import annotations

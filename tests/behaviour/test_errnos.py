@@ -109,12 +109,12 @@ def test_erofs_for_every_change_to_a_read_only_mount(ro: Served, case: str) -> N
     assert ro.fs.read("/train/img/plain.png") == ro.expected["/train/img/plain.png"]
 
 
+@pytest.mark.only_on(
+    "mount",
+    reason="the kernel refuses it (the mount is ro) before asking the daemon; no-open mode "
+    "means the daemon's open never sees write flags",
+)
 def test_erofs_for_an_open_for_writing_of_an_existing_file(ro: Served) -> None:
-    if ro.kind == "inprocess":
-        pytest.skip(
-            "the kernel refuses it (the mount is ro) before asking the daemon; no-open "
-            "mode means the daemon's open never sees write flags"
-        )
     assert errno_of(ro.fs.open_write, "/train/img/plain.png", False) == errno.EROFS
 
 
@@ -137,12 +137,13 @@ def test_eio_for_a_damaged_blob(ro: Served, dataset: str) -> None:
         assert "blob" in ro.mount.log_text()
 
 
+@pytest.mark.only_on(
+    "inprocess",
+    reason="no real part raises an unexpected exception on demand, and a mock cannot reach "
+    "into the daemon's process",
+)
 def test_eio_for_an_unexpected_exception(ro: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    if ro.ops is None:
-        pytest.skip(
-            "no real part raises an unexpected exception on demand, and a mock cannot "
-            "reach into the daemon's process"
-        )
+    assert ro.ops is not None
 
     def broken(*args: object) -> bytes:
         raise RuntimeError("a bug")
