@@ -60,6 +60,12 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+#: The mount point of a running (or dead) mount. Not checked for readability here: a dead
+#: mount's root may still stat from the kernel's attribute cache while access() fails, and
+#: the command itself says what is wrong with it (``mountpoint.inspect``).
+MOUNTED = click.Path(file_okay=False, readable=False)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="blobfs")
 def main() -> None:
@@ -395,7 +401,7 @@ def _wait_ready(read_fd: int, child: subprocess.Popen[bytes]) -> bool:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=MOUNTED)
 @click.option("-z", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
 def unmount(mountpoint: str, lazy: bool) -> None:
     """Unmount MOUNTPOINT (fusermount -u); a writeback mount imports what is staged first.
@@ -548,7 +554,7 @@ def check(project_dir: str, deep: bool) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=MOUNTED)
 def flush(mountpoint: str) -> None:
     """Import everything staged in a writeback MOUNTPOINT now, and wait for it."""
     _need_blobfs_mount(mountpoint, writeback="nothing to flush")
@@ -560,7 +566,7 @@ def flush(mountpoint: str) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=MOUNTED)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def status(mountpoint: str, as_json: bool) -> None:
     """Show writeback state of MOUNTPOINT: pending, importing, failed (with reasons)."""
@@ -650,7 +656,7 @@ def _print_status(data: dict[str, Any]) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=MOUNTED)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def stats(mountpoint: str, as_json: bool) -> None:
     """Live statistics of MOUNTPOINT: cache hits/misses, bytes and requests, memory."""
