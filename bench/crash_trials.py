@@ -22,7 +22,6 @@ folder durable, which the wipe would not respect); the remount imports everythin
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import sys
@@ -36,23 +35,7 @@ from _common import harness
 
 from blobfs.format.pack import ProjectPacker
 from tests.support.crash import recover_and_verify, write_until_dead
-from tests.support.sample import make_images, png_bytes
-
-
-def write_fsync_until_dead(
-    img_dir: Path, seeds: range, acked: list[int], stop: threading.Event
-) -> None:
-    for seed in seeds:
-        if stop.is_set():
-            return
-        try:
-            with open(img_dir / f"c_{seed:05d}.png", "wb") as f:
-                f.write(png_bytes(seed))
-                f.flush()
-                os.fsync(f.fileno())
-                acked.append(seed)  # fsync() returned: durable
-        except OSError:
-            return
+from tests.support.sample import make_images
 
 
 def trial(
@@ -80,8 +63,8 @@ def trial(
     stop = threading.Event()
     fsync = power_cut and mode == "default"
     writer = threading.Thread(
-        target=write_fsync_until_dead if fsync else write_until_dead,
-        args=(tmp / "mnt" / "ds" / "img", seeds, acked, stop),
+        target=write_until_dead,
+        args=(tmp / "mnt" / "ds" / "img", seeds, acked, stop, fsync),
     )
     writer.start()
     time.sleep(rng.uniform(0.0, 0.8))

@@ -4,6 +4,7 @@ check that every acknowledged image arrived exactly once with its bytes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -27,18 +28,26 @@ def project_images(root: Path) -> dict[str, bytes]:
     return out
 
 
-def write_until_dead(img_dir: Path, seeds: range, acked: list[int], stop: threading.Event) -> None:
+def write_until_dead(
+    img_dir: Path, seeds: range, acked: list[int], stop: threading.Event, fsync: bool = False
+) -> None:
     """Write ``c_<seed>.png`` one by one; a seed is acknowledged once its ``close()``
-    returned. Stops at the first error (the daemon died) or when ``stop`` is set."""
+    returned, or with ``fsync`` once its ``fsync()`` returned (durable). Stops at the
+    first error (the daemon died) or when ``stop`` is set."""
     for seed in seeds:
         if stop.is_set():
             return
         try:
             with open(img_dir / f"c_{seed:05d}.png", "wb") as f:
                 f.write(png_bytes(seed))
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    acked.append(seed)  # fsync() returned: durable
         except OSError:
             return
-        acked.append(seed)  # close() returned: the write is acknowledged
+        if not fsync:
+            acked.append(seed)  # close() returned: the write is acknowledged
 
 
 def recover_and_verify(
