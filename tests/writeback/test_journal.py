@@ -131,6 +131,27 @@ def put_back(spool_root: Path, state: dict[str, bytes]) -> None:
         target.write_bytes(data)
 
 
+def cut_power(
+    spool: Spool,
+    root: Path,
+    states: list[dict[str, bytes]],
+    checkpoints: list[int],
+    torn: set[str],
+    crash_at: int,
+) -> None:
+    """The daemon dies and the staged folder is put back as a disk may hold it after a
+    power cut: the last checkpoint's state plus any prefix (``crash_at``) of what came
+    after it, and a file touched after the checkpoint (in ``torn``) may have lost its
+    bytes."""
+    floor = checkpoints[-1] if checkpoints else 0
+    on_disk = dict(states[floor + crash_at % (len(states) - floor)])
+    for path in torn & on_disk.keys():
+        if on_disk[path] != states[floor].get(path):
+            on_disk[path] = b""
+    die(spool)
+    put_back(root, on_disk)
+
+
 NAMES = [f"/ds/img/{n}.png" for n in "abcde"] + ["/new/img/f.png", "/meta.json"]
 operation = st.one_of(
     st.tuples(st.just("write"), st.sampled_from(NAMES), st.binary(min_size=0, max_size=300)),
@@ -180,15 +201,7 @@ def test_after_a_power_cut_the_spool_rebuilds_exactly_what_was_acknowledged(
         states.append(staged_state(spool))
     acknowledged = states[-1]
 
-    # The disk holds the last checkpoint's state plus any prefix of what came after it,
-    # and a file touched after the checkpoint may have lost its bytes.
-    floor = checkpoints[-1] if checkpoints else 0
-    on_disk = dict(states[floor + crash_at % (len(states) - floor)])
-    for path in torn & on_disk.keys():
-        if on_disk[path] != states[floor].get(path):
-            on_disk[path] = b""
-    die(spool)
-    put_back(root, on_disk)
+    cut_power(spool, root, states, checkpoints, torn, crash_at)
 
     assert staged_state(Spool(root)) == acknowledged
 
@@ -245,13 +258,7 @@ def test_with_the_default_durability_a_power_cut_keeps_every_fsynced_file(
             seen[name].add(data)
     acknowledged = states[-1]
 
-    floor = checkpoints[-1] if checkpoints else 0
-    on_disk = dict(states[floor + crash_at % (len(states) - floor)])
-    for path in torn & on_disk.keys():
-        if on_disk[path] != states[floor].get(path):
-            on_disk[path] = b""
-    die(spool)
-    put_back(root, on_disk)
+    cut_power(spool, root, states, checkpoints, torn, crash_at)
 
     rebuilt = staged_state(Spool(root))
     for name in NAMES:
