@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import io
 import logging
+import operator
 import pickle
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -281,15 +283,15 @@ def reject_conflicts(
 def conflicting(members: Sequence[BlobMember], check_overlaps: bool = True) -> set[int]:
     """Indexes of members whose name repeats or (``check_overlaps``) whose range overlaps.
 
-    Conflicts are rare, so each check first asks cheaply whether there is any (a set of
-    the names; ranges in start order) and only then finds which.
+    Conflicts are rare, so each check first asks in C-level passes whether there is any
+    (a set of the names; :func:`_any_overlap`) and only then finds which.
     """
     names = [m.name for m in members]
     bad: set[int] = set()
     if len(set(names)) != len(names):
         counts = Counter(names)
         bad = {i for i, n in enumerate(names) if counts[n] > 1}
-    if check_overlaps:
+    if check_overlaps and _any_overlap(members):
         starts = [m.start for m in members]
         ends = [m.end for m in members]
         order = sorted(
@@ -302,6 +304,14 @@ def conflicting(members: Sequence[BlobMember], check_overlaps: bool = True) -> s
             if ends[i] > reach:
                 reach, reach_i = ends[i], i
     return bad
+
+
+def _any_overlap(members: Sequence[BlobMember]) -> bool:
+    """Whether two non-empty ranges overlap: in start order, some range starts before the
+    furthest end of those before it."""
+    spans = sorted((m.start, m.end) for m in members if m.end > m.start)
+    reach = accumulate((end for _, end in spans), max)
+    return not all(map(operator.le, reach, (start for start, _ in islice(spans, 1, None))))
 
 
 def read_offsets_file(path: str, blob_size: int | None = None) -> OffsetsIndex:

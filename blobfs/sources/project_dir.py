@@ -27,7 +27,6 @@ import functools
 import hashlib
 import json
 import logging
-import operator
 import os
 import stat
 import struct
@@ -36,7 +35,6 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -393,8 +391,6 @@ class LocalProjectSource(Source):
         by_stem: dict[str, list[int]] = {}
         for i, (_, stem, _) in enumerate(found):
             by_stem.setdefault(stem, []).append(i)
-        if _no_conflicts(found, by_stem):
-            return found  # the usual case, checked in bulk
         suspects = set(conflicting([m for m, _, _ in found], check_overlaps=False))
         for idxs in by_stem.values():
             bad = conflicting([found[i][0] for i in idxs], check_overlaps=True)
@@ -650,23 +646,6 @@ def _rules_digest() -> str:
         h.update(Path(module.__file__ or "").read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
-
-
-def _no_conflicts(found: list[tuple[BlobMember, str, str]], by_stem: dict[str, list[int]]) -> bool:
-    """True when no name repeats and no two non-empty ranges of one blob overlap: what
-    ``conflicting`` would find nothing in, checked with C-level passes."""
-    names = [m.name for m, _, _ in found]
-    if len(set(names)) != len(names):
-        return False
-    for idxs in by_stem.values():
-        spans = sorted((found[i][0].start, found[i][0].end) for i in idxs)
-        spans = [(a, b) for a, b in spans if b > a]
-        if len(spans) < 2:
-            continue
-        reach = list(accumulate((b for _, b in spans), max))
-        if not all(map(operator.le, reach, (a for a, _ in islice(spans, 1, None)))):
-            return False
-    return True
 
 
 def _pack_index(table: FileTable, problems: list[list[Any]], refused: dict[str, str]) -> bytes:
