@@ -285,14 +285,17 @@ def test_listing_a_dataset_does_not_wait_for_another_being_indexed(
     started = time.monotonic()
     listing.start()
     time.sleep(0.3)
+    small_started = time.monotonic()
     names = os.listdir(mnt / "small" / "img")
-    small_s = time.monotonic() - started
+    small_s = time.monotonic() - small_started
     busy = listing.is_alive()
     assert (mnt / project.path(1, 3)).read_bytes() == project.expected(1, 3)
     listing.join(120)
     huge_s = time.monotonic() - started
     assert len(names) == 10 and huge == [300_000]
-    assert busy and small_s < 5 and small_s < huge_s / 4, (small_s, huge_s)
+    # The proof is the order: the small folder answered while the huge one was still being
+    # built. How much faster it was depends on how the two threads share the interpreter.
+    assert busy and small_s < 5, (small_s, huge_s)
 
 
 def test_a_background_build_steps_aside_while_requests_are_served(small: ScaleProject) -> None:
