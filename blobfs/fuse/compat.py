@@ -107,6 +107,23 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
         return 0
 
+    def open(self, path: bytes, fip: Any) -> int:
+        """mfusepy's ``open``, plus ``direct_io`` for the files the operations name in
+        ``direct_io_prefix`` (files whose length is known only when read, like /proc's).
+
+        Such a file announces a bound as its size and ends with a short read; through the
+        page cache the kernel would take that short read as the file's new size, until
+        the attribute timeout, and cut a longer answer read within it. With ``direct_io``
+        every read goes to the daemon and the kernel neither clamps it to nor learns a size.
+        """
+        fi = fip.contents
+        decoded = path.decode(self.encoding, self.errors)
+        fi.fh = self.operations.open(decoded, fi.flags)
+        prefix: str | None = getattr(self.operations, "direct_io_prefix", None)
+        if prefix is not None and decoded.startswith(prefix):
+            fi.direct_io = 1
+        return 0
+
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         if conn and getattr(self.operations, "readdir_plus", None) is not None:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO

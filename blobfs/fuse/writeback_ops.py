@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from blobfs import deadline
 from blobfs.fuse.compat import invalidate_path
 from blobfs.fuse.ops import BlobfsOperations, errno_boundary
+from blobfs.layout import CONTROL_DIR
 from blobfs.writeback.fs import WritebackFS
 from blobfs.writeback.queue import Event, Settled, WritebackQueue
 
@@ -38,6 +39,9 @@ class WritebackOperations(BlobfsOperations):
     ) -> None:
         super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
         self.wview = view
+        #: The control files' contents are made when read (``writeback.json`` grows as
+        #: files are staged): opened with ``direct_io`` (see ``BlobfsFUSE.open``).
+        self.direct_io_prefix = CONTROL_DIR + "/"
         queue.subscribe(self._on_event)
         # Staged files change size while written: the overlay's listing carries no
         # attributes, so the kernel asks getattr (with its short timeout) as before.
