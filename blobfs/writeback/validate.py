@@ -27,6 +27,7 @@ class Validator:
         self.project = project
         self._meta: bytes | None = None
         self._meta_read = False
+        self._classes: tuple[bytes, set[object] | str] | None = None
 
     def __call__(self, path: str, staged_file: str) -> str | None:
         if path == META_PATH:
@@ -66,16 +67,32 @@ class Validator:
             self._meta_read = True
         return self._meta
 
+    def _known_classes(self, meta_bytes: bytes) -> set[object] | str:
+        """The class titles of ``meta_bytes`` (or why they cannot be read), parsed once per
+        version of meta.json rather than once per annotation checked against it."""
+        if self._classes is not None and self._classes[0] == meta_bytes:
+            return self._classes[1]
+        try:
+            meta = json.loads(meta_bytes)
+            known: set[object] | str = {
+                c.get("title") for c in meta.get("classes", []) if isinstance(c, dict)
+            }
+        except (ValueError, AttributeError) as exc:
+            known = f"cannot read classes: {exc}"
+        self._classes = (meta_bytes, known)
+        return known
+
     def _class_problem(self, ann: dict[str, Any]) -> str | None:
         """Why the annotation ``ann`` (parsed) names classes meta.json lacks or holds
         geometry the remote import cannot convert, or None."""
         staged_meta = self.spool.stat(META_PATH)
         meta_bytes = self.spool.read_bytes(META_PATH) if staged_meta else self._project_meta()
+        known = self._known_classes(meta_bytes or b"{}")
+        if isinstance(known, str):
+            return known
         try:
-            meta = json.loads(meta_bytes or b"{}")
-            known = {c.get("title") for c in meta.get("classes", []) if isinstance(c, dict)}
             used = {o.get("classTitle") for o in ann.get("objects", []) if isinstance(o, dict)}
-        except (ValueError, AttributeError) as exc:
+        except AttributeError as exc:
             return f"cannot read classes: {exc}"
         unknown = sorted(str(u) for u in used - known)
         if unknown:
