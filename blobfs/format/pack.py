@@ -54,6 +54,45 @@ def empty_annotation(width: int, height: int) -> dict[str, object]:
     }
 
 
+#: The fields of a member's ustar header after its name, mode, owner and size that are
+#: the same for every member blobfs writes (mode 0644, owner 0, a regular file).
+_USTAR_MODE_OWNER = b"0000644\x000000000\x000000000\x00"
+_USTAR_TAIL = (
+    b"0"  # typeflag: a regular file
+    + b"\x00" * 100  # linkname
+    + b"ustar\x0000"
+    + b"\x00" * 247  # uname, gname, devmajor, devminor (none: not a device), prefix, pad
+)
+_USTAR_TAIL_SUM = sum(_USTAR_TAIL) + 8 * 0x20  # the checksum field counts as spaces
+_MAX_OCTAL_11 = 8**11
+
+
+def member_header(name: str, size: int, mtime: int) -> bytes:
+    """The tar header of a regular file ``name``: byte for byte what ``tarfile`` writes
+    (``TarInfo.tobuf`` in PAX format, mode 0644).
+
+    A plain ASCII name that fits the ustar field takes a plain ustar header, built here
+    directly (``tobuf`` spends most of packing a small image on checking whether it needs
+    a PAX header); anything else goes through ``tarfile``.
+    """
+    if (
+        len(name) < 100
+        and name.isascii()
+        and 0 <= size < _MAX_OCTAL_11
+        and 0 <= mtime < _MAX_OCTAL_11
+    ):
+        head = (
+            name.encode().ljust(100, b"\x00")
+            + _USTAR_MODE_OWNER
+            + b"%011o\x00%011o\x00" % (size, mtime)
+        )
+        checksum = sum(head) + _USTAR_TAIL_SUM
+        return head + b"%06o\x00 " % checksum + _USTAR_TAIL
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
 class TarBlobWriter:
     """Append regular files to a tar stream and remember each one's data range."""
 
@@ -68,10 +107,7 @@ class TarBlobWriter:
 
     def add(self, name: str, source: IO[bytes], size: int, mtime: float) -> BlobMember:
         """Copy ``size`` bytes of ``source`` in as member ``name``; returns its data range."""
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, int(mtime), 0o644
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        self._write(header)
+        self._write(member_header(name, size, int(mtime)))
         start = self._pos
         remaining = size
         while remaining:

@@ -280,3 +280,47 @@ def test_image_size_of_a_file_is_remembered_but_a_rewrite_is_parsed_again(tmp_pa
         f.write(png_bytes(2, 7, 9))
         f.truncate()
     assert image_size_of_file(path, "a.png") == (7, 9)
+
+
+def test_a_png_size_is_read_from_its_header_as_pillow_reads_it() -> None:
+    from PIL import Image
+
+    from blobfs.errors import InvalidInput
+    from blobfs.format.images import image_size, png_size
+    from tests.support.sample import png_bytes
+
+    for seed, width, height in [(1, 36, 36), (2, 1, 1), (3, 640, 7), (4, 5, 480)]:
+        data = png_bytes(seed, width, height)
+        assert png_size(data[:33]) == Image.open(io.BytesIO(data)).size == (width, height)
+        assert image_size(io.BytesIO(data), "a.png") == (width, height)
+    data = png_bytes(5, 36, 36)
+    torn = data[:20] + bytes([data[20] ^ 0xFF]) + data[21:]  # the IHDR's CRC no longer fits
+    assert png_size(torn[:33]) is None  # Pillow decides, and refuses it
+    with pytest.raises(InvalidInput):
+        image_size(io.BytesIO(torn), "torn.png")
+    assert png_size(data[:32]) is None and png_size(b"GIF89a" + data[6:33]) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "mtime"),
+    [
+        ("a.png", 0, 0),
+        ("w_000001.png", 4096, 1_700_000_000),
+        ("x" * 99, 8**11 - 1, 8**11 - 1),
+        ("x" * 100, 5, 5),  # too long for the fast header: tarfile's
+        ("été.png", 5, 5),  # not ASCII: tarfile's PAX header
+        ("big.png", 8**11, 3),  # too large for 11 octal digits: tarfile's
+    ],
+)
+def test_a_member_header_is_byte_for_byte_what_tarfile_writes(
+    name: str, size: int, mtime: int
+) -> None:
+    import tarfile
+
+    from blobfs.format.pack import member_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    assert member_header(name, size, mtime) == info.tobuf(
+        tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
+    )
