@@ -130,6 +130,125 @@ def test_listing_pages_after_the_first_are_fetched_at_once(
     assert took < 20 * 0.100 / 2, took  # one after another would take >= 2 s
 
 
+def spied(api: SuperviselyApi, method: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Record the payloads of ``method`` and the most requests of it in flight at once."""
+    client = api.client
+    post_json = client.post_json
+    lock, now, most, sent = threading.Lock(), [0], [0], []
+
+    def counted(name: str, payload: dict[str, Any]) -> Any:
+        if name != method:
+            return post_json(name, payload)
+        with lock:
+            sent.append(payload)
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            return post_json(name, payload)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    client.post_json = counted  # type: ignore[method-assign]
+    return sent, most
+
+
+def test_a_listing_whose_count_is_known_asks_for_every_page_in_one_round(
+    big: Big, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api_module, "PER_PAGE", 100)
+    emu.faults.update({"latency_ms": 100})
+    api = SuperviselyApi(HttpClient(emu.url, TOKEN), concurrency=8)
+    sent, most = spied(api, "images.list")
+    [ds] = api.datasets(big.pid)
+    assert ds.images_count == COUNT
+    began = time.monotonic()
+    images = api.images(ds.id, ds.images_count)
+    took = time.monotonic() - began
+    assert [i.name for i in images] == sorted(big.images)
+    # pages sized so that all of them fit in one round of --concurrency requests
+    assert sorted(p["page"] for p in sent) == list(range(1, 9))
+    assert {p["per_page"] for p in sent} == {COUNT // 8} and most[0] == 8
+    assert took < 3 * 0.100, took  # one round trip (and the serving), not two or more
+    assert set(sent[0]["fields"]) >= {"id", "name", "relatedDataId", "offsetStart"}
+
+
+@pytest.mark.parametrize("said", [COUNT // 3, 3 * COUNT, 1001])
+def test_a_stale_count_still_lists_every_image_once_in_order(
+    big: Big, emu: Emulator, said: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api_module, "PER_PAGE", 100)
+    api = SuperviselyApi(HttpClient(emu.url, TOKEN), concurrency=4)
+    images = api.images(big.dataset_id, said)  # the dataset has COUNT, whatever the hint said
+    assert [i.name for i in images] == sorted(big.images)
+
+
+def test_a_server_that_caps_the_page_size_lower_is_followed_to_its_last_page(
+    big: Big, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sly_emulator import _common
+
+    monkeypatch.setattr(_common, "MAX_PER_PAGE", 150)  # we ask for 500 a page
+    api = SuperviselyApi(HttpClient(emu.url, TOKEN), concurrency=4)
+    images = api.images(big.dataset_id, COUNT)
+    assert [i.name for i in images] == sorted(big.images)
+    assert emu.stats()["methods"] == {"images.list": -(-COUNT // 150)}
+
+
+def test_failing_listing_pages_are_retried_and_a_dead_one_fails_the_listing(
+    big: Big, emu: Emulator
+) -> None:
+    client = HttpClient(emu.url, TOKEN, retries=2, backoff_s=0.01)
+    api = SuperviselyApi(client, concurrency=4)
+    emu.faults.update({"scope": "images.list", "fail_n": 2, "fail_status": 503})
+    assert [i.name for i in api.images(big.dataset_id, COUNT)] == sorted(big.images)
+    emu.faults.update({"methods": {"images.list": "fail_status=500"}})
+    began = time.monotonic()
+    with pytest.raises(BlobfsError, match=r"images\.list"):
+        api.images(big.dataset_id, COUNT)
+    assert time.monotonic() - began < 5
+
+
+def test_a_listing_page_late_past_the_deadline_times_out(big: Big, emu: Emulator) -> None:
+    from blobfs import deadline
+
+    api = SuperviselyApi(HttpClient(emu.url, TOKEN), concurrency=4)
+    emu.faults.update({"methods": {"images.list": "latency_ms=3000"}})
+    began = time.monotonic()
+    with deadline.within(0.5), pytest.raises(BlobfsError) as info:
+        api.images(big.dataset_id, COUNT)
+    assert to_errno(info.value) == errno.ETIMEDOUT
+    assert time.monotonic() - began < 1.5
+
+
+def test_the_root_listing_asks_for_meta_and_datasets_in_one_round(big: Big, emu: Emulator) -> None:
+    view = remote_view(big)
+    emu.faults.update({"latency_ms": 150})
+    try:
+        began = time.monotonic()
+        assert "train" in view.readdir("/")
+        took = time.monotonic() - began
+        assert emu.stats()["methods"] == {"projects.meta": 1, "datasets.list": 1}
+        assert took < 2 * 0.150, took
+    finally:
+        view.source.close()
+
+
+def test_a_datasets_list_sent_ahead_that_failed_is_asked_again(big: Big, emu: Emulator) -> None:
+    source = RemoteProjectSource(
+        SuperviselyApi(HttpClient(emu.url, TOKEN, retries=0)),
+        big.pid,
+        BlockCache(1 << 16, 1 << 20),
+    )
+    try:
+        emu.faults.update({"scope": "datasets.list", "fail_n": 1})
+        source.meta_json()
+        assert [d.path for d in source.datasets()] == [("train",)]
+        assert emu.stats()["methods"] == {"projects.meta": 1, "datasets.list": 2}
+    finally:
+        source.close()
+
+
 def test_a_walk_through_ann_has_its_batches_fetched_ahead(big: Big, emu: Emulator) -> None:
     source = RemoteProjectSource(
         SuperviselyApi(HttpClient(emu.url, TOKEN)), big.pid, BlockCache(1 << 16, 1 << 20)
@@ -206,21 +325,7 @@ def test_the_ann_listing_keeps_at_most_concurrency_batches_in_flight(
     big: Big, emu: Emulator
 ) -> None:
     view = remote_view(big, concurrency=3)
-    client = view.source.api.client  # type: ignore[attr-defined]
-    post_json = client.post_json
-    lock, now, most = threading.Lock(), [0], [0]
-
-    def counted(method: str, payload: dict[str, Any]) -> Any:
-        with lock:
-            now[0] += 1
-            most[0] = max(most[0], now[0])
-        try:
-            return post_json(method, payload)
-        finally:
-            with lock:
-                now[0] -= 1
-
-    client.post_json = counted
+    _, most = spied(view.source.api, "annotations.bulk.info")  # type: ignore[attr-defined]
     emu.faults.update({"latency_ms": 50})
     try:
         began = time.monotonic()
@@ -407,7 +512,10 @@ def test_when_team_files_cannot_range_either_the_blob_is_downloaded_once(
         ]
         assert len(whole) == 1 and whole[0]["bytes"] == big.blob_size
         assert emu.stats()["methods"].get("file-storage.download", 0) == 1
-        assert sum(method_bytes(emu).values()) < 3 * big.blob_size
+        # the two answers that ignored Range may each reach the socket whole before the
+        # client hangs up on them, then the one download: three blobs and a few small
+        # answers at most (it was ~10 blobs before the fallback chain)
+        assert sum(method_bytes(emu).values()) <= 3 * big.blob_size + 16 * 1024
         stats = blobfs_stats(mnt)
         assert stats["range_fallback_blobs"] == {"file_storage": 0, "whole_download": 1}
     finally:
