@@ -73,6 +73,11 @@ def main() -> None:
         action="store_true",
         help="with --latency-runs: only the first ls and the ann files (no scan, epochs, Range)",
     )
+    parser.add_argument(
+        "--no-epochs",
+        action="store_true",
+        help="with --latency-runs: the scans, ls and ann files only (no epochs, Range)",
+    )
     args = parser.parse_args()
     root = build(args.images, 36)
     state = OUT / f"emu-{args.images}"
@@ -361,7 +366,7 @@ def latency_runs(url: str, pid: int, root: Path, args: argparse.Namespace) -> No
                     )
                 )
             mounts.release(mnt)
-        if args.listing_only:
+        if args.listing_only or args.no_epochs:
             print(f"{len(names)} images; {load_note()}\n")
             print(table(rows))
             return

@@ -250,6 +250,56 @@ def test_a_datasets_list_sent_ahead_that_failed_is_asked_again(big: Big, emu: Em
         source.close()
 
 
+@pytest.mark.fuse
+def test_through_the_mount_a_first_ls_costs_a_round_for_the_root_and_one_for_the_pages(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log", "--concurrency", "4")
+    try:
+        emu.faults.update({"latency_ms": 200})
+        emu.reset_stats()
+        began = time.monotonic()
+        names = os.listdir(mnt / "train" / "img")
+        took = time.monotonic() - began
+        assert sorted(names) == sorted(big.images)
+        methods = emu.stats()["methods"]
+        assert methods == {"projects.meta": 1, "datasets.list": 1, "images.list": 2}
+        assert took < 4 * 0.200, took  # two rounds (and the serving), not three or more
+    finally:
+        emu.faults.reset()
+        assert unmount(mnt, proc) == 0
+
+
+@pytest.mark.fuse
+def test_through_the_mount_failing_listing_pages_are_retried_or_fail_the_ls_alone(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    for run, fault in enumerate(
+        [
+            {"scope": "images.list", "fail_n": 1, "fail_status": 503},
+            {"methods": {"images.list": "fail_status=500"}},
+        ]
+    ):
+        mnt = tmp_path / f"mnt{run}"
+        proc = mount_remote(emu, big.pid, mnt, tmp_path / f"log{run}", "-o", "timeout=5")
+        try:
+            os.listdir(mnt / "train")
+            emu.faults.update(fault)
+            if run == 0:  # one failed page: retried, and the listing is whole
+                assert sorted(os.listdir(mnt / "train" / "img")) == sorted(big.images)
+                continue
+            began = time.monotonic()
+            with pytest.raises(OSError) as info:  # every page fails: retried to the deadline
+                os.listdir(mnt / "train" / "img")
+            assert info.value.errno == errno.ETIMEDOUT and time.monotonic() - began < 5 + 1.5
+            emu.faults.reset()
+            assert os.listdir(mnt / "train")  # the rest of the mount is fine
+        finally:
+            emu.faults.reset()
+            assert unmount(mnt, proc) == 0
+
+
 def test_a_walk_through_ann_has_its_batches_fetched_ahead(big: Big, emu: Emulator) -> None:
     source = RemoteProjectSource(
         SuperviselyApi(HttpClient(emu.url, TOKEN)), big.pid, BlockCache(1 << 16, 1 << 20)
