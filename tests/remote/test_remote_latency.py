@@ -321,6 +321,40 @@ def test_a_walk_through_ann_has_its_batches_fetched_ahead(big: Big, emu: Emulato
         source.close()
 
 
+def test_a_walk_that_asks_for_each_file_twice_keeps_its_read_ahead(
+    big: Big, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount asks for an unsized ann file's content twice (its size, then its bytes):
+    that must not start the walk over, which made every read rescan the batches ahead."""
+    from blobfs.sources import remote_anns
+
+    checks = [0]
+    known = remote_anns.AnnotationCache._known
+
+    def counted(self: remote_anns.AnnotationCache, image_id: int) -> bool:
+        checks[0] += 1
+        return known(self, image_id)
+
+    monkeypatch.setattr(remote_anns.AnnotationCache, "_known", counted)
+    source = RemoteProjectSource(
+        SuperviselyApi(HttpClient(emu.url, TOKEN)), big.pid, BlockCache(1 << 16, 1 << 20)
+    )
+    try:
+        dataset = DatasetRecord(("train",), big.dataset_id, 0)
+        anns = [r for r in source.files(dataset) if r.relpath.startswith("ann/")]
+        got = {}
+        for r in anns:
+            source.content(r)
+            got[r.relpath[4:-5]] = source.content(r)
+        assert {k: json.loads(v) for k, v in got.items()} == {
+            k: json.loads(v) for k, v in big.anns.items()
+        }
+        assert emu.stats()["methods"]["annotations.bulk.info"] == COUNT // 100  # none twice
+        assert checks[0] < 10 * 2 * COUNT, checks[0]  # ~1,500 per read before
+    finally:
+        source.close()
+
+
 def test_annotations_read_out_of_order_fetch_only_their_own_batches(
     big: Big, emu: Emulator
 ) -> None:
@@ -413,25 +447,36 @@ def test_a_failing_ann_batch_fails_only_its_own_files(big: Big, emu: Emulator) -
 
 
 @pytest.mark.fuse
-def test_reading_a_listed_ann_folder_asks_the_server_nothing_per_file(
-    tmp_path: Path, big: Big, emu: Emulator
+@pytest.mark.parametrize("sized", [True, False], ids=["listed-with-sizes", "listed-without"])
+def test_reading_a_listed_ann_folder_asks_for_each_batch_at_most_once(
+    tmp_path: Path, big: Big, emu: Emulator, sized: bool
 ) -> None:
+    """Listed with their sizes (the batches came with the listing), reading the files asks
+    nothing; listed without (every batch failed then), a walk reads each batch once."""
     mnt = tmp_path / "mnt"
     proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
     try:
         ann = mnt / "train" / "ann"
+        if not sized:
+            emu.faults.update({"methods": {"annotations.bulk.info": "fail_status=400"}})
         names = os.listdir(ann)
+        emu.faults.reset()
         before = blobfs_stats(mnt)["fuse_ops"]
         emu.reset_stats()
+        began = time.monotonic()
         got = {n: (ann / n).read_bytes() for n in names}
+        took = time.monotonic() - began
         after = blobfs_stats(mnt)["fuse_ops"]
         assert {n: json.loads(v) for n, v in got.items()} == {
             f"{n}.json": json.loads(v) for n, v in big.anns.items()
         }
-        assert emu.stats()["requests"] == 0  # fetched with the listing
+        methods = emu.stats()["methods"]
+        assert methods == ({} if sized else {"annotations.bulk.info": COUNT // 100})
         assert isinstance(before, dict) and isinstance(after, dict)
         getattrs = after.get("getattr", 0) - before.get("getattr", 0)
-        assert getattrs < 10, getattrs  # the kernel has every size from the listing
+        if sized:
+            assert getattrs < 10, getattrs  # the kernel has every size from the listing
+        assert took < 10, took  # a walk: the batches ahead are read ahead, not rescanned
     finally:
         assert unmount(mnt, proc) == 0
 
