@@ -7,6 +7,7 @@ No caching here (the remote source and view own that), and nothing SDK is import
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -88,6 +89,12 @@ class RemoteFile:
     version: str
     team_id: int | None = None
     path: str | None = None
+
+
+def _until() -> float | None:
+    """This thread's deadline as a ``time.monotonic()`` instant (None without one)."""
+    left = deadline.remaining()
+    return None if left is None else time.monotonic() + left
 
 
 def _result(future: Future[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -229,9 +236,9 @@ class SuperviselyApi:
         with ThreadPoolExecutor(
             min(self.concurrency, pages - 1), thread_name_prefix="blobfs-pages"
         ) as pool:
-            left = deadline.remaining()
+            until = _until()
             futures = [
-                pool.submit(self._page_within, left, method, payload, p, per_page)
+                pool.submit(self._page_within, until, method, payload, p, per_page)
                 for p in range(2, pages + 1)
             ]
             try:
@@ -248,10 +255,10 @@ class SuperviselyApi:
         with ThreadPoolExecutor(
             min(self.concurrency, guess), thread_name_prefix="blobfs-pages"
         ) as pool:
-            left = deadline.remaining()
+            until = _until()
 
             def ask(page: int) -> Future[dict[str, Any]]:
-                return pool.submit(self._page_within, left, method, payload, page, per_page)
+                return pool.submit(self._page_within, until, method, payload, page, per_page)
 
             futures = [ask(p) for p in range(1, guess + 1)]
             try:
@@ -270,10 +277,12 @@ class SuperviselyApi:
                     future.cancel()
 
     def _page_within(
-        self, left: float | None, method: str, payload: dict[str, Any], page: int, per_page: int
+        self, until: float | None, method: str, payload: dict[str, Any], page: int, per_page: int
     ) -> dict[str, Any]:
-        """:meth:`_page` in a pool thread, under the deadline of the thread that asked."""
-        with deadline.within(left if left is None else max(left, 1e-3)):
+        """:meth:`_page` in a pool thread, under the deadline of the thread that asked (a
+        page that waited its turn in the pool gets what is left of it, not a new one)."""
+        left = None if until is None else max(until - time.monotonic(), 1e-3)
+        with deadline.within(left):
             return self._page(method, payload, page, per_page)
 
     def _page(

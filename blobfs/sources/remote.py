@@ -119,15 +119,18 @@ class RemoteProjectSource(Source):
     def meta_json(self) -> bytes | None:
         """The project meta; ``datasets.list`` goes out meanwhile, as the root listing asks
         for both one after the other (one round trip instead of two)."""
-        asked = self._side.submit(self._list_datasets, deadline.remaining())
+        left = deadline.remaining()
+        until = None if left is None else time.monotonic() + left
+        asked = self._side.submit(self._list_datasets, until)
         with self._lock:
             old, self._datasets_ahead = self._datasets_ahead, (time.monotonic(), asked)
         if old is not None:
             old[1].cancel()
         return json.dumps(self.api.project_meta(self.project_id)).encode()
 
-    def _list_datasets(self, left: float | None) -> list[RemoteDataset]:
-        with deadline.within(left if left is None else max(left, 1e-3)):
+    def _list_datasets(self, until: float | None) -> list[RemoteDataset]:
+        """``datasets.list`` in the side thread, by the deadline of the listing that asked."""
+        with deadline.within(None if until is None else max(until - time.monotonic(), 1e-3)):
             return self.api.datasets(self.project_id)
 
     def datasets(self) -> Sequence[DatasetRecord]:
