@@ -186,7 +186,7 @@ def main() -> None:
 )
 @click.option(
     "--concurrency",
-    default=8,
+    default=16,
     show_default=True,
     type=click.IntRange(1, 16),
     metavar="N",

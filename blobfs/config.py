@@ -59,7 +59,7 @@ class MountConfig:
     #: Remote: warm the whole project in the background (``--prefetch``).
     prefetch: bool = False
     #: Remote: requests one listing, annotation walk or prefetch keeps in flight.
-    concurrency: int = 8
+    concurrency: int = 16
     #: Every ``close()`` of a written file is durable (survives a power cut), not only
     #: ``fsync()``: the behaviour of ``-o sync`` on a local file system.
     sync_close: bool = False

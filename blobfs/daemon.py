@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # annotations only: a read-only mount loads none of the write
 logger = logging.getLogger(__name__)
 
 READY_MESSAGE = b"READY\n"
-PREFETCH_WORKERS = 4
 
 
 def build_source(config: MountConfig) -> Source:
@@ -48,7 +47,9 @@ def build_source(config: MountConfig) -> Source:
     cache = BlockCache(
         block_size,
         max(config.effective_cache_bytes(), block_size),
-        prefetch_workers=PREFETCH_WORKERS if config.is_remote else 0,
+        # Readahead keeps up to --concurrency blocks in flight: at 100 ms a scan needs
+        # several MB on the way to read at the speed it reads from memory.
+        prefetch_workers=config.concurrency if config.is_remote else 0,
         disk=DiskBlockStore(config.cache_dir, config.disk_cache_bytes)
         if config.cache_dir
         else None,

@@ -7,11 +7,14 @@ No caching here (the remote source and view own that), and nothing SDK is import
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from blobfs import deadline
 from blobfs.errors import RemoteError
 from blobfs.transport.http import HttpClient, HttpRangeReader
 from blobfs.transport.ranged import BlobReader, StrictRangeReader, WholeBlob
@@ -19,11 +22,26 @@ from blobfs.transport.ranged import BlobReader, StrictRangeReader, WholeBlob
 logger = logging.getLogger(__name__)
 
 PER_PAGE = 1000
+#: Largest page asked for when the count is known (the server may cap it lower: its first
+#: answer's ``pagesCount`` then says how many pages there really are).
+PER_PAGE_MAX = 10_000
+#: The ``images.list`` fields a mount reads (the server sends ~30 per image otherwise).
+IMAGE_FIELDS = (
+    "id",
+    "name",
+    "size",
+    "updatedAt",
+    "hash",
+    "relatedDataId",
+    "downloadId",
+    "offsetStart",
+    "offsetEnd",
+)
 ANN_BATCH = 100  # the server's cap for annotations.bulk.info imageIds
 #: A listing that claims more pages than this is refused, not followed.
 MAX_PAGES = 100_000
 #: Requests in flight at once for one listing, annotation walk or prefetch.
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +52,9 @@ class RemoteDataset:
     name: str
     parent_id: int | None
     updated_at: str
+    #: How many images the server says it has (``imagesCount``; None when it does not say):
+    #: a listing asks for all its pages at once instead of waiting for the first.
+    images_count: int | None = None
 
 
 class RemoteImage(NamedTuple):
@@ -70,10 +91,39 @@ class RemoteFile:
     path: str | None = None
 
 
+def _until() -> float | None:
+    """This thread's deadline as a ``time.monotonic()`` instant (None without one)."""
+    left = deadline.remaining()
+    return None if left is None else time.monotonic() + left
+
+
+def _result(future: Future[dict[str, Any]], method: str) -> dict[str, Any]:
+    """A page's answer, waited for no longer than the caller's deadline."""
+    left = deadline.remaining()
+    try:
+        return future.result(None if left is None else max(left, 0.0))
+    except FutureTimeout:
+        raise deadline.expired(method, "a listing page is late") from None
+
+
+def _pages_count(method: str, first: dict[str, Any]) -> int:
+    pages = first.get("pagesCount", 1)
+    if not isinstance(pages, int) or isinstance(pages, bool) or pages < 0 or pages > MAX_PAGES:
+        raise RemoteError(f"{method}: implausible pagesCount {pages!r}")
+    return pages
+
+
 def _int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise RemoteError(f"server sent {what}={value!r}, not an integer")
     return value
+
+
+def _count(value: Any) -> int | None:
+    """A count the server gives as a hint: a plausible integer, or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _opt_int(value: Any, what: str) -> int | None:
@@ -154,37 +204,91 @@ class SuperviselyApi:
         #: Most requests one listing or annotation walk keeps in flight at once.
         self.concurrency = max(1, concurrency)
 
-    def _pages(self, method: str, payload: dict[str, Any]) -> Iterator[Any]:
+    def _pages(
+        self, method: str, payload: dict[str, Any], expected: int | None = None
+    ) -> Iterator[Any]:
         """Every entity of a paged listing, in page order.
 
-        The first page says how many there are; the rest are asked for at once, at most
-        ``concurrency`` at a time, so a listing of N pages costs about N / concurrency
-        round trips instead of N. Each page has the client's own retries.
+        Pages are asked for at once, at most ``concurrency`` at a time. When the count is
+        known beforehand (``expected``, from the parent's info), every page goes out at
+        once, sized so that they all fit in one round of ``concurrency`` requests: a
+        listing costs about one round trip, not one per page. Otherwise the first page
+        says how many there are and the rest follow it. The first page's ``pagesCount``
+        is the truth either way: pages beyond it are dropped, missing ones asked for
+        then. Each page has the client's own retries and the caller's deadline.
         """
-        first = self._page(method, payload, 1)
-        pages = first.get("pagesCount", 1)
-        if not isinstance(pages, int) or pages < 0 or pages > MAX_PAGES:
-            raise RemoteError(f"{method}: implausible pagesCount {pages!r}")
+        per_page, guess = PER_PAGE, 1
+        if expected is not None and expected > PER_PAGE and self.concurrency > 1:
+            per_page = min(PER_PAGE_MAX, max(PER_PAGE, -(-expected // self.concurrency)))
+            guess = min(MAX_PAGES, -(-expected // per_page))
+        if guess > 1:
+            yield from self._pages_known(method, payload, per_page, guess)
+            return
+        first = self._page(method, payload, 1, per_page)
+        pages = _pages_count(method, first)
         yield from first["entities"]
         if pages <= 1:
             return
         if self.concurrency <= 1 or pages == 2:
             for page in range(2, pages + 1):
-                yield from self._page(method, payload, page)["entities"]
+                yield from self._page(method, payload, page, per_page)["entities"]
             return
         with ThreadPoolExecutor(
             min(self.concurrency, pages - 1), thread_name_prefix="blobfs-pages"
         ) as pool:
-            futures = [pool.submit(self._page, method, payload, p) for p in range(2, pages + 1)]
+            until = _until()
+            futures = [
+                pool.submit(self._page_within, until, method, payload, p, per_page)
+                for p in range(2, pages + 1)
+            ]
             try:
                 for future in futures:
-                    yield from future.result()["entities"]
+                    yield from _result(future, method)["entities"]
             finally:
                 for future in futures:
                     future.cancel()
 
-    def _page(self, method: str, payload: dict[str, Any], page: int) -> dict[str, Any]:
-        answer = self.client.post_json(method, {**payload, "page": page, "per_page": PER_PAGE})
+    def _pages_known(
+        self, method: str, payload: dict[str, Any], per_page: int, guess: int
+    ) -> Iterator[Any]:
+        """Pages 1..``guess`` at once, then any the first page says exist beyond them."""
+        with ThreadPoolExecutor(
+            min(self.concurrency, guess), thread_name_prefix="blobfs-pages"
+        ) as pool:
+            until = _until()
+
+            def ask(page: int) -> Future[dict[str, Any]]:
+                return pool.submit(self._page_within, until, method, payload, page, per_page)
+
+            futures = [ask(p) for p in range(1, guess + 1)]
+            try:
+                first = _result(futures[0], method)
+                pages = _pages_count(method, first)
+                for future in futures[pages:]:  # the count was stale: fewer pages now
+                    future.cancel()
+                yield from first["entities"]
+                for future in futures[1:pages]:
+                    yield from _result(future, method)["entities"]
+                futures += [ask(p) for p in range(guess + 1, pages + 1)]  # more than said
+                for future in futures[guess:]:
+                    yield from _result(future, method)["entities"]
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    def _page_within(
+        self, until: float | None, method: str, payload: dict[str, Any], page: int, per_page: int
+    ) -> dict[str, Any]:
+        """:meth:`_page` in a pool thread, under the deadline of the thread that asked (a
+        page that waited its turn in the pool gets what is left of it, not a new one)."""
+        left = None if until is None else max(until - time.monotonic(), 1e-3)
+        with deadline.within(left):
+            return self._page(method, payload, page, per_page)
+
+    def _page(
+        self, method: str, payload: dict[str, Any], page: int, per_page: int = PER_PAGE
+    ) -> dict[str, Any]:
+        answer = self.client.post_json(method, {**payload, "page": page, "per_page": per_page})
         if not isinstance(answer, dict) or not isinstance(answer.get("entities"), list):
             raise RemoteError(f"{method}: answer has no entity list")
         return answer
@@ -214,18 +318,21 @@ class SuperviselyApi:
                     _str(item.get("name"), "name"),
                     _opt_int(item.get("parentId"), "parentId"),
                     str(item.get("updatedAt") or ""),
+                    _count(item.get("imagesCount")),
                 )
             )
         return out
 
-    def images(self, dataset_id: int) -> list[RemoteImage]:
-        return [
-            parse_image(item)
-            for item in self._pages(
-                "images.list",
-                {"datasetId": dataset_id, "filter": [], "sort": "id", "sort_order": "asc"},
-            )
-        ]
+    def images(self, dataset_id: int, expected: int | None = None) -> list[RemoteImage]:
+        """Every image of a dataset, in id order (``expected``: how many its info said)."""
+        payload = {
+            "datasetId": dataset_id,
+            "filter": [],
+            "sort": "id",
+            "sort_order": "asc",
+            "fields": list(IMAGE_FIELDS),
+        }
+        return [parse_image(item) for item in self._pages("images.list", payload, expected)]
 
     def annotations(self, dataset_id: int, image_ids: Sequence[int]) -> dict[int, Any]:
         """image id -> annotation JSON, fetched ``ANN_BATCH`` at a time (batches at once,

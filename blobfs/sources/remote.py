@@ -22,8 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from typing import assert_never
 
@@ -31,6 +34,7 @@ from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
 from blobfs.errors import (
     AuthError,
+    BlobfsError,
     NotFound,
     RemoteError,
 )
@@ -64,6 +68,9 @@ LISTING_ANN_BYTES = 128 << 20
 #: Longest an ``ann/`` listing waits for its annotations (half the operation's time left
 #: when that is less): a slow server gives a listing without some sizes, not a timeout.
 LISTING_ANNS_WAIT_S = 10.0
+#: A ``datasets.list`` answer sent ahead by :meth:`RemoteProjectSource.meta_json` is used
+#: only this soon after it was asked for (a later listing asks again).
+AHEAD_FRESH_S = 5.0
 
 
 def iso_to_ns(text: str) -> int:
@@ -99,16 +106,49 @@ class RemoteProjectSource(Source):
         self.anns = AnnotationCache(api)
         self._order: dict[int, list[int]] = {}
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
+        self._side = ThreadPoolExecutor(1, thread_name_prefix="blobfs-ahead")
+        #: (when, answer) of the ``datasets.list`` that :meth:`meta_json` sent ahead
+        self._datasets_ahead: tuple[float, Future[list[RemoteDataset]]] | None = None
+        #: dataset id -> its image count as ``datasets.list`` last gave it (a paging hint)
+        self._counts: dict[int, int | None] = {}
         self._lock = threading.Lock()
 
     def is_immutable(self) -> bool:
         return False
 
     def meta_json(self) -> bytes | None:
+        """The project meta; ``datasets.list`` goes out meanwhile, as the root listing asks
+        for both one after the other (one round trip instead of two)."""
+        left = deadline.remaining()
+        until = None if left is None else time.monotonic() + left
+        asked = self._side.submit(self._list_datasets, until)
+        with self._lock:
+            old, self._datasets_ahead = self._datasets_ahead, (time.monotonic(), asked)
+        if old is not None:
+            old[1].cancel()
         return json.dumps(self.api.project_meta(self.project_id)).encode()
 
+    def _list_datasets(self, until: float | None) -> list[RemoteDataset]:
+        """``datasets.list`` in the side thread, by the deadline of the listing that asked."""
+        with deadline.within(None if until is None else max(until - time.monotonic(), 1e-3)):
+            return self.api.datasets(self.project_id)
+
     def datasets(self) -> Sequence[DatasetRecord]:
-        remote = self.api.datasets(self.project_id)
+        with self._lock:
+            ahead, self._datasets_ahead = self._datasets_ahead, None
+        remote: list[RemoteDataset] | None = None
+        if ahead is not None and time.monotonic() - ahead[0] < AHEAD_FRESH_S:
+            left = deadline.remaining()
+            try:
+                remote = ahead[1].result(None if left is None else max(left, 0.0))
+            except FutureTimeout:
+                raise deadline.expired("datasets.list") from None
+            except (BlobfsError, CancelledError) as exc:
+                logger.debug("datasets.list sent ahead failed (asked again): %s", exc)
+        if remote is None:  # not asked ahead, failed, or so long ago it may be stale
+            remote = self.api.datasets(self.project_id)
+        with self._lock:
+            self._counts = {d.id: d.images_count for d in remote}
         with self._problems.listing("datasets"):
             return self._datasets(remote)
 
@@ -153,7 +193,9 @@ class RemoteProjectSource(Source):
 
     def _served_now(self, dataset: DatasetRecord) -> Served:
         assert isinstance(dataset.key, int)
-        images = self.api.images(dataset.key)
+        with self._lock:
+            expected = self._counts.get(dataset.key)
+        images = self.api.images(dataset.key, expected)
         with self._problems.listing(("files", dataset.key)):
             return self._served_images(dataset, images)
 
@@ -335,6 +377,8 @@ class RemoteProjectSource(Source):
             return known
 
     def changed(self) -> None:
+        with self._lock:
+            self._datasets_ahead = None  # asked before the change
         self.anns.clear()
 
     def refused(self, dataset: tuple[str, ...], relpath: str) -> str | None:
@@ -378,6 +422,7 @@ class RemoteProjectSource(Source):
         for reader in readers:
             reader.close()
         self.anns.close()
+        self._side.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
         self.api.client.close()
 

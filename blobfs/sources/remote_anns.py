@@ -72,10 +72,15 @@ class AnnotationCache:
         return data
 
     def _advance(self, dataset_id: int, at: int) -> bool:
-        """Record a read at position ``at``; whether it continues a walk."""
+        """Record a read at position ``at``; whether it continues a walk.
+
+        A read of the position read last continues the walk too: the mount asks for one
+        file's content more than once (its size, then its bytes), and starting the walk
+        over there would make every next read rescan the batches already ahead.
+        """
         with self._lock:
             last, upto = self._walks.get(dataset_id, (-(1 << 60), 0))
-            walking = last < at <= last + ANN_BATCH
+            walking = last <= at <= last + ANN_BATCH
             self._walks[dataset_id] = (at, upto if walking else at)
             return walking
 

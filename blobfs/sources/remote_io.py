@@ -179,7 +179,7 @@ class Prefetcher:
             if self._stop.is_set():
                 break
             with self.gate.background():
-                images = src.api.images(ds.id)
+                images = src.api.images(ds.id, ds.images_count)
             ids = [img.id for img in images]
             take = ids[: max(0, room)]
             room -= len(take)

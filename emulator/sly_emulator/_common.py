@@ -8,6 +8,7 @@ value, a :class:`FileBody` (bytes on disk, served with Range) or :class:`Raw`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +147,37 @@ def paged(total: int, per_page: int, entities: list[dict[str, Any]]) -> dict[str
         "pagesCount": max(1, -(-total // per_page)),
         "entities": entities,
     }
+
+
+def paged_json(total: int, per_page: int, entities: list[str]) -> Raw:
+    """:func:`paged` with entities that are JSON text already (served as they are)."""
+    head = json.dumps(
+        {"total": total, "perPage": per_page, "pagesCount": max(1, -(-total // per_page))}
+    )
+    body = f'{head[:-1]}, "entities": [{", ".join(entities)}]}}'
+    return Raw(body.encode(), "application/json")
+
+
+def raw_list(items: list[str]) -> Raw:
+    """A JSON list of items that are JSON text already."""
+    return Raw(f"[{', '.join(items)}]".encode(), "application/json")
+
+
+def list_fields(body: dict[str, Any]) -> list[str] | None:
+    """The ``fields`` a list call asks for (None: every field), checked."""
+    fields = body.get("fields")
+    if fields is None:
+        return None
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise ApiError(400, "fields must be a list of field names")
+    return fields
+
+
+def project(docs: list[dict[str, Any]], fields: list[str] | None) -> list[dict[str, Any]]:
+    """``docs`` cut to ``fields`` (a field a document lacks is null), or as they are."""
+    if fields is None:
+        return docs
+    return [{f: d.get(f) for f in fields} for d in docs]
 
 
 def page_of(docs: list[dict[str, Any]], body: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Ordinary images go up by hash (``images.bulk.upload``, then ``images.bulk.add``)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -21,9 +22,13 @@ from sly_emulator._common import (
     Registry,
     as_dict,
     filtered,
+    list_fields,
     need,
     page_args,
     paged,
+    paged_json,
+    project,
+    raw_list,
     sorted_docs,
 )
 from sly_emulator._store import ApiError, Store, image_dims, mime_of, sly_hash
@@ -224,13 +229,15 @@ def images_list(store: Store, body: Any, query: dict[str, str]) -> Any:
         and str(body.get("sort") or "id") == "id"
         and str(body.get("sort_order") or "asc").lower() == "asc"
     )
+    fields = list_fields(body)
     if body.get("datasetId") is not None and plain:  # the common case, paged in SQL
         dataset = store.get("datasets", body["datasetId"])["id"]
         offset = (page - 1) * per_page
-        entities = store.page("images", dataset, offset, per_page)
-        return paged(store.count("images", dataset), per_page, entities)
+        entities = store.page_json("images", dataset, offset, per_page, fields)
+        return paged_json(store.count("images", dataset), per_page, entities)
     docs = sorted_docs(filtered(_list_source(store, body), body.get("filter")), body)
-    return paged(len(docs), per_page, docs[(page - 1) * per_page : page * per_page])
+    cut = project(docs[(page - 1) * per_page : page * per_page], fields)
+    return paged(len(docs), per_page, cut)
 
 
 @method("images.info")
@@ -435,11 +442,47 @@ def annotations_bulk_info(store: Store, body: Any, query: dict[str, str]) -> Any
     ids = need(body, "imageIds")
     if not isinstance(ids, list) or len(ids) > ANN_BULK_MAX:
         raise ApiError(400, f"imageIds must be a list of at most {ANN_BULK_MAX} ids")
-    images = [store.get("images", i) for i in ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ApiError(400, "imageIds must be integers")
+    fields = ("name", "datasetId", "createdAt", "updatedAt", "width", "height")
+    found = {row[0]: row for row in store.fields_in("images", "id", ids, fields)}
+    missing = next((i for i in ids if i not in found), None)
+    if missing is not None:
+        raise ApiError(404, f"images {missing} not found")
     dataset = as_dict(body).get("datasetId")
-    if dataset is not None and any(i["datasetId"] != dataset for i in images):
+    if dataset is not None and any(found[i][3] != dataset for i in ids):
         raise ApiError(400, f"some images are not in dataset {dataset}")
-    return _ann_docs(store, images)
+    labelled = {
+        row[1]
+        for kind in ("figures", "imagetags")
+        for row in store.fields_in(kind, "parent", ids, ())
+    }
+    if labelled:  # figures or tags added one by one are merged in: the general path
+        return _ann_docs(store, [store.get("images", i) for i in ids])
+    stored = {
+        row[1]: row for row in store.fields_in("anns", "parent", ids, ("annotation", "updatedAt"))
+    }
+    return raw_list([_ann_doc_json(found[i], stored.get(i)) for i in ids])
+
+
+def _ann_doc_json(image: tuple[Any, ...], stored: tuple[Any, ...] | None) -> str:
+    """:func:`_ann_doc` of an image without added figures or tags, as JSON text: the
+    stored annotation goes out as SQLite gave it, never decoded."""
+    ident, _, name, dataset, created, updated, width, height = image
+    if stored is None:
+        ann = json.dumps(_empty_annotation({"height": height, "width": width}))
+    else:
+        ann, updated = stored[2], stored[3]
+    head = json.dumps(
+        {
+            "imageId": ident,
+            "imageName": name,
+            "datasetId": dataset,
+            "createdAt": created,
+            "updatedAt": updated,
+        }
+    )
+    return f'{head[:-1]}, "annotation": {ann}}}'
 
 
 @method("annotations.list")

@@ -620,6 +620,43 @@ def test_images_list_pages_filters_and_sorts(emu: Emulator, blob: dict[str, Any]
     assert call(emu, "images.list", {"datasetId": ds, "per_page": -1}).status_code == 400
 
 
+def test_images_list_fields_cut_every_entity_to_the_fields_asked_for(
+    emu: Emulator, blob: dict[str, Any]
+) -> None:
+    ds = blob["dataset"]["id"]
+    full = ok(emu, "images.list", {"datasetId": ds})["entities"]
+    fields = ["id", "name", "offsetStart", "meta", "noSuchField"]
+    for body in (  # the plain listing (served by SQL) and a filtered one agree
+        {"datasetId": ds, "fields": fields, "per_page": 5, "page": 2},
+        {"datasetId": ds, "fields": fields, "per_page": 5, "page": 2, "sort": "name"},
+    ):
+        page = ok(emu, "images.list", body)
+        assert (page["total"], page["perPage"], page["pagesCount"]) == (8, 5, 2)
+        assert page["entities"] == [
+            {
+                "id": e["id"],
+                "name": e["name"],
+                "offsetStart": e["offsetStart"],
+                "meta": {},
+                "noSuchField": None,
+            }
+            for e in full[5:]
+        ]
+    for bad in (["id", "name; DROP"], "id", [1]):
+        assert call(emu, "images.list", {"datasetId": ds, "fields": bad}).status_code == 400
+
+
+def test_annotations_bulk_info_answers_in_the_order_asked_and_refuses_unknown_ids(
+    emu: Emulator, blob: dict[str, Any]
+) -> None:
+    ids = [i["id"] for i in blob["images"]][::-1]
+    body = {"datasetId": blob["dataset"]["id"], "imageIds": ids}
+    assert [a["imageId"] for a in ok(emu, "annotations.bulk.info", body)] == ids
+    for bad in ([*ids, 10**9], [ids[0], "x"], [ids[0], True]):
+        r = call(emu, "annotations.bulk.info", {**body, "imageIds": bad})
+        assert r.status_code in (400, 404), bad
+
+
 def test_ordinary_images_upload_by_hash_and_download(emu: Emulator, blob: dict[str, Any]) -> None:
     data = png_bytes(123, 40, 20)
     r = requests.post(
