@@ -50,7 +50,7 @@ from blobfs.format.offsets import (
     parse_offsets,
     reject_conflicts,
 )
-from blobfs.format.tarhead import BLOCK, member_problem
+from blobfs.format.tarhead import BLOCK, FIELDS_END, TAIL, fields_problem, member_problem
 from blobfs.layout import name_problem
 from blobfs.model import (
     AnnRef,
@@ -427,8 +427,13 @@ class LocalProjectSource(Source):
             final.extend(f for f in group if keep[f[0]])
         return final
 
-    def _verdict(self, blob: _Blob, m: BlobMember) -> str | None:
-        """None: ``m`` is a member of the tar; a reason when it is not; "" when unknown."""
+    def _verdict(self, blob: _Blob, m: BlobMember, full: bool = True) -> str | None:
+        """None: ``m`` is a member of the tar; a reason when it is not; "" when unknown.
+
+        ``full`` reads the whole header (its checksum settles conflicts, which are few);
+        otherwise only the fields the check needs are read (a first read of an image that
+        is often smaller than a header: see :func:`fields_problem`).
+        """
         if blob.cached is None:
             return ""
         key = (blob.cached.key, m.start, m.end, m.name)
@@ -438,11 +443,16 @@ class LocalProjectSource(Source):
         if m.start < BLOCK:
             verdict = member_problem(b"", m)
         else:
+            at = m.start - BLOCK
             try:
-                header = self._pool.pread(blob.rel, m.start - BLOCK, m.start)
+                if full:
+                    verdict = member_problem(self._pool.pread(blob.rel, at, m.start), m)
+                else:
+                    head = self._pool.pread(blob.rel, at, at + FIELDS_END)
+                    tail = functools.partial(self._pool.pread, blob.rel, at + TAIL[0], at + TAIL[1])
+                    verdict = fields_problem(head, m, tail)
             except (BlobfsError, OSError):
                 return ""  # the blob itself is unreadable; reads will say so
-            verdict = member_problem(header, m)
         self._verdicts.put(key, verdict or "")
         return verdict
 
@@ -454,7 +464,7 @@ class LocalProjectSource(Source):
     def check_member(self, blob: _Blob, ref: BlobRef, name: str) -> None:
         """Raise (EIO, logged once aggregated) when the tar disowns this entry."""
         m = BlobMember(name, ref.start, ref.end)
-        verdict = self._verdict(blob, m)
+        verdict = self._verdict(blob, m, full=False)
         if verdict:
             self._note(blob.path, f"{NOT_A_MEMBER}: {verdict}", show(name))
             err = CorruptData(f"{blob.path}: {show(name)} [{ref.start}, {ref.end}): {verdict}")
