@@ -148,6 +148,12 @@ class IndexStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
+    def forget(self, name: str) -> None:
+        """Delete the file of ``name`` (found damaged after it was loaded)."""
+        if self.usable:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(name))
+
     def _prune(self) -> None:
         cutoff = time.time() - MAX_AGE_S
         try:

@@ -589,11 +589,13 @@ class LocalProjectSource(Source):
         store = self.index_store
         index_key = self._index_key(key, items) if store is not None else b""
         if store is not None:
-            cached = _unpack_index(store.load(self.fs.where(key), index_key))
+            where = self.fs.where(key)
+            cached = _unpack_index(store.load(where, index_key))
             if cached is not None:
                 table, problems, cached_refused = cached
                 self._problems.add_snapshot(problems)
                 refused.update(cached_refused)
+                table.on_damaged = functools.partial(self._damaged_index, store, where)
                 return table
         collected = Problems()
         with building():
@@ -624,6 +626,11 @@ class LocalProjectSource(Source):
             payload = _pack_index(table, collected.snapshot(), refused)
             store.save(self.fs.where(key), index_key, payload)
         return table
+
+    def _damaged_index(self, store: IndexStore, where: str, why: str) -> None:
+        """A cached index failed its deferred check: the next mount builds it again."""
+        store.forget(where)
+        self._problems.add(where, "index cache file damaged; it is rebuilt at the next mount", why)
 
     def _index_key(self, key: str, items: list[DirItem]) -> bytes:
         """What a cached index of ``key`` must have been built from to be current: every

@@ -129,6 +129,48 @@ def test_a_changed_input_or_a_damaged_cache_file_rebuilds(
     assert again.index_builds == builds + (2 if change == "cache" else 0)
 
 
+def _forge_cache_files(store_dir: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` in every cached payload, with a checksum that holds."""
+    from blobfs.cache import index_store
+
+    for f in store_dir.iterdir():
+        data = f.read_bytes()
+        _, key_len, payload_len = index_store._HEAD.unpack_from(data)
+        at = index_store._HEAD.size
+        key, payload = data[at : at + key_len], data[at + key_len : at + key_len + payload_len]
+        if old in payload:
+            payload = payload.replace(old, new)
+            head = index_store._HEAD.pack(index_store.MAGIC, key_len, len(payload))
+            f.write_bytes(head + key + payload + index_store._digest(key, payload))
+
+
+def test_a_cached_index_is_served_before_its_names_are_checked_and_a_bad_one_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache file whose checksum holds but whose names are out of order (only a bug or
+    a forger makes one): lookups answer at once from exact names, the listing is EIO and
+    logged once, and the next mount builds the index again."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
+    store_dir = tmp_path / "cache"
+    ProjectView(source(project.root, IndexStore(store_dir))).preload()
+    five, six = (f"small-image-{i:07d}.png".encode() for i in (5, 6))
+    _forge_cache_files(store_dir, five + b"\0" + six, six + b"\0" + five)
+    again = source(project.root, IndexStore(store_dir))
+    view = ProjectView(again)
+    with caplog.at_level(logging.WARNING):
+        assert view.read_path("/" + project.path(0, 50), 0, 1 << 20) == project.expected(0, 50)
+        for _ in range(2):
+            with pytest.raises(BlobfsError) as info:
+                view.readdir("/a/img")
+            assert to_errno(info.value) == errno.EIO
+    lines = [r.getMessage() for r in caplog.records if "index cache file damaged" in r.getMessage()]
+    assert len(lines) == 1, caplog.records
+    assert again.index_builds == 0
+    third = source(project.root, IndexStore(store_dir))
+    assert len(ProjectView(third).readdir("/a/img")) == 100
+    assert third.index_builds == 1
+
+
 def test_problems_are_reported_again_from_a_cached_index(tmp_path: Path) -> None:
     project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
     offsets = project.root / "a" / f"blob_000{OFFSETS_SUFFIX}"
