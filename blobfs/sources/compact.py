@@ -576,35 +576,45 @@ class TableBuilder:
         self, lstat: Callable[[str], os.stat_result] = os.lstat
     ) -> tuple[FileTable, list[str]]:
         names = self._names
-        order = sorted(range(len(names)), key=names.__getitem__)
-        pace()
-        ordered = [names[i] for i in order]
+        in_order = all(map(operator.lt, names, islice(names, 1, None)))
+        if in_order:  # offsets files often list names sorted: no sort, no reordering
+            order: Sequence[int] = range(len(names))
+            ordered = names
+        else:
+            order = sorted(range(len(names)), key=names.__getitem__)
+            pace()
+            ordered = [names[i] for i in order]
         dup: set[int] = set()
-        if len(set(ordered)) != len(ordered):
+        if not in_order and len(set(ordered)) != len(ordered):  # strictly sorted: distinct
             for k, (a, b) in enumerate(zip(ordered, islice(ordered, 1, None), strict=False)):
                 if a == b:
                     dup.update((order[k], order[k + 1]))
             order = [i for i in order if i not in dup]
             ordered = [names[i] for i in order]
         pace()
+        joined = b"\0".join(ordered) + b"\0" if ordered else b""
         table = FileTable(
             self.prefix,
             self.sources,
-            b"\0".join(ordered) + b"\0" if ordered else b"",
+            joined,
             _column_in(self._src, order),
             _column_in(self._start, order),
             _column_in(self._size, order),
             lstat,
+            _starts_of(ordered, len(joined)),
         )
         duplicates = sorted({names[i].decode("utf-8", "surrogateescape") for i in dup})
         return table, duplicates
 
 
-def _column_in(values: list[int], order: list[int]) -> _Column:
+def _column_in(values: list[int], order: Sequence[int]) -> _Column:
     """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
     if values and min(values) == max(values):
         return _Column(values[0], None, len(order))
-    column = _Column.of([values[i] for i in order])
+    if isinstance(order, range) and order == range(len(values)):
+        column = _Column.of(values)
+    else:
+        column = _Column.of([values[i] for i in order])
     pace()
     return column
 

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import stat
 import struct
@@ -35,6 +36,7 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -388,13 +390,25 @@ class LocalProjectSource(Source):
         file. What still conflicts afterwards (two real members of one name in two blobs,
         or a blob that cannot be read) is refused on both sides, as remote sources do.
         """
-        by_stem: dict[str, list[int]] = {}
-        for i, (_, stem, _) in enumerate(found):
-            by_stem.setdefault(stem, []).append(i)
-        suspects = set(conflicting([m for m, _, _ in found], check_overlaps=False))
-        for idxs in by_stem.values():
-            bad = conflicting([found[i][0] for i in idxs], check_overlaps=True)
+        members = list(map(_FIRST, found))
+        # each offsets file adds one run of entries of one stem: group by runs (C-level)
+        by_stem: dict[str, list[range]] = {}
+        at = 0
+        for stem, run in groupby(map(_SECOND, found)):
+            n = len(list(run))
+            by_stem.setdefault(stem, []).append(range(at, at + n))
+            at += n
+        suspects = set(conflicting(members, check_overlaps=False))
+        for runs in by_stem.values():
+            idxs: Sequence[int] = runs[0] if len(runs) == 1 else [i for r in runs for i in r]
+            group = (
+                members[idxs.start : idxs.stop]
+                if isinstance(idxs, range)
+                else [members[i] for i in idxs]
+            )
+            bad = conflicting(group, check_overlaps=True)
             suspects.update(idxs[j] for j in bad)
+        del members
         if not suspects:
             return found
         drop: set[int] = set()
@@ -611,12 +625,15 @@ class LocalProjectSource(Source):
                 version = blob.cached.version if blob.cached else ""
                 sources[stem] = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
             pace()
+            only = [m for m, _ in members]
+            starts = list(map(_START, only))
             builder.add_many(
-                [encode_name(m.name) for m, _ in members],
+                _encode_names(list(map(_NAME, only))),
                 [sources[stem] for _, stem in members],
-                [m.start for m, _ in members],
-                [m.end - m.start for m, _ in members],
+                starts,
+                list(map(operator.sub, map(_END, only), starts)),
             )
+            del only, starts
             del members
             table, _ = builder.build()  # names were de-duplicated by _resolve
             del builder
@@ -648,6 +665,20 @@ class LocalProjectSource(Source):
             )
         device = os.stat(self.root).st_dev
         return json.dumps([_rules_digest(), device, key, files, tars]).encode()
+
+
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+_NAME = operator.attrgetter("name")
+_START = operator.attrgetter("start")
+_END = operator.attrgetter("end")
+
+
+def _encode_names(names: list[str]) -> list[bytes]:
+    """Every name as stored (:func:`encode_name`), in one pass: names hold no NUL."""
+    if not names:
+        return []
+    return "\0".join(names).encode("utf-8", "surrogateescape").split(b"\0")
 
 
 @functools.cache

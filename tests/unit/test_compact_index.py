@@ -347,6 +347,9 @@ spans = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(spans)
+@example([("a", "s0", 0, 5), ("b", "s0", 5, 5), ("c", "s0", 10, 0), ("d", "s0", 10, 3)])
+@example([("a", "s0", 0, 5), ("b", "s0", 4, 3)])  # in order, but the second starts early
+@example([("a", "s0", 0, 10), ("b", "s0", 5, 0), ("c", "s0", 10, 2)])  # an empty one inside
 def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
     entries_: list[tuple[str, str, int, int]],
 ) -> None:
