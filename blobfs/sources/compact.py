@@ -266,6 +266,15 @@ class FileTable(Mapping[str, FileRecord]):
                     raise CorruptData(f"index of {self.prefix} damaged: {exc}") from None
             return self._starts
 
+    def check(self) -> None:
+        """Run the deferred check of a table loaded from disk now (a listing calls it
+        before it pages, so that it fails at once and not half way).
+
+        Raises:
+            CorruptData: the names are not sorted, distinct file names.
+        """
+        self._all_starts()
+
     def name_at(self, i: int) -> str:
         starts = self._all_starts()
         raw = self._names[starts[i] : starts[i + 1] - 1]

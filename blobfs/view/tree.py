@@ -443,6 +443,7 @@ class ProjectView:
             raise NotADirectory(path)
         children = self._children(node)
         if isinstance(children, FileTable):  # pages straight from the table
+            children.check()  # a table loaded from disk checks its names at its first listing
             return self._table_attrs(children, start)
         with self._lock:
             memo = self._listings.get(id(children))
@@ -464,6 +465,7 @@ class ProjectView:
             raise NotADirectory(path)
         children = self._children(node)
         if isinstance(children, FileTable):
+            children.check()
             return self._table_runs(children, start)
         return self.readdir_attrs(path, start)
 

@@ -24,6 +24,7 @@ from blobfs.cache.index_store import IndexStore
 from blobfs.errors import BlobfsError, NotFound, to_errno
 from blobfs.format import offsets as offsets_module
 from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch
+from blobfs.format.tarhead import FIELDS_END
 from blobfs.model import AnnRef, BlobMember, FileRecord, RemoteImageRef
 from blobfs.sources.compact import FileTable
 from blobfs.sources.project_dir import LocalProjectSource
@@ -296,14 +297,53 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         assert size == len(big.expected(1, 54_321))
         assert (mnt / big.path(1, 54_321)).read_bytes() == big.expected(1, 54_321)
         assert len(os.listdir(mnt / "ds0" / "img")) == 100_000
+        before = stats(mnt)["blob_reads"]
+        delivered = 0
         for i in random.Random(run).sample(range(100_000), 200):
-            assert (mnt / big.path(0, i)).read_bytes() == big.expected(0, i)
+            data = (mnt / big.path(0, i)).read_bytes()
+            assert data == big.expected(0, i)
+            delivered += len(data)
+        after = stats(mnt)["blob_reads"]
+        assert isinstance(before, dict) and isinstance(after, dict)
+        # each image plus its header's first fields, checked at its first read
+        read = after["bytes_read"] - before["bytes_read"]
+        assert delivered <= read <= delivered + 200 * FIELDS_END, (read, delivered)
         index = stats(mnt)["index"]
         assert isinstance(index, dict)
         assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
         assert proc.unmount(30) == 0
     assert timings[0] < 20, timings
     assert timings[1] < 1.5, timings
+
+
+@pytest.mark.fuse
+def test_a_forged_cache_file_serves_exact_names_and_its_listing_is_eio_once(
+    tmp_path: Path, mount_env: dict[str, str], mounts: harness.Mounts
+) -> None:
+    """Through a mount: a cache file whose checksum holds but whose names are out of
+    order serves a stat and a read at once, fails the listing with EIO (logged once),
+    and is built again at the next mount."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
+    store_dir = Path(mount_env["XDG_CACHE_HOME"]) / "blobfs" / "index"
+    ProjectView(source(project.root, IndexStore(store_dir))).preload()
+    five, six = (f"small-image-{i:07d}.png".encode() for i in (5, 6))
+    _forge_cache_files(store_dir, five + b"\0" + six, six + b"\0" + five)
+    log = tmp_path / "log"
+    for run in range(2):
+        mnt = tmp_path / f"mnt{run}"
+        proc = mounts.start(project.root, mnt, log=log if run == 0 else None, env=mount_env)
+        try:
+            assert (mnt / project.path(0, 50)).read_bytes() == project.expected(0, 50)
+            if run == 0:
+                for _ in range(2):
+                    with pytest.raises(OSError) as info:
+                        os.listdir(mnt / "a" / "img")
+                    assert info.value.errno == errno.EIO
+            else:
+                assert len(os.listdir(mnt / "a" / "img")) == 100
+        finally:
+            assert proc.unmount(20) == 0
+    assert log.read_text().count("index cache file damaged") == 1
 
 
 def _write_huge_offsets(path: Path, entries: int) -> None:
