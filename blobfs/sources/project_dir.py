@@ -34,7 +34,7 @@ import struct
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -49,6 +49,7 @@ from blobfs.format.offsets import (
     OFFSETS_SUFFIX,
     OffsetsIndex,
     conflicting,
+    find_entry,
     parse_offsets,
     reject_conflicts,
 )
@@ -139,6 +140,7 @@ class LocalProjectSource(Source):
         self._capture = threading.local()
         self._tables: weakref.WeakSet[FileTable] = weakref.WeakSet()
         self.index_builds = 0
+        self.quick_lookups = 0
         self._verdicts: LockedLru[tuple[str, int, int, str], str] = LockedLru(VERDICTS_KEPT)
         # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
@@ -207,6 +209,7 @@ class LocalProjectSource(Source):
                 "entries": sum(len(t) for t in tables),
                 "bytes": sum(t.nbytes for t in tables),
                 "builds": self.index_builds,
+                "quick_lookups": self.quick_lookups,
                 "cache": self.index_store.stats() if self.index_store else None,
             },
         }
@@ -521,7 +524,10 @@ class LocalProjectSource(Source):
         assert isinstance(dataset.key, str)
         key = dataset.key
         loaders: FolderLoaders = {
-            "img": lambda: self._listed(self._img_table, dataset),
+            "img": _QuickLookup(
+                lambda: self._listed(self._img_table, dataset),
+                functools.partial(self._quick_image, dataset),
+            ),
             "ann": lambda: self._listed(self._plain_table, f"{key}/ann", "ann", ".json"),
         }
         for sub in PASS_THROUGH_DIRS:
@@ -531,6 +537,74 @@ class LocalProjectSource(Source):
                     self._listed, self._plain_table, f"{key}/{sub}", sub
                 )
         return loaders
+
+    def _quick_image(self, dataset: DatasetRecord, name: str) -> FileRecord | None:
+        """The record of blob image ``name`` of ``dataset`` before the folder's index is
+        built, for a ``stat`` right after the mount; None when in doubt (the caller then
+        waits for the index).
+
+        Answered only for an entry that :func:`find_entry` finds alone in the dataset's
+        offsets files, with no file of that name in ``img/``, within its blob, and that
+        the tar's full header says is that member. Bytes are never served from it: a read
+        looks the name up in the built index, so a name that the whole folder's checks
+        refuse (a later batch spoiling its file) fails there, with no wrong bytes.
+        """
+        assert isinstance(dataset.key, str)
+        key = dataset.key
+        if self.index_store is not None and self._cached_index_current(key):
+            return None  # loading the cached index is quicker, and settles it
+        stems: list[str] = []
+        files: list[bytearray] = []
+        try:
+            if self.fs.lstat(f"{key}/img/{name}") is not None:
+                return None  # both a blob image and a file: refused, the index says so
+            for item in sorted(self._list(key), key=lambda e: e.name):
+                if item.name.endswith(OFFSETS_SUFFIX) and item.is_file:
+                    data = self._whole(f"{key}/{item.name}")
+                    if data is not None:
+                        files.append(data)
+                        stems.append(item.name[: -len(OFFSETS_SUFFIX)])
+        except (BlobfsError, OSError):
+            return None
+        found = find_entry(files, name)
+        del files
+        if found is None:
+            return None
+        which, start, end = found
+        blob = self._blob(stems[which])
+        if blob.cached is None or blob.problem or end > blob.cached.size:
+            return None
+        if self._verdict(blob, BlobMember(name, start, end), full=True) is not None:
+            return None
+        self.quick_lookups += 1
+        ref = BlobRef(stems[which], blob.cached.version, start, end)
+        return FileRecord(f"img/{name}", end - start, blob.mtime_ns, ref)
+
+    def _whole(self, rel: str) -> bytearray | None:
+        """The bytes of the offsets file ``rel``, read in one copy (None when empty or
+        too large). Not a memory map: a file truncated under a map kills the process."""
+        fd = self.fs.open_file(rel)
+        try:
+            size = os.fstat(fd).st_size
+            if not 0 < size <= MAX_OFFSETS_FILE_BYTES:
+                return None
+            buf = bytearray(size)
+            view, got = memoryview(buf), 0
+            while got < size:
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    return None  # shrank while read: the index decides
+                got += n
+            return buf
+        finally:
+            os.close(fd)
+
+    def _cached_index_current(self, key: str) -> bool:
+        """Whether the index cache holds a current index of ``key`` (not checked)."""
+        store = self.index_store
+        if store is None:
+            return False
+        return store.has(self.fs.where(key), self._index_key(key, self._list(key)))
 
     def _listed(self, build: Any, *args: Any) -> FileTable:
         """``build(*args)`` with its problems logged once it is done (one line each); a
@@ -723,6 +797,18 @@ def _unpack_index(
     if table.prefix != "img/" or any(s.kind != BLOB for s in table.sources):
         return None
     return table, problems, refused
+
+
+class _QuickLookup:
+    """A folder's loader that can also answer one name before the folder is loaded."""
+
+    def __init__(
+        self, load: Callable[[], FileTable], peek: Callable[[str], FileRecord | None]
+    ) -> None:
+        self._load, self.peek = load, peek
+
+    def __call__(self) -> FileTable:
+        return self._load()
 
 
 class _MemberReader:

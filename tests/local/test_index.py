@@ -172,6 +172,62 @@ def test_a_cached_index_is_served_before_its_names_are_checked_and_a_bad_one_reb
     assert third.index_builds == 1
 
 
+def test_a_stat_before_the_index_is_built_is_answered_from_the_offsets_alone(
+    small: ScaleProject,
+) -> None:
+    """A ``stat`` of a not yet indexed folder reads only the batch holding the name (and
+    the member's tar header); the first read then builds the index and serves from it."""
+    src = source(small.root)
+    view = ProjectView(src)
+    path = "/" + small.path(2, 1500)
+    assert view.getattr(path)["st_size"] == len(small.expected(2, 1500))
+    assert (src.quick_lookups, src.index_builds) == (1, 0)
+    with pytest.raises(NotFound):
+        view.getattr("/c/img/small-image-0009999.png")  # not there: the index says so
+    assert src.index_builds == 1
+    assert view.read_path(path, 0, 1 << 20) == small.expected(2, 1500)
+    assert src.quick_lookups == 1  # the folder is loaded now: no quick answer needed
+
+
+def test_a_quick_stat_never_answers_for_a_name_in_doubt_and_never_serves_bytes(
+    tmp_path: Path,
+) -> None:
+    """A name in two offsets files, or one the tar disowns, waits for the index (which
+    settles or refuses it); a name whose file is refused by a later batch may have been
+    stat-ed, but reading it fails: no bytes come from the quick answer."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 2)
+    ds = project.root / "a"
+    first = ds / f"blob_000{OFFSETS_SUFFIX}"
+    second = ds / f"blob_001{OFFSETS_SUFFIX}"
+    ones = offsets_module.read_offsets_file(str(first)).members
+    twos = offsets_module.read_offsets_file(str(second)).members
+    twin = BlobMember(ones[3].name, twos[0].start, twos[0].end)  # another member's range
+    shifted = BlobMember(ones[4].name, ones[4].start + 512, ones[4].end + 512)
+    first.write_bytes(dumps_batch([*ones[:4], shifted, *ones[5:]]))
+    second.write_bytes(dumps_batch([twin, *twos[1:]]))
+
+    def fresh() -> tuple[LocalProjectSource, ProjectView]:
+        src = source(project.root)
+        return src, ProjectView(src)
+
+    src, view = fresh()
+    size = view.getattr(f"/a/img/{ones[3].name}")["st_size"]  # the tar settles the twins
+    assert size == ones[3].size and (src.quick_lookups, src.index_builds) == (0, 1)
+    src, view = fresh()
+    view.getattr(f"/a/img/{shifted.name}")  # the tar disowns it: the index answers
+    assert (src.quick_lookups, src.index_builds) == (0, 1)
+    with pytest.raises(BlobfsError) as info:
+        view.read_path(f"/a/img/{shifted.name}", 0, 1 << 20)
+    assert to_errno(info.value) == errno.EIO
+    evil = b"\x80\x02cos\nsystem\n."  # a later batch that refuses the whole file
+    second.write_bytes(dumps_batch([twin, *twos[1:]]) + evil)
+    src, view = fresh()
+    assert view.getattr(f"/a/img/{twos[5].name}")["st_size"] == twos[5].size
+    assert src.quick_lookups == 1
+    with pytest.raises(NotFound):
+        view.read_path(f"/a/img/{twos[5].name}", 0, 1 << 20)
+
+
 def test_problems_are_reported_again_from_a_cached_index(tmp_path: Path) -> None:
     project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
     offsets = project.root / "a" / f"blob_000{OFFSETS_SUFFIX}"
@@ -311,6 +367,7 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         index = stats(mnt)["index"]
         assert isinstance(index, dict)
         assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
+        assert index["quick_lookups"] == (1 if run == 0 else 0)  # the stat, before them
         assert proc.unmount(30) == 0
     assert timings[0] < 20, timings
     assert timings[1] < 1.5, timings
