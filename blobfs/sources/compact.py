@@ -258,7 +258,8 @@ class FileTable(Mapping[str, FileRecord]):
         with self._check_lock:
             if self._starts is None:
                 try:
-                    self._starts = _check_names(self._names, self._count)
+                    with building():  # a quarter million short-lived names: no GC, trimmed
+                        self._starts = _check_names(self._names, self._count)
                 except ValueError as exc:
                     hook, self.on_damaged = self.on_damaged, None
                     if hook is not None:
