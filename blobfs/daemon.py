@@ -39,6 +39,10 @@ if TYPE_CHECKING:  # annotations only: a read-only mount loads none of the write
 logger = logging.getLogger(__name__)
 
 READY_MESSAGE = b"READY\n"
+#: The background index starts this long after the mount is ready: what a user or job
+#: asks first (a ``stat``, an ``ls``) then has the interpreter to itself instead of
+#: sharing it with the build of another folder.
+INDEX_START_DELAY_S = 0.5
 
 
 def build_source(config: MountConfig) -> Source:
@@ -327,6 +331,7 @@ def _index_all(view: ProjectView) -> None:
     under that folder's own lock and waits while a request is filling one, so it never
     delays a ``stat`` or ``ls``. It also leaves the index cache warm for the next mount.
     """
+    time.sleep(INDEX_START_DELAY_S)
     started = time.monotonic()
     try:
         folders, files = view.preload()

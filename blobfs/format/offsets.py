@@ -256,6 +256,88 @@ def parse_offsets(
     return index
 
 
+#: An offsets file's bytes, as :func:`find_entry` searches them.
+Buffer = bytes | bytearray
+#: Where a batch may start: the STOP ending the one before, then PROTO.
+_BATCH_SEAM = b".\x80"
+_SEAMS_TRIED = 8
+
+
+def find_entry(files: Sequence[Buffer], name: str) -> tuple[int, int, int] | None:
+    """``(file number, start, end)`` of the one entry called ``name`` in the offsets files
+    ``files`` of a dataset, found without parsing them; None when in any doubt.
+
+    A quick answer for a lookup before the dataset's index is built: ``name``'s bytes
+    must occur exactly once in all the files (any way a pickle stores a string holds its
+    UTF-8 bytes, so a second entry of that name, or a longer name containing it, makes a
+    second occurrence), and only the batch (one pickle) holding them is unpickled: it
+    starts after the nearest STOP-then-PROTO before them, and if that guess is wrong (an
+    integer's bytes may look like one) the file's batches are read from the start up to
+    it. The entry passes the same checks as in :func:`parse_offsets` (fields, name,
+    range; not the blob's size, which the caller knows). What this cannot see is the
+    rest of the file (a batch that makes the whole file refused) and repeats that a
+    hostile pickle stores as references to one string: so a caller may answer a
+    ``stat`` from it, never serve bytes from it.
+    """
+    if name_problem(name) is not None:
+        return None
+    raw = name.encode("utf-8")
+    hits = []
+    for which, data in enumerate(files):
+        at = data.find(raw)
+        if at >= 0:
+            if data.find(raw, at + 1) >= 0:
+                return None
+            hits.append((which, at))
+    if len(hits) != 1:
+        return None
+    which, at = hits[0]
+    data = files[which]
+    begin = _batch_start(data, at)
+    found = _entry_in_batch(data, begin, at, name)
+    if found is None and begin:
+        found = _entry_in_batch(data, 0, at, name)
+    return None if found is None else (which, *found)
+
+
+def _batch_start(data: Buffer, at: int) -> int:
+    """Where the batch holding offset ``at`` likely starts (0 when no seam is found)."""
+    seam = data.rfind(_BATCH_SEAM, 0, at)
+    for _ in range(_SEAMS_TRIED):
+        if seam < 0:
+            return 0
+        if data[seam + 2 : seam + 3] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            return seam + 1
+        seam = data.rfind(_BATCH_SEAM, 0, seam)
+    return 0
+
+
+def _entry_in_batch(data: Buffer, begin: int, at: int, name: str) -> tuple[int, int] | None:
+    """``(start, end)`` of ``name`` in the first batch from ``begin`` on that holds offset
+    ``at``, if it is a valid entry there; None otherwise (or on any trouble)."""
+    stream = io.BytesIO(data)
+    try:
+        stream.seek(begin)
+        limit = (len(data) - begin) // MIN_ENTRY_BYTES + 1
+        for batch in iter_raw_batches(stream, limit):
+            if stream.tell() <= at:
+                continue  # this batch ends before the name's bytes
+            for obj in batch:
+                try:
+                    fields = _entry_fields(obj)
+                except ValueError:
+                    continue
+                if fields[0] == name:
+                    _, start, end = fields
+                    if _range_problem(start, end, None) is not None:
+                        return None
+                    return start, end
+            return None
+    except Exception:  # any trouble: the full parse decides (and reports)
+        return None
+    return None
+
+
 def reject_conflicts(
     members: Sequence[BlobMember], source: str, check_overlaps: bool = True
 ) -> OffsetsIndex:
@@ -306,9 +388,21 @@ def conflicting(members: Sequence[BlobMember], check_overlaps: bool = True) -> s
     return bad
 
 
+_START = operator.attrgetter("start")
+_END = operator.attrgetter("end")
+
+
 def _any_overlap(members: Sequence[BlobMember]) -> bool:
     """Whether two non-empty ranges overlap: in start order, some range starts before the
-    furthest end of those before it."""
+    furthest end of those before it.
+
+    Offsets files list a tar's members in tar order, so first: if each range ends where
+    or before the next one starts, the ranges are in order and disjoint (no sort needed).
+    """
+    starts = list(map(_START, members))
+    ends = list(map(_END, members))
+    if all(map(operator.le, ends, islice(starts, 1, None))):
+        return False
     spans = sorted((m.start, m.end) for m in members if m.end > m.start)
     reach = accumulate((end for _, end in spans), max)
     return not all(map(operator.le, reach, (start for start, _ in islice(spans, 1, None))))

@@ -18,9 +18,16 @@ size and mtime are read by ``lstat`` when the file is looked up, so listing a fo
 250,000 annotations costs one directory scan, not 250,000 ``stat`` calls.
 
 :meth:`FileTable.to_bytes` / :meth:`FileTable.from_bytes` are the on-disk form used by the
-index cache. The bytes come from a cache file, which is untrusted input: ``from_bytes``
-checks every structural promise (sizes, sortedness, name rules, column ranges) before
-anything is served from it, and raises :class:`ValueError` otherwise.
+index cache. The bytes come from a cache file, which is untrusted input. ``from_bytes``
+checks at once what a lookup relies on (sizes, the entry count, the column ranges, and the
+stored start of every :data:`SAMPLE`-th name, which is all a lookup needs), and raises
+:class:`ValueError` otherwise; the promises that need every name visited (sorted, distinct,
+each a file name) are checked at the first use of the whole table (a listing), so that a
+``stat`` right after a mount does not wait for a pass over a quarter of a million names.
+A lookup of an unchecked table can only find an entry whose name is exactly the one asked
+(a NUL ends every name), so it never serves another entry's bytes; if the later check
+fails, the listing fails with :class:`~blobfs.errors.CorruptData` and the table's
+``on_damaged`` hook runs (the project source forgets the cache file).
 """
 
 from __future__ import annotations
@@ -37,19 +44,20 @@ import struct
 import sys
 import threading
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, groupby, islice
+from itertools import accumulate, groupby, islice, repeat
 from typing import Any
 
+from blobfs.errors import CorruptData
 from blobfs.model import BlobRef, FileRecord, LocalFileRef
 
 #: Kinds of entry source.
 BLOB = "blob"
 FOLDER = "folder"
 MAGIC = b"BLOBFSCT"
-FORMAT = 1
+FORMAT = 2
 NAME_MAX = 255
 #: Names decoded at a time when a listing is paged through.
 PAGE = 256
@@ -148,15 +156,22 @@ class FileTable(Mapping[str, FileRecord]):
         size: _Column,
         lstat: Callable[[str], os.stat_result] = os.lstat,
         starts: array[int] | None = None,
+        sampled: array[int] | None = None,
     ) -> None:
         self.prefix = prefix
         self.sources = tuple(sources)
         self._names = names
-        if starts is None:
+        if starts is None and sampled is None:
             starts = _starts_of(names.split(b"\0")[:-1], len(names))
-        #: where name i starts: 0, then one past each NUL (``starts[count]`` = the end)
+        #: where name i starts: 0, then one past each NUL (``starts[count]`` = the end);
+        #: None until the first use of the whole table when loaded from disk unchecked
         self._starts = starts
-        self._count = len(starts) - 1
+        self._count = len(starts) - 1 if starts is not None else names.count(b"\0")
+        #: where every SAMPLE-th name starts (all a lookup needs)
+        self._sampled = sampled if sampled is not None else _sampled_of(starts)
+        self._check_lock = threading.Lock()
+        #: called once when the deferred check of a table loaded from disk fails
+        self.on_damaged: Callable[[str], None] | None = None
         # every SAMPLE-th name as bytes: bisect (in C) picks the block of SAMPLE entries
         # that may hold a name, then one bytes.find inside that block settles it. Made at
         # the first lookup, once the builder's short-lived objects are gone: made among
@@ -214,27 +229,61 @@ class FileTable(Mapping[str, FileRecord]):
         block = bisect_right(sample, key) - 1
         if block < 0:
             return -1
-        lo = block * SAMPLE
-        hi = min(self._count, lo + SAMPLE)
-        starts, names = self._starts, self._names
-        if names[starts[lo] : starts[lo + 1] - 1] == key:
-            return lo
-        # a name starts right after a NUL and ends at one: the match is a whole entry
-        pos = names.find(b"\0" + key + b"\0", starts[lo + 1] - 1, starts[hi])
+        sampled, names = self._sampled, self._names
+        first = sampled[block]
+        end = sampled[block + 1] if block + 1 < len(sampled) else len(names)
+        if sample[block] == key:
+            return block * SAMPLE
+        # a name starts right after a NUL and ends at one: the match is a whole entry,
+        # and the NULs before it in the block say which
+        pos = names.find(b"\0" + key + b"\0", first, end)
         if pos < 0:
             return -1
-        return bisect_left(starts, pos + 1, lo + 1, hi)
+        return block * SAMPLE + 1 + names.count(b"\0", first, pos)
 
     def _make_sample(self) -> list[bytes]:
-        names, starts = self._names, self._starts
-        return [names[starts[i] : starts[i + 1] - 1] for i in range(0, self._count, SAMPLE)]
+        names = self._names
+        return [names[at : names.index(b"\0", at)] for at in self._sampled]
+
+    def _all_starts(self) -> array[int]:
+        """Where every name starts; for a table loaded from disk, the deferred check of
+        every name runs first (once).
+
+        Raises:
+            CorruptData: the names are not sorted, distinct file names.
+        """
+        starts = self._starts
+        if starts is not None:
+            return starts
+        with self._check_lock:
+            if self._starts is None:
+                try:
+                    with building():  # a quarter million short-lived names: no GC, trimmed
+                        self._starts = _check_names(self._names, self._count)
+                except ValueError as exc:
+                    hook, self.on_damaged = self.on_damaged, None
+                    if hook is not None:
+                        hook(str(exc))
+                    raise CorruptData(f"index of {self.prefix} damaged: {exc}") from None
+            return self._starts
+
+    def check(self) -> None:
+        """Run the deferred check of a table loaded from disk now (a listing calls it
+        before it pages, so that it fails at once and not half way).
+
+        Raises:
+            CorruptData: the names are not sorted, distinct file names.
+        """
+        self._all_starts()
 
     def name_at(self, i: int) -> str:
-        raw = self._names[self._starts[i] : self._starts[i + 1] - 1]
+        starts = self._all_starts()
+        raw = self._names[starts[i] : starts[i + 1] - 1]
         return raw.decode("utf-8", "surrogateescape")
 
     def _decoded(self, lo: int, hi: int) -> list[str]:
-        chunk = self._names[self._starts[lo] : self._starts[hi]]
+        starts = self._all_starts()
+        chunk = self._names[starts[lo] : starts[hi]]
         return chunk.decode("utf-8", "surrogateescape").split("\0")[: hi - lo]
 
     def record_at(self, i: int, name: str | None = None) -> FileRecord | None:
@@ -276,7 +325,7 @@ class FileTable(Mapping[str, FileRecord]):
         mtime, so a caller fills the per-entry part of a ``stat`` only. Folder entries'
         sizes are 0 here (known only once looked up).
         """
-        sources, src, size, starts = self.sources, self._src, self._size, self._starts
+        sources, src, size, starts = self.sources, self._src, self._size, self._all_starts()
         lo, step = max(0, start), RUN_FIRST
         while lo < self._count:
             hi = min(self._count, lo + step)
@@ -299,7 +348,7 @@ class FileTable(Mapping[str, FileRecord]):
 
     def raw_entries(self) -> Iterator[tuple[bytes, int, int, int]]:
         """``(encoded name, source index, start, size)`` of every entry, in order."""
-        names, starts = self._names, self._starts
+        names, starts = self._names, self._all_starts()
         for i in range(self._count):
             yield names[starts[i] : starts[i + 1] - 1], self._src[i], self._start[i], self._size[i]
 
@@ -308,7 +357,8 @@ class FileTable(Mapping[str, FileRecord]):
         """Bytes held by this table's buffers (what it costs beyond a few objects)."""
         return (
             len(self._names)
-            + self._starts.itemsize * len(self._starts)
+            + (0 if self._starts is None else self._starts.itemsize * len(self._starts))
+            + self._sampled.itemsize * len(self._sampled)
             + sys.getsizeof(self._sample or [])
             + sum(map(sys.getsizeof, self._sample or []))
             + self._src.nbytes
@@ -327,6 +377,7 @@ class FileTable(Mapping[str, FileRecord]):
                 "count": self._count,
                 "sources": [[s.kind, s.key, s.version, s.mtime_ns] for s in self.sources],
                 "columns": [c.spec() for c in (self._src, self._start, self._size)],
+                "sampled": self._sampled.typecode,
                 "names": len(self._names),
             }
         ).encode()
@@ -334,6 +385,7 @@ class FileTable(Mapping[str, FileRecord]):
         for column in (self._src, self._start, self._size):
             if column.values is not None:
                 parts.append(column.values.tobytes())
+        parts.append(self._sampled.tobytes())
         parts.append(self._names)
         return b"".join(parts)
 
@@ -341,14 +393,15 @@ class FileTable(Mapping[str, FileRecord]):
     def from_bytes(
         cls, data: bytes, lstat: Callable[[str], os.stat_result] = os.lstat
     ) -> FileTable:
-        """The table :meth:`to_bytes` wrote, every promise checked.
+        """The table :meth:`to_bytes` wrote; what a lookup relies on is checked now, the
+        rest of the names at the first use of the whole table (see the module's text).
 
         Raises:
             ValueError: the bytes are not a well-formed table (wrong magic or format,
-                sizes that do not add up, names unsorted, duplicated or not file names,
-                source indexes out of range, negative offsets).
+                sizes that do not add up, a sampled start that is not where its name
+                starts, source indexes out of range, negative offsets).
         """
-        prefix, count, sources, specs, names_len, pos = _parse_header(data)
+        prefix, count, sources, specs, names_len, sampled_code, pos = _parse_header(data)
         columns = []
         for base, code, nbytes in specs:
             if code == "":
@@ -362,20 +415,26 @@ class FileTable(Mapping[str, FileRecord]):
             values.frombytes(data[pos : pos + nbytes])
             pos += nbytes
             columns.append(_Column(base, values, count))
-        if pos + names_len != len(data):
+        sampled = array(sampled_code)
+        sampled_len = sampled.itemsize * -(-count // SAMPLE)
+        if pos + sampled_len + names_len != len(data):
             raise ValueError("names size does not match")
-        names = data[pos:]
-        starts = _check_names(names, count)
+        sampled.frombytes(data[pos : pos + sampled_len])
+        names = data[pos + sampled_len :]
+        if names.count(b"\0") != count or (count and not names.endswith(b"\0")):
+            raise ValueError("name count does not match")
+        _check_sampled(names, sampled, count)
         src, start, size = columns
         if count and src.maximum() >= len(sources):
             raise ValueError("source index out of range")
-        return cls(prefix, sources, names, src, start, size, lstat, starts)
+        return cls(prefix, sources, names, src, start, size, lstat, None, sampled)
 
 
 def _parse_header(
     data: bytes,
-) -> tuple[str, int, list[EntrySource], list[tuple[int, str, int]], int, int]:
-    """(prefix, count, sources, column specs, names length, where the columns start)."""
+) -> tuple[str, int, list[EntrySource], list[tuple[int, str, int]], int, str, int]:
+    """(prefix, count, sources, column specs, names length, type of the sampled starts,
+    where the columns start)."""
     if len(data) < _HEAD.size:
         raise ValueError("too short")
     magic, fmt, head_len = _HEAD.unpack_from(data)
@@ -388,9 +447,10 @@ def _parse_header(
         sources = [EntrySource(str(k), str(p), str(v), int(m)) for k, p, v, m in header["sources"]]
         specs = [(b, c, n) for b, c, n in header["columns"]]
         order = header["byteorder"]
+        sampled_code = header["sampled"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"bad header: {exc}") from None
-    if order != sys.byteorder or not isinstance(prefix, str):
+    if order != sys.byteorder or not isinstance(prefix, str) or sampled_code not in ("I", "Q"):
         raise ValueError("bad header values")
     if not all(isinstance(v, int) and v >= 0 for v in (count, names_len)):
         raise ValueError("bad header values")
@@ -400,7 +460,30 @@ def _parse_header(
         ok = isinstance(base, int) and isinstance(nbytes, int) and base >= 0 and nbytes >= 0
         if not ok or code not in ("", *_TYPECODES):
             raise ValueError("bad column")
-    return prefix, count, sources, specs, names_len, pos
+    return prefix, count, sources, specs, names_len, sampled_code, pos
+
+
+def _sampled_of(starts: array[int] | None) -> array[int]:
+    """Every :data:`SAMPLE`-th start (the last one, the end, left out)."""
+    assert starts is not None
+    return array(starts.typecode, starts[: len(starts) - 1 : SAMPLE])
+
+
+def _check_sampled(names: bytes, sampled: array[int], count: int) -> None:
+    """ValueError unless ``sampled[k]`` is where name ``k * SAMPLE`` starts: the first at
+    0, each right after a NUL, with exactly SAMPLE names (NULs) between two of them."""
+    if len(sampled) != -(-count // SAMPLE) or (count and sampled[0] != 0):
+        raise ValueError("sampled starts do not match the entry count")
+    if any(b >= len(names) or names[b - 1] != 0 for b in islice(sampled, 1, None)):
+        raise ValueError("a sampled start is not where a name starts")
+    tally = names.count
+    ends = [*islice(sampled, 1, None), len(names)]
+    counts = list(map(tally, repeat(b"\0"), sampled, ends))
+    if counts and (
+        counts[-1] != count - SAMPLE * (len(sampled) - 1)
+        or counts[:-1].count(SAMPLE) != len(counts) - 1
+    ):
+        raise ValueError("sampled starts are not every SAMPLE-th name")
 
 
 def _starts_of(parts: Sequence[bytes], total: int) -> array[int]:
@@ -503,35 +586,45 @@ class TableBuilder:
         self, lstat: Callable[[str], os.stat_result] = os.lstat
     ) -> tuple[FileTable, list[str]]:
         names = self._names
-        order = sorted(range(len(names)), key=names.__getitem__)
-        pace()
-        ordered = [names[i] for i in order]
+        in_order = all(map(operator.lt, names, islice(names, 1, None)))
+        if in_order:  # offsets files often list names sorted: no sort, no reordering
+            order: Sequence[int] = range(len(names))
+            ordered = names
+        else:
+            order = sorted(range(len(names)), key=names.__getitem__)
+            pace()
+            ordered = [names[i] for i in order]
         dup: set[int] = set()
-        if len(set(ordered)) != len(ordered):
+        if not in_order and len(set(ordered)) != len(ordered):  # strictly sorted: distinct
             for k, (a, b) in enumerate(zip(ordered, islice(ordered, 1, None), strict=False)):
                 if a == b:
                     dup.update((order[k], order[k + 1]))
             order = [i for i in order if i not in dup]
             ordered = [names[i] for i in order]
         pace()
+        joined = b"\0".join(ordered) + b"\0" if ordered else b""
         table = FileTable(
             self.prefix,
             self.sources,
-            b"\0".join(ordered) + b"\0" if ordered else b"",
+            joined,
             _column_in(self._src, order),
             _column_in(self._start, order),
             _column_in(self._size, order),
             lstat,
+            _starts_of(ordered, len(joined)),
         )
         duplicates = sorted({names[i].decode("utf-8", "surrogateescape") for i in dup})
         return table, duplicates
 
 
-def _column_in(values: list[int], order: list[int]) -> _Column:
+def _column_in(values: list[int], order: Sequence[int]) -> _Column:
     """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
     if values and min(values) == max(values):
         return _Column(values[0], None, len(order))
-    column = _Column.of([values[i] for i in order])
+    if isinstance(order, range) and order == range(len(values)):
+        column = _Column.of(values)
+    else:
+        column = _Column.of([values[i] for i in order])
     pace()
     return column
 

@@ -27,14 +27,16 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import stat
 import struct
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -47,10 +49,11 @@ from blobfs.format.offsets import (
     OFFSETS_SUFFIX,
     OffsetsIndex,
     conflicting,
+    find_entry,
     parse_offsets,
     reject_conflicts,
 )
-from blobfs.format.tarhead import BLOCK, member_problem
+from blobfs.format.tarhead import BLOCK, FIELDS_END, TAIL, fields_problem, member_problem
 from blobfs.layout import name_problem
 from blobfs.model import (
     AnnRef,
@@ -137,6 +140,7 @@ class LocalProjectSource(Source):
         self._capture = threading.local()
         self._tables: weakref.WeakSet[FileTable] = weakref.WeakSet()
         self.index_builds = 0
+        self.quick_lookups = 0
         self._verdicts: LockedLru[tuple[str, int, int, str], str] = LockedLru(VERDICTS_KEPT)
         # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
@@ -205,6 +209,7 @@ class LocalProjectSource(Source):
                 "entries": sum(len(t) for t in tables),
                 "bytes": sum(t.nbytes for t in tables),
                 "builds": self.index_builds,
+                "quick_lookups": self.quick_lookups,
                 "cache": self.index_store.stats() if self.index_store else None,
             },
         }
@@ -388,13 +393,25 @@ class LocalProjectSource(Source):
         file. What still conflicts afterwards (two real members of one name in two blobs,
         or a blob that cannot be read) is refused on both sides, as remote sources do.
         """
-        by_stem: dict[str, list[int]] = {}
-        for i, (_, stem, _) in enumerate(found):
-            by_stem.setdefault(stem, []).append(i)
-        suspects = set(conflicting([m for m, _, _ in found], check_overlaps=False))
-        for idxs in by_stem.values():
-            bad = conflicting([found[i][0] for i in idxs], check_overlaps=True)
+        members = list(map(_FIRST, found))
+        # each offsets file adds one run of entries of one stem: group by runs (C-level)
+        by_stem: dict[str, list[range]] = {}
+        at = 0
+        for stem, run in groupby(map(_SECOND, found)):
+            n = len(list(run))
+            by_stem.setdefault(stem, []).append(range(at, at + n))
+            at += n
+        suspects = set(conflicting(members, check_overlaps=False))
+        for runs in by_stem.values():
+            idxs: Sequence[int] = runs[0] if len(runs) == 1 else [i for r in runs for i in r]
+            group = (
+                members[idxs.start : idxs.stop]
+                if isinstance(idxs, range)
+                else [members[i] for i in idxs]
+            )
+            bad = conflicting(group, check_overlaps=True)
             suspects.update(idxs[j] for j in bad)
+        del members
         if not suspects:
             return found
         drop: set[int] = set()
@@ -427,8 +444,13 @@ class LocalProjectSource(Source):
             final.extend(f for f in group if keep[f[0]])
         return final
 
-    def _verdict(self, blob: _Blob, m: BlobMember) -> str | None:
-        """None: ``m`` is a member of the tar; a reason when it is not; "" when unknown."""
+    def _verdict(self, blob: _Blob, m: BlobMember, full: bool = True) -> str | None:
+        """None: ``m`` is a member of the tar; a reason when it is not; "" when unknown.
+
+        ``full`` reads the whole header (its checksum settles conflicts, which are few);
+        otherwise only the fields the check needs are read (a first read of an image that
+        is often smaller than a header: see :func:`fields_problem`).
+        """
         if blob.cached is None:
             return ""
         key = (blob.cached.key, m.start, m.end, m.name)
@@ -438,11 +460,16 @@ class LocalProjectSource(Source):
         if m.start < BLOCK:
             verdict = member_problem(b"", m)
         else:
+            at = m.start - BLOCK
             try:
-                header = self._pool.pread(blob.rel, m.start - BLOCK, m.start)
+                if full:
+                    verdict = member_problem(self._pool.pread(blob.rel, at, m.start), m)
+                else:
+                    head = self._pool.pread(blob.rel, at, at + FIELDS_END)
+                    tail = functools.partial(self._pool.pread, blob.rel, at + TAIL[0], at + TAIL[1])
+                    verdict = fields_problem(head, m, tail)
             except (BlobfsError, OSError):
                 return ""  # the blob itself is unreadable; reads will say so
-            verdict = member_problem(header, m)
         self._verdicts.put(key, verdict or "")
         return verdict
 
@@ -454,7 +481,7 @@ class LocalProjectSource(Source):
     def check_member(self, blob: _Blob, ref: BlobRef, name: str) -> None:
         """Raise (EIO, logged once aggregated) when the tar disowns this entry."""
         m = BlobMember(name, ref.start, ref.end)
-        verdict = self._verdict(blob, m)
+        verdict = self._verdict(blob, m, full=False)
         if verdict:
             self._note(blob.path, f"{NOT_A_MEMBER}: {verdict}", show(name))
             err = CorruptData(f"{blob.path}: {show(name)} [{ref.start}, {ref.end}): {verdict}")
@@ -497,7 +524,10 @@ class LocalProjectSource(Source):
         assert isinstance(dataset.key, str)
         key = dataset.key
         loaders: FolderLoaders = {
-            "img": lambda: self._listed(self._img_table, dataset),
+            "img": _QuickLookup(
+                lambda: self._listed(self._img_table, dataset),
+                functools.partial(self._quick_image, dataset),
+            ),
             "ann": lambda: self._listed(self._plain_table, f"{key}/ann", "ann", ".json"),
         }
         for sub in PASS_THROUGH_DIRS:
@@ -507,6 +537,74 @@ class LocalProjectSource(Source):
                     self._listed, self._plain_table, f"{key}/{sub}", sub
                 )
         return loaders
+
+    def _quick_image(self, dataset: DatasetRecord, name: str) -> FileRecord | None:
+        """The record of blob image ``name`` of ``dataset`` before the folder's index is
+        built, for a ``stat`` right after the mount; None when in doubt (the caller then
+        waits for the index).
+
+        Answered only for an entry that :func:`find_entry` finds alone in the dataset's
+        offsets files, with no file of that name in ``img/``, within its blob, and that
+        the tar's full header says is that member. Bytes are never served from it: a read
+        looks the name up in the built index, so a name that the whole folder's checks
+        refuse (a later batch spoiling its file) fails there, with no wrong bytes.
+        """
+        assert isinstance(dataset.key, str)
+        key = dataset.key
+        if self.index_store is not None and self._cached_index_current(key):
+            return None  # loading the cached index is quicker, and settles it
+        stems: list[str] = []
+        files: list[bytearray] = []
+        try:
+            if self.fs.lstat(f"{key}/img/{name}") is not None:
+                return None  # both a blob image and a file: refused, the index says so
+            for item in sorted(self._list(key), key=lambda e: e.name):
+                if item.name.endswith(OFFSETS_SUFFIX) and item.is_file:
+                    data = self._whole(f"{key}/{item.name}")
+                    if data is not None:
+                        files.append(data)
+                        stems.append(item.name[: -len(OFFSETS_SUFFIX)])
+        except (BlobfsError, OSError):
+            return None
+        found = find_entry(files, name)
+        del files
+        if found is None:
+            return None
+        which, start, end = found
+        blob = self._blob(stems[which])
+        if blob.cached is None or blob.problem or end > blob.cached.size:
+            return None
+        if self._verdict(blob, BlobMember(name, start, end), full=True) is not None:
+            return None
+        self.quick_lookups += 1
+        ref = BlobRef(stems[which], blob.cached.version, start, end)
+        return FileRecord(f"img/{name}", end - start, blob.mtime_ns, ref)
+
+    def _whole(self, rel: str) -> bytearray | None:
+        """The bytes of the offsets file ``rel``, read in one copy (None when empty or
+        too large). Not a memory map: a file truncated under a map kills the process."""
+        fd = self.fs.open_file(rel)
+        try:
+            size = os.fstat(fd).st_size
+            if not 0 < size <= MAX_OFFSETS_FILE_BYTES:
+                return None
+            buf = bytearray(size)
+            view, got = memoryview(buf), 0
+            while got < size:
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    return None  # shrank while read: the index decides
+                got += n
+            return buf
+        finally:
+            os.close(fd)
+
+    def _cached_index_current(self, key: str) -> bool:
+        """Whether the index cache holds a current index of ``key`` (not checked)."""
+        store = self.index_store
+        if store is None:
+            return False
+        return store.has(self.fs.where(key), self._index_key(key, self._list(key)))
 
     def _listed(self, build: Any, *args: Any) -> FileTable:
         """``build(*args)`` with its problems logged once it is done (one line each); a
@@ -579,11 +677,13 @@ class LocalProjectSource(Source):
         store = self.index_store
         index_key = self._index_key(key, items) if store is not None else b""
         if store is not None:
-            cached = _unpack_index(store.load(self.fs.where(key), index_key))
+            where = self.fs.where(key)
+            cached = _unpack_index(store.load(where, index_key))
             if cached is not None:
                 table, problems, cached_refused = cached
                 self._problems.add_snapshot(problems)
                 refused.update(cached_refused)
+                table.on_damaged = functools.partial(self._damaged_index, store, where)
                 return table
         collected = Problems()
         with building():
@@ -599,12 +699,15 @@ class LocalProjectSource(Source):
                 version = blob.cached.version if blob.cached else ""
                 sources[stem] = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
             pace()
+            only = [m for m, _ in members]
+            starts = list(map(_START, only))
             builder.add_many(
-                [encode_name(m.name) for m, _ in members],
+                _encode_names(list(map(_NAME, only))),
                 [sources[stem] for _, stem in members],
-                [m.start for m, _ in members],
-                [m.end - m.start for m, _ in members],
+                starts,
+                list(map(operator.sub, map(_END, only), starts)),
             )
+            del only, starts
             del members
             table, _ = builder.build()  # names were de-duplicated by _resolve
             del builder
@@ -614,6 +717,11 @@ class LocalProjectSource(Source):
             payload = _pack_index(table, collected.snapshot(), refused)
             store.save(self.fs.where(key), index_key, payload)
         return table
+
+    def _damaged_index(self, store: IndexStore, where: str, why: str) -> None:
+        """A cached index failed its deferred check: the next mount builds it again."""
+        store.forget(where)
+        self._problems.add(where, "index cache file damaged; it is rebuilt at the next mount", why)
 
     def _index_key(self, key: str, items: list[DirItem]) -> bytes:
         """What a cached index of ``key`` must have been built from to be current: every
@@ -631,6 +739,20 @@ class LocalProjectSource(Source):
             )
         device = os.stat(self.root).st_dev
         return json.dumps([_rules_digest(), device, key, files, tars]).encode()
+
+
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+_NAME = operator.attrgetter("name")
+_START = operator.attrgetter("start")
+_END = operator.attrgetter("end")
+
+
+def _encode_names(names: list[str]) -> list[bytes]:
+    """Every name as stored (:func:`encode_name`), in one pass: names hold no NUL."""
+    if not names:
+        return []
+    return "\0".join(names).encode("utf-8", "surrogateescape").split(b"\0")
 
 
 @functools.cache
@@ -675,6 +797,18 @@ def _unpack_index(
     if table.prefix != "img/" or any(s.kind != BLOB for s in table.sources):
         return None
     return table, problems, refused
+
+
+class _QuickLookup:
+    """A folder's loader that can also answer one name before the folder is loaded."""
+
+    def __init__(
+        self, load: Callable[[], FileTable], peek: Callable[[str], FileRecord | None]
+    ) -> None:
+        self._load, self.peek = load, peek
+
+    def __call__(self) -> FileTable:
+        return self._load()
 
 
 class _MemberReader:

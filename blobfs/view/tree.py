@@ -300,14 +300,25 @@ class ProjectView:
             with self._refresh_lock:
                 self._refreshing.discard(node)
 
-    def lookup(self, path: str) -> DirNode | FileRecord | None:
-        """The node at ``path``, or None when nothing is there."""
+    def lookup(self, path: str, quick: bool = False) -> DirNode | FileRecord | None:
+        """The node at ``path``, or None when nothing is there.
+
+        ``quick`` (a ``stat``): when the last folder is not loaded yet and its loader can
+        answer one name alone (``peek``), its answer is returned without loading the
+        folder. Only attributes come from it; reads look up the loaded folder.
+        """
         if path.startswith(CONTROL_DIR):
             return self._control(path)
         node: DirNode | FileRecord = self._root
-        for part in split_path(path):
+        parts = split_path(path)
+        for at, part in enumerate(parts, 1):
             if not isinstance(node, DirNode):
                 return None
+            if quick and at == len(parts) and node.children is None:
+                peek = getattr(node.fill, "peek", None)
+                rec = peek(part) if peek is not None else None
+                if isinstance(rec, FileRecord):
+                    return rec
             found = self._children(node).get(part)
             if found is None:
                 return None
@@ -394,7 +405,9 @@ class ProjectView:
 
     def getattr(self, path: str) -> dict[str, int]:
         """``stat`` fields of ``path`` (times in ns)."""
-        node = self.get(path)
+        node = self.lookup(path, quick=True)
+        if node is None:
+            raise NotFound(path)
         if isinstance(node, DirNode):
             return self._dir_attrs(node)
         return self._record_attrs(node, self.size_of(node))
@@ -443,6 +456,7 @@ class ProjectView:
             raise NotADirectory(path)
         children = self._children(node)
         if isinstance(children, FileTable):  # pages straight from the table
+            children.check()  # a table loaded from disk checks its names at its first listing
             return self._table_attrs(children, start)
         with self._lock:
             memo = self._listings.get(id(children))
@@ -464,6 +478,7 @@ class ProjectView:
             raise NotADirectory(path)
         children = self._children(node)
         if isinstance(children, FileTable):
+            children.check()
             return self._table_runs(children, start)
         return self.readdir_attrs(path, start)
 

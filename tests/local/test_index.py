@@ -24,6 +24,7 @@ from blobfs.cache.index_store import IndexStore
 from blobfs.errors import BlobfsError, NotFound, to_errno
 from blobfs.format import offsets as offsets_module
 from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch
+from blobfs.format.tarhead import FIELDS_END
 from blobfs.model import AnnRef, BlobMember, FileRecord, RemoteImageRef
 from blobfs.sources.compact import FileTable
 from blobfs.sources.project_dir import LocalProjectSource
@@ -127,6 +128,104 @@ def test_a_changed_input_or_a_damaged_cache_file_rebuilds(
     view.readdir("/b/img")
     view.readdir("/c/img")
     assert again.index_builds == builds + (2 if change == "cache" else 0)
+
+
+def _forge_cache_files(store_dir: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` in every cached payload, with a checksum that holds."""
+    from blobfs.cache import index_store
+
+    for f in store_dir.iterdir():
+        data = f.read_bytes()
+        _, key_len, payload_len = index_store._HEAD.unpack_from(data)
+        at = index_store._HEAD.size
+        key, payload = data[at : at + key_len], data[at + key_len : at + key_len + payload_len]
+        if old in payload:
+            payload = payload.replace(old, new)
+            head = index_store._HEAD.pack(index_store.MAGIC, key_len, len(payload))
+            f.write_bytes(head + key + payload + index_store._digest(key, payload))
+
+
+def test_a_cached_index_is_served_before_its_names_are_checked_and_a_bad_one_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache file whose checksum holds but whose names are out of order (only a bug or
+    a forger makes one): lookups answer at once from exact names, the listing is EIO and
+    logged once, and the next mount builds the index again."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
+    store_dir = tmp_path / "cache"
+    ProjectView(source(project.root, IndexStore(store_dir))).preload()
+    five, six = (f"small-image-{i:07d}.png".encode() for i in (5, 6))
+    _forge_cache_files(store_dir, five + b"\0" + six, six + b"\0" + five)
+    again = source(project.root, IndexStore(store_dir))
+    view = ProjectView(again)
+    with caplog.at_level(logging.WARNING):
+        assert view.read_path("/" + project.path(0, 50), 0, 1 << 20) == project.expected(0, 50)
+        for _ in range(2):
+            with pytest.raises(BlobfsError) as info:
+                view.readdir("/a/img")
+            assert to_errno(info.value) == errno.EIO
+    lines = [r.getMessage() for r in caplog.records if "index cache file damaged" in r.getMessage()]
+    assert len(lines) == 1, caplog.records
+    assert again.index_builds == 0
+    third = source(project.root, IndexStore(store_dir))
+    assert len(ProjectView(third).readdir("/a/img")) == 100
+    assert third.index_builds == 1
+
+
+def test_a_stat_before_the_index_is_built_is_answered_from_the_offsets_alone(
+    small: ScaleProject,
+) -> None:
+    """A ``stat`` of a not yet indexed folder reads only the batch holding the name (and
+    the member's tar header); the first read then builds the index and serves from it."""
+    src = source(small.root)
+    view = ProjectView(src)
+    path = "/" + small.path(2, 1500)
+    assert view.getattr(path)["st_size"] == len(small.expected(2, 1500))
+    assert (src.quick_lookups, src.index_builds) == (1, 0)
+    with pytest.raises(NotFound):
+        view.getattr("/c/img/small-image-0009999.png")  # not there: the index says so
+    assert src.index_builds == 1
+    assert view.read_path(path, 0, 1 << 20) == small.expected(2, 1500)
+    assert src.quick_lookups == 1  # the folder is loaded now: no quick answer needed
+
+
+def test_a_quick_stat_never_answers_for_a_name_in_doubt_and_never_serves_bytes(
+    tmp_path: Path,
+) -> None:
+    """A name in two offsets files, or one the tar disowns, waits for the index (which
+    settles or refuses it); a name whose file is refused by a later batch may have been
+    stat-ed, but reading it fails: no bytes come from the quick answer."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 2)
+    ds = project.root / "a"
+    first = ds / f"blob_000{OFFSETS_SUFFIX}"
+    second = ds / f"blob_001{OFFSETS_SUFFIX}"
+    ones = offsets_module.read_offsets_file(str(first)).members
+    twos = offsets_module.read_offsets_file(str(second)).members
+    twin = BlobMember(ones[3].name, twos[0].start, twos[0].end)  # another member's range
+    shifted = BlobMember(ones[4].name, ones[4].start + 512, ones[4].end + 512)
+    first.write_bytes(dumps_batch([*ones[:4], shifted, *ones[5:]]))
+    second.write_bytes(dumps_batch([twin, *twos[1:]]))
+
+    def fresh() -> tuple[LocalProjectSource, ProjectView]:
+        src = source(project.root)
+        return src, ProjectView(src)
+
+    src, view = fresh()
+    size = view.getattr(f"/a/img/{ones[3].name}")["st_size"]  # the tar settles the twins
+    assert size == ones[3].size and (src.quick_lookups, src.index_builds) == (0, 1)
+    src, view = fresh()
+    view.getattr(f"/a/img/{shifted.name}")  # the tar disowns it: the index answers
+    assert (src.quick_lookups, src.index_builds) == (0, 1)
+    with pytest.raises(BlobfsError) as info:
+        view.read_path(f"/a/img/{shifted.name}", 0, 1 << 20)
+    assert to_errno(info.value) == errno.EIO
+    evil = b"\x80\x02cos\nsystem\n."  # a later batch that refuses the whole file
+    second.write_bytes(dumps_batch([twin, *twos[1:]]) + evil)
+    src, view = fresh()
+    assert view.getattr(f"/a/img/{twos[5].name}")["st_size"] == twos[5].size
+    assert src.quick_lookups == 1
+    with pytest.raises(NotFound):
+        view.read_path(f"/a/img/{twos[5].name}", 0, 1 << 20)
 
 
 def test_problems_are_reported_again_from_a_cached_index(tmp_path: Path) -> None:
@@ -254,14 +353,54 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         assert size == len(big.expected(1, 54_321))
         assert (mnt / big.path(1, 54_321)).read_bytes() == big.expected(1, 54_321)
         assert len(os.listdir(mnt / "ds0" / "img")) == 100_000
+        before = stats(mnt)["blob_reads"]
+        delivered = 0
         for i in random.Random(run).sample(range(100_000), 200):
-            assert (mnt / big.path(0, i)).read_bytes() == big.expected(0, i)
+            data = (mnt / big.path(0, i)).read_bytes()
+            assert data == big.expected(0, i)
+            delivered += len(data)
+        after = stats(mnt)["blob_reads"]
+        assert isinstance(before, dict) and isinstance(after, dict)
+        # each image plus its header's first fields, checked at its first read
+        read = after["bytes_read"] - before["bytes_read"]
+        assert delivered <= read <= delivered + 200 * FIELDS_END, (read, delivered)
         index = stats(mnt)["index"]
         assert isinstance(index, dict)
         assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
+        assert index["quick_lookups"] == (1 if run == 0 else 0)  # the stat, before them
         assert proc.unmount(30) == 0
     assert timings[0] < 20, timings
     assert timings[1] < 1.5, timings
+
+
+@pytest.mark.fuse
+def test_a_forged_cache_file_serves_exact_names_and_its_listing_is_eio_once(
+    tmp_path: Path, mount_env: dict[str, str], mounts: harness.Mounts
+) -> None:
+    """Through a mount: a cache file whose checksum holds but whose names are out of
+    order serves a stat and a read at once, fails the listing with EIO (logged once),
+    and is built again at the next mount."""
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1)
+    store_dir = Path(mount_env["XDG_CACHE_HOME"]) / "blobfs" / "index"
+    ProjectView(source(project.root, IndexStore(store_dir))).preload()
+    five, six = (f"small-image-{i:07d}.png".encode() for i in (5, 6))
+    _forge_cache_files(store_dir, five + b"\0" + six, six + b"\0" + five)
+    log = tmp_path / "log"
+    for run in range(2):
+        mnt = tmp_path / f"mnt{run}"
+        proc = mounts.start(project.root, mnt, log=log if run == 0 else None, env=mount_env)
+        try:
+            assert (mnt / project.path(0, 50)).read_bytes() == project.expected(0, 50)
+            if run == 0:
+                for _ in range(2):
+                    with pytest.raises(OSError) as info:
+                        os.listdir(mnt / "a" / "img")
+                    assert info.value.errno == errno.EIO
+            else:
+                assert len(os.listdir(mnt / "a" / "img")) == 100
+        finally:
+            assert proc.unmount(20) == 0
+    assert log.read_text().count("index cache file damaged") == 1
 
 
 def _write_huge_offsets(path: Path, entries: int) -> None:

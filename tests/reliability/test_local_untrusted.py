@@ -24,7 +24,15 @@ from blobfs.cache.blocks import BlockCache
 from blobfs.errors import BlobfsError, NotFound, to_errno
 from blobfs.format.offsets import OFFSETS_SUFFIX, dumps_batch, parse_offsets
 from blobfs.format.pack import ProjectPacker
-from blobfs.format.tarhead import NAME_DIFFERS, NO_HEADER, SIZE_DIFFERS, member_problem
+from blobfs.format.tarhead import (
+    FIELDS_END,
+    NAME_DIFFERS,
+    NO_HEADER,
+    SIZE_DIFFERS,
+    TAIL,
+    fields_problem,
+    member_problem,
+)
 from blobfs.model import BlobMember
 from blobfs.problems import Problems, show
 from blobfs.safe_open import ProjectRoot, UnsafeFile
@@ -248,6 +256,56 @@ def test_every_real_member_passes_the_header_check(tmp_path: Path, fmt: int) -> 
     for m in members:
         base = BlobMember(m.name.rsplit("/", 1)[-1], m.start, m.end)
         assert member_problem(blob[m.start - 512 : m.start], base) is None, m.name
+        assert _fields(blob, base) is None, m.name
+
+
+def _fields(blob: bytes, m: BlobMember) -> str | None:
+    """The verdict from the header's first fields only, as a first read asks it."""
+    at = max(0, m.start - 512)
+    return fields_problem(blob[at : at + FIELDS_END], m, lambda: blob[at + TAIL[0] : at + TAIL[1]])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fields_check_gives_the_whole_header_verdict_at_every_offset(
+    tmp_path: Path, fmt: int
+) -> None:
+    """At every offset of a tar, with the name and size of every real member: the first
+    fields accept exactly what the whole header accepts (the reason of a refusal may
+    differ: without the checksum, a block shifted onto other numeric fields is refused
+    for its size or name instead)."""
+    names = ["a.png", "b" * 99 + ".png", "c.png"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = ["a.png", "d/" + "n" * 95 + ".png"]
+    blob, members = _tar_with(tmp_path, fmt, names)
+    for start in range(len(blob)):
+        for m in members:
+            claim = BlobMember(m.name.rsplit("/", 1)[-1], start, start + m.end - m.start)
+            whole = member_problem(blob[max(0, start - 512) : start], claim)
+            assert (_fields(blob, claim) is None) == (whole is None), (start, claim)
+
+
+def test_the_fields_check_refuses_what_is_no_header() -> None:
+    good = bytearray(tarfile.TarInfo("a.png").tobuf(tarfile.USTAR_FORMAT))
+    good[124:136] = b"%011o\0" % 8
+    m = BlobMember("a.png", 512, 520)
+
+    def verdict(block: bytes | bytearray) -> str | None:
+        return fields_problem(bytes(block[:FIELDS_END]), m, lambda: bytes(block[257:500]))
+
+    def fix_checksum(block: bytearray) -> bytearray:
+        block[148:156] = b"        "
+        block[148:156] = b"%06o\0 " % sum(block)
+        return block
+
+    assert verdict(fix_checksum(good)) is None
+    garbled = bytearray(good)
+    garbled[100:108] = b"rw-r--r-"  # a mode that is no number
+    assert verdict(fix_checksum(garbled)) == NO_HEADER
+    impossible = bytearray(good)
+    impossible[148:156] = b"7777777\0"  # more than any block with these fields sums to
+    assert verdict(impossible) == NO_HEADER
+    assert verdict(bytes(512)) == NO_HEADER  # zeros: the end of a tar
+    assert fields_problem(b"short", m, bytes) == NO_HEADER
 
 
 def test_an_entry_the_tar_disowns_says_why(tmp_path: Path) -> None:
@@ -262,6 +320,25 @@ def test_an_entry_the_tar_disowns_says_why(tmp_path: Path) -> None:
     assert member_problem(header(inside), inside) == NO_HEADER
     assert member_problem(header(a), BlobMember("a.png", a.start, a.end - 1)) == SIZE_DIFFERS
     assert member_problem(header(b), BlobMember("a.png", b.start, b.end)) == NAME_DIFFERS
+    for claim in (
+        inside,
+        BlobMember("a.png", a.start, a.end - 1),
+        BlobMember("a.png", b.start, b.end),
+    ):
+        assert _fields(blob, claim) == member_problem(header(claim), claim)
+
+
+def test_a_first_read_reads_the_image_and_the_header_fields_only(project: Path) -> None:
+    """A first read costs the image plus the header's first fields, not a whole header:
+    images are often smaller than a header."""
+    source = LocalProjectSource(project, BlockCache(4096, 1 << 20))
+    view = ProjectView(source)
+    (name, *_) = sorted(view.readdir("/ds/img"))
+    size = view.getattr(f"/ds/img/{name}")["st_size"]
+    before = source.stats()["blob_reads"]["bytes_read"]  # type: ignore[index]
+    assert len(view.read_path(f"/ds/img/{name}", 0, size)) == size
+    read = source.stats()["blob_reads"]["bytes_read"] - before  # type: ignore[index]
+    assert read == size + FIELDS_END
 
 
 # ---- through a real mount ------------------------------------------------------------

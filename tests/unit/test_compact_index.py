@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from blobfs.cache.index_store import IndexStore
+from blobfs.errors import CorruptData
 from blobfs.model import BlobRef, FileRecord, LocalFileRef
 from blobfs.sources.compact import (
     BLOB,
@@ -194,7 +196,9 @@ def _mutate(data: bytes, at: int, value: int) -> bytes:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_damaged_bytes_are_refused_or_stay_well_formed(data: st.DataObject) -> None:
-    """Any one changed byte gives ValueError or a table whose promises still hold."""
+    """Any one changed byte gives ValueError at load, or CorruptData at the first
+    listing, or a table whose promises hold; lookups made before the listing found only
+    entries the listing then shows under the same name."""
     raw = _payload()
     at = data.draw(st.integers(0, len(raw) - 1))
     value = data.draw(st.integers(0, 255))
@@ -202,10 +206,16 @@ def test_damaged_bytes_are_refused_or_stay_well_formed(data: st.DataObject) -> N
         table = FileTable.from_bytes(_mutate(raw, at, value))
     except ValueError:
         return
-    names = list(table)
+    asked = {n: table.index_of(n) for n in ("a.png", "b.png", "c.png", "a.pn", "d.png")}
+    try:
+        names = list(table)
+    except CorruptData:
+        return
     assert names == sorted(set(names), key=encode_name)
     for i, name in enumerate(names):
         assert table.index_of(name) == i and table.get(name) is not None
+    for name, i in asked.items():
+        assert i == (names.index(name) if name in names else -1)
 
 
 @pytest.mark.parametrize(
@@ -213,28 +223,62 @@ def test_damaged_bytes_are_refused_or_stay_well_formed(data: st.DataObject) -> N
     [
         lambda b: b[:-1],  # names cut short
         lambda b: b + b"x\0",  # one name too many
-        lambda b: b.replace(b"b.png\0", b"a.png\0"),  # a duplicate
-        lambda b: b.replace(b"c.png\0", b"a.pn/\0"),  # unsorted, and a slash
         lambda b: b.replace(b"BLOBFSCT", b"BLOBFSXX"),
         lambda b: b.replace(b'"byteorder": "little"', b'"byteorder": "big!!!"'),
+        lambda b: b.replace(b'"sampled": "I"', b'"sampled": "d"'),
         lambda b: b"",
     ],
 )
-def test_a_malformed_table_is_refused(damage: object) -> None:
+def test_a_malformed_table_is_refused_at_load(damage: object) -> None:
     assert callable(damage)
     with pytest.raises(ValueError):
         FileTable.from_bytes(damage(_payload()))
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b.replace(b"b.png\0", b"a.png\0"),  # a duplicate
+        lambda b: b.replace(b"c.png\0", b"a.pn/\0"),  # unsorted, and a slash
+        lambda b: b.replace(b"b.png\0", b"..\0").replace(b'"names": 18', b'"names": 15'),
+    ],
+)
+def test_names_that_break_a_promise_fail_the_first_listing_and_report_once(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """What needs every name visited is checked at the first listing, not at load (a
+    ``stat`` right after a mount must not wait for it); the damage is reported once."""
+    table = FileTable.from_bytes(damage(_payload()))
+    reports: list[str] = []
+    table.on_damaged = reports.append
+    assert table.index_of("a.png") == 0  # found by its exact name
+    for _ in range(2):
+        with pytest.raises(CorruptData):
+            list(table)
+    assert len(reports) == 1
+
+
 def test_a_name_longer_than_name_max_is_refused_from_disk() -> None:
     ok = table_of("img/", [("x" * 255, BLOBS[0], 0, 1)]).to_bytes()
     FileTable.from_bytes(ok)
-    with pytest.raises(ValueError):
-        FileTable.from_bytes(
-            ok.replace(b"x" * 255 + b"\0", b"x" * 256 + b"\0").replace(
-                b'"names": 256', b'"names": 257'
-            )
-        )
+    bad = FileTable.from_bytes(
+        ok.replace(b"x" * 255 + b"\0", b"x" * 256 + b"\0").replace(b'"names": 256', b'"names": 257')
+    )
+    with pytest.raises(CorruptData):
+        list(bad)
+
+
+def test_a_loaded_table_answers_a_lookup_before_any_name_is_checked() -> None:
+    """A lookup right after load reads only the sampled starts: the whole-table check
+    (and the start of every name) is left for the first listing."""
+    table = build({f"{i:05d}.png": (0, i * 1024, 10) for i in range(1000)})
+    loaded = FileTable.from_bytes(table.to_bytes())
+    assert loaded._starts is None
+    for i in (0, 1, 31, 32, 33, 999):
+        assert loaded.index_of(f"{i:05d}.png") == i
+    assert loaded.index_of("00999.pn") == -1 and loaded.index_of("1000.png") == -1
+    assert loaded._starts is None
+    assert list(loaded) == list(table) and loaded._starts is not None
 
 
 # ---- the store -----------------------------------------------------------------------
@@ -303,6 +347,9 @@ spans = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(spans)
+@example([("a", "s0", 0, 5), ("b", "s0", 5, 5), ("c", "s0", 10, 0), ("d", "s0", 10, 3)])
+@example([("a", "s0", 0, 5), ("b", "s0", 4, 3)])  # in order, but the second starts early
+@example([("a", "s0", 0, 10), ("b", "s0", 5, 0), ("c", "s0", 10, 2)])  # an empty one inside
 def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
     entries_: list[tuple[str, str, int, int]],
 ) -> None:

@@ -95,6 +95,72 @@ def test_the_batch_fast_path_accepts_and_refuses_exactly_what_the_entry_checks_d
     assert fast.problems.lines() == slow.problems.lines()
 
 
+_quick_names = ["q1", "q2", "q1q", "é.q", "x" * 256, "", "q/1", "\ud800"]
+_quick_entries = st.lists(
+    st.tuples(st.sampled_from(_quick_names), st.integers(-2, 50), st.integers(-2, 50)),
+    max_size=6,
+)
+
+
+@given(
+    st.lists(st.lists(_quick_entries, min_size=1, max_size=3), min_size=1, max_size=3),
+    st.sampled_from(_quick_names),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_quick_entry_search_agrees_with_the_full_parse(
+    files: list[list[list[tuple[str, int, int]]]], name: str
+) -> None:
+    """``find_entry`` (a stat before the index is built) answers only what the full parse
+    of every file, with its conflict checks, serves: the same range, or nothing."""
+    datas = [b"".join(_sdk_pickle(b) for b in batches) for batches in files]
+    parsed = [parse_offsets(d, f"f{k}") for k, d in enumerate(datas)]
+    served = [
+        (k, m.start, m.end)
+        for k, p in enumerate(parsed)
+        for m in reject_conflicts(p.members, "x", check_overlaps=False).members
+        if m.name == name
+    ]
+    all_names = [m.name for p in parsed for m in p.members]
+    quick = offsets.find_entry(datas, name)
+    if quick is not None:
+        assert all_names.count(name) == 1 and served == [quick]
+    elif served and all(name not in n for n in all_names if n != name) and name != "\ud800":
+        # found alone and no other name holds its bytes: the search must find it
+        raw_count = sum(d.count(name.encode()) for d in datas)
+        assert raw_count != 1, (name, files)
+
+
+def test_the_quick_entry_search_reads_only_the_batch_that_holds_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in the last of many batches without unpickling the others; a seam guessed
+    wrong (an integer whose bytes look like STOP then PROTO) falls back to the start."""
+    monkeypatch.setattr(offsets, "BATCH_SIZE", 10)
+    out = io.BytesIO()
+    tricky = int.from_bytes(b"\x2e\x80\x02\x00", "little")  # ".\x80\x02" in a BININT
+    items = [BlobMember(f"{i:04d}.png", i * 10, i * 10 + 5) for i in range(95)]
+    items[93] = BlobMember("0093.png", tricky, tricky + 5)
+    offsets.write_offsets(out, items)
+    data = out.getvalue()
+    loads = []
+    original = offsets.iter_raw_batches
+
+    def counting(stream: io.BytesIO, limit: int | None = None):  # type: ignore[no-untyped-def]
+        for batch in original(stream, limit):
+            loads.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(offsets, "iter_raw_batches", counting)
+    assert offsets.find_entry([b"", data], "0091.png") == (1, 910, 915)
+    assert loads == [5]
+    loads.clear()
+    assert offsets.find_entry([data], "0094.png") == (0, 940, 945)
+    assert offsets.find_entry([data], "0093.png") == (0, tricky, tricky + 5)
+    assert offsets.find_entry([data, data], "0091.png") is None  # in two files
+    assert offsets.find_entry([data], "009.png") is None  # not an entry
+    assert offsets.find_entry([data], "0091.pn") is None  # inside a longer name
+
+
 def test_offsets_files_are_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(offsets, "BATCH_SIZE", 3)
     items = [BlobMember(f"{i}.png", i * 10, i * 10 + 5) for i in range(8)]
