@@ -303,8 +303,9 @@ class Store:
         SQLite alone (the projection is ``json_object`` in SQL), so the emulator's share
         of a remote ``ls`` stays small next to the client's.
         """
+        params: tuple[str, ...] = ()
         if fields is None:
-            column, params = "doc", ()
+            column = "doc"
         else:
             pairs = ", ".join("?, json_extract(doc, ?)" for _ in fields)
             column = f"json_object({pairs})"
