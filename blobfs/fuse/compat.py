@@ -13,8 +13,8 @@ import ctypes.util
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from blobfs.view.tree import ListingRun
@@ -61,21 +61,35 @@ S_IFDIR = 0o040000
 S_IFREG = 0o100000
 S_IFMT = 0o170000
 
-#: What an operations object offers for readdirplus, from entry number ``start`` on:
-#: ``(name, stat fields or None)`` pairs (None for an entry whose attributes need I/O to
-#: learn) and/or :class:`~blobfs.view.tree.ListingRun` s of files that share all fields
-#: but their size (names already encoded).
-ReaddirPlus = Callable[[str, int], Iterable["tuple[str, dict[str, int] | None] | ListingRun"]]
+
+class ServedOperations(Protocol):
+    """What :class:`BlobfsFUSE` asks of its operations object beyond fusepy's callbacks."""
+
+    #: Files whose path starts with this open with ``direct_io`` (see ``BlobfsFUSE.open``).
+    direct_io_prefix: str | None
+    #: Whether listings go out through :meth:`readdir_plus`; when False, mfusepy's plain
+    #: ``readdir`` serves names only.
+    serves_readdir_plus: bool
+
+    def readdir_plus(
+        self, path: str, start: int
+    ) -> Iterable[tuple[str, dict[str, int] | None] | ListingRun]:
+        """The listing from entry number ``start`` on: ``(name, stat fields or None)``
+        pairs (None for an entry whose attributes need I/O to learn) and/or
+        :class:`~blobfs.view.tree.ListingRun` s of files that share all fields but their
+        size (names already encoded)."""
+        ...
 
 
 class BlobfsFUSE(FUSE):  # type: ignore[misc]
     """mfusepy's FUSE plus readdirplus on libfuse 3.
 
     mfusepy ignores the readdirplus request (its TODO), so every file of a listing costs
-    the kernel a LOOKUP before it can be opened. Here, when the operations object has a
-    ``readdir_plus`` method, each entry goes to libfuse's filler with its full ``stat``,
-    ``FUSE_FILL_DIR_PLUS`` and a non-zero offset: only on that path does libfuse create
-    the node, so that the kernel caches entry and attributes for their timeouts. The
+    the kernel a LOOKUP before it can be opened. Here, when the operations object
+    ``serves_readdir_plus`` (:class:`ServedOperations`), each entry goes to libfuse's
+    filler with its full ``stat``, ``FUSE_FILL_DIR_PLUS`` and a non-zero offset: only on
+    that path does libfuse create the node, so that the kernel caches entry and
+    attributes for their timeouts. The
     listing is served page by page (the offset is the index of the next entry), and the
     kernel is told to use READDIRPLUS for every page, not only the first.
 
@@ -88,10 +102,16 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
     ``cache_readdir`` flag of the high-level API's opendir.)
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, operations: ServedOperations, *args: Any, **kwargs: Any) -> None:
         #: Folders whose full listing was sent with attributes (see the class docstring).
         self._listed: set[str] = set()
-        super().__init__(*args, **kwargs)
+        super().__init__(operations, *args, **kwargs)
+
+    @property
+    def served_ops(self) -> ServedOperations:
+        """The operations object, as this class uses it (mfusepy keeps it untyped)."""
+        ops: ServedOperations = self.operations
+        return ops
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Every callback: first keep this libfuse thread's Python thread state (see
@@ -119,13 +139,13 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         fi = fip.contents
         decoded = path.decode(self.encoding, self.errors)
         fi.fh = self.operations.open(decoded, fi.flags)
-        prefix: str | None = getattr(self.operations, "direct_io_prefix", None)
+        prefix = self.served_ops.direct_io_prefix
         if prefix is not None and decoded.startswith(prefix):
             fi.direct_io = 1
         return 0
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
-        if conn and getattr(self.operations, "readdir_plus", None) is not None:
+        if conn and self.served_ops.serves_readdir_plus:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
         _remember_fuse()
         super().init_fuse_3(conn, config)
@@ -133,8 +153,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
-        plus: ReaddirPlus | None = getattr(self.operations, "readdir_plus", None)
-        if plus is None or path is None:
+        if not self.served_ops.serves_readdir_plus or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
         filler = _keeping_the_gil(filler)
         st = c_stat()
@@ -150,7 +169,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         decoded = path.decode(self.encoding, self.errors)
         # names only when the kernel asked for a plain READDIR, or already holds them
         names_only = not flags & FUSE_READDIR_PLUS or decoded in self._listed
-        for item in plus(decoded, index - 2):
+        for item in self.served_ops.readdir_plus(decoded, index - 2):
             if isinstance(item, tuple):  # (name, attrs): a small folder, entry by entry
                 index = self._fill_pair(filler, buf, stp, item, index, names_only)
             else:  # files sharing all but their size: the hot path of a large folder
@@ -294,6 +313,5 @@ __all__ = [
     "BlobfsFUSE",
     "FuseOSError",
     "Operations",
-    "ReaddirPlus",
     "invalidate_path",
 ]

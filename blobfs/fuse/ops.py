@@ -170,9 +170,9 @@ class TreeView(Protocol):
 
     def readdir(self, path: str) -> Sequence[str]: ...
 
-    def readdir_attrs(
+    def readdir_runs(
         self, path: str, start: int = 0
-    ) -> Iterator[tuple[str, dict[str, int] | None]]: ...
+    ) -> Iterator[ListingRun | tuple[str, dict[str, int] | None]]: ...
 
     def read_path(self, path: str, offset: int, size: int) -> bytes: ...
 
@@ -189,6 +189,9 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
     """
 
     use_ns = True
+    #: See :class:`~blobfs.fuse.compat.ServedOperations`.
+    direct_io_prefix: str | None = None
+    serves_readdir_plus = True
 
     def __init__(
         self,
@@ -239,11 +242,7 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
         """Listing with attributes, for libfuse 3's readdirplus (see ``BlobfsFUSE``): a
         large folder as runs of files sharing their attributes but the size, when the
         tree offers them."""
-        runs = getattr(self.view, "readdir_runs", None)
-        if runs is not None:
-            found: Iterator[ListingRun | tuple[str, dict[str, int] | None]] = runs(path, start)
-            return found
-        return self.view.readdir_attrs(path, start)
+        return self.view.readdir_runs(path, start)
 
     @errno_boundary
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:

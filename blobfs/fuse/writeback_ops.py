@@ -29,6 +29,13 @@ class WritebackOperations(BlobfsOperations):
     sends ``flush`` synchronously from ``close()``, and ``release`` only afterwards.
     """
 
+    #: The control files' contents are made when read (``writeback.json`` grows as files
+    #: are staged): opened with ``direct_io`` (see ``BlobfsFUSE.open``).
+    direct_io_prefix = CONTROL_DIR + "/"
+    #: Staged files change size while written: the overlay's listing carries no
+    #: attributes, so the kernel asks getattr (with its short timeout) for each name.
+    serves_readdir_plus = False
+
     def __init__(
         self,
         view: WritebackFS,
@@ -39,13 +46,7 @@ class WritebackOperations(BlobfsOperations):
     ) -> None:
         super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
         self.wview = view
-        #: The control files' contents are made when read (``writeback.json`` grows as
-        #: files are staged): opened with ``direct_io`` (see ``BlobfsFUSE.open``).
-        self.direct_io_prefix = CONTROL_DIR + "/"
         queue.subscribe(self._on_event)
-        # Staged files change size while written: the overlay's listing carries no
-        # attributes, so the kernel asks getattr (with its short timeout) as before.
-        self.readdir_plus = None  # type: ignore[method-assign,assignment]
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Settled):

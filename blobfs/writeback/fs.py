@@ -272,7 +272,7 @@ class WritebackFS:
             names.update({IMG_DIR: None, ANN_DIR: None})
         return list(names)
 
-    def readdir_attrs(
+    def readdir_runs(
         self, path: str, start: int = 0
     ) -> Iterator[tuple[str, dict[str, int] | None]]:
         """Names without attributes: staged files change size while written, so the

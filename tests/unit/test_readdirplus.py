@@ -33,6 +33,9 @@ ENTRIES: list[tuple[str, dict[str, int] | None]] = [
 class Listing:
     """An operations object with ``readdir_plus``: two files, a folder, an unsized file."""
 
+    direct_io_prefix = None
+    serves_readdir_plus = True
+
     def readdir_plus(self, path: str, start: int) -> Iterator[tuple[str, dict[str, int] | None]]:
         return iter(ENTRIES[start:])
 
@@ -118,6 +121,9 @@ EXPECTED = [
 
 class RunListing:
     """An operations object whose listing comes as runs (what a ``FileTable`` gives)."""
+
+    direct_io_prefix = None
+    serves_readdir_plus = True
 
     def readdir_plus(
         self, path: str, start: int
