@@ -30,7 +30,7 @@ from blobfs.format import pack
 from blobfs.format.pack import ProjectPacker
 from blobfs.model import DatasetRecord
 from blobfs.sly import api as api_module
-from blobfs.sly.api import ANN_BATCH, SuperviselyApi
+from blobfs.sly.api import ANN_ADD_BATCH, ANN_BATCH, SuperviselyApi, SuperviselyWriteApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.transport.http import HttpClient
@@ -425,6 +425,18 @@ def test_the_ann_listing_keeps_at_most_twice_concurrency_batches_of_50_in_flight
         assert emu.stats()["methods"]["annotations.bulk.info"] == BATCHES  # each once
     finally:
         view.source.close()
+
+
+def test_annotations_go_up_in_the_sdks_batches_and_come_back_the_same(
+    big: Big, emu: Emulator
+) -> None:
+    api = SuperviselyWriteApi(HttpClient(emu.url, TOKEN), concurrency=4)
+    ids = [img.id for img in api.images(big.dataset_id)][:120]
+    before = api.annotations(big.dataset_id, ids)
+    sent, _ = spied(api, "annotations.bulk.add")
+    api.add_annotations(big.dataset_id, [(i, before[i]) for i in ids])
+    assert [len(p["annotations"]) for p in sent] == [ANN_ADD_BATCH, ANN_ADD_BATCH, 20]
+    assert api.annotations(big.dataset_id, ids) == before
 
 
 def test_a_failing_ann_batch_fails_only_its_own_files(big: Big, emu: Emulator) -> None:
