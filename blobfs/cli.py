@@ -190,7 +190,7 @@ def main() -> None:
     show_default=True,
     type=click.IntRange(1, 16),
     metavar="N",
-    help="Remote: requests in flight for one listing, annotation walk or prefetch.",
+    help="Remote: requests in flight for one listing or prefetch (annotation batches: twice).",
 )
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
@@ -345,7 +345,7 @@ def _timeout(value: object) -> float:
 
 
 def _concurrency(value: object) -> int:
-    """``-o concurrency=N`` (text) or ``--concurrency N``: 1..16 (the HTTP pool holds 32)."""
+    """``-o concurrency=N`` (text) or ``--concurrency N``: 1..16 (sizes the HTTP pool)."""
     text = str(value)
     if not text.isdigit() or not 1 <= int(text) <= 16:
         raise InvalidInput(f"concurrency must be 1..16, not {text!r}")

@@ -98,14 +98,14 @@ def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProject
     not at the top: a local mount never loads them, nor ``requests``.
     """
     from blobfs.credentials import resolve
-    from blobfs.sly.api import SuperviselyApi
+    from blobfs.sly.api import SuperviselyApi, pool_size
     from blobfs.sources.remote import READAHEAD_MAX_BYTES, RemoteProjectSource
     from blobfs.sources.remote_io import start_prefetch
     from blobfs.transport.http import HttpClient
 
     project_id = parse_project_id(config.source)
     server, token = resolve(config.server, config.token_file)
-    client = HttpClient(server, token)
+    client = HttpClient(server, token, pool_size=pool_size(config.concurrency))
     api = SuperviselyApi(client, config.concurrency)
     check_remote_project(api, project_id, server, config.timeout_s)
     readahead = ReadPattern(cache.block_size, READAHEAD_MAX_BYTES)

@@ -37,11 +37,33 @@ IMAGE_FIELDS = (
     "offsetStart",
     "offsetEnd",
 )
-ANN_BATCH = 100  # the server's cap for annotations.bulk.info imageIds
+#: Image ids per ``annotations.bulk.info`` request: the SDK's default, half the server's cap
+#: of 100. From about 60 ids up the server returns the tags inside an object in no stable
+#: order, so the same request can answer different bytes; a file fetched again (after an
+#: eviction, or by another mount) would then change its bytes under the same size.
+ANN_BATCH = 50
+#: Annotations per ``annotations.bulk.add`` request (the SDK's upload batch).
+ANN_ADD_BATCH = 50
 #: A listing that claims more pages than this is refused, not followed.
 MAX_PAGES = 100_000
 #: Requests in flight at once for one listing, annotation walk or prefetch.
 DEFAULT_CONCURRENCY = 16
+#: Most ``annotations.bulk.info`` batches in flight at once, whatever ``concurrency`` says.
+ANN_CONCURRENCY_MAX = 32
+
+
+def ann_concurrency(concurrency: int) -> int:
+    """Annotation batches in flight for a mount of ``concurrency``: twice as many as other
+    requests, since a batch holds half the ids the server would take (``ANN_BATCH``) and
+    reading ``ann/`` is round trips of batches; bounded so that they and the readahead
+    fit in the HTTP pool a mount sizes for both (:func:`pool_size`)."""
+    return max(1, min(ANN_CONCURRENCY_MAX, 2 * concurrency))
+
+
+def pool_size(concurrency: int) -> int:
+    """HTTP connections a mount keeps: readahead or a listing (``concurrency``) and an
+    annotation walk (:func:`ann_concurrency`) at the same time."""
+    return max(1, concurrency) + ann_concurrency(concurrency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +223,10 @@ class SuperviselyApi:
 
     def __init__(self, client: HttpClient, concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self.client = client
-        #: Most requests one listing or annotation walk keeps in flight at once.
+        #: Most requests one listing or prefetch keeps in flight at once.
         self.concurrency = max(1, concurrency)
+        #: Most annotation batches in flight at once.
+        self.ann_concurrency = ann_concurrency(self.concurrency)
 
     def _pages(
         self, method: str, payload: dict[str, Any], expected: int | None = None
@@ -336,15 +360,15 @@ class SuperviselyApi:
 
     def annotations(self, dataset_id: int, image_ids: Sequence[int]) -> dict[int, Any]:
         """image id -> annotation JSON, fetched ``ANN_BATCH`` at a time (batches at once,
-        at most ``concurrency`` in flight)."""
+        at most ``ann_concurrency`` in flight)."""
         batches = [list(image_ids[i : i + ANN_BATCH]) for i in range(0, len(image_ids), ANN_BATCH)]
         out: dict[int, Any] = {}
-        if len(batches) <= 1 or self.concurrency <= 1:
+        if len(batches) <= 1 or self.ann_concurrency <= 1:
             for batch in batches:
                 out.update(self._ann_batch(dataset_id, batch))
             return out
         with ThreadPoolExecutor(
-            min(self.concurrency, len(batches)), thread_name_prefix="blobfs-anns"
+            min(self.ann_concurrency, len(batches)), thread_name_prefix="blobfs-anns"
         ) as pool:
             for part in pool.map(lambda b: self._ann_batch(dataset_id, b), batches):
                 out.update(part)
@@ -490,7 +514,7 @@ class SuperviselyWriteApi(SuperviselyApi):
         return out
 
     def add_annotations(self, dataset_id: int, anns: Sequence[tuple[int, Any]]) -> None:
-        for i in range(0, len(anns), ANN_BATCH):
+        for i in range(0, len(anns), ANN_ADD_BATCH):
             self.client.post_json(
                 "annotations.bulk.add",
                 {
@@ -498,7 +522,7 @@ class SuperviselyWriteApi(SuperviselyApi):
                     "skipBoundsValidation": False,
                     "annotations": [
                         {"imageId": image_id, "annotation": ann}
-                        for image_id, ann in anns[i : i + ANN_BATCH]
+                        for image_id, ann in anns[i : i + ANN_ADD_BATCH]
                     ],
                 },
             )

@@ -4,13 +4,13 @@ Listings (datasets, images) are fetched lazily per dataset (pages at once after 
 and refreshed by the view after its TTL. Image bytes are ranges of their blob, fetched
 through the shared block cache as the read pattern says (:mod:`blobfs.sources.remote_io`:
 a random read fetches just its image, a walk grows a readahead window); plain (non-blob)
-images are whole objects through the same cache. Annotation JSON is fetched 100 images
-per request: all of a dataset's at once when its ``ann/`` is first listed or looked up, so
-the listing carries every file's size, or read ahead of a reader walking ``ann/``
-(:mod:`blobfs.sources.remote_anns`), and converted from the server's subpixel coordinates
-to pixel coordinates exactly as the SDK's downloads do (:mod:`blobfs.format.ann_coords`),
-so ``ann/*.json`` equals what ``sly.download`` writes. ``--prefetch`` warms all of it in
-the background.
+images are whole objects through the same cache. Annotation JSON is fetched in batches of
+the SDK's size (``ANN_BATCH``): all of a dataset's at once when its ``ann/`` is first
+listed or looked up, so the listing carries every file's size, or read ahead of a reader
+walking ``ann/`` (:mod:`blobfs.sources.remote_anns`), and converted from the server's
+subpixel coordinates to pixel coordinates exactly as the SDK's downloads do
+(:mod:`blobfs.format.ann_coords`), so ``ann/*.json`` equals what ``sly.download`` writes.
+``--prefetch`` warms all of it in the background.
 
 Everything the server says is untrusted: names are validated like offsets entries, a
 name that appears twice in a dataset is not served, a blob range outside its blob fails

@@ -1,7 +1,7 @@
 """Annotations of a remote project: fetched in batches, ahead of a reader that walks them.
 
 A program reading ``ann/`` reads the files in listing order, one after another; at tens of
-milliseconds per request, one batch at a time would make it wait for every hundredth file.
+milliseconds per request, one batch at a time would make it wait at every batch's first file.
 So a read that continues a walk (its image comes after the last one read, within a batch)
 keeps the next ``ahead`` batches in flight in the background, and a read that finds its
 batch in flight waits for that request instead of sending its own. A read elsewhere (a
@@ -38,13 +38,15 @@ class AnnotationCache:
 
     def __init__(self, api: SuperviselyApi, ahead_batches: int | None = None) -> None:
         self.api = api
-        self.ahead_batches = api.concurrency if ahead_batches is None else ahead_batches
+        self.ahead_batches = api.ann_concurrency if ahead_batches is None else ahead_batches
         self._anns: LockedLru[int, bytes | str] = LockedLru()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[None]] = {}
         # dataset id -> (position of the last image read, positions below this are asked for)
         self._walks: dict[int, tuple[int, int]] = {}
-        self._pool = ThreadPoolExecutor(max(1, api.concurrency), thread_name_prefix="blobfs-anns")
+        self._pool = ThreadPoolExecutor(
+            max(1, api.ann_concurrency), thread_name_prefix="blobfs-anns"
+        )
         self.stored = 0
         # bumped by clear(): an answer fetched before it is not stored after it
         self._generation = 0
@@ -206,7 +208,7 @@ class AnnotationCache:
 
     def fetch_all(self, dataset_id: int, image_ids: Sequence[int], wait_s: float) -> None:
         """Ask for every annotation of ``image_ids`` not stored or asked for yet, in batches
-        at most ``concurrency`` in flight (the pool's size), and wait up to ``wait_s`` for
+        at most ``ann_concurrency`` in flight (the pool's size), and wait up to ``wait_s`` for
         them and for those already on their way.
 
         A batch still out when the wait ends goes on in the background and is stored when

@@ -184,7 +184,7 @@ class Prefetcher:
             take = ids[: max(0, room)]
             room -= len(take)
             self._add("anns", len(take))
-            step = self.concurrency * ANN_BATCH
+            step = src.api.ann_concurrency * ANN_BATCH
             for i in range(0, len(take), step):
                 if self._stop.is_set():
                     break

@@ -34,7 +34,7 @@ from blobfs.format.images import image_size_of_file
 from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
 from blobfs.format.pack import TarBlobWriter, empty_annotation, finish_tar
 from blobfs.model import BlobMember
-from blobfs.sly.api import ANN_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
+from blobfs.sly.api import ANN_ADD_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
 from blobfs.writeback.importer import split_batch
 from blobfs.writeback.spool import Batch, Spool
 
@@ -120,7 +120,7 @@ class RemoteImporter:
             if name not in existing:
                 raise RemoteError(f"annotation for {name!r}: no such image in the dataset")
             payload.append((existing[name], ann))
-        chunks = [payload[i : i + ANN_BATCH] for i in range(0, len(payload), ANN_BATCH)]
+        chunks = [payload[i : i + ANN_ADD_BATCH] for i in range(0, len(payload), ANN_ADD_BATCH)]
         self._each(lambda chunk: self.api.add_annotations(dataset, chunk), chunks)
         logger.info(
             "imported %d images and %d annotations into dataset %d",

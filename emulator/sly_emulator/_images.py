@@ -8,6 +8,7 @@ Ordinary images go up by hash (``images.bulk.upload``, then ``images.bulk.add``)
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -40,8 +41,15 @@ method = REGISTRY.method
 
 #: How much of an image is read to find its width and height (JPEG EXIF can be long).
 HEAD_BYTES = 256 << 10
-#: ``annotations.bulk.info`` refuses more ids than this, as the server does.
+#: ``annotations.bulk.info`` refuses more ids than this, as the server does (the SDK's
+#: ``BULK_INFO_MAX_BATCH_SIZE``).
 ANN_BULK_MAX = 100
+#: From this many ids up the server returns the tags inside an object in no stable order
+#: (the SDK's note on ``BULK_INFO_DEFAULT_BATCH_SIZE``: "from about 60 ids up"), so the
+#: same request can answer other bytes. The emulator turns each object's tags one step
+#: further on every such request: a client that sends batches this big sees it.
+ANN_UNSTABLE_FROM = 60
+_unstable_turns = itertools.count(1)
 
 
 def _check_name(name: Any) -> str:
@@ -440,8 +448,10 @@ def annotations_info(store: Store, body: Any, query: dict[str, str]) -> Any:
 @method("annotations.bulk.info")
 def annotations_bulk_info(store: Store, body: Any, query: dict[str, str]) -> Any:
     ids = need(body, "imageIds")
-    if not isinstance(ids, list) or len(ids) > ANN_BULK_MAX:
-        raise ApiError(400, f"imageIds must be a list of at most {ANN_BULK_MAX} ids")
+    if not isinstance(ids, list):
+        raise ApiError(400, "imageIds must be a list")
+    if len(ids) > ANN_BULK_MAX:
+        raise ApiError(400, f'"imageIds" must contain less than or equal to {ANN_BULK_MAX} items')
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ApiError(400, "imageIds must be integers")
     fields = ("name", "datasetId", "createdAt", "updatedAt", "width", "height")
@@ -457,12 +467,33 @@ def annotations_bulk_info(store: Store, body: Any, query: dict[str, str]) -> Any
         for kind in ("figures", "imagetags")
         for row in store.fields_in(kind, "parent", ids, ())
     }
-    if labelled:  # figures or tags added one by one are merged in: the general path
-        return _ann_docs(store, [store.get("images", i) for i in ids])
+    if labelled or len(ids) >= ANN_UNSTABLE_FROM:  # figures or tags merged in, or reordered
+        docs = _ann_docs(store, [store.get("images", i) for i in ids])
+        return _unstable_tags(docs) if len(ids) >= ANN_UNSTABLE_FROM else docs
     stored = {
         row[1]: row for row in store.fields_in("anns", "parent", ids, ("annotation", "updatedAt"))
     }
     return raw_list([_ann_doc_json(found[i], stored.get(i)) for i in ids])
+
+
+def _unstable_tags(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``docs`` with the tags of every object turned by one more step than last time (new
+    objects and lists: the stored ones are left as they are)."""
+    turn = next(_unstable_turns)
+    for doc in docs:
+        ann = doc["annotation"]
+        objects = ann.get("objects") if isinstance(ann, dict) else None
+        if not isinstance(objects, list):
+            continue
+        turned = []
+        for obj in objects:
+            tags = obj.get("tags") if isinstance(obj, dict) else None
+            if isinstance(tags, list) and len(tags) > 1:
+                k = turn % len(tags)
+                obj = {**obj, "tags": tags[k:] + tags[:k]}
+            turned.append(obj)
+        doc["annotation"] = {**ann, "objects": turned}
+    return docs
 
 
 def _ann_doc_json(image: tuple[Any, ...], stored: tuple[Any, ...] | None) -> str:

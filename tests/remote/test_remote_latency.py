@@ -30,7 +30,7 @@ from blobfs.format import pack
 from blobfs.format.pack import ProjectPacker
 from blobfs.model import DatasetRecord
 from blobfs.sly import api as api_module
-from blobfs.sly.api import SuperviselyApi
+from blobfs.sly.api import ANN_ADD_BATCH, ANN_BATCH, SuperviselyApi, SuperviselyWriteApi
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.transport.http import HttpClient
@@ -43,6 +43,8 @@ from .conftest import TOKEN, mount_remote
 pytestmark = [pytest.mark.remote]
 
 COUNT = 2000
+#: annotations.bulk.info requests for all of it (the SDK's batch of 50 ids)
+BATCHES = COUNT // ANN_BATCH
 
 
 @dataclass
@@ -315,8 +317,8 @@ def test_a_walk_through_ann_has_its_batches_fetched_ahead(big: Big, emu: Emulato
         assert {k: json.loads(v) for k, v in got.items()} == {
             k: json.loads(v) for k, v in big.anns.items()
         }
-        assert emu.stats()["methods"] == {"annotations.bulk.info": COUNT // 100}  # none twice
-        assert took < 20 * 0.100 / 2, took  # batch after batch would take >= 2 s
+        assert emu.stats()["methods"] == {"annotations.bulk.info": BATCHES}  # none twice
+        assert took < BATCHES * 0.100 / 4, took  # batch after batch would take >= 4 s
     finally:
         source.close()
 
@@ -349,7 +351,7 @@ def test_a_walk_that_asks_for_each_file_twice_keeps_its_read_ahead(
         assert {k: json.loads(v) for k, v in got.items()} == {
             k: json.loads(v) for k, v in big.anns.items()
         }
-        assert emu.stats()["methods"]["annotations.bulk.info"] == COUNT // 100  # none twice
+        assert emu.stats()["methods"]["annotations.bulk.info"] == BATCHES  # none twice
         assert checks[0] < 10 * 2 * COUNT, checks[0]  # ~1,500 per read before
     finally:
         source.close()
@@ -392,7 +394,7 @@ def test_listing_ann_gives_every_file_its_true_size_and_reading_then_asks_nothin
             "projects.meta": 1,
             "datasets.list": 1,
             "images.list": 2,  # one listing for img/ and ann/ (pages of 1,000)
-            "annotations.bulk.info": COUNT // 100,
+            "annotations.bulk.info": BATCHES,
         }
         assert sorted(listed) == sorted(f"{n}.json" for n in big.images)
         emu.reset_stats()
@@ -406,22 +408,35 @@ def test_listing_ann_gives_every_file_its_true_size_and_reading_then_asks_nothin
         view.source.close()
 
 
-def test_the_ann_listing_keeps_at_most_concurrency_batches_in_flight(
+def test_the_ann_listing_keeps_at_most_twice_concurrency_batches_of_50_in_flight(
     big: Big, emu: Emulator
 ) -> None:
     view = remote_view(big, concurrency=3)
-    _, most = spied(view.source.api, "annotations.bulk.info")  # type: ignore[attr-defined]
+    sent, most = spied(view.source.api, "annotations.bulk.info")  # type: ignore[attr-defined]
     emu.faults.update({"latency_ms": 50})
     try:
         began = time.monotonic()
         listed = dict(view.readdir_attrs("/train/ann"))
         took = time.monotonic() - began
         assert all(attrs is not None for attrs in listed.values())
-        assert most[0] == 3  # concurrent, and never more than --concurrency
-        assert took >= COUNT / 100 / 3 * 0.050  # 20 batches, 3 at a time
-        assert emu.stats()["methods"]["annotations.bulk.info"] == COUNT // 100  # each once
+        assert most[0] == 6  # concurrent, and never more than twice --concurrency
+        assert took >= BATCHES / 6 * 0.050  # 40 batches, 6 at a time
+        assert {len(p["imageIds"]) for p in sent} == {ANN_BATCH}  # the SDK's batch
+        assert emu.stats()["methods"]["annotations.bulk.info"] == BATCHES  # each once
     finally:
         view.source.close()
+
+
+def test_annotations_go_up_in_the_sdks_batches_and_come_back_the_same(
+    big: Big, emu: Emulator
+) -> None:
+    api = SuperviselyWriteApi(HttpClient(emu.url, TOKEN), concurrency=4)
+    ids = [img.id for img in api.images(big.dataset_id)][:120]
+    before = api.annotations(big.dataset_id, ids)
+    sent, _ = spied(api, "annotations.bulk.add")
+    api.add_annotations(big.dataset_id, [(i, before[i]) for i in ids])
+    assert [len(p["annotations"]) for p in sent] == [ANN_ADD_BATCH, ANN_ADD_BATCH, 20]
+    assert api.annotations(big.dataset_id, ids) == before
 
 
 def test_a_failing_ann_batch_fails_only_its_own_files(big: Big, emu: Emulator) -> None:
@@ -431,7 +446,7 @@ def test_a_failing_ann_batch_fails_only_its_own_files(big: Big, emu: Emulator) -
         emu.faults.update({"fail_n": 1, "fail_status": 400, "scope": "annotations.bulk.info"})
         listed = dict(view.readdir_attrs("/train/ann"))
         unsized = sorted(name for name, attrs in listed.items() if attrs is None)
-        assert len(unsized) == 100  # the one batch that failed; the others are sized
+        assert len(unsized) == ANN_BATCH  # the one batch that failed; the others are sized
         emu.faults.update({"fail_n": 1})  # still failing when one of its files is read
         with pytest.raises(BlobfsError) as info:
             view.read_path(f"/train/ann/{unsized[0]}", 0, 1 << 20)
@@ -471,7 +486,7 @@ def test_reading_a_listed_ann_folder_asks_for_each_batch_at_most_once(
             f"{n}.json": json.loads(v) for n, v in big.anns.items()
         }
         methods = emu.stats()["methods"]
-        assert methods == ({} if sized else {"annotations.bulk.info": COUNT // 100})
+        assert methods == ({} if sized else {"annotations.bulk.info": BATCHES})
         assert isinstance(before, dict) and isinstance(after, dict)
         getattrs = after.get("getattr", 0) - before.get("getattr", 0)
         if sized:
