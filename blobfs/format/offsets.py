@@ -278,7 +278,8 @@ def find_entry(files: Sequence[Buffer], name: str) -> tuple[int, int, int] | Non
     entries refer to) and the entry itself (:func:`_entry_alone`). The entry passes the
     same checks as in :func:`parse_offsets` (fields, name, range; not the blob's size,
     which the caller knows). What this cannot see is the
-    rest of the file (a batch that makes the whole file refused) and repeats that a
+    rest of the file (a batch, or another entry of its own batch, that makes the whole
+    file refused) and repeats that a
     hostile pickle stores as references to one string: so a caller may answer a
     ``stat`` from it, never serve bytes from it.
     """
