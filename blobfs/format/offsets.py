@@ -19,6 +19,7 @@ import io
 import logging
 import operator
 import pickle
+import pickletools
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -273,9 +274,12 @@ def find_entry(files: Sequence[Buffer], name: str) -> tuple[int, int, int] | Non
     second occurrence), and only the batch (one pickle) holding them is unpickled: it
     starts after the nearest STOP-then-PROTO before them, and if that guess is wrong (an
     integer's bytes may look like one) the file's batches are read from the start up to
-    it. The entry passes the same checks as in :func:`parse_offsets` (fields, name,
-    range; not the blob's size, which the caller knows). What this cannot see is the
-    rest of the file (a batch that makes the whole file refused) and repeats that a
+    it. Usually not even that batch: only its first entry (which defines what later
+    entries refer to) and the entry itself (:func:`_entry_alone`). The entry passes the
+    same checks as in :func:`parse_offsets` (fields, name, range; not the blob's size,
+    which the caller knows). What this cannot see is the
+    rest of the file (a batch, or another entry of its own batch, that makes the whole
+    file refused) and repeats that a
     hostile pickle stores as references to one string: so a caller may answer a
     ``stat`` from it, never serve bytes from it.
     """
@@ -294,7 +298,9 @@ def find_entry(files: Sequence[Buffer], name: str) -> tuple[int, int, int] | Non
     which, at = hits[0]
     data = files[which]
     begin = _batch_start(data, at)
-    found = _entry_in_batch(data, begin, at, name)
+    found = _entry_alone(data, at, name)
+    if found is None:
+        found = _entry_in_batch(data, begin, at, name)
     if found is None and begin:
         found = _entry_in_batch(data, 0, at, name)
     return None if found is None else (which, *found)
@@ -310,6 +316,127 @@ def _batch_start(data: Buffer, at: int) -> int:
             return seam + 1
         seam = data.rfind(_BATCH_SEAM, 0, seam)
     return 0
+
+
+#: Opcodes of one entry after a batch's first, as the SDK's pickler (protocols 2 to 5) and
+#: :func:`dumps_batch` write it; memo puts may follow any of them.
+_MEMO_PUTS = frozenset({"BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_REFS = frozenset({"BINGET", "LONG_BINGET"})
+_STRINGS = frozenset({"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"})
+_ITEMS = _REFS | _STRINGS | frozenset({"BININT", "BININT1", "BININT2", "LONG1"})
+_ENTRY_SHAPE = (_REFS, "EMPTY_TUPLE", "NEWOBJ", "EMPTY_DICT", "MARK", *[_ITEMS] * 6, "SETITEMS")
+#: How far before its name an entry may start (class, tuple, object, dict, mark, a key,
+#: with memo puts), and after the name's bytes end (two keys, two integers, memo puts).
+_BEFORE_NAME = 48
+_AFTER_NAME = 96
+#: Opcodes a batch's first entry may take (the class's global and its module's strings).
+_FIRST_OPS = 40
+
+
+def _entry_alone(data: Buffer, at: int, name: str) -> tuple[int, int] | None:
+    """``(start, end)`` of ``name``, unpickling only the batch's first entry and the entry
+    holding offset ``at``: None when the batch is not laid out as the SDK writes it.
+
+    The batch's first entry defines the memo (the class, the keys) that later entries
+    refer to; the entry of ``name`` is found by decoding opcodes forward from a few
+    candidate starts just before ``at``, and must be exactly one SDK-shaped entry. The
+    two, followed by APPENDS and STOP, make a small pickle that the restricted unpickler
+    reads; its last entry is then what the whole batch's parse would have made of it.
+    """
+    try:
+        first = None
+        for begin in _batch_starts(data, at):
+            first = _first_entry(data, begin)
+            if first is not None:
+                break
+        if first is None:
+            return None
+        head, head_end = first
+        tail: bytes | None = b""
+        if at >= head_end:
+            tail = _entry_bytes(data, max(head_end, at - _BEFORE_NAME), at, name)
+        if tail is None:
+            return None
+        batch = next(iter_raw_batches(io.BytesIO(head + tail + b"e."), 64))
+        fields = _entry_fields(batch[-1])
+    except Exception:  # any trouble: the batch's parse decides
+        return None
+    if fields[0] != name or _range_problem(fields[1], fields[2], None) is not None:
+        return None
+    return fields[1], fields[2]
+
+
+def _batch_starts(data: Buffer, at: int) -> Iterator[int]:
+    """Where the batch holding offset ``at`` may start, nearest first: after each of the
+    nearest STOP-then-PROTO seams (an integer's bytes may look like one), then 0."""
+    seam = data.rfind(_BATCH_SEAM, 0, at)
+    for _ in range(_SEAMS_TRIED):
+        if seam < 0:
+            break
+        if data[seam + 2 : seam + 3] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            yield seam + 1
+        seam = data.rfind(_BATCH_SEAM, 0, seam)
+    yield 0
+
+
+def _first_entry(data: Buffer, begin: int) -> tuple[bytes, int] | None:
+    """The opcodes from ``begin`` up to the end of the batch's first entry (its BUILD),
+    without FRAME opcodes (they would announce more bytes than are kept), and where
+    that entry ends; None unless the batch opens as a list of entries (PROTO,
+    EMPTY_LIST, MARK)."""
+    window = bytes(data[begin : begin + 4 * NAME_MAX + 512])
+    kept: list[bytes] = []
+    seen: list[str] = []
+    ops = pickletools.genops(io.BytesIO(window))
+    last_pos, last_name = 0, ""
+    for count, (op, _, at) in enumerate(ops):
+        pos = at or 0
+        if count:
+            if last_name != "FRAME":
+                kept.append(window[last_pos:pos])
+            if last_name == "BUILD":
+                return b"".join(kept), begin + pos
+        if count > _FIRST_OPS:
+            return None
+        last_pos, last_name = pos, op.name
+        if op.name not in _MEMO_PUTS and op.name != "FRAME":
+            seen.append(op.name)
+        if seen[:3] not in (["PROTO"], ["PROTO", "EMPTY_LIST"], ["PROTO", "EMPTY_LIST", "MARK"]):
+            return None
+    return None
+
+
+def _entry_bytes(data: Buffer, lowest: int, at: int, name: str) -> bytes | None:
+    """The opcodes of the one SDK-shaped entry, starting at or after ``lowest``, whose
+    name is the string at ``at`` (BUILD included); None when no start fits."""
+    window_end = at + len(name.encode("utf-8")) + _AFTER_NAME
+    for start in range(at - 1, lowest - 1, -1):
+        if data[start] not in b"hj":  # BINGET / LONG_BINGET of the class
+            continue
+        end = _entry_end(bytes(data[start:window_end]), name)
+        if end is not None:
+            return bytes(data[start : start + end])
+    return None
+
+
+def _entry_end(window: bytes, name: str) -> int | None:
+    """Where the entry that ``window`` starts with ends, if it has the shape
+    :data:`_ENTRY_SHAPE` (then BUILD) and ``name`` as one of its strings."""
+    step, named = 0, False
+    try:
+        for op, arg, pos in pickletools.genops(io.BytesIO(window)):
+            if step and op.name in _MEMO_PUTS:
+                continue
+            if step == len(_ENTRY_SHAPE):
+                return (pos or 0) + 1 if op.name == "BUILD" and named else None
+            want = _ENTRY_SHAPE[step]
+            if op.name != want and op.name not in want:
+                return None
+            named = named or (op.name in _STRINGS and arg == name)
+            step += 1
+    except Exception:  # a truncated or unknown opcode: not an entry
+        return None
+    return None
 
 
 def _entry_in_batch(data: Buffer, begin: int, at: int, name: str) -> tuple[int, int] | None:

@@ -105,6 +105,11 @@ _PAYLOAD_LEN = struct.Struct("<I")
 PACE_EVERY = 8192
 
 
+#: What quick lookups keep of one dataset: (its key and its offsets files' names, inodes,
+#: sizes and mtimes), their stems, their bytes.
+_QuickKept = tuple[tuple[str, tuple[tuple[str, int, int, int], ...]], list[str], list[bytes]]
+
+
 @dataclass(frozen=True)
 class _Blob:
     cached: CachedBlob | None
@@ -141,6 +146,8 @@ class LocalProjectSource(Source):
         self._tables: weakref.WeakSet[FileTable] = weakref.WeakSet()
         self.index_builds = 0
         self.quick_lookups = 0
+        # (dataset, offsets files' identities), stems, bytes: see _quick_buffers
+        self._quick_kept: _QuickKept | None = None
         self._verdicts: LockedLru[tuple[str, int, int, str], str] = LockedLru(VERDICTS_KEPT)
         # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
@@ -553,21 +560,13 @@ class LocalProjectSource(Source):
         key = dataset.key
         if self.index_store is not None and self._cached_index_current(key):
             return None  # loading the cached index is quicker, and settles it
-        stems: list[str] = []
-        files: list[bytearray] = []
         try:
             if self.fs.lstat(f"{key}/img/{name}") is not None:
                 return None  # both a blob image and a file: refused, the index says so
-            for item in sorted(self._list(key), key=lambda e: e.name):
-                if item.name.endswith(OFFSETS_SUFFIX) and item.is_file:
-                    data = self._whole(f"{key}/{item.name}")
-                    if data is not None:
-                        files.append(data)
-                        stems.append(item.name[: -len(OFFSETS_SUFFIX)])
+            stems, files = self._quick_buffers(key)
         except (BlobfsError, OSError):
             return None
         found = find_entry(files, name)
-        del files
         if found is None:
             return None
         which, start, end = found
@@ -580,7 +579,33 @@ class LocalProjectSource(Source):
         ref = BlobRef(stems[which], blob.cached.version, start, end)
         return FileRecord(f"img/{name}", end - start, blob.mtime_ns, ref)
 
-    def _whole(self, rel: str) -> bytearray | None:
+    def _quick_buffers(self, key: str) -> tuple[list[str], list[bytes]]:
+        """The stems and bytes of the offsets files of dataset ``key``, for quick lookups.
+
+        A burst of ``stat`` calls before the folder's index is built would otherwise read
+        every offsets file of the dataset again for each one; the last dataset's files are
+        kept (one dataset's at most, so memory stays bounded), while their names, inodes,
+        sizes and mtimes are unchanged, and dropped once the folder's index is built.
+        """
+        items = sorted(
+            (i for i in self._list(key) if i.name.endswith(OFFSETS_SUFFIX) and i.is_file),
+            key=lambda e: e.name,
+        )
+        identity = (key, tuple((i.name, i.ino, i.size, i.mtime_ns) for i in items))
+        kept = self._quick_kept
+        if kept is not None and kept[0] == identity:
+            return kept[1], kept[2]
+        stems: list[str] = []
+        files: list[bytes] = []
+        for item in items:
+            data = self._whole(f"{key}/{item.name}")
+            if data is not None:
+                files.append(data)
+                stems.append(item.name[: -len(OFFSETS_SUFFIX)])
+        self._quick_kept = (identity, stems, files)
+        return stems, files
+
+    def _whole(self, rel: str) -> bytes | None:
         """The bytes of the offsets file ``rel``, read in one copy (None when empty or
         too large). Not a memory map: a file truncated under a map kills the process."""
         fd = self.fs.open_file(rel)
@@ -588,14 +613,14 @@ class LocalProjectSource(Source):
             size = os.fstat(fd).st_size
             if not 0 < size <= MAX_OFFSETS_FILE_BYTES:
                 return None
-            buf = bytearray(size)
-            view, got = memoryview(buf), 0
+            parts, got = [], 0
             while got < size:
-                n = os.readv(fd, [view[got:]])
-                if n == 0:
+                part = os.read(fd, size - got)  # no zero-filled buffer to copy into
+                if not part:
                     return None  # shrank while read: the index decides
-                got += n
-            return buf
+                parts.append(part)
+                got += len(part)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         finally:
             os.close(fd)
 
@@ -670,6 +695,9 @@ class LocalProjectSource(Source):
             table = blobs
         with self._lock:
             self._refused[dataset.path] = refused
+        kept = self._quick_kept
+        if kept is not None and kept[0][0] == key:
+            self._quick_kept = None  # the index answers this folder's lookups now
         return table
 
     def _blob_table(self, key: str, refused: dict[str, str]) -> FileTable:

@@ -189,6 +189,34 @@ def test_a_stat_before_the_index_is_built_is_answered_from_the_offsets_alone(
     assert src.quick_lookups == 1  # the folder is loaded now: no quick answer needed
 
 
+def test_a_burst_of_stats_before_the_index_reads_the_offsets_files_once(
+    small: ScaleProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stats of many names of a folder not indexed yet reuse the offsets files read for
+    the first (one dataset's kept, dropped once the folder's index is built); a file
+    changed meanwhile is read again."""
+    src = source(small.root)
+    view = ProjectView(src)
+    reads: list[str] = []
+    original = src._whole
+
+    def counting(rel: str) -> bytes | None:
+        reads.append(rel)
+        return original(rel)
+
+    monkeypatch.setattr(src, "_whole", counting)
+    for i in range(0, 2000, 100):
+        assert view.getattr("/" + small.path(1, i))["st_size"] == len(small.expected(1, i))
+    files = len(set(reads))
+    assert src.quick_lookups == 20 and len(reads) == files
+    reads.clear()
+    view.getattr("/" + small.path(2, 7))  # another dataset: its own files, once
+    view.getattr("/" + small.path(2, 8))
+    assert reads and len(reads) == len(set(reads)) and src._quick_kept is not None
+    view.readdir("/c/img")
+    assert src._quick_kept is None  # the index answers that folder now
+
+
 def test_a_quick_stat_never_answers_for_a_name_in_doubt_and_never_serves_bytes(
     tmp_path: Path,
 ) -> None:

@@ -130,19 +130,9 @@ def test_the_quick_entry_search_agrees_with_the_full_parse(
         assert raw_count != 1, (name, files)
 
 
-def test_the_quick_entry_search_reads_only_the_batch_that_holds_the_name(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Found in the last of many batches without unpickling the others; a seam guessed
-    wrong (an integer whose bytes look like STOP then PROTO) falls back to the start."""
-    monkeypatch.setattr(offsets, "BATCH_SIZE", 10)
-    out = io.BytesIO()
-    tricky = int.from_bytes(b"\x2e\x80\x02\x00", "little")  # ".\x80\x02" in a BININT
-    items = [BlobMember(f"{i:04d}.png", i * 10, i * 10 + 5) for i in range(95)]
-    items[93] = BlobMember("0093.png", tricky, tricky + 5)
-    offsets.write_offsets(out, items)
-    data = out.getvalue()
-    loads = []
+def _count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches unpickled from now on, appended as they are."""
+    loads: list[int] = []
     original = offsets.iter_raw_batches
 
     def counting(stream: io.BytesIO, limit: int | None = None):  # type: ignore[no-untyped-def]
@@ -151,8 +141,25 @@ def test_the_quick_entry_search_reads_only_the_batch_that_holds_the_name(
             yield batch
 
     monkeypatch.setattr(offsets, "iter_raw_batches", counting)
+    return loads
+
+
+def test_the_quick_entry_search_reads_only_the_batch_that_holds_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in the last of many batches without unpickling the others (nor that batch:
+    its first entry and the name's own); a seam guessed wrong (an integer whose bytes
+    look like STOP then PROTO) is passed over for an earlier one."""
+    monkeypatch.setattr(offsets, "BATCH_SIZE", 10)
+    out = io.BytesIO()
+    tricky = int.from_bytes(b"\x2e\x80\x02\x00", "little")  # ".\x80\x02" in a BININT
+    items = [BlobMember(f"{i:04d}.png", i * 10, i * 10 + 5) for i in range(95)]
+    items[93] = BlobMember("0093.png", tricky, tricky + 5)
+    offsets.write_offsets(out, items)
+    data = out.getvalue()
+    loads = _count_batches(monkeypatch)
     assert offsets.find_entry([b"", data], "0091.png") == (1, 910, 915)
-    assert loads == [5]
+    assert loads == [2]  # the batch's first entry and the name's
     loads.clear()
     assert offsets.find_entry([data], "0094.png") == (0, 940, 945)
     assert offsets.find_entry([data], "0093.png") == (0, tricky, tricky + 5)
@@ -390,3 +397,38 @@ def test_a_member_header_is_byte_for_byte_what_tarfile_writes(
     assert member_header(name, size, mtime) == info.tobuf(
         tarfile.PAX_FORMAT, "utf-8", "surrogateescape"
     )
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_the_quick_entry_search_unpickles_one_entry_of_an_sdk_pickle(
+    monkeypatch: pytest.MonkeyPatch, protocol: int
+) -> None:
+    """Batches as the SDK's own pickler writes them (memo references to the class and
+    the keys, frames from protocol 4 on): a name is found by unpickling the batch's first
+    entry and its own, never the batch, and agrees with the full parse."""
+    import dataclasses
+    import sys
+    import types
+
+    @dataclasses.dataclass
+    class BlobImageInfo:
+        name: str
+        offset_start: int
+        offset_end: int
+
+    module = types.ModuleType(offsets.SDK_MODULE)
+    BlobImageInfo.__module__ = offsets.SDK_MODULE
+    BlobImageInfo.__qualname__ = offsets.SDK_CLASS
+    module.BlobImageInfo = BlobImageInfo  # type: ignore[attr-defined]
+    for part in ("supervisely", "supervisely.api"):
+        monkeypatch.setitem(sys.modules, part, types.ModuleType(part))
+    monkeypatch.setitem(sys.modules, offsets.SDK_MODULE, module)
+    entries = [BlobImageInfo(f"{i:05d}.png", i * 700, i * 700 + 600) for i in range(6000)]
+    # two batches, as the SDK appends them; the pickler's own APPENDS come per 1,000
+    data = pickle.dumps(entries[:3000], protocol) + pickle.dumps(entries[3000:], protocol)
+    parsed = {m.name: (m.start, m.end) for m in parse_offsets(data, "x").members}
+    loads = _count_batches(monkeypatch)
+    for i in (0, 1, 999, 1000, 2999, 3000, 3001, 4567, 5999):
+        name = f"{i:05d}.png"
+        assert offsets.find_entry([data], name) == (0, *parsed[name])
+    assert max(loads) <= 2, loads
