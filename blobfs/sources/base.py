@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from blobfs.errors import BlobfsError
 from blobfs.model import DatasetRecord, FileRecord
@@ -16,6 +17,22 @@ from blobfs.transport.base import RangeReader
 #: are always present.
 FolderEntries = Mapping[str, FileRecord]
 FolderLoaders = dict[str, Callable[[], FolderEntries]]
+
+
+@dataclass(frozen=True, slots=True)
+class PeekingLoader:
+    """A folder's loader that can also answer one name before the folder is loaded.
+
+    Listing a large folder costs its whole index; a ``stat`` of one name right after the
+    mount should not wait for that. ``peek`` gives that name's attributes (None: not known
+    without loading); reads always go through the loaded folder.
+    """
+
+    load: Callable[[], FolderEntries]
+    peek: Callable[[str], FileRecord | None]
+
+    def __call__(self) -> FolderEntries:
+        return self.load()
 
 
 class Source(ABC):

@@ -34,7 +34,7 @@ import struct
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -75,7 +75,7 @@ from blobfs.safe_open import (
     UnsafeFile,
     describe,
 )
-from blobfs.sources.base import FolderLoaders, Source
+from blobfs.sources.base import FolderLoaders, PeekingLoader, Source
 from blobfs.sources.compact import (
     BLOB,
     FOLDER,
@@ -531,7 +531,7 @@ class LocalProjectSource(Source):
         assert isinstance(dataset.key, str)
         key = dataset.key
         loaders: FolderLoaders = {
-            "img": _QuickLookup(
+            "img": PeekingLoader(
                 lambda: self._listed(self._img_table, dataset),
                 functools.partial(self._quick_image, dataset),
             ),
@@ -825,18 +825,6 @@ def _unpack_index(
     if table.prefix != "img/" or any(s.kind != BLOB for s in table.sources):
         return None
     return table, problems, refused
-
-
-class _QuickLookup:
-    """A folder's loader that can also answer one name before the folder is loaded."""
-
-    def __init__(
-        self, load: Callable[[], FileTable], peek: Callable[[str], FileRecord | None]
-    ) -> None:
-        self._load, self.peek = load, peek
-
-    def __call__(self) -> FileTable:
-        return self._load()
 
 
 class _MemberReader:

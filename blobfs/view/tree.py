@@ -34,7 +34,7 @@ from blobfs.cache.meta import LockedLru
 from blobfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
 from blobfs.layout import DatasetPath, dataset_view_path
 from blobfs.model import BytesRef, DatasetRecord, FileRecord
-from blobfs.sources.base import Source
+from blobfs.sources.base import PeekingLoader, Source
 from blobfs.sources.compact import BLOB, FileTable, paced
 from blobfs.sources.readers import BytesReader
 from blobfs.view.handles import HandleTable, ReadHandle
@@ -94,6 +94,8 @@ class DirNode:
     mtime_ns: int
     children: Children | None = None
     fill: Callable[[], Children] | None = None
+    #: Answers one name's attributes before ``fill`` has run (``PeekingLoader.peek``).
+    peek: Callable[[str], FileRecord | None] | None = None
     loaded_at: float = 0.0
     subsets: dict[str, DirNode] = field(default_factory=dict)
     refresh: bool = True
@@ -173,7 +175,12 @@ class ProjectView:
         """The dataset's folders, each filled on its own first access."""
         mtime = ds.mtime_ns or self.mount_time_ns
         return {
-            sub: DirNode(mtime, fill=load, refresh=False)
+            sub: DirNode(
+                mtime,
+                fill=load,
+                peek=load.peek if isinstance(load, PeekingLoader) else None,
+                refresh=False,
+            )
             for sub, load in self.source.listing(ds).items()
         }
 
@@ -304,8 +311,9 @@ class ProjectView:
         """The node at ``path``, or None when nothing is there.
 
         ``quick`` (a ``stat``): when the last folder is not loaded yet and its loader can
-        answer one name alone (``peek``), its answer is returned without loading the
-        folder. Only attributes come from it; reads look up the loaded folder.
+        answer one name alone (:class:`~blobfs.sources.base.PeekingLoader`), its answer
+        is returned without loading the folder. Only attributes come from it; reads look
+        up the loaded folder.
         """
         if path.startswith(CONTROL_DIR):
             return self._control(path)
@@ -315,9 +323,8 @@ class ProjectView:
             if not isinstance(node, DirNode):
                 return None
             if quick and at == len(parts) and node.children is None:
-                peek = getattr(node.fill, "peek", None)
-                rec = peek(part) if peek is not None else None
-                if isinstance(rec, FileRecord):
+                rec = node.peek(part) if node.peek is not None else None
+                if rec is not None:
                     return rec
             found = self._children(node).get(part)
             if found is None:
