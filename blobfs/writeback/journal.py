@@ -40,7 +40,7 @@ _RECORD_MAGIC = b"BJR1"
 #: Zeros are written ahead of use in steps of this size (bounded write amplification).
 SEGMENT = 16 * 1024 * 1024
 #: Bytes of records before the spool must checkpoint (one syncfs) to retire them.
-CAPACITY = 128 * 1024 * 1024
+CAPACITY = 512 * 1024 * 1024
 
 
 class Kind(IntEnum):
@@ -102,8 +102,17 @@ class Journal:
 
     # ---- writing ---------------------------------------------------------------------
 
-    def append(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> None:
-        """Append one record and make it durable; raises ``JournalFull`` if it does not fit."""
+    def append(
+        self, kind: Kind, path: str, path2: str = "", data: bytes = b"", sync: bool = True
+    ) -> int:
+        """Append one record, durably unless ``sync`` is false; returns the offset of its
+        data in the file (where the spool reads a file it holds only here). Raises
+        ``JournalFull`` if it does not fit.
+
+        Without ``sync`` the record is in the kernel's page cache only: a killed process
+        keeps it, a power cut may not (nor anything after it: replay stops at the first
+        record that does not check out, and the next synced append flushes it too).
+        """
         p1, p2 = path.encode(), path2.encode()
         head = _RECORD.pack(_RECORD_MAGIC, kind, self._generation, len(p1), len(p2), len(data), 0)
         record = head[:-4] + struct.pack("<I", _record_crc(head, p1, p2, data)) + p1 + p2 + data
@@ -120,8 +129,16 @@ class Journal:
         written = os.pwrite(self._fd, record, self._end)
         if written != len(record):
             raise OSError(f"journal {self.path}: short write ({written} of {len(record)})")
-        os.fdatasync(self._fd)
+        if sync:
+            os.fdatasync(self._fd)
+        start = self._end + _RECORD.size + len(p1) + len(p2)
         self._end = end
+        return start
+
+    @property
+    def fd(self) -> int:
+        """The journal file's descriptor, for reading a record's data back."""
+        return self._fd
 
     def reset(self) -> None:
         """Start a new generation: every record so far is forgotten.
