@@ -134,7 +134,7 @@ class WritebackFS:
     # ---- lookups through the overlay ---------------------------------------------------
 
     def _open_writer(self, path: str) -> WriteHandle | None:
-        for handle in self._writers.values():
+        for handle in list(self._writers.values()):  # other threads add and remove
             if handle.path == path:
                 return handle
         return None
@@ -454,7 +454,7 @@ class WritebackFS:
         handle.dirty = True
 
     def _fh_of(self, handle: WriteHandle) -> int:
-        return next(fh for fh, h in self._writers.items() if h is handle)
+        return next(fh for fh, h in list(self._writers.items()) if h is handle)
 
     def _writer(self, fh: int) -> WriteHandle:
         handle = self._writers.get(fh)
@@ -529,7 +529,7 @@ class WritebackFS:
         if old in self._importing:
             raise Busy(f"{old}: being imported right now")
         self.spool.rename(old, new, durable=self.sync_close)
-        for handle in self._writers.values():
+        for handle in list(self._writers.values()):
             if handle.path == old:
                 handle.path = new
         self.queue.staged(0)

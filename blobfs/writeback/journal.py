@@ -119,7 +119,7 @@ class Journal:
         end = self._end + len(record)
         if end > self.capacity:
             raise JournalFull(f"{len(record)} bytes do not fit in the journal")
-        if end > self._prepared:
+        if end > self._prepared and sync:
             try:
                 self._prepare(min(self.capacity, max(end, self._prepared + SEGMENT)))
             except OSError as exc:
@@ -129,11 +129,20 @@ class Journal:
         written = os.pwrite(self._fd, record, self._end)
         if written != len(record):
             raise OSError(f"journal {self.path}: short write ({written} of {len(record)})")
+        if end > self._prepared:
+            # an unflushed record past the zeros extends the file: zeros written (and
+            # synced) ahead are only worth their cost for a record that is flushed
+            self._prepared = end
         if sync:
             os.fdatasync(self._fd)
         start = self._end + _RECORD.size + len(p1) + len(p2)
         self._end = end
         return start
+
+    def fits(self, path: str, data_size: int) -> bool:
+        """Whether a record of ``path`` with ``data_size`` bytes fits before ``capacity``."""
+        size = _RECORD.size + len(path.encode()) + data_size
+        return self._end + size <= self.capacity
 
     @property
     def fd(self) -> int:

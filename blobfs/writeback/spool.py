@@ -852,6 +852,8 @@ class Spool:
         """
         final = self.file_path(view_path)
         with self._lock:
+            if not self._journal.empty and not self._journal.fits(view_path, len(data)):
+                self.checkpoint()  # a full journal: held files get files, records retire
             replaces = view_path not in self._held and os.path.lexists(final)
             if replaces and (not durable or os.path.isdir(final)):
                 return False

@@ -175,3 +175,16 @@ def test_a_plain_close_over_a_file_of_its_own_is_not_held(tmp_path: Path) -> Non
     assert spool.read_bytes("/ds/img/a.png") == b"v3"
     spool.close()
     assert os.path.getsize(tmp_path / "spool" / "journal") >= HEADER_SIZE
+
+
+def test_a_full_journal_checkpoints_and_keeps_holding(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", journal_capacity=HEADER_SIZE + 2000)
+    for i in range(6):
+        close(spool, f"/ds/img/{i}.png", bytes([i]) * 500)
+    staged = tmp_path / "spool" / "staged" / "ds" / "img"
+    assert (staged / "0.png").read_bytes() == bytes([0]) * 500  # given a file at the checkpoint
+    assert not (staged / "5.png").exists()  # held in the new generation
+    die(spool)
+    again = Spool(tmp_path / "spool")
+    assert state(again) == {f"/ds/img/{i}.png": bytes([i]) * 500 for i in range(6)}
+    again.close()
