@@ -9,6 +9,8 @@ written with zeros before use, so those appends overwrite allocated blocks and t
 ``fdatasync`` never has metadata to commit (~190 us per file). The staged file itself is
 linked into place without any flush; the journal is the durable copy until the next
 checkpoint, when the spool syncs its file system once and starts a new generation.
+A plain ``close()`` appends its record without the ``fdatasync`` (the spool then holds the
+file in the record alone); such a record past the zeros simply extends the file.
 
 Layout: a 4 KiB header (magic, generation, CRC), then records, each
 ``magic, kind, generation, len(path), len(path2), len(data), crc32`` and the three
