@@ -8,6 +8,7 @@ without reading the archive back. The result is an ordinary POSIX tar that ``tar
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -41,6 +42,28 @@ EMPTY_META = {
         "multiView": {"enabled": False, "tagName": None, "tagId": None, "isSynced": False}
     },
 }
+
+
+@dataclass(frozen=True)
+class InlineFile:
+    """An image to pack given by its bytes: writeback holds small files as records, with
+    no file of their own. ``name`` is what a path's basename would be."""
+
+    name: str
+    data: bytes
+    mtime: float
+
+    def open(self) -> IO[bytes]:
+        return io.BytesIO(self.data)
+
+
+def open_source(source: Path | InlineFile) -> tuple[IO[bytes], int, float]:
+    """``(stream, size, mtime)`` of an image to pack, a file or an :class:`InlineFile`."""
+    if isinstance(source, InlineFile):
+        return source.open(), len(source.data), source.mtime
+    stream = open(source, "rb")  # noqa: SIM115 (the caller closes it)
+    st = os.fstat(stream.fileno())
+    return stream, st.st_size, st.st_mtime
 
 
 def empty_annotation(width: int, height: int) -> dict[str, object]:
@@ -246,9 +269,9 @@ class ProjectPacker:
 
     def pack(
         self,
-        files: Iterable[Path],
+        files: Iterable[Path | InlineFile],
         progress: Callable[[int], None] | None = None,
-        ann_for: Callable[[Path, int, int], bytes] | None = None,
+        ann_for: Callable[[Path | InlineFile, int, int], bytes] | None = None,
         stem: str | None = None,
         check_existing: bool = True,
     ) -> PackResult:
@@ -279,8 +302,8 @@ class ProjectPacker:
             if name in existing:
                 raise InvalidInput(f"{name}: an image of that name is already in {self.dataset}")
             existing.add(name)
-            st = path.stat()
-            if writer is not None and writer.size + st.st_size + 2 * BLOCK > self.blob_size:
+            src, size, mtime = open_source(path)
+            if writer is not None and writer.size + size + 2 * BLOCK > self.blob_size:
                 self._finish(stem, writer, stream, anns, result)
                 writer = None
             if writer is None:
@@ -289,10 +312,10 @@ class ProjectPacker:
                 stream = self._create("blob", f".{stem}.tar.tmp")
                 writer = TarBlobWriter(stream)
                 anns = []
-            with open(path, "rb") as src:
+            with src:
                 width, height = image_size(src, name)
                 src.seek(0)
-                writer.add(name, src, st.st_size, st.st_mtime)
+                writer.add(name, src, size, mtime)
             ann = (
                 ann_for(path, width, height)
                 if ann_for
@@ -300,7 +323,7 @@ class ProjectPacker:
             )
             anns.append((name, ann))
             result.images += 1
-            result.bytes += st.st_size
+            result.bytes += size
             if progress:
                 progress(1)
         if writer is not None:

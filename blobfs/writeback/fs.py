@@ -62,7 +62,7 @@ from blobfs.transport.local import FileRangeReader
 from blobfs.view.handles import ReadHandle
 from blobfs.view.tree import DIR_MODE, FILE_MODE, DirNode, ProjectView
 from blobfs.writeback.queue import Event, Imported, Importing, WritebackQueue
-from blobfs.writeback.spool import Spool
+from blobfs.writeback.spool import Scratch, Spool
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ _NO_BYTES = BytesReader(b"")
 
 @dataclass(eq=False)
 class WriteHandle:
-    """A file open for writing: a temp file in the spool, committed to ``path`` on flush."""
+    """A file open for writing: its bytes in memory or a spool temp file (``Scratch``),
+    committed to ``path`` on flush."""
 
-    fd: int
-    tmp_path: str | None  # None: unnamed (see ``Spool.new_temp``)
+    scratch: Scratch
     path: str
     dirty: bool = True
     #: The first error a write (or truncate) of this handle met: the file is then never
@@ -134,7 +134,7 @@ class WritebackFS:
     # ---- lookups through the overlay ---------------------------------------------------
 
     def _open_writer(self, path: str) -> WriteHandle | None:
-        for handle in self._writers.values():
+        for handle in list(self._writers.values()):  # other threads add and remove
             if handle.path == path:
                 return handle
         return None
@@ -199,7 +199,7 @@ class WritebackFS:
             return self._control_attrs(path)
         writer = self._open_writer(path)
         if writer is not None:
-            return self._attrs(os.fstat(writer.fd))
+            return self._attrs(writer.scratch.stat())
         if self._implicit_dir(path) and self.project.lookup(path) is None:
             ds = self.spool.stat("/" + split_path(path)[0])
             assert ds is not None
@@ -298,8 +298,7 @@ class WritebackFS:
             return control[offset : offset + size]
         st = self.spool.stat(path)
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            with open(self.spool.file_path(path), "rb") as f:
-                return os.pread(f.fileno(), size, offset)
+            return self.spool.read(path, offset, size)
         return self.project.read_path(path, offset, size)
 
     def statfs(self) -> dict[str, int]:
@@ -358,25 +357,24 @@ class WritebackFS:
     def create(self, path: str) -> int:
         """Create (or truncate) ``path`` for writing; returns a handle number."""
         self._check_writable(path)
-        fd, tmp = self.spool.new_temp()
-        return self._add_writer(WriteHandle(fd, tmp, path))
+        return self._add_writer(WriteHandle(self.spool.scratch(), path))
 
     def open_write(self, path: str, truncate: bool) -> int:
         """Open an existing file for writing: its bytes are copied unless truncating."""
         self._check_writable(path)
-        fd, tmp = self.spool.new_temp()
+        scratch = self.spool.scratch()
         if not truncate:
             staged = self.spool.stat(path)
             if staged is not None and stat.S_ISREG(staged.st_mode):
-                with open(self.spool.file_path(path), "rb") as src:
+                with self.spool.open_file(path) as src:
                     offset = 0
                     while chunk := src.read(1 << 20):
-                        offset += os.pwrite(fd, chunk, offset)
+                        offset += scratch.write(chunk, offset)
             elif self._in_project(path):
                 rec = self.project.get(path)
                 assert isinstance(rec, FileRecord)
-                os.pwrite(fd, self.project.read_path(path, 0, self.project.size_of(rec)), 0)
-        return self._add_writer(WriteHandle(fd, tmp, path, dirty=truncate))
+                scratch.write(self.project.read_path(path, 0, self.project.size_of(rec)), 0)
+        return self._add_writer(WriteHandle(scratch, path, dirty=truncate))
 
     def _add_writer(self, handle: WriteHandle) -> int:
         with self._wlock:
@@ -392,7 +390,10 @@ class WritebackFS:
             return self.project.handles.add(ReadHandle(BytesReader(control), len(control), path))
         st = self.spool.stat(path)
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            reader = FileRangeReader(self.spool.file_path(path))
+            held = self.spool.held_bytes(path)
+            reader = (
+                FileRangeReader(self.spool.file_path(path)) if held is None else BytesReader(held)
+            )
             return self.project.handles.add(ReadHandle(reader, st.st_size, path))
         return self.project.open(path)
 
@@ -402,7 +403,7 @@ class WritebackFS:
         if handle.failed is not None:
             raise handle.failed
         try:
-            return os.pwrite(handle.fd, data, offset)
+            return handle.scratch.write(data, offset)
         except OSError as exc:
             raise self._fail(handle, exc) from None
 
@@ -425,7 +426,7 @@ class WritebackFS:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._writers.get(fh)
         if handle is not None:
-            return os.pread(handle.fd, size, offset)
+            return handle.scratch.read(size, offset)
         return self.project.read(fh, offset, size)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -434,26 +435,26 @@ class WritebackFS:
         elif self._open_writer(path) is not None:  # open(O_TRUNC) arrives as open + truncate
             for handle in list(self._writers.values()):
                 if handle.path == path:
-                    os.ftruncate(handle.fd, length)
+                    handle.scratch.truncate(length)
                     handle.dirty = True
             return
         else:
             handle = self._writer(self.open_write(path, truncate=False))
             try:
-                os.ftruncate(handle.fd, length)
+                handle.scratch.truncate(length)
                 handle.dirty = True
                 self.commit(self._fh_of(handle), durable=self.sync_close)
             finally:
                 self.release(self._fh_of(handle))
             return
         try:
-            os.ftruncate(handle.fd, length)
+            handle.scratch.truncate(length)
         except OSError as exc:
             raise self._fail(handle, exc) from None
         handle.dirty = True
 
     def _fh_of(self, handle: WriteHandle) -> int:
-        return next(fh for fh, h in self._writers.items() if h is handle)
+        return next(fh for fh, h in list(self._writers.items()) if h is handle)
 
     def _writer(self, fh: int) -> WriteHandle:
         handle = self._writers.get(fh)
@@ -487,7 +488,7 @@ class WritebackFS:
         if not handle.dirty and (handle.synced or not durable):
             return
         try:
-            size = self.spool.commit(handle.fd, handle.tmp_path, handle.path, durable=durable)
+            size = self.spool.commit_scratch(handle.scratch, handle.path, durable=durable)
         except OSError as exc:  # e.g. no space even for the durable rename path
             raise self._fail(handle, exc) from None
         was_dirty = handle.dirty
@@ -507,7 +508,7 @@ class WritebackFS:
                         self.commit(fh, durable=self.sync_close)
                 finally:
                     self._writers.pop(fh, None)
-                    self.spool.drop_temp(handle.fd, handle.tmp_path)
+                    handle.scratch.close()
         self.project.release(fh)
 
     def unlink(self, path: str) -> None:
@@ -528,7 +529,7 @@ class WritebackFS:
         if old in self._importing:
             raise Busy(f"{old}: being imported right now")
         self.spool.rename(old, new, durable=self.sync_close)
-        for handle in self._writers.values():
+        for handle in list(self._writers.values()):
             if handle.path == old:
                 handle.path = new
         self.queue.staged(0)

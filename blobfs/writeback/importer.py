@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from blobfs.format.offsets import OFFSETS_SUFFIX
-from blobfs.format.pack import ProjectPacker, empty_annotation
+from blobfs.format.pack import InlineFile, ProjectPacker, empty_annotation
 from blobfs.layout import ANN_DIR, META_PATH, dataset_dir, dataset_of, image_of_ann
 from blobfs.safe_open import ProjectRoot, split_rel, write_atomic_at
 from blobfs.writeback.spool import Batch, Spool, lock_project
@@ -69,7 +69,7 @@ class LocalImporter:
         root = ProjectRoot(self.project)
         try:
             if meta is not None:
-                root.write_atomic("meta.json", spool.batch_file(batch, meta).read_bytes())
+                root.write_atomic("meta.json", spool.batch_bytes(batch, meta))
             if not batch.dataset:
                 return
             folder = dataset_dir(self.project, batch.dataset)
@@ -78,20 +78,20 @@ class LocalImporter:
             with root.dir(f"{rel}/ann", create=True) as ann_dir:
                 for name, ann_path in anns.items():  # annotations of images imported earlier
                     if name not in image_names:
-                        data = spool.batch_file(batch, ann_path).read_bytes()
+                        data = spool.batch_bytes(batch, ann_path)
                         write_atomic_at(ann_dir, f"{name}.json", data)
             if not images or root.lstat(f"{rel}/{batch.stem}{OFFSETS_SUFFIX}") is not None:
                 return
         finally:
             root.close()
 
-        def ann_for(path: Path, width: int, height: int) -> bytes:
+        def ann_for(path: Path | InlineFile, width: int, height: int) -> bytes:
             staged = anns.get(path.name)
             if staged is not None:
-                return spool.batch_file(batch, staged).read_bytes()
+                return spool.batch_bytes(batch, staged)
             return json.dumps(empty_annotation(width, height)).encode()
 
         packer = ProjectPacker(self.project, batch.dataset[-1], BATCH_BLOB_SIZE, dataset_dir=folder)
-        files = [spool.batch_file(batch, p) for p in images]
+        files = (spool.batch_source(batch, p) for p in images)  # one at a time: held bytes
         packer.pack(files, ann_for=ann_for, stem=batch.stem, check_existing=False)
-        logger.info("imported %d images into %s as blob %s", len(files), folder, batch.stem)
+        logger.info("imported %d images into %s as blob %s", len(images), folder, batch.stem)

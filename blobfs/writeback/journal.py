@@ -9,6 +9,8 @@ written with zeros before use, so those appends overwrite allocated blocks and t
 ``fdatasync`` never has metadata to commit (~190 us per file). The staged file itself is
 linked into place without any flush; the journal is the durable copy until the next
 checkpoint, when the spool syncs its file system once and starts a new generation.
+A plain ``close()`` appends its record without the ``fdatasync`` (the spool then holds the
+file in the record alone); such a record past the zeros simply extends the file.
 
 Layout: a 4 KiB header (magic, generation, CRC), then records, each
 ``magic, kind, generation, len(path), len(path2), len(data), crc32`` and the three
@@ -40,7 +42,7 @@ _RECORD_MAGIC = b"BJR1"
 #: Zeros are written ahead of use in steps of this size (bounded write amplification).
 SEGMENT = 16 * 1024 * 1024
 #: Bytes of records before the spool must checkpoint (one syncfs) to retire them.
-CAPACITY = 128 * 1024 * 1024
+CAPACITY = 512 * 1024 * 1024
 
 
 class Kind(IntEnum):
@@ -102,15 +104,24 @@ class Journal:
 
     # ---- writing ---------------------------------------------------------------------
 
-    def append(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> None:
-        """Append one record and make it durable; raises ``JournalFull`` if it does not fit."""
+    def append(
+        self, kind: Kind, path: str, path2: str = "", data: bytes = b"", sync: bool = True
+    ) -> int:
+        """Append one record, durably unless ``sync`` is false; returns the offset of its
+        data in the file (where the spool reads a file it holds only here). Raises
+        ``JournalFull`` if it does not fit.
+
+        Without ``sync`` the record is in the kernel's page cache only: a killed process
+        keeps it, a power cut may not (nor anything after it: replay stops at the first
+        record that does not check out, and the next synced append flushes it too).
+        """
         p1, p2 = path.encode(), path2.encode()
         head = _RECORD.pack(_RECORD_MAGIC, kind, self._generation, len(p1), len(p2), len(data), 0)
         record = head[:-4] + struct.pack("<I", _record_crc(head, p1, p2, data)) + p1 + p2 + data
         end = self._end + len(record)
         if end > self.capacity:
             raise JournalFull(f"{len(record)} bytes do not fit in the journal")
-        if end > self._prepared:
+        if end > self._prepared and sync:
             try:
                 self._prepare(min(self.capacity, max(end, self._prepared + SEGMENT)))
             except OSError as exc:
@@ -120,8 +131,25 @@ class Journal:
         written = os.pwrite(self._fd, record, self._end)
         if written != len(record):
             raise OSError(f"journal {self.path}: short write ({written} of {len(record)})")
-        os.fdatasync(self._fd)
+        if end > self._prepared:
+            # an unflushed record past the zeros extends the file: zeros written (and
+            # synced) ahead are only worth their cost for a record that is flushed
+            self._prepared = end
+        if sync:
+            os.fdatasync(self._fd)
+        start = self._end + _RECORD.size + len(p1) + len(p2)
         self._end = end
+        return start
+
+    def fits(self, path: str, data_size: int) -> bool:
+        """Whether a record of ``path`` with ``data_size`` bytes fits before ``capacity``."""
+        size = _RECORD.size + len(path.encode()) + data_size
+        return self._end + size <= self.capacity
+
+    @property
+    def fd(self) -> int:
+        """The journal file's descriptor, for reading a record's data back."""
+        return self._fd
 
     def reset(self) -> None:
         """Start a new generation: every record so far is forgotten.

@@ -17,7 +17,6 @@ Lock order: ``_cond`` only; it is never held while importing.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -36,8 +35,8 @@ DEFAULT_DELAY_S = 5.0
 DEFAULT_BLOB_SIZE = 256 << 20
 MAX_BACKOFF_S = 60.0
 
-Validate = Callable[[str, str], str | None]
-"""(view path, staged file path) -> reason it cannot be imported, or None."""
+Validate = Callable[[str], str | None]
+"""(view path of a staged file) -> reason it cannot be imported, or None."""
 
 
 @dataclass(frozen=True)
@@ -286,7 +285,9 @@ class WritebackQueue:
         chunks: list[list[str]] = []
         size = 0
         for path in images:
-            st = os.stat(self.spool.staged_path(path))
+            st = self.spool.stat(path)
+            if st is None:
+                continue  # removed since the pass listed it
             if not chunks or size + st.st_size > self.blob_size:
                 chunks.append([])
                 size = 0
@@ -377,11 +378,8 @@ class WritebackQueue:
     def _context(self) -> object:
         """What a refusal may depend on besides the file itself: the staged meta.json (its
         classes) and the imports since (an annotation's image may have landed)."""
-        try:
-            st = os.stat(self.spool.staged_path(META_PATH))
-            meta: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            meta = None
+        st = self.spool.stat(META_PATH)
+        meta = None if st is None else (st.st_mtime_ns, st.st_size)
         return (self._imports, meta)
 
     def _check(self, path: str, context: object = None) -> tuple[str | None, int]:
@@ -391,10 +389,8 @@ class WritebackQueue:
         differs from the one it was refused in (None, on a flush: always), so fixing
         meta.json, or importing the image an annotation waited for, lets it through.
         """
-        staged = self.spool.file_path(path)
-        try:
-            st = os.stat(staged)
-        except FileNotFoundError:
+        st = self.spool.stat(path)
+        if st is None:
             return "vanished", 0
         known = self._checked.get(path)
         if (
@@ -403,7 +399,7 @@ class WritebackQueue:
             and (known[2] is None or (context is not None and known[3] == context))
         ):
             return known[2], st.st_size
-        reason = self.validate(path, staged)
+        reason = self.validate(path)
         self._checked[path] = (st.st_mtime_ns, st.st_size, reason, context)
         if reason and (known is None or known[:3] != (st.st_mtime_ns, st.st_size, reason)):
             logger.warning("%s is kept in the spool, not imported: %s", path, reason)

@@ -30,9 +30,15 @@ from typing import Any, TypeVar
 from blobfs.errors import RemoteError
 from blobfs.failpoints import failpoint
 from blobfs.format.ann_coords import to_subpixel
-from blobfs.format.images import image_size_of_file
+from blobfs.format.images import image_size, image_size_of_file
 from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
-from blobfs.format.pack import TarBlobWriter, empty_annotation, finish_tar
+from blobfs.format.pack import (
+    InlineFile,
+    TarBlobWriter,
+    empty_annotation,
+    finish_tar,
+    open_source,
+)
 from blobfs.model import BlobMember
 from blobfs.sly.api import ANN_ADD_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
 from blobfs.writeback.importer import split_batch
@@ -91,9 +97,7 @@ class RemoteImporter:
     def import_batch(self, spool: Spool, batch: Batch) -> None:
         images, anns, meta = split_batch(batch)
         if meta is not None:
-            self.api.update_meta(
-                self.project_id, json.loads(spool.batch_file(batch, meta).read_bytes())
-            )
+            self.api.update_meta(self.project_id, json.loads(spool.batch_bytes(batch, meta)))
         if not batch.dataset:
             return
         dataset = self.dataset_id(batch.dataset)
@@ -104,7 +108,7 @@ class RemoteImporter:
         for view_path in images:
             name = view_path.rsplit("/", 1)[1]
             if name not in anns:
-                width, height = image_size_of_file(spool.batch_file(batch, view_path), name)
+                width, height = _image_size(spool.batch_source(batch, view_path), name)
                 by_name[name] = empty_annotation(width, height)
         if images:
             self._import_images(
@@ -207,10 +211,10 @@ class RemoteImporter:
             with open(tmp, "wb") as stream:
                 writer = TarBlobWriter(stream)
                 for view_path in images:
-                    path = spool.batch_file(batch, view_path)
-                    st = path.stat()
-                    with open(path, "rb") as src:
-                        writer.add(path.name, src, st.st_size, st.st_mtime)
+                    source = spool.batch_source(batch, view_path)
+                    src, size, mtime = open_source(source)
+                    with src:
+                        writer.add(source.name, src, size, mtime)
                 finish_tar(writer, stream, tmp, tar_path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full spool: the retry starts afresh
@@ -222,4 +226,12 @@ def _read_anns(spool: Spool, batch: Batch, anns: dict[str, str], into: dict[str,
     """The batch's staged annotations, converted as the server stores them, into ``into``
     (image name -> annotation)."""
     for name, ann_path in anns.items():
-        into[name] = to_subpixel(json.loads(spool.batch_file(batch, ann_path).read_bytes()))
+        into[name] = to_subpixel(json.loads(spool.batch_bytes(batch, ann_path)))
+
+
+def _image_size(source: Path | InlineFile, name: str) -> tuple[int, int]:
+    """An image's size from its header: a held file's bytes, or a file (remembered by
+    the file's identity, see ``image_size_of_file``)."""
+    if isinstance(source, InlineFile):
+        return image_size(source.open(), name)
+    return image_size_of_file(source, name)

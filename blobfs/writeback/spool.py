@@ -3,30 +3,38 @@
 Layout::
 
     spool/journal                    small closed files, removals, moves (``journal.py``)
-    spool/tmp/                       files being written, unnamed (O_TMPFILE) where the file
-                                     system allows, else tmp/<random> (lost on crash: never
-                                     acknowledged)
-    spool/staged/<view path>         committed files, as a program last closed them
+    spool/tmp/                       large files being written, unnamed (O_TMPFILE) where
+                                     the file system allows, else tmp/<random> (lost on
+                                     crash: never acknowledged)
+    spool/staged/<view path>         committed files that have a file of their own
     spool/staged/<dataset>/          a dataset made with mkdir
     spool/batches/<id>/manifest.json a batch being imported (written atomically)
     spool/batches/<id>/files/<view path>  hard links to the staged files of the batch
+    spool/batches/<id>/data          the bytes of the batch's held files, one after another
 
-Two strengths of commit. A plain one (``close()`` by default) links the temp file to its
-staged name and returns: the bytes are in the spool's files, in the kernel, so a daemon
-killed at any moment keeps them, and the next checkpoint makes them durable. A durable one
-(``fsync()``, or every ``close()`` with ``--sync-close``) returns only once the file
-survives a power cut: a file up to ``INLINE_MAX`` bytes as one journal record (one
-``fdatasync``), its staged link left to the kernel's writeback; a larger one by fsync,
-rename and fsync of its folder. A plain change to a path the journal holds goes through
-the journal too (a replay would otherwise bring the older record back over it).
+A small file (up to ``INLINE_MAX``) is written in memory and, when closed, *held*: its
+bytes are one journal record and no file is created for it. A plain commit (``close()`` by
+default) appends the record without a flush: it is in the kernel's page cache, so a daemon
+killed at any moment keeps it, and the next checkpoint makes it durable. A durable one
+(``fsync()``, or every ``close()`` with ``--sync-close``) appends it with one
+``fdatasync``. A larger file is written to a temp file and linked to its staged name
+(durably: fsync, rename, fsync of its folder). A change to a path the journal holds goes
+through the journal too (a replay would otherwise bring the older record back over it).
 
-A *checkpoint* (one ``syncfs`` of the spool's file system, then a new journal generation)
-makes the staged folder itself durable, plain commits included; it runs before anything
-that must not be undone by a replay or rely on bytes still in the page cache: a batch's
-hard links, a durable operation on a path the journal holds, a full journal, a clean
-close, :meth:`Spool.sync`. On start-up the journal is replayed over ``staged/`` and
-checkpointed. A batch holds hard links, so a file re-written while its batch imports
-keeps the batch's snapshot.
+A *checkpoint* gives every file held in the journal a staged file of its own, syncs the
+spool's file system once and starts a new journal generation, which retires every record.
+It runs when the journal is full, before a durable operation the journal cannot carry on a
+path it holds, when a batch has been formed and at a clean close. A batch is formed from
+held files by copying their bytes into the batch's one ``data`` file (the files it holds
+from then on, until the import is done), and from other staged files by hard links; so a
+file re-written while its batch imports keeps the batch's snapshot, and packing reads one
+file per batch instead of one per image. On start-up the journal is replayed over
+``staged/`` (a held file gets its own file there) and checkpointed; the held files of
+unfinished batches are served from their ``data`` file.
+
+Invariant: a held path has no staged file, and every record of the current generation
+that writes a path (``WRITE``, the target of a ``MOVE``) belongs to a path that is held, or
+was superseded by a later record. So a replay never recreates a file a batch imported.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -42,14 +51,15 @@ import queue
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from blobfs.errors import Busy
-from blobfs.format.pack import fsync_dir, write_atomic
+from blobfs.format.pack import InlineFile, fsync_dir, write_atomic
 from blobfs.writeback import journal
 from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 
@@ -58,6 +68,14 @@ logger = logging.getLogger(__name__)
 #: Files up to this size are made durable as one journal record (they are written twice:
 #: journal and staged file); larger ones by fsync + rename + fsync of the folder.
 INLINE_MAX = 1024 * 1024
+#: Bytes all open small files may hold in memory before new writes spill to temp files.
+SCRATCH_MEMORY = 64 * 1024 * 1024
+#: Free space a spool keeps before it holds more files in the journal. A held file is
+#: copied once more when its batch forms (or it gets a file of its own at a checkpoint),
+#: so files are held only while half the free space past this covers them all; beyond
+#: that each gets its own file, which needs no second copy (a nearly full spool works as
+#: before, and its batches still form).
+HOLD_RESERVE = 64 * 1024 * 1024
 #: Empty temp files created ahead of use (see ``Spool.new_temp``).
 POOL_SIZE = 64
 #: A staged file's link in flight (made, then renamed over its name): never a staged file.
@@ -169,6 +187,162 @@ def _read_all(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = _read_all_at(fd, size, offset)
+    if len(data) != size:
+        raise OSError(errno.EIO, f"spool: a held file is cut short ({len(data)} of {size})")
+    return data
+
+
+def _read_all_at(fd: int, size: int, offset: int) -> bytes:
+    parts, done = [], 0
+    while done < size:
+        chunk = os.pread(fd, size - done, offset + done)
+        if not chunk:
+            break
+        parts.append(chunk)
+        done += len(chunk)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _file_stat(size: int, mtime_ns: int) -> os.stat_result:
+    """The ``stat`` of a held file (it has no inode of its own)."""
+    seconds = mtime_ns // 1_000_000_000
+    return os.stat_result(
+        (stat.S_IFREG | 0o600, 0, 0, 1, os.getuid(), os.getgid(), size, seconds, seconds, seconds),
+        {
+            "st_atime": mtime_ns / 1e9,
+            "st_mtime": mtime_ns / 1e9,
+            "st_ctime": mtime_ns / 1e9,
+            "st_atime_ns": mtime_ns,
+            "st_mtime_ns": mtime_ns,
+            "st_ctime_ns": mtime_ns,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Held:
+    """A small committed file with no file of its own: its bytes are at ``offset`` in
+    ``fd``, a journal record's data (``batch`` None) or the batch's ``data`` file."""
+
+    fd: int
+    offset: int
+    size: int
+    mtime_ns: int
+    batch: str | None = None
+
+
+class Scratch:
+    """What a program writes before it closes: in memory while small (a file that ends up
+    held is never created on disk), spilled to a spool temp file when it grows past
+    ``INLINE_MAX`` or the spool's memory budget (``SCRATCH_MEMORY``) is spent."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._buf: bytearray | None = bytearray()
+        self.fd: int | None = None
+        self.tmp_path: str | None = None
+        self.mtime_ns = time.time_ns()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._buf is not None
+
+    def data(self) -> bytes:
+        assert self._buf is not None
+        return bytes(self._buf)
+
+    def size(self) -> int:
+        if self._buf is not None:
+            return len(self._buf)
+        assert self.fd is not None
+        return os.fstat(self.fd).st_size
+
+    def stat(self) -> os.stat_result:
+        if self._buf is not None:
+            return _file_stat(len(self._buf), self.mtime_ns)
+        assert self.fd is not None
+        return os.fstat(self.fd)
+
+    def write(self, data: bytes, offset: int) -> int:
+        buf = self._buf
+        if buf is not None:
+            end = offset + len(data)
+            # a file that cannot be held goes to its temp file at once (so that a full
+            # spool fails the write, not only the close)
+            if (
+                end <= INLINE_MAX
+                and self._spool._room_to_hold(0)
+                and self._spool._reserve(end - len(buf))
+            ):
+                if offset > len(buf):
+                    buf.extend(bytes(offset - len(buf)))
+                buf[offset:end] = data
+                self.mtime_ns = time.time_ns()
+                return len(data)
+            self._spill()
+        assert self.fd is not None
+        return os.pwrite(self.fd, data, offset)
+
+    def read(self, size: int, offset: int) -> bytes:
+        if self._buf is not None:
+            return bytes(self._buf[offset : offset + size])
+        assert self.fd is not None
+        return os.pread(self.fd, size, offset)
+
+    def truncate(self, length: int) -> None:
+        buf = self._buf
+        if buf is not None:
+            if length <= len(buf):
+                self._spool._reserve(length - len(buf))
+                del buf[length:]
+                self.mtime_ns = time.time_ns()
+                return
+            if length <= INLINE_MAX and self._spool._reserve(length - len(buf)):
+                buf.extend(bytes(length - len(buf)))
+                self.mtime_ns = time.time_ns()
+                return
+            self._spill()
+        assert self.fd is not None
+        os.ftruncate(self.fd, length)
+
+    def file(self) -> tuple[int, str | None]:
+        """The temp file holding these bytes (made now if they were in memory)."""
+        if self._buf is not None:
+            self._spill()
+        assert self.fd is not None
+        return self.fd, self.tmp_path
+
+    def _spill(self) -> None:
+        buf = self._buf
+        assert buf is not None
+        fd, tmp_path = self._spool.new_temp()
+        try:
+            if buf:
+                os.pwrite(fd, buf, 0)
+        except BaseException:
+            self._spool.drop_temp(fd, tmp_path)
+            raise
+        self.fd, self.tmp_path = fd, tmp_path
+        self._spool._reserve(-len(buf))
+        self._buf = None
+
+    def close(self) -> None:
+        if self._buf is not None:
+            self._spool._reserve(-len(self._buf))
+            self._buf = None
+        elif self.fd is not None:
+            self._spool.drop_temp(self.fd, self.tmp_path)
+            self.fd = None
+
+
 @dataclass
 class Batch:
     """One import unit: the files of one dataset, packed into one blob."""
@@ -181,6 +355,8 @@ class Batch:
     team_file_id: int | None = None
     image_ids: dict[str, int] = field(default_factory=dict)
     members: list[list[object]] = field(default_factory=list)
+    #: held files of the batch: view path -> [offset in ``data``, size, mtime_ns]
+    held: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         # field by field: dataclasses.asdict deep-copies every member list (0.3 s a save
@@ -209,6 +385,13 @@ class Spool:
         self._lock = threading.RLock()
         self._journal = Journal(self.root / "journal", journal_capacity)
         self._journaled: set[str] = set()  # view paths the journal's records touch
+        self._held: dict[str, Held] = {}
+        self._held_dirs: dict[str, set[str]] = {}  # folder view path -> names held in it
+        self._containers: dict[str, int] = {}  # batch id -> its open ``data`` file
+        self._scratch_bytes = 0
+        self._held_bytes = 0  # bytes of the files held in the journal
+        self._room = 0  # bytes that may still be held before free space is looked up again
+        self._scratch_lock = threading.Lock()
         # plain changes since the last syncfs; true at start: a killed daemon's plain
         # commits may still be only in the page cache
         self._unsynced = True
@@ -238,6 +421,29 @@ class Spool:
         if replayed:
             self.checkpoint()
             logger.info("spool %s: replayed %d journal records", self.root, replayed)
+        self._hold_unfinished_batches()
+
+    def _hold_unfinished_batches(self) -> None:
+        """Serve the held files of batches an earlier run left (they are in the batch's
+        ``data`` file only), unless the path has a staged file again (a replayed copy or
+        a newer version)."""
+        for folder in self.batches_dir.iterdir():
+            manifest = folder / "manifest.json"
+            if folder.name.startswith(_RETIRED_PREFIX) or not manifest.is_file():
+                continue  # open_batches removes them
+            try:
+                batch = Batch(**json.loads(manifest.read_bytes()))
+                if not batch.held:
+                    continue
+                fd = os.open(folder / "data", os.O_RDONLY | os.O_CLOEXEC)
+            except (OSError, ValueError, TypeError) as exc:
+                logger.error("spool %s: batch %s cannot be read: %s", self.root, folder.name, exc)
+                continue
+            self._containers[batch.id] = fd
+            for view_path, (offset, size, mtime_ns) in batch.held.items():
+                if view_path not in self._held and not os.path.lexists(self.file_path(view_path)):
+                    self._ensure_folder(view_path)
+                    self._set_held(view_path, Held(fd, offset, size, mtime_ns, batch.id))
 
     def _replay(self, record: Record) -> None:
         """Apply one blind journal record to ``staged/`` (idempotent, see journal.py)."""
@@ -263,10 +469,12 @@ class Spool:
         return path
 
     def checkpoint(self) -> None:
-        """Make ``staged/`` durable as it is and retire the journal's records."""
+        """Give every file held in the journal a file of its own, make ``staged/`` durable
+        as it is and retire the journal's records."""
         with self._lock:
             if self._journal.empty and not self._unsynced:
                 return  # every journaled path has a record: nothing to retire
+            self._materialise()
             syncfs(self.root)
             self._unsynced = False
             if self._journal.empty:
@@ -277,10 +485,42 @@ class Spool:
             if st.f_bavail * st.f_frsize < self._journal.prepared:  # the disk is filling
                 self._journal.shrink()
 
+    def _materialise(self) -> None:
+        """Write each file held in the journal to its staged name (no flush: the caller
+        syncs), before the records that hold it are retired. Files held by a batch stay
+        in its ``data`` file."""
+        for view_path, held in list(self._held.items()):
+            if held.batch is not None:
+                continue
+            data = _pread_exact(held.fd, held.size, held.offset)
+            final = self.file_path(view_path)
+            try:
+                try:
+                    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                except FileExistsError:  # never expected (held paths have no staged file)
+                    tmp = os.path.join(self.tmp_str, uuid.uuid4().hex)
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    os.replace(tmp, final)
+                try:
+                    _write_all(fd, data)
+                    os.utime(fd, ns=(held.mtime_ns, held.mtime_ns))
+                finally:
+                    os.close(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(final)  # still held: the record is kept
+                raise
+            self._unhold(view_path)
+
     def sync(self) -> None:
         """Make everything staged so far survive a power cut (``fsync`` of a file that is
-        not open for writing, ``blobfs flush``): one checkpoint."""
-        self.checkpoint()
+        not open for writing, ``blobfs flush``): one ``syncfs``, which flushes the
+        journal's unflushed records with the rest. The records stay: a held file lives
+        in them."""
+        with self._lock:
+            if self._unsynced:
+                syncfs(self.root)
+                self._unsynced = False
 
     def _journal_touches(self, paths: Iterable[str], tree: bool = False) -> bool:
         """Whether a replay could touch any of ``paths`` (with ``tree``, anything below
@@ -299,28 +539,80 @@ class Spool:
         if self._journal_touches(paths, tree):
             self.checkpoint()
 
-    def _log(self, kind: Kind, path: str, path2: str = "", data: bytes = b"") -> bool:
-        """Append a record durably (checkpointing first when the journal is full).
+    def _log(
+        self, kind: Kind, path: str, path2: str = "", data: bytes = b"", sync: bool = True
+    ) -> int | None:
+        """Append a record, durably unless ``sync`` is false; returns the offset of its
+        data in the journal.
 
-        False when the file system has no room for the record even after the journal
-        gave its space back: the caller then makes its change durable without the
-        journal (fsync, rename, fsync of the folder), which needs no extra space.
+        None when it cannot be appended: the journal is full and a checkpoint (which
+        gives held files their own files and changes what the caller found) would be
+        needed first, or the file system has no room even after the journal gave its
+        space back. The caller then checkpoints (if it must) and makes its change without
+        the journal (fsync, rename, fsync of the folder), which needs no extra space.
         """
         try:
-            try:
-                self._journal.append(kind, path, path2, data)
-            except JournalFull:
-                self.checkpoint()
-                self._journal.append(kind, path, path2, data)
+            offset = self._journal.append(kind, path, path2, data, sync=sync)
+        except JournalFull:
+            return None
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            self.reclaim()
-            return False
+            with contextlib.suppress(OSError):  # e.g. no room to materialise held files
+                self.reclaim()
+            return None
         self._journaled.add(path)
         if path2:
             self._journaled.add(path2)
-        return True
+        if not sync:
+            self._unsynced = True
+        return offset
+
+    def _set_held(self, view_path: str, held: Held) -> None:
+        self._unhold(view_path)
+        folder, _, name = view_path.rpartition("/")
+        self._held[view_path] = held
+        self._held_dirs.setdefault(folder or "/", set()).add(name)
+        if held.batch is None:
+            self._held_bytes += held.size
+
+    def _room_to_hold(self, size: int) -> bool:
+        """Whether a file of ``size`` bytes may be held (see ``HOLD_RESERVE``); the free
+        space is looked up again only once the last answer's room is used up."""
+        self._room -= size
+        if self._room < 0:
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize - HOLD_RESERVE
+            self._room = min(free // 2 - self._held_bytes, 32 << 20) - size
+        return self._room >= 0
+
+    def _unhold(self, view_path: str) -> Held | None:
+        held = self._held.pop(view_path, None)
+        if held is not None:
+            if held.batch is None:
+                self._held_bytes -= held.size
+            folder, _, name = view_path.rpartition("/")
+            names = self._held_dirs.get(folder or "/")
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self._held_dirs[folder or "/"]
+        return held
+
+    def _held_under(self, view_path: str) -> bool:
+        """Whether any file below the folder ``view_path`` is held."""
+        folder = view_path.rstrip("/") or "/"
+        prefix = folder.rstrip("/") + "/"
+        return any(f == folder or f.startswith(prefix) for f in self._held_dirs)
+
+    def _reserve(self, size: int) -> bool:
+        """Take (or, negative, give back) ``size`` bytes of the memory budget for files
+        being written; False when it is spent."""
+        with self._scratch_lock:
+            if size > 0 and self._scratch_bytes + size > SCRATCH_MEMORY:
+                return False
+            self._scratch_bytes += size
+            return True
 
     def reclaim(self, keep: int = journal.HEADER_SIZE) -> None:
         """Checkpoint and give the journal's zeroed space past ``keep`` bytes back to the
@@ -328,6 +620,7 @@ class Spool:
         here that holds space it does not need yet), and a clean unmount."""
         with self._lock:
             if not self._journal.empty or self._unsynced:
+                self._materialise()
                 syncfs(self.root)
                 self._unsynced = False
                 self._journal.reset()
@@ -355,7 +648,10 @@ class Spool:
         return self.staged / view_path.lstrip("/")
 
     def stat(self, view_path: str) -> os.stat_result | None:
-        """The staged file or folder at ``view_path``, or None."""
+        """The staged (or held) file or folder at ``view_path``, or None."""
+        held = self._held.get(view_path)
+        if held is not None:
+            return _file_stat(held.size, held.mtime_ns)
         try:
             return os.stat(self.file_path(view_path))
         except (FileNotFoundError, NotADirectoryError):
@@ -372,18 +668,45 @@ class Spool:
             names = os.listdir(self.file_path(view_path))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [n for n in names if not n.endswith(_COMMIT_SUFFIX)]
+        with self._lock:
+            held = sorted(self._held_dirs.get(view_path.rstrip("/") or "/", ()))
+        return [n for n in names if not n.endswith(_COMMIT_SUFFIX)] + held
 
     def file_path(self, view_path: str) -> str:
-        """A path to open the staged file ``view_path`` for reading (a plain string: the
-        queue asks for thousands per pass)."""
+        """Where the staged file ``view_path`` has its own file (a plain string: the queue
+        asks for thousands per pass); a held file has none (see :meth:`held_bytes`)."""
         return os.path.join(self.staged_str, view_path.lstrip("/"))
 
+    def held_bytes(self, view_path: str) -> bytes | None:
+        """The bytes of ``view_path`` if it is held (no file of its own), else None."""
+        with self._lock:  # a batch's data file is closed under it
+            held = self._held.get(view_path)
+            return None if held is None else _pread_exact(held.fd, held.size, held.offset)
+
     def read_bytes(self, view_path: str) -> bytes:
-        return self.staged_path(view_path).read_bytes()
+        data = self.held_bytes(view_path)
+        return self.staged_path(view_path).read_bytes() if data is None else data
+
+    def open_file(self, view_path: str) -> IO[bytes]:
+        """The staged file ``view_path`` to read as a stream (validation reads headers)."""
+        data = self.held_bytes(view_path)
+        return open(self.file_path(view_path), "rb") if data is None else io.BytesIO(data)
+
+    def read(self, view_path: str, offset: int, size: int) -> bytes:
+        data = self.held_bytes(view_path)
+        if data is not None:
+            return data[offset : offset + size]
+        with open(self.file_path(view_path), "rb") as f:
+            return os.pread(f.fileno(), size, offset)
 
     def utime(self, view_path: str, times_ns: tuple[int, int] | None) -> bool:
         """Set the staged file's times; False when nothing is staged there."""
+        with self._lock:
+            held = self._held.get(view_path)
+            if held is not None:  # in memory only, as a plain utime is not durable
+                mtime = times_ns[1] if times_ns else time.time_ns()
+                self._held[view_path] = Held(held.fd, held.offset, held.size, mtime, held.batch)
+                return True
         path = self.staged_path(view_path)
         if not path.exists():
             return False
@@ -468,37 +791,82 @@ class Spool:
             thread.join()
         self.reclaim(keep=journal.HEADER_SIZE + journal.SEGMENT)  # no more held unmounted
         self._journal.close()
+        for fd in self._containers.values():
+            os.close(fd)
+        self._containers.clear()
         os.close(self._lock_fd)  # releases the lock
+
+    def scratch(self) -> Scratch:
+        """Where a new write goes until it is committed (see :class:`Scratch`)."""
+        return Scratch(self)
+
+    def commit_scratch(self, scratch: Scratch, view_path: str, durable: bool = True) -> int:
+        """Make what ``scratch`` holds the staged content of ``view_path``; its size."""
+        if scratch.in_memory:
+            data = scratch.data()
+            if self._hold(data, view_path, durable, scratch.mtime_ns):
+                return len(data)
+        fd, tmp_path = scratch.file()
+        return self.commit(fd, tmp_path, view_path, durable)
 
     def commit(self, fd: int, tmp_path: str | None, view_path: str, durable: bool = True) -> int:
         """Make the temp file (``tmp_path``, None: unnamed) the staged content of
-        ``view_path``; returns its size.
-
-        The hot path of every close: plain strings and a memo of folders known to exist
-        keep it to the syscalls that matter (one link for a new name, a link and a rename
-        to replace one; for a durable commit of a small file one journal append +
-        fdatasync before them).
-        """
+        ``view_path``; returns its size. A small one is held (one journal record), a
+        larger one linked to its staged name (one link for a new name, a link and a
+        rename to replace one; durably: fsync first, fsync of the folder after)."""
         size = os.fstat(fd).st_size
+        if size <= INLINE_MAX and self._hold(
+            _read_all(fd, size), view_path, durable, os.fstat(fd).st_mtime_ns
+        ):
+            return size
         if not durable:
             with self._lock:
-                if view_path not in self._journaled:
+                if not self._journal_touches([view_path]):
                     self._unsynced = True
                     self._link_staged(fd, tmp_path, view_path, durable=False)
+                    self._unhold(view_path)  # a batch's copy: the batch keeps its own
                     return size
-            # the journal holds an older version: replay must find this one after it
-        inline = size <= INLINE_MAX
-        data = _read_all(fd, size) if inline else b""
-        if not inline:
-            os.fsync(fd)
+            # the journal holds an older version: replay must not bring it back over this
+        os.fsync(fd)
         with self._lock:
-            logged = inline and self._log(Kind.WRITE, view_path, data=data)
-            if not logged:
-                if inline:  # no room for the journal: the durable path without it
-                    os.fsync(fd)
-                self._checkpoint_if_journaled([view_path])
-            self._link_staged(fd, tmp_path, view_path, durable=not logged)
+            self._checkpoint_if_journaled([view_path])
+            self._link_staged(fd, tmp_path, view_path, durable=True)
+            self._unhold(view_path)
         return size
+
+    def _ensure_folder(self, view_path: str) -> None:
+        """The staged folder of ``view_path`` exists (memoized: once per folder)."""
+        folder = os.path.dirname(self.file_path(view_path))
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+
+    def _hold(self, data: bytes, view_path: str, durable: bool, mtime_ns: int) -> bool:
+        """Commit the small file ``data`` as a journal record, with no file of its own
+        (no ``fdatasync`` unless ``durable``); False when it must get a file instead.
+
+        A plain commit over a file that has its own staged file takes the file path: the
+        record may not survive a power cut, the staged file's removal might (a file
+        once fsync'd would be gone). A durable one removes the staged file after its
+        record is on disk.
+        """
+        final = self.file_path(view_path)
+        with self._lock:
+            if not self._journal.empty and not self._journal.fits(view_path, len(data)):
+                self.checkpoint()  # a full journal: held files get files, records retire
+            replaces = view_path not in self._held and os.path.lexists(final)
+            if replaces and (not durable or os.path.isdir(final)):
+                return False
+            if not self._room_to_hold(len(data)):
+                return False
+            self._ensure_folder(view_path)
+            offset = self._log(Kind.WRITE, view_path, data=data, sync=durable)
+            if offset is None:
+                return False  # the journal is full, or the disk: give it a file
+            self._set_held(view_path, Held(self._journal.fd, offset, len(data), mtime_ns))
+            if replaces:
+                os.unlink(final)
+        return True
 
     def _link_staged(self, fd: int, tmp_path: str | None, view_path: str, durable: bool) -> None:
         """Give the temp file its staged name: a new name is one link (the name appears
@@ -568,6 +936,8 @@ class Spool:
         otherwise bring files back into it)."""
         path = self.staged_path(view_path)
         with self._lock:
+            if self._held_under(view_path):
+                raise OSError(errno.ENOTEMPTY, "holds files", view_path)
             self._checkpoint_if_journaled([view_path], tree=True)
             path.rmdir()
             self._folders.clear()
@@ -576,13 +946,18 @@ class Spool:
     def remove(self, view_path: str, durable: bool = True) -> None:
         path = self.staged_path(view_path)
         with self._lock:
+            if view_path in self._held:
+                if self._log(Kind.REMOVE, view_path, sync=durable) is not None:
+                    self._unhold(view_path)
+                    return
+                self.checkpoint()  # it gets a file of its own, removed below
             if stat.S_ISDIR(os.lstat(path).st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", view_path)
             if not durable and not self._journal_touches([view_path]):
                 self._unsynced = True
                 path.unlink()
                 return
-            if self._log(Kind.REMOVE, view_path):
+            if self._log(Kind.REMOVE, view_path, sync=durable) is not None:
                 path.unlink()
                 return
             self._checkpoint_if_journaled([view_path])
@@ -592,6 +967,11 @@ class Spool:
     def rename(self, old: str, new: str, durable: bool = True) -> None:
         source, target = self.staged_path(old), self.staged_path(new)
         with self._lock:
+            held = self._held.get(old)
+            if held is not None:
+                if self._move_held(old, new, held, durable):
+                    return
+                self.checkpoint()  # no room in the journal: both get files, moved below
             st = os.lstat(source)
             if target.is_dir() and not stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", new)
@@ -599,20 +979,49 @@ class Spool:
             if not durable and not self._journal_touches([old, new], tree=True):
                 self._unsynced = True
                 os.replace(source, target)
+                self._unhold(new)
                 self._folders.clear()
                 return
-            if (
-                not stat.S_ISDIR(st.st_mode)
-                and st.st_size <= INLINE_MAX
-                and self._log(Kind.MOVE, old, new, source.read_bytes())
-            ):
-                os.replace(source, target)
-                return
+            if not stat.S_ISDIR(st.st_mode) and st.st_size <= INLINE_MAX:
+                data = source.read_bytes()
+                offset = self._log(Kind.MOVE, old, new, data)
+                if offset is not None:  # the target is held from the record: see below
+                    self._set_held(new, Held(self._journal.fd, offset, len(data), st.st_mtime_ns))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(target)
+                    os.unlink(source)
+                    return
+            if stat.S_ISDIR(st.st_mode) and self._held_under(old):
+                self.checkpoint()  # the held files below move with the folder
             self._checkpoint_if_journaled([old, new], tree=True)
+            self._unhold(new)
             os.replace(source, target)
             fsync_dir(target.parent)
             fsync_dir(source.parent)
             self._folders.clear()  # a moved folder takes memoized subfolders with it
+
+    def _move_held(self, old: str, new: str, held: Held, durable: bool) -> bool:
+        """Rename the held file ``old``: a ``MOVE`` record carrying its bytes, and ``new``
+        is held from it. False when the journal cannot take the record.
+
+        Over a file with its own staged file the record is flushed even for a plain
+        rename: that file's removal may reach the disk before an unflushed record, and a
+        power cut would then leave neither name (a rename is all or nothing).
+        """
+        target = self.file_path(new)
+        replaces = new not in self._held and os.path.lexists(target)
+        if replaces and os.path.isdir(target):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", new)
+        data = _pread_exact(held.fd, held.size, held.offset)
+        self._ensure_folder(new)
+        offset = self._log(Kind.MOVE, old, new, data, sync=durable or replaces)
+        if offset is None:
+            return False
+        self._unhold(old)
+        self._set_held(new, Held(self._journal.fd, offset, len(data), held.mtime_ns))
+        if replaces:
+            os.unlink(target)
+        return True
 
     def walk(self) -> tuple[list[str], list[str]]:
         """All staged files and dirs as view paths (``/ds/img/a.png``), dirs first."""
@@ -623,24 +1032,75 @@ class Spool:
             prefix = "" if rel == "." else "/" + rel
             dirs.extend(f"{prefix}/{d}" for d in dirnames)
             files.extend(f"{prefix}/{f}" for f in filenames if not f.endswith(_COMMIT_SUFFIX))
+        with self._lock:
+            files.extend(self._held)
         return files, dirs
 
     # ---- batches ---------------------------------------------------------------------
 
     def create_batch(self, batch: Batch) -> Batch:
-        """Link the batch's files into its folder and write its manifest, durably."""
+        """Copy the batch's held files into its ``data`` file, link its other files into
+        its folder, write its manifest (all durably), then checkpoint: from then on the
+        batch holds its files, and no replay can bring them back once it is imported."""
         folder = self.batches_dir / batch.id
-        with self._lock:  # no commit between the checkpoint and the links
-            self.checkpoint()  # the linked files' bytes must be durable before the manifest
-            self._retry_on_enospc(lambda: self._link_batch(folder, batch))
-            self.save_batch(batch)
+        with self._lock:  # no commit between the copies, the links and the checkpoint
+            os.makedirs(folder, exist_ok=True)
+
+            def build() -> int | None:  # again after a reclaim, which gives held files files
+                held = {p: self._held[p] for p in batch.files if p in self._held}
+                self._link_batch(folder, batch, held)
+                return self._write_batch_data(folder, batch, held)
+
+            fd = self._retry_on_enospc(build)
+            # the copies, the links' files and the journal before the manifest names them
+            syncfs(self.root)
+            self._unsynced = False
+            try:
+                self.save_batch(batch)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            if fd is not None:
+                self._containers[batch.id] = fd
+                for view_path, (offset, size, mtime_ns) in batch.held.items():
+                    self._set_held(view_path, Held(fd, offset, size, mtime_ns, batch.id))
+            self.checkpoint()
         return batch
 
-    def _link_batch(self, folder: Path, batch: Batch) -> None:
+    def _write_batch_data(self, folder: Path, batch: Batch, held: dict[str, Held]) -> int | None:
+        """The held files' bytes, one after another, in ``folder/data`` (not flushed: the
+        caller syncs); records where each is in ``batch.held``. Returns the open file."""
+        batch.held = {}
+        if not held:
+            return None
+        fd = os.open(folder / "data", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            offset = 0
+            parts: list[bytes] = []
+            pending = 0
+            for view_path, entry in held.items():
+                data = _pread_exact(entry.fd, entry.size, entry.offset)
+                batch.held[view_path] = [offset, entry.size, entry.mtime_ns]
+                offset += entry.size
+                parts.append(data)
+                pending += entry.size
+                if pending >= 8 << 20:
+                    _write_all(fd, b"".join(parts))
+                    parts, pending = [], 0
+            _write_all(fd, b"".join(parts))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _link_batch(self, folder: Path, batch: Batch, held: dict[str, Held]) -> None:
         files = os.path.join(folder, "files")
         os.makedirs(files, exist_ok=True)
         made = {files}  # plain strings and one mkdir per folder: a link per file
         for view_path in batch.files:
+            if view_path in held:
+                continue
             rel = view_path.lstrip("/")
             link = os.path.join(files, rel)
             parent = os.path.dirname(link)
@@ -658,8 +1118,23 @@ class Spool:
         self._retry_on_enospc(lambda: write_atomic(folder / "manifest.json", data))
         fsync_dir(folder)
 
-    def batch_file(self, batch: Batch, view_path: str) -> Path:
-        return self.batches_dir / batch.id / "files" / view_path.lstrip("/")
+    def batch_source(self, batch: Batch, view_path: str) -> Path | InlineFile:
+        """The batch's snapshot of ``view_path``: its bytes for a held file, else the
+        batch's link to the staged file."""
+        entry = batch.held.get(view_path)
+        if entry is None:
+            return self.batches_dir / batch.id / "files" / view_path.lstrip("/")
+        offset, size, mtime_ns = entry
+        with self._lock:
+            fd = self._containers.get(batch.id)
+            if fd is None:
+                raise OSError(errno.EIO, f"batch {batch.id}: its data file is not open")
+            data = _pread_exact(fd, size, offset)
+        return InlineFile(view_path.rsplit("/", 1)[1], data, mtime_ns / 1e9)
+
+    def batch_bytes(self, batch: Batch, view_path: str) -> bytes:
+        source = self.batch_source(batch, view_path)
+        return source.data if isinstance(source, InlineFile) else source.read_bytes()
 
     def open_batches(self) -> list[Batch]:
         """Batches left by an earlier run (oldest first), to be finished before new ones."""
@@ -680,7 +1155,21 @@ class Spool:
         them with their sizes."""
         done: dict[str, int] = {}
         links = os.path.join(str(self.batches_dir), batch.id, "files")
+        with self._lock:
+            for view_path in batch.held:
+                held = self._held.get(view_path)
+                if held is not None and held.batch == batch.id:
+                    self._unhold(view_path)
+                    done[view_path] = held.size
+                elif held is None and self._same_as_batch(batch, view_path):
+                    os.unlink(self.file_path(view_path))  # a replay's copy, unchanged
+                    done[view_path] = batch.held[view_path][1]
+            fd = self._containers.pop(batch.id, None)
+            if fd is not None:
+                os.close(fd)
         for view_path in batch.files:
+            if view_path in batch.held:
+                continue
             rel = view_path.lstrip("/")
             staged = os.path.join(self.staged_str, rel)
             try:
@@ -703,3 +1192,17 @@ class Spool:
         thread.start()
         self._removals = [t for t in self._removals if t.is_alive()] + [thread]
         return done
+
+    def _same_as_batch(self, batch: Batch, view_path: str) -> bool:
+        """Whether the staged file ``view_path`` holds the batch's bytes of it (a replay
+        after a crash recreates a held file the batch had taken)."""
+        offset, size, _ = batch.held[view_path]
+        try:
+            with open(self.file_path(view_path), "rb") as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    return False
+                data = f.read()
+            fd = self._containers.get(batch.id)
+            return fd is not None and data == _pread_exact(fd, size, offset)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False

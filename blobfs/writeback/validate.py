@@ -13,14 +13,14 @@ from typing import Any
 
 from blobfs.errors import InvalidInput
 from blobfs.format.ann_coords import AnnotationFormatError, to_subpixel
-from blobfs.format.images import image_size_of_file
+from blobfs.format.images import image_size
 from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann, image_path
 from blobfs.view.tree import DirNode, ProjectView
 from blobfs.writeback.spool import Spool
 
 
 class Validator:
-    """``validator(view path, staged file) -> reason it cannot be imported, or None``."""
+    """``validator(view path) -> reason the staged file cannot be imported, or None``."""
 
     def __init__(self, spool: Spool, project: ProjectView) -> None:
         self.spool = spool
@@ -29,20 +29,23 @@ class Validator:
         self._meta_read = False
         self._classes: tuple[bytes, set[object] | str] | None = None
 
-    def __call__(self, path: str, staged_file: str) -> str | None:
+    def __call__(self, path: str) -> str | None:
         if path == META_PATH:
-            return json_problem(staged_file, "classes")
+            return self._json(path, "classes")[1]
         where = dataset_of(path)
         if where is None:
             return "not a dataset image or annotation"
         dataset, kind, name = where
         if kind == IMG_DIR:
             try:
-                image_size_of_file(staged_file, name)
+                with self.spool.open_file(path) as f:
+                    image_size(f, name)
             except InvalidInput as exc:
                 return str(exc)
+            except OSError as exc:
+                return f"cannot be read: {exc}"
             return None
-        ann, problem = read_json(staged_file, "objects")
+        ann, problem = self._json(path, "objects")
         if problem:
             return problem
         image = image_of_ann(name)
@@ -50,6 +53,13 @@ class Validator:
         if self.spool.stat(img) is None and not self._in_project(img):
             return f"no image named {image!r} in the dataset"
         return self._class_problem(ann)
+
+    def _json(self, path: str, required_key: str) -> tuple[dict[str, Any], str | None]:
+        try:
+            data = self.spool.read_bytes(path)
+        except OSError as exc:
+            return {}, f"not valid JSON: {exc}"
+        return parse_json(data, required_key)
 
     def _in_project(self, path: str) -> bool:
         node = self.project.lookup(path)
@@ -104,19 +114,12 @@ class Validator:
         return None
 
 
-def json_problem(path: str, required_key: str) -> str | None:
-    """Why the file at ``path`` is not a Supervisely JSON object with a list under
-    ``required_key``, or None."""
-    return read_json(path, required_key)[1]
-
-
-def read_json(path: str, required_key: str) -> tuple[dict[str, Any], str | None]:
-    """``(the object, None)`` when the file at ``path`` is a Supervisely JSON object with a
-    list under ``required_key``, else ``({}, why not)``: parsed once for every check."""
+def parse_json(raw: bytes, required_key: str) -> tuple[dict[str, Any], str | None]:
+    """``(the object, None)`` when ``raw`` is a Supervisely JSON object with a list under
+    ``required_key``, else ``({}, why not)``: parsed once for every check."""
     try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (ValueError, OSError) as exc:
+        data = json.loads(raw)
+    except ValueError as exc:
         return {}, f"not valid JSON: {exc}"
     if not isinstance(data, dict) or not isinstance(data.get(required_key, []), list):
         return {}, f"not a Supervisely JSON object with a '{required_key}' list"

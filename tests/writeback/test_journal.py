@@ -117,7 +117,7 @@ def die(spool: Spool) -> None:
 
 def staged_state(spool: Spool) -> dict[str, bytes]:
     files, _ = spool.walk()
-    return {p: spool.staged_path(p).read_bytes() for p in files}
+    return {p: spool.read_bytes(p) for p in files}
 
 
 def put_back(spool_root: Path, state: dict[str, bytes]) -> None:
@@ -268,14 +268,22 @@ def test_with_the_default_durability_a_power_cut_keeps_every_fsynced_file(
             assert name not in rebuilt or rebuilt[name] in seen[name], name
 
 
-def test_a_plain_close_leaves_the_journal_alone_and_fsync_writes_it(tmp_path: Path) -> None:
-    """The default ``close()`` costs no flush: nothing is appended to the journal until a
-    durable commit of the file."""
+def test_a_plain_close_is_held_in_the_journal_without_a_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default ``close()`` costs no flush and creates no file: the bytes are one
+    journal record in the page cache; a durable commit flushes its record."""
     spool = Spool(tmp_path / "spool")
+    flushes: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd))[1])
     stage(spool, "/ds/img/a.png", b"closed", durable=False)
-    assert list(spool._journal.records()) == []
+    assert flushes == []
+    assert not spool.staged_path("/ds/img/a.png").exists()
+    assert spool.read_bytes("/ds/img/a.png") == b"closed"
     stage(spool, "/ds/img/b.png", b"fsynced", durable=True)
-    assert [r.path for r in spool._journal.records()] == ["/ds/img/b.png"]
+    assert len(flushes) == 1
+    assert [r.path for r in spool._journal.records()] == ["/ds/img/a.png", "/ds/img/b.png"]
     spool.close()
 
 

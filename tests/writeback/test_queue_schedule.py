@@ -25,7 +25,7 @@ def make_queue(tmp_path: Path, clock: Clock) -> WritebackQueue:
     return WritebackQueue(
         Spool(tmp_path / "spool"),
         NoImport(),
-        lambda view_path, staged: None,
+        lambda view_path: None,
         delay_s=5.0,
         blob_size=10_000,
         clock=clock,
