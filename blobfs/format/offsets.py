@@ -297,25 +297,13 @@ def find_entry(files: Sequence[Buffer], name: str) -> tuple[int, int, int] | Non
         return None
     which, at = hits[0]
     data = files[which]
-    begin = _batch_start(data, at)
     found = _entry_alone(data, at, name)
     if found is None:
+        begin = next(_batch_starts(data, at))  # the likeliest start, else 0
         found = _entry_in_batch(data, begin, at, name)
-    if found is None and begin:
-        found = _entry_in_batch(data, 0, at, name)
+        if found is None and begin:
+            found = _entry_in_batch(data, 0, at, name)
     return None if found is None else (which, *found)
-
-
-def _batch_start(data: Buffer, at: int) -> int:
-    """Where the batch holding offset ``at`` likely starts (0 when no seam is found)."""
-    seam = data.rfind(_BATCH_SEAM, 0, at)
-    for _ in range(_SEAMS_TRIED):
-        if seam < 0:
-            return 0
-        if data[seam + 2 : seam + 3] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-            return seam + 1
-        seam = data.rfind(_BATCH_SEAM, 0, seam)
-    return 0
 
 
 #: Opcodes of one entry after a batch's first, as the SDK's pickler (protocols 2 to 5) and
