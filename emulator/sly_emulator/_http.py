@@ -1,7 +1,8 @@
 """The HTTP side of the emulator: request parsing, Range, faults on the wire, dispatch.
 
-:class:`Server` serves one :class:`~sly_emulator.Emulator` (its store, token,
-faults, counters); the REST handlers themselves are in ``_api`` and ``_images``.
+:class:`Server` serves one :class:`Backend` (in practice the
+:class:`~sly_emulator.Emulator`: its store, token, faults, counters); the REST handlers
+themselves are in ``_api`` and ``_images``.
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from sly_emulator import _api, _images
 from sly_emulator._common import FileBody, Handler, Raw, Upload
-from sly_emulator._faults import HEADER, Active
-from sly_emulator._store import ApiError, parse_multipart
-
-if TYPE_CHECKING:
-    from sly_emulator.server import Emulator
+from sly_emulator._faults import HEADER, Active, Faults
+from sly_emulator._store import ApiError, Store, parse_multipart
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +87,42 @@ def _discard_uploads(body: Any) -> None:
                 part[2].unlink(missing_ok=True)
 
 
+class Backend(Protocol):
+    """What the HTTP side needs of the emulator that owns it.
+
+    Declared here, so that the emulator builds its server and the server never imports
+    the emulator back: requests flow down, from the wire to the store.
+    """
+
+    store: Store
+    token: str
+    faults: Faults
+
+    def open_entry(
+        self, method: str, status: int, range_header: str | None, faults: list[str], secs: float
+    ) -> dict[str, Any]:
+        """Log a request as answered (before its body goes out); returns its log entry."""
+        ...
+
+    def add_sent(self, entry: dict[str, Any], n: int) -> None:
+        """Count ``n`` more body bytes sent for the request of ``entry``."""
+        ...
+
+    def control(self, path: str, body: Any) -> Any:
+        """Answer one ``/_emulator/<path>`` control request."""
+        ...
+
+    def lock_for(self, method: str) -> contextlib.AbstractContextManager[Any]:
+        """The lock a request of ``method`` runs under."""
+        ...
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], emulator: Emulator) -> None:
+    def __init__(self, address: tuple[str, int], emulator: Backend) -> None:
         super().__init__(address, _Handler)
         self.emulator = emulator
 
@@ -140,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
         ``stats()`` read right after a response already counts it."""
         self._status = code
         if self._method is not None:
-            self._entry = self.server.emulator._open_entry(
+            self._entry = self.server.emulator.open_entry(
                 self._method,
                 code,
                 self.headers.get("Range"),
@@ -261,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write(self, data: bytes) -> None:
         if self._entry is not None:  # counted first, for the same reason
-            self.server.emulator._add_sent(self._entry, len(data))
+            self.server.emulator.add_sent(self._entry, len(data))
         self.wfile.write(data)
 
     def _cut(self, faults: Active) -> None:

@@ -131,7 +131,7 @@ class Emulator:
 
     # ---- counters ---------------------------------------------------------------------
 
-    def _open_entry(
+    def open_entry(
         self, method: str, status: int, range_header: str | None, faults: list[str], secs: float
     ) -> dict[str, Any]:
         entry = {
@@ -148,7 +148,7 @@ class Emulator:
             self._log.append(entry)
         return entry
 
-    def _add_sent(self, entry: dict[str, Any], n: int) -> None:
+    def add_sent(self, entry: dict[str, Any], n: int) -> None:
         with self._lock:
             entry["bytes"] += n
             self._bytes += n
