@@ -89,7 +89,7 @@ def test_a_remount_of_an_unchanged_project_reads_no_offsets_file(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("an offsets file was parsed")
 
-    monkeypatch.setattr("blobfs.sources.project_dir.parse_offsets", refuse)
+    monkeypatch.setattr("blobfs.sources.project_dir.parse_offsets_columns", refuse)
     again = source(small.root, IndexStore(store_dir))
     view = ProjectView(again)
     for d in range(3):
@@ -539,3 +539,33 @@ def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
         )
     looked_up = getattrs() - before
     assert 50 <= looked_up < 50 + 5, looked_up  # the huge folder's only (+ stats files)
+
+
+def test_a_folder_scan_keeps_regular_files_and_says_what_the_rest_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ann/`` is scanned by directory entry type in bulk: regular files by name, every
+    other entry ``lstat``-ed for its message, in chunks (a small chunk here)."""
+    from blobfs import safe_open
+
+    monkeypatch.setattr(safe_open, "LIST_CHUNK", 3)
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    files = {f"f{i}.json" for i in range(8)} | {"\udcff.json"}
+    for name in files:
+        (folder / name).write_bytes(b"{}")
+    (folder / "link.json").symlink_to(folder / "f0.json")
+    os.mkfifo(folder / "pipe.json")
+    (folder / "sub").mkdir()
+    root = safe_open.ProjectRoot(tmp_path)
+    try:
+        names, others = root.list_regular("ann")
+    finally:
+        root.close()
+    assert sorted(names) == sorted(files) and len(names) == len(files)
+    kinds = {item.name: safe_open.describe(item.mode) for item in others}
+    assert kinds == {
+        "link.json": "a symlink (not followed)",
+        "pipe.json": "a FIFO",
+        "sub": "a directory",
+    }
