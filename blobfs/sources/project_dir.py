@@ -618,12 +618,13 @@ class LocalProjectSource(Source):
         offsets files, with no file of that name in ``img/``, within its blob, and that
         the tar's full header says is that member. Bytes are never served from it: a read
         looks the name up in the built index, so a name that the whole folder's checks
-        refuse (a later batch spoiling its file) fails there, with no wrong bytes.
+        refuse (a later batch spoiling its file) fails there, with no wrong bytes. Asked
+        also when the index cache holds the folder: finding one name in the offsets files
+        is quicker than loading and checking the whole cached table, which waits for the
+        first read or listing.
         """
         assert isinstance(dataset.key, str)
         key = dataset.key
-        if self.index_store is not None and self._cached_index_current(key):
-            return None  # loading the cached index is quicker, and settles it
         try:
             if self.fs.lstat(f"{key}/img/{name}") is not None:
                 return None  # both a blob image and a file: refused, the index says so
@@ -688,13 +689,6 @@ class LocalProjectSource(Source):
         finally:
             os.close(fd)
 
-    def _cached_index_current(self, key: str) -> bool:
-        """Whether the index cache holds a current index of ``key`` (not checked)."""
-        store = self.index_store
-        if store is None:
-            return False
-        return store.has(self.fs.where(key), self._index_key(key, self._list(key)))
-
     def _listed(self, build: Any, *args: Any) -> FileTable:
         """``build(*args)`` with its problems logged once it is done (one line each); a
         folder listed again (after an import) logs only what is new."""
@@ -720,7 +714,7 @@ class LocalProjectSource(Source):
 
     def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> None:
         try:
-            names, others = self.fs.list_regular(rel)
+            names, others = self.fs.list_regular(rel, pace)
         except BlobfsError as exc:
             self._note(self.fs.where(rel), "folder not read", str(exc))
             return

@@ -189,6 +189,36 @@ def test_a_stat_before_the_index_is_built_is_answered_from_the_offsets_alone(
     assert src.quick_lookups == 1  # the folder is loaded now: no quick answer needed
 
 
+def test_a_stat_with_a_cached_index_is_answered_quickly_and_the_same(
+    small: ScaleProject, tmp_path: Path
+) -> None:
+    """With the folder's index in the cache, a ``stat`` before the folder is loaded still
+    takes the quick answer (one name found in the offsets files; the cached table is not
+    read): the same attributes the loaded index gives, and the same misses."""
+    store = IndexStore(tmp_path / "cache")
+    assert ProjectView(source(small.root, store)).preload()[0] == 3 + 1 + 3 * 2
+    names = ["/" + small.path(d, i) for d in range(3) for i in (0, 777, 1999)]
+    missing = ["/a/img/small-image-0009999.png", "/b/img/nothing.png"]
+    quick = source(small.root, IndexStore(tmp_path / "cache"))
+    view = ProjectView(quick)
+    answers = [view.getattr(path) for path in names]
+    assert quick.quick_lookups == len(names) and quick.index_builds == 0
+    store_stats = quick.stats()["index"]
+    assert isinstance(store_stats, dict) and store_stats["cache"]["hits"] == 0  # not loaded
+    loaded = source(small.root, IndexStore(tmp_path / "cache"))
+    full = ProjectView(loaded)
+    for ds in ("a", "b", "c"):
+        full.readdir(f"/{ds}/img")
+    assert [full.getattr(path) for path in names] == answers
+    assert loaded.quick_lookups == 0 and loaded.index_builds == 0  # from the cache
+    for path in missing:
+        with pytest.raises(NotFound):
+            view.getattr(path)
+        with pytest.raises(NotFound):
+            full.getattr(path)
+    assert view.read_path(names[1], 0, 1 << 20) == small.expected(0, 777)
+
+
 def test_a_burst_of_stats_before_the_index_reads_the_offsets_files_once(
     small: ScaleProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -395,7 +425,7 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         index = stats(mnt)["index"]
         assert isinstance(index, dict)
         assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
-        assert index["quick_lookups"] == (1 if run == 0 else 0)  # the stat, before them
+        assert index["quick_lookups"] == 1  # the stat, before them (cached index or not)
         assert proc.unmount(30) == 0
     assert timings[0] < 20, timings
     assert timings[1] < 1.5, timings
@@ -501,13 +531,47 @@ def test_a_background_build_steps_aside_while_requests_are_served(small: ScalePr
     worker = threading.Thread(target=requests)
     worker.start()
     try:
-        view._foreground = 1  # a request waits for a folder to be filled
+        view._foreground, view._waiting[7], view._building = 1, 1, 7  # waits for this one
         started = time.monotonic()
         view._step_aside()
         assert time.monotonic() - started < 0.2
     finally:
         busy.set()
         worker.join()
+    # a request filling another folder goes first, even with no other request arriving
+    view._waiting.clear()
+    view._foreground, view._waiting[8] = 1, 1
+
+    def filled() -> None:
+        view._waiting.clear()
+        view._foreground = 0
+
+    threading.Timer(0.3, filled).start()
+    started = time.monotonic()
+    view._step_aside()
+    assert time.monotonic() - started >= 0.25
+
+
+def test_a_background_build_may_step_aside_after_every_batch(tmp_path: Path) -> None:
+    """Inside one offsets file the build offers to pause after each batch of 10,000
+    entries (and the scan of an ordinary folder after each chunk of its entries), so a
+    request waits for one batch at most, not for a whole file."""
+    from blobfs import safe_open
+    from blobfs.sources import compact
+
+    project = write_scale_project(tmp_path / "p", ["huge"], 10, 1, anns=True)
+    _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 50_000)
+    view = ProjectView(source(project.root))
+    calls: list[float] = []
+    with compact.paced(lambda: calls.append(time.monotonic())):
+        assert len(view.readdir("/huge/img")) == 50_000
+    assert len(calls) >= 5  # one per batch at least
+    for i in range(3 * safe_open.LIST_CHUNK):
+        (project.root / "huge" / "ann" / f"x{i}.json").write_bytes(b"{}")
+    calls.clear()
+    with compact.paced(lambda: calls.append(time.monotonic())):
+        assert len(view.readdir("/huge/ann")) == 10 + 3 * safe_open.LIST_CHUNK
+    assert len(calls) >= 3
 
 
 @pytest.mark.fuse
