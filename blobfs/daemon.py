@@ -39,6 +39,10 @@ if TYPE_CHECKING:  # annotations only: a read-only mount loads none of the write
 logger = logging.getLogger(__name__)
 
 READY_MESSAGE = b"READY\n"
+#: The background index starts this long after the mount is ready: what a user or job
+#: asks first (a ``stat``, an ``ls``) then has the interpreter to itself instead of
+#: sharing it with the build of another folder.
+INDEX_START_DELAY_S = 0.5
 
 
 def build_source(config: MountConfig) -> Source:
@@ -324,11 +328,10 @@ def _index_all(view: ProjectView) -> None:
     """Index every folder once after mounting, so bad entries are logged now.
 
     The mount is ready before this runs (folders are lazy); it fills one folder at a time
-    under that folder's own lock, starts a folder only once requests pause, and inside one
-    steps aside after every batch of entries while requests are served or fill another
-    folder (:meth:`ProjectView.preload`), so what is asked first right after the mount
-    does not wait behind it. It also leaves the index cache warm for the next mount.
+    under that folder's own lock and waits while a request is filling one, so it never
+    delays a ``stat`` or ``ls``. It also leaves the index cache warm for the next mount.
     """
+    time.sleep(INDEX_START_DELAY_S)
     started = time.monotonic()
     try:
         folders, files = view.preload()

@@ -25,7 +25,6 @@ import os
 import stat
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,12 +141,9 @@ class ProjectView:
         self.refresh_timeout_s = DEFAULT_REFRESH_TIMEOUT_S
         self._refresh_lock = threading.Lock()
         self._refreshing: set[DirNode] = set()
-        # fills that a request waits for right now, by folder; a background preload
-        # yields to them, unless one waits for the folder it is filling
+        # fills that a request waits for right now; a background preload yields to them
         self._foreground = 0
-        self._waiting: Counter[int] = Counter()
         self._foreground_lock = threading.Lock()
-        self._building: int | None = None  # id() of the folder the preload fills
         self._served_seen = 0  # requests served when a background build last looked
 
     # ---- tree ------------------------------------------------------------------------
@@ -204,7 +200,6 @@ class ProjectView:
         if not background:
             with self._foreground_lock:
                 self._foreground += 1
-                self._waiting[id(node)] += 1
         try:
             # Only a first listing blocks, only this folder's (lookups elsewhere go on), and
             # only until the operation's deadline.
@@ -221,9 +216,6 @@ class ProjectView:
             if not background:
                 with self._foreground_lock:
                     self._foreground -= 1
-                    self._waiting[id(node)] -= 1
-                    if not self._waiting[id(node)]:
-                        del self._waiting[id(node)]
         assert children is not None
         return children
 
@@ -240,16 +232,14 @@ class ProjectView:
             time.sleep(PRELOAD_YIELD_S)
 
     def _step_aside(self) -> None:
-        """Called inside a background build after every batch of entries: while requests
-        are being served or fill another folder, pause (the requests need the interpreter
-        lock back after every round trip), unless one waits for the folder this build
-        fills."""
+        """Called inside a background build after every batch of an offsets file and
+        every chunk of a folder scan: while requests are being served, pause (the
+        requests need the interpreter lock back after every round trip), unless one
+        waits for a folder to be filled, which may be this one."""
         seen = self._served_seen
         while True:
             served = sum(list(self.op_counts.values()))
-            if self._building is not None and self._waiting.get(self._building):
-                break  # a request waits for this very folder: finish it
-            if not self._foreground and served == seen:
+            if self._foreground or served == seen:
                 break
             seen = served
             time.sleep(PRELOAD_YIELD_S)
@@ -268,12 +258,8 @@ class ProjectView:
         while stack:
             node = stack.pop()
             self._wait_for_quiet()
-            self._building = id(node)
-            try:
-                with paced(self._step_aside):
-                    children = self._children(node, background=True)
-            finally:
-                self._building = None
+            with paced(self._step_aside):
+                children = self._children(node, background=True)
             folders += 1
             if isinstance(children, FileTable):
                 files += len(children)
