@@ -27,7 +27,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import compress, islice
@@ -287,14 +287,10 @@ class ProjectRoot:
         finally:
             os.close(fd)
 
-    def list_regular(
-        self, rel: str | Sequence[str], pause: Callable[[], None] | None = None
-    ) -> tuple[list[str], list[DirItem]]:
+    def list_regular(self, rel: str | Sequence[str]) -> tuple[list[str], list[DirItem]]:
         """The names of the folder's regular files, from its directory entries (no ``lstat``
         per file: a 250,000-file folder lists in a fraction of the time), and its other
-        entries ``lstat``-ed, to say what they are; ([], []) when missing. ``pause`` is
-        called after every :data:`LIST_CHUNK` entries (a build in the background steps
-        aside there).
+        entries ``lstat``-ed, to say what they are; ([], []) when missing.
 
         Raises:
             UnsafeFile: ``rel`` (or a folder on its way) is a symlink or not a folder.
@@ -309,8 +305,6 @@ class ProjectRoot:
             with os.scandir(fd) as it:
                 while chunk := list(islice(it, LIST_CHUNK)):
                     _sort_entries(chunk, names, others)
-                    if pause is not None:
-                        pause()
         finally:
             os.close(fd)
         return names, others

@@ -22,7 +22,7 @@ import pickle
 import pickletools
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from pathlib import Path
@@ -264,13 +264,9 @@ def parse_offsets(
     return index
 
 
-def parse_offsets_columns(
-    data: bytes, source: str, blob_size: int | None = None, pause: Callable[[], None] | None = None
-) -> OffsetsColumns:
+def parse_offsets_columns(data: bytes, source: str, blob_size: int | None = None) -> OffsetsColumns:
     """:func:`parse_offsets` as columns (the project source's index takes them as they
-    are), same checks and problems. ``pause`` is called after every batch: a build in
-    the background may step aside there for requests.
-    """
+    are), same checks and problems."""
     out = OffsetsColumns()
     names: list[str] = []
     starts: list[int] = []
@@ -286,9 +282,6 @@ def parse_offsets_columns(
                 ends.extend(fast[2])
             else:
                 _slow_batch(batch, source, blob_size, found, (names, starts, ends))
-            del batch, fast
-            if pause is not None:
-                pause()
     except OffsetsError as exc:
         out.problems.add(source, FILE_REFUSED, str(exc)[:300])
         return out

@@ -366,12 +366,11 @@ class LocalProjectSource(Source):
     # ---- blob images -----------------------------------------------------------------
 
     def _read_offsets(self, rel: str) -> OffsetsColumns:
-        """One offsets file, validated; any failure refuses this file only. A build in
-        the background may pause after each of its batches (:func:`pace`)."""
+        """One offsets file, validated; any failure refuses this file only."""
         where = self.fs.where(rel)
         try:
             data = self.fs.read_file(rel, MAX_OFFSETS_FILE_BYTES, "offsets file")
-            return parse_offsets_columns(data, where, None, pace)
+            return parse_offsets_columns(data, where)
         except UnsafeFile as exc:
             reason = exc.reason
         except BlobfsError as exc:
@@ -714,7 +713,7 @@ class LocalProjectSource(Source):
 
     def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> None:
         try:
-            names, others = self.fs.list_regular(rel, pace)
+            names, others = self.fs.list_regular(rel)
         except BlobfsError as exc:
             self._note(self.fs.where(rel), "folder not read", str(exc))
             return

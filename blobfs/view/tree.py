@@ -232,10 +232,9 @@ class ProjectView:
             time.sleep(PRELOAD_YIELD_S)
 
     def _step_aside(self) -> None:
-        """Called inside a background build after every batch of an offsets file and
-        every chunk of a folder scan: while requests are being served, pause (the
-        requests need the interpreter lock back after every round trip), unless one
-        waits for a folder to be filled, which may be this one."""
+        """Called inside a background build now and then: while requests are being
+        served, pause (the requests need the interpreter lock back after every round
+        trip), unless one waits for a folder to be filled, which may be this one."""
         seen = self._served_seen
         while True:
             served = sum(list(self.op_counts.values()))

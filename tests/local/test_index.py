@@ -540,28 +540,6 @@ def test_a_background_build_steps_aside_while_requests_are_served(small: ScalePr
         worker.join()
 
 
-def test_a_background_build_may_step_aside_after_every_batch(tmp_path: Path) -> None:
-    """Inside one offsets file the build offers to pause after each batch of 10,000
-    entries (and the scan of an ordinary folder after each chunk of its entries), so a
-    request waits for one batch at most, not for a whole file."""
-    from blobfs import safe_open
-    from blobfs.sources import compact
-
-    project = write_scale_project(tmp_path / "p", ["huge"], 10, 1, anns=True)
-    _write_huge_offsets(project.root / "huge" / f"blob_000{OFFSETS_SUFFIX}", 50_000)
-    view = ProjectView(source(project.root))
-    calls: list[float] = []
-    with compact.paced(lambda: calls.append(time.monotonic())):
-        assert len(view.readdir("/huge/img")) == 50_000
-    assert len(calls) >= 5  # one per batch at least
-    for i in range(3 * safe_open.LIST_CHUNK):
-        (project.root / "huge" / "ann" / f"x{i}.json").write_bytes(b"{}")
-    calls.clear()
-    with compact.paced(lambda: calls.append(time.monotonic())):
-        assert len(view.readdir("/huge/ann")) == 10 + 3 * safe_open.LIST_CHUNK
-    assert len(calls) >= 3
-
-
 @pytest.mark.fuse
 def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
     tmp_path: Path, mount_env: dict[str, str], mounts: harness.Mounts
