@@ -100,26 +100,6 @@ class IndexStore:
             self.hits += 1
         return payload
 
-    def has(self, name: str, key: bytes) -> bool:
-        """Whether a file for ``name`` with exactly ``key`` is there (its payload and
-        checksum are not read: :meth:`load` still may miss)."""
-        if not self.usable:
-            return False
-        try:
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return False
-        try:
-            head = os.pread(fd, _HEAD.size + len(key), 0)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-        if len(head) != _HEAD.size + len(key):
-            return False
-        magic, key_len, _ = _HEAD.unpack_from(head)
-        return magic == MAGIC and key_len == len(key) and head[_HEAD.size :] == key
-
     def _read(self, path: Path) -> bytes | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -125,35 +125,67 @@ def _range_problem(start: object, end: object, blob_size: int | None) -> str | N
 _SHORT_NAME = NAME_MAX // 4
 
 
-def _plain_batch(batch: list[Any], blob_size: int | None) -> list[BlobMember] | None:
-    """The members of a batch in which every entry is a plain, valid SDK entry, or None.
+_STATE = operator.attrgetter("__dict__")
+_NAME_OF = operator.itemgetter("name")
+_START_OF = operator.itemgetter("offset_start")
+_END_OF = operator.itemgetter("offset_end")
+_ODD_NAMES = frozenset({"", ".", ".."})
 
-    This is the common case, checked a batch at a time: exact types, one join of all the
-    names for the forbidden characters and UTF-8, a per-name test only for long names.
-    Any doubt returns None and the caller goes entry by entry with its messages; so the
-    answer is always the one :func:`name_problem` and :func:`_range_problem` would give.
+
+@dataclass
+class OffsetsColumns:
+    """The valid entries of an offsets file as three parallel lists (the i-th of each is
+    one entry), plus what was refused and why: what the project source indexes, without
+    an object per entry."""
+
+    names: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def members(self) -> list[BlobMember]:
+        """The entries as :class:`BlobMember` objects."""
+        return list(map(BlobMember, self.names, self.starts, self.ends))
+
+
+def _plain_batch(
+    batch: list[Any], blob_size: int | None
+) -> tuple[list[str], list[int], list[int]] | None:
+    """``(names, starts, ends)`` of a batch in which every entry is a plain, valid SDK
+    entry, or None.
+
+    This is the common case, checked a batch at a time in C-level passes (no Python code
+    runs per entry): exact types, one join of all the names for the forbidden characters
+    and UTF-8, a per-name test only when some name is long or odd. Any doubt returns None
+    and the caller goes entry by entry with its messages; so the answer is always the one
+    :func:`name_problem` and :func:`_range_problem` would give.
     """
-    names: list[str] = []
-    out: list[BlobMember] = []
-    limit = blob_size if blob_size is not None else -1
-    stub, text, integer = _BlobImageInfoStub, str, int
-    member = BlobMember
-    for obj in batch:
-        if type(obj) is not stub:
+    if not batch:
+        return [], [], []
+    if set(map(type, batch)) != {_BlobImageInfoStub}:
+        return None
+    states = list(map(_STATE, batch))
+    if set(map(len, states)) != {3}:
+        return None
+    try:
+        names = list(map(_NAME_OF, states))
+        starts = list(map(_START_OF, states))
+        ends = list(map(_END_OF, states))
+    except KeyError:
+        return None
+    if set(map(type, names)) != {str} or set(map(type, starts)) | set(map(type, ends)) != {int}:
+        return None
+    if min(starts) < 0 or not all(map(operator.le, starts, ends)):
+        return None
+    if blob_size is not None and max(ends) > blob_size:
+        return None
+    if max(map(len, names)) > _SHORT_NAME or not _ODD_NAMES.isdisjoint(names):
+        odd = (n for n in names if len(n) > _SHORT_NAME or n in _ODD_NAMES)
+        if any(name_problem(n) is not None for n in odd):
             return None
-        state = obj.__dict__
-        if len(state) != 3:
-            return None
-        name, start, end = state.get("name"), state.get("offset_start"), state.get("offset_end")
-        if type(name) is not text or type(start) is not integer or type(end) is not integer:
-            return None
-        if start < 0 or end < start or (limit >= 0 and end > limit):
-            return None
-        long_or_odd = len(name) > _SHORT_NAME or name in ("", ".", "..")
-        if long_or_odd and name_problem(name) is not None:
-            return None
-        names.append(name)
-        out.append(member(name, start, end))
     # "/" is itself forbidden, so as the separator it must appear exactly between names
     joined = "/".join(names)
     if joined.count("/") != len(names) - 1 or "\\" in joined or "\0" in joined:
@@ -162,7 +194,7 @@ def _plain_batch(batch: list[Any], blob_size: int | None) -> list[BlobMember] | 
         joined.encode("utf-8")
     except UnicodeEncodeError:
         return None
-    return out
+    return names, starts, ends
 
 
 def iter_raw_batches(stream: IO[bytes], limit: int | None = None) -> Iterator[list[Any]]:
@@ -226,35 +258,64 @@ def parse_offsets(
     offsets file of a dataset is in.
     """
     index = index if index is not None else OffsetsIndex()
-    entries: list[BlobMember] = []
+    columns = parse_offsets_columns(data, source, blob_size)
+    index.problems.merge(columns.problems)
+    index.members.extend(columns.members())
+    return index
+
+
+def parse_offsets_columns(data: bytes, source: str, blob_size: int | None = None) -> OffsetsColumns:
+    """:func:`parse_offsets` as columns (the project source's index takes them as they
+    are), same checks and problems."""
+    out = OffsetsColumns()
+    names: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
     found = Problems()
     try:
         limit = len(data) // MIN_ENTRY_BYTES + 1
         for batch in iter_raw_batches(io.BytesIO(data), limit):
             fast = _plain_batch(batch, blob_size)
             if fast is not None:
-                entries.extend(fast)
-                continue
-            for obj in batch:
-                try:
-                    name, start, end = _entry_fields(obj)
-                except ValueError as exc:
-                    found.add(source, NOT_AN_ENTRY, str(exc)[:80])
-                    continue
-                reason = name_problem(name) or _range_problem(start, end, blob_size)
-                if reason:
-                    found.add(source, reason, f"{show(name)} [{show(start)}, {show(end)})")
-                    continue
-                entries.append(BlobMember(name, start, end))
+                names.extend(fast[0])
+                starts.extend(fast[1])
+                ends.extend(fast[2])
+            else:
+                _slow_batch(batch, source, blob_size, found, (names, starts, ends))
     except OffsetsError as exc:
-        index.problems.add(source, FILE_REFUSED, str(exc)[:300])
-        return index
+        out.problems.add(source, FILE_REFUSED, str(exc)[:300])
+        return out
     except Exception as exc:  # hostile input must never take more than its own file down
-        index.problems.add(source, FILE_REFUSED, _why(exc))
-        return index
-    index.problems.merge(found)
-    index.members.extend(entries)
-    return index
+        out.problems.add(source, FILE_REFUSED, _why(exc))
+        return out
+    out.problems.merge(found)
+    out.names, out.starts, out.ends = names, starts, ends
+    return out
+
+
+def _slow_batch(
+    batch: list[Any],
+    source: str,
+    blob_size: int | None,
+    found: Problems,
+    into: tuple[list[str], list[int], list[int]],
+) -> None:
+    """A batch entry by entry: the valid entries go ``into`` the columns, each refused
+    one into ``found`` with its cause."""
+    names, starts, ends = into
+    for obj in batch:
+        try:
+            name, start, end = _entry_fields(obj)
+        except ValueError as exc:
+            found.add(source, NOT_AN_ENTRY, str(exc)[:80])
+            continue
+        reason = name_problem(name) or _range_problem(start, end, blob_size)
+        if reason:
+            found.add(source, reason, f"{show(name)} [{show(start)}, {show(end)})")
+            continue
+        names.append(name)
+        starts.append(start)
+        ends.append(end)
 
 
 #: An offsets file's bytes, as :func:`find_entry` searches them.
@@ -508,17 +569,20 @@ _END = operator.attrgetter("end")
 
 
 def _any_overlap(members: Sequence[BlobMember]) -> bool:
-    """Whether two non-empty ranges overlap: in start order, some range starts before the
-    furthest end of those before it.
+    """Whether two non-empty ranges of ``members`` overlap (see :func:`ranges_overlap`)."""
+    return ranges_overlap(list(map(_START, members)), list(map(_END, members)))
+
+
+def ranges_overlap(starts: Sequence[int], ends: Sequence[int]) -> bool:
+    """Whether two non-empty ranges ``[starts[i], ends[i])`` overlap: in start order,
+    some range starts before the furthest end of those before it.
 
     Offsets files list a tar's members in tar order, so first: if each range ends where
     or before the next one starts, the ranges are in order and disjoint (no sort needed).
     """
-    starts = list(map(_START, members))
-    ends = list(map(_END, members))
     if all(map(operator.le, ends, islice(starts, 1, None))):
         return False
-    spans = sorted((m.start, m.end) for m in members if m.end > m.start)
+    spans = sorted((s, e) for s, e in zip(starts, ends, strict=True) if e > s)
     reach = accumulate((end for _, end in spans), max)
     return not all(map(operator.le, reach, (start for start, _ in islice(spans, 1, None))))
 

@@ -587,15 +587,25 @@ class TableBuilder:
     ) -> tuple[FileTable, list[str]]:
         names = self._names
         in_order = all(map(operator.lt, names, islice(names, 1, None)))
+        dup: set[int] = set()
+        twice: set[bytes] = set()
         if in_order:  # offsets files often list names sorted: no sort, no reordering
             order: Sequence[int] = range(len(names))
             ordered = names
+        elif all(map(_constant, (self._src, self._start, self._size))):
+            # entries that differ only by name (an ordinary folder's): sort the names alone
+            ordered = sorted(names)
+            pace()
+            if len(set(ordered)) != len(ordered):
+                pairs = zip(ordered, islice(ordered, 1, None), strict=False)
+                twice = {a for a, b in pairs if a == b}
+                ordered = [n for n in ordered if n not in twice]
+            order = range(len(ordered))
         else:
             order = sorted(range(len(names)), key=names.__getitem__)
             pace()
             ordered = [names[i] for i in order]
-        dup: set[int] = set()
-        if not in_order and len(set(ordered)) != len(ordered):  # strictly sorted: distinct
+        if not isinstance(order, range) and len(set(ordered)) != len(ordered):
             for k, (a, b) in enumerate(zip(ordered, islice(ordered, 1, None), strict=False)):
                 if a == b:
                     dup.update((order[k], order[k + 1]))
@@ -613,13 +623,20 @@ class TableBuilder:
             lstat,
             _starts_of(ordered, len(joined)),
         )
-        duplicates = sorted({names[i].decode("utf-8", "surrogateescape") for i in dup})
+        duplicates = sorted(
+            {n.decode("utf-8", "surrogateescape") for n in twice.union(map(names.__getitem__, dup))}
+        )
         return table, duplicates
+
+
+def _constant(values: list[int]) -> bool:
+    """Whether every value is the same (or there are none)."""
+    return not values or min(values) == max(values)
 
 
 def _column_in(values: list[int], order: Sequence[int]) -> _Column:
     """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
-    if values and min(values) == max(values):
+    if values and _constant(values):
         return _Column(values[0], None, len(order))
     if isinstance(order, range) and order == range(len(values)):
         column = _Column.of(values)

@@ -36,9 +36,9 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import groupby
+from itertools import chain, groupby, repeat
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 from blobfs.cache.blocks import BlockCache, CachedBlob
 from blobfs.cache.index_store import IndexStore
@@ -47,10 +47,11 @@ from blobfs.errors import BlobfsError, CorruptData, NotFound
 from blobfs.format.offsets import (
     FILE_REFUSED,
     OFFSETS_SUFFIX,
-    OffsetsIndex,
+    OffsetsColumns,
     conflicting,
     find_entry,
-    parse_offsets,
+    parse_offsets_columns,
+    ranges_overlap,
     reject_conflicts,
 )
 from blobfs.format.tarhead import BLOCK, FIELDS_END, TAIL, fields_problem, member_problem
@@ -83,7 +84,6 @@ from blobfs.sources.compact import (
     FileTable,
     TableBuilder,
     building,
-    encode_name,
     pace,
 )
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
@@ -103,6 +103,7 @@ NOT_A_MEMBER = "entry is not a member of the tar"
 _PAYLOAD_LEN = struct.Struct("<I")
 #: Names of an ordinary folder added between two chances for a background build to pause.
 PACE_EVERY = 8192
+_T = TypeVar("_T")
 
 
 #: What quick lookups keep of one dataset: (its key and its offsets files' names, inodes,
@@ -117,6 +118,53 @@ class _Blob:
     problem: str | None
     mtime_ns: int = 0
     rel: str = ""  # inside the project: what the descriptor pool opens
+
+
+@dataclass
+class _Entries:
+    """A dataset's blob images as columns (the i-th name, start and end make one entry),
+    and ``runs``: which blob holds them, as ``(stem, count)`` of consecutive entries.
+    A quarter of a million entries cost three lists, not an object each."""
+
+    names: list[str]
+    starts: list[int]
+    ends: list[int]
+    runs: list[tuple[str, int]]
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[BlobMember, str]]) -> _Entries:
+        runs = [(stem, sum(1 for _ in group)) for stem, group in groupby(map(_SECOND, pairs))]
+        members = list(map(_FIRST, pairs))
+        names, starts, ends = (list(map(f, members)) for f in (_NAME, _START, _END))
+        return cls(names, starts, ends, runs)
+
+    def members(self) -> list[BlobMember]:
+        return list(map(BlobMember, self.names, self.starts, self.ends))
+
+    def per_entry(self, labels: Sequence[_T]) -> list[_T]:
+        """``labels`` (one per run) repeated for each entry of its run."""
+        return list(chain.from_iterable(map(repeat, labels, map(_SECOND, self.runs))))
+
+    def in_doubt(self) -> bool:
+        """Whether a name repeats, or two ranges of one blob overlap (C-level passes):
+        only then are entries checked one by one against the tar."""
+        if len(set(self.names)) != len(self.names):
+            return True
+        by_stem: dict[str, list[range]] = {}
+        at = 0
+        for stem, count in self.runs:
+            by_stem.setdefault(stem, []).append(range(at, at + count))
+            at += count
+        for spans in by_stem.values():
+            if len(spans) == 1:
+                lo, hi = spans[0].start, spans[0].stop
+                starts, ends = self.starts[lo:hi], self.ends[lo:hi]
+            else:
+                starts = [self.starts[i] for r in spans for i in r]
+                ends = [self.ends[i] for r in spans for i in r]
+            if ranges_overlap(starts, ends):
+                return True
+        return False
 
 
 class LocalProjectSource(Source):
@@ -317,21 +365,21 @@ class LocalProjectSource(Source):
 
     # ---- blob images -----------------------------------------------------------------
 
-    def _read_offsets(self, rel: str, blob_size: int | None) -> OffsetsIndex:
+    def _read_offsets(self, rel: str) -> OffsetsColumns:
         """One offsets file, validated; any failure refuses this file only."""
         where = self.fs.where(rel)
         try:
             data = self.fs.read_file(rel, MAX_OFFSETS_FILE_BYTES, "offsets file")
-            return parse_offsets(data, where, blob_size)
+            return parse_offsets_columns(data, where)
         except UnsafeFile as exc:
             reason = exc.reason
         except BlobfsError as exc:
             reason = str(exc)
         except Exception as exc:  # never more than this file: see parse_offsets
             reason = f"{type(exc).__name__}"
-        index = OffsetsIndex()
-        index.problems.add(where, FILE_REFUSED, reason[:300])
-        return index
+        columns = OffsetsColumns()
+        columns.problems.add(where, FILE_REFUSED, reason[:300])
+        return columns
 
     def _blob_images(
         self, key: str, items: list[DirItem], refused: dict[str, str]
@@ -352,7 +400,15 @@ class LocalProjectSource(Source):
     ) -> list[tuple[BlobMember, str]]:
         """Every blob image of the dataset ``key`` that is served, with its blob's stem;
         entries held but refused go into ``refused``."""
-        found: list[tuple[BlobMember, str, str]] = []  # (member, stem, offsets file)
+        entries = self._blob_entries(key, items, refused)
+        stems = entries.per_entry([stem for stem, _ in entries.runs])
+        return list(zip(entries.members(), stems, strict=True))
+
+    def _blob_entries(self, key: str, items: list[DirItem], refused: dict[str, str]) -> _Entries:
+        """Every blob image of the dataset ``key`` that is served, as columns; entries
+        held but refused go into ``refused``."""
+        got = _Entries([], [], [], [])
+        wheres: list[str] = []  # the offsets file of each run
         for item in sorted(items, key=lambda e: e.name):
             if not item.name.endswith(OFFSETS_SUFFIX):
                 continue
@@ -362,14 +418,14 @@ class LocalProjectSource(Source):
             stem = item.name[: -len(OFFSETS_SUFFIX)]
             blob = self._blob(stem)
             rel = f"{key}/{item.name}"
-            index = self._read_offsets(rel, None)
+            columns = self._read_offsets(rel)
             pace()
-            self._sink().merge(index.problems)
+            self._sink().merge(columns.problems)
             where = self.fs.where(rel)
-            if blob.problem and index.members:
-                self._note(where, f"{len(index.members)} images unreadable: {blob.problem}")
+            if blob.problem and len(columns):
+                self._note(where, f"{len(columns)} images unreadable: {blob.problem}")
             elif blob.cached is not None:
-                past = sum(1 for m in index.members if m.end > blob.cached.size)
+                past = sum(map(blob.cached.size.__lt__, columns.ends))
                 if past:
                     self._note(
                         where,
@@ -377,18 +433,25 @@ class LocalProjectSource(Source):
                         "reads of them fail",
                         f"{past} images",
                     )
-            found.extend((m, stem, where) for m in index.members)
+            got.names += columns.names
+            got.starts += columns.starts
+            got.ends += columns.ends
+            got.runs.append((stem, len(columns)))
+            wheres.append(where)
+            del columns
+        if not got.in_doubt():
+            return got  # the common case: no name twice, no ranges overlapping in a blob
+        stems = got.per_entry([stem for stem, _ in got.runs])
+        found = list(zip(got.members(), stems, got.per_entry(wheres), strict=True))
         kept = self._resolve(found, self.fs.where(key))
-        if len(kept) == len(found):  # nothing was in conflict (the common case)
-            return [(m, stem) for m, stem, _ in kept]
         served = {m.name for m, _, _ in kept}
-        seen = Counter(m.name for m, _, _ in found)
+        seen = Counter(got.names)
         for m, _, _ in found:
             if m.name not in served:
                 refused[f"img/{m.name}"] = (
                     "name appears more than once" if seen[m.name] > 1 else "range overlaps another"
                 )
-        return [(m, stem) for m, stem, _ in kept]
+        return _Entries.of([(m, stem) for m, stem, _ in kept])
 
     def _resolve(
         self, found: list[tuple[BlobMember, str, str]], where: str
@@ -554,12 +617,13 @@ class LocalProjectSource(Source):
         offsets files, with no file of that name in ``img/``, within its blob, and that
         the tar's full header says is that member. Bytes are never served from it: a read
         looks the name up in the built index, so a name that the whole folder's checks
-        refuse (a later batch spoiling its file) fails there, with no wrong bytes.
+        refuse (a later batch spoiling its file) fails there, with no wrong bytes. Asked
+        also when the index cache holds the folder: finding one name in the offsets files
+        is quicker than loading and checking the whole cached table, which waits for the
+        first read or listing.
         """
         assert isinstance(dataset.key, str)
         key = dataset.key
-        if self.index_store is not None and self._cached_index_current(key):
-            return None  # loading the cached index is quicker, and settles it
         try:
             if self.fs.lstat(f"{key}/img/{name}") is not None:
                 return None  # both a blob image and a file: refused, the index says so
@@ -624,13 +688,6 @@ class LocalProjectSource(Source):
         finally:
             os.close(fd)
 
-    def _cached_index_current(self, key: str) -> bool:
-        """Whether the index cache holds a current index of ``key`` (not checked)."""
-        store = self.index_store
-        if store is None:
-            return False
-        return store.has(self.fs.where(key), self._index_key(key, self._list(key)))
-
     def _listed(self, build: Any, *args: Any) -> FileTable:
         """``build(*args)`` with its problems logged once it is done (one line each); a
         folder listed again (after an import) logs only what is new."""
@@ -664,9 +721,10 @@ class LocalProjectSource(Source):
             self._refuse_item(rel, item)
         src = builder.source(EntrySource(FOLDER, rel))
         pace()
+        wanted = operator.methodcaller("endswith", suffix)
         for at in range(0, len(names), PACE_EVERY):
             chunk = names[at : at + PACE_EVERY]
-            builder.add_names((encode_name(n) for n in chunk if n.endswith(suffix)), src)
+            builder.add_names(_encode_names(list(filter(wanted, chunk)) if suffix else chunk), src)
             pace()
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
@@ -717,26 +775,23 @@ class LocalProjectSource(Source):
         with building():
             self._capture.sink = collected
             try:
-                members = self._blob_members(key, items, refused)
+                entries = self._blob_entries(key, items, refused)
             finally:
                 self._capture.sink = None
             builder = TableBuilder("img/")
-            sources: dict[str, int] = {}
-            for stem in dict.fromkeys(stem for _, stem in members):
+            src: list[int] = []
+            for stem, count in entries.runs:
                 blob = self._blobs[stem]
                 version = blob.cached.version if blob.cached else ""
-                sources[stem] = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
+                at = builder.source(EntrySource(BLOB, stem, version, blob.mtime_ns))
+                src += repeat(at, count)
             pace()
-            only = [m for m, _ in members]
-            starts = list(map(_START, only))
+            names, starts, ends = entries.names, entries.starts, entries.ends
+            del entries
             builder.add_many(
-                _encode_names(list(map(_NAME, only))),
-                [sources[stem] for _, stem in members],
-                starts,
-                list(map(operator.sub, map(_END, only), starts)),
+                _encode_names(names), src, starts, list(map(operator.sub, ends, starts))
             )
-            del only, starts
-            del members
+            del names, starts, ends, src
             table, _ = builder.build()  # names were de-duplicated by _resolve
             del builder
         self._problems.merge(collected)

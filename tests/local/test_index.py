@@ -89,7 +89,7 @@ def test_a_remount_of_an_unchanged_project_reads_no_offsets_file(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("an offsets file was parsed")
 
-    monkeypatch.setattr("blobfs.sources.project_dir.parse_offsets", refuse)
+    monkeypatch.setattr("blobfs.sources.project_dir.parse_offsets_columns", refuse)
     again = source(small.root, IndexStore(store_dir))
     view = ProjectView(again)
     for d in range(3):
@@ -187,6 +187,36 @@ def test_a_stat_before_the_index_is_built_is_answered_from_the_offsets_alone(
     assert src.index_builds == 1
     assert view.read_path(path, 0, 1 << 20) == small.expected(2, 1500)
     assert src.quick_lookups == 1  # the folder is loaded now: no quick answer needed
+
+
+def test_a_stat_with_a_cached_index_is_answered_quickly_and_the_same(
+    small: ScaleProject, tmp_path: Path
+) -> None:
+    """With the folder's index in the cache, a ``stat`` before the folder is loaded still
+    takes the quick answer (one name found in the offsets files; the cached table is not
+    read): the same attributes the loaded index gives, and the same misses."""
+    store = IndexStore(tmp_path / "cache")
+    assert ProjectView(source(small.root, store)).preload()[0] == 3 + 1 + 3 * 2
+    names = ["/" + small.path(d, i) for d in range(3) for i in (0, 777, 1999)]
+    missing = ["/a/img/small-image-0009999.png", "/b/img/nothing.png"]
+    quick = source(small.root, IndexStore(tmp_path / "cache"))
+    view = ProjectView(quick)
+    answers = [view.getattr(path) for path in names]
+    assert quick.quick_lookups == len(names) and quick.index_builds == 0
+    store_stats = quick.stats()["index"]
+    assert isinstance(store_stats, dict) and store_stats["cache"]["hits"] == 0  # not loaded
+    loaded = source(small.root, IndexStore(tmp_path / "cache"))
+    full = ProjectView(loaded)
+    for ds in ("a", "b", "c"):
+        full.readdir(f"/{ds}/img")
+    assert [full.getattr(path) for path in names] == answers
+    assert loaded.quick_lookups == 0 and loaded.index_builds == 0  # from the cache
+    for path in missing:
+        with pytest.raises(NotFound):
+            view.getattr(path)
+        with pytest.raises(NotFound):
+            full.getattr(path)
+    assert view.read_path(names[1], 0, 1 << 20) == small.expected(0, 777)
 
 
 def test_a_burst_of_stats_before_the_index_reads_the_offsets_files_once(
@@ -395,7 +425,7 @@ def test_stat_right_after_mounting_200000_images_is_quick_and_a_remount_quicker(
         index = stats(mnt)["index"]
         assert isinstance(index, dict)
         assert index["builds"] == (2 if run == 0 else 0)  # both datasets were read
-        assert index["quick_lookups"] == (1 if run == 0 else 0)  # the stat, before them
+        assert index["quick_lookups"] == 1  # the stat, before them (cached index or not)
         assert proc.unmount(30) == 0
     assert timings[0] < 20, timings
     assert timings[1] < 1.5, timings
@@ -539,3 +569,33 @@ def test_a_huge_folder_lists_names_and_its_files_are_looked_up_when_used(
         )
     looked_up = getattrs() - before
     assert 50 <= looked_up < 50 + 5, looked_up  # the huge folder's only (+ stats files)
+
+
+def test_a_folder_scan_keeps_regular_files_and_says_what_the_rest_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ann/`` is scanned by directory entry type in bulk: regular files by name, every
+    other entry ``lstat``-ed for its message, in chunks (a small chunk here)."""
+    from blobfs import safe_open
+
+    monkeypatch.setattr(safe_open, "LIST_CHUNK", 3)
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    files = {f"f{i}.json" for i in range(8)} | {"\udcff.json"}
+    for name in files:
+        (folder / name).write_bytes(b"{}")
+    (folder / "link.json").symlink_to(folder / "f0.json")
+    os.mkfifo(folder / "pipe.json")
+    (folder / "sub").mkdir()
+    root = safe_open.ProjectRoot(tmp_path)
+    try:
+        names, others = root.list_regular("ann")
+    finally:
+        root.close()
+    assert sorted(names) == sorted(files) and len(names) == len(files)
+    kinds = {item.name: safe_open.describe(item.mode) for item in others}
+    assert kinds == {
+        "link.json": "a symlink (not followed)",
+        "pipe.json": "a FIFO",
+        "sub": "a directory",
+    }

@@ -29,6 +29,7 @@ from blobfs.sources.compact import (
     encode_name,
     table_of,
 )
+from blobfs.sources.project_dir import _Entries
 
 BLOBS = [EntrySource(BLOB, f"blob{i}", f"v{i}", 1_700_000_000_000_000_000 + i) for i in range(3)]
 
@@ -148,6 +149,21 @@ def test_names_added_twice_are_left_out_both() -> None:
         builder.add(encode_name(name), src, start, 5)
     table, duplicates = builder.build()
     assert list(table) == ["b", "c"] and duplicates == ["a"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "é", "x" * 255, "\udcff", "a.json"]), max_size=12))
+def test_an_ordinary_folder_is_sorted_by_name_and_repeats_left_out(listed: list[str]) -> None:
+    """Entries with a name only (a folder's files, in directory order) are sorted as
+    their encoded bytes, and a name listed twice is left out (both), as any table's."""
+    folder = EntrySource(FOLDER, "/f")
+    builder = TableBuilder("ann/")
+    builder.add_names([encode_name(n) for n in listed], builder.source(folder))
+    table, duplicates = builder.build()
+    once = [n for n in set(listed) if listed.count(n) == 1]
+    assert list(table) == sorted(once, key=encode_name)
+    assert duplicates == sorted(n for n in set(listed) if listed.count(n) > 1)
+    assert [table.index_of(n) for n in list(table)] == list(range(len(table)))
 
 
 def test_columns_take_the_narrowest_type() -> None:
@@ -378,3 +394,9 @@ def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
         for i, j in pairs
     )
     assert clean == (not repeated and not overlapping)
+    # the listing's own check, on the columns of the same entries
+    entries = _Entries.of([(m, stem) for m, stem, _ in found])
+    assert entries.members() == members and entries.per_entry(["x"] * len(entries.runs)) == [
+        "x"
+    ] * len(members)
+    assert entries.in_doubt() == (repeated or overlapping)

@@ -95,6 +95,20 @@ def test_the_batch_fast_path_accepts_and_refuses_exactly_what_the_entry_checks_d
     assert fast.problems.lines() == slow.problems.lines()
 
 
+def test_a_parse_into_columns_gives_the_members() -> None:
+    """The columns the project source indexes are what the members are, batch after
+    batch, and a file refused whole gives none."""
+    items = [
+        BlobMember(f"n{i:05d}.png", 512 * (2 * i + 1), 512 * (2 * i + 1) + 9) for i in range(25)
+    ]
+    data = b"".join(dumps_batch(items[at : at + 10]) for at in range(0, 25, 10))
+    columns = offsets.parse_offsets_columns(data, "x")
+    assert columns.members() == items == parse_offsets(data, "x").members
+    assert (columns.names, columns.starts) == ([m.name for m in items], [m.start for m in items])
+    refused = offsets.parse_offsets_columns(data + b"\x80\x02cos\nsystem\n.", "x")
+    assert len(refused) == 0 and refused.problems.lines()  # the whole file, as parse_offsets
+
+
 _quick_names = ["q1", "q2", "q1q", "é.q", "x" * 256, "", "q/1", "\ud800"]
 _quick_entries = st.lists(
     st.tuples(st.sampled_from(_quick_names), st.integers(-2, 50), st.integers(-2, 50)),
