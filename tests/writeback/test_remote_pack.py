@@ -29,6 +29,9 @@ class _StopAtUpload:
     def upload_team_file(self, *args: Any) -> int:
         raise RuntimeError("stop before upload")
 
+    def mark_blob_project(self, project_id: int) -> None:
+        pass
+
 
 def _done(value: T) -> Future[T]:
     future: Future[T] = Future()
@@ -63,6 +66,7 @@ def test_the_tar_and_its_folder_are_flushed_before_the_manifest_says_packed(
     importer = object.__new__(RemoteImporter)
     importer.api = _StopAtUpload()  # type: ignore[assignment]
     importer._team_id = 1
+    importer.project_id = 1
     with pytest.raises(RuntimeError, match="stop before upload"):
         importer._import_images(spool, batch, files, _done((1, {})), _done(1))
     folder = str(spool.batches_dir / "b1")
