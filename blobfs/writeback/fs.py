@@ -497,7 +497,7 @@ class WritebackFS:
         handle.synced = durable
         logger.debug("staged %s%s", handle.path, " durably" if durable else "")
         if was_dirty:
-            self.queue.staged(size)
+            self.queue.staged(size, handle.path)
 
     def release(self, fh: int) -> None:
         with self._wlock:
@@ -532,7 +532,7 @@ class WritebackFS:
         for handle in list(self._writers.values()):
             if handle.path == old:
                 handle.path = new
-        self.queue.staged(0)
+        self.queue.staged(0, new)
 
     def mkdir(self, path: str) -> None:
         parts = split_path(path)

@@ -100,22 +100,33 @@ class RemoteImporter:
             self.api.update_meta(self.project_id, json.loads(spool.batch_bytes(batch, meta)))
         if not batch.dataset:
             return
-        dataset = self.dataset_id(batch.dataset)
-        # what the annotations step sends, made while the tar uploads (the upload waits
-        # on the network, this on the CPU): the staged annotations, and an empty one
-        # with its image's size for an image without one
-        by_name: dict[str, Any] = {}
-        for view_path in images:
-            name = view_path.rsplit("/", 1)[1]
-            if name not in anns:
-                width, height = _image_size(spool.batch_source(batch, view_path), name)
-                by_name[name] = empty_annotation(width, height)
-        if images:
-            self._import_images(
-                spool, batch, images, dataset, lambda: _read_anns(spool, batch, anns, by_name)
-            )
-        else:
-            _read_anns(spool, batch, anns, by_name)
+        with ThreadPoolExecutor(2, thread_name_prefix="blobfs-prepare") as pool:
+            # the round trips that need no tar run while it is packed (at 50 ms each one
+            # in turn is what the flush would otherwise wait for): the dataset and the
+            # names it already has, and the team the tar goes to
+            target = pool.submit(self._target, batch.dataset, bool(images))
+            team = pool.submit(self.team_id) if images and batch.state != "registered" else None
+            # what the annotations step sends, made while the tar uploads (the upload
+            # waits on the network, this on the CPU): the staged annotations, and an empty
+            # one with its image's size for an image without one
+            by_name: dict[str, Any] = {}
+            for view_path in images:
+                name = view_path.rsplit("/", 1)[1]
+                if name not in anns:
+                    width, height = _image_size(spool.batch_source(batch, view_path), name)
+                    by_name[name] = empty_annotation(width, height)
+            if images:
+                self._import_images(
+                    spool,
+                    batch,
+                    images,
+                    target,
+                    team,
+                    lambda: _read_anns(spool, batch, anns, by_name),
+                )
+            else:
+                _read_anns(spool, batch, anns, by_name)
+            dataset, _ = target.result()
         existing = dict(batch.image_ids)
         if any(name not in existing for name in by_name):
             existing = {img.name: img.id for img in self.api.images(dataset)}
@@ -133,46 +144,70 @@ class RemoteImporter:
             dataset,
         )
 
+    def _target(self, path: list[str], images: bool) -> tuple[int, dict[str, int]]:
+        """(id of the dataset at ``path``, name -> id of the images it has now when the
+        batch has images). The names are read before this batch registers anything: what
+        an earlier attempt of it registered is then skipped."""
+        dataset = self.dataset_id(path)
+        if not images:
+            return dataset, {}
+        return dataset, {img.name: img.id for img in self.api.images(dataset)}
+
     def _import_images(
         self,
         spool: Spool,
         batch: Batch,
         images: list[str],
-        dataset: int,
+        target: Future[tuple[int, dict[str, int]]],
+        team: Future[int] | None,
         meanwhile: Callable[[], None] = lambda: None,
     ) -> None:
         """Pack, upload, register (each step once, saved in the manifest); ``meanwhile``
-        runs on this thread while the tar and its offsets upload."""
+        runs on this thread while the tar and its offsets upload. ``target`` is the
+        dataset and the names it had before this batch registered anything, ``team`` the
+        team whose files get the tar (None once the batch is registered)."""
         tar_path = spool.batches_dir / batch.id / f"{batch.stem}.tar"
         if batch.state == "new":
             batch.members = self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
             spool.save_batch(batch)
+        marked = False
         if batch.state != "packed":
             meanwhile()
         else:
-            team = self.team_id()
+            assert team is not None
             offsets = self._write_offsets(batch, tar_path)
-            with ThreadPoolExecutor(2, thread_name_prefix="blobfs-upload") as pool:
+            team_id = team.result()
+            with ThreadPoolExecutor(3, thread_name_prefix="blobfs-upload") as pool:
                 uploads: list[Future[int]] = [
                     pool.submit(
-                        self.api.upload_team_file, team, TEAM_FILES_BLOB_DIR, path.name, str(path)
+                        self.api.upload_team_file,
+                        team_id,
+                        TEAM_FILES_BLOB_DIR,
+                        path.name,
+                        str(path),
                     )
                     for path in (tar_path, offsets)
                 ]
+                # the flag the SDK's upload_by_offsets sets; idempotent, so set while the
+                # tar uploads
+                mark = pool.submit(self.api.mark_blob_project, self.project_id)
                 meanwhile()
                 batch.team_file_id = uploads[0].result()
                 uploads[1].result()
+                mark.result()
+                marked = True
             failpoint("remote-after-upload")
             batch.state = "uploaded"
             spool.save_batch(batch)
         if batch.state == "uploaded":
             assert batch.team_file_id is not None
-            have = {img.name: img.id for img in self.api.images(dataset)}
+            dataset, have = target.result()
             todo = [
                 (str(n), int(str(s)), int(str(e))) for n, s, e in batch.members if n not in have
             ]
-            self.api.mark_blob_project(self.project_id)
+            if not marked:  # a batch resumed after its upload
+                self.api.mark_blob_project(self.project_id)
             team_file = batch.team_file_id
             added: dict[str, int] = {}
             chunks = [todo[i : i + REGISTER_BATCH] for i in range(0, len(todo), REGISTER_BATCH)]

@@ -58,8 +58,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from blobfs.errors import Busy
-from blobfs.format.pack import InlineFile, fsync_dir, write_atomic
+from blobfs.errors import Busy, CorruptData
+from blobfs.format.pack import InlineFile, fsync_dir, open_source, write_atomic
+from blobfs.transport.local import pread_exact
 from blobfs.writeback import journal
 from blobfs.writeback.journal import Journal, JournalFull, Kind, Record
 
@@ -188,21 +189,12 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    data = _read_all_at(fd, size, offset)
-    if len(data) != size:
-        raise OSError(errno.EIO, f"spool: a held file is cut short ({len(data)} of {size})")
-    return data
-
-
-def _read_all_at(fd: int, size: int, offset: int) -> bytes:
-    parts, done = [], 0
-    while done < size:
-        chunk = os.pread(fd, size - done, offset + done)
-        if not chunk:
-            break
-        parts.append(chunk)
-        done += len(chunk)
-    return b"".join(parts)
+    """A held file's bytes; a short or failed read is the spool's I/O error (``EIO``,
+    what every caller of the spool handles), not the project's corrupt data."""
+    try:
+        return pread_exact(fd, "a held file in the spool", offset, offset + size)
+    except CorruptData as exc:
+        raise OSError(errno.EIO, f"spool: {exc}") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -1133,8 +1125,9 @@ class Spool:
         return InlineFile(view_path.rsplit("/", 1)[1], data, mtime_ns / 1e9)
 
     def batch_bytes(self, batch: Batch, view_path: str) -> bytes:
-        source = self.batch_source(batch, view_path)
-        return source.data if isinstance(source, InlineFile) else source.read_bytes()
+        stream, _, _ = open_source(self.batch_source(batch, view_path))
+        with stream:
+            return stream.read()
 
     def open_batches(self) -> list[Batch]:
         """Batches left by an earlier run (oldest first), to be finished before new ones."""

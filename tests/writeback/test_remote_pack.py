@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tarfile
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,12 +20,23 @@ from blobfs.writeback.remote import RemoteImporter
 from blobfs.writeback.spool import Batch, Spool
 from tests.support.sample import png_bytes
 
+T = TypeVar("T")
+
 
 class _StopAtUpload:
     """The part of the write API the packing step reaches; the upload ends the test."""
 
     def upload_team_file(self, *args: Any) -> int:
         raise RuntimeError("stop before upload")
+
+    def mark_blob_project(self, project_id: int) -> None:
+        pass
+
+
+def _done(value: T) -> Future[T]:
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future
 
 
 def test_the_tar_and_its_folder_are_flushed_before_the_manifest_says_packed(
@@ -54,8 +66,9 @@ def test_the_tar_and_its_folder_are_flushed_before_the_manifest_says_packed(
     importer = object.__new__(RemoteImporter)
     importer.api = _StopAtUpload()  # type: ignore[assignment]
     importer._team_id = 1
+    importer.project_id = 1
     with pytest.raises(RuntimeError, match="stop before upload"):
-        importer._import_images(spool, batch, files, dataset=1)
+        importer._import_images(spool, batch, files, _done((1, {})), _done(1))
     folder = str(spool.batches_dir / "b1")
     tar = f"{folder}/ds_stem.tar"
     saved = events.index(("save", "packed"))
