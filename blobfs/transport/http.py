@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -54,6 +55,24 @@ class _Transient(Exception):
     """A failure worth retrying (wraps the reason)."""
 
 
+def _settle_environment(session: requests.Session, url: str) -> None:
+    """Read the proxy and CA bundle settings of the environment once, for the one server
+    this session talks to, instead of at every request.
+
+    With ``trust_env`` (requests' default) every request scans the whole environment for
+    proxies and ``stat`` s the netrc files and the CA bundle: a large share of the CPU of a
+    small request, paid hundreds of times by one listing. The settings a user gives
+    (``HTTPS_PROXY``/``NO_PROXY``, ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``) keep their
+    effect; a netrc entry is no longer sent as a Basic ``Authorization`` header (the API
+    token is the credential).
+    """
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
+
+
 class HttpClient:
     """A ``requests.Session`` for one server: auth header, pool, retries, timeouts."""
 
@@ -79,6 +98,7 @@ class HttpClient:
         self._session.mount("https://", adapter)
         self._session.headers["x-api-key"] = token
         self._session.headers["User-Agent"] = "blobfs"
+        _settle_environment(self._session, self.base)
         self.requests = 0
         self.retried = 0
         self._count_lock = threading.Lock()

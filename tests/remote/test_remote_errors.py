@@ -189,6 +189,38 @@ def test_no_message_carries_the_token_or_url_credentials(emulator: Emulator) -> 
     assert "connection refused: http://127.0.0.1:" in str(info.value)
 
 
+def test_the_environment_proxy_and_no_proxy_still_apply(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment is read once per client (not per request), with the same effect."""
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(1)
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = proxy.accept()
+        seen.append(conn.recv(4096))
+        conn.close()  # no answer: the client fails, having gone through the proxy
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    via_proxy = HttpClient(emulator.url, TOKEN, retries=0)
+    with pytest.raises(RemoteError):
+        via_proxy.post_json("projects.info", {"id": 1})
+    thread.join(5)
+    proxy.close()
+    assert seen and seen[0].startswith(f"POST {emulator.url}/public/api/v3/".encode()), seen
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = HttpClient(emulator.url, TOKEN, retries=0)
+    with pytest.raises(RemoteError, match=r"not found|404"):
+        direct.post_json("projects.info", {"id": 987654})  # the server itself answered
+
+
 # ---- item: every operation has a deadline ---------------------------------------------
 
 
