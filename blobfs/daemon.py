@@ -99,8 +99,8 @@ def build_remote_source(config: MountConfig, cache: BlockCache) -> RemoteProject
     """
     from blobfs.credentials import resolve
     from blobfs.sly.api import SuperviselyApi, pool_size
+    from blobfs.sources.prefetch import start_prefetch
     from blobfs.sources.remote import READAHEAD_MAX_BYTES, RemoteProjectSource
-    from blobfs.sources.remote_io import start_prefetch
     from blobfs.transport.http import HttpClient
 
     project_id = parse_project_id(config.source)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
-from typing import assert_never
+from typing import Protocol, assert_never
 
 from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
@@ -54,7 +54,7 @@ from blobfs.sources.base import FolderEntries, FolderLoaders, Source
 from blobfs.sources.compact import building
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
-from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher
+from blobfs.sources.remote_io import DemandGate, PatternReader
 from blobfs.transport.base import RangeReader
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,19 @@ def iso_to_ns(text: str) -> int:
         return 0
 
 
+class Warming(Protocol):
+    """What the source needs of ``--prefetch`` (:mod:`blobfs.sources.prefetch`, a layer
+    above it): its progress for ``blobfs stats``, and a way to stop it at unmount."""
+
+    def progress(self) -> dict[str, object]:
+        """Counts so far (datasets, annotations, blob bytes) and the state."""
+        ...
+
+    def stop(self) -> None:
+        """Ask the background walk to end; it stops at its next step."""
+        ...
+
+
 class RemoteProjectSource(Source):
     """One remote project; see the module docstring for what is fetched when."""
 
@@ -100,7 +113,7 @@ class RemoteProjectSource(Source):
         #: Where a blob whose server ignores Range is downloaded whole (None: the temp dir).
         self.spill_dir = spill_dir
         self.gate = DemandGate()
-        self.prefetcher: Prefetcher | None = None
+        self.prefetcher: Warming | None = None
         self._blobs: dict[int, CachedBlob | str] = {}
         self._images: dict[int, CachedBlob] = {}
         self.anns = AnnotationCache(api)
