@@ -1,7 +1,7 @@
 """Writeback durability, long version: N kill -9 trials at random moments (default 200).
 
     python bench/crash_trials.py [--trials 200] [--seed 1] [--mode default|sync-close]
-                                 [--power-cut]
+                                 [--power-cut] [--files 80]
 
 Each trial (the suite runs the same, see tests/writeback/test_crash.py): a fresh project,
 a writeback mount with a short delay, a writer that copies images one by one and records
@@ -53,7 +53,9 @@ class Outcome:
     cut_bytes: int = 0  # journal bytes past its last flush when the power was cut
 
 
-def trial(n: int, rng: random.Random, base: Path, mode: str, power_cut: bool) -> Outcome:
+def trial(
+    n: int, rng: random.Random, base: Path, mode: str, power_cut: bool, files: int = 80
+) -> Outcome:
     """One trial: what was acknowledged, lost, duplicated, and the first failure."""
     tmp = base / f"t{n}"
     tmp.mkdir()
@@ -73,7 +75,8 @@ def trial(n: int, rng: random.Random, base: Path, mode: str, power_cut: bool) ->
         delay_s=3600 if power_cut else rng.choice([0.02, 0.1, 0.3]),
         env=power_cut_env(cut_log) if power_cut else None,
     )
-    seeds = range(10_000 + 1000 * n, 10_000 + 1000 * n + 80)
+    first = 10_000 + max(1000, files) * n
+    seeds = range(first, first + files)
     acked: list[int] = []
     cut_removed = cut_bytes = 0
     stop = threading.Event()
@@ -118,13 +121,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--mode", choices=["default", "sync-close"], default="default")
     parser.add_argument("--power-cut", action="store_true")
+    parser.add_argument(
+        "--files", type=int, default=80, help="files each writer copies (more: kills mid-copy)"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     base = Path(tempfile.mkdtemp(prefix="blobfs-crash-"))
     failures, acked_total, lost_total, dup_total, removed, unflushed = [], 0, 0, 0, 0, 0
     start = time.monotonic()
     for n in range(args.trials):
-        outcome = trial(n, rng, base, args.mode, args.power_cut)
+        outcome = trial(n, rng, base, args.mode, args.power_cut, args.files)
         acked_total += outcome.acked
         lost_total += outcome.lost
         dup_total += outcome.duplicated
@@ -141,7 +147,7 @@ def main() -> int:
         f"{len(failures)} trials with a lost or duplicated image"
         + (
             f" (the cuts removed {removed} spool entries and dropped or garbled "
-            f"{unflushed} unflushed journal bytes)"
+            f"{unflushed} journal bytes written after its last flush)"
             if args.power_cut
             else ""
         )

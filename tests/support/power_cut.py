@@ -34,7 +34,7 @@ PAGE = 4096
 
 @dataclass
 class Cut:
-    """What the cut dropped: entries removed, journal bytes past the flushed mark."""
+    """What the cut dropped: entries removed, journal bytes written past the flushed mark."""
 
     removed: list[str]
     unflushed_bytes: int
@@ -92,9 +92,14 @@ def cut_power(spool: Path, log: Path, rng: random.Random | None = None) -> Cut:
 
 
 def _garble(path: str, flushed: int, flushed_size: int, rng: random.Random | None) -> int:
-    """Play the cut on one journal file; returns how many bytes were past ``flushed``."""
+    """Play the cut on one journal file; returns how many bytes were written past
+    ``flushed`` (up to the last one that is not zero: the zeros ahead of use do not
+    count)."""
     size = os.path.getsize(path)
     flushed = min(flushed, size)
+    with open(path, "rb") as f:
+        f.seek(flushed)
+        written = len(f.read().rstrip(b"\0"))
     keep = size
     if size > flushed_size and (rng is None or rng.random() < 0.5):
         keep = max(flushed, flushed_size)  # the growth was never flushed
@@ -108,7 +113,7 @@ def _garble(path: str, flushed: int, flushed_size: int, rng: random.Random | Non
                 f.seek(offset)
                 f.write(bytes(end - offset) if fate == "zero" else rng_bytes(rng, end - offset))
             offset = end
-    return size - flushed
+    return written
 
 
 def rng_bytes(rng: random.Random | None, n: int) -> bytes:
