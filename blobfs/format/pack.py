@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from blobfs.errors import InvalidInput
-from blobfs.failpoints import failpoint
+from blobfs.failpoints import failpoint, note_dir_synced
 from blobfs.format.images import image_size
 from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
 from blobfs.layout import name_problem
@@ -175,6 +175,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    note_dir_synced(path)
 
 
 def finish_tar(writer: TarBlobWriter, stream: IO[bytes], tmp: Path, final: Path) -> None:

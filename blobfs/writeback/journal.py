@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from blobfs.failpoints import note_journal_synced
+
 HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sQI")
 _HEADER_MAGIC = b"BLOBFSJ\x01"
@@ -89,6 +91,8 @@ class Journal:
             self._write_header(1)
         else:
             self._generation = generation
+        # what a new run finds is what the last one left on disk
+        self._synced(self._prepared if generation is not None else HEADER_SIZE)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -139,6 +143,8 @@ class Journal:
             os.fdatasync(self._fd)
         start = self._end + _RECORD.size + len(p1) + len(p2)
         self._end = end
+        if sync:
+            self._synced()
         return start
 
     def fits(self, path: str, data_size: int) -> bool:
@@ -160,6 +166,7 @@ class Journal:
         """
         self._write_header(self._generation + 1)
         self._end = HEADER_SIZE
+        self._synced()  # what lies past the header is an older generation's: never replayed
 
     def shrink(self, keep: int = HEADER_SIZE) -> None:
         """Give the zeroed space past ``keep`` bytes back to the file system (only while
@@ -171,6 +178,17 @@ class Journal:
         os.ftruncate(self._fd, keep)
         os.fsync(self._fd)
         self._prepared = keep
+        self._synced()
+
+    def synced(self) -> None:
+        """The spool flushed the journal's file system (``syncfs``): every record so far
+        is durable."""
+        self._synced()
+
+    def _synced(self, durable: int | None = None) -> None:
+        """Tell the power-cut trials (``blobfs/failpoints.py``) how far the file is on
+        disk: they drop what a power cut may drop, the bytes past this mark."""
+        note_journal_synced(self.path, self._end if durable is None else durable, self._prepared)
 
     @property
     def prepared(self) -> int:
@@ -195,6 +213,7 @@ class Journal:
             os.ftruncate(self._fd, self._prepared)
             raise
         self._prepared = offset
+        self._synced()
 
     def _write_header(self, generation: int) -> None:
         head = _HEADER.pack(_HEADER_MAGIC, generation, 0)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from blobfs.errors import Busy, CorruptData
+from blobfs.failpoints import note_tree_synced
 from blobfs.format.pack import InlineFile, fsync_dir, open_source, write_atomic
 from blobfs.transport.local import pread_exact
 from blobfs.writeback import journal
@@ -363,6 +364,9 @@ class Spool:
         self, root: str | os.PathLike[str], journal_capacity: int = journal.CAPACITY
     ) -> None:
         self.root = Path(root)
+        new = not self.root.is_dir()
+        if not new:  # what a new mount finds is on disk (power-cut trials)
+            note_tree_synced(self.root)
         for sub in ("tmp", "staged", "batches"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
@@ -376,6 +380,12 @@ class Spool:
         self.batches_dir = self.root / "batches"
         self._lock = threading.RLock()
         self._journal = Journal(self.root / "journal", journal_capacity)
+        # The journal's own name, and the spool's folders, must survive a power cut before
+        # any record in it is acknowledged as durable: an fsync'd file's record is not
+        # enough while the journal's directory entry may be lost with the page cache.
+        fsync_dir(self.root)
+        if new:
+            fsync_dir(self.root.parent)
         self._journaled: set[str] = set()  # view paths the journal's records touch
         self._held: dict[str, Held] = {}
         self._held_dirs: dict[str, set[str]] = {}  # folder view path -> names held in it
@@ -467,8 +477,7 @@ class Spool:
             if self._journal.empty and not self._unsynced:
                 return  # every journaled path has a record: nothing to retire
             self._materialise()
-            syncfs(self.root)
-            self._unsynced = False
+            self._syncfs()
             if self._journal.empty:
                 return
             self._journal.reset()
@@ -504,6 +513,14 @@ class Spool:
                 raise
             self._unhold(view_path)
 
+    def _syncfs(self) -> None:
+        """One ``syncfs`` of the spool's file system: everything in it is durable now,
+        the journal's unflushed records too (the power-cut trials are told so)."""
+        syncfs(self.root)
+        self._unsynced = False
+        note_tree_synced(self.root)
+        self._journal.synced()
+
     def sync(self) -> None:
         """Make everything staged so far survive a power cut (``fsync`` of a file that is
         not open for writing, ``blobfs flush``): one ``syncfs``, which flushes the
@@ -511,8 +528,7 @@ class Spool:
         in them."""
         with self._lock:
             if self._unsynced:
-                syncfs(self.root)
-                self._unsynced = False
+                self._syncfs()
 
     def _journal_touches(self, paths: Iterable[str], tree: bool = False) -> bool:
         """Whether a replay could touch any of ``paths`` (with ``tree``, anything below
@@ -613,8 +629,7 @@ class Spool:
         with self._lock:
             if not self._journal.empty or self._unsynced:
                 self._materialise()
-                syncfs(self.root)
-                self._unsynced = False
+                self._syncfs()
                 self._journal.reset()
                 self._journaled.clear()
             if self._journal.prepared > keep:
@@ -1045,8 +1060,7 @@ class Spool:
 
             fd = self._retry_on_enospc(build)
             # the copies, the links' files and the journal before the manifest names them
-            syncfs(self.root)
-            self._unsynced = False
+            self._syncfs()
             try:
                 self.save_batch(batch)
             except BaseException:

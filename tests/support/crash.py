@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from blobfs.cache.blocks import BlockCache
 from blobfs.commands.check import check_project
+from blobfs.format.offsets import _entry_fields, iter_raw_entries
 from blobfs.sources.project_dir import LocalProjectSource
 from blobfs.view.tree import ProjectView
 from tests.support import harness
@@ -29,24 +31,30 @@ def project_images(root: Path) -> dict[str, bytes]:
 
 
 def write_until_dead(
-    img_dir: Path, seeds: range, acked: list[int], stop: threading.Event, fsync: bool = False
+    img_dir: Path,
+    seeds: range,
+    acked: list[int],
+    stop: threading.Event,
+    fsync: Callable[[int], bool] | None = None,
 ) -> None:
     """Write ``c_<seed>.png`` one by one; a seed is acknowledged once its ``close()``
-    returned, or with ``fsync`` once its ``fsync()`` returned (durable). Stops at the
-    first error (the daemon died) or when ``stop`` is set."""
+    returned. With ``fsync`` (which seeds to ``fsync`` before the close) only those are
+    acknowledged, once ``fsync()`` returned (durable: what a power cut must keep). Stops
+    at the first error (the daemon died) or when ``stop`` is set."""
     for seed in seeds:
         if stop.is_set():
             return
+        synced = fsync is not None and fsync(seed)
         try:
             with open(img_dir / f"c_{seed:05d}.png", "wb") as f:
                 f.write(png_bytes(seed))
-                if fsync:
+                if synced:
                     f.flush()
                     os.fsync(f.fileno())
                     acked.append(seed)  # fsync() returned: durable
         except OSError:
             return
-        if not fsync:
+        if fsync is None:
             acked.append(seed)  # close() returned: the write is acknowledged
 
 
@@ -70,3 +78,15 @@ def recover_and_verify(
         got = served.get(f"/ds/img/c_{seed:05d}.png")
         assert got is None or got == png_bytes(seed), (trial, seed)
     assert check_project(project).problems == [], trial
+
+
+def tally(project: Path, seeds: range, acked: list[int]) -> tuple[int, int]:
+    """``(lost, duplicated)`` after a recovery: acknowledged seeds not served with their
+    bytes, and names listed more than once across the dataset's offsets files."""
+    served = project_images(project)
+    lost = sum(served.get(f"/ds/img/c_{seed:05d}.png") != png_bytes(seed) for seed in acked)
+    names: list[str] = []
+    for offsets in (project / "ds").glob("*_offsets.pkl"):
+        with open(offsets, "rb") as f:
+            names.extend(str(_entry_fields(e)[0]) for e in iter_raw_entries(f))
+    return lost, len(names) - len(set(names))

@@ -5,8 +5,8 @@ at a named step of the import through a failpoint), remounts the same source wit
 spool, flushes and unmounts. Then every image whose ``close()`` returned must be in the
 project exactly once with its bytes, and nothing else may be half there. These run with the
 default durability (``close()`` does not flush: a killed daemon leaves the bytes in the
-kernel); a power cut, which drops what the kernel held, is played for ``fsync``'d files and
-for ``--sync-close``.
+kernel); a power cut, which drops what no sync covered (``tests/support/power_cut.py``), is
+played for ``fsync``'d files and for ``--sync-close``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import harness
-from tests.support.crash import recover_and_verify, write_until_dead
+from tests.support.crash import project_images, recover_and_verify, write_until_dead
+from tests.support.power_cut import cut_power
+from tests.support.power_cut import env as cut_env
 from tests.support.sample import png_bytes
 
 pytestmark = pytest.mark.fuse
@@ -132,11 +134,13 @@ def test_a_power_cut_after_fsync_loses_nothing(
     project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     """``kill -9`` keeps the kernel's page cache; a power cut does not. With the default
-    durability a file is safe from it once ``fsync()`` returned: play the worst case by
-    wiping every staged file the kill leaves behind, and every fsync'd image must still
-    arrive, from the journal alone."""
-    spool = tmp_path / "spool"
-    d = mounts.start_writeback(project, tmp_path / "mnt", spool, log=tmp_path / "log", delay_s=3600)
+    durability a file is safe from it once ``fsync()`` returned: play the worst cut (every
+    spool entry no sync covered removed, every journal byte past its last flush zeroed),
+    and every fsync'd image must still arrive, from what was flushed alone."""
+    spool, log = tmp_path / "spool", tmp_path / "power-cut.log"
+    d = mounts.start_writeback(
+        project, tmp_path / "mnt", spool, log=tmp_path / "log", delay_s=3600, env=cut_env(log)
+    )
     seeds = range(3100, 3116)
     for seed in seeds:
         with open(tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png", "wb") as f:
@@ -144,10 +148,7 @@ def test_a_power_cut_after_fsync_loses_nothing(
             f.flush()
             os.fsync(f.fileno())
     d.kill9()
-    wiped = [p for p in (spool / "staged").rglob("*") if p.is_file()]
-    assert wiped == []  # small files are held in the journal: none has a file of its own
-    for path in wiped:
-        path.unlink()
+    cut_power(spool, log)
     recover_and_verify(project, tmp_path, spool, seeds, list(seeds), "power-cut-fsync")
 
 
@@ -155,18 +156,52 @@ def test_with_sync_close_a_power_cut_after_close_loses_nothing(
     project: Path, tmp_path: Path, mounts: harness.Mounts
 ) -> None:
     """``--sync-close``: small files are acknowledged at ``close()`` once their journal
-    record is durable, their staged copies are left to the kernel: wipe every staged file
-    the kill leaves behind, and every closed image must still arrive."""
-    spool = tmp_path / "spool"
+    record is flushed: after the worst cut every closed image must still arrive."""
+    spool, log = tmp_path / "spool", tmp_path / "power-cut.log"
     d = mounts.start_writeback(
-        project, tmp_path / "mnt", spool, "--sync-close", log=tmp_path / "log", delay_s=3600
+        project,
+        tmp_path / "mnt",
+        spool,
+        "--sync-close",
+        log=tmp_path / "log",
+        delay_s=3600,
+        env=cut_env(log),
     )
     seeds = range(3000, 3016)
     for seed in seeds:
         (tmp_path / "mnt" / "ds" / "img" / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))
     d.kill9()
-    wiped = [p for p in (spool / "staged").rglob("*") if p.is_file()]
-    assert wiped == []  # small files are held in the journal: none has a file of its own
-    for path in wiped:
-        path.unlink()
+    cut_power(spool, log)
     recover_and_verify(project, tmp_path, spool, seeds, list(seeds), "power-cut")
+
+
+@pytest.mark.parametrize("cut", ["worst", "random"])
+def test_a_power_cut_keeps_the_fsyncd_file_and_drops_what_was_never_flushed(
+    cut: str, project: Path, tmp_path: Path, mounts: harness.Mounts
+) -> None:
+    """Files closed, one of them ``fsync``'d, more closed after it: the cut drops the
+    journal past its last flush (worst: zeros; random: pages kept, zeroed or noise). The
+    fsync'd file arrives with its bytes, nothing twice, and replay stops quietly at the
+    damage, never with a traceback."""
+    spool, log = tmp_path / "spool", tmp_path / "power-cut.log"
+    d = mounts.start_writeback(
+        project, tmp_path / "mnt", spool, log=tmp_path / "log", delay_s=3600, env=cut_env(log)
+    )
+    img = tmp_path / "mnt" / "ds" / "img"
+    before, synced, after = range(3200, 3203), 3203, range(3204, 3210)
+    for seed in before:
+        (img / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))
+    with open(img / f"c_{synced:05d}.png", "wb") as f:
+        f.write(png_bytes(synced))
+        f.flush()
+        os.fsync(f.fileno())
+    for seed in after:
+        (img / f"c_{seed:05d}.png").write_bytes(png_bytes(seed))
+    d.kill9()
+    done = cut_power(spool, log, random.Random(7) if cut == "random" else None)
+    assert done.unflushed_bytes > 0  # the records closed after the fsync were never flushed
+    recover_and_verify(project, tmp_path, spool, range(3200, 3210), [synced], f"cut-{cut}")
+    served = project_images(project)
+    if cut == "worst":
+        assert not any(f"/ds/img/c_{seed:05d}.png" in served for seed in after)
+    assert "Traceback" not in (tmp_path / f"log-cut-{cut}-again").read_text()
