@@ -1174,6 +1174,7 @@ class Spool:
             fd = self._containers.pop(batch.id, None)
             if fd is not None:
                 os.close(fd)
+        emptied: set[str] = set()
         for view_path in batch.files:
             if view_path in batch.held:
                 continue
@@ -1184,8 +1185,15 @@ class Spool:
                 if st.st_ino == os.stat(os.path.join(links, rel)).st_ino:
                     os.unlink(staged)
                     done[view_path] = st.st_size
+                    emptied.add(os.path.dirname(staged))
             except FileNotFoundError:
                 pass
+        # The removals must be on disk before the batch stops being one to finish: a
+        # power cut in between would otherwise bring imported files back with no batch
+        # that says they were imported, and the next pass would import them again.
+        for folder in sorted(emptied):
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(folder)
         retired = self.batches_dir / f"{_RETIRED_PREFIX}{batch.id}"
         os.replace(self.batches_dir / batch.id, retired)  # no longer a batch to finish
         fsync_dir(self.batches_dir)

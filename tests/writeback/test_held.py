@@ -8,11 +8,13 @@ held files, a checkpoint while it imports, a file re-written meanwhile.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from blobfs.failpoints import POWER_CUT_ENV
 from blobfs.writeback.journal import HEADER_SIZE
 from blobfs.writeback.spool import Batch, Spool
 
@@ -188,3 +190,32 @@ def test_a_full_journal_checkpoints_and_keeps_holding(tmp_path: Path) -> None:
     again = Spool(tmp_path / "spool")
     assert state(again) == {f"/ds/img/{i}.png": bytes([i]) * 500 for i in range(6)}
     again.close()
+
+
+def test_a_finished_batch_syncs_its_removals_before_it_is_retired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Imported staged files are removed, and their folder synced, before the batch stops
+    being one to finish: after a power cut either the batch is still there (and finishes
+    again) or the files are gone, never imported files with no batch to say so."""
+    spool = Spool(tmp_path / "spool")
+    close(spool, "/ds/img/a.png", b"A")
+    close(spool, "/ds/img/b.png", b"B")
+    spool.checkpoint()  # the two get files of their own: not held any more
+    staged = tmp_path / "spool" / "staged" / "ds" / "img"
+    assert (staged / "a.png").is_file()
+    batch = batch_of(spool, ["/ds/img/a.png", "/ds/img/b.png"])
+    assert not batch.held
+    log = tmp_path / "synced.log"
+    monkeypatch.setenv(POWER_CUT_ENV, str(log))
+    assert sorted(spool.finish_batch(batch)) == ["/ds/img/a.png", "/ds/img/b.png"]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    synced = [(i, d, names) for i, e in enumerate(events) for d, names in e.get("dirs", {}).items()]
+    (staged_at,) = [i for i, d, names in synced if d == str(staged) and not names]
+    retired_at = [
+        i
+        for i, d, names in synced
+        if d == str(tmp_path / "spool" / "batches") and batch.id not in names
+    ]
+    assert retired_at and staged_at < retired_at[0]
+    spool.close()
