@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -51,7 +52,7 @@ from blobfs.model import (
 from blobfs.problems import show
 from blobfs.sly.api import RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.sources.base import FolderEntries, FolderLoaders, Source
-from blobfs.sources.compact import building
+from blobfs.sources.compact import BLOB, MTIME, EntrySource, FileTable, TableBuilder, building
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
 from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher
@@ -104,7 +105,7 @@ class RemoteProjectSource(Source):
         self._blobs: dict[int, CachedBlob | str] = {}
         self._images: dict[int, CachedBlob] = {}
         self.anns = AnnotationCache(api)
-        self._order: dict[int, list[int]] = {}
+        self._order: dict[int, array[int]] = {}
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._side = ThreadPoolExecutor(1, thread_name_prefix="blobfs-ahead")
         #: (when, answer) of the ``datasets.list`` that :meth:`meta_json` sent ahead
@@ -175,23 +176,24 @@ class RemoteProjectSource(Source):
         return out
 
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
-        listed = self._served(dataset)
+        table = self._served(dataset)
         records: list[FileRecord] = []
-        for rec, ann in zip(listed[0], self._ann_records(dataset, listed), strict=True):
+        for rec, ann in zip(table.values(), self._ann_records(dataset, table), strict=True):
             records += (rec, ann)
         return records
 
-    def _served(self, dataset: DatasetRecord) -> Served:
-        """The ``img/`` records of a dataset and, in the same order, the images they serve.
+    def _served(self, dataset: DatasetRecord) -> RemoteImageTable:
+        """The ``img/`` table of a dataset, from one pass over ``images.list``.
 
-        One pass over ``images.list`` that makes nothing a listing of ``img/`` does not
-        need (``ann/`` records are made when that folder is filled): its per-image cost is
-        most of a first ``ls`` of a large remote folder.
+        The parsed image list is dropped once the table is made: the table holds what a
+        record needs (see :class:`RemoteImageTable`), and the annotation walker keeps the
+        image ids alone (``_order``). Its per-image cost is most of a first ``ls`` of a
+        large remote folder.
         """
         with building():  # many objects, no cycles: no collection meanwhile
             return self._served_now(dataset)
 
-    def _served_now(self, dataset: DatasetRecord) -> Served:
+    def _served_now(self, dataset: DatasetRecord) -> RemoteImageTable:
         assert isinstance(dataset.key, int)
         with self._lock:
             expected = self._counts.get(dataset.key)
@@ -199,45 +201,50 @@ class RemoteProjectSource(Source):
         with self._problems.listing(("files", dataset.key)):
             return self._served_images(dataset, images)
 
-    def _served_images(self, dataset: DatasetRecord, images: Sequence[RemoteImage]) -> Served:
+    def _served_images(
+        self, dataset: DatasetRecord, images: Sequence[RemoteImage]
+    ) -> RemoteImageTable:
         assert isinstance(dataset.key, int)
         counts = Counter(img.name for img in images)
-        mtimes: dict[str, int] = {}  # images added together share their update time
-        records: list[FileRecord] = []
-        served: list[RemoteImage] = []
+        rows = _ImageRows()
         refused: dict[str, str] = {}
         for img in images:
             name = img.name
             problem = name_problem(name) or (
                 "name appears more than once" if counts[name] > 1 else None
             )
-            stamp = img.updated_at
-            mtime = mtimes.get(stamp)
-            if mtime is None:
-                mtime = mtimes[stamp] = iso_to_ns(stamp)
-            rec = None if problem else self._image_record(img, mtime)
-            if rec is None:
-                refused.setdefault(f"img/{name}", problem or "bad blob range")
+            if problem is None and img.in_blob:
+                start, end = img.offset_start, img.offset_end
+                if start is None or end is None or start < 0 or end < start:
+                    problem = "bad blob range"
+            if problem is not None:
+                refused.setdefault(f"img/{name}", problem)
                 self._problems.add(
                     f"dataset {dataset.key}",
-                    f"image not served: {problem or 'bad blob range'}",
+                    f"image not served: {problem}",
                     f"{img.id} {show(name)}",
                 )
                 continue
-            records.append(rec)
-            served.append(img)
+            rows.add(img)
+        builder, versions = rows.finish()
+        del rows
+        table, twice = builder.build(kind=RemoteImageTable)
+        assert isinstance(table, RemoteImageTable) and not twice  # names made unique above
+        table.versions = versions
         with self._lock:
-            self._order[dataset.key] = [img.id for img in served]
+            self._order[dataset.key] = table.ids()
             self._refused[dataset.path] = refused
-        return records, served
+        return table
 
-    def _ann_records(self, dataset: DatasetRecord, listed: Served) -> list[FileRecord]:
-        """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`)."""
+    def _ann_records(self, dataset: DatasetRecord, table: RemoteImageTable) -> list[FileRecord]:
+        """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`);
+        an entry's position is its image's in the table (the order of ``_order``)."""
         key = dataset.key
         assert isinstance(key, int)
+        ids, mtimes = table.ids(), table.extra[MTIME].slice(0, len(table))
         return [
-            FileRecord(f"ann/{img.name}.json", None, rec.mtime_ns, AnnRef(key, img.id, at))
-            for at, (rec, img) in enumerate(zip(*listed, strict=True))
+            FileRecord(f"ann/{name}.json", None, mtime, AnnRef(key, image_id, at))
+            for at, (name, image_id, mtime) in enumerate(zip(table, ids, mtimes, strict=True))
         ]
 
     def listing(self, dataset: DatasetRecord) -> FolderLoaders:
@@ -246,8 +253,7 @@ class RemoteProjectSource(Source):
         shared = _SharedListing(lambda: self._served(dataset), ("img", "ann"))
 
         def img() -> FolderEntries:
-            records, _ = shared.take("img")
-            return {r.relpath[4:]: r for r in records}
+            return shared.take("img")
 
         def ann() -> FolderEntries:
             return self._ann_entries(dataset, self._ann_records(dataset, shared.take("ann")))
@@ -280,22 +286,6 @@ class RemoteProjectSource(Source):
                 rec = FileRecord(rec.relpath, len(data), rec.mtime_ns, BytesRef(data))
             out[rec.relpath[4:]] = rec
         return out
-
-    def _image_record(self, img: RemoteImage, mtime: int) -> FileRecord | None:
-        """The image's record: where its bytes are (its blob's range, or the whole image)."""
-        version = img.hash or img.updated_at
-        if img.in_blob:
-            start, end = img.offset_start, img.offset_end
-            if start is None or end is None or start < 0 or end < start:
-                return None
-            member = BlobRef(f"tf{img.related_data_id}", "", start, end)
-            ref = RemoteImageRef(
-                img.id, end - start, version, member, img.related_data_id, img.download_id
-            )
-            return FileRecord(f"img/{img.name}", end - start, mtime, ref)
-        return FileRecord(
-            f"img/{img.name}", img.size, mtime, RemoteImageRef(img.id, img.size, version)
-        )
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
@@ -335,7 +325,7 @@ class RemoteProjectSource(Source):
 
     def _annotation(self, ref: AnnRef) -> bytes | str | None:
         with self._lock:
-            order = self._order.get(ref.dataset_id, [])
+            order = self._order.get(ref.dataset_id, array("q"))
         with self.gate.demand():
             return self.anns.get(ref.dataset_id, ref.image_id, ref.position, order)
 
@@ -427,7 +417,101 @@ class RemoteProjectSource(Source):
         self.api.client.close()
 
 
-Served = tuple[list[FileRecord], list[RemoteImage]]
+class _ImageRows:
+    """The columns of a :class:`RemoteImageTable` while ``images.list`` is walked."""
+
+    def __init__(self) -> None:
+        self.table = TableBuilder("img/", RemoteImageTable.EXTRA)
+        self._sources: dict[tuple[int | None, str | None], int] = {}
+        self._mtimes: dict[str, int] = {}  # images added together share their update time
+        self.columns: tuple[list[bytes], list[int], list[int], list[int]] = ([], [], [], [])
+        self.extra: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+        self._versions: list[bytes] = []
+        self._held = 0
+
+    def add(self, img: RemoteImage) -> None:
+        """One served image (its name checked, its blob range well-formed)."""
+        stamp = img.updated_at
+        mtime = self._mtimes.get(stamp)
+        if mtime is None:
+            mtime = self._mtimes[stamp] = iso_to_ns(stamp)
+        where = (img.related_data_id, img.download_id) if img.in_blob else (None, None)
+        at = self._sources.get(where)
+        if at is None:
+            at = self._sources[where] = self.table.source(RemoteImageTable.source_of(*where))
+        names, src, starts, sizes = self.columns
+        ids, stamps, vat, vlen = self.extra
+        names.append(img.name.encode())
+        src.append(at)
+        ids.append(img.id)
+        stamps.append(mtime)
+        if img.in_blob:
+            assert img.offset_start is not None and img.offset_end is not None
+            starts.append(img.offset_start)
+            sizes.append(img.offset_end - img.offset_start)
+            vat.append(0)
+            vlen.append(0)
+        else:  # a plain image is cached by its version: its hash or update time
+            version = (img.hash or img.updated_at).encode("utf-8", "surrogatepass")
+            starts.append(0)
+            sizes.append(img.size)
+            vat.append(self._held)
+            vlen.append(len(version))
+            self._versions.append(version)
+            self._held += len(version)
+
+    def finish(self) -> tuple[TableBuilder, bytes]:
+        """The builder holding every row, and the plain images' versions joined."""
+        self.table.add_many(*self.columns, extra=self.extra)
+        return self.table, b"".join(self._versions)
+
+
+class RemoteImageTable(FileTable):
+    """A remote dataset's ``img/`` as a compact table: names in one buffer, and per image
+    its blob range (``start``, ``size``) and the :data:`EXTRA` columns; records are made on
+    demand, as a lookup or a read asks.
+
+    Sources are the blobs (one per Team Files id and download id) and one for the plain
+    images, fetched whole (:meth:`source_of`). A plain image's cache version (its hash, or
+    its update time) is a slice of :attr:`versions` (``vat``, ``vlen``); an image in a blob
+    needs none (its bytes are the blob's, versioned by the blob's own info), so a project
+    of blobs stores no per-image string beyond its name.
+    """
+
+    EXTRA = ("id", MTIME, "vat", "vlen")
+    #: the plain images' versions, each where its entry's ``vat``/``vlen`` say
+    versions = b""
+
+    @staticmethod
+    def source_of(blob_file_id: int | None, download_id: str | None) -> EntrySource:
+        """The entry source of images in blob ``blob_file_id`` (None: plain images). The
+        download id is kept as JSON in ``version``, so that None and ``""`` stay apart."""
+        if blob_file_id is None:
+            return EntrySource(BLOB, "", "")
+        return EntrySource(BLOB, str(blob_file_id), json.dumps(download_id))
+
+    def record_at(self, i: int, name: str | None = None) -> FileRecord | None:
+        name = self.name_at(i) if name is None else name
+        source = self.sources[self._src[i]]
+        extra = self.extra
+        size, image_id, mtime = self._size[i], extra["id"][i], extra[MTIME][i]
+        if source.key:
+            start = self._start[i]
+            member = BlobRef(f"tf{source.key}", "", start, start + size)
+            download_id = json.loads(source.version)
+            ref = RemoteImageRef(image_id, size, "", member, int(source.key), download_id)
+        else:
+            at = extra["vat"][i]
+            version = self.versions[at : at + extra["vlen"][i]].decode("utf-8", "surrogatepass")
+            ref = RemoteImageRef(image_id, size, version)
+        return FileRecord(self.prefix + name, size, mtime, ref)
+
+    def ids(self) -> array[int]:
+        """Every entry's image id, in table order (what the annotation walker needs)."""
+        ids = self.extra["id"]
+        if ids.values is None:
+            return array("q", [ids.base] * len(self))
+        return array("q", map(ids.base.__add__, ids.values))
 
 
 class _SharedListing:
@@ -437,13 +521,13 @@ class _SharedListing:
     has taken it, it is dropped. A failed call is not remembered: the next fill asks again.
     """
 
-    def __init__(self, load: Callable[[], Served], parts: tuple[str, ...]) -> None:
+    def __init__(self, load: Callable[[], RemoteImageTable], parts: tuple[str, ...]) -> None:
         self._load = load
         self._waiting = set(parts)
-        self._value: Served | None = None
+        self._value: RemoteImageTable | None = None
         self._lock = threading.Lock()
 
-    def take(self, part: str) -> Served:
+    def take(self, part: str) -> RemoteImageTable:
         deadline.acquire(self._lock, "listing")
         try:
             value = self._value
