@@ -52,7 +52,15 @@ from blobfs.model import (
 from blobfs.problems import show
 from blobfs.sly.api import RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.sources.base import FolderEntries, FolderLoaders, Source
-from blobfs.sources.compact import BLOB, MTIME, EntrySource, FileTable, TableBuilder, building
+from blobfs.sources.compact import (
+    BLOB,
+    FOLDER,
+    MTIME,
+    EntrySource,
+    FileTable,
+    TableBuilder,
+    building,
+)
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
 from blobfs.sources.remote_io import DemandGate, PatternReader, Prefetcher
@@ -256,11 +264,11 @@ class RemoteProjectSource(Source):
             return shared.take("img")
 
         def ann() -> FolderEntries:
-            return self._ann_entries(dataset, self._ann_records(dataset, shared.take("ann")))
+            return self._ann_entries(dataset, shared.take("ann"))
 
         return {"img": img, "ann": ann}
 
-    def _ann_entries(self, dataset: DatasetRecord, records: list[FileRecord]) -> FolderEntries:
+    def _ann_entries(self, dataset: DatasetRecord, table: RemoteImageTable) -> RemoteAnnTable:
         """``ann/`` entries whose annotation came in time hold its bytes (and so their size);
         the others (a batch that failed or is late, an annotation that cannot be served,
         beyond ``LISTING_ANNS_MAX`` or ``LISTING_ANN_BYTES``) stay sized on lookup, where a
@@ -271,21 +279,22 @@ class RemoteProjectSource(Source):
         ``--concurrency``, instead of while a reader waits for its next file.
         """
         assert isinstance(dataset.key, int)
-        ids = [r.ref.image_id for r in records[:LISTING_ANNS_MAX] if isinstance(r.ref, AnnRef)]
+        ids = table.ids()
         left = deadline.remaining()
         wait_s = LISTING_ANNS_WAIT_S if left is None else min(LISTING_ANNS_WAIT_S, left / 2)
         with self.gate.demand():
-            self.anns.fetch_all(dataset.key, ids, wait_s)
-        out: dict[str, FileRecord] = {}
+            self.anns.fetch_all(dataset.key, ids[:LISTING_ANNS_MAX], wait_s)
+        held: list[bytes | None] = []
         kept = 0
-        for rec in records:
-            ref = rec.ref
-            data = self.anns.peek(ref.image_id) if isinstance(ref, AnnRef) else None
+        for image_id in ids:
+            data = self.anns.peek(image_id)
             if isinstance(data, bytes) and kept + len(data) <= LISTING_ANN_BYTES:
                 kept += len(data)
-                rec = FileRecord(rec.relpath, len(data), rec.mtime_ns, BytesRef(data))
-            out[rec.relpath[4:]] = rec
-        return out
+                held.append(data)
+            else:
+                held.append(None)
+        with building():
+            return RemoteAnnTable.of(dataset.key, table, ids, held)
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
@@ -512,6 +521,56 @@ class RemoteImageTable(FileTable):
         if ids.values is None:
             return array("q", [ids.base] * len(self))
         return array("q", map(ids.base.__add__, ids.values))
+
+
+class RemoteAnnTable(FileTable):
+    """A remote dataset's ``ann/`` as a compact table, one entry per served image (its
+    name and ``.json``), made from its ``img/`` table.
+
+    An entry whose annotation was fetched for the listing holds its bytes (:attr:`held`,
+    by the image's row in ``img/``) and is listed with its size; the others are listed
+    without one (a source of kind ``FOLDER``: sized on lookup) and read through the
+    annotation cache. The ``row`` column is also the entry's position for reading ahead.
+    """
+
+    EXTRA = ("id", MTIME, "row")
+    HELD = EntrySource(BLOB, "held")
+    LATER = EntrySource(FOLDER, "later")
+    dataset_id = 0
+    held: Sequence[bytes | None] = ()
+
+    @classmethod
+    def of(
+        cls,
+        dataset_id: int,
+        images: RemoteImageTable,
+        ids: Sequence[int],
+        held: Sequence[bytes | None],
+    ) -> RemoteAnnTable:
+        count = len(images)
+        builder = TableBuilder("ann/", cls.EXTRA)
+        sources = (builder.source(cls.LATER), builder.source(cls.HELD))
+        builder.add_many(
+            [raw + b".json" for raw, _, _, _ in images.raw_entries()],
+            [sources[data is not None] for data in held],
+            [0] * count,
+            [0 if data is None else len(data) for data in held],
+            [list(ids), list(images.extra[MTIME].slice(0, count)), list(range(count))],
+        )
+        table, _ = builder.build(kind=cls)
+        assert isinstance(table, RemoteAnnTable)
+        table.dataset_id, table.held = dataset_id, held
+        return table
+
+    def record_at(self, i: int, name: str | None = None) -> FileRecord | None:
+        name = self.name_at(i) if name is None else name
+        extra = self.extra
+        row, mtime = extra["row"][i], extra[MTIME][i]
+        data = self.held[row]
+        if data is not None:
+            return FileRecord(self.prefix + name, len(data), mtime, BytesRef(data))
+        ref = AnnRef(self.dataset_id, extra["id"][i], row)
+        return FileRecord(self.prefix + name, None, mtime, ref)
 
 
 class _SharedListing:

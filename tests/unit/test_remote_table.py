@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from blobfs.cache.blocks import BlockCache
 from blobfs.layout import name_problem
-from blobfs.model import AnnRef, BlobRef, DatasetRecord, FileRecord, RemoteImageRef
+from blobfs.model import AnnRef, BlobRef, BytesRef, DatasetRecord, FileRecord, RemoteImageRef
 from blobfs.sly.api import RemoteImage, SuperviselyApi
 from blobfs.sources.compact import encode_name
 from blobfs.sources.remote import RemoteImageTable, RemoteProjectSource, iso_to_ns
@@ -125,6 +125,27 @@ def test_table_answers_as_the_reference_dict(listed: list[RemoteImage]) -> None:
             (f"ann/{n}.json", want[n].mtime_ns, AnnRef(9, want[n].ref.image_id, at))  # type: ignore[union-attr]
             for at, n in enumerate(order)
         ]
+        # ann/: entries whose annotation is stored hold it, the others are sized on lookup
+        stored = {want[n].ref.image_id: b"{}" * (at % 3) for at, n in enumerate(order) if at % 2}  # type: ignore[union-attr]
+        for image_id, data in stored.items():
+            source.anns._anns.put(image_id, data)
+        source.api.annotations = lambda dataset_id, ids: {}  # type: ignore[method-assign]
+        ann_table = source._ann_entries(DATASET, table)
+        ann_want = {
+            f"{a.relpath[4:]}": a
+            if not isinstance(a.ref, AnnRef) or a.ref.image_id not in stored
+            else FileRecord(
+                a.relpath, len(stored[a.ref.image_id]), a.mtime_ns, BytesRef(stored[a.ref.image_id])
+            )
+            for a in anns
+        }
+        assert len(ann_table) == len(ann_want)
+        assert list(ann_table) == sorted(ann_want, key=encode_name)
+        assert dict(ann_table.items()) == ann_want
+        for name, rec in ann_want.items():
+            assert ann_table.get(name) == rec
+        listed_sizes = {n: size for n, size, _ in ann_table.entries_from(0)}
+        assert listed_sizes == {n: r.size for n, r in ann_want.items()}
         for rel in {f"img/{img.name}" for img in listed if img.name not in want}:
             assert source.refused(DATASET.path, rel) is not None
     finally:
