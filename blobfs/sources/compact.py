@@ -97,15 +97,17 @@ class _Column:
         self.base, self.values, self.length = base, values, length
 
     @classmethod
-    def of(cls, values: Sequence[int]) -> _Column:
+    def of(cls, values: Sequence[int], bounds: tuple[int, int] | None = None) -> _Column:
+        """The column of ``values`` (``bounds``: their min and max, when known)."""
         if not values:
             return cls(0, None, 0)
-        lo, hi = min(values), max(values)
+        lo, hi = bounds or (min(values), max(values))
         if lo == hi:
             return cls(lo, None, len(values))
         span = hi - lo
         code = next(c for c in _TYPECODES if span < 1 << (8 * array(c).itemsize))
-        return cls(lo, array(code, [v - lo for v in values]), len(values))
+        shifted = values if lo == 0 else map((-lo).__add__, values)
+        return cls(lo, array(code, shifted), len(values))
 
     def __getitem__(self, i: int) -> int:
         values = self.values
@@ -704,12 +706,13 @@ def _constant(values: list[int]) -> bool:
 
 def _column_in(values: list[int], order: Sequence[int]) -> _Column:
     """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
-    if values and _constant(values):
+    bounds = (min(values), max(values)) if values else (0, 0)
+    if values and bounds[0] == bounds[1]:
         return _Column(values[0], None, len(order))
     if isinstance(order, range) and order == range(len(values)):
-        column = _Column.of(values)
+        column = _Column.of(values, bounds)
     else:
-        column = _Column.of([values[i] for i in order])
+        column = _Column.of([values[i] for i in order], bounds)
     pace()
     return column
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 from array import array
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
-from typing import assert_never
+from typing import Any, assert_never
 
 from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
@@ -39,7 +40,7 @@ from blobfs.errors import (
     NotFound,
     RemoteError,
 )
-from blobfs.layout import name_problem
+from blobfs.layout import NAME_MAX, name_problem
 from blobfs.model import (
     AnnRef,
     BlobRef,
@@ -213,8 +214,29 @@ class RemoteProjectSource(Source):
         self, dataset: DatasetRecord, images: Sequence[RemoteImage]
     ) -> RemoteImageTable:
         assert isinstance(dataset.key, int)
+        columns = _columns(images)
+        refused: dict[str, str] = {}
+        if not _all_servable(columns):
+            served, refused = self._screen(dataset.key, images)
+            columns = _columns(served)
+            del served
+        builder, versions = _image_rows(columns)
+        del columns
+        table, twice = builder.build(kind=RemoteImageTable)
+        assert isinstance(table, RemoteImageTable) and not twice  # names made unique above
+        table.versions = versions
+        with self._lock:
+            self._order[dataset.key] = table.ids()
+            self._refused[dataset.path] = refused
+        return table
+
+    def _screen(
+        self, dataset_key: int, images: Sequence[RemoteImage]
+    ) -> tuple[list[RemoteImage], dict[str, str]]:
+        """The images that can be served, and why each other one cannot (also reported):
+        a bad name, a name given twice (neither is served), a bad blob range."""
         counts = Counter(img.name for img in images)
-        rows = _ImageRows()
+        served: list[RemoteImage] = []
         refused: dict[str, str] = {}
         for img in images:
             name = img.name
@@ -225,24 +247,16 @@ class RemoteProjectSource(Source):
                 start, end = img.offset_start, img.offset_end
                 if start is None or end is None or start < 0 or end < start:
                     problem = "bad blob range"
-            if problem is not None:
-                refused.setdefault(f"img/{name}", problem)
-                self._problems.add(
-                    f"dataset {dataset.key}",
-                    f"image not served: {problem}",
-                    f"{img.id} {show(name)}",
-                )
+            if problem is None:
+                served.append(img)
                 continue
-            rows.add(img)
-        builder, versions = rows.finish()
-        del rows
-        table, twice = builder.build(kind=RemoteImageTable)
-        assert isinstance(table, RemoteImageTable) and not twice  # names made unique above
-        table.versions = versions
-        with self._lock:
-            self._order[dataset.key] = table.ids()
-            self._refused[dataset.path] = refused
-        return table
+            refused.setdefault(f"img/{name}", problem)
+            self._problems.add(
+                f"dataset {dataset_key}",
+                f"image not served: {problem}",
+                f"{img.id} {show(name)}",
+            )
+        return served, refused
 
     def _ann_records(self, dataset: DatasetRecord, table: RemoteImageTable) -> list[FileRecord]:
         """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`);
@@ -426,53 +440,91 @@ class RemoteProjectSource(Source):
         self.api.client.close()
 
 
-class _ImageRows:
-    """The columns of a :class:`RemoteImageTable` while ``images.list`` is walked."""
+#: The fields of images, one tuple per field (``RemoteImage`` order), one value per image.
+ImageColumns = tuple[tuple[Any, ...], ...]
 
-    def __init__(self) -> None:
-        self.table = TableBuilder("img/", RemoteImageTable.EXTRA)
-        self._sources: dict[tuple[int | None, str | None], int] = {}
-        self._mtimes: dict[str, int] = {}  # images added together share their update time
-        self.columns: tuple[list[bytes], list[int], list[int], list[int]] = ([], [], [], [])
-        self.extra: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
-        self._versions: list[bytes] = []
-        self._held = 0
 
-    def add(self, img: RemoteImage) -> None:
-        """One served image (its name checked, its blob range well-formed)."""
-        stamp = img.updated_at
-        mtime = self._mtimes.get(stamp)
-        if mtime is None:
-            mtime = self._mtimes[stamp] = iso_to_ns(stamp)
-        where = (img.related_data_id, img.download_id) if img.in_blob else (None, None)
-        at = self._sources.get(where)
-        if at is None:
-            at = self._sources[where] = self.table.source(RemoteImageTable.source_of(*where))
-        names, src, starts, sizes = self.columns
-        ids, stamps, vat, vlen = self.extra
-        names.append(img.name.encode())
-        src.append(at)
-        ids.append(img.id)
-        stamps.append(mtime)
-        if img.in_blob:
-            assert img.offset_start is not None and img.offset_end is not None
-            starts.append(img.offset_start)
-            sizes.append(img.offset_end - img.offset_start)
-            vat.append(0)
-            vlen.append(0)
-        else:  # a plain image is cached by its version: its hash or update time
-            version = (img.hash or img.updated_at).encode("utf-8", "surrogatepass")
-            starts.append(0)
-            sizes.append(img.size)
-            vat.append(self._held)
+def _columns(images: Sequence[RemoteImage]) -> ImageColumns:
+    """The images' fields as columns (one transposition in C)."""
+    return tuple(zip(*images, strict=True)) if images else ((),) * len(RemoteImage._fields)
+
+
+def _all_servable(columns: ImageColumns) -> bool:
+    """Whether every image can be served (the usual listing), checked in bulk: good
+    distinct names (see :func:`~blobfs.layout.name_problem`), all in blobs with
+    well-formed ranges, or all plain. False sends the listing through the image-by-image
+    screen, which says what is wrong."""
+    _, names, _, _, _, rels, _, starts, ends = columns
+    if not names:
+        return True
+    joined = "\0".join(names)
+    if "/" in joined or "\\" in joined or joined.count("\0") != len(names) - 1:
+        return False
+    try:
+        parts = joined.encode("utf-8").split(b"\0")
+    except UnicodeEncodeError:
+        return False
+    if max(map(len, parts)) > NAME_MAX or b"" in parts or b"." in parts or b".." in parts:
+        return False
+    if len(set(names)) != len(names):
+        return False
+    if None in rels or None in starts:  # plain images: only if all are
+        return all(r is None or s is None for r, s in zip(rels, starts, strict=True))
+    if None in ends or min(starts) < 0:
+        return False
+    return all(map(operator.le, starts, ends))
+
+
+def _image_rows(columns: ImageColumns) -> tuple[TableBuilder, bytes]:
+    """A builder holding one row per image (column by column, without a Python step per
+    image where the images allow), and the plain images' versions joined."""
+    builder = TableBuilder("img/", RemoteImageTable.EXTRA)
+    ids, names, plain_sizes, stamps, hashes, rels, downloads, starts, ends = columns
+    count = len(ids)
+    if not count:
+        return builder, b""
+    mtimes = {stamp: iso_to_ns(stamp) for stamp in set(stamps)}
+    keys: list[tuple[int | None, str | None]]
+    if None not in rels and None not in starts:
+        in_blob = [True] * count
+        keys = list(zip(rels, downloads, strict=True))
+    else:
+        in_blob = [r is not None and s is not None for r, s in zip(rels, starts, strict=True)]
+        keys = [
+            (r, d) if b else (None, None) for r, d, b in zip(rels, downloads, in_blob, strict=True)
+        ]
+    where = {key: builder.source(RemoteImageTable.source_of(*key)) for key in dict.fromkeys(keys)}
+    versions: list[bytes] = []
+    if all(in_blob):
+        offsets, sizes = list(starts), list(map(operator.sub, ends, starts))
+        vat = vlen = [0] * count
+    else:
+        offsets, sizes, vat, vlen, held = [], [], [], [], 0
+        for b, start, end, size, digest, stamp in zip(
+            in_blob, starts, ends, plain_sizes, hashes, stamps, strict=True
+        ):
+            if b:
+                offsets.append(start)
+                sizes.append(end - start)
+                vat.append(0)
+                vlen.append(0)
+                continue
+            # a plain image is cached by its version: its hash or its update time
+            version = (digest or stamp).encode("utf-8", "surrogatepass")
+            offsets.append(0)
+            sizes.append(size)
+            vat.append(held)
             vlen.append(len(version))
-            self._versions.append(version)
-            self._held += len(version)
-
-    def finish(self) -> tuple[TableBuilder, bytes]:
-        """The builder holding every row, and the plain images' versions joined."""
-        self.table.add_many(*self.columns, extra=self.extra)
-        return self.table, b"".join(self._versions)
+            versions.append(version)
+            held += len(version)
+    builder.add_many(
+        list(map(str.encode, names)),
+        list(map(where.__getitem__, keys)),
+        offsets,
+        sizes,
+        [list(ids), list(map(mtimes.__getitem__, stamps)), vat, vlen],
+    )
+    return builder, b"".join(versions)
 
 
 class RemoteImageTable(FileTable):
