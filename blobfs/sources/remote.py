@@ -247,6 +247,8 @@ class RemoteProjectSource(Source):
                 start, end = img.offset_start, img.offset_end
                 if start is None or end is None or start < 0 or end < start:
                     problem = "bad blob range"
+            if problem is None and not _plausible((img.id, img.size, img.offset_end)):
+                problem = "implausible id, size or offset"
             if problem is None:
                 served.append(img)
                 continue
@@ -440,6 +442,20 @@ class RemoteProjectSource(Source):
         self.api.client.close()
 
 
+#: Integers a table column holds (an id, size or offset beyond it is refused; an mtime
+#: beyond it is taken as 0, like one that does not parse): any two differ by less than 2**63.
+PLAUSIBLE = 1 << 62
+
+
+def _plausible(values: Sequence[int | None]) -> bool:
+    return all(v is None or -PLAUSIBLE <= v < PLAUSIBLE for v in values)
+
+
+def _mtime(stamp: str) -> int:
+    ns = iso_to_ns(stamp)
+    return ns if -PLAUSIBLE <= ns < PLAUSIBLE else 0
+
+
 #: The fields of images, one tuple per field (``RemoteImage`` order), one value per image.
 ImageColumns = tuple[tuple[Any, ...], ...]
 
@@ -454,9 +470,11 @@ def _all_servable(columns: ImageColumns) -> bool:
     distinct names (see :func:`~blobfs.layout.name_problem`), all in blobs with
     well-formed ranges, or all plain. False sends the listing through the image-by-image
     screen, which says what is wrong."""
-    _, names, _, _, _, rels, _, starts, ends = columns
+    ids, names, sizes, _, _, rels, _, starts, ends = columns
     if not names:
         return True
+    if not _plausible((min(ids), max(ids), min(sizes), max(sizes))):
+        return False
     joined = "\0".join(names)
     if "/" in joined or "\\" in joined or joined.count("\0") != len(names) - 1:
         return False
@@ -470,7 +488,7 @@ def _all_servable(columns: ImageColumns) -> bool:
         return False
     if None in rels or None in starts:  # plain images: only if all are
         return all(r is None or s is None for r, s in zip(rels, starts, strict=True))
-    if None in ends or min(starts) < 0:
+    if None in ends or min(starts) < 0 or not _plausible((max(ends),)):
         return False
     return all(map(operator.le, starts, ends))
 
@@ -483,7 +501,7 @@ def _image_rows(columns: ImageColumns) -> tuple[TableBuilder, bytes]:
     count = len(ids)
     if not count:
         return builder, b""
-    mtimes = {stamp: iso_to_ns(stamp) for stamp in set(stamps)}
+    mtimes = {stamp: _mtime(stamp) for stamp in set(stamps)}
     keys: list[tuple[int | None, str | None]]
     if None not in rels and None not in starts:
         in_blob = [True] * count

@@ -22,7 +22,15 @@ from blobfs.sources.compact import encode_name
 from blobfs.sources.remote import RemoteImageTable, RemoteProjectSource, iso_to_ns
 
 DATASET = DatasetRecord(("ds",), 9, 0)
-STAMPS = ["2026-11-01T10:00:00.000Z", "2026-11-01T10:00:00.001Z", "2021-03-02T10:04:33.973Z", ""]
+STAMPS = [
+    "2026-11-01T10:00:00.000Z",
+    "2026-11-01T10:00:00.001Z",
+    "2021-03-02T10:04:33.973Z",
+    "",
+    "9999-12-31T23:59:59.999Z",
+    "0001-01-01T00:00:00.000Z",
+]
+BIG = 1 << 62
 
 
 class _Client:
@@ -53,14 +61,14 @@ images = st.builds(
         start,
         None if start is None or length is None else start + length,
     ),
-    st.integers(-(2**40), 2**40),
+    st.one_of(st.integers(-(2**40), 2**40), st.sampled_from([BIG - 1, BIG, -BIG - 1, 2**70])),
     names,
-    st.integers(0, 2**33),
+    st.one_of(st.integers(0, 2**33), st.sampled_from([BIG, -1])),
     st.integers(0, len(STAMPS) - 1),
     st.one_of(st.none(), st.text(max_size=5)),
     st.one_of(st.none(), st.sampled_from([5, 6, 2**40])),
     st.one_of(st.none(), st.sampled_from(["", "dl5", "dl\ud800"])),
-    st.one_of(st.none(), st.integers(-3, 2**34)),
+    st.one_of(st.none(), st.integers(-3, 2**34), st.just(BIG - 2)),
     st.one_of(st.none(), st.integers(-3, 2**20)),
 )
 
@@ -73,7 +81,10 @@ def _reference(listed: list[RemoteImage]) -> dict[str, FileRecord]:
     for img in listed:
         if name_problem(img.name) or counts[img.name] > 1:
             continue
+        if not all(v is None or -BIG <= v < BIG for v in (img.id, img.size, img.offset_end)):
+            continue
         mtime = iso_to_ns(img.updated_at)
+        mtime = mtime if -BIG <= mtime < BIG else 0
         ref: RemoteImageRef
         if img.in_blob:
             start, end = img.offset_start, img.offset_end
@@ -92,6 +103,13 @@ def _reference(listed: list[RemoteImage]) -> dict[str, FileRecord]:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(images, max_size=60))
 @example([RemoteImage(1, "a.png", 3, STAMPS[0], "h", None, None, None, None)])
+@example(  # values a column cannot hold: refused (ids, sizes) or taken as 0 (times)
+    [
+        RemoteImage(0, "a.png", 3, STAMPS[4], "h", None, None, None, None),
+        RemoteImage(2**70, "b.png", 3, STAMPS[5], "h", None, None, None, None),
+        RemoteImage(2, "c.png", 2**70, STAMPS[0], "h", None, None, None, None),
+    ]
+)
 def test_table_answers_as_the_reference_dict(listed: list[RemoteImage]) -> None:
     source = _source()
     try:
