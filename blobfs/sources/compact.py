@@ -46,7 +46,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate, groupby, islice, repeat
 from typing import Any
 
@@ -68,6 +68,9 @@ RUN_FIRST = 64
 #: One name in this many is kept as an object, to bisect in C (see ``index_of``).
 SAMPLE = 32
 _TYPECODES = ("B", "H", "I", "Q")
+#: The extra column that, when a table has it, gives each entry its own mtime (a source's
+#: ``mtime_ns`` is then not used): remote images each have their update time.
+MTIME = "mtime"
 _HEAD = struct.Struct("<8sII")
 
 
@@ -94,15 +97,17 @@ class _Column:
         self.base, self.values, self.length = base, values, length
 
     @classmethod
-    def of(cls, values: Sequence[int]) -> _Column:
+    def of(cls, values: Sequence[int], bounds: tuple[int, int] | None = None) -> _Column:
+        """The column of ``values`` (``bounds``: their min and max, when known)."""
         if not values:
             return cls(0, None, 0)
-        lo, hi = min(values), max(values)
+        lo, hi = bounds or (min(values), max(values))
         if lo == hi:
             return cls(lo, None, len(values))
         span = hi - lo
         code = next(c for c in _TYPECODES if span < 1 << (8 * array(c).itemsize))
-        return cls(lo, array(code, [v - lo for v in values]), len(values))
+        shifted = values if lo == 0 else map((-lo).__add__, values)
+        return cls(lo, array(code, shifted), len(values))
 
     def __getitem__(self, i: int) -> int:
         values = self.values
@@ -144,6 +149,9 @@ class FileTable(Mapping[str, FileRecord]):
             blob, and the size (both 0 for folder entries).
         lstat: how a folder entry is stat-ed (``os.lstat`` by default; a source may pass
             a safer one that does not follow symlinks in any component).
+        extra: more integer columns by name, one value per entry, for a source whose
+            entries need more than a range of a blob (a remote image's id); a subclass's
+            :meth:`record_at` reads them. :data:`MTIME` is understood here.
     """
 
     def __init__(
@@ -157,8 +165,11 @@ class FileTable(Mapping[str, FileRecord]):
         lstat: Callable[[str], os.stat_result] = os.lstat,
         starts: array[int] | None = None,
         sampled: array[int] | None = None,
+        extra: Mapping[str, _Column] | None = None,
     ) -> None:
         self.prefix = prefix
+        self.extra: dict[str, _Column] = dict(extra or {})
+        self._mtime = self.extra.get(MTIME)
         self.sources = tuple(sources)
         self._names = names
         if starts is None and sampled is None:
@@ -293,7 +304,7 @@ class FileTable(Mapping[str, FileRecord]):
         if source.kind == BLOB:
             start, size = self._start[i], self._size[i]
             ref = BlobRef(source.key, source.version, start, start + size)
-            return FileRecord(self.prefix + name, size, source.mtime_ns, ref)
+            return FileRecord(self.prefix + name, size, self.mtime_at(i, source), ref)
         path = os.path.join(source.key, name)
         try:
             st = self.lstat(path)
@@ -302,6 +313,11 @@ class FileTable(Mapping[str, FileRecord]):
         if not stat.S_ISREG(st.st_mode):
             return None
         return FileRecord(self.prefix + name, st.st_size, st.st_mtime_ns, LocalFileRef(path))
+
+    def mtime_at(self, i: int, source: EntrySource) -> int:
+        """Entry ``i``'s mtime: its own (the :data:`MTIME` column) or its source's."""
+        column = self._mtime
+        return source.mtime_ns if column is None else column[i]
 
     def entries_from(self, start: int) -> Iterator[tuple[str, int | None, int]]:
         """``(name, size, mtime_ns)`` from entry ``start`` on, without any I/O: the size is
@@ -312,7 +328,7 @@ class FileTable(Mapping[str, FileRecord]):
             for i, name in enumerate(self._decoded(lo, hi), lo):
                 source = sources[src[i]]
                 if source.kind == BLOB:
-                    yield name, size[i], source.mtime_ns
+                    yield name, size[i], self.mtime_at(i, source)
                 else:
                     yield name, None, 0
 
@@ -323,8 +339,27 @@ class FileTable(Mapping[str, FileRecord]):
         The listing's hot path: names stay the bytes the kernel gets (no decode, no
         encode), sizes come as a slice of their column, and each run shares its source's
         mtime, so a caller fills the per-entry part of a ``stat`` only. Folder entries'
-        sizes are 0 here (known only once looked up).
+        sizes are 0 here (known only once looked up). With an :data:`MTIME` column, runs
+        are split where the mtime changes, each run's source carrying its entries' mtime.
         """
+        if self._mtime is None:
+            yield from self._source_runs(start)
+            return
+        mtime = self._mtime
+        at = max(0, start)
+        for names, source, sizes in self._source_runs(start):
+            n = len(names)
+            if mtime.values is None:
+                yield names, replace(source, mtime_ns=mtime.base), sizes
+            else:
+                k = 0
+                for value, group in groupby(mtime.slice(at, at + n)):
+                    m = sum(1 for _ in group)
+                    yield names[k : k + m], replace(source, mtime_ns=value), sizes[k : k + m]
+                    k += m
+            at += n
+
+    def _source_runs(self, start: int) -> Iterator[tuple[list[bytes], EntrySource, Sequence[int]]]:
         sources, src, size, starts = self.sources, self._src, self._size, self._all_starts()
         lo, step = max(0, start), RUN_FIRST
         while lo < self._count:
@@ -364,12 +399,19 @@ class FileTable(Mapping[str, FileRecord]):
             + self._src.nbytes
             + self._start.nbytes
             + self._size.nbytes
+            + sum(c.nbytes for c in self.extra.values())
         )
 
     # ---- on disk -----------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """This table as bytes for :meth:`from_bytes` (the ``lstat`` hook is not kept)."""
+        """This table as bytes for :meth:`from_bytes` (the ``lstat`` hook is not kept).
+
+        Raises:
+            ValueError: the table has extra columns (remote listings, never cached on disk).
+        """
+        if self.extra:
+            raise ValueError("a table with extra columns has no on-disk form")
         header = json.dumps(
             {
                 "prefix": self.prefix,
@@ -527,11 +569,14 @@ class TableBuilder:
     """Collect a folder's entries, then :meth:`build` its table.
 
     Names must be unique; :meth:`build` leaves every name that was added twice out (both
-    entries: there is no telling which is right) and returns those names.
+    entries: there is no telling which is right) and returns those names. ``extra`` names
+    the table's extra columns (see :class:`FileTable`); :meth:`add` then takes one value
+    of each, in that order.
     """
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, extra: Sequence[str] = ()) -> None:
         self.prefix = prefix
+        self._extra: dict[str, list[int]] = {name: [] for name in extra}
         self.sources: list[EntrySource] = []
         self._index: dict[EntrySource, int] = {}
         self._names: list[bytes] = []
@@ -547,14 +592,22 @@ class TableBuilder:
             self.sources.append(source)
         return at
 
-    def add(self, name: bytes, source: int, start: int = 0, size: int = 0) -> None:
+    def add(
+        self, name: bytes, source: int, start: int = 0, size: int = 0, extra: Sequence[int] = ()
+    ) -> None:
+        if len(extra) != len(self._extra):
+            raise ValueError("one value per extra column")
         self._names.append(name)
         self._src.append(source)
         self._start.append(start)
         self._size.append(size)
+        for values, value in zip(self._extra.values(), extra, strict=True):
+            values.append(value)
 
     def add_table(self, table: FileTable) -> None:
-        """Every entry of ``table`` (sources remapped)."""
+        """Every entry of ``table`` (sources remapped; tables without extra columns)."""
+        if self._extra or table.extra:
+            raise ValueError("tables with extra columns are not merged")
         remap = [self.source(s) for s in table.sources]
         for name, src, start, size in table.raw_entries():
             self.add(name, remap[src], start, size)
@@ -563,18 +616,29 @@ class TableBuilder:
         return len(self._names)
 
     def add_many(
-        self, names: list[bytes], sources: list[int], starts: list[int], sizes: list[int]
+        self,
+        names: list[bytes],
+        sources: list[int],
+        starts: list[int],
+        sizes: list[int],
+        extra: Sequence[list[int]] = (),
     ) -> None:
-        """Entries in bulk: the i-th of each list makes one entry."""
-        if not len(names) == len(sources) == len(starts) == len(sizes):
+        """Entries in bulk: the i-th of each list makes one entry (``extra``: one list per
+        extra column, in their order)."""
+        lengths = {len(names), len(sources), len(starts), len(sizes), *map(len, extra)}
+        if len(lengths) > 1 or len(extra) != len(self._extra):
             raise ValueError("columns of different lengths")
         self._names.extend(names)
         self._src.extend(sources)
         self._start.extend(starts)
         self._size.extend(sizes)
+        for values, more in zip(self._extra.values(), extra, strict=True):
+            values.extend(more)
 
     def add_names(self, names: Iterable[bytes], source: int) -> None:
         """Entries with a name only (an ordinary folder's files), in bulk."""
+        if self._extra:
+            raise ValueError("entries of a table with extra columns need their values")
         before = len(self._names)
         self._names.extend(names)
         added = len(self._names) - before
@@ -583,8 +647,12 @@ class TableBuilder:
         self._size.extend([0] * added)
 
     def build(
-        self, lstat: Callable[[str], os.stat_result] = os.lstat
+        self,
+        lstat: Callable[[str], os.stat_result] = os.lstat,
+        kind: type[FileTable] | None = None,
     ) -> tuple[FileTable, list[str]]:
+        """The table (of class ``kind``, a :class:`FileTable` by default) and the names
+        left out for being added twice."""
         names = self._names
         in_order = all(map(operator.lt, names, islice(names, 1, None)))
         dup: set[int] = set()
@@ -592,7 +660,7 @@ class TableBuilder:
         if in_order:  # offsets files often list names sorted: no sort, no reordering
             order: Sequence[int] = range(len(names))
             ordered = names
-        elif all(map(_constant, (self._src, self._start, self._size))):
+        elif all(map(_constant, (self._src, self._start, self._size, *self._extra.values()))):
             # entries that differ only by name (an ordinary folder's): sort the names alone
             ordered = sorted(names)
             pace()
@@ -613,7 +681,7 @@ class TableBuilder:
             ordered = [names[i] for i in order]
         pace()
         joined = b"\0".join(ordered) + b"\0" if ordered else b""
-        table = FileTable(
+        table = (kind or FileTable)(
             self.prefix,
             self.sources,
             joined,
@@ -622,6 +690,8 @@ class TableBuilder:
             _column_in(self._size, order),
             lstat,
             _starts_of(ordered, len(joined)),
+            None,
+            {name: _column_in(values, order) for name, values in self._extra.items()},
         )
         duplicates = sorted(
             {n.decode("utf-8", "surrogateescape") for n in twice.union(map(names.__getitem__, dup))}
@@ -636,12 +706,13 @@ def _constant(values: list[int]) -> bool:
 
 def _column_in(values: list[int], order: Sequence[int]) -> _Column:
     """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
-    if values and _constant(values):
+    bounds = (min(values), max(values)) if values else (0, 0)
+    if values and bounds[0] == bounds[1]:
         return _Column(values[0], None, len(order))
     if isinstance(order, range) and order == range(len(values)):
-        column = _Column.of(values)
+        column = _Column.of(values, bounds)
     else:
-        column = _Column.of([values[i] for i in order])
+        column = _Column.of([values[i] for i in order], bounds)
     pace()
     return column
 

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
-from typing import Protocol, assert_never
+from typing import Any, Protocol, assert_never
 
 from blobfs import deadline
 from blobfs.cache.blocks import BlockCache, CachedBlob, ReadPattern
@@ -38,7 +40,7 @@ from blobfs.errors import (
     NotFound,
     RemoteError,
 )
-from blobfs.layout import name_problem
+from blobfs.layout import NAME_MAX, name_problem
 from blobfs.model import (
     AnnRef,
     BlobRef,
@@ -51,7 +53,15 @@ from blobfs.model import (
 from blobfs.problems import show
 from blobfs.sly.api import RemoteDataset, RemoteImage, SuperviselyApi
 from blobfs.sources.base import FolderEntries, FolderLoaders, Source
-from blobfs.sources.compact import building
+from blobfs.sources.compact import (
+    BLOB,
+    FOLDER,
+    MTIME,
+    EntrySource,
+    FileTable,
+    TableBuilder,
+    building,
+)
 from blobfs.sources.readers import BytesReader, FailingReader, SliceReader
 from blobfs.sources.remote_anns import AnnotationCache
 from blobfs.sources.remote_io import DemandGate, PatternReader
@@ -117,7 +127,7 @@ class RemoteProjectSource(Source):
         self._blobs: dict[int, CachedBlob | str] = {}
         self._images: dict[int, CachedBlob] = {}
         self.anns = AnnotationCache(api)
-        self._order: dict[int, list[int]] = {}
+        self._order: dict[int, array[int]] = {}
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._side = ThreadPoolExecutor(1, thread_name_prefix="blobfs-ahead")
         #: (when, answer) of the ``datasets.list`` that :meth:`meta_json` sent ahead
@@ -188,23 +198,24 @@ class RemoteProjectSource(Source):
         return out
 
     def files(self, dataset: DatasetRecord) -> Sequence[FileRecord]:
-        listed = self._served(dataset)
+        table = self._served(dataset)
         records: list[FileRecord] = []
-        for rec, ann in zip(listed[0], self._ann_records(dataset, listed), strict=True):
+        for rec, ann in zip(table.values(), self._ann_records(dataset, table), strict=True):
             records += (rec, ann)
         return records
 
-    def _served(self, dataset: DatasetRecord) -> Served:
-        """The ``img/`` records of a dataset and, in the same order, the images they serve.
+    def _served(self, dataset: DatasetRecord) -> RemoteImageTable:
+        """The ``img/`` table of a dataset, from one pass over ``images.list``.
 
-        One pass over ``images.list`` that makes nothing a listing of ``img/`` does not
-        need (``ann/`` records are made when that folder is filled): its per-image cost is
-        most of a first ``ls`` of a large remote folder.
+        The parsed image list is dropped once the table is made: the table holds what a
+        record needs (see :class:`RemoteImageTable`), and the annotation walker keeps the
+        image ids alone (``_order``). Its per-image cost is most of a first ``ls`` of a
+        large remote folder.
         """
         with building():  # many objects, no cycles: no collection meanwhile
             return self._served_now(dataset)
 
-    def _served_now(self, dataset: DatasetRecord) -> Served:
+    def _served_now(self, dataset: DatasetRecord) -> RemoteImageTable:
         assert isinstance(dataset.key, int)
         with self._lock:
             expected = self._counts.get(dataset.key)
@@ -212,11 +223,32 @@ class RemoteProjectSource(Source):
         with self._problems.listing(("files", dataset.key)):
             return self._served_images(dataset, images)
 
-    def _served_images(self, dataset: DatasetRecord, images: Sequence[RemoteImage]) -> Served:
+    def _served_images(
+        self, dataset: DatasetRecord, images: Sequence[RemoteImage]
+    ) -> RemoteImageTable:
         assert isinstance(dataset.key, int)
+        columns = _columns(images)
+        refused: dict[str, str] = {}
+        if not _all_servable(columns):
+            served, refused = self._screen(dataset.key, images)
+            columns = _columns(served)
+            del served
+        builder, versions = _image_rows(columns)
+        del columns
+        table, twice = builder.build(kind=RemoteImageTable)
+        assert isinstance(table, RemoteImageTable) and not twice  # names made unique above
+        table.versions = versions
+        with self._lock:
+            self._order[dataset.key] = table.ids()
+            self._refused[dataset.path] = refused
+        return table
+
+    def _screen(
+        self, dataset_key: int, images: Sequence[RemoteImage]
+    ) -> tuple[list[RemoteImage], dict[str, str]]:
+        """The images that can be served, and why each other one cannot (also reported):
+        a bad name, a name given twice (neither is served), a bad blob range."""
         counts = Counter(img.name for img in images)
-        mtimes: dict[str, int] = {}  # images added together share their update time
-        records: list[FileRecord] = []
         served: list[RemoteImage] = []
         refused: dict[str, str] = {}
         for img in images:
@@ -224,33 +256,32 @@ class RemoteProjectSource(Source):
             problem = name_problem(name) or (
                 "name appears more than once" if counts[name] > 1 else None
             )
-            stamp = img.updated_at
-            mtime = mtimes.get(stamp)
-            if mtime is None:
-                mtime = mtimes[stamp] = iso_to_ns(stamp)
-            rec = None if problem else self._image_record(img, mtime)
-            if rec is None:
-                refused.setdefault(f"img/{name}", problem or "bad blob range")
-                self._problems.add(
-                    f"dataset {dataset.key}",
-                    f"image not served: {problem or 'bad blob range'}",
-                    f"{img.id} {show(name)}",
-                )
+            if problem is None and img.in_blob:
+                start, end = img.offset_start, img.offset_end
+                if start is None or end is None or start < 0 or end < start:
+                    problem = "bad blob range"
+            if problem is None and not _plausible((img.id, img.size, img.offset_end)):
+                problem = "implausible id, size or offset"
+            if problem is None:
+                served.append(img)
                 continue
-            records.append(rec)
-            served.append(img)
-        with self._lock:
-            self._order[dataset.key] = [img.id for img in served]
-            self._refused[dataset.path] = refused
-        return records, served
+            refused.setdefault(f"img/{name}", problem)
+            self._problems.add(
+                f"dataset {dataset_key}",
+                f"image not served: {problem}",
+                f"{img.id} {show(name)}",
+            )
+        return served, refused
 
-    def _ann_records(self, dataset: DatasetRecord, listed: Served) -> list[FileRecord]:
-        """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`)."""
+    def _ann_records(self, dataset: DatasetRecord, table: RemoteImageTable) -> list[FileRecord]:
+        """One ``ann/`` record per served image, sized on lookup (see :meth:`_ann_entries`);
+        an entry's position is its image's in the table (the order of ``_order``)."""
         key = dataset.key
         assert isinstance(key, int)
+        ids, mtimes = table.ids(), table.extra[MTIME].slice(0, len(table))
         return [
-            FileRecord(f"ann/{img.name}.json", None, rec.mtime_ns, AnnRef(key, img.id, at))
-            for at, (rec, img) in enumerate(zip(*listed, strict=True))
+            FileRecord(f"ann/{name}.json", None, mtime, AnnRef(key, image_id, at))
+            for at, (name, image_id, mtime) in enumerate(zip(table, ids, mtimes, strict=True))
         ]
 
     def listing(self, dataset: DatasetRecord) -> FolderLoaders:
@@ -259,15 +290,14 @@ class RemoteProjectSource(Source):
         shared = _SharedListing(lambda: self._served(dataset), ("img", "ann"))
 
         def img() -> FolderEntries:
-            records, _ = shared.take("img")
-            return {r.relpath[4:]: r for r in records}
+            return shared.take("img")
 
         def ann() -> FolderEntries:
-            return self._ann_entries(dataset, self._ann_records(dataset, shared.take("ann")))
+            return self._ann_entries(dataset, shared.take("ann"))
 
         return {"img": img, "ann": ann}
 
-    def _ann_entries(self, dataset: DatasetRecord, records: list[FileRecord]) -> FolderEntries:
+    def _ann_entries(self, dataset: DatasetRecord, table: RemoteImageTable) -> RemoteAnnTable:
         """``ann/`` entries whose annotation came in time hold its bytes (and so their size);
         the others (a batch that failed or is late, an annotation that cannot be served,
         beyond ``LISTING_ANNS_MAX`` or ``LISTING_ANN_BYTES``) stay sized on lookup, where a
@@ -278,37 +308,22 @@ class RemoteProjectSource(Source):
         ``--concurrency``, instead of while a reader waits for its next file.
         """
         assert isinstance(dataset.key, int)
-        ids = [r.ref.image_id for r in records[:LISTING_ANNS_MAX] if isinstance(r.ref, AnnRef)]
+        ids = table.ids()
         left = deadline.remaining()
         wait_s = LISTING_ANNS_WAIT_S if left is None else min(LISTING_ANNS_WAIT_S, left / 2)
         with self.gate.demand():
-            self.anns.fetch_all(dataset.key, ids, wait_s)
-        out: dict[str, FileRecord] = {}
+            self.anns.fetch_all(dataset.key, ids[:LISTING_ANNS_MAX], wait_s)
+        held: list[bytes | None] = []
         kept = 0
-        for rec in records:
-            ref = rec.ref
-            data = self.anns.peek(ref.image_id) if isinstance(ref, AnnRef) else None
+        for image_id in ids:
+            data = self.anns.peek(image_id)
             if isinstance(data, bytes) and kept + len(data) <= LISTING_ANN_BYTES:
                 kept += len(data)
-                rec = FileRecord(rec.relpath, len(data), rec.mtime_ns, BytesRef(data))
-            out[rec.relpath[4:]] = rec
-        return out
-
-    def _image_record(self, img: RemoteImage, mtime: int) -> FileRecord | None:
-        """The image's record: where its bytes are (its blob's range, or the whole image)."""
-        version = img.hash or img.updated_at
-        if img.in_blob:
-            start, end = img.offset_start, img.offset_end
-            if start is None or end is None or start < 0 or end < start:
-                return None
-            member = BlobRef(f"tf{img.related_data_id}", "", start, end)
-            ref = RemoteImageRef(
-                img.id, end - start, version, member, img.related_data_id, img.download_id
-            )
-            return FileRecord(f"img/{img.name}", end - start, mtime, ref)
-        return FileRecord(
-            f"img/{img.name}", img.size, mtime, RemoteImageRef(img.id, img.size, version)
-        )
+                held.append(data)
+            else:
+                held.append(None)
+        with building():
+            return RemoteAnnTable.of(dataset.key, table, ids, held)
 
     def open(self, record: FileRecord) -> RangeReader:
         ref = record.ref
@@ -348,7 +363,7 @@ class RemoteProjectSource(Source):
 
     def _annotation(self, ref: AnnRef) -> bytes | str | None:
         with self._lock:
-            order = self._order.get(ref.dataset_id, [])
+            order = self._order.get(ref.dataset_id, array("q"))
         with self.gate.demand():
             return self.anns.get(ref.dataset_id, ref.image_id, ref.position, order)
 
@@ -440,7 +455,205 @@ class RemoteProjectSource(Source):
         self.api.client.close()
 
 
-Served = tuple[list[FileRecord], list[RemoteImage]]
+#: Integers a table column holds (an id, size or offset beyond it is refused; an mtime
+#: beyond it is taken as 0, like one that does not parse): any two differ by less than 2**63.
+PLAUSIBLE = 1 << 62
+
+
+def _plausible(values: Sequence[int | None]) -> bool:
+    return all(v is None or -PLAUSIBLE <= v < PLAUSIBLE for v in values)
+
+
+def _mtime(stamp: str) -> int:
+    ns = iso_to_ns(stamp)
+    return ns if -PLAUSIBLE <= ns < PLAUSIBLE else 0
+
+
+#: The fields of images, one tuple per field (``RemoteImage`` order), one value per image.
+ImageColumns = tuple[tuple[Any, ...], ...]
+
+
+def _columns(images: Sequence[RemoteImage]) -> ImageColumns:
+    """The images' fields as columns (one transposition in C)."""
+    return tuple(zip(*images, strict=True)) if images else ((),) * len(RemoteImage._fields)
+
+
+def _all_servable(columns: ImageColumns) -> bool:
+    """Whether every image can be served (the usual listing), checked in bulk: good
+    distinct names (see :func:`~blobfs.layout.name_problem`), all in blobs with
+    well-formed ranges, or all plain. False sends the listing through the image-by-image
+    screen, which says what is wrong."""
+    ids, names, sizes, _, _, rels, _, starts, ends = columns
+    if not names:
+        return True
+    if not _plausible((min(ids), max(ids), min(sizes), max(sizes))):
+        return False
+    joined = "\0".join(names)
+    if "/" in joined or "\\" in joined or joined.count("\0") != len(names) - 1:
+        return False
+    try:
+        parts = joined.encode("utf-8").split(b"\0")
+    except UnicodeEncodeError:
+        return False
+    if max(map(len, parts)) > NAME_MAX or b"" in parts or b"." in parts or b".." in parts:
+        return False
+    if len(set(names)) != len(names):
+        return False
+    if None in rels or None in starts:  # plain images: only if all are
+        return all(r is None or s is None for r, s in zip(rels, starts, strict=True))
+    if None in ends or min(starts) < 0 or not _plausible((max(ends),)):
+        return False
+    return all(map(operator.le, starts, ends))
+
+
+def _image_rows(columns: ImageColumns) -> tuple[TableBuilder, bytes]:
+    """A builder holding one row per image (column by column, without a Python step per
+    image where the images allow), and the plain images' versions joined."""
+    builder = TableBuilder("img/", RemoteImageTable.EXTRA)
+    ids, names, plain_sizes, stamps, hashes, rels, downloads, starts, ends = columns
+    count = len(ids)
+    if not count:
+        return builder, b""
+    mtimes = {stamp: _mtime(stamp) for stamp in set(stamps)}
+    keys: list[tuple[int | None, str | None]]
+    if None not in rels and None not in starts:
+        in_blob = [True] * count
+        keys = list(zip(rels, downloads, strict=True))
+    else:
+        in_blob = [r is not None and s is not None for r, s in zip(rels, starts, strict=True)]
+        keys = [
+            (r, d) if b else (None, None) for r, d, b in zip(rels, downloads, in_blob, strict=True)
+        ]
+    where = {key: builder.source(RemoteImageTable.source_of(*key)) for key in dict.fromkeys(keys)}
+    versions: list[bytes] = []
+    if all(in_blob):
+        offsets, sizes = list(starts), list(map(operator.sub, ends, starts))
+        vat = vlen = [0] * count
+    else:
+        offsets, sizes, vat, vlen, held = [], [], [], [], 0
+        for b, start, end, size, digest, stamp in zip(
+            in_blob, starts, ends, plain_sizes, hashes, stamps, strict=True
+        ):
+            if b:
+                offsets.append(start)
+                sizes.append(end - start)
+                vat.append(0)
+                vlen.append(0)
+                continue
+            # a plain image is cached by its version: its hash or its update time
+            version = (digest or stamp).encode("utf-8", "surrogatepass")
+            offsets.append(0)
+            sizes.append(size)
+            vat.append(held)
+            vlen.append(len(version))
+            versions.append(version)
+            held += len(version)
+    builder.add_many(
+        list(map(str.encode, names)),
+        list(map(where.__getitem__, keys)),
+        offsets,
+        sizes,
+        [list(ids), list(map(mtimes.__getitem__, stamps)), vat, vlen],
+    )
+    return builder, b"".join(versions)
+
+
+class RemoteImageTable(FileTable):
+    """A remote dataset's ``img/`` as a compact table: names in one buffer, and per image
+    its blob range (``start``, ``size``) and the :data:`EXTRA` columns; records are made on
+    demand, as a lookup or a read asks.
+
+    Sources are the blobs (one per Team Files id and download id) and one for the plain
+    images, fetched whole (:meth:`source_of`). A plain image's cache version (its hash, or
+    its update time) is a slice of :attr:`versions` (``vat``, ``vlen``); an image in a blob
+    needs none (its bytes are the blob's, versioned by the blob's own info), so a project
+    of blobs stores no per-image string beyond its name.
+    """
+
+    EXTRA = ("id", MTIME, "vat", "vlen")
+    #: the plain images' versions, each where its entry's ``vat``/``vlen`` say
+    versions = b""
+
+    @staticmethod
+    def source_of(blob_file_id: int | None, download_id: str | None) -> EntrySource:
+        """The entry source of images in blob ``blob_file_id`` (None: plain images). The
+        download id is kept as JSON in ``version``, so that None and ``""`` stay apart."""
+        if blob_file_id is None:
+            return EntrySource(BLOB, "", "")
+        return EntrySource(BLOB, str(blob_file_id), json.dumps(download_id))
+
+    def record_at(self, i: int, name: str | None = None) -> FileRecord | None:
+        name = self.name_at(i) if name is None else name
+        source = self.sources[self._src[i]]
+        extra = self.extra
+        size, image_id, mtime = self._size[i], extra["id"][i], extra[MTIME][i]
+        if source.key:
+            start = self._start[i]
+            member = BlobRef(f"tf{source.key}", "", start, start + size)
+            download_id = json.loads(source.version)
+            ref = RemoteImageRef(image_id, size, "", member, int(source.key), download_id)
+        else:
+            at = extra["vat"][i]
+            version = self.versions[at : at + extra["vlen"][i]].decode("utf-8", "surrogatepass")
+            ref = RemoteImageRef(image_id, size, version)
+        return FileRecord(self.prefix + name, size, mtime, ref)
+
+    def ids(self) -> array[int]:
+        """Every entry's image id, in table order (what the annotation walker needs)."""
+        ids = self.extra["id"]
+        if ids.values is None:
+            return array("q", [ids.base] * len(self))
+        return array("q", map(ids.base.__add__, ids.values))
+
+
+class RemoteAnnTable(FileTable):
+    """A remote dataset's ``ann/`` as a compact table, one entry per served image (its
+    name and ``.json``), made from its ``img/`` table.
+
+    An entry whose annotation was fetched for the listing holds its bytes (:attr:`held`,
+    by the image's row in ``img/``) and is listed with its size; the others are listed
+    without one (a source of kind ``FOLDER``: sized on lookup) and read through the
+    annotation cache. The ``row`` column is also the entry's position for reading ahead.
+    """
+
+    EXTRA = ("id", MTIME, "row")
+    HELD = EntrySource(BLOB, "held")
+    LATER = EntrySource(FOLDER, "later")
+    dataset_id = 0
+    held: Sequence[bytes | None] = ()
+
+    @classmethod
+    def of(
+        cls,
+        dataset_id: int,
+        images: RemoteImageTable,
+        ids: Sequence[int],
+        held: Sequence[bytes | None],
+    ) -> RemoteAnnTable:
+        count = len(images)
+        builder = TableBuilder("ann/", cls.EXTRA)
+        sources = (builder.source(cls.LATER), builder.source(cls.HELD))
+        builder.add_many(
+            [raw + b".json" for raw, _, _, _ in images.raw_entries()],
+            [sources[data is not None] for data in held],
+            [0] * count,
+            [0 if data is None else len(data) for data in held],
+            [list(ids), list(images.extra[MTIME].slice(0, count)), list(range(count))],
+        )
+        table, _ = builder.build(kind=cls)
+        assert isinstance(table, RemoteAnnTable)
+        table.dataset_id, table.held = dataset_id, held
+        return table
+
+    def record_at(self, i: int, name: str | None = None) -> FileRecord | None:
+        name = self.name_at(i) if name is None else name
+        extra = self.extra
+        row, mtime = extra["row"][i], extra[MTIME][i]
+        data = self.held[row]
+        if data is not None:
+            return FileRecord(self.prefix + name, len(data), mtime, BytesRef(data))
+        ref = AnnRef(self.dataset_id, extra["id"][i], row)
+        return FileRecord(self.prefix + name, None, mtime, ref)
 
 
 class _SharedListing:
@@ -450,13 +663,13 @@ class _SharedListing:
     has taken it, it is dropped. A failed call is not remembered: the next fill asks again.
     """
 
-    def __init__(self, load: Callable[[], Served], parts: tuple[str, ...]) -> None:
+    def __init__(self, load: Callable[[], RemoteImageTable], parts: tuple[str, ...]) -> None:
         self._load = load
         self._waiting = set(parts)
-        self._value: Served | None = None
+        self._value: RemoteImageTable | None = None
         self._lock = threading.Lock()
 
-    def take(self, part: str) -> Served:
+    def take(self, part: str) -> RemoteImageTable:
         deadline.acquire(self._lock, "listing")
         try:
             value = self._value

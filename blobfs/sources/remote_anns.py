@@ -165,6 +165,8 @@ class AnnotationCache:
             for i in batch:
                 if self._inflight.get(i) is future:
                     del self._inflight[i]
+            if not self._inflight:  # a dict keeps the room of its largest size
+                self._inflight = {}
         if error is None:
             future.set_result(None)
         else:
