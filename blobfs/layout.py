@@ -14,6 +14,7 @@ inside the mount ("view paths") are absolute and ``/``-separated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 #: Folder holding a dataset's nested datasets.
@@ -106,3 +107,32 @@ def name_problem(name: object) -> str | None:
     if len(encoded) > NAME_MAX:
         return f"name is longer than {NAME_MAX} bytes"
     return None
+
+
+#: A str of at most this many characters encodes to at most NAME_MAX bytes of UTF-8.
+_SHORT_NAME = NAME_MAX // 4
+_ODD_NAMES = frozenset({"", ".", ".."})
+
+
+def names_fit(names: Sequence[str]) -> bool:
+    """Whether :func:`name_problem` accepts every one of ``names`` (all ``str``).
+
+    The same rules checked for a whole listing at once, in C-level passes (one join, one
+    encode), so that the usual listing of a million good names runs no Python code per
+    name. False says only that some name fails: :func:`name_problem` says which and why.
+    """
+    if not names:
+        return True
+    if not _ODD_NAMES.isdisjoint(names):
+        return False
+    # NUL is itself forbidden, so as the separator it must appear exactly between names
+    joined = "\0".join(names)
+    if joined.count("\0") != len(names) - 1 or "/" in joined or "\\" in joined:
+        return False
+    try:
+        encoded = joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    if max(map(len, names)) <= _SHORT_NAME:
+        return True
+    return max(map(len, encoded.split(b"\0"))) <= NAME_MAX

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from blobfs.errors import BlobfsError, OffsetsError
-from blobfs.layout import NAME_MAX, name_problem
+from blobfs.layout import NAME_MAX, name_problem, names_fit
 from blobfs.model import BlobMember
 from blobfs.problems import Problems, show
 from blobfs.safe_open import MAX_OFFSETS_FILE_BYTES, ProjectRoot
@@ -121,15 +121,10 @@ def _range_problem(start: object, end: object, blob_size: int | None) -> str | N
     return None
 
 
-#: A str of at most this many characters encodes to at most NAME_MAX bytes of UTF-8.
-_SHORT_NAME = NAME_MAX // 4
-
-
 _STATE = operator.attrgetter("__dict__")
 _NAME_OF = operator.itemgetter("name")
 _START_OF = operator.itemgetter("offset_start")
 _END_OF = operator.itemgetter("offset_end")
-_ODD_NAMES = frozenset({"", ".", ".."})
 
 
 @dataclass
@@ -158,8 +153,8 @@ def _plain_batch(
     entry, or None.
 
     This is the common case, checked a batch at a time in C-level passes (no Python code
-    runs per entry): exact types, one join of all the names for the forbidden characters
-    and UTF-8, a per-name test only when some name is long or odd. Any doubt returns None
+    runs per entry): exact types, ranges, and the names all at once
+    (:func:`~blobfs.layout.names_fit`). Any doubt returns None
     and the caller goes entry by entry with its messages; so the answer is always the one
     :func:`name_problem` and :func:`_range_problem` would give.
     """
@@ -182,17 +177,7 @@ def _plain_batch(
         return None
     if blob_size is not None and max(ends) > blob_size:
         return None
-    if max(map(len, names)) > _SHORT_NAME or not _ODD_NAMES.isdisjoint(names):
-        odd = (n for n in names if len(n) > _SHORT_NAME or n in _ODD_NAMES)
-        if any(name_problem(n) is not None for n in odd):
-            return None
-    # "/" is itself forbidden, so as the separator it must appear exactly between names
-    joined = "/".join(names)
-    if joined.count("/") != len(names) - 1 or "\\" in joined or "\0" in joined:
-        return None
-    try:
-        joined.encode("utf-8")
-    except UnicodeEncodeError:
+    if not names_fit(names):
         return None
     return names, starts, ends
 

@@ -40,7 +40,7 @@ from blobfs.errors import (
     NotFound,
     RemoteError,
 )
-from blobfs.layout import NAME_MAX, name_problem
+from blobfs.layout import name_problem, names_fit
 from blobfs.model import (
     AnnRef,
     BlobRef,
@@ -488,16 +488,7 @@ def _all_servable(columns: ImageColumns) -> bool:
         return True
     if not _plausible((min(ids), max(ids), min(sizes), max(sizes))):
         return False
-    joined = "\0".join(names)
-    if "/" in joined or "\\" in joined or joined.count("\0") != len(names) - 1:
-        return False
-    try:
-        parts = joined.encode("utf-8").split(b"\0")
-    except UnicodeEncodeError:
-        return False
-    if max(map(len, parts)) > NAME_MAX or b"" in parts or b"." in parts or b".." in parts:
-        return False
-    if len(set(names)) != len(names):
+    if not names_fit(names) or len(set(names)) != len(names):
         return False
     if None in rels or None in starts:  # plain images: only if all are
         return all(r is None or s is None for r, s in zip(rels, starts, strict=True))

@@ -24,6 +24,7 @@ from blobfs.errors import (
 )
 from blobfs.format import offsets
 from blobfs.format.offsets import dumps_batch, parse_offsets, reject_conflicts, write_offsets
+from blobfs.layout import name_problem, names_fit
 from blobfs.model import BlobMember
 
 names = st.text(
@@ -76,6 +77,25 @@ def _sdk_pickle(entries: list[tuple[str, int, int]]) -> bytes:
         ]
     out.append(b"e.")
     return b"".join(out)
+
+
+#: Names near every rule's edge: forbidden characters, lone surrogates, long multi-byte.
+edge_names = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["", ".", "..", "a/b", "a\\b", "a\0b", "\udc80", "é" * 128, "é" * 127]),
+    st.text(st.sampled_from("aé€𝄞"), min_size=60, max_size=260),
+)
+
+
+@given(st.lists(edge_names, max_size=6))
+@settings(max_examples=400, deadline=None)
+@example(["ok", "é" * 128])
+@example(["a" * 255, "b"])
+@example(["a" * 256])
+def test_names_fit_says_yes_exactly_when_every_name_passes_name_problem(
+    batch: list[str],
+) -> None:
+    assert names_fit(batch) == all(name_problem(n) is None for n in batch)
 
 
 @given(st.lists(raw_entries, min_size=1, max_size=3), st.one_of(st.none(), st.integers(0, 2**34)))
