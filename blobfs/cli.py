@@ -22,6 +22,7 @@ from blobfs.config import (
     DEFAULT_LOCAL_BLOCK_SIZE,
     DEFAULT_LOCAL_CACHE_BYTES,
     DEFAULT_REMOTE_BLOCK_SIZE,
+    READDIRPLUS_MODES,
     MountConfig,
     parse_fuse_options,
     parse_size,
@@ -192,6 +193,15 @@ def main() -> None:
     metavar="N",
     help="Remote: requests in flight for one listing or prefetch (annotation batches: twice).",
 )
+@click.option(
+    "--readdirplus",
+    default=None,
+    metavar="MODE",
+    help="When listings carry file attributes: always (every page: no lookup per file for a "
+    "reader that lists, then stats or opens every file) or auto (the kernel's choice: "
+    "names only after the first page unless files were looked up; faster find and ls). "
+    "Default always; -o readdirplus=.",
+)
 @click.option("--ready-fd", default=None, type=int, hidden=True)
 def mount(
     source: str,
@@ -217,6 +227,7 @@ def mount(
     timeout: float | None,
     prefetch: bool,
     concurrency: int,
+    readdirplus: str | None,
 ) -> None:
     """Mount SOURCE (a project folder or sly://PROJECT_ID) on MOUNTPOINT.
 
@@ -243,6 +254,7 @@ def mount(
         "prefetch": prefetch,
         "concurrency": concurrency,
         "sync_close": sync_close,
+        "readdirplus": readdirplus,
     }
     try:
         fuse_opts = parse_fuse_options(options)
@@ -267,6 +279,7 @@ def mount(
             timeout_s=_timeout(opt["timeout"]),
             prefetch=bool(opt["prefetch"]),
             concurrency=_concurrency(opt["concurrency"]),
+            readdirplus=_readdirplus(opt["readdirplus"]),
         )
         log_level = _log_level(opt["log_level"])
         _clear_dead_blobfs_mount(config.mountpoint)
@@ -350,6 +363,18 @@ def _concurrency(value: object) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 16:
         raise InvalidInput(f"concurrency must be 1..16, not {text!r}")
     return int(text)
+
+
+def _readdirplus(value: object) -> str:
+    """``--readdirplus MODE`` / ``-o readdirplus=MODE``: one of ``READDIRPLUS_MODES``."""
+    if value is None:
+        return MountConfig.readdirplus
+    mode = str(value).lower()
+    if mode not in READDIRPLUS_MODES:
+        raise InvalidInput(
+            f"readdirplus must be one of {', '.join(READDIRPLUS_MODES)}, not {value!r}"
+        )
+    return mode
 
 
 def _size_or_none(value: object) -> int | None:

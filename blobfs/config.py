@@ -34,6 +34,14 @@ def parse_size(text: str | int) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+#: ``--readdirplus`` values. ``always``: the kernel asks for attributes with every listing
+#: page, so a reader that lists a folder and then stats or opens each file (``ls -l``,
+#: ``du``, ``cp -r``, a data loader) needs no lookup per file. ``auto``: only with the
+#: first page and after lookups in the folder (the kernel's own rule), so pages of a
+#: listing that nothing stats carry names only and are several times smaller.
+READDIRPLUS_MODES = ("always", "auto")
+
+
 @dataclass(frozen=True)
 class MountConfig:
     """Everything a mount needs; no secrets (the token is resolved by the daemon)."""
@@ -63,6 +71,9 @@ class MountConfig:
     #: Every ``close()`` of a written file is durable (survives a power cut), not only
     #: ``fsync()``: the behaviour of ``-o sync`` on a local file system.
     sync_close: bool = False
+    #: When the kernel asks for file attributes with a listing (``--readdirplus``):
+    #: ``always`` (every page) or ``auto`` (the kernel's choice), see :data:`READDIRPLUS_MODES`.
+    readdirplus: str = "always"
 
     @property
     def is_remote(self) -> bool:

@@ -270,7 +270,13 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
             # the next lookup in it fetches them again just to check them.
             del kwargs["default_permissions"]
     try:
-        BlobfsFUSE(ops, config.mountpoint, raw_fi=False, **kwargs)
+        BlobfsFUSE(
+            ops,
+            config.mountpoint,
+            raw_fi=False,
+            readdirplus_auto=config.readdirplus == "auto",
+            **kwargs,
+        )
     except RuntimeError as exc:
         # libfuse 3's loop reports an exit by SIGTERM/SIGINT as an error code (mfusepy
         # raises it); after a served mount that is the normal, clean way to stop.

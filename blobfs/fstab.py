@@ -30,6 +30,7 @@ VALUE_FLAGS = {
     "blob_size": "--blob-size",
     "timeout": "--timeout",
     "concurrency": "--concurrency",
+    "readdirplus": "--readdirplus",
 }
 #: fstab option -> flag without a value.
 BOOL_FLAGS = {

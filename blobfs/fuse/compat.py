@@ -102,9 +102,18 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
     ``cache_readdir`` flag of the high-level API's opendir.)
     """
 
-    def __init__(self, operations: ServedOperations, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        operations: ServedOperations,
+        *args: Any,
+        readdirplus_auto: bool = False,
+        **kwargs: Any,
+    ) -> None:
         #: Folders whose full listing was sent with attributes (see the class docstring).
         self._listed: set[str] = set()
+        #: Leave the kernel its automatic choice (``--readdirplus auto``): attributes with
+        #: a folder's first page and after lookups in it, names only otherwise.
+        self.readdirplus_auto = readdirplus_auto
         super().__init__(operations, *args, **kwargs)
 
     @property
@@ -145,7 +154,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         return 0
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
-        if conn and self.served_ops.serves_readdir_plus:
+        if conn and self.served_ops.serves_readdir_plus and not self.readdirplus_auto:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
         _remember_fuse()
         super().init_fuse_3(conn, config)

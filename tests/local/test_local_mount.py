@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -215,6 +216,35 @@ def test_a_listed_folder_is_read_without_lookups(tmp_path: Path) -> None:
         assert ops().get("getattr", 0) - after.get("getattr", 0) < 5
     finally:
         subprocess.run([sys.executable, "-m", "blobfs", "unmount", str(mnt)], check=True)
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
+def test_each_readdirplus_mode_lists_the_same_names_and_stats_them_right(
+    tmp_path: Path, mounts: harness.Mounts
+) -> None:
+    """``--readdirplus always`` and ``auto`` differ only in which listing pages carry
+    attributes (auto: the kernel's choice, names only after the first page unless files
+    were looked up); a folder of several pages lists the same names in both, and a
+    ``stat`` or read of each file after the listing is right in both."""
+    imgs = make_images(tmp_path / "images", 600)
+    root = tmp_path / "project"
+    ProjectPacker(root, "ds").pack(imgs)
+    expected = {p.name: p.read_bytes() for p in imgs}
+    for mode in ("always", "auto"):
+        done, mount = mounts.mount_cli(root, tmp_path / f"mnt-{mode}", "--readdirplus", mode)
+        assert done.returncode == 0 and mount is not None, done.stderr
+        folder = mount.mnt / "ds" / "img"
+        names = os.listdir(folder)
+        assert sorted(names) == sorted(expected)
+        assert sorted(e.name for e in os.scandir(folder) if e.is_file()) == sorted(expected)
+        for name in names:
+            st = (folder / name).stat()
+            assert st.st_size == len(expected[name]) and stat.S_ISREG(st.st_mode), name
+        for name in names[::50]:
+            assert (folder / name).read_bytes() == expected[name]
+        assert sorted(os.listdir(mount.mnt / "ds" / "ann")) == sorted(f"{n}.json" for n in names)
+        mount.unmount()
 
 
 @pytest.mark.fuse

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from blobfs.cli import _blobfs_options
+from blobfs.cli import _blobfs_options, _readdirplus
 from blobfs.config import parse_fuse_options
 from blobfs.credentials import resolve, token_file_warning
 from blobfs.daemon import check_local_project, fuse_kwargs
@@ -99,6 +101,30 @@ def test_o_sync_and_sync_close_ask_for_durable_closes_and_never_reach_fuse() -> 
         fuse = parse_fuse_options((f"writeback,{option},attr_timeout=5",))
         assert _blobfs_options(fuse) == {"writeback": True, option: True}
         assert fuse == {"attr_timeout": "5"}
+
+
+def test_readdirplus_is_always_or_auto_by_flag_or_o_and_never_reaches_fuse() -> None:
+    assert _readdirplus(None) == "always"
+    assert _readdirplus("auto") == "auto"
+    assert _readdirplus("ALWAYS") == "always"
+    fuse = parse_fuse_options(("readdirplus=auto,attr_timeout=5",))
+    assert _blobfs_options(fuse) == {"readdirplus": "auto"}
+    assert fuse == {"attr_timeout": "5"}
+    for bad in ("", "never", "1"):
+        with pytest.raises(InvalidInput, match="readdirplus must be one of always, auto"):
+            _readdirplus(bad)
+    with pytest.raises(InvalidInput, match="-o readdirplus needs a value"):
+        _blobfs_options(parse_fuse_options(("readdirplus",)))
+
+
+def test_a_bad_readdirplus_mode_is_refused_before_mounting(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "meta.json").write_text("{}")
+    argv = [sys.executable, "-m", "blobfs", "mount", str(tmp_path), str(tmp_path / "mnt")]
+    done = subprocess.run([*argv, "--readdirplus", "sometimes"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "readdirplus must be one of always, auto, not 'sometimes'" in done.stderr
+    assert "Traceback" not in done.stderr and not os.path.ismount(tmp_path / "mnt")
 
 
 def test_nonempty_reaches_libfuse_2_only() -> None:

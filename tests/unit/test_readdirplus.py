@@ -6,9 +6,11 @@ records what it is given; no mount is needed to see which entries carry attribut
 
 from __future__ import annotations
 
+import ctypes
 import stat
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -49,7 +51,9 @@ def fuse() -> Any:
     return f
 
 
-def list_once(f: Any, room: int = 100, offset: int = 0) -> list[tuple[str, int, int]]:
+def list_once(
+    f: Any, room: int = 100, offset: int = 0, flags: int = FUSE_READDIR_PLUS
+) -> list[tuple[str, int, int]]:
     """(name, file type, flags) of every entry the filler accepted, as libfuse sees them."""
     got: list[tuple[str, int, int]] = []
 
@@ -59,7 +63,7 @@ def list_once(f: Any, room: int = 100, offset: int = 0) -> list[tuple[str, int, 
         got.append((name.decode(), stat.S_IFMT(stp.contents.st_mode), flags))
         return 0
 
-    assert f.readdir_fuse_3(b"/ds/img", None, filler, offset, None, FUSE_READDIR_PLUS) == 0
+    assert f.readdir_fuse_3(b"/ds/img", None, filler, offset, None, flags) == 0
     return got
 
 
@@ -240,3 +244,36 @@ def test_a_c_filler_is_called_holding_the_interpreter_lock_and_gets_every_entry(
     assert f.readdir_fuse_3(b"/ds/img", None, c_filler, 0, None, FUSE_READDIR_PLUS) == 0
     assert [(n, s) for n, _, s in got[2:]] == [(e[0], e[2][1]) for e in EXPECTED]
     assert [o for _, o, _ in got] == list(range(1, len(EXPECTED) + 3))
+
+
+# ---- who chooses READDIRPLUS: blobfs (always) or the kernel (auto) ---------------------
+
+
+def wanted_after_init(readdirplus_auto: bool) -> int:
+    """The capabilities blobfs leaves wanted after libfuse's ``init`` (mfusepy's own
+    ``init_fuse_3`` stubbed: it calls the operations' ``init``)."""
+
+    class Conn(ctypes.Structure):
+        _fields_ = [("want", ctypes.c_uint32)]
+
+    conn = Conn(want=compat.FUSE_CAP_READDIRPLUS_AUTO | 1)
+    f = fuse()
+    f.readdirplus_auto = readdirplus_auto
+    with (
+        mock.patch.object(compat, "_remember_fuse"),
+        mock.patch.object(compat.FUSE, "init_fuse_3", lambda self, conn, config: None),
+    ):
+        f.init_fuse_3(ctypes.pointer(conn), None)
+    return int(conn.want)
+
+
+def test_always_takes_the_choice_from_the_kernel_and_auto_leaves_it() -> None:
+    assert wanted_after_init(False) == 1  # READDIRPLUS for every page
+    assert wanted_after_init(True) == compat.FUSE_CAP_READDIRPLUS_AUTO | 1
+
+
+def test_a_plain_readdir_page_carries_names_and_types_only() -> None:
+    """In auto mode the kernel asks for pages after the first without attributes."""
+    got = list_once(fuse(), flags=0)
+    assert [n for n, _, _ in got] == [".", "..", "a.png", "b.png", "sub", "c.json"]
+    assert all(fl == 0 for _, _, fl in got)
