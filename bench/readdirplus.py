@@ -15,9 +15,11 @@ Two projects, built once by ``bench/scale.py``'s builder (cached under ``bench/o
 - a small project (one dataset of ``--small`` images, one tar, below the size at which a
   folder is listed with names only whatever the mode): per mode and reader, a fresh warm
   mount (nothing in the kernel's caches) and one reader: ``ls -l img | wc -l``, ``du -s``
-  of the dataset, and Python listing ``img/`` then opening and reading every file in
-  shuffled order. The daemon's FUSE calls of each reader (``getattr``: one per kernel
-  LOOKUP; ``readdir_plus``: one per listing page) are reported too. Plain folder alike.
+  of the dataset and of its ``img/`` (``du``, like ``cp -r``, ``rsync`` or ``tar``, reads a
+  whole folder before it stats its files), and Python listing ``img/`` then opening and
+  reading every file in shuffled order. The daemon's FUSE calls of each reader
+  (``getattr``: one per kernel LOOKUP; ``readdir_plus``: one per listing page) are
+  reported too. Plain folder alike.
 
 Modes and systems alternate in each round (their order rotates by round). Median / min /
 max over the rounds; ratios against the plain folder of the same round.
@@ -187,6 +189,7 @@ class Bench:
         return {
             "ls -l": lambda: counted(f"ls -l '{folder / 'img'}' | wc -l", cpus, n + 1),
             "du -s": lambda: timed_shell(f"du -s '{folder}'", cpus)[0],
+            "du -s img": lambda: timed_shell(f"du -s '{folder / 'img'}'", cpus)[0],
             "list+shuffled read": lambda: python_reader(folder / "img", seed, cpus),
         }
 

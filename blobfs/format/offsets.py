@@ -614,6 +614,9 @@ def _op_int(value: int) -> bytes:
 _GLOBAL = b"c" + f"{SDK_MODULE}\n{SDK_CLASS}\n".encode() + b"q\x01"  # GLOBAL + BINPUT 1
 _GET_CLASS = b"h\x01"  # BINGET 1
 _KEYS = (_op_unicode("name"), _op_unicode("offset_start"), _op_unicode("offset_end"))
+#: The keys the first time (each followed by BINPUT 2, 3, 4) and after it (BINGET 2, 3, 4).
+_KEYS_PUT = tuple(key + b"q" + bytes([2 + i]) for i, key in enumerate(_KEYS))
+_KEYS_GET = tuple(b"h" + bytes([2 + i]) for i in range(len(_KEYS)))
 
 
 def dumps_batch(members: Sequence[BlobMember]) -> bytes:
@@ -621,13 +624,17 @@ def dumps_batch(members: Sequence[BlobMember]) -> bytes:
 
     The opcodes are those ``pickle.dumps(list_of_dataclasses, protocol=2)`` emits for the
     SDK class (GLOBAL class, then per item EMPTY_TUPLE NEWOBJ, a state dict and BUILD),
-    without the memo entries nobody reads back.
+    with the pickler's memo references for what repeats (the class, the three keys, which
+    are one string each in every entry's ``__dict__``) and without the memo entries
+    nobody reads back. Spelling the keys out in every entry instead would make the file
+    much larger and every reader decode them again.
     """
     out = [b"\x80\x02", b"]q\x00", b"("]  # PROTO 2, EMPTY_LIST + BINPUT 0, MARK
     for i, m in enumerate(members):
+        keys = _KEYS_PUT if i == 0 else _KEYS_GET
         out.append(_GLOBAL if i == 0 else _GET_CLASS)
         out.append(b")\x81}(")  # EMPTY_TUPLE NEWOBJ EMPTY_DICT MARK
-        out += [_KEYS[0], _op_unicode(m.name), _KEYS[1], _op_int(m.start), _KEYS[2], _op_int(m.end)]
+        out += [keys[0], _op_unicode(m.name), keys[1], _op_int(m.start), keys[2], _op_int(m.end)]
         out.append(b"ub")  # SETITEMS BUILD
     out.append(b"e.")  # APPENDS STOP
     return b"".join(out)

@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import pickle
+import pickletools
 import threading
 
 import pytest
@@ -231,6 +232,30 @@ def test_the_sdk_reads_what_blobfs_writes_and_the_other_way(tmp_path) -> None:  
         [sly_image_api.BlobImageInfo(m.name, m.start, m.end) for m in items], str(sdk_path)
     )
     assert offsets.read_offsets_file(str(sdk_path)).members == items
+
+
+def test_blobfs_writes_the_opcodes_the_sdk_s_pickler_writes() -> None:
+    """The same opcodes as ``pickle.dumps(protocol=2)`` of the SDK's objects, the class and
+    the three keys by memo reference after their first use; only the memo puts nobody
+    reads back (and so the numbers of the references) and the width of integers differ."""
+    sly_image_api = pytest.importorskip("supervisely.api.image_api")
+    items = [BlobMember(f"img_{i}.png", 512 + 1024 * i, 900 + 1024 * i) for i in range(5)]
+    sdk = pickle.dumps(
+        [sly_image_api.BlobImageInfo(m.name, m.start, m.end) for m in items], protocol=2
+    )
+
+    def shape(data: bytes) -> list[tuple[str, object]]:
+        puts = {"BINPUT", "LONG_BINPUT", "MEMOIZE"}
+        same = {"BININT1": "BININT", "BININT2": "BININT", "LONG_BINGET": "BINGET"}
+        return [
+            (same.get(op.name, op.name), None if op.name.endswith("BINGET") else arg)
+            for op, arg, _ in pickletools.genops(data)
+            if op.name not in puts
+        ]
+
+    ours = offsets.dumps_batch(items)
+    assert shape(ours) == shape(sdk)
+    assert ours.count(b"offset_start") == 1  # a reference in every entry after the first
 
 
 class _Evil:
