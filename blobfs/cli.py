@@ -18,6 +18,7 @@ import click
 
 from blobfs import __version__
 from blobfs.config import (
+    DEFAULT_BATCH_FILES,
     DEFAULT_CACHE_BYTES,
     DEFAULT_LOCAL_BLOCK_SIZE,
     DEFAULT_LOCAL_CACHE_BYTES,
@@ -168,6 +169,14 @@ def main() -> None:
     help="Import a dataset's staged images once they reach this size.",
 )
 @click.option(
+    "--batch-files",
+    default=DEFAULT_BATCH_FILES,
+    show_default=True,
+    metavar="N",
+    help="Import a dataset's staged files once N are staged, while writes go on "
+    "(0: only by --blob-size, --writeback-delay or blobfs flush).",
+)
+@click.option(
     "--debug-fuse",
     is_flag=True,
     help="Print libfuse's log of every kernel request to stderr (with --foreground).",
@@ -222,6 +231,7 @@ def mount(
     spool_dir: str | None,
     writeback_delay: float,
     blob_size: str,
+    batch_files: object,
     sync_close: bool,
     debug_fuse: bool,
     timeout: float | None,
@@ -248,6 +258,7 @@ def mount(
         "spool_dir": spool_dir,
         "writeback_delay": writeback_delay,
         "blob_size": blob_size,
+        "batch_files": batch_files,
         "allow_other": allow_other,
         "writeback": writeback,
         "timeout": timeout,
@@ -274,6 +285,7 @@ def mount(
             spool_dir=os.path.abspath(str(opt["spool_dir"])) if opt["spool_dir"] else None,
             writeback_delay_s=_seconds(opt["writeback_delay"]),
             writeback_blob_size=parse_size(opt["blob_size"]),
+            writeback_batch_files=_files(opt["batch_files"]),
             sync_close=bool(opt["sync_close"] or opt.get("sync")),
             debug_fuse=debug_fuse,
             timeout_s=_timeout(opt["timeout"]),
@@ -375,6 +387,14 @@ def _readdirplus(value: object) -> str:
             f"readdirplus must be one of {', '.join(READDIRPLUS_MODES)}, not {value!r}"
         )
     return mode
+
+
+def _files(value: object) -> int:
+    """``-o batch_files=N`` (text) or ``--batch-files N``: a whole number, 0 or more."""
+    text = str(value)
+    if not text.isdigit():
+        raise InvalidInput(f"not a number of files: {text!r}")
+    return int(text)
 
 
 def _size_or_none(value: object) -> int | None:

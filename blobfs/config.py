@@ -20,6 +20,10 @@ DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_LOCAL_CACHE_BYTES = 32 << 20
 DEFAULT_ATTR_TIMEOUT_S = 3600.0
 DEFAULT_REMOTE_TTL_S = 60.0
+#: Staged files of a dataset that seal a writeback batch while writes go on (0: never by
+#: count). Each batch costs a blob, an upload and a registration of its own, so this
+#: trades the wait a flush leaves for more, smaller blobs.
+DEFAULT_BATCH_FILES = 5000
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -62,6 +66,7 @@ class MountConfig:
     spool_dir: str | None = None
     writeback_delay_s: float = 5.0
     writeback_blob_size: int = 256 << 20
+    writeback_batch_files: int = DEFAULT_BATCH_FILES
     #: Deadline of every FUSE operation, retries included (``--timeout``, ``-o timeout=``).
     timeout_s: float = DEFAULT_TIMEOUT_S
     #: Remote: warm the whole project in the background (``--prefetch``).

@@ -28,6 +28,7 @@ VALUE_FLAGS = {
     "spool_dir": "--spool-dir",
     "writeback_delay": "--writeback-delay",
     "blob_size": "--blob-size",
+    "batch_files": "--batch-files",
     "timeout": "--timeout",
     "concurrency": "--concurrency",
     "readdirplus": "--readdirplus",

@@ -15,8 +15,11 @@ already landed:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +30,26 @@ from blobfs.safe_open import ProjectRoot, split_rel, write_atomic_at
 from blobfs.writeback.spool import Batch, Spool, lock_project
 
 logger = logging.getLogger(__name__)
+
+
+class PhaseTimes:
+    """Wall seconds per named phase, for one log line: where an import's (or a pass's)
+    time goes, without a profiler."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items())
+
 
 #: A blob size no batch reaches: a batch is one blob by construction (the queue sizes it).
 BATCH_BLOB_SIZE = 1 << 62

@@ -180,6 +180,11 @@ class Journal:
         self._prepared = keep
         self._synced()
 
+    def flush(self) -> None:
+        """Make every record appended so far durable (one ``fdatasync``)."""
+        os.fdatasync(self._fd)
+        self._synced()
+
     def synced(self) -> None:
         """The spool flushed the journal's file system (``syncfs``): every record so far
         is durable."""

@@ -1,7 +1,9 @@
 """WritebackQueue: decide when staged files become batches, run imports, retry, report.
 
 A background thread packs a dataset's staged images into a batch when they reach
-``blob_size``, after ``delay_s`` without new writes, on ``flush()``, and when the mount
+``blob_size``, when its staged files reach ``batch_files`` (so that a long copy of small
+files is imported while it goes on, as rclone's or mountpoint-s3's uploads are, instead of
+all at the end), after ``delay_s`` without new writes, on ``flush()``, and when the mount
 stops. Batches left by a crashed run are finished first. A failing import is retried with
 exponential backoff; its files stay staged (and visible) meanwhile. A file that cannot be
 imported as it is (not an image, an annotation that does not parse or names an unknown
@@ -17,6 +19,7 @@ Lock order: ``_cond`` only; it is never held while importing.
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import threading
 import time
@@ -24,10 +27,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blobfs.config import DEFAULT_BATCH_FILES
 from blobfs.failpoints import failpoint
 from blobfs.format.pack import new_blob_stem
 from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann
-from blobfs.writeback.importer import Importer
+from blobfs.writeback.importer import Importer, PhaseTimes
 from blobfs.writeback.spool import Batch, Spool
 
 logger = logging.getLogger(__name__)
@@ -106,6 +110,7 @@ class WritebackQueue:
         validate: Validate,
         delay_s: float = DEFAULT_DELAY_S,
         blob_size: int = DEFAULT_BLOB_SIZE,
+        batch_files: int = DEFAULT_BATCH_FILES,
         clock: Callable[[], float] = time.monotonic,
         backoff_s: float = 1.0,
     ) -> None:
@@ -115,6 +120,7 @@ class WritebackQueue:
         self._listeners: list[Listener] = []
         self.delay_s = delay_s
         self.blob_size = blob_size
+        self.batch_files = batch_files
         self.backoff_s = backoff_s
         self._clock = clock
         self._cond = threading.Condition()
@@ -129,6 +135,8 @@ class WritebackQueue:
         self._imports = 0  # batches imported: what a refused file was checked against
         self._dirty = True  # the first pass finds what an earlier run left in the spool
         self._staged_bytes = 0
+        self._staged_files = 0
+        self._times = PhaseTimes()  # of the current pass
         self._fresh: set[str] = set()  # staged since the thread last validated ahead
         self.status = QueueStatus()
         self._thread: threading.Thread | None = None
@@ -164,10 +172,15 @@ class WritebackQueue:
             self._last_write = self._clock()
             self._dirty = True
             self._staged_bytes += size
+            self._staged_files += 1
             self.status.pending += 1  # an estimate until the next pass counts the spool
             self.status.pending_bytes += size
-            if self._staged_bytes >= self.blob_size:
+            if self._enough_staged():
                 self._cond.notify_all()
+
+    def _enough_staged(self) -> bool:
+        """Whether what was staged since the last pass could seal a batch (``_cond`` held)."""
+        return self._staged_bytes >= self.blob_size or (0 < self.batch_files <= self._staged_files)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Import everything importable now; True when nothing importable is left pending."""
@@ -237,11 +250,13 @@ class WritebackQueue:
                 quiet = self._clock() - self._last_write >= self.delay_s
                 if force or quiet:
                     self._dirty = False  # this pass considers every staged file
-                self._staged_bytes = 0
+                self._staged_bytes = self._staged_files = 0
                 self._running = True
+            self._times = PhaseTimes()
             try:
                 if force:
-                    self.spool.sync()
+                    with self._times.timed("sync"):
+                        self.spool.sync()
                 self.run_once(force)
             except Exception as exc:  # keep the thread alive whatever happens
                 logger.exception("writeback pass failed")
@@ -252,6 +267,8 @@ class WritebackQueue:
                 while self._targets and self._targets[0][0] <= self._generation:
                     self._flushed = max(self._flushed, self._targets.pop(0)[1])
                 self._cond.notify_all()
+            if "import" in self._times.seconds:  # the phases of one import: the importer's line
+                logger.info("writeback pass%s: %s", " (flush)" if force else "", self._times)
 
     def _due(self) -> bool:
         """Whether a pass could do anything now (called with ``_cond`` held).
@@ -259,7 +276,7 @@ class WritebackQueue:
         Idle passes are skipped: each one walks and stats the whole spool, and while a
         program copies thousands of files the quiet period never ends anyway.
         """
-        if self._stopping or self._force or self._staged_bytes >= self.blob_size:
+        if self._stopping or self._force or self._enough_staged():
             return True
         now = self._clock()
         if self._failures and now >= self._retry_at:
@@ -273,13 +290,16 @@ class WritebackQueue:
         for batch in self.spool.open_batches():
             if not self._run_batch(batch):
                 return
-        groups, meta = self._pending(force)
+        with self._times.timed("validate"):
+            groups, meta = self._pending(force)
         quiet = self._clock() - self._last_write >= self.delay_s
         if meta is not None and (force or quiet):
             self._run_batch(self._new_batch([], [meta]))
         for dataset, (images, anns, size) in sorted(groups.items()):
             if not (force or quiet or size >= self.blob_size):
-                continue
+                images = _paired(images, anns)
+                if not 0 < self.batch_files <= len(images) + len(anns):
+                    continue
             for chunk in self._chunks(images):
                 names = {p.rsplit("/", 1)[1] for p in chunk}
                 # one pass that splits them (filtering by a list's ``in`` was quadratic
@@ -321,7 +341,8 @@ class WritebackQueue:
 
     def _new_batch(self, dataset: list[str], files: list[str]) -> Batch:
         stem = new_blob_stem(dataset[-1] if dataset else "meta")
-        return self.spool.create_batch(Batch(uuid.uuid4().hex[:12], dataset, files, stem))
+        with self._times.timed("seal"):
+            return self.spool.create_batch(Batch(uuid.uuid4().hex[:12], dataset, files, stem))
 
     def _run_batch(self, batch: Batch) -> bool:
         self._set_importing(batch.files)
@@ -337,7 +358,8 @@ class WritebackQueue:
     def _import(self, batch: Batch) -> bool:
         try:
             failpoint("importing")
-            self.importer.import_batch(self.spool, batch)
+            with self._times.timed("import"):
+                self.importer.import_batch(self.spool, batch)
         except Exception as exc:
             self._failures += 1
             delay = min(self.backoff_s * 2 ** (self._failures - 1), MAX_BACKOFF_S)
@@ -351,10 +373,13 @@ class WritebackQueue:
         self._imports += 1
         self.status.last_error = None
         failpoint("after-import")
-        self._publish(Imported(batch))  # before the staged copies go: no gap in listings
-        done = self.spool.finish_batch(batch)
+        with self._times.timed("relist"):
+            self._publish(Imported(batch))  # before the staged copies go: no gap in listings
+        with self._times.timed("unstage"):
+            done = self.spool.finish_batch(batch)
         settled = [p for p in batch.files if (d := dataset_of(p)) is None or d[1] != IMG_DIR]
-        self._publish(Settled(tuple(settled)))
+        with self._times.timed("invalidate"):
+            self._publish(Settled(tuple(settled)))
         self.status.imported += len(done)
         self.status.batches_done += 1
         self.status.pending = max(0, self.status.pending - len(done))
@@ -409,8 +434,7 @@ class WritebackQueue:
                 st = self.spool.stat(path)
                 if st is None or stat.S_ISDIR(st.st_mode):
                     continue
-                known = self._checked.get(path)
-                if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
+                if self._known(path, st) is not None:
                     continue
                 if self.validate(path) is None:
                     self._checked[path] = (st.st_mtime_ns, st.st_size, None, context)
@@ -424,6 +448,14 @@ class WritebackQueue:
         meta = None if st is None else (st.st_mtime_ns, st.st_size)
         return (self._imports, meta)
 
+    def _known(self, path: str, st: os.stat_result) -> tuple[int, int, str | None, object] | None:
+        """What was decided about ``path`` if it was about this version of the file
+        (same mtime and size)."""
+        known = self._checked.get(path)
+        if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
+            return known
+        return None
+
     def _check(self, path: str, context: object = None) -> tuple[str | None, int]:
         """(why the staged file cannot be imported or None, its size).
 
@@ -434,15 +466,26 @@ class WritebackQueue:
         st = self.spool.stat(path)
         if st is None:
             return "vanished", 0
-        known = self._checked.get(path)
-        if (
-            known is not None
-            and known[:2] == (st.st_mtime_ns, st.st_size)
-            and (known[2] is None or (context is not None and known[3] == context))
+        known = self._known(path, st)
+        if known is not None and (
+            known[2] is None or (context is not None and known[3] == context)
         ):
             return known[2], st.st_size
+        known = self._checked.get(path)
         reason = self.validate(path)
         self._checked[path] = (st.st_mtime_ns, st.st_size, reason, context)
         if reason and (known is None or known[:3] != (st.st_mtime_ns, st.st_size, reason)):
             logger.warning("%s is kept in the spool, not imported: %s", path, reason)
         return reason, st.st_size
+
+
+def _paired(images: list[str], anns: list[str]) -> list[str]:
+    """The images whose annotation is staged too: what a batch takes while writes go on.
+
+    An image imported before its annotation arrives gets an empty one, then the real one:
+    twice the annotation requests, and a ``cp -r`` copies ``img/`` before ``ann/``. So
+    while a copy goes on only pairs are imported; a lone image waits for ``blob_size``,
+    the quiet period or a flush, like every file did before.
+    """
+    with_ann = {image_of_ann(a.rsplit("/", 1)[1]) for a in anns}
+    return [p for p in images if p.rsplit("/", 1)[1] in with_ann]

@@ -41,7 +41,7 @@ from blobfs.format.pack import (
 )
 from blobfs.model import BlobMember
 from blobfs.sly.api import ANN_ADD_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
-from blobfs.writeback.importer import split_batch
+from blobfs.writeback.importer import PhaseTimes, split_batch
 from blobfs.writeback.spool import Batch, Spool
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,10 @@ class RemoteImporter:
 
     def import_batch(self, spool: Spool, batch: Batch) -> None:
         images, anns, meta = split_batch(batch)
+        phases = PhaseTimes()  # for the batch's log line
         if meta is not None:
-            self.api.update_meta(self.project_id, json.loads(spool.batch_bytes(batch, meta)))
+            with phases.timed("meta"):
+                self.api.update_meta(self.project_id, json.loads(spool.batch_bytes(batch, meta)))
         if not batch.dataset:
             return
         with ThreadPoolExecutor(2, thread_name_prefix="blobfs-prepare") as pool:
@@ -110,11 +112,12 @@ class RemoteImporter:
             # waits on the network, this on the CPU): the staged annotations, and an empty
             # one with its image's size for an image without one
             by_name: dict[str, Any] = {}
-            for view_path in images:
-                name = view_path.rsplit("/", 1)[1]
-                if name not in anns:
-                    width, height = _image_size(spool.batch_source(batch, view_path), name)
-                    by_name[name] = empty_annotation(width, height)
+            with phases.timed("sizes"):
+                for view_path in images:
+                    name = view_path.rsplit("/", 1)[1]
+                    if name not in anns:
+                        width, height = _image_size(spool.batch_source(batch, view_path), name)
+                        by_name[name] = empty_annotation(width, height)
             if images:
                 self._import_images(
                     spool,
@@ -123,25 +126,31 @@ class RemoteImporter:
                     target,
                     team,
                     lambda: _read_anns(spool, batch, anns, by_name),
+                    phases,
                 )
             else:
-                _read_anns(spool, batch, anns, by_name)
-            dataset, _ = target.result()
+                with phases.timed("read anns"):
+                    _read_anns(spool, batch, anns, by_name)
+            with phases.timed("dataset"):
+                dataset, _ = target.result()
         existing = dict(batch.image_ids)
         if any(name not in existing for name in by_name):
-            existing = {img.name: img.id for img in self.api.images(dataset)}
+            with phases.timed("list"):
+                existing = {img.name: img.id for img in self.api.images(dataset)}
         payload: list[tuple[int, Any]] = []
         for name, ann in by_name.items():
             if name not in existing:
                 raise RemoteError(f"annotation for {name!r}: no such image in the dataset")
             payload.append((existing[name], ann))
         chunks = [payload[i : i + ANN_ADD_BATCH] for i in range(0, len(payload), ANN_ADD_BATCH)]
-        self._each(lambda chunk: self.api.add_annotations(dataset, chunk), chunks)
+        with phases.timed("anns"):
+            self._each(lambda chunk: self.api.add_annotations(dataset, chunk), chunks)
         logger.info(
-            "imported %d images and %d annotations into dataset %d",
+            "imported %d images and %d annotations into dataset %d (%s)",
             len(images),
             len(payload),
             dataset,
+            phases,
         )
 
     def _target(self, path: list[str], images: bool) -> tuple[int, dict[str, int]]:
@@ -161,14 +170,17 @@ class RemoteImporter:
         target: Future[tuple[int, dict[str, int]]],
         team: Future[int] | None,
         meanwhile: Callable[[], None] = lambda: None,
+        phases: PhaseTimes | None = None,
     ) -> None:
         """Pack, upload, register (each step once, saved in the manifest); ``meanwhile``
         runs on this thread while the tar and its offsets upload. ``target`` is the
         dataset and the names it had before this batch registered anything, ``team`` the
         team whose files get the tar (None once the batch is registered)."""
         tar_path = spool.batches_dir / batch.id / f"{batch.stem}.tar"
+        phases = phases or PhaseTimes()
         if batch.state == "new":
-            batch.members = self._pack(spool, batch, images, tar_path)
+            with phases.timed("pack"):
+                batch.members = self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
             spool.save_batch(batch)
         marked = False
@@ -176,8 +188,10 @@ class RemoteImporter:
             meanwhile()
         else:
             assert team is not None
-            offsets = self._write_offsets(batch, tar_path)
-            team_id = team.result()
+            with phases.timed("offsets"):
+                offsets = self._write_offsets(batch, tar_path)
+            with phases.timed("team"):
+                team_id = team.result()
             with ThreadPoolExecutor(3, thread_name_prefix="blobfs-upload") as pool:
                 uploads: list[Future[int]] = [
                     pool.submit(
@@ -192,17 +206,20 @@ class RemoteImporter:
                 # the flag the SDK's upload_by_offsets sets; idempotent, so set while the
                 # tar uploads
                 mark = pool.submit(self.api.mark_blob_project, self.project_id)
-                meanwhile()
-                batch.team_file_id = uploads[0].result()
-                uploads[1].result()
-                mark.result()
+                with phases.timed("read anns"):
+                    meanwhile()
+                with phases.timed("upload"):
+                    batch.team_file_id = uploads[0].result()
+                    uploads[1].result()
+                    mark.result()
                 marked = True
             failpoint("remote-after-upload")
             batch.state = "uploaded"
             spool.save_batch(batch)
         if batch.state == "uploaded":
             assert batch.team_file_id is not None
-            dataset, have = target.result()
+            with phases.timed("dataset"):
+                dataset, have = target.result()
             todo = [
                 (str(n), int(str(s)), int(str(e))) for n, s, e in batch.members if n not in have
             ]
@@ -211,10 +228,11 @@ class RemoteImporter:
             team_file = batch.team_file_id
             added: dict[str, int] = {}
             chunks = [todo[i : i + REGISTER_BATCH] for i in range(0, len(todo), REGISTER_BATCH)]
-            for part in self._each(
-                lambda chunk: self.api.add_blob_images(dataset, team_file, chunk), chunks
-            ):
-                added.update(part)
+            with phases.timed("register"):
+                for part in self._each(
+                    lambda chunk: self.api.add_blob_images(dataset, team_file, chunk), chunks
+                ):
+                    added.update(part)
             failpoint("remote-after-register")
             # the ids the annotations need: no second listing of the dataset
             batch.image_ids = {

@@ -24,9 +24,10 @@ through the journal too (a replay would otherwise bring the older record back ov
 A *checkpoint* gives every file held in the journal a staged file of its own, syncs the
 spool's file system once and starts a new journal generation, which retires every record.
 It runs when the journal is full, before a durable operation the journal cannot carry on a
-path it holds, when a batch has been formed and at a clean close. A batch is formed from
-held files by copying their bytes into the batch's one ``data`` file (the files it holds
-from then on, until the import is done), and from other staged files by hard links; so a
+path it holds and at a clean close. A batch is formed from held files by copying their
+bytes into the batch's one ``data`` file (the files it holds from then on, until the
+import is done; their records stay, and a ``REMOVE`` record each retires them once it is
+done), and from other staged files by hard links; so a
 file re-written while its batch imports keeps the batch's snapshot, and packing reads one
 file per batch instead of one per image. On start-up the journal is replayed over
 ``staged/`` (a held file gets its own file there) and checkpointed; the held files of
@@ -1047,8 +1048,11 @@ class Spool:
 
     def create_batch(self, batch: Batch) -> Batch:
         """Copy the batch's held files into its ``data`` file, link its other files into
-        its folder, write its manifest (all durably), then checkpoint: from then on the
-        batch holds its files, and no replay can bring them back once it is imported."""
+        its folder and write its manifest (all durably): from then on the batch holds its
+        files. No checkpoint: it would give every other held file a file of its own, which
+        while a copy goes on is most of what it has written so far. A replay before the
+        batch is done brings back copies it drops when done (``_same_as_batch``); once it
+        is done, removal records say they are gone (``finish_batch``)."""
         folder = self.batches_dir / batch.id
         with self._lock:  # no commit between the copies, the links and the checkpoint
             os.makedirs(folder, exist_ok=True)
@@ -1071,7 +1075,6 @@ class Spool:
                 self._containers[batch.id] = fd
                 for view_path, (offset, size, mtime_ns) in batch.held.items():
                     self._set_held(view_path, Held(fd, offset, size, mtime_ns, batch.id))
-            self.checkpoint()
         return batch
 
     def _write_batch_data(self, folder: Path, batch: Batch, held: dict[str, Held]) -> int | None:
@@ -1163,14 +1166,22 @@ class Spool:
         done: dict[str, int] = {}
         links = os.path.join(str(self.batches_dir), batch.id, "files")
         with self._lock:
+            recorded = True  # every held file dropped so far has its removal journaled
             for view_path in batch.held:
                 held = self._held.get(view_path)
                 if held is not None and held.batch == batch.id:
+                    # its write record is still in the journal: a replay must not bring
+                    # it back once the batch stops being one to finish
+                    if recorded and self._log(Kind.REMOVE, view_path, sync=False) is None:
+                        self.checkpoint()  # a full journal: retire every record instead
+                        recorded = False
                     self._unhold(view_path)
                     done[view_path] = held.size
                 elif held is None and self._same_as_batch(batch, view_path):
                     os.unlink(self.file_path(view_path))  # a replay's copy, unchanged
                     done[view_path] = batch.held[view_path][1]
+            if recorded and done:
+                self._journal.flush()  # before the batch is retired, below
             fd = self._containers.pop(batch.id, None)
             if fd is not None:
                 os.close(fd)

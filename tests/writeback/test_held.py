@@ -87,7 +87,6 @@ def test_a_batch_of_held_files_is_imported_once_whatever_the_kill(tmp_path: Path
         close(spool, f"/ds/img/{i}.png", bytes([i]) * 10)
     batch = batch_of(spool, [f"/ds/img/{i}.png" for i in range(5)])
     assert spool.batch_bytes(batch, "/ds/img/3.png") == bytes([3]) * 10
-    assert spool._journal.empty  # the batch holds them: the records are retired
     die(spool)
     again = Spool(tmp_path / "spool")
     assert state(again) == {f"/ds/img/{i}.png": bytes([i]) * 10 for i in range(5)}
@@ -102,28 +101,56 @@ def test_a_batch_of_held_files_is_imported_once_whatever_the_kill(tmp_path: Path
     third.close()
 
 
-def test_killed_after_the_manifest_before_the_checkpoint_imports_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_killed_while_a_batch_imports_imports_once(tmp_path: Path) -> None:
     """The journal still holds the batch's records: replay gives them staged files again,
     and finishing the batch removes those that are still the batch's bytes."""
     spool = Spool(tmp_path / "spool")
     close(spool, "/ds/img/a.png", b"A")
     close(spool, "/ds/img/b.png", b"B")
-
-    def killed() -> None:
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(spool, "checkpoint", killed)
-    with pytest.raises(SystemExit):
-        batch_of(spool, ["/ds/img/a.png", "/ds/img/b.png"])
+    batch_of(spool, ["/ds/img/a.png", "/ds/img/b.png"])
     die(spool)
-    monkeypatch.undo()
     again = Spool(tmp_path / "spool")
     assert (tmp_path / "spool" / "staged" / "ds" / "img" / "a.png").read_bytes() == b"A"
     (pending,) = again.open_batches()
     assert sorted(again.finish_batch(pending)) == ["/ds/img/a.png", "/ds/img/b.png"]
     assert state(again) == {}
+    again.close()
+
+
+def test_a_batch_leaves_the_other_held_files_held_and_stays_gone_once_done(
+    tmp_path: Path,
+) -> None:
+    """Forming a batch retires no record: a checkpoint would give every other held file a
+    file of its own, which while a copy goes on is most of what it wrote. Finishing the
+    batch journals its removals, so a replay after a kill brings none of it back."""
+    spool = Spool(tmp_path / "spool")
+    close(spool, "/ds/img/in.png", b"batch")
+    close(spool, "/ds/img/out.png", b"still held")
+    batch = batch_of(spool, ["/ds/img/in.png"])
+    staged = tmp_path / "spool" / "staged" / "ds" / "img"
+    assert not (staged / "out.png").exists()
+    assert sorted(spool.finish_batch(batch)) == ["/ds/img/in.png"]
+    close(spool, "/ds/img/in.png", b"written again")  # after the batch: a new file
+    die(spool)
+    again = Spool(tmp_path / "spool")
+    assert state(again) == {"/ds/img/in.png": b"written again", "/ds/img/out.png": b"still held"}
+    assert again.open_batches() == []
+    again.close()
+
+
+def test_a_batch_finished_on_a_full_journal_stays_gone(tmp_path: Path) -> None:
+    """No room for the removal records: the finish checkpoints instead, which retires
+    every record, and the other held files get files of their own."""
+    spool = Spool(tmp_path / "spool")
+    close(spool, "/ds/img/in.png", b"batch")
+    close(spool, "/ds/img/out.png", b"still held")
+    batch = batch_of(spool, ["/ds/img/in.png"])
+    spool._journal.capacity = spool._journal._end  # the next record does not fit
+    assert sorted(spool.finish_batch(batch)) == ["/ds/img/in.png"]
+    assert spool._journal.empty
+    die(spool)
+    again = Spool(tmp_path / "spool")
+    assert state(again) == {"/ds/img/out.png": b"still held"}
     again.close()
 
 

@@ -79,3 +79,54 @@ def test_a_failed_import_is_due_again_after_its_backoff(tmp_path: Path) -> None:
     assert not queue._due()
     clock.now += 2.0
     assert queue._due()
+
+
+class Recorder:
+    """An importer that only remembers what each batch held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def import_batch(self, spool: Spool, batch: Batch) -> None:
+        self.batches.append(sorted(batch.files))
+
+
+def stage(spool: Spool, view_path: str, data: bytes = b"x") -> None:
+    scratch = spool.scratch()
+    try:
+        scratch.write(data, 0)
+        spool.commit_scratch(scratch, view_path)
+    finally:
+        scratch.close()
+
+
+def test_while_writes_go_on_images_with_their_annotation_are_imported_by_count(
+    tmp_path: Path,
+) -> None:
+    """``batch_files`` staged files seal a batch before the quiet period ends; it takes
+    the images whose annotation is staged too, with those annotations. An image without
+    one waits (it would get an empty annotation, then its own), and so does everything
+    while fewer than ``batch_files`` such files are staged."""
+    clock = Clock()
+    recorder = Recorder()
+    spool = Spool(tmp_path / "spool")
+    queue = WritebackQueue(
+        spool, recorder, lambda view_path: None, delay_s=5.0, blob_size=1 << 30, clock=clock
+    )
+    queue.batch_files = 4
+    for name in ("a", "b", "c"):
+        stage(spool, f"/ds/img/{name}.png")
+        queue.staged(1, f"/ds/img/{name}.png")
+    stage(spool, "/ds/ann/a.png.json")
+    queue.staged(1, "/ds/ann/a.png.json")
+    assert queue._due()  # four files staged since the last pass
+    queue.run_once()
+    assert recorder.batches == []  # one image with its annotation: two files of four
+    stage(spool, "/ds/ann/b.png.json")
+    queue.run_once()
+    assert recorder.batches == [
+        ["/ds/ann/a.png.json", "/ds/ann/b.png.json", "/ds/img/a.png", "/ds/img/b.png"]
+    ]
+    queue.run_once(force=True)  # a flush takes the image without an annotation
+    assert recorder.batches[1:] == [["/ds/img/c.png"]]
+    spool.close()

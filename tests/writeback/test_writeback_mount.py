@@ -216,3 +216,29 @@ def test_an_import_lists_its_dataset_again_and_logs_no_old_problem_again(
     assert d.unmount() == 0
     lines = [line for line in (tmp_path / "log").read_text().splitlines() if "bad/name" in line]
     assert len(lines) == 1, lines
+
+
+def test_images_with_their_annotations_are_imported_while_writes_go_on(
+    project: Path, tmp_path: Path, mounts: harness.Mounts
+) -> None:
+    """With ``--batch-files``, no quiet period and no flush: the pairs are imported while
+    the mount is still being written; the image without an annotation waits."""
+    mnt = tmp_path / "mnt"
+    d = mounts.start_writeback(
+        project, mnt, tmp_path / "spool", "--batch-files", "4", log=tmp_path / "log", delay_s=3600
+    )
+    for i in range(3):
+        (mnt / "ds" / "img" / f"pair{i}.png").write_bytes(png_bytes(1200 + i))
+    for i in range(2):
+        ann = {"description": "", "size": {"height": 32, "width": 32}, "tags": [], "objects": []}
+        (mnt / "ds" / "ann" / f"pair{i}.png.json").write_text(json.dumps(ann))
+    deadline = time.monotonic() + 20
+    while "/ds/img/pair1.png" not in project_images(project):
+        assert time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.1)
+    served = project_images(project)
+    assert served["/ds/img/pair0.png"] == png_bytes(1200)
+    assert "/ds/img/pair2.png" not in served
+    assert (mnt / "ds" / "img" / "pair2.png").read_bytes() == png_bytes(1202)  # still staged
+    assert d.unmount() == 0
+    assert project_images(project)["/ds/img/pair2.png"] == png_bytes(1202)
