@@ -191,10 +191,13 @@ def iter_raw_batches(stream: IO[bytes], limit: int | None = None) -> Iterator[li
     """
     seen = 0
     while True:
+        start = stream.tell()
         try:
             data = _OffsetsUnpickler(stream).load()  # fresh memo per pickle, as the SDK
         except EOFError:
-            if stream.read(1):  # EOF inside a pickle, not between pickles
+            # Clean only between pickles: a pickle cut right after a whole opcode ends
+            # with this same error once every byte of it was consumed.
+            if stream.tell() != start or stream.read(1):
                 raise OffsetsError("truncated pickle") from None
             return
         except OffsetsError:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from blobfs.config import DEFAULT_BATCH_FILES
 from blobfs.failpoints import failpoint
 from blobfs.format.pack import new_blob_stem
-from blobfs.layout import IMG_DIR, META_PATH, dataset_of, image_of_ann
+from blobfs.layout import ANN_DIR, IMG_DIR, META_PATH, dataset_of, image_of_ann
 from blobfs.writeback.importer import Importer, PhaseTimes
 from blobfs.writeback.spool import Batch, Spool
 
@@ -135,7 +135,8 @@ class WritebackQueue:
         self._imports = 0  # batches imported: what a refused file was checked against
         self._dirty = True  # the first pass finds what an earlier run left in the spool
         self._staged_bytes = 0
-        self._staged_files = 0
+        self._staged_files = 0  # since the last pass (an annotation counts twice)
+        self._short = 0  # files of a dataset the last pass found too few to seal
         self._times = PhaseTimes()  # of the current pass
         self._fresh: set[str] = set()  # staged since the thread last validated ahead
         self.status = QueueStatus()
@@ -172,7 +173,10 @@ class WritebackQueue:
             self._last_write = self._clock()
             self._dirty = True
             self._staged_bytes += size
-            self._staged_files += 1
+            # a pass counts the images whose annotation is staged too, with those: an
+            # annotation usually completes a pair (two such files), an image may not
+            where = None if path is None else dataset_of(path)
+            self._staged_files += 2 if where is not None and where[1] == ANN_DIR else 1
             self.status.pending += 1  # an estimate until the next pass counts the spool
             self.status.pending_bytes += size
             if self._enough_staged():
@@ -263,6 +267,8 @@ class WritebackQueue:
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
             with self._cond:
                 self._running = False
+                # what the pass found too few of still counts towards the next one
+                self._staged_files += self._short
                 self._generation += 1
                 while self._targets and self._targets[0][0] <= self._generation:
                     self._flushed = max(self._flushed, self._targets.pop(0)[1])
@@ -285,6 +291,7 @@ class WritebackQueue:
 
     def run_once(self, force: bool = False) -> None:
         """One pass: finish old batches, then make and import new ones that are due."""
+        self._short = 0
         if self._clock() < self._retry_at and not force:
             return
         for batch in self.spool.open_batches():
@@ -299,6 +306,7 @@ class WritebackQueue:
             if not (force or quiet or size >= self.blob_size):
                 images = _paired(images, anns)
                 if not 0 < self.batch_files <= len(images) + len(anns):
+                    self._short = max(self._short, len(images) + len(anns))
                     continue
             for chunk in self._chunks(images):
                 names = {p.rsplit("/", 1)[1] for p in chunk}

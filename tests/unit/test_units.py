@@ -491,3 +491,13 @@ def test_the_quick_entry_search_unpickles_one_entry_of_an_sdk_pickle(
         name = f"{i:05d}.png"
         assert offsets.find_entry([data], name) == (0, *parsed[name])
     assert max(loads) <= 2, loads
+
+
+def test_a_pickle_cut_anywhere_is_refused_as_truncated() -> None:
+    """Also where the cut falls right after a whole opcode: the unpickler then runs out
+    of input exactly at the end of the stream, which must not pass for a clean end."""
+    good = dumps_batch([BlobMember("never.png", 512, 600), BlobMember("b.png", 600, 700)])
+    for cut in range(1, len(good)):
+        with pytest.raises(offsets.OffsetsError):
+            list(offsets.iter_raw_batches(io.BytesIO(good[:cut])))
+    assert list(offsets.iter_raw_batches(io.BytesIO(good + good)))[1][1].offset_end == 700

@@ -119,10 +119,14 @@ def test_while_writes_go_on_images_with_their_annotation_are_imported_by_count(
         queue.staged(1, f"/ds/img/{name}.png")
     stage(spool, "/ds/ann/a.png.json")
     queue.staged(1, "/ds/ann/a.png.json")
-    assert queue._due()  # four files staged since the last pass
+    assert queue._due()  # three images and an annotation (counted twice: it makes a pair)
     queue.run_once()
     assert recorder.batches == []  # one image with its annotation: two files of four
+    assert queue._short == 2  # they count towards the next pass
+    queue._staged_files = queue._short  # what the thread does after the pass
     stage(spool, "/ds/ann/b.png.json")
+    queue.staged(1, "/ds/ann/b.png.json")
+    assert queue._due()
     queue.run_once()
     assert recorder.batches == [
         ["/ds/ann/a.png.json", "/ds/ann/b.png.json", "/ds/img/a.png", "/ds/img/b.png"]
