@@ -14,7 +14,7 @@ latency is a separate emulator run):
    into ``<mount>/ds/`` with ``--writeback-delay 3600 --blob-size 1G --batch-files 0``
    (nothing is imported before it), then ``blobfs flush`` (pack, upload tar + offsets,
    register, annotations);
-3. blobfs as a user runs it (the defaults): batches import while the copy goes on, the
+3. blobfs with ``--batch-files 5000``: batches import while the copy goes on, the
    flush imports what is left;
 4. blobfs with ``--sync-close`` (every ``close()`` durable), one batch;
 5. per-image ``api.image.upload_path`` on a subset, extrapolated to N;
@@ -90,13 +90,13 @@ def count_images(url: str, project: int) -> int:
 ONE_BATCH = ["--writeback-delay", "3600", "--blob-size", "1G", "--batch-files", "0"]
 MODES = {
     "default": ONE_BATCH,
-    "streaming": [],
+    "streaming": ["--batch-files", "5000"],
     "sync_close": [*ONE_BATCH, "--sync-close"],
 }
 
 LABELS = {
     "default": "one batch",
-    "streaming": "defaults: batches during cp",
+    "streaming": "--batch-files 5000: batches during cp",
     "sync_close": "one batch, --sync-close",
 }
 

@@ -21,9 +21,11 @@ DEFAULT_LOCAL_CACHE_BYTES = 32 << 20
 DEFAULT_ATTR_TIMEOUT_S = 3600.0
 DEFAULT_REMOTE_TTL_S = 60.0
 #: Staged files of a dataset that seal a writeback batch while writes go on (0: never by
-#: count). Each batch costs a blob, an upload and a registration of its own, so this
-#: trades the wait a flush leaves for more, smaller blobs.
-DEFAULT_BATCH_FILES = 5000
+#: count). Off by default: importing during a copy competes with the copy for the
+#: daemon's CPU, and each batch pays a blob, an upload and a registration of its own, so
+#: the copy slows by more than the flush it saves (docs/performance.md); it pays where
+#: the server is far and the writer slow.
+DEFAULT_BATCH_FILES = 0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
