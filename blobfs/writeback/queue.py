@@ -254,8 +254,7 @@ class WritebackQueue:
                 quiet = self._clock() - self._last_write >= self.delay_s
                 if force or quiet:
                     self._dirty = False  # this pass considers every staged file
-                self._staged_bytes = self._staged_files = 0
-                self._running = True
+                self._begin_pass()
             self._times = PhaseTimes()
             try:
                 if force:
@@ -266,15 +265,24 @@ class WritebackQueue:
                 logger.exception("writeback pass failed")
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
             with self._cond:
-                self._running = False
-                # what the pass found too few of still counts towards the next one
-                self._staged_files += self._short
-                self._generation += 1
-                while self._targets and self._targets[0][0] <= self._generation:
-                    self._flushed = max(self._flushed, self._targets.pop(0)[1])
-                self._cond.notify_all()
+                self._end_pass()
             if "import" in self._times.seconds:  # the phases of one import: the importer's line
                 logger.info("writeback pass%s: %s", " (flush)" if force else "", self._times)
+
+    def _begin_pass(self) -> None:
+        """Count what is staged from now on towards the next pass (``_cond`` held)."""
+        self._staged_bytes = self._staged_files = 0
+        self._running = True
+
+    def _end_pass(self) -> None:
+        """Settle a pass (``_cond`` held): the files it found too few of to seal still
+        count towards the next one, and the flushes waiting for it are released."""
+        self._running = False
+        self._staged_files += self._short
+        self._generation += 1
+        while self._targets and self._targets[0][0] <= self._generation:
+            self._flushed = max(self._flushed, self._targets.pop(0)[1])
+        self._cond.notify_all()
 
     def _due(self) -> bool:
         """Whether a pass could do anything now (called with ``_cond`` held).
@@ -445,7 +453,7 @@ class WritebackQueue:
                 if self._known(path, st) is not None:
                     continue
                 if self.validate(path) is None:
-                    self._checked[path] = (st.st_mtime_ns, st.st_size, None, context)
+                    self._remember(path, st, None, context)
         except Exception:  # the pass validates what this missed
             logger.debug("validating ahead failed", exc_info=True)
 
@@ -464,6 +472,10 @@ class WritebackQueue:
             return known
         return None
 
+    def _remember(self, path: str, st: os.stat_result, reason: str | None, context: object) -> None:
+        """Record what was decided about this version of ``path`` (see :meth:`_known`)."""
+        self._checked[path] = (st.st_mtime_ns, st.st_size, reason, context)
+
     def _check(self, path: str, context: object = None) -> tuple[str | None, int]:
         """(why the staged file cannot be imported or None, its size).
 
@@ -481,7 +493,7 @@ class WritebackQueue:
             return known[2], st.st_size
         known = self._checked.get(path)
         reason = self.validate(path)
-        self._checked[path] = (st.st_mtime_ns, st.st_size, reason, context)
+        self._remember(path, st, reason, context)
         if reason and (known is None or known[:3] != (st.st_mtime_ns, st.st_size, reason)):
             logger.warning("%s is kept in the spool, not imported: %s", path, reason)
         return reason, st.st_size

@@ -100,6 +100,15 @@ def stage(spool: Spool, view_path: str, data: bytes = b"x") -> None:
         scratch.close()
 
 
+def one_pass(queue: WritebackQueue) -> None:
+    """A pass as the queue's thread runs it, with its counting before and after."""
+    with queue._cond:
+        queue._begin_pass()
+    queue.run_once()
+    with queue._cond:
+        queue._end_pass()
+
+
 def test_while_writes_go_on_images_with_their_annotation_are_imported_by_count(
     tmp_path: Path,
 ) -> None:
@@ -120,14 +129,13 @@ def test_while_writes_go_on_images_with_their_annotation_are_imported_by_count(
     stage(spool, "/ds/ann/a.png.json")
     queue.staged(1, "/ds/ann/a.png.json")
     assert queue._due()  # three images and an annotation (counted twice: it makes a pair)
-    queue.run_once()
+    one_pass(queue)
     assert recorder.batches == []  # one image with its annotation: two files of four
     assert queue._short == 2  # they count towards the next pass
-    queue._staged_files = queue._short  # what the thread does after the pass
     stage(spool, "/ds/ann/b.png.json")
     queue.staged(1, "/ds/ann/b.png.json")
     assert queue._due()
-    queue.run_once()
+    one_pass(queue)
     assert recorder.batches == [
         ["/ds/ann/a.png.json", "/ds/ann/b.png.json", "/ds/img/a.png", "/ds/img/b.png"]
     ]
