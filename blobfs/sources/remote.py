@@ -260,7 +260,9 @@ class RemoteProjectSource(Source):
                 start, end = img.offset_start, img.offset_end
                 if start is None or end is None or start < 0 or end < start:
                     problem = "bad blob range"
-            if problem is None and not _plausible((img.id, img.size, img.offset_end)):
+            # a plain image's offsets mean nothing (and the bulk check ignores them too)
+            ranged = (img.offset_end,) if img.in_blob else ()
+            if problem is None and not _plausible((img.id, img.size, *ranged)):
                 problem = "implausible id, size or offset"
             if problem is None:
                 served.append(img)
