@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import queue
 import shutil
 import threading
 from collections.abc import Iterable
@@ -70,6 +71,8 @@ class ServedOperations(Protocol):
     #: Whether listings go out through :meth:`readdir_plus`; when False, mfusepy's plain
     #: ``readdir`` serves names only.
     serves_readdir_plus: bool
+    #: Requests served by name; :class:`ContentPusher` adds what it handed the kernel.
+    op_counts: dict[str, int]
 
     def readdir_plus(
         self, path: str, start: int
@@ -102,9 +105,12 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
     ``cache_readdir`` flag of the high-level API's opendir.)
     """
 
+    _pusher: ContentPusher | None = None
+
     def __init__(
         self,
         operations: ServedOperations,
+        mountpoint: str,
         *args: Any,
         readdirplus_auto: bool = False,
         **kwargs: Any,
@@ -114,7 +120,12 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         #: Leave the kernel its automatic choice (``--readdirplus auto``): attributes with
         #: a folder's first page and after lookups in it, names only otherwise.
         self.readdirplus_auto = readdirplus_auto
-        super().__init__(operations, *args, **kwargs)
+        #: Hands the kernel the content of listed files held in memory (see ``ContentPusher``);
+        #: not with ``use_ino``, where a file's inode number is not libfuse's node id.
+        self._pusher: ContentPusher | None = None
+        if FUSE_MAJOR >= 3 and not kwargs.get("use_ino") and not kwargs.get("direct_io"):
+            self._pusher = ContentPusher(mountpoint, operations.op_counts)
+        super().__init__(operations, mountpoint, *args, **kwargs)
 
     @property
     def served_ops(self) -> ServedOperations:
@@ -178,16 +189,21 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         decoded = path.decode(self.encoding, self.errors)
         # names only when the kernel asked for a plain READDIR, or already holds them
         names_only = not flags & FUSE_READDIR_PLUS or decoded in self._listed
-        for item in self.served_ops.readdir_plus(decoded, index - 2):
-            if isinstance(item, tuple):  # (name, attrs): a small folder, entry by entry
-                index = self._fill_pair(filler, buf, stp, item, index, names_only)
-            else:  # files sharing all but their size: the hot path of a large folder
-                index = self._fill_run(filler, buf, stp, item, index, names_only)
-            if index < 0:
-                return 0  # the reply buffer is full
-        if flags & FUSE_READDIR_PLUS:
-            self._listed.add(decoded)  # the whole listing went out with attributes
-        return 0
+        held: list[tuple[bytes, bytes]] = []
+        try:
+            for item in self.served_ops.readdir_plus(decoded, index - 2):
+                if isinstance(item, tuple):  # (name, attrs): a small folder, entry by entry
+                    index = self._fill_pair(filler, buf, stp, item, index, names_only)
+                else:  # files sharing all but their size: the hot path of a large folder
+                    index = self._fill_run(filler, buf, stp, item, index, names_only, held)
+                if index < 0:
+                    return 0  # the reply buffer is full
+            if flags & FUSE_READDIR_PLUS:
+                self._listed.add(decoded)  # the whole listing went out with attributes
+            return 0
+        finally:
+            if held and self._pusher is not None:
+                self._pusher.push(path, held)
 
     def _fill_pair(
         self,
@@ -214,11 +230,19 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         return index
 
     def _fill_run(
-        self, filler: Any, buf: Any, stp: Any, run: ListingRun, index: int, names_only: bool
+        self,
+        filler: Any,
+        buf: Any,
+        stp: Any,
+        run: ListingRun,
+        index: int,
+        names_only: bool,
+        held: list[tuple[bytes, bytes]],
     ) -> int:
         """Hand libfuse a run of files: the shared fields are set once, and per entry only
         the size (the ``stat`` is copied by libfuse at each call). The next entry's
-        index, or -1 when the buffer is full."""
+        index, or -1 when the buffer is full. Files listed with their attributes whose
+        content the run holds are added to ``held`` as ``(name, content)``."""
         st = stp.contents
         ctypes.memset(stp, 0, ctypes.sizeof(st))
         if run.attrs is None or names_only:
@@ -229,13 +253,120 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
                     return -1
             return index
         set_st_attrs(st, run.attrs, use_ns=self.use_ns)
+        first, full = index, False
         for name, file_size in zip(run.names, run.sizes, strict=True):
             st.st_size = file_size
             st.st_blocks = (file_size + 511) >> 9
             index += 1
             if filler(buf, name, stp, index, FUSE_FILL_DIR_PLUS):
-                return -1
-        return index
+                full = True
+                break
+        if run.contents is not None:
+            sent = index - first - full  # the entry that did not fit went out on no page
+            held.extend(
+                (name, data)
+                for name, data in zip(run.names[:sent], run.contents[:sent], strict=True)
+                if data is not None
+            )
+        return -1 if full else index
+
+
+class _FuseBuf(ctypes.Structure):
+    """libfuse 3's ``struct fuse_buf`` (``fuse_common.h``)."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+    ]
+
+
+class _FuseBufvec(ctypes.Structure):
+    """libfuse 3's ``struct fuse_bufvec`` of one buffer (mfusepy's has a pointer where
+    the header has an array)."""
+
+    _fields_ = [
+        ("count", ctypes.c_size_t),
+        ("idx", ctypes.c_size_t),
+        ("off", ctypes.c_size_t),
+        ("buf", _FuseBuf * 1),
+    ]
+
+
+class ContentPusher:
+    """Stores the content of just-listed files in the kernel's page cache, so that
+    reading them sends no request.
+
+    A folder whose files the tree holds in memory (a remote ``ann/`` whose listing
+    fetched every annotation) would otherwise cost one READ round trip per file read,
+    most of a first pass over it. After a page of such a listing went out with
+    attributes (so the kernel made its inodes), a thread of its own hands each file's
+    bytes to the kernel (``fuse_lowlevel_notify_store``): what a READ would have
+    answered, with the size the listing gave. libfuse's high-level API knows a file's
+    node by path only; without ``use_ino`` the inode number the kernel reports is that
+    node id, so the thread ``stat`` s the file through the mount to learn it (answered
+    from the kernel's caches: the listing gave the attributes). A file whose size is not
+    the content's length is left to its READ. It pushes only what the kernel keeps
+    anyway once the files are read (their pages, ``kernel_cache``), earlier.
+    """
+
+    def __init__(self, mountpoint: str, counts: dict[str, int]) -> None:
+        self._root = os.fsencode(os.path.abspath(mountpoint))
+        #: ``push``: files handed to the kernel; ``push_skipped``: left to their READ.
+        self.counts = counts
+        self._jobs: queue.SimpleQueue[tuple[bytes, list[tuple[bytes, bytes]]]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="blobfs-push", daemon=True).start()
+
+    def push(self, folder: bytes, files: list[tuple[bytes, bytes]]) -> None:
+        """Queue ``(name, content)`` of files of ``folder`` (its path in the mount)."""
+        self._jobs.put((folder, files))
+
+    def _run(self) -> None:
+        import mfusepy
+
+        first = self._jobs.get()  # the mount is being served: libfuse's handles exist
+        lib = mfusepy._libfuse
+        if _fuse is None:
+            return
+        get_session = lib.fuse_get_session
+        get_session.argtypes, get_session.restype = [ctypes.c_void_p], ctypes.c_void_p
+        store = lib.fuse_lowlevel_notify_store
+        store.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_uint64,
+            ctypes.c_int64,
+            ctypes.POINTER(_FuseBufvec),
+            ctypes.c_int,
+        ]
+        store.restype = ctypes.c_int
+        session = get_session(_fuse)
+        vec = _FuseBufvec(count=1)
+        one = vec.buf[0]
+        vecp = ctypes.pointer(vec)
+        counts = self.counts
+        try:
+            device = os.stat(self._root).st_dev  # a file elsewhere is never this mount's
+        except OSError:
+            return
+        job: tuple[bytes, list[tuple[bytes, bytes]]] | None = first
+        while True:
+            folder, files = job or self._jobs.get()
+            job = None
+            base = self._root + folder + b"/"
+            for name, data in files:
+                try:
+                    st = os.stat(base + name, follow_symlinks=False)
+                except OSError:
+                    st = None
+                done = False
+                if st is not None and st.st_dev == device and st.st_size == len(data) and data:
+                    mem = ctypes.c_char_p(data)  # points into ``data``, alive for the call
+                    one.size, one.mem = len(data), ctypes.cast(mem, ctypes.c_void_p).value
+                    done = store(session, st.st_ino, 0, vecp, 0) == 0
+                key = "push" if done else "push_skipped"
+                counts[key] = counts.get(key, 0) + 1  # under the GIL, as the ops' counts
 
 
 #: libfuse 3's ``fuse_fill_dir_t``, called without releasing the interpreter lock.

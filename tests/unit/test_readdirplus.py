@@ -150,7 +150,11 @@ Seen = tuple[bytes, int, int, tuple[int, int, int, int]]
 
 
 def list_runs(
-    f: Any, room: int = 100, offset: int = 0, flags: int = FUSE_READDIR_PLUS
+    f: Any,
+    room: int = 100,
+    offset: int = 0,
+    flags: int = FUSE_READDIR_PLUS,
+    operations: object | None = None,
 ) -> list[Seen]:
     """(name, next offset, flags, (mode, size, blocks, mtime ns)) of each accepted entry."""
     got: list[Seen] = []
@@ -163,7 +167,7 @@ def list_runs(
         got.append((name, off, fl, (st.st_mode, st.st_size, st.st_blocks, mtime)))
         return 0
 
-    f.operations = RunListing()
+    f.operations = RunListing() if operations is None else operations
     assert f.readdir_fuse_3(b"/ds/img", None, filler, offset, None, flags) == 0
     return got
 
@@ -277,3 +281,59 @@ def test_a_plain_readdir_page_carries_names_and_types_only() -> None:
     got = list_once(fuse(), flags=0)
     assert [n for n, _, _ in got] == [".", "..", "a.png", "b.png", "sub", "c.json"]
     assert all(fl == 0 for _, _, fl in got)
+
+
+# ---- contents held in memory: handed to the kernel after the page went out ----------------
+
+
+class Pushes:
+    """Stands in for the pusher: what each page handed it, by folder."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+
+    def push(self, folder: bytes, files: list[tuple[bytes, bytes]]) -> None:
+        self.got.append((folder, files))
+
+
+class HeldListing:
+    """A folder whose files' content is held (a remote ``ann/`` fetched for its listing),
+    one of them not (its batch failed), then a run of files whose content is not held."""
+
+    direct_io_prefix = None
+    serves_readdir_plus = True
+
+    def readdir_plus(self, path: str, start: int) -> Iterator[ListingRun]:
+        names = [b"a.json", b"b.json", b"c.json", b"d.json"]
+        contents = [b"{}", b'{"b": 1}', None, b"[]"]
+        if start < 4:
+            yield ListingRun(names[start:], [2, 8, 0, 2][start:], SHARED, contents[start:])
+        yield ListingRun([b"e.png"][max(0, start - 4) :], [10], SHARED)
+
+
+def list_held(f: Any, room: int = 100, offset: int = 0, flags: int = FUSE_READDIR_PLUS) -> Pushes:
+    pushes = f._pusher = Pushes()
+    list_runs(f, room, offset, flags, HeldListing())
+    return pushes
+
+
+def test_files_listed_with_attributes_hand_their_held_content_on_once_the_page_is_out() -> None:
+    pushes = list_held(fuse())
+    assert pushes.got == [
+        (b"/ds/img", [(b"a.json", b"{}"), (b"b.json", b'{"b": 1}'), (b"d.json", b"[]")])
+    ]
+
+
+def test_only_the_files_that_went_out_on_the_page_are_handed_on() -> None:
+    f = fuse()
+    first = list_held(f, room=3)  # ".", "..", "a.json"
+    assert first.got == [(b"/ds/img", [(b"a.json", b"{}")])]
+    rest = list_held(f, offset=3)
+    assert rest.got == [(b"/ds/img", [(b"b.json", b'{"b": 1}'), (b"d.json", b"[]")])]
+
+
+def test_a_listing_of_names_only_hands_nothing_on() -> None:
+    f = fuse()
+    assert list_held(f, flags=0).got == []
+    list_held(f)
+    assert list_held(f).got == []  # the kernel already holds these entries
