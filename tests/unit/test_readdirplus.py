@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import stat
+import threading
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -15,7 +16,13 @@ from unittest import mock
 import pytest
 
 from blobfs.fuse import compat
-from blobfs.fuse.compat import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, BlobfsFUSE
+from blobfs.fuse.compat import (
+    FUSE_FILL_DIR_PLUS,
+    FUSE_READDIR_PLUS,
+    BlobfsFUSE,
+    CacheCoherence,
+    ContentPusher,
+)
 from blobfs.view.tree import ListingRun
 
 pytestmark = pytest.mark.skipif(compat.FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
@@ -291,9 +298,11 @@ class Pushes:
 
     def __init__(self) -> None:
         self.got: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        self.generations: list[int] = []
 
-    def push(self, folder: bytes, files: list[tuple[bytes, bytes]]) -> None:
+    def push(self, folder: bytes, files: list[tuple[bytes, bytes]], generation: int) -> None:
         self.got.append((folder, files))
+        self.generations.append(generation)
 
 
 class HeldListing:
@@ -337,3 +346,85 @@ def test_a_listing_of_names_only_hands_nothing_on() -> None:
     assert list_held(f, flags=0).got == []
     list_held(f)
     assert list_held(f).got == []  # the kernel already holds these entries
+
+
+# ---- a push against an invalidation: the old content never lands after it -----------------
+
+
+def ok() -> bool:
+    """A notification the kernel accepted."""
+    return True
+
+
+class Pusher(ContentPusher):
+    """The pusher without a mount or its thread: every file the kernel knows has a node
+    id here, and what it stores is recorded (with whether the coherence lock was held)."""
+
+    def __init__(self, cache: CacheCoherence) -> None:
+        super().__init__("/mnt", {}, cache, start=False)
+        self.nodes = {b"/mnt/ds/img/a.json": 7, b"/mnt/ds/img/b.json": 8, b"/mnt/ds/img/d.json": 9}
+        self.stored: list[tuple[int, bytes, bool]] = []
+        self.cache = cache
+
+    def node_of(self, path: bytes, size: int) -> int | None:
+        return self.nodes.get(path)
+
+    def store(self, node: int, data: bytes) -> bool:
+        self.stored.append((node, data, self.cache.lock.locked()))
+        return True
+
+
+def listed_then_pushed(invalidate_between: bool) -> Pusher:
+    """List the held folder (as libfuse asks), maybe invalidate a file, then push the page."""
+    pushes = list_held(fuse())
+    [(folder, files)], [generation] = pushes.got, pushes.generations
+    if invalidate_between:  # an import replaced b.json: the kernel is told to drop it
+        assert compat.coherence.invalidate(ok)
+    pusher = Pusher(compat.coherence)
+    pusher.store_files(folder, files, generation, pusher.store)
+    return pusher
+
+
+def test_a_page_listed_with_no_invalidation_since_is_stored_file_by_file_under_the_lock() -> None:
+    pusher = listed_then_pushed(invalidate_between=False)
+    assert pusher.stored == [(7, b"{}", True), (8, b'{"b": 1}', True), (9, b"[]", True)]
+    assert pusher.counts == {"push": 3}
+
+
+def test_an_invalidation_between_the_listing_and_the_push_prevents_every_store_of_the_page() -> (
+    None
+):
+    pusher = listed_then_pushed(invalidate_between=True)
+    assert pusher.stored == []
+    assert pusher.counts == {"push_stale": 3}  # left to their READs, answered afresh
+
+
+def test_an_invalidation_waits_for_a_store_in_progress_then_drops_what_it_stored() -> None:
+    cache = CacheCoherence()
+    pusher = Pusher(cache)
+    invalidated: list[int] = []
+    late: list[threading.Thread] = []
+
+    def store_while_an_import_lands(node: int, data: bytes) -> bool:
+        pusher.store(node, data)
+        late.append(threading.Thread(target=lambda: invalidated.append(cache.invalidate(ok))))
+        late[0].start()
+        late[0].join(0.2)
+        assert invalidated == []  # the kernel is not told until these pages are in
+        return True
+
+    pusher.store_files(
+        b"/ds/img", [(b"a.json", b"{}")], cache.generation, store_while_an_import_lands
+    )
+    late[0].join(5)
+    assert invalidated == [True] and cache.generation == 1
+    assert pusher.counts == {"push": 1}
+
+
+def test_files_the_kernel_holds_with_another_size_are_left_to_their_read() -> None:
+    pusher = Pusher(CacheCoherence())
+    del pusher.nodes[b"/mnt/ds/img/b.json"]  # node_of: not this size, or not this mount's
+    files = [(b"a.json", b"{}"), (b"b.json", b'{"b": 1}')]
+    pusher.store_files(b"/ds/img", files, 0, pusher.store)
+    assert [node for node, _, _ in pusher.stored] == [7]
+    assert pusher.counts == {"push": 1, "push_skipped": 1}
