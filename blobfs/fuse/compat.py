@@ -11,9 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import queue
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class ServedOperations(Protocol):
     #: Whether listings go out through :meth:`readdir_plus`; when False, mfusepy's plain
     #: ``readdir`` serves names only.
     serves_readdir_plus: bool
+    #: Requests served by name; :class:`ContentPusher` adds what it handed the kernel.
+    op_counts: dict[str, int]
 
     def readdir_plus(
         self, path: str, start: int
@@ -102,9 +105,12 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
     ``cache_readdir`` flag of the high-level API's opendir.)
     """
 
+    _pusher: ContentPusher | None = None
+
     def __init__(
         self,
         operations: ServedOperations,
+        mountpoint: str,
         *args: Any,
         readdirplus_auto: bool = False,
         **kwargs: Any,
@@ -114,7 +120,18 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         #: Leave the kernel its automatic choice (``--readdirplus auto``): attributes with
         #: a folder's first page and after lookups in it, names only otherwise.
         self.readdirplus_auto = readdirplus_auto
-        super().__init__(operations, *args, **kwargs)
+        #: Hands the kernel the content of listed files held in memory (see ``ContentPusher``).
+        #: Not with ``use_ino``, where a file's inode number is not libfuse's node id, and
+        #: only with ``kernel_cache``: without it each open drops the file's pages.
+        self._pusher: ContentPusher | None = None
+        if (
+            FUSE_MAJOR >= 3
+            and kwargs.get("kernel_cache")
+            and not kwargs.get("use_ino")
+            and not kwargs.get("direct_io")
+        ):
+            self._pusher = ContentPusher(mountpoint, operations.op_counts)
+        super().__init__(operations, mountpoint, *args, **kwargs)
 
     @property
     def served_ops(self) -> ServedOperations:
@@ -178,16 +195,24 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         decoded = path.decode(self.encoding, self.errors)
         # names only when the kernel asked for a plain READDIR, or already holds them
         names_only = not flags & FUSE_READDIR_PLUS or decoded in self._listed
-        for item in self.served_ops.readdir_plus(decoded, index - 2):
-            if isinstance(item, tuple):  # (name, attrs): a small folder, entry by entry
-                index = self._fill_pair(filler, buf, stp, item, index, names_only)
-            else:  # files sharing all but their size: the hot path of a large folder
-                index = self._fill_run(filler, buf, stp, item, index, names_only)
-            if index < 0:
-                return 0  # the reply buffer is full
-        if flags & FUSE_READDIR_PLUS:
-            self._listed.add(decoded)  # the whole listing went out with attributes
-        return 0
+        held: list[tuple[bytes, bytes]] = []
+        # taken before the listing reads the tree: content an import replaces after this
+        # point is followed by an invalidation, which makes the push of this page void
+        generation = coherence.generation
+        try:
+            for item in self.served_ops.readdir_plus(decoded, index - 2):
+                if isinstance(item, tuple):  # (name, attrs): a small folder, entry by entry
+                    index = self._fill_pair(filler, buf, stp, item, index, names_only)
+                else:  # files sharing all but their size: the hot path of a large folder
+                    index = self._fill_run(filler, buf, stp, item, index, names_only, held)
+                if index < 0:
+                    return 0  # the reply buffer is full
+            if flags & FUSE_READDIR_PLUS:
+                self._listed.add(decoded)  # the whole listing went out with attributes
+            return 0
+        finally:
+            if held and self._pusher is not None:
+                self._pusher.push(path, held, generation)
 
     def _fill_pair(
         self,
@@ -214,11 +239,19 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         return index
 
     def _fill_run(
-        self, filler: Any, buf: Any, stp: Any, run: ListingRun, index: int, names_only: bool
+        self,
+        filler: Any,
+        buf: Any,
+        stp: Any,
+        run: ListingRun,
+        index: int,
+        names_only: bool,
+        held: list[tuple[bytes, bytes]],
     ) -> int:
         """Hand libfuse a run of files: the shared fields are set once, and per entry only
         the size (the ``stat`` is copied by libfuse at each call). The next entry's
-        index, or -1 when the buffer is full."""
+        index, or -1 when the buffer is full. Files listed with their attributes whose
+        content the run holds are added to ``held`` as ``(name, content)``."""
         st = stp.contents
         ctypes.memset(stp, 0, ctypes.sizeof(st))
         if run.attrs is None or names_only:
@@ -229,13 +262,201 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
                     return -1
             return index
         set_st_attrs(st, run.attrs, use_ns=self.use_ns)
+        first, full = index, False
         for name, file_size in zip(run.names, run.sizes, strict=True):
             st.st_size = file_size
             st.st_blocks = (file_size + 511) >> 9
             index += 1
             if filler(buf, name, stp, index, FUSE_FILL_DIR_PLUS):
-                return -1
-        return index
+                full = True
+                break
+        if run.contents is not None:
+            sent = index - first - full  # the entry that did not fit went out on no page
+            held.extend(
+                (name, data)
+                for name, data in zip(run.names[:sent], run.contents[:sent], strict=True)
+                if data is not None
+            )
+        return -1 if full else index
+
+
+class _FuseBuf(ctypes.Structure):
+    """libfuse 3's ``struct fuse_buf`` (``fuse_common.h``)."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+    ]
+
+
+class _FuseBufvec(ctypes.Structure):
+    """libfuse 3's ``struct fuse_bufvec`` of one buffer (mfusepy's has a pointer where
+    the header has an array)."""
+
+    _fields_ = [
+        ("count", ctypes.c_size_t),
+        ("idx", ctypes.c_size_t),
+        ("off", ctypes.c_size_t),
+        ("buf", _FuseBuf * 1),
+    ]
+
+
+#: A page's files to push: the folder, ``(name, content)`` of each, the listing generation.
+_PushJob = tuple[bytes, list[tuple[bytes, bytes]], int]
+
+
+class CacheCoherence:
+    """Orders what is handed to the kernel's page cache against what is taken out of it.
+
+    The content a listing hands on (:class:`ContentPusher`) is read from the tree when the
+    listing is served but stored in the kernel later, on another thread. An import that
+    replaces a file in between (writeback, a refresh) invalidates the kernel's copy; a
+    store after that invalidation would put the old bytes back, and a same-size
+    annotation would then be read stale until its pages are dropped. So every
+    invalidation bumps ``generation`` and notifies the kernel under ``lock``, and a push
+    stores only while the generation its listing saw is still current, checked and
+    stored under the same lock: a push either lands before the invalidation (which then
+    drops it) or not at all.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: Bumped by each invalidation; a listing records the value it was served under.
+        self.generation = 0
+
+    def invalidate(self, notify: Callable[[], bool]) -> bool:
+        """Bump the generation, then run ``notify`` (tell the kernel), under the lock."""
+        with self.lock:
+            self.generation += 1
+            return notify()
+
+
+#: The one coherence of this process's mount (one mount per process).
+coherence = CacheCoherence()
+
+
+class ContentPusher:
+    """Stores the content of just-listed files in the kernel's page cache, so that
+    reading them sends no request.
+
+    A folder whose files the tree holds in memory (a remote ``ann/`` whose listing
+    fetched every annotation) would otherwise cost one READ round trip per file read,
+    most of a first pass over it. After a page of such a listing went out with
+    attributes (so the kernel made its inodes), a thread of its own hands each file's
+    bytes to the kernel (``fuse_lowlevel_notify_store``): what a READ would have
+    answered, with the size the listing gave. libfuse's high-level API knows a file's
+    node by path only; without ``use_ino`` the inode number the kernel reports is that
+    node id, so the thread ``stat`` s the file through the mount to learn it (answered
+    from the kernel's caches: the listing gave the attributes). A file whose size is not
+    the content's length is left to its READ, and so is every file of a page listed
+    before an invalidation (:class:`CacheCoherence`). It pushes only what the kernel
+    keeps anyway once the files are read (their pages, ``kernel_cache``), earlier.
+
+    Counts (in the operations' counts, so ``blobfs stats`` shows them): ``push_queued``
+    files handed to this thread; of those, ``push`` stored, ``push_skipped`` left to
+    their READ, ``push_stale`` dropped by an invalidation. All are settled when the
+    three add up to ``push_queued``.
+    """
+
+    def __init__(
+        self,
+        mountpoint: str,
+        counts: dict[str, int],
+        cache: CacheCoherence = coherence,
+        start: bool = True,
+    ) -> None:
+        self._root = os.fsencode(os.path.abspath(mountpoint))
+        self.counts = counts
+        self._cache = cache
+        self._device: int | None = None
+        self._jobs: queue.SimpleQueue[_PushJob] = queue.SimpleQueue()
+        if start:
+            threading.Thread(target=self._run, name="blobfs-push", daemon=True).start()
+
+    def push(self, folder: bytes, files: list[tuple[bytes, bytes]], generation: int) -> None:
+        """Queue ``(name, content)`` of files of ``folder`` (its path in the mount), listed
+        under ``generation`` of the cache coherence."""
+        self._count("push_queued", len(files))
+        self._jobs.put((folder, files, generation))
+
+    def _count(self, key: str, n: int = 1) -> None:
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + n  # under the GIL, as the ops' counts
+
+    def node_of(self, path: bytes, size: int) -> int | None:
+        """The node id of the file at ``path`` in the mount when the kernel holds it with
+        ``size`` bytes (what the content to store has), else None."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return None
+        if st.st_dev != self._device or st.st_size != size:
+            return None  # a file elsewhere is never this mount's
+        return st.st_ino
+
+    def store_files(
+        self,
+        folder: bytes,
+        files: list[tuple[bytes, bytes]],
+        generation: int,
+        store: Callable[[int, bytes], bool],
+    ) -> None:
+        """Hand each file's content to ``store`` (node id, bytes) unless an invalidation
+        came after its listing; count what became of each."""
+        base = self._root + folder + b"/"
+        cache = self._cache
+        for i, (name, data) in enumerate(files):
+            node = self.node_of(base + name, len(data)) if data else None
+            if node is None:
+                self._count("push_skipped")
+                continue
+            with cache.lock:
+                if cache.generation != generation:
+                    self._count("push_stale", len(files) - i)
+                    return
+                done = store(node, data)
+            self._count("push" if done else "push_skipped")
+
+    def _run(self) -> None:
+        import mfusepy
+
+        first = self._jobs.get()  # the mount is being served: libfuse's handles exist
+        lib = mfusepy._libfuse
+        if _fuse is None:
+            return
+        get_session = lib.fuse_get_session
+        get_session.argtypes, get_session.restype = [ctypes.c_void_p], ctypes.c_void_p
+        notify_store = lib.fuse_lowlevel_notify_store
+        notify_store.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_uint64,
+            ctypes.c_int64,
+            ctypes.POINTER(_FuseBufvec),
+            ctypes.c_int,
+        ]
+        notify_store.restype = ctypes.c_int
+        session = get_session(_fuse)
+        vec = _FuseBufvec(count=1)
+        one = vec.buf[0]
+        vecp = ctypes.pointer(vec)
+        try:
+            self._device = os.stat(self._root).st_dev
+        except OSError:
+            return
+
+        def store(node: int, data: bytes) -> bool:
+            mem = ctypes.c_char_p(data)  # points into ``data``, alive for the call
+            one.size, one.mem = len(data), ctypes.cast(mem, ctypes.c_void_p).value
+            return int(notify_store(session, node, 0, vecp, 0)) == 0
+
+        job: _PushJob | None = first
+        while True:
+            folder, files, generation = job or self._jobs.get()
+            job = None
+            self.store_files(folder, files, generation, store)
 
 
 #: libfuse 3's ``fuse_fill_dir_t``, called without releasing the interpreter lock.
@@ -313,13 +534,17 @@ def invalidate_path(path: str) -> bool:
     fn = mfusepy._libfuse.fuse_invalidate_path
     fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     fn.restype = ctypes.c_int
-    return int(fn(_fuse, path.encode())) == 0
+    fuse = _fuse
+    # under the coherence lock, after the bump: no push of an older listing lands later
+    return coherence.invalidate(lambda: int(fn(fuse, path.encode())) == 0)
 
 
 __all__ = [
     "FUSE",
     "FUSE_MAJOR",
     "BlobfsFUSE",
+    "CacheCoherence",
+    "ContentPusher",
     "FuseOSError",
     "Operations",
     "invalidate_path",

@@ -213,6 +213,11 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
             # mfusepy then leaves libfuse's default open in place
             self.open = None  # type: ignore[method-assign,assignment]
 
+    @property
+    def op_counts(self) -> dict[str, int]:
+        """The view's count of requests served, by operation."""
+        return self.view.op_counts
+
     def open(self, path: str, flags: int) -> int:
         """Tell the kernel to stop sending opens (see the class docstring)."""
         raise FuseOSError(errno.ENOSYS)

@@ -387,6 +387,13 @@ class FileTable(Mapping[str, FileRecord]):
         for i in range(self._count):
             yield names[starts[i] : starts[i + 1] - 1], self._src[i], self._start[i], self._size[i]
 
+    def contents(self, lo: int, hi: int) -> Sequence[bytes | None] | None:
+        """The bytes of entries ``lo`` to ``hi`` that this table holds whole in memory (None
+        for an entry it does not), or None when it holds none: what a listing may hand
+        the kernel's page cache along with the entries (see ``BlobfsFUSE``). A table of
+        ranges of blobs holds no bytes."""
+        return None
+
     @property
     def nbytes(self) -> int:
         """Bytes held by this table's buffers (what it costs beyond a few objects)."""

@@ -638,6 +638,11 @@ class RemoteAnnTable(FileTable):
         table.dataset_id, table.held = dataset_id, held
         return table
 
+    def contents(self, lo: int, hi: int) -> Sequence[bytes | None] | None:
+        """The fetched annotations of entries ``lo`` to ``hi`` (None where not held)."""
+        held = self.held
+        return [held[row] for row in self.extra["row"].slice(lo, hi)]
+
     def record_at(self, i: int, name: str | None = None) -> FileRecord | None:
         name = self.name_at(i) if name is None else name
         extra = self.extra

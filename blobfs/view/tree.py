@@ -81,6 +81,9 @@ class ListingRun:
     names: Sequence[bytes]
     sizes: Sequence[int]
     attrs: dict[str, int] | None
+    #: Each file's whole content where the tree holds it in memory (None where it does
+    #: not), or None for none: a read would be answered from it without any I/O.
+    contents: Sequence[bytes | None] | None = None
 
 
 @dataclass(eq=False)
@@ -492,7 +495,9 @@ class ProjectView:
     def _table_runs(self, table: FileTable, start: int) -> Iterator[ListingRun]:
         shared: dict[int, dict[str, int]] = {}
         with_attrs = len(table) <= LISTING_ATTRS_MAX
+        at = max(0, start)
         for names, source, sizes in table.runs_from(start):
+            lo, at = at, at + len(names)
             if source.kind != BLOB or not with_attrs:
                 # sizes of ordinary files are known only at lookup; a huge folder's
                 # entries are made by the kernel when (if) they are looked up
@@ -502,7 +507,7 @@ class ProjectView:
             if attrs is None:
                 attrs = shared[source.mtime_ns] = self._size_attrs(0, source.mtime_ns)
                 del attrs["st_size"], attrs["st_blocks"]
-            yield ListingRun(names, sizes, attrs)
+            yield ListingRun(names, sizes, attrs, table.contents(lo, at))
 
     def _table_attrs(
         self, table: FileTable, start: int

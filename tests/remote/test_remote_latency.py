@@ -34,7 +34,7 @@ from blobfs.sly.api import ANN_ADD_BATCH, ANN_BATCH, SuperviselyApi, Supervisely
 from blobfs.sources.readers import BytesReader
 from blobfs.sources.remote import AnnRef, RemoteProjectSource
 from blobfs.transport.http import HttpClient
-from blobfs.view.tree import ProjectView
+from blobfs.view.tree import ListingRun, ProjectView
 from tests.support import harness
 from tests.support.sample import make_images
 
@@ -492,6 +492,66 @@ def test_reading_a_listed_ann_folder_asks_for_each_batch_at_most_once(
         if sized:
             assert getattrs < 10, getattrs  # the kernel has every size from the listing
         assert took < 10, took  # a walk: the batches ahead are read ahead, not rescanned
+    finally:
+        assert unmount(mnt, proc) == 0
+
+
+def test_a_listed_ann_page_offers_the_content_a_read_of_each_file_answers(
+    big: Big, emu: Emulator
+) -> None:
+    view = remote_view(big)
+    try:
+        runs = [r for r in view.readdir_runs("/train/ann") if isinstance(r, ListingRun)]
+        offered = {
+            name: data
+            for run in runs
+            for name, data in zip(run.names, run.contents or [None] * len(run.names), strict=True)
+        }
+        assert sorted(offered) == sorted(f"{n}.json".encode() for n in big.images)
+        for name, data in offered.items():
+            assert data == view.read_path(f"/train/ann/{name.decode()}", 0, 1 << 20), name
+        img = [r for r in view.readdir_runs("/train/img") if isinstance(r, ListingRun)]
+        assert img and all(run.contents is None for run in img)  # ranges of a blob: none
+    finally:
+        view.source.close()
+
+
+def settled_push(mnt: Path, timeout_s: float = 60) -> dict[str, int]:
+    """The daemon's request counts once every file queued for the push was dealt with."""
+    deadline_at = time.monotonic() + timeout_s
+    while True:
+        ops: dict[str, int] = blobfs_stats(mnt)["fuse_ops"]  # type: ignore[assignment]
+        dealt = sum(ops.get(k, 0) for k in ("push", "push_skipped", "push_stale"))
+        if dealt == ops.get("push_queued", -1):
+            return ops
+        assert time.monotonic() < deadline_at, ops
+        time.sleep(0.05)
+
+
+@pytest.mark.fuse
+def test_through_the_mount_a_listed_ann_folder_reads_without_a_read_request(
+    tmp_path: Path, big: Big, emu: Emulator
+) -> None:
+    """Its files' content went to the kernel with the listing: once the push has settled,
+    reading them sends the daemon nothing, and they hold the same bytes as when read from
+    the daemon."""
+    mnt = tmp_path / "mnt"
+    proc = mount_remote(emu, big.pid, mnt, tmp_path / "log")
+    try:
+        ann = mnt / "train" / "ann"
+        names = os.listdir(ann)  # every page was queued for the push before it went out
+        before = settled_push(mnt)
+        assert before["push"] >= COUNT  # a page re-read at a getdents boundary: pushed again
+        assert "push_skipped" not in before and "push_stale" not in before
+        got = {n: (ann / n).read_bytes() for n in names}
+        after = blobfs_stats(mnt)["fuse_ops"]
+        assert isinstance(after, dict)
+        assert after["read"] - before.get("read", 0) == 1  # the stats file's own, no ann file's
+        view = remote_view(big)
+        try:
+            assert got == {n: view.read_path(f"/train/ann/{n}", 0, 1 << 20) for n in names}
+        finally:
+            view.source.close()
     finally:
         assert unmount(mnt, proc) == 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import stat
+import threading
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -15,7 +16,13 @@ from unittest import mock
 import pytest
 
 from blobfs.fuse import compat
-from blobfs.fuse.compat import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, BlobfsFUSE
+from blobfs.fuse.compat import (
+    FUSE_FILL_DIR_PLUS,
+    FUSE_READDIR_PLUS,
+    BlobfsFUSE,
+    CacheCoherence,
+    ContentPusher,
+)
 from blobfs.view.tree import ListingRun
 
 pytestmark = pytest.mark.skipif(compat.FUSE_MAJOR < 3, reason="readdirplus needs libfuse 3")
@@ -150,7 +157,11 @@ Seen = tuple[bytes, int, int, tuple[int, int, int, int]]
 
 
 def list_runs(
-    f: Any, room: int = 100, offset: int = 0, flags: int = FUSE_READDIR_PLUS
+    f: Any,
+    room: int = 100,
+    offset: int = 0,
+    flags: int = FUSE_READDIR_PLUS,
+    operations: object | None = None,
 ) -> list[Seen]:
     """(name, next offset, flags, (mode, size, blocks, mtime ns)) of each accepted entry."""
     got: list[Seen] = []
@@ -163,7 +174,7 @@ def list_runs(
         got.append((name, off, fl, (st.st_mode, st.st_size, st.st_blocks, mtime)))
         return 0
 
-    f.operations = RunListing()
+    f.operations = RunListing() if operations is None else operations
     assert f.readdir_fuse_3(b"/ds/img", None, filler, offset, None, flags) == 0
     return got
 
@@ -277,3 +288,143 @@ def test_a_plain_readdir_page_carries_names_and_types_only() -> None:
     got = list_once(fuse(), flags=0)
     assert [n for n, _, _ in got] == [".", "..", "a.png", "b.png", "sub", "c.json"]
     assert all(fl == 0 for _, _, fl in got)
+
+
+# ---- contents held in memory: handed to the kernel after the page went out ----------------
+
+
+class Pushes:
+    """Stands in for the pusher: what each page handed it, by folder."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        self.generations: list[int] = []
+
+    def push(self, folder: bytes, files: list[tuple[bytes, bytes]], generation: int) -> None:
+        self.got.append((folder, files))
+        self.generations.append(generation)
+
+
+class HeldListing:
+    """A folder whose files' content is held (a remote ``ann/`` fetched for its listing),
+    one of them not (its batch failed), then a run of files whose content is not held."""
+
+    direct_io_prefix = None
+    serves_readdir_plus = True
+
+    def readdir_plus(self, path: str, start: int) -> Iterator[ListingRun]:
+        names = [b"a.json", b"b.json", b"c.json", b"d.json"]
+        contents = [b"{}", b'{"b": 1}', None, b"[]"]
+        if start < 4:
+            yield ListingRun(names[start:], [2, 8, 0, 2][start:], SHARED, contents[start:])
+        yield ListingRun([b"e.png"][max(0, start - 4) :], [10], SHARED)
+
+
+def list_held(f: Any, room: int = 100, offset: int = 0, flags: int = FUSE_READDIR_PLUS) -> Pushes:
+    pushes = f._pusher = Pushes()
+    list_runs(f, room, offset, flags, HeldListing())
+    return pushes
+
+
+def test_files_listed_with_attributes_hand_their_held_content_on_once_the_page_is_out() -> None:
+    pushes = list_held(fuse())
+    assert pushes.got == [
+        (b"/ds/img", [(b"a.json", b"{}"), (b"b.json", b'{"b": 1}'), (b"d.json", b"[]")])
+    ]
+
+
+def test_only_the_files_that_went_out_on_the_page_are_handed_on() -> None:
+    f = fuse()
+    first = list_held(f, room=3)  # ".", "..", "a.json"
+    assert first.got == [(b"/ds/img", [(b"a.json", b"{}")])]
+    rest = list_held(f, offset=3)
+    assert rest.got == [(b"/ds/img", [(b"b.json", b'{"b": 1}'), (b"d.json", b"[]")])]
+
+
+def test_a_listing_of_names_only_hands_nothing_on() -> None:
+    f = fuse()
+    assert list_held(f, flags=0).got == []
+    list_held(f)
+    assert list_held(f).got == []  # the kernel already holds these entries
+
+
+# ---- a push against an invalidation: the old content never lands after it -----------------
+
+
+def ok() -> bool:
+    """A notification the kernel accepted."""
+    return True
+
+
+class Pusher(ContentPusher):
+    """The pusher without a mount or its thread: every file the kernel knows has a node
+    id here, and what it stores is recorded (with whether the coherence lock was held)."""
+
+    def __init__(self, cache: CacheCoherence) -> None:
+        super().__init__("/mnt", {}, cache, start=False)
+        self.nodes = {b"/mnt/ds/img/a.json": 7, b"/mnt/ds/img/b.json": 8, b"/mnt/ds/img/d.json": 9}
+        self.stored: list[tuple[int, bytes, bool]] = []
+        self.cache = cache
+
+    def node_of(self, path: bytes, size: int) -> int | None:
+        return self.nodes.get(path)
+
+    def store(self, node: int, data: bytes) -> bool:
+        self.stored.append((node, data, self.cache.lock.locked()))
+        return True
+
+
+def listed_then_pushed(invalidate_between: bool) -> Pusher:
+    """List the held folder (as libfuse asks), maybe invalidate a file, then push the page."""
+    pushes = list_held(fuse())
+    [(folder, files)], [generation] = pushes.got, pushes.generations
+    if invalidate_between:  # an import replaced b.json: the kernel is told to drop it
+        assert compat.coherence.invalidate(ok)
+    pusher = Pusher(compat.coherence)
+    pusher.store_files(folder, files, generation, pusher.store)
+    return pusher
+
+
+def test_a_page_listed_with_no_invalidation_since_is_stored_file_by_file_under_the_lock() -> None:
+    pusher = listed_then_pushed(invalidate_between=False)
+    assert pusher.stored == [(7, b"{}", True), (8, b'{"b": 1}', True), (9, b"[]", True)]
+    assert pusher.counts == {"push": 3}
+
+
+def test_an_invalidation_between_the_listing_and_the_push_prevents_every_store_of_the_page() -> (
+    None
+):
+    pusher = listed_then_pushed(invalidate_between=True)
+    assert pusher.stored == []
+    assert pusher.counts == {"push_stale": 3}  # left to their READs, answered afresh
+
+
+def test_an_invalidation_waits_for_a_store_in_progress_then_drops_what_it_stored() -> None:
+    cache = CacheCoherence()
+    pusher = Pusher(cache)
+    invalidated: list[int] = []
+    late: list[threading.Thread] = []
+
+    def store_while_an_import_lands(node: int, data: bytes) -> bool:
+        pusher.store(node, data)
+        late.append(threading.Thread(target=lambda: invalidated.append(cache.invalidate(ok))))
+        late[0].start()
+        late[0].join(0.2)
+        assert invalidated == []  # the kernel is not told until these pages are in
+        return True
+
+    pusher.store_files(
+        b"/ds/img", [(b"a.json", b"{}")], cache.generation, store_while_an_import_lands
+    )
+    late[0].join(5)
+    assert invalidated == [True] and cache.generation == 1
+    assert pusher.counts == {"push": 1}
+
+
+def test_files_the_kernel_holds_with_another_size_are_left_to_their_read() -> None:
+    pusher = Pusher(CacheCoherence())
+    del pusher.nodes[b"/mnt/ds/img/b.json"]  # node_of: not this size, or not this mount's
+    files = [(b"a.json", b"{}"), (b"b.json", b'{"b": 1}')]
+    pusher.store_files(b"/ds/img", files, 0, pusher.store)
+    assert [node for node, _, _ in pusher.stored] == [7]
+    assert pusher.counts == {"push": 1, "push_skipped": 1}
