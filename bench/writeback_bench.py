@@ -107,6 +107,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def writeback_mount(
+    project: int, mnt: Path, url: str, spool: Path, options: list[str]
+) -> list[str]:
+    """The command of a foreground writeback mount of remote ``project`` on ``mnt``."""
+    return [
+        *[sys.executable, "-m", "blobfs", "mount", f"sly://{project}", str(mnt)],
+        *["--foreground", "--server", url, "--writeback", "--spool-dir", str(spool)],
+        *options,
+    ]
+
+
 def bench_blobfs(
     url: str, src: Path, mode: str, emu: int, breakdown: list[str]
 ) -> tuple[float, float, int]:
@@ -116,23 +127,7 @@ def bench_blobfs(
     shutil.rmtree(spool, ignore_errors=True)
     with Mounts() as mounts:
         mnt = mountpoint("writeback")
-        cmd = [
-            sys.executable,
-            "-m",
-            "blobfs",
-            "mount",
-            f"sly://{project}",
-            str(mnt),
-            "--foreground",
-            "--server",
-            url,
-            "--writeback",
-            "--spool-dir",
-            str(spool),
-            *MODES[mode],
-            "--log-level",
-            "INFO",
-        ]
+        cmd = writeback_mount(project, mnt, url, spool, [*MODES[mode], "--log-level", "INFO"])
         log = OUT / f"wb-daemon-{mode}.log"
         spawn_foreground(mounts, cmd, mnt, log, env={"API_TOKEN": TOKEN})
         seen = len(log.read_text().splitlines())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from blobfs.errors import TimedOut
 
@@ -24,19 +22,32 @@ DEFAULT_TIMEOUT_S = 30.0
 _local = threading.local()
 
 
-@contextmanager
-def within(seconds: float | None) -> Iterator[None]:
-    """Run the body under a deadline ``seconds`` from now (None or <= 0: no deadline)."""
-    outer: tuple[float, float] | None = getattr(_local, "deadline", None)
-    if seconds is None or seconds <= 0:
-        yield
-        return
-    mine = (time.monotonic() + seconds, seconds)
-    _local.deadline = mine if outer is None or mine[0] < outer[0] else outer
-    try:
-        yield
-    finally:
-        _local.deadline = outer
+class within:  # noqa: N801 - used as ``with deadline.within(s):``, like a function
+    """Run the body under a deadline ``seconds`` from now (None or <= 0: no deadline).
+
+    A class rather than a generator-based context manager: every FUSE operation enters
+    one, and a generator's set-up and tear-down are a visible part of what a small
+    file's copy costs in Python.
+    """
+
+    __slots__ = ("_mine", "_outer")
+
+    def __init__(self, seconds: float | None) -> None:
+        self._mine: float | None = None if seconds is None or seconds <= 0 else seconds
+        self._outer: tuple[float, float] | None = None
+
+    def __enter__(self) -> None:
+        seconds = self._mine
+        if seconds is None:
+            return
+        outer: tuple[float, float] | None = getattr(_local, "deadline", None)
+        self._outer = outer
+        mine = (time.monotonic() + seconds, seconds)
+        _local.deadline = mine if outer is None or mine[0] < outer[0] else outer
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mine is not None:
+            _local.deadline = self._outer
 
 
 def remaining() -> float | None:

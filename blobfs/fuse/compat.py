@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import queue
 import shutil
@@ -73,6 +74,10 @@ class ServedOperations(Protocol):
     serves_readdir_plus: bool
     #: Requests served by name; :class:`ContentPusher` adds what it handed the kernel.
     op_counts: dict[str, int]
+
+    def find_attrs(self, path: str, fh: int | None) -> dict[str, int] | None:
+        """``getattr``, with None for a missing path (see ``BlobfsFUSE.fgetattr``)."""
+        ...
 
     def readdir_plus(
         self, path: str, start: int
@@ -145,6 +150,21 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         if not getattr(_thread_kept, "kept", False):
             _keep_thread_state()
         return super()._wrapper(func, *args, **kwargs)
+
+    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        """mfusepy's getattr (both libfuse versions call this), answering a missing path
+        with ENOENT directly: a copy into the mount has every new name looked up twice
+        before it is created, and the error otherwise travels up as an exception through
+        the view, the errno boundary and mfusepy's generic error path."""
+        if path is None or self.raw_fi:
+            return int(super().fgetattr(path, buf, fip))
+        fh = fip.contents.fh if fip else None
+        attrs = self.served_ops.find_attrs(path.decode(self.encoding, self.errors), fh)
+        if attrs is None:
+            return -errno.ENOENT
+        ctypes.memset(buf, 0, ctypes.sizeof(c_stat))
+        set_st_attrs(buf.contents, attrs, use_ns=self.use_ns)
+        return 0
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
         """mfusepy's ``create`` without its per-call ``inspect.signature`` of the handler

@@ -62,9 +62,16 @@ def errno_boundary(func: F) -> F:
 
     Each operation runs under the mount's deadline (:mod:`blobfs.deadline`).
     """
+    return _boundary(func, func.__name__)
 
-    name = func.__name__
 
+def counted_as(name: str) -> Callable[[F], F]:
+    """:func:`errno_boundary`, with the calls counted under the FUSE operation ``name``
+    (a fast path of an operation is still that operation in the statistics)."""
+    return lambda func: _boundary(func, name)
+
+
+def _boundary(func: F, name: str) -> F:
     @functools.wraps(func)
     def wrapper(self: BlobfsOperations, *args: Any) -> Any:
         counts = self.view.op_counts
@@ -168,6 +175,8 @@ class TreeView(Protocol):
 
     def getattr(self, path: str) -> dict[str, int]: ...
 
+    def find_attrs(self, path: str) -> dict[str, int] | None: ...
+
     def readdir(self, path: str) -> Sequence[str]: ...
 
     def readdir_runs(
@@ -235,6 +244,14 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
     @errno_boundary
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         return self.view.getattr(path)
+
+    @counted_as("getattr")
+    def find_attrs(self, path: str, fh: int | None) -> dict[str, int] | None:
+        """``getattr`` as :class:`~blobfs.fuse.compat.BlobfsFUSE` calls it: None for a
+        missing path instead of an error. Every file a copy creates is first looked up
+        (twice: ``cp`` checks, then the kernel's exclusive create checks again), and
+        raising through the layers for each answer costs more than the answer."""
+        return self.view.find_attrs(path)
 
     @errno_boundary
     def readdir(self, path: str, fh: int) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from blobfs import deadline
 from blobfs.fuse.compat import invalidate_path
-from blobfs.fuse.ops import BlobfsOperations, errno_boundary
+from blobfs.fuse.ops import BlobfsOperations, counted_as, errno_boundary
 from blobfs.layout import CONTROL_DIR
 from blobfs.writeback.fs import WritebackFS
 from blobfs.writeback.queue import Event, Settled, WritebackQueue
@@ -64,6 +64,12 @@ class WritebackOperations(BlobfsOperations):
             len(paths),
             time.monotonic() - started,
         )
+
+    @counted_as("getattr")
+    def find_attrs(self, path: str, fh: int | None) -> dict[str, int] | None:
+        """See :meth:`BlobfsOperations.find_attrs`; with a write handle (libfuse asks for
+        the attributes of each file it creates), that handle's file."""
+        return self.wview.find_attrs(path, fh)
 
     @errno_boundary
     def create(self, path: str, mode: int, flags: int = 0) -> int:

@@ -415,9 +415,16 @@ class ProjectView:
 
     def getattr(self, path: str) -> dict[str, int]:
         """``stat`` fields of ``path`` (times in ns)."""
+        attrs = self.find_attrs(path)
+        if attrs is None:
+            raise NotFound(path)
+        return attrs
+
+    def find_attrs(self, path: str) -> dict[str, int] | None:
+        """``stat`` fields of ``path`` (times in ns), or None when nothing is there."""
         node = self.lookup(path, quick=True)
         if node is None:
-            raise NotFound(path)
+            return None
         if isinstance(node, DirNode):
             return self._dir_attrs(node)
         return self._record_attrs(node, self.size_of(node))

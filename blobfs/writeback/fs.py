@@ -193,6 +193,18 @@ class WritebackFS:
         return data
 
     def getattr(self, path: str) -> dict[str, int]:
+        attrs = self.find_attrs(path)
+        if attrs is None:
+            raise NotFound(path)
+        return attrs
+
+    def find_attrs(self, path: str, fh: int | None = None) -> dict[str, int] | None:
+        """``stat`` fields of ``path``, or None when nothing is there; with the handle
+        ``fh`` of a file open for writing (``fstat``, and libfuse's own getattr after
+        each create), that file's, without looking for it among the open writers."""
+        handle = self._writers.get(fh) if fh is not None else None
+        if handle is not None:
+            return self._attrs(handle.scratch.stat())
         if path == CONTROL_DIR:
             return {**self._attrs(os.stat(self.spool.root)), "st_mode": DIR_MODE, "st_nlink": 2}
         if path.startswith(CONTROL_DIR + "/"):
@@ -211,7 +223,8 @@ class WritebackFS:
                     return self._writable_attrs(path, self.project.getattr(path))
                 return {**self._attrs(st), "st_mode": STAGED_DIR_MODE, "st_nlink": 2}
             return self._attrs(st)
-        return self._writable_attrs(path, self.project.getattr(path))
+        attrs = self.project.find_attrs(path)
+        return None if attrs is None else self._writable_attrs(path, attrs)
 
     def _control_attrs(self, path: str) -> dict[str, int]:
         if path in (CONTROL_FLUSH, CONTROL_STATUS):

@@ -199,6 +199,58 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
         raise OSError(errno.EIO, f"spool: {exc}") from None
 
 
+#: The longest run of a journal a batch's seal copies at once, and the widest gap between
+#: two held files (their records' headers, mostly) that it copies with them.
+_COPY_WINDOW = 8 << 20
+_COPY_GAP = 4096
+
+
+def _held_runs(held: dict[str, Held]) -> list[tuple[int, int, int, list[tuple[str, Held]]]]:
+    """The held files grouped into runs ``(fd, start, end, [(view path, entry)])`` of
+    their files that lie close together, in the order they lie there (the journal keeps
+    them in the order they were closed). A copy holds thousands of small files next to one
+    another: copying a run at a time, gaps and all, costs a few calls instead of a read and
+    a write of each, which is what sealing a batch of them otherwise spends its time on."""
+    order = sorted(held.items(), key=lambda item: (item[1].fd, item[1].offset))
+    runs: list[tuple[int, int, int, list[tuple[str, Held]]]] = []
+    for view_path, entry in order:
+        stop = entry.offset + entry.size
+        if runs:
+            fd, start, end, members = runs[-1]
+            if (
+                fd == entry.fd
+                and entry.offset - end <= _COPY_GAP
+                and max(end, stop) - start <= _COPY_WINDOW
+            ):
+                runs[-1] = (fd, start, max(end, stop), members)
+                members.append((view_path, entry))
+                continue
+        runs.append((entry.fd, entry.offset, stop, [(view_path, entry)]))
+    return runs
+
+
+def _copy_range(src: int, dst: int, start: int, size: int, to: int) -> None:
+    """Bytes ``[start, start + size)`` of ``src`` to offset ``to`` of ``dst``, in the kernel
+    when it can (``copy_file_range``), else by a read and a write; a short source is the
+    spool's I/O error, like any short read of a held file."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, start + done, to + done)
+            if n == 0:
+                break  # past the end of src: the read below reports it
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    if done < size:
+        data = _pread_exact(src, size - done, start + done)
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(dst, view, to + done) :]
+            done = size - len(view)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -1078,26 +1130,24 @@ class Spool:
         return batch
 
     def _write_batch_data(self, folder: Path, batch: Batch, held: dict[str, Held]) -> int | None:
-        """The held files' bytes, one after another, in ``folder/data`` (not flushed: the
-        caller syncs); records where each is in ``batch.held``. Returns the open file."""
+        """The held files' bytes in ``folder/data``, copied run by run as they lie in the
+        journal, the headers between them included (not flushed: the caller syncs);
+        records where each is in ``batch.held``. Returns the open file."""
         batch.held = {}
         if not held:
             return None
         fd = os.open(folder / "data", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             offset = 0
-            parts: list[bytes] = []
-            pending = 0
-            for view_path, entry in held.items():
-                data = _pread_exact(entry.fd, entry.size, entry.offset)
-                batch.held[view_path] = [offset, entry.size, entry.mtime_ns]
-                offset += entry.size
-                parts.append(data)
-                pending += entry.size
-                if pending >= 8 << 20:
-                    _write_all(fd, b"".join(parts))
-                    parts, pending = [], 0
-            _write_all(fd, b"".join(parts))
+            for src, start, end, members in _held_runs(held):
+                _copy_range(src, fd, start, end - start, offset)
+                for view_path, entry in members:
+                    batch.held[view_path] = [
+                        offset + entry.offset - start,
+                        entry.size,
+                        entry.mtime_ns,
+                    ]
+                offset += end - start
         except BaseException:
             os.close(fd)
             raise

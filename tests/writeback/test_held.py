@@ -8,6 +8,7 @@ held files, a checkpoint while it imports, a file re-written meanwhile.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -246,3 +247,33 @@ def test_a_finished_batch_syncs_its_removals_before_it_is_retired(
     ]
     assert retired_at and staged_at < retired_at[0]
     spool.close()
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["copy_file_range", "read-write"])
+def test_a_batch_copies_its_held_files_run_by_run_and_serves_each_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_kernel: bool
+) -> None:
+    """Sealing copies runs of the journal (the records' headers between held files too),
+    in the kernel where it can and by read and write where it cannot; each file is then
+    its own bytes, whatever was closed between them or was re-written since."""
+    if not in_kernel:
+
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")  # what an older kernel may say
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    spool = Spool(tmp_path / "spool")
+    for i in range(50):
+        close(spool, f"/ds/img/{i}.png", bytes([i]) * (100 + 37 * i))
+        close(spool, f"/other/img/{i}.png", b"not in the batch" * i)
+    close(spool, "/ds/img/7.png", b"re-written")
+    files = [f"/ds/img/{i}.png" for i in range(50)]
+    batch = batch_of(spool, files)
+    expected = {p: bytes([i]) * (100 + 37 * i) for i, p in enumerate(files)}
+    expected["/ds/img/7.png"] = b"re-written"
+    assert {p: spool.batch_bytes(batch, p) for p in files} == expected
+    die(spool)
+    again = Spool(tmp_path / "spool")
+    (pending,) = again.open_batches()
+    assert {p: again.batch_bytes(pending, p) for p in files} == expected
+    again.close()

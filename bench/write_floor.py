@@ -1,0 +1,142 @@
+"""The floor of a ``cp -r`` into a FUSE mount: the same copy into three targets, same run.
+
+    python bench/write_floor.py [--images 30000] [--rounds 3] [--latency-ms 2]
+
+The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is copied with
+``cp -r`` into:
+
+- a plain local folder on the disk holding the spool;
+- ``floor_writefs`` (``bench/floor_writefs.c``, built here with gcc): a minimal libfuse3
+  low-level file system in C that keeps a tree in memory and only the sizes of the files,
+  mounted as a writeback blobfs mount is where a copy feels it (no writeback_cache, no
+  default_permissions, 1 s entry/attribute timeouts, libfuse's default max_write, the
+  multithreaded loop). What FUSE itself costs per file on this kernel;
+- blobfs, remote writeback mount with default durability and nothing imported during the
+  copy (``--writeback-delay 3600 --blob-size 1G --batch-files 0``); the flush after each
+  round is not timed.
+
+Each round runs every target unpinned and then pinned (``taskset -c 0`` for ``cp`` and the
+daemon), so the rows compared were measured minutes apart at most. Prints the median
+(min-max) per-file microseconds and the ratio of each median to the plain folder's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OUT, Mounts, mountpoint, spawn_foreground, table
+from remote_scan import TOKEN, start_emulator
+from writeback_bench import ONE_BATCH, dataset_folder, new_project, writeback_mount
+
+HERE = Path(__file__).resolve().parent
+PIN = ["taskset", "-c", "0"]
+
+
+def build_floor() -> Path:
+    """Compile ``floor_writefs.c`` into bench/out (when the source is newer)."""
+    binary = OUT / "floor_writefs"
+    source = HERE / "floor_writefs.c"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        pkg = ["pkg-config", "--cflags", "--libs", "fuse3"]
+        flags = subprocess.run(pkg, capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source), *flags], check=True)
+    return binary
+
+
+def timed_cp(src: Path, target: Path, pinned: bool) -> float:
+    start = time.perf_counter()
+    subprocess.run([*(PIN if pinned else []), "cp", "-r", f"{src}/.", str(target)], check=True)
+    return time.perf_counter() - start
+
+
+def local_round(src: Path, pinned: bool) -> float:
+    target = OUT / "wb-local-copy"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    try:
+        return timed_cp(src, target, pinned)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def floor_round(src: Path, pinned: bool, binary: Path) -> float:
+    with Mounts() as mounts:
+        mnt = mountpoint("floor-writefs")
+        cmd = [*(PIN if pinned else []), str(binary), str(mnt)]
+        spawn_foreground(mounts, cmd, mnt, OUT / "floor-writefs.log")
+        return timed_cp(src, mnt, pinned)
+
+
+def blobfs_round(src: Path, pinned: bool, url: str) -> float:
+    project, _ = new_project(url, f"floor-{time.time_ns()}")
+    spool = OUT / "wb-floor-spool"
+    shutil.rmtree(spool, ignore_errors=True)
+    with Mounts() as mounts:
+        mnt = mountpoint("writeback-floor")
+        cmd = [*(PIN if pinned else []), *writeback_mount(project, mnt, url, spool, ONE_BATCH)]
+        spawn_foreground(mounts, cmd, mnt, OUT / "wb-floor-daemon.log", env={"API_TOKEN": TOKEN})
+        took = timed_cp(src, mnt / "ds", pinned)
+        subprocess.run(
+            [sys.executable, "-m", "blobfs", "flush", str(mnt)], check=True, capture_output=True
+        )
+    shutil.rmtree(spool, ignore_errors=True)
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=30_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=2.0)
+    args = parser.parse_args()
+    src = dataset_folder(args.images)
+    files = 2 * args.images
+    binary = build_floor()
+    state = OUT / "wb-floor-emu"
+    shutil.rmtree(state, ignore_errors=True)
+    emu, url = start_emulator(state, args.latency_ms)
+    targets: dict[str, Callable[[bool], float]] = {
+        "plain local folder": lambda pinned: local_round(src, pinned),
+        "floor_writefs (C, libfuse3 low-level)": lambda pinned: floor_round(src, pinned, binary),
+        "blobfs writeback, default durability": lambda pinned: blobfs_round(src, pinned, url),
+    }
+    samples: dict[tuple[str, bool], list[float]] = {}
+    try:
+        for round_ in range(args.rounds):
+            for pinned in (False, True):
+                for name, run in targets.items():
+                    took = run(pinned)
+                    samples.setdefault((name, pinned), []).append(took)
+                    pin = "pinned" if pinned else "unpinned"
+                    print(f"round {round_ + 1} {pin} {name}: {took:.2f} s", flush=True)
+    finally:
+        emu.terminate()
+        emu.wait()
+    print(f"\ncp -r of {args.images} images + {args.images} annotations, {args.rounds} rounds\n")
+    rows = [("target", "cpu", "us per file: median (min-max)", "x plain folder")]
+    for pinned in (False, True):
+        base = statistics.median(samples[(next(iter(targets)), pinned)])
+        for name in targets:
+            got = samples[(name, pinned)]
+            us = [s / files * 1e6 for s in got]
+            rows.append(
+                (
+                    name,
+                    "taskset -c 0" if pinned else "unpinned",
+                    f"{statistics.median(us):.0f} ({min(us):.0f}-{max(us):.0f})",
+                    f"{statistics.median(got) / base:.2f}",
+                )
+            )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
