@@ -86,6 +86,7 @@ from blobfs.sources.compact import (
     building,
     pace,
 )
+from blobfs.sources.index_worker import IndexWorker
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FdPool
@@ -204,6 +205,7 @@ class LocalProjectSource(Source):
         # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
+        self._worker: IndexWorker | None = None
 
     # ---- Source API ------------------------------------------------------------------
 
@@ -274,6 +276,9 @@ class LocalProjectSource(Source):
         }
 
     def close(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.stop()
         with self._lock:
             readers = [b.cached.reader for b in self._blobs.values() if b.cached is not None]
         for reader in readers:
@@ -769,6 +774,9 @@ class LocalProjectSource(Source):
         if store is not None:
             where = self.fs.where(key)
             cached = _unpack_index(store.load(where, index_key))
+            worker = self._worker
+            if cached is None and worker is not None and worker.wait_for(key):
+                cached = _unpack_index(store.load(where, index_key))
             if cached is not None:
                 table, problems, cached_refused = cached
                 self._problems.add_snapshot(problems)
@@ -804,6 +812,25 @@ class LocalProjectSource(Source):
             payload = _pack_index(table, collected.snapshot(), refused)
             store.save(self.fs.where(key), index_key, payload)
         return table
+
+    def build_index(self, key: str) -> None:
+        """Build the blob index of dataset ``key`` into the index cache (the worker's job),
+        unless the cache already holds a current one."""
+        self._blob_table(key, {})
+
+    def start_index_worker(self, keys: list[str]) -> IndexWorker | None:
+        """Have one worker process build the blob indexes of ``keys`` into the index cache
+        (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache or the
+        process cannot be started (the daemon then builds everything itself)."""
+        store = self.index_store
+        if store is None or not store.usable or not keys:
+            return None
+        try:
+            self._worker = IndexWorker(self.root, store.folder, keys)
+        except OSError as exc:
+            logger.info("index worker not started (%s); folders are indexed here", exc)
+            return None
+        return self._worker
 
     def _damaged_index(self, store: IndexStore, where: str, why: str) -> None:
         """A cached index failed its deferred check: the next mount builds it again."""
