@@ -206,6 +206,7 @@ class LocalProjectSource(Source):
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
         self._worker: IndexWorker | None = None
+        self._begun: set[str] = set()  # datasets whose blob index this process has begun
 
     # ---- Source API ------------------------------------------------------------------
 
@@ -768,6 +769,8 @@ class LocalProjectSource(Source):
         return table
 
     def _blob_table(self, key: str, refused: dict[str, str]) -> FileTable:
+        with self._lock:
+            self._begun.add(key)
         items = self._list(key)
         store = self.index_store
         index_key = self._index_key(key, items) if store is not None else b""
@@ -823,6 +826,8 @@ class LocalProjectSource(Source):
         (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache or the
         process cannot be started (the daemon then builds everything itself)."""
         store = self.index_store
+        with self._lock:
+            keys = [k for k in keys if k not in self._begun]  # no folder built twice at once
         if store is None or not store.usable or not keys:
             return None
         try:

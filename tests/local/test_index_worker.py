@@ -158,3 +158,17 @@ def _workers_of(project: Path) -> list[str]:
         if b"blobfs.sources.index_worker" in cmd and str(project).encode() in cmd:
             found.append(pid)
     return found
+
+
+def test_a_folder_the_daemon_has_begun_is_not_handed_to_the_worker(
+    small: ScaleProject, tmp_path: Path
+) -> None:
+    daemon = source(small.root, tmp_path / "cache")
+    view = ProjectView(daemon)
+    assert len(view.readdir("/a/img")) == 2000
+    worker = daemon.start_index_worker(KEYS)
+    assert worker is not None and worker.keys == ["b", "c"]
+    worker.wait()
+    _read_all(view, small)
+    assert daemon.index_builds == 1
+    daemon.close()
