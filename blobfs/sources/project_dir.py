@@ -823,13 +823,16 @@ class LocalProjectSource(Source):
 
     def start_index_worker(self, keys: list[str]) -> IndexWorker | None:
         """Have one worker process build the blob indexes of ``keys`` into the index cache
-        (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache or the
-        process cannot be started (the daemon then builds everything itself)."""
+        (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache, the
+        daemon may run on one CPU only, or the process cannot be started (the daemon then
+        builds everything itself)."""
         store = self.index_store
         with self._lock:
             keys = [k for k in keys if k not in self._begun]  # no folder built twice at once
         if store is None or not store.usable or not keys:
             return None
+        if len(os.sched_getaffinity(0)) < 2:
+            return None  # one CPU: nothing to overlap, saving and loading the files is extra
         try:
             self._worker = IndexWorker(self.root, store.folder, keys)
         except OSError as exc:

@@ -22,6 +22,8 @@ from tests.support import harness
 from tests.support.scale import ScaleProject, write_scale_project
 
 KEYS = ["a", "b", "c"]
+#: The worker is started only when the daemon may use two CPUs.
+two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no worker")
 
 
 def source(root: Path, store_dir: Path) -> LocalProjectSource:
@@ -49,6 +51,7 @@ def _read_all(view: ProjectView, project: ScaleProject) -> None:
             assert view.read_path("/" + project.path(d, i), 0, 1 << 20) == project.expected(d, i)
 
 
+@two_cpus
 def test_the_worker_writes_index_files_that_the_daemon_loads_without_parsing(
     small: ScaleProject, tmp_path: Path
 ) -> None:
@@ -64,6 +67,7 @@ def test_the_worker_writes_index_files_that_the_daemon_loads_without_parsing(
     daemon.close()
 
 
+@two_cpus
 def test_a_hostile_pickle_through_the_worker_is_reported_as_without_it(
     small: ScaleProject, tmp_path: Path
 ) -> None:
@@ -85,6 +89,7 @@ def test_a_hostile_pickle_through_the_worker_is_reported_as_without_it(
     daemon.close()
 
 
+@two_cpus
 def test_a_failed_worker_leaves_every_folder_to_the_daemon_which_reports_once(
     small: ScaleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,6 +107,7 @@ def test_a_failed_worker_leaves_every_folder_to_the_daemon_which_reports_once(
     assert daemon.problems() == alone.problems() and len(daemon.problems()) == 1
 
 
+@two_cpus
 def test_a_folder_the_worker_has_not_reached_is_built_at_once_and_unmount_kills_it(
     small: ScaleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -118,6 +124,7 @@ def test_a_folder_the_worker_has_not_reached_is_built_at_once_and_unmount_kills_
     assert worker.status == -9
 
 
+@two_cpus
 @pytest.mark.fuse
 def test_a_mount_has_its_indexes_built_by_the_worker(
     small: ScaleProject, tmp_path: Path, mounts: harness.Mounts
@@ -160,6 +167,7 @@ def _workers_of(project: Path) -> list[str]:
     return found
 
 
+@two_cpus
 def test_a_folder_the_daemon_has_begun_is_not_handed_to_the_worker(
     small: ScaleProject, tmp_path: Path
 ) -> None:
@@ -172,3 +180,13 @@ def test_a_folder_the_daemon_has_begun_is_not_handed_to_the_worker(
     _read_all(view, small)
     assert daemon.index_builds == 1
     daemon.close()
+
+
+def test_no_worker_is_started_for_a_daemon_on_one_cpu(
+    small: ScaleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    daemon = source(small.root, tmp_path / "cache")
+    assert daemon.start_index_worker(KEYS) is None
+    _read_all(ProjectView(daemon), small)
+    assert daemon.index_builds == 3
