@@ -341,6 +341,14 @@ def _index_all(view: ProjectView) -> None:
     time.sleep(INDEX_START_DELAY_S)
     started = time.monotonic()
     try:
+        source = view.source
+        if isinstance(source, LocalProjectSource):
+            # the blob indexes are built in a process of their own, off this interpreter;
+            # the preload then loads them from the index cache
+            keys = [ds.key for ds in source.datasets() if isinstance(ds.key, str)]
+            worker = source.start_index_worker(keys)
+            if worker is not None:
+                worker.wait()
         folders, files = view.preload()
     except Exception:  # a failure here must not take the mount down
         logger.exception("indexing the project failed")

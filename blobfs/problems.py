@@ -31,6 +31,9 @@ from typing import Any
 #: Names kept per (where, cause), and their length in characters.
 NAMES_KEPT = 3
 NAME_CHARS = 80
+#: Longest name replayed from a snapshot: a shown name (quoted, escaped) or a reason why
+#: a file was refused is longer than :data:`NAME_CHARS`, and must come back unchanged.
+SNAPSHOT_NAME_CHARS = 1000
 #: Distinct (where, cause) pairs kept; further ones are only counted.
 MAX_GROUPS = 10_000
 OVERFLOW = ("(further files)", "more problems than are kept")
@@ -205,7 +208,7 @@ class Problems:
                 and isinstance(item[3], list)
                 and all(isinstance(n, str) for n in item[3])
             ):
-                names = [n[:NAME_CHARS] for n in item[3][: self._names_kept]]
+                names = [n[:SNAPSHOT_NAME_CHARS] for n in item[3][: self._names_kept]]
                 self._bump((item[0], item[1]), max(1, item[2]), names)
 
     def lines(self) -> list[str]:

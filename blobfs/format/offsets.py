@@ -163,9 +163,7 @@ def _plain_batch(
     if set(map(type, batch)) != {_BlobImageInfoStub}:
         return None
     states = list(map(_STATE, batch))
-    if set(map(len, states)) != {3}:
-        return None
-    try:
+    try:  # attributes beyond these three are ignored here as entry by entry
         names = list(map(_NAME_OF, states))
         starts = list(map(_START_OF, states))
         ends = list(map(_END_OF, states))

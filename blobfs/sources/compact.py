@@ -106,8 +106,10 @@ class _Column:
             return cls(lo, None, len(values))
         span = hi - lo
         code = next(c for c in _TYPECODES if span < 1 << (8 * array(c).itemsize))
-        shifted = values if lo == 0 else map((-lo).__add__, values)
-        return cls(lo, array(code, shifted), len(values))
+        if lo >= 0 and hi < 1 << (8 * array(code).itemsize):
+            # the values fit that type as they are: no shift (a pass in Python per value)
+            return cls(0, array(code, values), len(values))
+        return cls(lo, array(code, map((-lo).__add__, values)), len(values))
 
     def __getitem__(self, i: int) -> int:
         values = self.values

@@ -36,7 +36,7 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, groupby, repeat
+from itertools import chain, groupby, islice, repeat
 from pathlib import Path
 from typing import Any, TypeVar, assert_never
 
@@ -86,6 +86,7 @@ from blobfs.sources.compact import (
     building,
     pace,
 )
+from blobfs.sources.index_worker import IndexWorker
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FdPool
@@ -148,7 +149,11 @@ class _Entries:
     def in_doubt(self) -> bool:
         """Whether a name repeats, or two ranges of one blob overlap (C-level passes):
         only then are entries checked one by one against the tar."""
-        if len(set(self.names)) != len(self.names):
+        names = self.names
+        # names strictly in order are distinct: one comparison pass instead of a set
+        # of every name (offsets files usually list their names sorted)
+        in_order = all(map(operator.lt, names, islice(names, 1, None)))
+        if not in_order and len(set(names)) != len(names):
             return True
         by_stem: dict[str, list[range]] = {}
         at = 0
@@ -200,6 +205,8 @@ class LocalProjectSource(Source):
         # dataset path -> relpath -> why the last listing left out an entry it holds
         self._refused: dict[tuple[str, ...], dict[str, str]] = {}
         self._lock = threading.Lock()
+        self._worker: IndexWorker | None = None
+        self._begun: set[str] = set()  # datasets whose blob index this process has begun
 
     # ---- Source API ------------------------------------------------------------------
 
@@ -270,6 +277,9 @@ class LocalProjectSource(Source):
         }
 
     def close(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.stop()
         with self._lock:
             readers = [b.cached.reader for b in self._blobs.values() if b.cached is not None]
         for reader in readers:
@@ -759,12 +769,17 @@ class LocalProjectSource(Source):
         return table
 
     def _blob_table(self, key: str, refused: dict[str, str]) -> FileTable:
+        with self._lock:
+            self._begun.add(key)
         items = self._list(key)
         store = self.index_store
         index_key = self._index_key(key, items) if store is not None else b""
         if store is not None:
             where = self.fs.where(key)
             cached = _unpack_index(store.load(where, index_key))
+            worker = self._worker
+            if cached is None and worker is not None and worker.wait_for(key):
+                cached = _unpack_index(store.load(where, index_key))
             if cached is not None:
                 table, problems, cached_refused = cached
                 self._problems.add_snapshot(problems)
@@ -800,6 +815,30 @@ class LocalProjectSource(Source):
             payload = _pack_index(table, collected.snapshot(), refused)
             store.save(self.fs.where(key), index_key, payload)
         return table
+
+    def build_index(self, key: str) -> None:
+        """Build the blob index of dataset ``key`` into the index cache (the worker's job),
+        unless the cache already holds a current one."""
+        self._blob_table(key, {})
+
+    def start_index_worker(self, keys: list[str]) -> IndexWorker | None:
+        """Have one worker process build the blob indexes of ``keys`` into the index cache
+        (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache, the
+        daemon may run on one CPU only, or the process cannot be started (the daemon then
+        builds everything itself)."""
+        store = self.index_store
+        with self._lock:
+            keys = [k for k in keys if k not in self._begun]  # no folder built twice at once
+        if store is None or not store.usable or not keys:
+            return None
+        if len(os.sched_getaffinity(0)) < 2:
+            return None  # one CPU: nothing to overlap, saving and loading the files is extra
+        try:
+            self._worker = IndexWorker(self.root, store.folder, keys)
+        except OSError as exc:
+            logger.info("index worker not started (%s); folders are indexed here", exc)
+            return None
+        return self._worker
 
     def _damaged_index(self, store: IndexStore, where: str, why: str) -> None:
         """A cached index failed its deferred check: the next mount builds it again."""

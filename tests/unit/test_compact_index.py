@@ -26,6 +26,7 @@ from blobfs.sources.compact import (
     EntrySource,
     FileTable,
     TableBuilder,
+    _Column,
     encode_name,
     table_of,
 )
@@ -400,3 +401,22 @@ def test_the_bulk_conflict_check_agrees_with_the_entry_by_entry_one(
         "x"
     ] * len(members)
     assert entries.in_doubt() == (repeated or overlapping)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**40), 2**40), max_size=20), st.integers(0, 2**34))
+@example([70_000, 70_100], 0)  # fits 4 bytes as they are, 1 byte shifted
+@example([200, 300], 0)  # fits 2 bytes as they are and shifted: stored as they are
+def test_a_column_reads_back_every_value_in_the_narrowest_type(
+    values: list[int], offset: int
+) -> None:
+    """A column stores its values in the narrowest type their span needs, shifted by their
+    minimum only when the values do not fit that type as they are."""
+    values = [v + offset for v in values]
+    column = _Column.of(values)
+    assert [column[i] for i in range(len(values))] == values
+    if values and min(values) != max(values):
+        span = max(values) - min(values)
+        assert column.values is not None
+        assert column.values.itemsize == min(s for s in (1, 2, 4, 8) if span < 1 << (8 * s))
+        assert list(column.slice(0, len(values))) == values
