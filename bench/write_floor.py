@@ -1,6 +1,7 @@
 """The floor of a ``cp -r`` into a FUSE mount: the same copy into three targets, same run.
 
     python bench/write_floor.py [--images 30000] [--rounds 3] [--latency-ms 2]
+                                [--blobfs-only] [--tree LABEL=PATH] [--variant LABEL=FLAGS]
 
 The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is copied with
 ``cp -r`` into:
@@ -15,6 +16,11 @@ The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is 
   copy (``--writeback-delay 3600 --blob-size 1G --batch-files 0``); the flush after each
   round is not timed.
 
+``--tree before=/tmp/old`` adds blobfs run from the package in ``/tmp/old`` (``git archive
+<commit> blobfs | tar -x -C /tmp/old``), ``--variant 'one-thread=-o max_idle_threads=1'``
+blobfs with more mount flags; ``--blobfs-only`` leaves out the plain folder and the C file
+system (the ratios are then to the first blobfs row).
+
 Each round runs every target unpinned and then pinned (``taskset -c 0`` for ``cp`` and the
 daemon), so the rows compared were measured minutes apart at most. Prints the median
 (min-max) per-file microseconds and the ratio of each median to the plain folder's.
@@ -28,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,14 +81,23 @@ def floor_round(src: Path, pinned: bool, binary: Path) -> float:
         return timed_cp(src, mnt, pinned)
 
 
-def blobfs_round(src: Path, pinned: bool, url: str) -> float:
+def blobfs_round(
+    src: Path, pinned: bool, url: str, tree: str | None = None, options: Sequence[str] = ()
+) -> float:
+    """One copy into blobfs; ``tree``: a folder holding another ``blobfs`` package to run
+    instead of this one (an export of an older commit), ``options``: more mount flags."""
     project, _ = new_project(url, f"floor-{time.time_ns()}")
     spool = OUT / "wb-floor-spool"
     shutil.rmtree(spool, ignore_errors=True)
     with Mounts() as mounts:
         mnt = mountpoint("writeback-floor")
-        cmd = [*(PIN if pinned else []), *writeback_mount(project, mnt, url, spool, ONE_BATCH)]
-        spawn_foreground(mounts, cmd, mnt, OUT / "wb-floor-daemon.log", env={"API_TOKEN": TOKEN})
+        cmd = writeback_mount(project, mnt, url, spool, [*ONE_BATCH, *options])
+        env = {"API_TOKEN": TOKEN}
+        if tree is not None:  # -P: not the working directory's package, the tree's
+            cmd = [cmd[0], "-P", *cmd[1:]]
+            env["PYTHONPATH"] = tree
+        cmd = [*(PIN if pinned else []), *cmd]
+        spawn_foreground(mounts, cmd, mnt, OUT / "wb-floor-daemon.log", env=env)
         took = timed_cp(src, mnt / "ds", pinned)
         subprocess.run(
             [sys.executable, "-m", "blobfs", "flush", str(mnt)], check=True, capture_output=True
@@ -96,6 +111,23 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--blobfs-only", action="store_true", help="no plain folder, no C file system"
+    )
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also copy into blobfs run from the package under PATH (e.g. an older commit's)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=FLAGS",
+        help="also copy into blobfs mounted with these extra flags (e.g. '-o nothreads')",
+    )
     args = parser.parse_args()
     src = dataset_folder(args.images)
     files = 2 * args.images
@@ -103,11 +135,19 @@ def main() -> None:
     state = OUT / "wb-floor-emu"
     shutil.rmtree(state, ignore_errors=True)
     emu, url = start_emulator(state, args.latency_ms)
-    targets: dict[str, Callable[[bool], float]] = {
-        "plain local folder": lambda pinned: local_round(src, pinned),
-        "floor_writefs (C, libfuse3 low-level)": lambda pinned: floor_round(src, pinned, binary),
-        "blobfs writeback, default durability": lambda pinned: blobfs_round(src, pinned, url),
-    }
+    targets: dict[str, Callable[[bool], float]] = {}
+    if not args.blobfs_only:
+        targets["plain local folder"] = lambda pinned: local_round(src, pinned)
+        targets["floor_writefs (C, libfuse3 low-level)"] = lambda pinned: floor_round(
+            src, pinned, binary
+        )
+    targets["blobfs writeback, default durability"] = lambda pinned: blobfs_round(src, pinned, url)
+    for label, _, tree in (item.partition("=") for item in args.tree):
+        targets[f"blobfs {label}"] = lambda pinned, t=tree: blobfs_round(src, pinned, url, t)
+    for label, _, flags in (item.partition("=") for item in args.variant):
+        targets[f"blobfs {label}"] = lambda pinned, f=flags: blobfs_round(
+            src, pinned, url, options=f.split()
+        )
     samples: dict[tuple[str, bool], list[float]] = {}
     try:
         for round_ in range(args.rounds):
@@ -121,9 +161,10 @@ def main() -> None:
         emu.terminate()
         emu.wait()
     print(f"\ncp -r of {args.images} images + {args.images} annotations, {args.rounds} rounds\n")
-    rows = [("target", "cpu", "us per file: median (min-max)", "x plain folder")]
+    first = next(iter(targets))
+    rows = [("target", "cpu", "us per file: median (min-max)", f"x {first}")]
     for pinned in (False, True):
-        base = statistics.median(samples[(next(iter(targets)), pinned)])
+        base = statistics.median(samples[(first, pinned)])
         for name in targets:
             got = samples[(name, pinned)]
             us = [s / files * 1e6 for s in got]
