@@ -95,6 +95,7 @@ class IndexWorker:
             pass  # a worker gone or talking nonsense: the daemon builds the rest
         finally:
             timer.cancel()
+            proc.stdout.close()
             self.status = proc.wait()
             with self._cond:
                 self._ended = True
