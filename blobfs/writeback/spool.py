@@ -1199,10 +1199,18 @@ class Spool:
     def open_batches(self) -> list[Batch]:
         """Batches left by an earlier run (oldest first), to be finished before new ones."""
         out = []
-        for folder in sorted(self.batches_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns):
-            if folder.name.startswith(_RETIRED_PREFIX):  # finished; its removal was cut short
-                shutil.rmtree(folder, ignore_errors=True)
+        batches: list[tuple[int, Path]] = []
+        for folder in self.batches_dir.iterdir():
+            if folder.name.startswith(_RETIRED_PREFIX):
+                # finished: its removal is under way in the background (so it may vanish
+                # while this looks at it: not stat'ed), or was cut short (a later pass,
+                # with no removal running, takes it)
+                if not any(t.is_alive() for t in self._removals):
+                    shutil.rmtree(folder, ignore_errors=True)
                 continue
+            with contextlib.suppress(FileNotFoundError):
+                batches.append((folder.stat().st_mtime_ns, folder))
+        for _, folder in sorted(batches):
             manifest = folder / "manifest.json"
             if not manifest.is_file():
                 shutil.rmtree(folder, ignore_errors=True)  # crashed before its manifest

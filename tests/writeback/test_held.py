@@ -277,3 +277,25 @@ def test_a_batch_copies_its_held_files_run_by_run_and_serves_each_exactly(
     (pending,) = again.open_batches()
     assert {p: again.batch_bytes(pending, p) for p in files} == expected
     again.close()
+
+
+def test_batches_are_found_while_a_finished_one_is_being_removed(tmp_path: Path) -> None:
+    """A finished batch's folder is removed in the background; looking for batches to
+    finish meanwhile neither trips over it (it may vanish at any moment) nor takes it for
+    a batch, and a leftover of a removal cut short is removed by a later look."""
+    spool = Spool(tmp_path / "spool")
+    close(spool, "/ds/img/a.png", b"A")
+    done = batch_of(spool, ["/ds/img/a.png"])
+    spool.finish_batch(done)
+    close(spool, "/ds/img/b.png", b"B")
+    waiting = batch_of(spool, ["/ds/img/b.png"])
+    for _ in range(200):  # looks that may race the removal thread
+        assert [b.id for b in spool.open_batches()] == [waiting.id]
+    leftover = tmp_path / "spool" / "batches" / ".done-cut-short"
+    leftover.mkdir()
+    (leftover / "data").write_bytes(b"x")
+    for thread in spool._removals:
+        thread.join()
+    assert [b.id for b in spool.open_batches()] == [waiting.id]
+    assert not leftover.exists()
+    spool.close()
