@@ -76,13 +76,23 @@ def serve(mnt: str, datasets: int, per_dataset: int) -> None:
         direct_io_prefix = None
         serves_readdir_plus = True
 
-        def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        def __init__(self) -> None:
+            self.op_counts: dict[str, int] = {}  # what the adapter counts in
+
+        def find_attrs(self, path: str, fh: Any = None) -> dict[str, int] | None:
+            """The adapter's getattr: None for a missing path."""
             if path in dirs:
                 return dir_attrs
             parent, _, name = path.rpartition("/")
             if parent in dirs or (not parent and name):
                 return {**file_attrs, "st_size": 400}
-            raise FuseOSError(errno.ENOENT)
+            return None
+
+        def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+            attrs = self.find_attrs(path)
+            if attrs is None:
+                raise FuseOSError(errno.ENOENT)
+            return attrs
 
         def readdir(self, path: str, fh: Any) -> list[str]:
             """Registers the listing callback (it goes out through :meth:`readdir_plus`)."""
