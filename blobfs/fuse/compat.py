@@ -392,6 +392,9 @@ class ContentPusher:
         self.counts = counts
         self._cache = cache
         self._device: int | None = None
+        #: Set when the thread cannot store anything (no libfuse handle, mount gone):
+        #: from then on nothing is queued, so listed content is not kept forever.
+        self._given_up = False
         self._jobs: queue.SimpleQueue[_PushJob] = queue.SimpleQueue()
         if start:
             threading.Thread(target=self._run, name="blobfs-push", daemon=True).start()
@@ -400,6 +403,9 @@ class ContentPusher:
         """Queue ``(name, content)`` of files of ``folder`` (its path in the mount), listed
         under ``generation`` of the cache coherence."""
         self._count("push_queued", len(files))
+        if self._given_up:
+            self._count("push_skipped", len(files))
+            return
         self._jobs.put((folder, files, generation))
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -446,6 +452,7 @@ class ContentPusher:
         first = self._jobs.get()  # the mount is being served: libfuse's handles exist
         lib = mfusepy._libfuse
         if _fuse is None:
+            self._give_up(first)
             return
         get_session = lib.fuse_get_session
         get_session.argtypes, get_session.restype = [ctypes.c_void_p], ctypes.c_void_p
@@ -465,6 +472,7 @@ class ContentPusher:
         try:
             self._device = os.stat(self._root).st_dev
         except OSError:
+            self._give_up(first)
             return
 
         def store(node: int, data: bytes) -> bool:
@@ -477,6 +485,18 @@ class ContentPusher:
             folder, files, generation = job or self._jobs.get()
             job = None
             self.store_files(folder, files, generation, store)
+
+    def _give_up(self, first: _PushJob) -> None:
+        """Stop taking jobs and drop ``first`` and the queued ones (counted as left to
+        their READ)."""
+        self._given_up = True
+        job: _PushJob | None = first
+        while job is not None:
+            self._count("push_skipped", len(job[1]))
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                job = None
 
 
 #: libfuse 3's ``fuse_fill_dir_t``, called without releasing the interpreter lock.

@@ -428,3 +428,20 @@ def test_files_the_kernel_holds_with_another_size_are_left_to_their_read() -> No
     pusher.store_files(b"/ds/img", files, 0, pusher.store)
     assert [node for node, _, _ in pusher.stored] == [7]
     assert pusher.counts == {"push": 1, "push_skipped": 1}
+
+
+def test_a_pusher_that_cannot_store_keeps_no_content_queued(tmp_path: Any) -> None:
+    """Without libfuse's handle (here: no mount) the push thread gives up: what it was
+    handed and everything listed later is left to its READ at once, not held in a queue
+    that nothing empties."""
+    counts: dict[str, int] = {}
+    pusher = ContentPusher(str(tmp_path), counts)
+    pusher.push(b"/ds/ann", [(b"a.json", b"{}"), (b"b.json", b"{}")], 0)
+    deadline = threading.Event()
+    for _ in range(200):
+        if counts.get("push_skipped") == 2:
+            break
+        deadline.wait(0.01)
+    pusher.push(b"/ds/ann", [(b"c.json", b"{}")], 0)
+    assert counts == {"push_queued": 3, "push_skipped": 3}
+    assert pusher._jobs.empty()
