@@ -95,6 +95,9 @@ class WriteHandle:
     failed: Exception | None = None
     committed: bool = False  # a version of this handle reached the spool (fsync)
     synced: bool = False  # what was last committed is durable (fsync, or sync_close)
+    #: The ``stat`` fields last answered for this handle, until it is written or cut:
+    #: libfuse asks for them right after each create, and again on ``fstat``.
+    attrs: dict[str, int] | None = None
 
 
 class WritebackFS:
@@ -204,7 +207,10 @@ class WritebackFS:
         each create), that file's, without looking for it among the open writers."""
         handle = self._writers.get(fh) if fh is not None else None
         if handle is not None:
-            return self._attrs(handle.scratch.stat())
+            attrs = handle.attrs
+            if attrs is None:
+                attrs = handle.attrs = self._scratch_attrs(handle.scratch)
+            return attrs
         if path == CONTROL_DIR:
             return {**self._attrs(os.stat(self.spool.root)), "st_mode": DIR_MODE, "st_nlink": 2}
         if path.startswith(CONTROL_DIR + "/"):
@@ -249,6 +255,15 @@ class WritebackFS:
             attrs["st_mode"] = STAGED_DIR_MODE
         elif path == META_PATH or f"/{ANN_DIR}/" in path:
             attrs["st_mode"] = STAGED_FILE_MODE  # annotations and meta may be replaced
+        return attrs
+
+    def _scratch_attrs(self, scratch: Scratch) -> dict[str, int]:
+        """The attributes of a file being written; bytes still in memory are described
+        without making a ``stat_result`` first (every create asks for them)."""
+        if not scratch.in_memory:
+            return self._attrs(scratch.stat())
+        attrs = self.project._size_attrs(scratch.size(), scratch.mtime_ns)  # a new dict
+        attrs["st_mode"] = STAGED_FILE_MODE
         return attrs
 
     def _attrs(self, st: os.stat_result) -> dict[str, int]:
@@ -413,6 +428,7 @@ class WritebackFS:
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self._writer(fh)
         handle.dirty = True
+        handle.attrs = None
         if handle.failed is not None:
             raise handle.failed
         try:
@@ -449,7 +465,7 @@ class WritebackFS:
             for handle in list(self._writers.values()):
                 if handle.path == path:
                     handle.scratch.truncate(length)
-                    handle.dirty = True
+                    handle.dirty, handle.attrs = True, None
             return
         else:
             handle = self._writer(self.open_write(path, truncate=False))
@@ -460,6 +476,7 @@ class WritebackFS:
             finally:
                 self.release(self._fh_of(handle))
             return
+        handle.attrs = None
         try:
             handle.scratch.truncate(length)
         except OSError as exc:

@@ -919,7 +919,10 @@ class Spool:
                 return False
             if not self._room_to_hold(len(data)):
                 return False
-            self._ensure_folder(view_path)
+            folder = os.path.dirname(final)  # _ensure_folder's, with the path made above
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
             offset = self._log(Kind.WRITE, view_path, data=data, sync=durable)
             if offset is None:
                 return False  # the journal is full, or the disk: give it a file

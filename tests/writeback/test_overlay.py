@@ -225,6 +225,31 @@ def test_close_stages_without_a_flush_and_fsync_makes_the_file_durable(
     assert synced == [True]
 
 
+def test_the_attributes_of_a_file_being_written_follow_its_writes_and_truncations(
+    overlay: Overlay,
+) -> None:
+    """libfuse asks for a new file's attributes right after the create, and ``fstat`` asks
+    again later: each answer is the file as written so far, in memory or spilled."""
+    view = overlay.view
+    path = "/ds/img/growing.png"
+    fh = view.create(path)
+    first = view.find_attrs(path, fh)
+    assert first is not None and first["st_size"] == 0 and first["st_blocks"] == 0
+    assert view.find_attrs(path, fh) == first  # asked again, nothing written: the same
+    view.write(fh, b"x" * 1000, 0)
+    grown = view.find_attrs(path, fh)
+    assert grown is not None and grown["st_size"] == 1000 and grown["st_blocks"] == 2
+    assert grown["st_mtime"] >= first["st_mtime"]
+    view.truncate(path, 10, fh)
+    assert (view.find_attrs(path, fh) or {})["st_size"] == 10
+    big = 8 << 20  # past what is held in memory: the bytes go to a temp file
+    view.write(fh, b"y", big)
+    assert (view.find_attrs(path, fh) or {})["st_size"] == big + 1
+    view.close_commit(fh)
+    view.release(fh)
+    assert (view.find_attrs(path) or {})["st_size"] == big + 1
+
+
 def test_a_flush_after_close_then_fsync_on_another_descriptor_is_durable(
     overlay: Overlay,
 ) -> None:
