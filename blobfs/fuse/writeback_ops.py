@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 class WritebackOperations(BlobfsOperations):
     """The writable mount (``--writeback``): the read-only operations plus writes.
 
-    ``open``/``release``/``flush`` are implemented here (unlike the read-only class)
-    because a write handle must be committed durably before ``close()`` returns: the kernel
-    sends ``flush`` synchronously from ``close()``, and ``release`` only afterwards.
+    ``open``/``flush`` are implemented here (unlike the read-only class) because a write
+    handle must be committed before ``close()`` returns: the kernel sends ``flush``
+    synchronously from ``close()``, and ``release`` only afterwards. ``flush`` also ends
+    the handle, so ``release`` never reaches Python (see ``WritebackFS.close``).
     """
 
     #: The control files' contents are made when read (``writeback.json`` grows as files
@@ -83,11 +84,11 @@ class WritebackOperations(BlobfsOperations):
 
     @errno_boundary
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return self.wview.read(fh, offset, size)
+        return self.wview.read(fh, offset, size, path)
 
     @errno_boundary
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        return self.wview.write(fh, data, offset)
+        return self.wview.write(fh, data, offset, path)
 
     @errno_boundary
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -95,7 +96,7 @@ class WritebackOperations(BlobfsOperations):
 
     @errno_boundary
     def flush(self, path: str, fh: int) -> None:
-        self.wview.close_commit(fh)
+        self.wview.close(fh)
 
     @errno_boundary
     def fsync(self, path: str, datasync: int, fh: int) -> None:
@@ -104,6 +105,10 @@ class WritebackOperations(BlobfsOperations):
     @errno_boundary
     def release(self, path: str, fh: int) -> None:
         self.wview.release(fh)
+
+    # ``flush`` ended the handle (``WritebackFS.close``): libfuse answers the kernel's
+    # release without calling into Python (mfusepy leaves out a callback marked so)
+    release.libfuse_ignore = True  # type: ignore[attr-defined]
 
     @errno_boundary
     def unlink(self, path: str) -> None:

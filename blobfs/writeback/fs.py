@@ -9,9 +9,11 @@ events (:class:`~blobfs.writeback.queue.Importing`, ``Imported``); validation li
 :mod:`blobfs.writeback.validate`.
 
 New files are written to private temp files in the spool and committed on
-``flush``/``fsync``/``release``. As on a local file system, ``close()`` leaves the bytes in
-the spool's files (they survive a crash of the daemon) and ``fsync()`` makes them survive a
-power cut; with ``sync_close`` every ``close()`` is durable too.
+``flush``/``fsync``. ``close()`` (FUSE ``flush``) also ends the handle: the kernel's
+``release`` that follows needs no work here (see :meth:`WritebackFS.close`). As on a
+local file system, ``close()`` leaves the bytes in the spool's files (they survive a crash
+of the daemon) and ``fsync()`` makes them survive a power cut; with ``sync_close`` every
+``close()`` is durable too.
 
 What may be written (everything else is refused, see docs/writeback.md):
 ``/meta.json``; ``/<ds>/img/<name>`` and ``/<ds>/ann/<name>.json`` of existing or new
@@ -389,6 +391,10 @@ class WritebackFS:
 
     def open_write(self, path: str, truncate: bool) -> int:
         """Open an existing file for writing: its bytes are copied unless truncating."""
+        return self._add_writer(self._writer_of(path, truncate))
+
+    def _writer_of(self, path: str, truncate: bool) -> WriteHandle:
+        """A new write handle on ``path``, holding its current bytes unless truncating."""
         self._check_writable(path)
         scratch = self.spool.scratch()
         if not truncate:
@@ -402,7 +408,7 @@ class WritebackFS:
                 rec = self.project.get(path)
                 assert isinstance(rec, FileRecord)
                 scratch.write(self.project.read_path(path, 0, self.project.size_of(rec)), 0)
-        return self._add_writer(WriteHandle(scratch, path, dirty=truncate))
+        return WriteHandle(scratch, path, dirty=truncate)
 
     def _add_writer(self, handle: WriteHandle) -> int:
         with self._wlock:
@@ -425,16 +431,41 @@ class WritebackFS:
             return self.project.handles.add(ReadHandle(reader, st.st_size, path))
         return self.project.open(path)
 
-    def write(self, fh: int, data: bytes, offset: int) -> int:
-        handle = self._writer(fh)
+    def write(self, fh: int, data: bytes, offset: int, path: str | None = None) -> int:
+        """Write into the handle ``fh`` of ``path``; a handle that a ``close()`` of
+        another descriptor of the same open file ended (a ``dup``, or a close racing
+        this write) is opened again on the file as committed (:meth:`_reopened`)."""
+        handle = self._writers.get(fh)
+        if handle is None:
+            handle = self._reopened(fh, path)
         handle.dirty = True
         handle.attrs = None
         if handle.failed is not None:
             raise handle.failed
         try:
-            return handle.scratch.write(data, offset)
+            written = handle.scratch.write(data, offset)
         except OSError as exc:
+            if path is not None and self._writers.get(fh) is not handle:
+                return self.write(fh, data, offset, path)  # ended while writing: again
             raise self._fail(handle, exc) from None
+        if path is not None and self._writers.get(fh) is not handle:
+            # ended while writing: the commit may have missed these bytes, write them
+            # again into the file as committed (same bytes, same place)
+            return self.write(fh, data, offset, path)
+        return written
+
+    def _reopened(self, fh: int, path: str | None) -> WriteHandle:
+        """The writer of ``fh`` after a ``close()`` ended it while the open file lives on
+        (another descriptor, a shared mapping): a new one on ``path`` as committed, under
+        the same number (numbers are never reused), committed by the next ``close()`` or
+        ``fsync()`` like any writer."""
+        if path is None:
+            raise InvalidInput(f"handle {fh} is not open for writing")
+        with self._wlock:
+            handle = self._writers.get(fh)
+            if handle is None:
+                handle = self._writers[fh] = self._writer_of(path, truncate=False)
+        return handle
 
     def _fail(self, handle: WriteHandle, exc: OSError) -> Exception:
         """A write of ``handle`` failed (no space, I/O error): its file will never be
@@ -452,11 +483,20 @@ class WritebackFS:
                     self.spool.remove(handle.path)
         return handle.failed
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def read(self, fh: int, offset: int, size: int, path: str | None = None) -> bytes:
+        """Read through the handle ``fh``; once a ``close()`` ended it (the kernel reads a
+        mapping after its descriptor is closed), from ``path`` as it is now."""
         handle = self._writers.get(fh)
         if handle is not None:
             return handle.scratch.read(size, offset)
-        return self.project.read(fh, offset, size)
+        try:
+            return self.project.read(fh, offset, size)
+        except NotFound:
+            if path is None:
+                raise
+        if path.startswith(CONTROL_DIR + "/"):
+            return b""  # an answer is made once per open: an ended one has no more
+        return self.read_path(path, offset, size)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         if fh is not None and fh in self._writers:
@@ -492,9 +532,22 @@ class WritebackFS:
             raise InvalidInput(f"handle {fh} is not open for writing")
         return handle
 
-    def close_commit(self, fh: int) -> None:
-        """``close()`` (FUSE ``flush``): staged; durable only with ``sync_close``."""
-        self.commit(fh, durable=self.sync_close)
+    def close(self, fh: int) -> None:
+        """``close()`` (FUSE ``flush``): what was written is staged (durable only with
+        ``sync_close``, its error raised), and the handle ends, reader or writer.
+
+        The kernel's ``release`` comes only after ``close()`` has returned, on another
+        libfuse thread while the program already sends its next request; in Python that
+        is one more callback per file, competing for the interpreter lock with the next
+        file's lookup. So the handle's work ends here and ``release`` is left to libfuse.
+        The kernel may still use the number after this (another descriptor of the same
+        open file, a mapping written back or read later): a write then opens the file
+        again (:meth:`_reopened`), a read reads the path, a ``fstat`` looks the path up.
+        """
+        try:
+            self.commit(fh, durable=self.sync_close)
+        finally:
+            self.release(fh)
 
     def fsync(self, path: str, fh: int | None) -> None:
         """``fsync()``/``fdatasync()``: what ``path`` holds survives a power cut on return.

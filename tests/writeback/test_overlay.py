@@ -204,7 +204,7 @@ def test_close_stages_without_a_flush_and_fsync_makes_the_file_durable(
     view = overlay.view
     fh = view.create("/ds/img/closed.png")
     view.write(fh, png_bytes(1), 0)
-    view.close_commit(fh)  # close(): FUSE flush
+    view.close(fh)  # close(): FUSE flush
     view.release(fh)
     # held: one journal record, not flushed, and no file of its own
     assert overlay.spool.read_bytes("/ds/img/closed.png") == png_bytes(1)
@@ -214,7 +214,7 @@ def test_close_stages_without_a_flush_and_fsync_makes_the_file_durable(
     view.write(fh, png_bytes(2), 0)
     view.fsync("/ds/img/synced.png", fh)
     assert _journal_paths(overlay.spool) == ["/ds/img/closed.png", "/ds/img/synced.png"]
-    view.close_commit(fh)  # nothing written since the fsync: nothing to do
+    view.close(fh)  # nothing written since the fsync: nothing to do
     view.release(fh)
     assert _journal_paths(overlay.spool) == ["/ds/img/closed.png", "/ds/img/synced.png"]
     # fsync of a file not open for writing (``sync FILE`` opens it read-only): the spool
@@ -245,7 +245,7 @@ def test_the_attributes_of_a_file_being_written_follow_its_writes_and_truncation
     big = 8 << 20  # past what is held in memory: the bytes go to a temp file
     view.write(fh, b"y", big)
     assert (view.find_attrs(path, fh) or {})["st_size"] == big + 1
-    view.close_commit(fh)
+    view.close(fh)
     view.release(fh)
     assert (view.find_attrs(path) or {})["st_size"] == big + 1
 
@@ -253,16 +253,65 @@ def test_the_attributes_of_a_file_being_written_follow_its_writes_and_truncation
 def test_a_flush_after_close_then_fsync_on_another_descriptor_is_durable(
     overlay: Overlay,
 ) -> None:
-    """``dup``'d descriptors: close() of one commits plainly, fsync() of the other must still
-    make the bytes durable although nothing was written in between."""
+    """``dup``'d descriptors: close() of one commits plainly and ends the handle, fsync() of
+    the other must still make the bytes durable although nothing was written in between."""
     view = overlay.view
     fh = view.create("/ds/img/dup.png")
     view.write(fh, png_bytes(3), 0)
-    view.close_commit(fh)
+    view.close(fh)
     assert _journal_paths(overlay.spool) == ["/ds/img/dup.png"]  # not flushed
+    assert overlay.spool._unsynced
     view.fsync("/ds/img/dup.png", fh)
-    assert _journal_paths(overlay.spool) == ["/ds/img/dup.png"] * 2  # the second one is
-    view.release(fh)
+    assert not overlay.spool._unsynced  # the spool was made durable with it
+    assert _journal_paths(overlay.spool) == ["/ds/img/dup.png"]
+
+
+def test_a_closed_handle_the_kernel_still_uses_reads_and_writes_the_file(
+    overlay: Overlay,
+) -> None:
+    """close() ends the handle, but the open file may live on (another descriptor, a
+    mapping): a write through the old number reopens the file as committed, the next
+    close() commits it; a read through it reads the file; release has nothing left."""
+    view = overlay.view
+    path = "/ds/img/late.png"
+    fh = view.create(path)
+    view.write(fh, b"abcd", 0)
+    view.close(fh)
+    assert view.read(fh, 0, 10, path) == b"abcd"
+    assert view.write(fh, b"XY", 2, path) == 2
+    assert view.read(fh, 0, 10, path) == b"abXY"  # the reopened writer's bytes
+    assert overlay.spool.read_bytes(path) == b"abcd"  # not committed before its close
+    view.close(fh)
+    assert overlay.spool.read_bytes(path) == b"abXY"
+    view.release(fh)  # the kernel's release: nothing left to do
+    view.close(fh)  # a second close of an ended handle: nothing either
+    reader = view.open(path)
+    view.close(reader)
+    assert view.read(reader, 1, 2, path) == b"bX"
+
+
+def test_a_write_racing_the_close_of_another_descriptor_is_not_lost(
+    overlay: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close() that ends the handle while a write through it is in flight: the write
+    lands in the file reopened as committed, and the next close() commits it."""
+    view = overlay.view
+    path = "/ds/img/race.png"
+    fh = view.create(path)
+    view.write(fh, b"1111", 0)
+    handle = view._writers[fh]
+    real = handle.scratch.write
+
+    def write_then_close(data: bytes, offset: int) -> int:
+        monkeypatch.setattr(handle.scratch, "write", real)
+        written = real(data, offset)
+        view.close(fh)  # the other descriptor's close(), between the write and its return
+        return written
+
+    monkeypatch.setattr(handle.scratch, "write", write_then_close)
+    assert view.write(fh, b"22", 4, path) == 2
+    view.close(fh)
+    assert overlay.spool.read_bytes(path) == b"111122"
 
 
 def test_with_sync_close_every_close_is_durable(project: Path, tmp_path: Path) -> None:
@@ -271,7 +320,7 @@ def test_with_sync_close_every_close_is_durable(project: Path, tmp_path: Path) -
     try:
         fh = view.create("/ds/img/a.png")
         view.write(fh, png_bytes(4), 0)
-        view.close_commit(fh)
+        view.close(fh)
         view.release(fh)
         assert _journal_paths(spool) == ["/ds/img/a.png"]
         view.rename("/ds/img/a.png", "/ds/img/b.png")

@@ -242,3 +242,35 @@ def test_images_with_their_annotations_are_imported_while_writes_go_on(
     assert (mnt / "ds" / "img" / "pair2.png").read_bytes() == png_bytes(1202)  # still staged
     assert d.unmount() == 0
     assert project_images(project)["/ds/img/pair2.png"] == png_bytes(1202)
+
+
+def test_a_file_lives_on_after_one_of_its_descriptors_is_closed(
+    project: Path, tmp_path: Path, mounts: harness.Mounts
+) -> None:
+    """close() commits and ends the daemon's handle of the open file, but the open file
+    itself lives on in the kernel: a ``dup``'d descriptor still writes and reads it, a
+    mapping still reads it after its descriptor is closed, and what the last close()
+    committed is what is imported."""
+    import mmap
+
+    mnt = tmp_path / "mnt"
+    d = mounts.start_writeback(project, mnt, tmp_path / "spool", log=tmp_path / "log")
+    path = mnt / "ds" / "img" / "dup.png"
+    first, rest = png_bytes(901)[:100], png_bytes(901)[100:]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    other = os.dup(fd)
+    os.write(fd, first)
+    os.close(fd)  # a flush: committed, the daemon's handle ended
+    assert os.pwrite(other, rest, len(first)) == len(rest)
+    assert os.pread(other, 50, 0) == first[:50]
+    assert os.fstat(other).st_size == len(first) + len(rest)
+    os.close(other)
+    assert path.read_bytes() == png_bytes(901)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        assert mapped[: len(first)] == first  # read by page faults, after the close
+    finally:
+        mapped.close()
+    assert d.unmount() == 0
+    assert project_images(project)["/ds/img/dup.png"] == png_bytes(901)
