@@ -66,6 +66,10 @@ class WritebackOperations(BlobfsOperations):
             time.monotonic() - started,
         )
 
+    def destroy(self, path: str) -> None:
+        self.wview.commit_reopened()  # before the queue's last flush
+        super().destroy(path)
+
     @counted_as("getattr")
     def find_attrs(self, path: str, fh: int | None) -> dict[str, int] | None:
         """See :meth:`BlobfsOperations.find_attrs`; with a write handle (libfuse asks for

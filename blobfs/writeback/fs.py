@@ -117,6 +117,10 @@ class WritebackFS:
         self.queue = queue
         self.sync_close = sync_close
         self._writers: dict[int, WriteHandle] = {}
+        #: Writers opened again after their close() (see :meth:`_reopened`): no release
+        #: reaches this layer, so what no later close() or fsync() commits is committed
+        #: by ``blobfs flush`` and at unmount (:meth:`commit_reopened`).
+        self._reopened_fhs: set[int] = set()
         self._wlock = threading.RLock()
         self._importing: frozenset[str] = frozenset()
         self._snapshots: dict[str, bytes] = {}
@@ -155,6 +159,8 @@ class WritebackFS:
         kernel keeps a file's size and pages, so a repeated read of one name could show
         the end of an older, longer answer.
         """
+        if path.startswith(CONTROL_FLUSH):  # a flush request, or a wait for one
+            self.commit_reopened()
         if path == CONTROL_FLUSH:
             return self._flush_answer(self.queue.request_flush())
         if path.startswith(CONTROL_FLUSH_WAIT):
@@ -465,7 +471,20 @@ class WritebackFS:
             handle = self._writers.get(fh)
             if handle is None:
                 handle = self._writers[fh] = self._writer_of(path, truncate=False)
+                self._reopened_fhs.add(fh)
         return handle
+
+    def commit_reopened(self) -> None:
+        """Commit and end the writers opened again after their close() that nothing has
+        committed since (pages of a shared mapping written back after its descriptor was
+        closed): on ``blobfs flush`` and at unmount."""
+        with self._wlock:
+            fhs, self._reopened_fhs = self._reopened_fhs, set()
+        for fh in fhs:
+            try:
+                self.close(fh)
+            except Exception:  # its error was returned by the write that met it
+                logger.warning("a file written after its close() was not committed", exc_info=True)
 
     def _fail(self, handle: WriteHandle, exc: OSError) -> Exception:
         """A write of ``handle`` failed (no space, I/O error): its file will never be
@@ -548,6 +567,7 @@ class WritebackFS:
             self.commit(fh, durable=self.sync_close)
         finally:
             self.release(fh)
+            self._reopened_fhs.discard(fh)
 
     def fsync(self, path: str, fh: int | None) -> None:
         """``fsync()``/``fdatasync()``: what ``path`` holds survives a power cut on return.

@@ -285,9 +285,14 @@ def test_a_closed_handle_the_kernel_still_uses_reads_and_writes_the_file(
     assert overlay.spool.read_bytes(path) == b"abXY"
     view.release(fh)  # the kernel's release: nothing left to do
     view.close(fh)  # a second close of an ended handle: nothing either
+    view.write(fh, b"Z", 4, path)  # a mapping's page written back after the last close
+    assert overlay.spool.read_bytes(path) == b"abXY"
+    view.commit_reopened()  # blobfs flush, unmount
+    assert overlay.spool.read_bytes(path) == b"abXYZ"
     reader = view.open(path)
     view.close(reader)
     assert view.read(reader, 1, 2, path) == b"bX"
+    assert not view._writers
 
 
 def test_a_write_racing_the_close_of_another_descriptor_is_not_lost(
