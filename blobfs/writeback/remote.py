@@ -192,6 +192,7 @@ class RemoteImporter:
                 batch.members = packed or self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
             spool.save_batch(batch)
+            failpoint("remote-after-pack")
         marked = False
         if batch.state != "packed":
             meanwhile()
