@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from blobfs import deadline
 from blobfs.errors import RemoteError
-from blobfs.transport.http import HttpClient, HttpRangeReader
+from blobfs.transport.http import HttpClient, HttpRangeReader, UploadContent
 from blobfs.transport.ranged import BlobReader, StrictRangeReader, WholeBlob
 
 logger = logging.getLogger(__name__)
@@ -472,12 +472,15 @@ class SuperviselyWriteApi(SuperviselyApi):
                 },
             )
 
-    def upload_team_file(self, team_id: int, remote_dir: str, name: str, path: str) -> int:
-        """Upload a local file to Team Files (``file-storage.upload``); returns its id."""
+    def upload_team_file(
+        self, team_id: int, remote_dir: str, name: str, source: str | UploadContent
+    ) -> int:
+        """Upload a local file (a path, or bytes made as they are sent) to Team Files
+        (``file-storage.upload``); returns its id."""
         answer = self.client.post_multipart(
             f"file-storage.upload?teamId={team_id}",
             {"path": remote_dir, "name": name},
-            ("file", name, path),
+            ("file", name, source),
         )
         if isinstance(answer, list) and answer:
             answer = answer[0]

@@ -19,6 +19,7 @@ or an exception message.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -45,6 +46,8 @@ DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 5.0
 STREAM_CHUNK = 256 << 10
+#: Bytes of a file read at a time while it uploads (one buffer, reused).
+UPLOAD_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -186,21 +189,26 @@ class HttpClient:
         return self.with_retries(method, attempt)
 
     def post_multipart(
-        self, method: str, fields: dict[str, str], file: tuple[str, str, str]
+        self, method: str, fields: dict[str, str], file: tuple[str, str, str | UploadContent]
     ) -> Any:
-        """POST a multipart form with one file streamed from disk; returns the JSON answer."""
-        field_name, file_name, path = file
+        """POST a multipart form with one file streamed from disk; returns the JSON answer.
+
+        The file goes out in chunks read into one buffer (:class:`MultipartFileBody`), not
+        as a body built in memory: a blob is as large as a batch, and requests' own encoding
+        would hold it in memory two or three times over, memory the machine has to find
+        for each upload."""
+        field_name, file_name, source = file
         name = method.split("?")[0]
 
         def attempt() -> Any:
-            with open(path, "rb") as f:
+            with MultipartFileBody(fields, field_name, file_name, source) as body:
                 timeout = self._timeouts(name)
                 self._count()
                 try:
                     response = self._session.post(
                         self.base + method,
-                        data=fields,
-                        files={field_name: (file_name, f, "application/x-tar")},
+                        data=body,
+                        headers={"Content-Type": body.content_type},
                         timeout=timeout,
                     )
                 except (requests.ConnectionError, requests.Timeout) as exc:
@@ -220,6 +228,85 @@ class HttpClient:
     ) -> requests.Response:
         """POST and return the streaming response (caller checks and closes it)."""
         return self._send(method, payload, headers, stream=True)
+
+
+class UploadContent(Protocol):
+    """A file's bytes made as they are sent (not read from one file): ``size`` of them,
+    the same bytes each time it is iterated (a retried upload sends them again)."""
+
+    size: int
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+
+class MultipartFileBody:
+    """A ``multipart/form-data`` body of text fields and one file, read (from a path, or
+    an :class:`UploadContent`) as it is sent.
+
+    Its length is known before the first byte (the ``Content-Length`` requests sends), so
+    exactly that many bytes are sent: a file that shrank meanwhile fails the request rather
+    than leave the server waiting for bytes that never come. The head and tail around the
+    file's bytes are urllib3's own encoding of the same form."""
+
+    def __init__(
+        self, fields: dict[str, str], field_name: str, file_name: str, source: str | UploadContent
+    ) -> None:
+        boundary = urllib3.filepost.choose_boundary()
+        part = urllib3.fields.RequestField(field_name, b"", file_name)
+        part.make_multipart(content_type="application/x-tar")
+        encoded, self.content_type = urllib3.filepost.encode_multipart_formdata(
+            [*fields.items(), part], boundary
+        )
+        self._tail = f"\r\n--{boundary}--\r\n".encode()
+        if not encoded.endswith(self._tail):  # pragma: no cover - urllib3 changed its layout
+            raise RemoteError("multipart encoding has an unexpected layout")
+        self._head = encoded[: -len(self._tail)]
+        self._file: io.FileIO | None = None
+        self._content: UploadContent | None = None
+        if isinstance(source, str):
+            self._file = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by __exit__
+            self._size = os.fstat(self._file.fileno()).st_size
+        else:
+            self._content, self._size = source, source.size
+
+    def __enter__(self) -> MultipartFileBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __len__(self) -> int:
+        return len(self._head) + self._size + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        yield from self._from_file() if self._content is None else self._checked(self._content)
+        yield self._tail
+
+    def _checked(self, content: UploadContent) -> Iterator[bytes]:
+        sent = 0
+        for chunk in content:
+            sent += len(chunk)
+            if sent > self._size:
+                raise RemoteError("an upload's content grew while it was sent")
+            yield chunk
+        if sent != self._size:
+            raise RemoteError("an upload's content shrank while it was sent")
+
+    def _from_file(self) -> Iterator[bytes]:
+        assert self._file is not None
+        buffer = memoryview(bytearray(UPLOAD_CHUNK))
+        left = self._size
+        self._file.seek(0)
+        while left > 0:
+            got = self._file.readinto(buffer[: min(left, UPLOAD_CHUNK)])
+            if not got:
+                raise RemoteError(f"{self._file.name} shrank while it was uploaded")
+            left -= got
+            # sent (sendall) before the next read reuses the buffer; a view is as good as
+            # bytes to the socket
+            yield cast(bytes, buffer[:got])
 
 
 def check_status(method: str, response: requests.Response) -> None:

@@ -3,8 +3,11 @@
 The SDK's "optimized import" flow, made restartable. Each step's result is saved in the
 batch manifest before the next starts:
 
-1. ``packed``: the batch's images are written into ``spool/batches/<id>/<stem>.tar`` and
-   their ranges recorded in the manifest;
+1. ``packed``: the ranges of the batch's images in its tar are recorded in the manifest.
+   A batch whose images are all held (in its durable ``data`` file) has no tar on disk:
+   the tar is made from those bytes as it uploads (:class:`HeldTar`), the same bytes at
+   every attempt. Any other batch's images are first written into
+   ``spool/batches/<id>/<stem>.tar``, durably;
 2. ``uploaded``: the tar is in Team Files under ``/blob-files/`` and its id is recorded,
    with ``<stem>_offsets.pkl`` beside it (the SDK's own layout: the stock SDK's
    ``upload_blob_images(dataset, blob_file)`` then registers the same blob into any other
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,14 +36,18 @@ from blobfs.format.ann_coords import to_subpixel
 from blobfs.format.images import image_size, image_size_of_file
 from blobfs.format.offsets import OFFSETS_SUFFIX, write_offsets
 from blobfs.format.pack import (
+    BLOCK,
+    RECORD,
     InlineFile,
     TarBlobWriter,
     empty_annotation,
     finish_tar,
+    member_header,
     open_source,
 )
 from blobfs.model import BlobMember
 from blobfs.sly.api import ANN_ADD_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
+from blobfs.transport.http import UPLOAD_CHUNK, UploadContent
 from blobfs.writeback.importer import PhaseTimes, split_batch
 from blobfs.writeback.spool import Batch, Spool
 
@@ -180,9 +187,12 @@ class RemoteImporter:
         phases = phases or PhaseTimes()
         if batch.state == "new":
             with phases.timed("pack"):
-                batch.members = self._pack(spool, batch, images, tar_path)
+                held = HeldTar.of(spool, batch, images)
+                packed = held.members if held is not None else None
+                batch.members = packed or self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
             spool.save_batch(batch)
+            failpoint("remote-after-pack")
         marked = False
         if batch.state != "packed":
             meanwhile()
@@ -192,16 +202,13 @@ class RemoteImporter:
                 offsets = self._write_offsets(batch, tar_path)
             with phases.timed("team"):
                 team_id = team.result()
+            tar = _tar_source(spool, batch, images, tar_path)
             with ThreadPoolExecutor(3, thread_name_prefix="blobfs-upload") as pool:
                 uploads: list[Future[int]] = [
                     pool.submit(
-                        self.api.upload_team_file,
-                        team_id,
-                        TEAM_FILES_BLOB_DIR,
-                        path.name,
-                        str(path),
+                        self.api.upload_team_file, team_id, TEAM_FILES_BLOB_DIR, name, source
                     )
-                    for path in (tar_path, offsets)
+                    for name, source in ((tar_path.name, tar), (offsets.name, str(offsets)))
                 ]
                 # the flag the SDK's upload_by_offsets sets; idempotent, so set while the
                 # tar uploads
@@ -273,6 +280,70 @@ class RemoteImporter:
             tmp.unlink(missing_ok=True)  # e.g. a full spool: the retry starts afresh
             raise
         return [[m.name, m.start, m.end] for m in writer.members]
+
+
+def _tar_source(
+    spool: Spool, batch: Batch, images: list[str], tar_path: Path
+) -> str | UploadContent:
+    """What a packed batch uploads as its tar: the tar on disk, or one made as it uploads."""
+    if tar_path.exists():
+        return str(tar_path)
+    held = HeldTar.of(spool, batch, images)
+    if held is None:
+        raise RemoteError(f"batch {batch.id}: packed, but has no tar and not every image held")
+    return held
+
+
+class HeldTar:
+    """The tar of a batch whose images are all held, made from their bytes in the batch's
+    ``data`` file as it uploads.
+
+    That file is durable before the batch's manifest exists, and its bytes never change,
+    so every attempt of the upload sends the same tar: no copy of the images needs to be
+    written and flushed first. Members are laid out as :class:`TarBlobWriter` lays them
+    (the same headers, padding and end blocks): the offsets match the bytes either way."""
+
+    def __init__(self, spool: Spool, batch: Batch, images: list[str]) -> None:
+        self._spool, self._batch = spool, batch
+        self._plan: list[tuple[str, bytes, int]] = []  # (view path, header, size)
+        self.members: list[list[object]] = []
+        pos = 0
+        for view_path in images:
+            _, size, mtime_ns = (int(str(v)) for v in batch.held[view_path])
+            name = view_path.rsplit("/", 1)[1]
+            header = member_header(name, size, int(mtime_ns / 1e9))  # as InlineFile's mtime
+            start = pos + len(header)
+            self.members.append([name, start, start + size])
+            self._plan.append((view_path, header, size))
+            pos = start + size + (-size % BLOCK)
+        pos += 2 * BLOCK
+        #: Bytes of the whole tar.
+        self.size = pos + (-pos % RECORD)
+
+    @classmethod
+    def of(cls, spool: Spool, batch: Batch, images: list[str]) -> HeldTar | None:
+        """The batch's tar made as it uploads, or None when an image is not held."""
+        if images and all(path in batch.held for path in images):
+            return cls(spool, batch, images)
+        return None
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The tar's bytes in chunks of about ``UPLOAD_CHUNK`` (one send each, not one per
+        image)."""
+        out = bytearray()
+        sent = 0
+        for view_path, header, size in self._plan:
+            source = self._spool.batch_source(self._batch, view_path)
+            assert isinstance(source, InlineFile)
+            out += header
+            out += source.data
+            out += bytes(-size % BLOCK)
+            if len(out) >= UPLOAD_CHUNK:
+                sent += len(out)
+                yield bytes(out)
+                out.clear()
+        out += bytes(self.size - sent - len(out))  # the end blocks
+        yield bytes(out)
 
 
 def _read_anns(spool: Spool, batch: Batch, anns: dict[str, str], into: dict[str, Any]) -> None:

@@ -238,11 +238,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Parsed body: multipart parts, an :class:`Upload`, JSON, or the query string."""
         content_type = self.headers.get("Content-Type", "")
         if content_type.startswith("multipart/"):
-            path = self._save_body()
             try:
-                return parse_multipart(path, content_type, self.server.emulator.store)
-            finally:
-                path.unlink(missing_ok=True)
+                return parse_multipart(
+                    self._body_chunks(), content_type, self.server.emulator.store
+                )
+            except ApiError:
+                self.close_connection = True  # the rest of the body is not read
+                raise
         if content_type.startswith("application/octet-stream"):
             return Upload(self._save_body())
         raw = self._read_json_bytes()

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -462,31 +461,93 @@ def _disposition(headers: str) -> tuple[str, str | None]:
     return name, filename
 
 
-def parse_multipart(body_path: Path, content_type: str, store: Store) -> list[Part]:
-    """Split a multipart body saved at ``body_path`` into its parts, in order.
+class _BodyStream:
+    """A request body read as it arrives, consumed up to tokens (multipart delimiters) that
+    may straddle two chunks."""
 
-    File parts are copied out of the body through ``mmap`` in chunks, so a large upload never
-    sits in memory whole.
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buf = bytearray()
+
+    def _more(self) -> bool:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            return False
+        self._buf += chunk
+        return True
+
+    def skip_past(self, token: bytes) -> bool:
+        """Drop everything up to and including ``token``; False if the body has none."""
+        while True:
+            found = self._buf.find(token)
+            if found >= 0:
+                del self._buf[: found + len(token)]
+                return True
+            del self._buf[: max(0, len(self._buf) - len(token) + 1)]
+            if not self._more():
+                return False
+
+    def peek(self, n: int) -> bytes:
+        while len(self._buf) < n and self._more():
+            pass
+        return bytes(self._buf[:n])
+
+    def copy_until(self, token: bytes, write: Callable[[bytes], object]) -> None:
+        """Hand everything before ``token`` to ``write`` as it arrives, then drop the token;
+        a body that ends first is truncated."""
+        keep = len(token) - 1
+        while True:
+            found = self._buf.find(token)
+            if found >= 0:
+                if found:
+                    write(bytes(self._buf[:found]))
+                del self._buf[: found + len(token)]
+                return
+            if len(self._buf) > keep:
+                write(bytes(self._buf[: len(self._buf) - keep]))
+                del self._buf[: len(self._buf) - keep]
+            if not self._more():
+                raise ApiError(400, "truncated multipart body")
+
+    def drain(self) -> None:
+        self._buf.clear()
+        for _ in self._chunks:
+            pass
+
+
+def parse_multipart(chunks: Iterable[bytes], content_type: str, store: Store) -> list[Part]:
+    """Split a multipart body into its parts, in order, as it arrives.
+
+    A file part goes straight into a file of its own while the body is read: the upload
+    is written once, never held in memory whole nor saved as a body to be split after.
     """
     delim = b"--" + _boundary(content_type)
     parts: list[Part] = []
-    if body_path.stat().st_size == 0:
-        return parts
-    with open(body_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = mm.find(delim)
-        while pos >= 0 and mm[pos + len(delim) : pos + len(delim) + 2] != b"--":
-            head_end = mm.find(b"\r\n\r\n", pos)
-            nxt = mm.find(b"\r\n" + delim, head_end)
-            if head_end < 0 or nxt < 0:
-                raise ApiError(400, "truncated multipart body")
-            name, filename = _disposition(mm[pos:head_end].decode("utf-8", "replace"))
+    body = _BodyStream(chunks)
+    try:
+        if not body.skip_past(delim):
+            return parts
+        while body.peek(2) != b"--":
+            head = bytearray()
+            body.copy_until(b"\r\n\r\n", head.extend)
+            name, filename = _disposition(head.decode("utf-8", "replace"))
             if filename is None:
-                parts.append((name, None, mm[head_end + 4 : nxt].decode("utf-8", "replace")))
+                value = bytearray()
+                body.copy_until(b"\r\n" + delim, value.extend)
+                parts.append((name, None, value.decode("utf-8", "replace")))
             else:
                 out = store.new_upload_path()
-                with open(out, "wb") as dst:
-                    for i in range(head_end + 4, nxt, COPY_CHUNK):
-                        dst.write(mm[i : min(i + COPY_CHUNK, nxt)])
+                try:
+                    with open(out, "wb") as dst:
+                        body.copy_until(b"\r\n" + delim, dst.write)
+                except BaseException:
+                    out.unlink(missing_ok=True)
+                    raise
                 parts.append((name, filename, out))
-            pos = nxt + 2
+    except BaseException:
+        for _, filename, saved in parts:
+            if filename is not None and isinstance(saved, Path):
+                saved.unlink(missing_ok=True)
+        raise
+    body.drain()
     return parts

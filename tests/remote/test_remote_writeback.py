@@ -125,7 +125,9 @@ def test_images_written_into_a_remote_mount_are_imported_once(
     assert len(files) >= 2  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("point", ["remote-after-upload", "remote-after-register"])
+@pytest.mark.parametrize(
+    "point", ["remote-after-pack", "remote-after-upload", "remote-after-register"]
+)
 def test_a_crash_between_upload_and_registration_makes_no_duplicates(
     point: str, tmp_path: Path, emulator: Emulator, remote_project: int
 ) -> None:

@@ -1,4 +1,5 @@
-"""A remote batch's tar is whole on disk before its manifest says ``packed``.
+"""A remote batch's tar is whole on disk before its manifest says ``packed``, or is made
+from held bytes that are.
 
 After a power cut, a manifest that says ``packed`` sends the tar as it is to Team Files:
 a tar whose bytes were still only in the page cache would be uploaded torn and registered.
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from blobfs.writeback.remote import RemoteImporter
-from blobfs.writeback.spool import Batch, Spool
+from blobfs.writeback.spool import INLINE_MAX, Batch, Spool
 from tests.support.sample import png_bytes
 
 T = TypeVar("T")
@@ -45,7 +46,9 @@ def test_the_tar_and_its_folder_are_flushed_before_the_manifest_says_packed(
     spool = Spool(tmp_path / "spool")
     for i in range(3):
         fd, tmp = spool.new_temp()
-        os.write(fd, png_bytes(i))
+        # one file too large to be held: the batch's tar is written (see below for one
+        # whose images are all held)
+        os.write(fd, png_bytes(i) + bytes(INLINE_MAX if i == 1 else 0))
         spool.commit(fd, tmp, f"/ds/img/{i}.png")
         spool.drop_temp(fd, tmp)
     files = [f"/ds/img/{i}.png" for i in range(3)]
@@ -78,3 +81,87 @@ def test_the_tar_and_its_folder_are_flushed_before_the_manifest_says_packed(
     with tarfile.open(tar) as t:
         assert t.getnames() == ["0.png", "1.png", "2.png"]
     spool.close()
+
+
+class _Uploaded:
+    """The write API's upload step, keeping what each upload sent."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, bytes] = {}
+
+    def upload_team_file(self, team_id: int, remote_dir: str, name: str, source: Any) -> int:
+        self.sent[name] = Path(source).read_bytes() if isinstance(source, str) else _body(source)
+        raise RuntimeError("stop after upload")
+
+    def mark_blob_project(self, project_id: int) -> None:
+        pass
+
+
+def _body(content: Any) -> bytes:
+    data = b"".join(content)
+    assert len(data) == content.size
+    assert b"".join(content) == data  # a retried upload sends the same bytes
+    return data
+
+
+def _held_batch(spool: Spool, n: int, stem: str) -> tuple[Batch, list[str], dict[str, bytes]]:
+    files = {f"/ds/img/{i}.png": png_bytes(i) for i in range(n)}
+    for path, data in files.items():
+        scratch = spool.scratch()
+        try:
+            scratch.write(data, 0)
+            spool.commit_scratch(scratch, path)
+        finally:
+            scratch.close()
+    batch = spool.create_batch(Batch(stem, ["ds"], list(files), stem))
+    return batch, list(files), files
+
+
+def _import_until_upload(
+    spool: Spool, batch: Batch, files: list[str], api: _Uploaded
+) -> RemoteImporter:
+    importer = object.__new__(RemoteImporter)
+    importer.api = api  # type: ignore[assignment]
+    importer._team_id = 1
+    importer.project_id = 1
+    with pytest.raises(RuntimeError, match="stop after upload"):
+        importer._import_images(spool, batch, files, _done((1, {})), _done(1))
+    return importer
+
+
+def test_a_batch_of_held_files_uploads_a_tar_made_as_it_goes_equal_to_a_packed_one(
+    tmp_path: Path,
+) -> None:
+    """No tar is written for held images: the one uploaded is made from the batch's data
+    file, byte for byte the tar the pack writes, its members where the manifest says."""
+    spool = Spool(tmp_path / "spool")
+    batch, files, data = _held_batch(spool, 700, "ds_held")  # a few upload chunks
+    assert set(batch.held) == set(files)
+    api = _Uploaded()
+    importer = _import_until_upload(spool, batch, files, api)
+    assert batch.state == "packed"
+    assert not (spool.batches_dir / batch.id / "ds_held.tar").exists()
+    sent = api.sent["ds_held.tar"]
+    packed = importer._pack(spool, batch, files, tmp_path / "packed.tar")
+    assert sent == (tmp_path / "packed.tar").read_bytes()
+    assert batch.members == packed
+    for name, start, end in batch.members:
+        assert sent[int(str(start)) : int(str(end))] == data[f"/ds/img/{name}"]
+    with tarfile.open(tmp_path / "packed.tar") as t:
+        assert t.getnames() == [f"{i}.png" for i in range(700)]
+    spool.close()
+
+
+def test_a_held_batch_packed_before_a_restart_uploads_the_same_tar(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    batch, files, _ = _held_batch(spool, 5, "ds_again")
+    first = _Uploaded()
+    _import_until_upload(spool, batch, files, first)
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    [resumed] = again.open_batches()
+    assert resumed.state == "packed"
+    second = _Uploaded()
+    _import_until_upload(again, resumed, files, second)
+    assert second.sent["ds_again.tar"] == first.sent["ds_again.tar"]
+    again.close()
