@@ -17,7 +17,10 @@ tar). Plain files are read directly.
 Each folder of a dataset is indexed on first use into a compact table
 (:mod:`blobfs.sources.compact`); the blob part of ``img/`` is kept in the index cache
 (:mod:`blobfs.cache.index_store`) keyed by the identity of every offsets file and tar it
-came from, so a remount of an unchanged project reads no pickle. Everything is opened
+came from, so a remount of an unchanged project reads no pickle. An ordinary folder's names
+(``ann/``) are kept there too, keyed by the folder's own identity (inode, mtime, ctime:
+any name added, removed or renamed changes them), so that a remount lists none of its
+folders again. Everything is opened
 through :class:`ProjectRoot`, so no symlink of the project is ever followed.
 """
 
@@ -32,6 +35,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -104,6 +108,10 @@ NOT_A_MEMBER = "entry is not a member of the tar"
 _PAYLOAD_LEN = struct.Struct("<I")
 #: Names of an ordinary folder added between two chances for a background build to pause.
 PACE_EVERY = 8192
+#: An ordinary folder's names are cached only when its last change is at least this much
+#: older than the listing: a change in the same tick of the file system's clock as the
+#: last one would leave the folder's mtime as it was, and the cache current in name only.
+PLAIN_SETTLED_NS = 2_000_000_000
 _T = TypeVar("_T")
 
 
@@ -715,18 +723,65 @@ class LocalProjectSource(Source):
         return st
 
     def _plain_table(self, rel: str, sub: str, suffix: str = "") -> FileTable:
-        """A folder of ordinary files: names only (sizes come from ``lstat`` at lookup)."""
+        """A folder of ordinary files: names only (sizes come from ``lstat`` at lookup),
+        from the index cache while the folder is unchanged."""
+        store = self.index_store
+        st = self._folder_stat(rel) if store is not None else None
+        key = b""
+        if store is not None and st is not None:
+            identity = [os.stat(self.root).st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+            key = json.dumps([_rules_digest(), "plain", rel, sub, suffix, identity]).encode(
+                "utf-8", "surrogateescape"
+            )
+            cached = self._cached_plain(store, rel, sub, key)
+            if cached is not None:
+                return cached
+        listed_at = time.time_ns()
         builder = TableBuilder(f"{sub}/")
-        self._add_plain(builder, rel, suffix)
+        whole = self._add_plain(builder, rel, suffix)
         table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        settled = (
+            st is not None and listed_at - max(st.st_mtime_ns, st.st_ctime_ns) >= PLAIN_SETTLED_NS
+        )
+        if store is not None and settled and whole:
+            store.save(self.fs.where(rel), key, table.to_bytes())
         return table
 
-    def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> None:
+    def _folder_stat(self, rel: str) -> os.stat_result | None:
+        """``lstat`` of folder ``rel``; None when it is missing, no folder, or not reachable
+        without following a symlink (the listing then says why)."""
+        try:
+            st = self.fs.lstat(rel)
+        except BlobfsError:
+            return None
+        return st if st is not None and stat.S_ISDIR(st.st_mode) else None
+
+    def _cached_plain(self, store: IndexStore, rel: str, sub: str, key: bytes) -> FileTable | None:
+        """The cached names of folder ``rel`` (None when absent, stale or not well-formed);
+        its names are checked in full at its first listing, as a blob index's."""
+        where = self.fs.where(rel)
+        payload = store.load(where, key)
+        if payload is None:
+            return None
+        try:
+            table = FileTable.from_bytes(payload, self._lstat)
+        except ValueError as exc:
+            logger.info("index cache entry not usable (%s); listing the folder", exc)
+            return None
+        if table.prefix != f"{sub}/" or table.sources != (EntrySource(FOLDER, rel),):
+            return None  # not this folder's (an empty folder's is listed again: it is cheap)
+        table.on_damaged = functools.partial(self._damaged_index, store, where)
+        return table
+
+    def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> bool:
+        """Add the regular files of folder ``rel`` (names ending in ``suffix``); whether
+        the folder was read and held nothing else (a listing that noted a problem is
+        not cached: each mount notes it again)."""
         try:
             names, others = self.fs.list_regular(rel)
         except BlobfsError as exc:
             self._note(self.fs.where(rel), "folder not read", str(exc))
-            return
+            return False
         for item in others:
             self._refuse_item(rel, item)
         src = builder.source(EntrySource(FOLDER, rel))
@@ -736,6 +791,7 @@ class LocalProjectSource(Source):
             chunk = names[at : at + PACE_EVERY]
             builder.add_names(_encode_names(list(filter(wanted, chunk)) if suffix else chunk), src)
             pace()
+        return not others
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
         """Blob images (from the index cache when it is current) and plain ``img/`` files."""
