@@ -1,4 +1,5 @@
-"""The blob indexes of a local project built in a process of their own, into the index cache.
+"""The indexes of a local project built in a process of their own, into the index cache:
+each dataset's blob index, then its ordinary folders' names (``ann/``).
 
 Parsing offsets files and building their tables is pure Python: done by the daemon's
 background preload, it holds the interpreter lock that every FUSE request needs, so a

@@ -616,15 +616,20 @@ class LocalProjectSource(Source):
                 lambda: self._listed(self._img_table, dataset),
                 functools.partial(self._quick_image, dataset),
             ),
-            "ann": lambda: self._listed(self._plain_table, f"{key}/ann", "ann", ".json"),
         }
+        for rel, sub, suffix in self._plain_folders(key):
+            loaders[sub] = functools.partial(self._listed, self._plain_table, rel, sub, suffix)
+        return loaders
+
+    def _plain_folders(self, key: str) -> list[tuple[str, str, str]]:
+        """``(folder, its name in the view, the suffix of its files)`` of each ordinary
+        folder of dataset ``key``: ``ann/`` always, the pass-through ones where present."""
+        folders = [(f"{key}/ann", "ann", ".json")]
         for sub in PASS_THROUGH_DIRS:
             st = self.fs.lstat(f"{key}/{sub}")
             if st is not None and stat.S_ISDIR(st.st_mode):
-                loaders[sub] = functools.partial(
-                    self._listed, self._plain_table, f"{key}/{sub}", sub
-                )
-        return loaders
+                folders.append((f"{key}/{sub}", sub, ""))
+        return folders
 
     def _quick_image(self, dataset: DatasetRecord, name: str) -> FileRecord | None:
         """The record of blob image ``name`` of ``dataset`` before the folder's index is
@@ -734,6 +739,9 @@ class LocalProjectSource(Source):
                 "utf-8", "surrogateescape"
             )
             cached = self._cached_plain(store, rel, sub, key)
+            worker = self._worker
+            if cached is None and worker is not None and worker.wait_for(rel.rpartition("/")[0]):
+                cached = self._cached_plain(store, rel, sub, key)
             if cached is not None:
                 return cached
         listed_at = time.time_ns()
@@ -743,7 +751,7 @@ class LocalProjectSource(Source):
         settled = (
             st is not None and listed_at - max(st.st_mtime_ns, st.st_ctime_ns) >= PLAIN_SETTLED_NS
         )
-        if store is not None and settled and whole:
+        if store is not None and settled and whole and len(table):  # an empty one is cheap
             store.save(self.fs.where(rel), key, table.to_bytes())
         return table
 
@@ -769,7 +777,7 @@ class LocalProjectSource(Source):
             logger.info("index cache entry not usable (%s); listing the folder", exc)
             return None
         if table.prefix != f"{sub}/" or table.sources != (EntrySource(FOLDER, rel),):
-            return None  # not this folder's (an empty folder's is listed again: it is cheap)
+            return None  # not this folder's
         table.on_damaged = functools.partial(self._damaged_index, store, where)
         return table
 
@@ -873,9 +881,11 @@ class LocalProjectSource(Source):
         return table
 
     def build_index(self, key: str) -> None:
-        """Build the blob index of dataset ``key`` into the index cache (the worker's job),
-        unless the cache already holds a current one."""
+        """Build the blob index of dataset ``key``, then its ordinary folders' names, into
+        the index cache (the worker's job), unless the cache already holds current ones."""
         self._blob_table(key, {})
+        for rel, sub, suffix in self._plain_folders(key):
+            self._plain_table(rel, sub, suffix)
 
     def start_index_worker(self, keys: list[str]) -> IndexWorker | None:
         """Have one worker process build the blob indexes of ``keys`` into the index cache

@@ -68,6 +68,34 @@ def test_the_worker_writes_index_files_that_the_daemon_loads_without_parsing(
 
 
 @two_cpus
+def test_the_worker_also_lists_the_ordinary_folders_that_the_daemon_then_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = write_scale_project(tmp_path / "p", KEYS, 300, 2, anns=True)
+    time.sleep(2.1)  # folders changed a moment ago are never cached (PLAIN_SETTLED_NS)
+    alone = ProjectView(source(project.root, tmp_path / "alone"))
+    expected = {k: list(alone.readdir(f"/{k}/ann")) for k in KEYS}
+    daemon = source(project.root, tmp_path / "cache")
+    worker = daemon.start_index_worker(KEYS)
+    assert worker is not None
+    worker.wait()
+    assert worker.status == 0
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the daemon read a folder the worker listed")
+
+    monkeypatch.setattr("blobfs.safe_open.ProjectRoot.list_regular", refuse)
+    view = ProjectView(daemon)
+    for k in KEYS:
+        assert list(view.readdir(f"/{k}/ann")) == expected[k]
+        name = expected[k][0]
+        assert view.read_path(f"/{k}/ann/{name}", 0, 1 << 20) == (
+            project.root / k / "ann" / name
+        ).read_bytes()
+    daemon.close()
+
+
+@two_cpus
 def test_a_hostile_pickle_through_the_worker_is_reported_as_without_it(
     small: ScaleProject, tmp_path: Path
 ) -> None:
