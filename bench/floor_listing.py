@@ -2,7 +2,7 @@
 system that does nothing but list the scale project's names, precomputed.
 
     python bench/floor_listing.py [--rounds 5] [--reader-cpus 0] [--daemon-cpus 0]
-                                  [--tree LABEL=PATH] [--drop-dentries] [--json out.json]
+                                  [--tree LABEL=VENV] [--drop-dentries] [--json out.json]
 
 The file system (``--serve``, started by this script) is blobfs's own FUSE layer
 (:class:`~blobfs.fuse.compat.BlobfsFUSE`: the same filler calls, attributes with a folder's
@@ -24,8 +24,11 @@ blocks stay cached). The output says which. Each ratio is taken within one round
 plain ``find`` of the same round), shown as median (min-max) over the rounds: the
 plain denominator's own noise shows in the spread.
 
-``--tree before=/tmp/old`` adds blobfs run from the package in ``/tmp/old`` (``git archive``
-of another commit), in the same rotation, with its own index cache.
+``--tree before=/tmp/venv`` adds blobfs run by the interpreter of the virtual environment
+``/tmp/venv`` whose path holds another commit's package (``git archive``; a ``.pth`` file),
+in the same rotation, with its own index cache. An environment of its own, not
+``PYTHONPATH``: the index worker runs isolated (``python -I``), from the interpreter's
+own path only.
 """
 
 from __future__ import annotations
@@ -194,11 +197,14 @@ def measure(
     else:
         label, _, tree = system.partition("=")
         cache = Path(tempfile.mkdtemp(prefix="floor-xdg-", dir=OUT))
-        env = {"XDG_CACHE_HOME": str(cache), "PYTHONPATH": tree or root}
+        env = {"XDG_CACHE_HOME": str(cache)}
+        python = str(Path(tree, "bin", "python")) if tree else sys.executable
+        if not tree:
+            env["PYTHONPATH"] = root
         for phase in ("cold", "warm"):
             mnt = mountpoint(f"floor-{label}-{phase}")
             _, pid = blobfs_mount_cli(
-                mounts, str(project.root), mnt, ["--readdirplus", "auto"], env=env
+                mounts, str(project.root), mnt, ["--readdirplus", "auto"], python, env
             )
             if args.daemon_cpus:
                 pin(pid, set(args.daemon_cpus))
@@ -215,7 +221,7 @@ def main() -> int:
     parser.add_argument("--datasets", type=int, default=4)
     parser.add_argument("--tars", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="at least 3")
-    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=VENV")
     parser.add_argument("--drop-dentries", action="store_true")
     parser.add_argument("--daemon-cpus", type=lambda s: [int(c) for c in s.split(",")], default=[])
     parser.add_argument("--reader-cpus", type=lambda s: [int(c) for c in s.split(",")], default=[])
@@ -228,6 +234,9 @@ def main() -> int:
 
     if args.rounds < 3:
         parser.error("--rounds: at least 3 (the plain find's own noise must show)")
+    for tree in args.tree:
+        if not Path(tree.partition("=")[2], "bin", "python").exists():
+            parser.error(f"--tree {tree}: not a virtual environment")
     project, plain = build(args)
     samples: dict[str, list[float]] = {}
     clean_stale_mounts()
