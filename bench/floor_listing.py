@@ -197,10 +197,9 @@ def measure(
     else:
         label, _, tree = system.partition("=")
         cache = Path(tempfile.mkdtemp(prefix="floor-xdg-", dir=OUT))
-        env = {"XDG_CACHE_HOME": str(cache)}
+        # the environment's own path only (this process's PYTHONPATH would be inherited)
+        env = {"XDG_CACHE_HOME": str(cache), "PYTHONPATH": "" if tree else root}
         python = str(Path(tree, "bin", "python")) if tree else sys.executable
-        if not tree:
-            env["PYTHONPATH"] = root
         for phase in ("cold", "warm"):
             mnt = mountpoint(f"floor-{label}-{phase}")
             _, pid = blobfs_mount_cli(
