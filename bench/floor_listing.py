@@ -213,6 +213,16 @@ def measure(
     return got
 
 
+def root_of() -> str:
+    """This checkout's folder (the package the ``blobfs`` system runs)."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def _tree_pythons(trees: list[str]) -> list[tuple[str, str]]:
+    """``(label, interpreter)`` of each ``--tree LABEL=VENV``."""
+    return [(t.partition("=")[0], str(Path(t.partition("=")[2], "bin", "python"))) for t in trees]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", metavar="MNT")
@@ -244,6 +254,17 @@ def main() -> int:
     print(load_note(), flush=True)
     timed(f"find '{plain}' | wc -l", [], 2 + args.datasets * (3 + 2 * args.per_dataset))
     labels = ["blobfs", *(t.partition("=")[0] for t in args.tree)]
+    for label, python in [("blobfs", sys.executable), *_tree_pythons(args.tree)]:
+        env = {**os.environ, "PYTHONPATH": "" if label != "blobfs" else root_of()}
+        where = subprocess.run(
+            [python, "-c", "import blobfs; print(blobfs.__file__)"],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        print(f"{label}: {where}", flush=True)
     with Mounts() as mounts:
         for r in range(args.rounds):
             systems = ["floor", "blobfs", *args.tree, "plain"]
