@@ -15,8 +15,14 @@ daemon's own build, which reports problems exactly as without it. A request for 
 folder the worker has not reached builds it in the daemon at once; only a folder the
 worker is building right now is waited for (it is further along than a new build).
 
+The blob indexes come first, every dataset's, then the datasets' ordinary folders
+(``ann/``): a ``find`` reaches a dataset's ``img/`` and needs its blob index, the one
+expensive build; an ordinary folder the worker has not reached the daemon lists itself.
+
 Protocol: the daemon writes a JSON list of dataset keys to the worker's stdin; the worker
-prints ``start <n>`` and ``done <n>`` (the key's position) as it goes, then exits 0.
+prints ``start <n>`` and ``done <n>`` (the key's position) around each blob index, then
+``plain-start <n>`` and ``plain-done <n>`` around each dataset's ordinary folders, then
+exits 0.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class IndexWorker:
         self._cond = threading.Condition()
         self._current = -1
         self._done: set[int] = set()
+        self._plain_current = -1
+        self._plain_done: set[int] = set()
         self._ended = False
         self.status: int | None = None
         self._proc = subprocess.Popen(
@@ -91,6 +99,11 @@ class IndexWorker:
                     elif word == "done":
                         self._done.add(int(at))
                         self._current = -1
+                    elif word == "plain-start":
+                        self._plain_current = int(at)
+                    elif word == "plain-done":
+                        self._plain_done.add(int(at))
+                        self._plain_current = -1
                     self._cond.notify_all()
         except (OSError, ValueError):
             pass  # a worker gone or talking nonsense: the daemon builds the rest
@@ -110,21 +123,24 @@ class IndexWorker:
                     len(self.keys),
                 )
 
-    def wait_for(self, key: str, timeout_s: float = MAX_WAIT_S) -> bool:
-        """Whether the worker has written the index of ``key``: waits only while it is
-        building that very folder (for at most ``timeout_s``), never for a folder it has
-        not started."""
+    def wait_for(self, key: str, timeout_s: float = MAX_WAIT_S, plain: bool = False) -> bool:
+        """Whether the worker has written the blob index of dataset ``key`` (``plain``: its
+        ordinary folders): waits only while it is building that very one (for at most
+        ``timeout_s``), never for one it has not started."""
         at = self._at.get(key)
         if at is None:
             return False
         end = time.monotonic() + timeout_s
         with self._cond:
-            while at not in self._done and self._current == at and not self._ended:
+            done = self._plain_done if plain else self._done
+            while at not in done and not self._ended:
+                if (self._plain_current if plain else self._current) != at:
+                    break
                 left = end - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return at in self._done
+            return at in done
 
     def wait(self) -> None:
         """Return once the worker has exited (done, failed or killed)."""
@@ -139,7 +155,8 @@ class IndexWorker:
 
 
 def main() -> int:
-    """Build the blob index of every dataset key read from stdin into the index cache."""
+    """Build the blob index of every dataset key read from stdin into the index cache, then
+    the names of every such dataset's ordinary folders."""
     from blobfs.cache.blocks import BlockCache
     from blobfs.cache.index_store import IndexStore
     from blobfs.sources.project_dir import LocalProjectSource
@@ -158,6 +175,11 @@ def main() -> int:
             _say(out, f"start {at}")
             source.build_index(str(key))
             _say(out, f"done {at}")
+        for at, key in enumerate(keys):
+            failpoint(FAILPOINT)
+            _say(out, f"plain-start {at}")
+            source.build_plain(str(key))
+            _say(out, f"plain-done {at}")
     finally:
         source.close()
     return 0

@@ -740,7 +740,8 @@ class LocalProjectSource(Source):
             )
             cached = self._cached_plain(store, rel, sub, key)
             worker = self._worker
-            if cached is None and worker is not None and worker.wait_for(rel.rpartition("/")[0]):
+            dataset = rel.rpartition("/")[0]
+            if cached is None and worker is not None and worker.wait_for(dataset, plain=True):
                 cached = self._cached_plain(store, rel, sub, key)
             if cached is not None:
                 return cached
@@ -881,9 +882,13 @@ class LocalProjectSource(Source):
         return table
 
     def build_index(self, key: str) -> None:
-        """Build the blob index of dataset ``key``, then its ordinary folders' names, into
-        the index cache (the worker's job), unless the cache already holds current ones."""
+        """Build the blob index of dataset ``key`` into the index cache (the worker's job),
+        unless the cache already holds a current one."""
         self._blob_table(key, {})
+
+    def build_plain(self, key: str) -> None:
+        """List the ordinary folders of dataset ``key`` into the index cache (the worker's
+        job), unless the cache already holds current listings."""
         for rel, sub, suffix in self._plain_folders(key):
             self._plain_table(rel, sub, suffix)
 
