@@ -15,14 +15,18 @@ daemon's own build, which reports problems exactly as without it. A request for 
 folder the worker has not reached builds it in the daemon at once; only a folder the
 worker is building right now is waited for (it is further along than a new build).
 
-The blob indexes come first, every dataset's, then the datasets' ordinary folders
-(``ann/``): a ``find`` reaches a dataset's ``img/`` and needs its blob index, the one
-expensive build; an ordinary folder the worker has not reached the daemon lists itself.
+The worker takes one dataset at a time, its blob index and then its ordinary folders
+(``ann/``): a ``find`` needs both of a dataset before it goes on to the next, so the
+worker, ahead of the ``find``, has each dataset whole by the time the ``find`` gets there.
+The daemon hands it the datasets in a walk's order but with the first one last: a walk
+demands the first at once and the daemon builds it itself meanwhile, so the worker
+starts on the second and comes to the first only at the end (by then usually a load of
+what the daemon saved to the cache).
 
-Protocol: the daemon writes a JSON list of dataset keys to the worker's stdin; the worker
-prints ``start <n>`` and ``done <n>`` (the key's position) around each blob index, then
-``plain-start <n>`` and ``plain-done <n>`` around each dataset's ordinary folders, then
-exits 0.
+Protocol: the daemon writes a JSON list of dataset keys to the worker's stdin; for each,
+the worker prints ``start <n>`` and ``done <n>`` (the key's position) around its blob
+index, then ``plain-start <n>`` and ``plain-done <n>`` around its ordinary folders, and
+exits 0 after the last.
 """
 
 from __future__ import annotations
@@ -155,8 +159,8 @@ class IndexWorker:
 
 
 def main() -> int:
-    """Build the blob index of every dataset key read from stdin into the index cache, then
-    the names of every such dataset's ordinary folders."""
+    """Build the blob index and the ordinary folders' names of every dataset key read from
+    stdin into the index cache, one dataset after another."""
     from blobfs.cache.blocks import BlockCache
     from blobfs.cache.index_store import IndexStore
     from blobfs.sources.project_dir import LocalProjectSource
@@ -175,7 +179,6 @@ def main() -> int:
             _say(out, f"start {at}")
             source.build_index(str(key))
             _say(out, f"done {at}")
-        for at, key in enumerate(keys):
             failpoint(FAILPOINT)
             _say(out, f"plain-start {at}")
             source.build_plain(str(key))
