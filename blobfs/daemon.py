@@ -332,14 +332,6 @@ def _drain(queue: WritebackQueue) -> None:
     )
 
 
-def _worker_order(source: LocalProjectSource) -> list[str]:
-    """The datasets in a walk's order (by name), the first one last: a walk such as
-    ``find`` demands the first at once and the daemon builds that one itself, so the
-    worker starts where the walk goes next and stays ahead of it."""
-    keys = [ds.key for ds in source.datasets() if isinstance(ds.key, str)]
-    return keys[1:] + keys[:1]
-
-
 def _index_all(view: ProjectView) -> None:
     """Index every folder once after mounting, so bad entries are logged now.
 
@@ -354,7 +346,8 @@ def _index_all(view: ProjectView) -> None:
         if isinstance(source, LocalProjectSource):
             # the indexes are built in a process of their own, off this interpreter, from
             # the moment of the mount; the preload then loads them from the index cache
-            worker = source.start_index_worker(_worker_order(source))
+            keys = [ds.key for ds in source.datasets() if isinstance(ds.key, str)]
+            worker = source.start_index_worker(keys)  # a walk's order: by name
             if worker is not None:
                 worker.wait()
         if worker is None:

@@ -90,7 +90,7 @@ from blobfs.sources.compact import (
     building,
     pace,
 )
-from blobfs.sources.index_worker import IndexWorker
+from blobfs.sources.index_worker import IndexWorker, Job
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FdPool
@@ -893,19 +893,28 @@ class LocalProjectSource(Source):
             self._plain_table(rel, sub, suffix)
 
     def start_index_worker(self, keys: list[str]) -> IndexWorker | None:
-        """Have one worker process build the blob indexes of ``keys`` into the index cache
-        (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache, the
+        """Have one worker process build the indexes of datasets ``keys`` (in a walk's
+        order) into the index cache (see :mod:`blobfs.sources.index_worker`, which says
+        why the jobs come in this order); None when there is no usable cache, the
         daemon may run on one CPU only, or the process cannot be started (the daemon then
         builds everything itself)."""
         store = self.index_store
+        jobs: list[Job] = []
+        if keys:
+            first, rest = keys[0], keys[1:]
+            jobs.append(("plain", first))
+            for key in rest:
+                jobs += [("blob", key), ("plain", key)]
+            jobs.append(("blob", first))
         with self._lock:
-            keys = [k for k in keys if k not in self._begun]  # no folder built twice at once
-        if store is None or not store.usable or not keys:
+            # no folder built twice at once
+            jobs = [j for j in jobs if j[0] != "blob" or j[1] not in self._begun]
+        if store is None or not store.usable or not jobs:
             return None
         if len(os.sched_getaffinity(0)) < 2:
             return None  # one CPU: nothing to overlap, saving and loading the files is extra
         try:
-            self._worker = IndexWorker(self.root, store.folder, keys)
+            self._worker = IndexWorker(self.root, store.folder, jobs)
         except OSError as exc:
             logger.info("index worker not started (%s); folders are indexed here", exc)
             return None

@@ -89,9 +89,10 @@ def test_the_worker_also_lists_the_ordinary_folders_that_the_daemon_then_loads(
     for k in KEYS:
         assert list(view.readdir(f"/{k}/ann")) == expected[k]
         name = expected[k][0]
-        assert view.read_path(f"/{k}/ann/{name}", 0, 1 << 20) == (
-            project.root / k / "ann" / name
-        ).read_bytes()
+        assert (
+            view.read_path(f"/{k}/ann/{name}", 0, 1 << 20)
+            == (project.root / k / "ann" / name).read_bytes()
+        )
     daemon.close()
 
 
@@ -203,10 +204,40 @@ def test_a_folder_the_daemon_has_begun_is_not_handed_to_the_worker(
     view = ProjectView(daemon)
     assert len(view.readdir("/a/img")) == 2000
     worker = daemon.start_index_worker(KEYS)
-    assert worker is not None and worker.keys == ["b", "c"]
+    assert worker is not None
+    assert worker.jobs == [
+        ("plain", "a"),
+        ("blob", "b"),
+        ("plain", "b"),
+        ("blob", "c"),
+        ("plain", "c"),
+    ]
     worker.wait()
     _read_all(view, small)
     assert daemon.index_builds == 1
+    daemon.close()
+
+
+@two_cpus
+def test_the_worker_lists_the_first_dataset_s_ann_first_and_leaves_its_blob_index_last(
+    small: ScaleProject, tmp_path: Path
+) -> None:
+    """A walk demands the first dataset's ``img/`` at once (the daemon builds it); the
+    worker takes that dataset's ``ann/`` meanwhile, then each other dataset whole."""
+    daemon = source(small.root, tmp_path / "cache")
+    worker = daemon.start_index_worker(KEYS)
+    assert worker is not None
+    assert worker.jobs == [
+        ("plain", "a"),
+        ("blob", "b"),
+        ("plain", "b"),
+        ("blob", "c"),
+        ("plain", "c"),
+        ("blob", "a"),
+    ]
+    _read_all(ProjectView(daemon), small)
+    worker.wait()
+    assert worker.status == 0
     daemon.close()
 
 
