@@ -202,9 +202,17 @@ def measure(
         python = str(Path(tree, "bin", "python")) if tree else sys.executable
         for phase in ("cold", "warm"):
             mnt = mountpoint(f"floor-{label}-{phase}")
-            _, pid = blobfs_mount_cli(
-                mounts, str(project.root), mnt, ["--readdirplus", "auto"], python, env
-            )
+            # pinned from its start (inherited from this process), not once it is ready:
+            # what the daemon starts at the mount (its index worker) must not escape the pin
+            mine = os.sched_getaffinity(0)
+            if args.daemon_cpus:
+                os.sched_setaffinity(0, set(args.daemon_cpus))
+            try:
+                _, pid = blobfs_mount_cli(
+                    mounts, str(project.root), mnt, ["--readdirplus", "auto"], python, env
+                )
+            finally:
+                os.sched_setaffinity(0, mine)
             if args.daemon_cpus:
                 pin(pid, set(args.daemon_cpus))
             got[f"{label} auto {phase} find s"] = timed(f"find '{mnt}' | wc -l", cpus, expected)
