@@ -1,8 +1,8 @@
 """Listing floor of the design's stack: ``find MNT | wc -l`` over a Python + mfusepy file
 system that does nothing but list the scale project's names, precomputed.
 
-    python bench/floor_listing.py [--rounds 3] [--reader-cpus 0] [--daemon-cpus 0]
-                                  [--json out.json]
+    python bench/floor_listing.py [--rounds 5] [--reader-cpus 0] [--daemon-cpus 0]
+                                  [--tree LABEL=VENV] [--drop-dentries] [--json out.json]
 
 The file system (``--serve``, started by this script) is blobfs's own FUSE layer
 (:class:`~blobfs.fuse.compat.BlobfsFUSE`: the same filler calls, attributes with a folder's
@@ -14,6 +14,21 @@ empty index cache: the first mount of the project, then with the cache it left) 
 the plain folder; plus, in this process, the seconds to only unpickle every dataset's
 offsets files. The floor plus the unpickle is what a cold ``find`` costs at least with this
 stack when the pickles are parsed while the listing waits for them.
+
+The state each ``find`` starts from: every mount is new, so the kernel holds no dentry or
+inode of the FUSE trees; the plain tree is walked once before the first round, so every
+plain ``find`` finds its dentries and directory blocks cached (the state of a tree in use),
+or, with ``--drop-dentries`` (root), each plain ``find`` follows ``echo 2 >
+/proc/sys/vm/drop_caches`` (dentries and inodes dropped, as for a new mount; directory
+blocks stay cached). The output says which. Each ratio is taken within one round (the
+plain ``find`` of the same round), shown as median (min-max) over the rounds: the
+plain denominator's own noise shows in the spread.
+
+``--tree before=/tmp/venv`` adds blobfs run by the interpreter of the virtual environment
+``/tmp/venv`` whose path holds another commit's package (``git archive``; a ``.pth`` file),
+in the same rotation, with its own index cache. An environment of its own, not
+``PYTHONPATH``: the index worker runs isolated (``python -I``), from the interpreter's
+own path only.
 """
 
 from __future__ import annotations
@@ -161,6 +176,8 @@ def measure(
     root = str(Path(__file__).resolve().parent.parent)
     got: dict[str, float] = {}
     if system == "plain":
+        if args.drop_dentries:
+            Path("/proc/sys/vm/drop_caches").write_text("2\n")
         got["plain find s"] = timed(f"find '{plain}' | wc -l", cpus, expected)
     elif system == "floor":
         mnt = mountpoint("floor-listing")
@@ -178,19 +195,40 @@ def measure(
         got["floor find s"] = timed(f"find '{mnt}' | wc -l", cpus, expected)
         mounts.release(mnt)
     else:
+        label, _, tree = system.partition("=")
         cache = Path(tempfile.mkdtemp(prefix="floor-xdg-", dir=OUT))
-        env = {"XDG_CACHE_HOME": str(cache), "PYTHONPATH": root}
+        # the environment's own path only (this process's PYTHONPATH would be inherited)
+        env = {"XDG_CACHE_HOME": str(cache), "PYTHONPATH": "" if tree else root}
+        python = str(Path(tree, "bin", "python")) if tree else sys.executable
         for phase in ("cold", "warm"):
-            mnt = mountpoint(f"floor-blobfs-{phase}")
-            _, pid = blobfs_mount_cli(
-                mounts, str(project.root), mnt, ["--readdirplus", "auto"], env=env
-            )
+            mnt = mountpoint(f"floor-{label}-{phase}")
+            # pinned from its start (inherited from this process), not once it is ready:
+            # what the daemon starts at the mount (its index worker) must not escape the pin
+            mine = os.sched_getaffinity(0)
+            if args.daemon_cpus:
+                os.sched_setaffinity(0, set(args.daemon_cpus))
+            try:
+                _, pid = blobfs_mount_cli(
+                    mounts, str(project.root), mnt, ["--readdirplus", "auto"], python, env
+                )
+            finally:
+                os.sched_setaffinity(0, mine)
             if args.daemon_cpus:
                 pin(pid, set(args.daemon_cpus))
-            got[f"blobfs auto {phase} find s"] = timed(f"find '{mnt}' | wc -l", cpus, expected)
+            got[f"{label} auto {phase} find s"] = timed(f"find '{mnt}' | wc -l", cpus, expected)
             mounts.release(mnt)
         shutil.rmtree(cache, ignore_errors=True)
     return got
+
+
+def root_of() -> str:
+    """This checkout's folder (the package the ``blobfs`` system runs)."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def _tree_pythons(trees: list[str]) -> list[tuple[str, str]]:
+    """``(label, interpreter)`` of each ``--tree LABEL=VENV``."""
+    return [(t.partition("=")[0], str(Path(t.partition("=")[2], "bin", "python"))) for t in trees]
 
 
 def main() -> int:
@@ -199,7 +237,9 @@ def main() -> int:
     parser.add_argument("--per-dataset", type=int, default=250_000)
     parser.add_argument("--datasets", type=int, default=4)
     parser.add_argument("--tars", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="at least 3")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=VENV")
+    parser.add_argument("--drop-dentries", action="store_true")
     parser.add_argument("--daemon-cpus", type=lambda s: [int(c) for c in s.split(",")], default=[])
     parser.add_argument("--reader-cpus", type=lambda s: [int(c) for c in s.split(",")], default=[])
     parser.add_argument("--json", type=Path)
@@ -209,23 +249,46 @@ def main() -> int:
         return 0
     from bench.scale import build
 
+    if args.rounds < 3:
+        parser.error("--rounds: at least 3 (the plain find's own noise must show)")
+    for tree in args.tree:
+        if not Path(tree.partition("=")[2], "bin", "python").exists():
+            parser.error(f"--tree {tree}: not a virtual environment")
     project, plain = build(args)
     samples: dict[str, list[float]] = {}
     clean_stale_mounts()
+    state = "dropped before each (echo 2)" if args.drop_dentries else "cached (walked before)"
+    print(f"plain tree: dentries and inodes {state}; FUSE trees: each a new mount", flush=True)
     print(load_note(), flush=True)
+    timed(f"find '{plain}' | wc -l", [], 2 + args.datasets * (3 + 2 * args.per_dataset))
+    labels = ["blobfs", *(t.partition("=")[0] for t in args.tree)]
+    for label, python in [("blobfs", sys.executable), *_tree_pythons(args.tree)]:
+        env = {**os.environ, "PYTHONPATH": "" if label != "blobfs" else root_of()}
+        where = subprocess.run(
+            [python, "-c", "import blobfs; print(blobfs.__file__)"],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        print(f"{label}: {where}", flush=True)
     with Mounts() as mounts:
         for r in range(args.rounds):
-            systems = ["floor", "blobfs", "plain"]
-            for system in systems[r % 3 :] + systems[: r % 3]:
+            systems = ["floor", "blobfs", *args.tree, "plain"]
+            at = r % len(systems)
+            for system in systems[at:] + systems[:at]:
                 got = measure(system, mounts, args, project, plain)
                 for k, v in got.items():
                     samples.setdefault(k, []).append(v)
             print(f"round {r + 1}/{args.rounds} done; {load_note()}", flush=True)
     samples["unpickle every offsets file s"] = [unpickle_all(project.root, project.datasets)]
+    ratios = ["floor find s", "floor + unpickle s"]
+    ratios += [f"{label} auto {phase} find s" for label in labels for phase in ("cold", "warm")]
     for r in range(args.rounds):
         floor = samples["floor find s"][r] + samples["unpickle every offsets file s"][0]
         samples.setdefault("floor + unpickle s", []).append(floor)
-        for k in ("floor find s", "floor + unpickle s", "blobfs auto cold find s"):
+        for k in ratios:
             samples.setdefault(f"{k} / plain", []).append(
                 samples[k][r] / samples["plain find s"][r]
             )
@@ -233,6 +296,7 @@ def main() -> int:
     for k, vs in samples.items():
         rows.append([k, fmt(statistics.median(vs)), fmt(min(vs)), fmt(max(vs))])
     print(table(rows))
+    print(f"plain tree: dentries and inodes {state}; ratios within each round")
     print(load_note())
     if args.json:
         args.json.write_text(json.dumps(samples, indent=1))

@@ -39,9 +39,10 @@ if TYPE_CHECKING:  # annotations only: a read-only mount loads none of the write
 logger = logging.getLogger(__name__)
 
 READY_MESSAGE = b"READY\n"
-#: The background index starts this long after the mount is ready: what a user or job
-#: asks first (a ``stat``, an ``ls``) then has the interpreter to itself instead of
-#: sharing it with the build of another folder.
+#: The background index in the daemon starts this long after the mount is ready: what a
+#: user or job asks first (a ``stat``, an ``ls``) then has the interpreter to itself
+#: instead of sharing it with the build of another folder. A local project's index worker
+#: is another process and starts at once.
 INDEX_START_DELAY_S = 0.5
 
 
@@ -338,17 +339,19 @@ def _index_all(view: ProjectView) -> None:
     under that folder's own lock and waits while a request is filling one, so it never
     delays a ``stat`` or ``ls``. It also leaves the index cache warm for the next mount.
     """
-    time.sleep(INDEX_START_DELAY_S)
     started = time.monotonic()
     try:
         source = view.source
+        worker = None
         if isinstance(source, LocalProjectSource):
-            # the blob indexes are built in a process of their own, off this interpreter;
-            # the preload then loads them from the index cache
+            # the indexes are built in a process of their own, off this interpreter, from
+            # the moment of the mount; the preload then loads them from the index cache
             keys = [ds.key for ds in source.datasets() if isinstance(ds.key, str)]
-            worker = source.start_index_worker(keys)
+            worker = source.start_index_worker(keys)  # a walk's order: by name
             if worker is not None:
                 worker.wait()
+        if worker is None:
+            time.sleep(max(0.0, INDEX_START_DELAY_S - (time.monotonic() - started)))
         folders, files = view.preload()
     except Exception:  # a failure here must not take the mount down
         logger.exception("indexing the project failed")

@@ -1,4 +1,5 @@
-"""The blob indexes of a local project built in a process of their own, into the index cache.
+"""The indexes of a local project built in a process of their own, into the index cache:
+each dataset's blob index, then its ordinary folders' names (``ann/``).
 
 Parsing offsets files and building their tables is pure Python: done by the daemon's
 background preload, it holds the interpreter lock that every FUSE request needs, so a
@@ -14,8 +15,17 @@ daemon's own build, which reports problems exactly as without it. A request for 
 folder the worker has not reached builds it in the daemon at once; only a folder the
 worker is building right now is waited for (it is further along than a new build).
 
-Protocol: the daemon writes a JSON list of dataset keys to the worker's stdin; the worker
-prints ``start <n>`` and ``done <n>`` (the key's position) as it goes, then exits 0.
+The worker is handed jobs, each a dataset's blob index (``blob``) or its ordinary folders
+(``plain``: ``ann/``), in the order a walk such as ``find`` will want them, except what
+the walk demands at once: a dataset lists ``img/`` before ``ann/``, so the walk's first
+demand is the first dataset's blob index, which the daemon builds itself. The worker
+lists that dataset's ``ann/`` meanwhile, then takes the other datasets whole, each blob
+index and then its ordinary folders, ahead of the walk; the first blob index comes last
+(by then usually a load of what the daemon saved to the cache).
+
+Protocol: the daemon writes a JSON list of ``[kind, key]`` jobs to the worker's stdin;
+the worker prints ``start <n>`` and ``done <n>`` (the job's position) around each, and
+exits 0 after the last.
 """
 
 from __future__ import annotations
@@ -42,21 +52,26 @@ MAX_WAIT_S = 60.0
 FAILPOINT = "index-worker"
 
 
+#: A job of the worker: ``("blob", key)`` or ``("plain", key)`` for dataset ``key``.
+Job = tuple[str, str]
+
+
 class IndexWorker:
-    """One worker process building the index files of ``keys`` of a project, in order.
+    """One worker process doing ``jobs`` for a project, in order.
 
     Args:
         project: the project folder.
         index_dir: the index cache folder the worker writes to.
-        keys: dataset keys (relative paths in the project), in the order to build them.
+        jobs: ``(kind, key)`` pairs, kind ``blob`` or ``plain``, key a dataset's relative
+            path in the project, in the order to do them.
         deadline_s: the worker is killed after this long.
     """
 
     def __init__(
-        self, project: Path, index_dir: Path, keys: list[str], deadline_s: float = WORKER_DEADLINE_S
+        self, project: Path, index_dir: Path, jobs: list[Job], deadline_s: float = WORKER_DEADLINE_S
     ) -> None:
-        self.keys = keys
-        self._at = {k: i for i, k in enumerate(keys)}
+        self.jobs = jobs
+        self._at = {job: i for i, job in enumerate(jobs)}
         self._cond = threading.Condition()
         self._current = -1
         self._done: set[int] = set()
@@ -80,7 +95,7 @@ class IndexWorker:
         timer.daemon = True
         timer.start()
         try:
-            proc.stdin.write(json.dumps(self.keys).encode())
+            proc.stdin.write(json.dumps(self.jobs).encode())
             proc.stdin.close()
             for line in proc.stdout:
                 word, _, at = line.decode("ascii", "replace").partition(" ")
@@ -102,28 +117,31 @@ class IndexWorker:
                 self._cond.notify_all()
             if self.status != 0:
                 logger.info(
-                    "index worker exited with status %d after %d of %d folders; "
+                    "index worker exited with status %d after %d of %d jobs; "
                     "the others are indexed in the daemon",
                     self.status,
                     len(self._done),
-                    len(self.keys),
+                    len(self.jobs),
                 )
 
-    def wait_for(self, key: str, timeout_s: float = MAX_WAIT_S) -> bool:
-        """Whether the worker has written the index of ``key``: waits only while it is
-        building that very folder (for at most ``timeout_s``), never for a folder it has
-        not started."""
-        at = self._at.get(key)
+    def wait_for(self, key: str, timeout_s: float = MAX_WAIT_S, plain: bool = False) -> bool:
+        """Whether the worker has written the blob index of dataset ``key`` (``plain``: its
+        ordinary folders): waits only while it is building that very one (for at most
+        ``timeout_s``), never for one it has not started."""
+        at = self._at.get(("plain" if plain else "blob", key))
         if at is None:
             return False
         end = time.monotonic() + timeout_s
         with self._cond:
-            while at not in self._done and self._current == at and not self._ended:
+            done = self._done
+            while at not in done and not self._ended:
+                if self._current != at:
+                    break
                 left = end - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return at in self._done
+            return at in done
 
     def wait(self) -> None:
         """Return once the worker has exited (done, failed or killed)."""
@@ -138,24 +156,28 @@ class IndexWorker:
 
 
 def main() -> int:
-    """Build the blob index of every dataset key read from stdin into the index cache."""
+    """Do every job read from stdin (a dataset's blob index, or its ordinary folders'
+    names) into the index cache, one after another."""
     from blobfs.cache.blocks import BlockCache
     from blobfs.cache.index_store import IndexStore
     from blobfs.sources.project_dir import LocalProjectSource
 
     logging.disable(logging.CRITICAL)  # problems are saved with each index; the daemon logs
     project, index_dir = sys.argv[1], sys.argv[2]
-    keys = json.loads(sys.stdin.read())
+    jobs = json.loads(sys.stdin.read())
     store = IndexStore(Path(index_dir))
     if not store.usable:
         return 2
     source = LocalProjectSource(project, BlockCache(4096, 4096), index_store=store)
     out = sys.stdout
     try:
-        for at, key in enumerate(keys):
+        for at, (kind, key) in enumerate(jobs):
             failpoint(FAILPOINT)
             _say(out, f"start {at}")
-            source.build_index(str(key))
+            if kind == "plain":
+                source.build_plain(str(key))
+            else:
+                source.build_index(str(key))
             _say(out, f"done {at}")
     finally:
         source.close()

@@ -17,7 +17,10 @@ tar). Plain files are read directly.
 Each folder of a dataset is indexed on first use into a compact table
 (:mod:`blobfs.sources.compact`); the blob part of ``img/`` is kept in the index cache
 (:mod:`blobfs.cache.index_store`) keyed by the identity of every offsets file and tar it
-came from, so a remount of an unchanged project reads no pickle. Everything is opened
+came from, so a remount of an unchanged project reads no pickle. An ordinary folder's names
+(``ann/``) are kept there too, keyed by the folder's own identity (inode, mtime, ctime:
+any name added, removed or renamed changes them), so that a remount lists none of its
+folders again. Everything is opened
 through :class:`ProjectRoot`, so no symlink of the project is ever followed.
 """
 
@@ -32,6 +35,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -86,7 +90,7 @@ from blobfs.sources.compact import (
     building,
     pace,
 )
-from blobfs.sources.index_worker import IndexWorker
+from blobfs.sources.index_worker import IndexWorker, Job
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
 from blobfs.transport.base import RangeReader
 from blobfs.transport.local import FdPool
@@ -104,6 +108,10 @@ NOT_A_MEMBER = "entry is not a member of the tar"
 _PAYLOAD_LEN = struct.Struct("<I")
 #: Names of an ordinary folder added between two chances for a background build to pause.
 PACE_EVERY = 8192
+#: An ordinary folder's names are cached only when its last change is at least this much
+#: older than the listing: a change in the same tick of the file system's clock as the
+#: last one would leave the folder's mtime as it was, and the cache current in name only.
+PLAIN_SETTLED_NS = 2_000_000_000
 _T = TypeVar("_T")
 
 
@@ -608,15 +616,20 @@ class LocalProjectSource(Source):
                 lambda: self._listed(self._img_table, dataset),
                 functools.partial(self._quick_image, dataset),
             ),
-            "ann": lambda: self._listed(self._plain_table, f"{key}/ann", "ann", ".json"),
         }
+        for rel, sub, suffix in self._plain_folders(key):
+            loaders[sub] = functools.partial(self._listed, self._plain_table, rel, sub, suffix)
+        return loaders
+
+    def _plain_folders(self, key: str) -> list[tuple[str, str, str]]:
+        """``(folder, its name in the view, the suffix of its files)`` of each ordinary
+        folder of dataset ``key``: ``ann/`` always, the pass-through ones where present."""
+        folders = [(f"{key}/ann", "ann", ".json")]
         for sub in PASS_THROUGH_DIRS:
             st = self.fs.lstat(f"{key}/{sub}")
             if st is not None and stat.S_ISDIR(st.st_mode):
-                loaders[sub] = functools.partial(
-                    self._listed, self._plain_table, f"{key}/{sub}", sub
-                )
-        return loaders
+                folders.append((f"{key}/{sub}", sub, ""))
+        return folders
 
     def _quick_image(self, dataset: DatasetRecord, name: str) -> FileRecord | None:
         """The record of blob image ``name`` of ``dataset`` before the folder's index is
@@ -715,18 +728,69 @@ class LocalProjectSource(Source):
         return st
 
     def _plain_table(self, rel: str, sub: str, suffix: str = "") -> FileTable:
-        """A folder of ordinary files: names only (sizes come from ``lstat`` at lookup)."""
+        """A folder of ordinary files: names only (sizes come from ``lstat`` at lookup),
+        from the index cache while the folder is unchanged."""
+        store = self.index_store
+        st = self._folder_stat(rel) if store is not None else None
+        key = b""
+        if store is not None and st is not None:
+            identity = [os.stat(self.root).st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+            key = json.dumps([_rules_digest(), "plain", rel, sub, suffix, identity]).encode(
+                "utf-8", "surrogateescape"
+            )
+            cached = self._cached_plain(store, rel, sub, key)
+            worker = self._worker
+            dataset = rel.rpartition("/")[0]
+            if cached is None and worker is not None and worker.wait_for(dataset, plain=True):
+                cached = self._cached_plain(store, rel, sub, key)
+            if cached is not None:
+                return cached
+        listed_at = time.time_ns()
         builder = TableBuilder(f"{sub}/")
-        self._add_plain(builder, rel, suffix)
+        whole = self._add_plain(builder, rel, suffix)
         table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        settled = (
+            st is not None and listed_at - max(st.st_mtime_ns, st.st_ctime_ns) >= PLAIN_SETTLED_NS
+        )
+        if store is not None and settled and whole and len(table):  # an empty one is cheap
+            store.save(self.fs.where(rel), key, table.to_bytes())
         return table
 
-    def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> None:
+    def _folder_stat(self, rel: str) -> os.stat_result | None:
+        """``lstat`` of folder ``rel``; None when it is missing, no folder, or not reachable
+        without following a symlink (the listing then says why)."""
+        try:
+            st = self.fs.lstat(rel)
+        except BlobfsError:
+            return None
+        return st if st is not None and stat.S_ISDIR(st.st_mode) else None
+
+    def _cached_plain(self, store: IndexStore, rel: str, sub: str, key: bytes) -> FileTable | None:
+        """The cached names of folder ``rel`` (None when absent, stale or not well-formed);
+        its names are checked in full at its first listing, as a blob index's."""
+        where = self.fs.where(rel)
+        payload = store.load(where, key)
+        if payload is None:
+            return None
+        try:
+            table = FileTable.from_bytes(payload, self._lstat)
+        except ValueError as exc:
+            logger.info("index cache entry not usable (%s); listing the folder", exc)
+            return None
+        if table.prefix != f"{sub}/" or table.sources != (EntrySource(FOLDER, rel),):
+            return None  # not this folder's
+        table.on_damaged = functools.partial(self._damaged_index, store, where)
+        return table
+
+    def _add_plain(self, builder: TableBuilder, rel: str, suffix: str = "") -> bool:
+        """Add the regular files of folder ``rel`` (names ending in ``suffix``); whether
+        the folder was read and held nothing else (a listing that noted a problem is
+        not cached: each mount notes it again)."""
         try:
             names, others = self.fs.list_regular(rel)
         except BlobfsError as exc:
             self._note(self.fs.where(rel), "folder not read", str(exc))
-            return
+            return False
         for item in others:
             self._refuse_item(rel, item)
         src = builder.source(EntrySource(FOLDER, rel))
@@ -736,6 +800,7 @@ class LocalProjectSource(Source):
             chunk = names[at : at + PACE_EVERY]
             builder.add_names(_encode_names(list(filter(wanted, chunk)) if suffix else chunk), src)
             pace()
+        return not others
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
         """Blob images (from the index cache when it is current) and plain ``img/`` files."""
@@ -821,20 +886,35 @@ class LocalProjectSource(Source):
         unless the cache already holds a current one."""
         self._blob_table(key, {})
 
+    def build_plain(self, key: str) -> None:
+        """List the ordinary folders of dataset ``key`` into the index cache (the worker's
+        job), unless the cache already holds current listings."""
+        for rel, sub, suffix in self._plain_folders(key):
+            self._plain_table(rel, sub, suffix)
+
     def start_index_worker(self, keys: list[str]) -> IndexWorker | None:
-        """Have one worker process build the blob indexes of ``keys`` into the index cache
-        (see :mod:`blobfs.sources.index_worker`); None when there is no usable cache, the
+        """Have one worker process build the indexes of datasets ``keys`` (in a walk's
+        order) into the index cache (see :mod:`blobfs.sources.index_worker`, which says
+        why the jobs come in this order); None when there is no usable cache, the
         daemon may run on one CPU only, or the process cannot be started (the daemon then
         builds everything itself)."""
         store = self.index_store
+        jobs: list[Job] = []
+        if keys:
+            first, rest = keys[0], keys[1:]
+            jobs.append(("plain", first))
+            for key in rest:
+                jobs += [("blob", key), ("plain", key)]
+            jobs.append(("blob", first))
         with self._lock:
-            keys = [k for k in keys if k not in self._begun]  # no folder built twice at once
-        if store is None or not store.usable or not keys:
+            # no folder built twice at once
+            jobs = [j for j in jobs if j[0] != "blob" or j[1] not in self._begun]
+        if store is None or not store.usable or not jobs:
             return None
         if len(os.sched_getaffinity(0)) < 2:
             return None  # one CPU: nothing to overlap, saving and loading the files is extra
         try:
-            self._worker = IndexWorker(self.root, store.folder, keys)
+            self._worker = IndexWorker(self.root, store.folder, jobs)
         except OSError as exc:
             logger.info("index worker not started (%s); folders are indexed here", exc)
             return None

@@ -326,6 +326,127 @@ def test_a_forgotten_dataset_is_listed_again_and_logs_no_old_problem_again(
     assert sum("bad/name" in p for p in view.source.problems()) == 1
 
 
+@pytest.fixture
+def settled_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders count as settled as soon as they are listed (a test's folders are new)."""
+    monkeypatch.setattr("blobfs.sources.project_dir.PLAIN_SETTLED_NS", 0)
+
+
+def _ann_listing(root: Path, store_dir: Path) -> tuple[list[str], LocalProjectSource]:
+    src = source(root, IndexStore(store_dir))
+    return list(ProjectView(src).readdir("/a/ann")), src
+
+
+HOSTILE_ANNS = ["\udcff.json", "new\nline.json", " lead.json", "a b.json", "ä.json", "-x.json"]
+
+
+@pytest.mark.usefixtures("settled_at_once")
+def test_a_remount_lists_an_unchanged_ordinary_folder_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ann/`` is not read again while the folder is unchanged; the cached listing is the
+    folder's (same names, same order, hostile names too) and its files are looked up as
+    before (sizes from ``lstat``)."""
+    project = write_scale_project(tmp_path / "p", ["a"], 300, 1, anns=True)
+    ann = project.root / "a" / "ann"
+    for name in HOSTILE_ANNS:
+        (ann / name).write_bytes(b"{}")
+    (ann / "not-json.txt").write_bytes(b"x")  # left out (not an annotation), with or without
+    store_dir = tmp_path / "cache"
+    first, _ = _ann_listing(project.root, store_dir)
+    reference = sorted(os.fsencode(n) for n in os.listdir(ann) if n.endswith(".json"))
+    assert [os.fsencode(n) for n in first] == reference
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the folder was read again")
+
+    monkeypatch.setattr("blobfs.safe_open.ProjectRoot.list_regular", refuse)
+    again, src = _ann_listing(project.root, store_dir)
+    assert again == first
+    view = ProjectView(src)
+    for name in (first[0], first[-1], "\udcff.json", "new\nline.json"):
+        assert view.getattr(f"/a/ann/{name}")["st_size"] == (ann / name).stat().st_size
+        assert view.read_path(f"/a/ann/{name}", 0, 1 << 20) == (ann / name).read_bytes()
+    with pytest.raises(NotFound):
+        view.getattr("/a/ann/not-json.txt")
+
+
+@pytest.mark.usefixtures("settled_at_once")
+@pytest.mark.parametrize("change", ["added", "removed", "renamed", "replaced by a symlink"])
+def test_a_changed_ordinary_folder_is_read_again(tmp_path: Path, change: str) -> None:
+    project = write_scale_project(tmp_path / "p", ["a"], 50, 1, anns=True)
+    ann = project.root / "a" / "ann"
+    store_dir = tmp_path / "cache"
+    first, _ = _ann_listing(project.root, store_dir)
+    name = first[7]
+    if change == "added":
+        (ann / "zz-new.json").write_bytes(b"{}")
+    elif change == "removed":
+        (ann / name).unlink()
+    elif change == "renamed":
+        (ann / name).rename(ann / "zz-new.json")
+    else:
+        (ann / name).unlink()
+        (ann / name).symlink_to("/etc/passwd")
+    again, src = _ann_listing(project.root, store_dir)
+    assert again == sorted(n for n in os.listdir(ann) if not (ann / n).is_symlink())
+    assert (name in again) == (change == "added")
+    if change == "replaced by a symlink":
+        assert any("symlink" in p for p in src.problems())
+
+
+def test_a_folder_changed_a_moment_ago_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change in the same tick of the file system's clock as the listing would leave
+    the folder's mtime as it was; such a listing is never kept for the next mount."""
+    from blobfs.safe_open import ProjectRoot
+
+    project = write_scale_project(tmp_path / "p", ["a"], 50, 1, anns=True)
+    store_dir = tmp_path / "cache"
+    _ann_listing(project.root, store_dir)  # the folder was just written
+    reads: list[object] = []
+    real = ProjectRoot.list_regular
+
+    def counted(self: ProjectRoot, rel: str) -> object:
+        reads.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(ProjectRoot, "list_regular", counted)
+    again, _ = _ann_listing(project.root, store_dir)
+    assert reads == ["a/ann"] and len(again) == 50
+
+
+@pytest.mark.usefixtures("settled_at_once")
+def test_a_folder_with_entries_that_are_not_served_is_read_again_and_says_so(
+    tmp_path: Path,
+) -> None:
+    project = write_scale_project(tmp_path / "p", ["a"], 50, 1, anns=True)
+    (project.root / "a" / "ann" / "link.json").symlink_to("/etc/passwd")
+    store_dir = tmp_path / "cache"
+    for _ in range(2):
+        names, src = _ann_listing(project.root, store_dir)
+        assert len(names) == 50 and "link.json" not in names
+        assert any("link.json" in p for p in src.problems())
+
+
+@pytest.mark.usefixtures("settled_at_once")
+def test_a_forged_cached_folder_listing_is_eio_and_read_again_at_the_next_mount(
+    tmp_path: Path,
+) -> None:
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1, anns=True)
+    store_dir = tmp_path / "cache"
+    first, _ = _ann_listing(project.root, store_dir)
+    five, six = (f"small-image-{i:07d}.png.json".encode() for i in (5, 6))
+    _forge_cache_files(store_dir, five + b"\0" + six, six + b"\0" + five)
+    view = ProjectView(source(project.root, IndexStore(store_dir)))
+    with pytest.raises(BlobfsError) as info:
+        view.readdir("/a/ann")
+    assert to_errno(info.value) == errno.EIO
+    again, _ = _ann_listing(project.root, store_dir)
+    assert again == first
+
+
 @pytest.mark.parametrize("ref", [AnnRef(1, 2), RemoteImageRef(1, 4, "v")])
 def test_a_record_of_a_kind_the_source_never_lists_is_eio(
     tmp_path: Path, ref: AnnRef | RemoteImageRef

@@ -22,6 +22,16 @@ from tests.support import harness
 from tests.support.scale import ScaleProject, write_scale_project
 
 KEYS = ["a", "b", "c"]
+#: The worker's jobs for KEYS in a walk's order: the first dataset's ann/ while the daemon
+#: builds its img/, then each other dataset whole, the first one's blob index last.
+WALK_JOBS = [
+    ("plain", "a"),
+    ("blob", "b"),
+    ("plain", "b"),
+    ("blob", "c"),
+    ("plain", "c"),
+    ("blob", "a"),
+]
 #: The worker is started only when the daemon may use two CPUs.
 two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no worker")
 
@@ -64,6 +74,35 @@ def test_the_worker_writes_index_files_that_the_daemon_loads_without_parsing(
     _read_all(view, small)
     assert daemon.index_builds == 0
     assert daemon.index_store is not None and daemon.index_store.hits == 3
+    daemon.close()
+
+
+@two_cpus
+def test_the_worker_also_lists_the_ordinary_folders_that_the_daemon_then_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = write_scale_project(tmp_path / "p", KEYS, 300, 2, anns=True)
+    time.sleep(2.1)  # folders changed a moment ago are never cached (PLAIN_SETTLED_NS)
+    alone = ProjectView(source(project.root, tmp_path / "alone"))
+    expected = {k: list(alone.readdir(f"/{k}/ann")) for k in KEYS}
+    daemon = source(project.root, tmp_path / "cache")
+    worker = daemon.start_index_worker(KEYS)
+    assert worker is not None
+    worker.wait()
+    assert worker.status == 0
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the daemon read a folder the worker listed")
+
+    monkeypatch.setattr("blobfs.safe_open.ProjectRoot.list_regular", refuse)
+    view = ProjectView(daemon)
+    for k in KEYS:
+        assert list(view.readdir(f"/{k}/ann")) == expected[k]
+        name = expected[k][0]
+        assert (
+            view.read_path(f"/{k}/ann/{name}", 0, 1 << 20)
+            == (project.root / k / "ann" / name).read_bytes()
+        )
     daemon.close()
 
 
@@ -175,10 +214,26 @@ def test_a_folder_the_daemon_has_begun_is_not_handed_to_the_worker(
     view = ProjectView(daemon)
     assert len(view.readdir("/a/img")) == 2000
     worker = daemon.start_index_worker(KEYS)
-    assert worker is not None and worker.keys == ["b", "c"]
+    assert worker is not None and worker.jobs == [j for j in WALK_JOBS if j != ("blob", "a")]
     worker.wait()
     _read_all(view, small)
     assert daemon.index_builds == 1
+    daemon.close()
+
+
+@two_cpus
+def test_the_worker_lists_the_first_dataset_s_ann_first_and_leaves_its_blob_index_last(
+    small: ScaleProject, tmp_path: Path
+) -> None:
+    """A walk demands the first dataset's ``img/`` at once (the daemon builds it); the
+    worker takes that dataset's ``ann/`` meanwhile, then each other dataset whole."""
+    daemon = source(small.root, tmp_path / "cache")
+    worker = daemon.start_index_worker(KEYS)
+    assert worker is not None
+    assert worker.jobs == WALK_JOBS
+    _read_all(ProjectView(daemon), small)
+    worker.wait()
+    assert worker.status == 0
     daemon.close()
 
 
