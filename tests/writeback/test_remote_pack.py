@@ -19,6 +19,7 @@ import pytest
 
 from blobfs.writeback.remote import RemoteImporter
 from blobfs.writeback.spool import INLINE_MAX, Batch, Spool
+from tests.helpers import stage_held
 from tests.support.sample import png_bytes
 
 T = TypeVar("T")
@@ -107,12 +108,7 @@ def _body(content: Any) -> bytes:
 def _held_batch(spool: Spool, n: int, stem: str) -> tuple[Batch, list[str], dict[str, bytes]]:
     files = {f"/ds/img/{i}.png": png_bytes(i) for i in range(n)}
     for path, data in files.items():
-        scratch = spool.scratch()
-        try:
-            scratch.write(data, 0)
-            spool.commit_scratch(scratch, path)
-        finally:
-            scratch.close()
+        stage_held(spool, path, data)
     batch = spool.create_batch(Batch(stem, ["ds"], list(files), stem))
     return batch, list(files), files
 
