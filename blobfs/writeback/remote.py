@@ -196,9 +196,10 @@ class RemoteImporter:
         it again)."""
         tar_path = spool.batches_dir / batch.id / f"{batch.stem}.tar"
         phases = phases or PhaseTimes()
+        made: HeldTar | None = None  # the tar made as it uploads, laid out by the pack
         if batch.state == "new":
             with phases.timed("pack"):
-                held = HeldTar.of(spool, batch, images)
+                made = held = HeldTar.of(spool, batch, images)
                 packed = held.members if held is not None else None
                 batch.members = packed or self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
@@ -210,17 +211,22 @@ class RemoteImporter:
             meanwhile()
         else:
             assert team is not None
-            with phases.timed("offsets"):
-                offsets = self._write_offsets(batch, tar_path)
             with phases.timed("team"):
                 team_id = team.result()
-            tar = _tar_source(spool, batch, images, tar_path)
+            tar = made if made is not None else _tar_source(spool, batch, images, tar_path)
+
+            def upload_offsets() -> int:  # made while the tar goes up: it waits on the network
+                offsets = self._write_offsets(batch, tar_path)
+                return self.api.upload_team_file(
+                    team_id, TEAM_FILES_BLOB_DIR, offsets.name, str(offsets)
+                )
+
             with ThreadPoolExecutor(3, thread_name_prefix="blobfs-upload") as pool:
                 uploads: list[Future[int]] = [
                     pool.submit(
-                        self.api.upload_team_file, team_id, TEAM_FILES_BLOB_DIR, name, source
-                    )
-                    for name, source in ((tar_path.name, tar), (offsets.name, str(offsets)))
+                        self.api.upload_team_file, team_id, TEAM_FILES_BLOB_DIR, tar_path.name, tar
+                    ),
+                    pool.submit(upload_offsets),
                 ]
                 # the flag the SDK's upload_by_offsets sets; idempotent, so set while the
                 # tar uploads
