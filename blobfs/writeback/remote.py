@@ -15,7 +15,9 @@ batch manifest before the next starts:
 3. ``registered``: images are added by offsets; names the dataset already has are skipped,
    so a retried or repeated registration never creates duplicates;
 4. annotations (staged or empty ones with the right size) and meta are uploaded; both are
-   idempotent writes.
+   idempotent writes. A chunk's annotations go up as soon as registration gave it its ids
+   (while the other chunks register); those of images registered by an earlier attempt
+   after the registration.
 
 A crash between upload and the manifest save uploads the tar again on restart: an orphan
 file in Team Files, never a duplicate image.
