@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from blobfs.writeback.spool import Spool
+
 
 def add_class_and_annotation(mnt: Path, ann_path: Path, class_title: str) -> dict[str, object]:
     """Through a writeback mount: add a rectangle class to meta.json, then write an
@@ -27,3 +29,14 @@ def add_class_and_annotation(mnt: Path, ann_path: Path, class_title: str) -> dic
     }
     ann_path.write_text(json.dumps(ann))
     return ann
+
+
+def stage_held(spool: Spool, view_path: str, data: bytes) -> None:
+    """Commit ``data`` as ``view_path`` the way a small file's close() does: held in the
+    spool's journal, with no file of its own."""
+    scratch = spool.scratch()
+    try:
+        scratch.write(data, 0)
+        spool.commit_scratch(scratch, view_path)
+    finally:
+        scratch.close()

@@ -144,6 +144,7 @@ class WritebackQueue:
         self._tickets = 0  # flush requests handed out
         self._targets: list[tuple[int, int]] = []  # (pass generation, ticket) awaited
         self._flushed = 0  # the last ticket whose flush pass has completed
+        self._asked_at: float | None = None  # when the oldest flush not yet started was asked
 
     # ---- control ---------------------------------------------------------------------
 
@@ -201,6 +202,8 @@ class WritebackQueue:
         with self._cond:
             self._force += 1
             self._tickets += 1
+            if self._asked_at is None:
+                self._asked_at = time.perf_counter()
             # the first pass that starts after this request: the next one, or the one after
             # the pass running now (which may have listed the spool before the last write)
             self._targets.append((self._generation + (2 if self._running else 1), self._tickets))
@@ -251,11 +254,14 @@ class WritebackQueue:
                     return
                 force = self._force > 0
                 self._force = 0
+                asked, self._asked_at = self._asked_at, None
                 quiet = self._clock() - self._last_write >= self.delay_s
                 if force or quiet:
                     self._dirty = False  # this pass considers every staged file
                 self._begin_pass()
             self._times = PhaseTimes()
+            if asked is not None:  # how long the flush waited for the thread to look
+                self._times.seconds["wait"] = time.perf_counter() - asked
             try:
                 if force:
                     with self._times.timed("sync"):

@@ -15,7 +15,9 @@ batch manifest before the next starts:
 3. ``registered``: images are added by offsets; names the dataset already has are skipped,
    so a retried or repeated registration never creates duplicates;
 4. annotations (staged or empty ones with the right size) and meta are uploaded; both are
-   idempotent writes.
+   idempotent writes. A chunk's annotations go up as soon as registration gave it its ids
+   (while the other chunks register); those of images registered by an earlier attempt
+   after the registration.
 
 A crash between upload and the manifest save uploads the tar again on restart: an orphan
 file in Team Files, never a duplicate image.
@@ -125,8 +127,9 @@ class RemoteImporter:
                     if name not in anns:
                         width, height = _image_size(spool.batch_source(batch, view_path), name)
                         by_name[name] = empty_annotation(width, height)
+            annotated: set[str] = set()
             if images:
-                self._import_images(
+                annotated = self._import_images(
                     spool,
                     batch,
                     images,
@@ -134,18 +137,20 @@ class RemoteImporter:
                     team,
                     lambda: _read_anns(spool, batch, anns, by_name),
                     phases,
+                    by_name,
                 )
             else:
                 with phases.timed("read anns"):
                     _read_anns(spool, batch, anns, by_name)
             with phases.timed("dataset"):
                 dataset, _ = target.result()
+        rest = {name: ann for name, ann in by_name.items() if name not in annotated}
         existing = dict(batch.image_ids)
-        if any(name not in existing for name in by_name):
+        if any(name not in existing for name in rest):
             with phases.timed("list"):
                 existing = {img.name: img.id for img in self.api.images(dataset)}
         payload: list[tuple[int, Any]] = []
-        for name, ann in by_name.items():
+        for name, ann in rest.items():
             if name not in existing:
                 raise RemoteError(f"annotation for {name!r}: no such image in the dataset")
             payload.append((existing[name], ann))
@@ -155,7 +160,7 @@ class RemoteImporter:
         logger.info(
             "imported %d images and %d annotations into dataset %d (%s)",
             len(images),
-            len(payload),
+            len(annotated) + len(payload),
             dataset,
             phases,
         )
@@ -178,37 +183,52 @@ class RemoteImporter:
         team: Future[int] | None,
         meanwhile: Callable[[], None] = lambda: None,
         phases: PhaseTimes | None = None,
-    ) -> None:
+        anns: dict[str, Any] | None = None,
+    ) -> set[str]:
         """Pack, upload, register (each step once, saved in the manifest); ``meanwhile``
         runs on this thread while the tar and its offsets upload. ``target`` is the
         dataset and the names it had before this batch registered anything, ``team`` the
-        team whose files get the tar (None once the batch is registered)."""
+        team whose files get the tar (None once the batch is registered).
+
+        Each registered chunk's annotations (from ``anns``, image name -> annotation,
+        complete once ``meanwhile`` returned) are sent as soon as the chunk has its ids,
+        by the request's own worker: they need nothing but those ids, and the requests of
+        the other chunks go on meanwhile. Returns the names whose annotations were sent
+        (uploading an annotation is an idempotent write: after a crash the retry sends
+        it again)."""
         tar_path = spool.batches_dir / batch.id / f"{batch.stem}.tar"
         phases = phases or PhaseTimes()
+        made: HeldTar | None = None  # the tar made as it uploads, laid out by the pack
         if batch.state == "new":
             with phases.timed("pack"):
-                held = HeldTar.of(spool, batch, images)
+                made = held = HeldTar.of(spool, batch, images)
                 packed = held.members if held is not None else None
                 batch.members = packed or self._pack(spool, batch, images, tar_path)
             batch.state = "packed"
-            spool.save_batch(batch)
+            with phases.timed("manifest"):
+                spool.save_batch(batch)
             failpoint("remote-after-pack")
         marked = False
         if batch.state != "packed":
             meanwhile()
         else:
             assert team is not None
-            with phases.timed("offsets"):
-                offsets = self._write_offsets(batch, tar_path)
             with phases.timed("team"):
                 team_id = team.result()
-            tar = _tar_source(spool, batch, images, tar_path)
+            tar = made if made is not None else _tar_source(spool, batch, images, tar_path)
+
+            def upload_offsets() -> int:  # made while the tar goes up: it waits on the network
+                offsets = self._write_offsets(batch, tar_path)
+                return self.api.upload_team_file(
+                    team_id, TEAM_FILES_BLOB_DIR, offsets.name, str(offsets)
+                )
+
             with ThreadPoolExecutor(3, thread_name_prefix="blobfs-upload") as pool:
                 uploads: list[Future[int]] = [
                     pool.submit(
-                        self.api.upload_team_file, team_id, TEAM_FILES_BLOB_DIR, name, source
-                    )
-                    for name, source in ((tar_path.name, tar), (offsets.name, str(offsets)))
+                        self.api.upload_team_file, team_id, TEAM_FILES_BLOB_DIR, tar_path.name, tar
+                    ),
+                    pool.submit(upload_offsets),
                 ]
                 # the flag the SDK's upload_by_offsets sets; idempotent, so set while the
                 # tar uploads
@@ -222,33 +242,54 @@ class RemoteImporter:
                 marked = True
             failpoint("remote-after-upload")
             batch.state = "uploaded"
-            spool.save_batch(batch)
+            with phases.timed("manifest"):
+                spool.save_batch(batch)
         if batch.state == "uploaded":
-            assert batch.team_file_id is not None
-            with phases.timed("dataset"):
-                dataset, have = target.result()
-            todo = [
-                (str(n), int(str(s)), int(str(e))) for n, s, e in batch.members if n not in have
-            ]
-            if not marked:  # a batch resumed after its upload
-                self.api.mark_blob_project(self.project_id)
-            team_file = batch.team_file_id
-            added: dict[str, int] = {}
-            chunks = [todo[i : i + REGISTER_BATCH] for i in range(0, len(todo), REGISTER_BATCH)]
-            with phases.timed("register"):
-                for part in self._each(
-                    lambda chunk: self.api.add_blob_images(dataset, team_file, chunk), chunks
-                ):
-                    added.update(part)
-            failpoint("remote-after-register")
-            # the ids the annotations need: no second listing of the dataset
-            batch.image_ids = {
-                str(n): added[str(n)] if str(n) in added else have[str(n)]
-                for n, _, _ in batch.members
-                if str(n) in added or str(n) in have
-            }
-            batch.state = "registered"
+            return self._register(spool, batch, target, marked, anns or {}, phases)
+        return set()
+
+    def _register(
+        self,
+        spool: Spool,
+        batch: Batch,
+        target: Future[tuple[int, dict[str, int]]],
+        marked: bool,
+        anns: dict[str, Any],
+        phases: PhaseTimes,
+    ) -> set[str]:
+        """Register an uploaded batch's images, the names the dataset has skipped, and send
+        each chunk's annotations once it has its ids; the names whose annotations went."""
+        assert batch.team_file_id is not None
+        with phases.timed("dataset"):
+            dataset, have = target.result()
+        todo = [(str(n), int(str(s)), int(str(e))) for n, s, e in batch.members if n not in have]
+        if not marked:  # a batch resumed after its upload
+            self.api.mark_blob_project(self.project_id)
+        team_file = batch.team_file_id
+        added: dict[str, int] = {}
+        chunks = [todo[i : i + REGISTER_BATCH] for i in range(0, len(todo), REGISTER_BATCH)]
+
+        def register(chunk: list[tuple[str, int, int]]) -> dict[str, int]:
+            ids = self.api.add_blob_images(dataset, team_file, chunk)
+            sent = [name for name, _, _ in chunk if name in anns and name in ids]
+            payload = [(ids[name], anns[name]) for name in sent]
+            self.api.add_annotations(dataset, payload)
+            return ids
+
+        with phases.timed("register + anns"):
+            for part in self._each(register, chunks):
+                added.update(part)
+        failpoint("remote-after-register")
+        # the ids the annotations need: no second listing of the dataset
+        batch.image_ids = {
+            str(n): added[str(n)] if str(n) in added else have[str(n)]
+            for n, _, _ in batch.members
+            if str(n) in added or str(n) in have
+        }
+        batch.state = "registered"
+        with phases.timed("manifest"):
             spool.save_batch(batch)
+        return {name for name, _, _ in todo if name in anns and name in added}
 
     @staticmethod
     def _write_offsets(batch: Batch, tar_path: Path) -> Path:

@@ -389,6 +389,10 @@ class Scratch:
             self.fd = None
 
 
+#: Fields of a batch's manifest that do not change once saved (see ``_manifest_bytes``).
+_SET_ONCE = frozenset({"files", "held", "members"})
+
+
 @dataclass
 class Batch:
     """One import unit: the files of one dataset, packed into one blob."""
@@ -443,6 +447,8 @@ class Spool:
         self._held: dict[str, Held] = {}
         self._held_dirs: dict[str, set[str]] = {}  # folder view path -> names held in it
         self._containers: dict[str, int] = {}  # batch id -> its open ``data`` file
+        #: batch id -> field -> (the value, its JSON): see :meth:`_manifest_bytes`
+        self._encoded: dict[str, dict[str, tuple[object, int, str]]] = {}
         self._scratch_bytes = 0
         self._held_bytes = 0  # bytes of the files held in the journal
         self._room = 0  # bytes that may still be held before free space is looked up again
@@ -1176,9 +1182,30 @@ class Spool:
         """Write the batch's manifest atomically (after reclaiming the journal's space if
         the file system is full: the manifest is all an import needs of the spool)."""
         folder = self.batches_dir / batch.id
-        data = json.dumps(batch.to_json()).encode()
+        data = self._manifest_bytes(batch)
         self._retry_on_enospc(lambda: write_atomic(folder / "manifest.json", data))
         fsync_dir(folder)
+
+    def _manifest_bytes(self, batch: Batch) -> bytes:
+        """The batch's manifest, the JSON of ``json.dumps(batch.to_json())``.
+
+        A batch is saved at every step of its import, and most of its manifest (its files,
+        their places in its data file, the members of its tar) is set once, before the
+        first save that holds it: those fields are encoded once per batch and reused while
+        they are the same objects of the same length; the rest is encoded each time."""
+        cache = self._encoded.setdefault(batch.id, {})
+        parts = []
+        for name, value in batch.to_json().items():
+            if name in _SET_ONCE and isinstance(value, list | dict):
+                known = cache.get(name)
+                if known is None or known[0] is not value or known[1] != len(value):
+                    known = (value, len(value), json.dumps(value))
+                    cache[name] = known
+                text = known[2]
+            else:
+                text = json.dumps(value)
+            parts.append(f"{json.dumps(name)}: {text}")
+        return ("{" + ", ".join(parts) + "}").encode()
 
     def batch_source(self, batch: Batch, view_path: str) -> Path | InlineFile:
         """The batch's snapshot of ``view_path``: its bytes for a held file, else the
@@ -1227,7 +1254,11 @@ class Spool:
         done: dict[str, int] = {}
         links = os.path.join(str(self.batches_dir), batch.id, "files")
         with self._lock:
-            recorded = True  # every held file dropped so far has its removal journaled
+            # When the batch holds every held file, one checkpoint (nothing left to give a
+            # file of its own, everything else durable already: one small syncfs and the
+            # header flip) retires the records instead of a removal record per file.
+            alone = bool(batch.held) and all(h.batch == batch.id for h in self._held.values())
+            recorded = not alone  # every held file dropped so far has its removal journaled
             for view_path in batch.held:
                 held = self._held.get(view_path)
                 if held is not None and held.batch == batch.id:
@@ -1243,9 +1274,12 @@ class Spool:
                     done[view_path] = batch.held[view_path][1]
             if recorded and done:
                 self._journal.flush()  # before the batch is retired, below
+            elif alone:
+                self.checkpoint()  # likewise
             fd = self._containers.pop(batch.id, None)
             if fd is not None:
                 os.close(fd)
+            self._encoded.pop(batch.id, None)
         emptied: set[str] = set()
         for view_path in batch.files:
             if view_path in batch.held:

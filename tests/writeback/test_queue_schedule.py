@@ -6,6 +6,7 @@ from pathlib import Path
 
 from blobfs.writeback.queue import WritebackQueue
 from blobfs.writeback.spool import Batch, Spool
+from tests.helpers import stage_held
 
 
 class Clock:
@@ -92,12 +93,7 @@ class Recorder:
 
 
 def stage(spool: Spool, view_path: str, data: bytes = b"x") -> None:
-    scratch = spool.scratch()
-    try:
-        scratch.write(data, 0)
-        spool.commit_scratch(scratch, view_path)
-    finally:
-        scratch.close()
+    stage_held(spool, view_path, data)
 
 
 def one_pass(queue: WritebackQueue) -> None:

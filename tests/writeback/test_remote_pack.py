@@ -9,6 +9,7 @@ that make the tar durable and the manifest save that relies on them.
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from concurrent.futures import Future
@@ -19,6 +20,7 @@ import pytest
 
 from blobfs.writeback.remote import RemoteImporter
 from blobfs.writeback.spool import INLINE_MAX, Batch, Spool
+from tests.helpers import stage_held
 from tests.support.sample import png_bytes
 
 T = TypeVar("T")
@@ -107,12 +109,7 @@ def _body(content: Any) -> bytes:
 def _held_batch(spool: Spool, n: int, stem: str) -> tuple[Batch, list[str], dict[str, bytes]]:
     files = {f"/ds/img/{i}.png": png_bytes(i) for i in range(n)}
     for path, data in files.items():
-        scratch = spool.scratch()
-        try:
-            scratch.write(data, 0)
-            spool.commit_scratch(scratch, path)
-        finally:
-            scratch.close()
+        stage_held(spool, path, data)
     batch = spool.create_batch(Batch(stem, ["ds"], list(files), stem))
     return batch, list(files), files
 
@@ -165,3 +162,25 @@ def test_a_held_batch_packed_before_a_restart_uploads_the_same_tar(tmp_path: Pat
     _import_until_upload(again, resumed, files, second)
     assert second.sent["ds_again.tar"] == first.sent["ds_again.tar"]
     again.close()
+
+
+def test_each_save_of_a_manifest_is_the_batch_as_it_is_then(tmp_path: Path) -> None:
+    """Its large fields are encoded once; what changes (state, ids, a tar's members) is
+    saved as it changes, and a field replaced by another of the same length too."""
+    spool = Spool(tmp_path / "spool")
+    batch, _, _ = _held_batch(spool, 4, "ds_saved")
+    steps = [
+        {"state": "packed", "members": [[f"{i}.png", 512 * i, 512 * i + 9] for i in range(4)]},
+        {"state": "uploaded", "team_file_id": 5},
+        {"state": "registered", "image_ids": {f"{i}.png": 10 + i for i in range(4)}},
+        {"members": [[f"{i}.png", 0, 1] for i in range(4)]},
+    ]
+    for changes in steps:
+        for name, value in changes.items():
+            setattr(batch, name, value)
+        spool.save_batch(batch)
+        saved = json.loads((spool.batches_dir / batch.id / "manifest.json").read_bytes())
+        assert saved == json.loads(json.dumps(batch.to_json()))
+    [again] = spool.open_batches()
+    assert again == batch
+    spool.close()
