@@ -12,14 +12,20 @@ The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is 
   mounted as a writeback blobfs mount is where a copy feels it (no writeback_cache, no
   default_permissions, 1 s entry/attribute timeouts, libfuse's default max_write, the
   multithreaded loop). What FUSE itself costs per file on this kernel;
+- the Python floor (``--serve-python-floor``, run by this script): a do-nothing writable file
+  system on blobfs's own FUSE layer (``BlobfsFUSE``, mfusepy, a writeback mount's options)
+  whose ``ds/img`` and ``ds/ann`` exist before the copy, as blobfs's do, and whose callbacks
+  answer the requests a copy sends (two lookups of a new name -> ENOENT, create and the
+  getattr libfuse makes after it, write, flush; release left to libfuse) from a dict of
+  sizes. What the design's stack costs per file before blobfs does anything;
 - blobfs, remote writeback mount with default durability and nothing imported during the
   copy (``--writeback-delay 3600 --blob-size 1G --batch-files 0``); the flush after each
   round is not timed.
 
 ``--tree before=/tmp/old`` adds blobfs run from the package in ``/tmp/old`` (``git archive
 <commit> blobfs | tar -x -C /tmp/old``), ``--variant 'one-thread=-o max_idle_threads=1'``
-blobfs with more mount flags; ``--blobfs-only`` leaves out the plain folder and the C file
-system (the ratios are then to the first blobfs row).
+blobfs with more mount flags; ``--blobfs-only`` leaves out the plain folder, the C file
+system and the Python floor (the ratios are then to the first blobfs row).
 
 Each round runs every target unpinned and then pinned (``taskset -c 0`` for ``cp`` and the
 daemon), so the rows compared were measured minutes apart at most. Prints the median
@@ -29,6 +35,8 @@ daemon), so the rows compared were measured minutes apart at most. Prints the me
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 import statistics
 import subprocess
@@ -36,6 +44,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from stat import S_IFDIR, S_IFREG
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, Mounts, mountpoint, spawn_foreground, table
@@ -79,6 +89,76 @@ def floor_round(src: Path, pinned: bool, binary: Path) -> float:
         cmd = [*(PIN if pinned else []), str(binary), str(mnt)]
         spawn_foreground(mounts, cmd, mnt, OUT / "floor-writefs.log")
         return timed_cp(src, mnt, pinned)
+
+
+def serve_python_floor(mnt: str) -> None:
+    """Run the Python floor on ``mnt`` in the foreground (see the module docstring)."""
+    sys.path.insert(0, str(HERE.parent))
+    from blobfs.fuse.compat import BlobfsFUSE, FuseOSError, Operations
+
+    now = int(time.time())
+    base = {"st_nlink": 1, "st_uid": os.getuid(), "st_gid": os.getgid(), "st_mtime": now}
+    dirs = {"/", "/ds", "/ds/img", "/ds/ann"}
+    dir_attrs = {**base, "st_mode": S_IFDIR | 0o755, "st_nlink": 2}
+    sizes: dict[str, int] = {}
+    handles: dict[int, str] = {}
+
+    class Sizes(Operations):  # type: ignore[misc]
+        direct_io_prefix = None
+        serves_readdir_plus = False
+
+        def __init__(self) -> None:
+            self.op_counts: dict[str, int] = {}  # what the adapter counts in
+
+        def find_attrs(self, path: str, fh: Any = None) -> dict[str, int] | None:
+            """The adapter's getattr: None for a missing path."""
+            if path in dirs:
+                return dir_attrs
+            size = sizes.get(path)
+            if size is None:
+                return None
+            return {**base, "st_mode": S_IFREG | 0o644, "st_size": size}
+
+        def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+            attrs = self.find_attrs(path)
+            if attrs is None:
+                raise FuseOSError(errno.ENOENT)
+            return attrs
+
+        def create(self, path: str, mode: int, flags: int = 0) -> int:
+            sizes[path] = 0
+            fh = len(handles) + 1
+            handles[fh] = path
+            return fh
+
+        def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+            name = handles[fh]
+            sizes[name] = max(sizes[name], offset + len(data))
+            return len(data)
+
+        def flush(self, path: str, fh: int) -> None:
+            handles.pop(fh, None)
+
+    BlobfsFUSE(
+        Sizes(),
+        mnt,
+        raw_fi=False,
+        foreground=True,
+        fsname="python-floor",
+        subtype="blobfs",
+        attr_timeout=1.0,
+        entry_timeout=1.0,
+        negative_timeout=60.0,
+        max_idle_threads=10,
+    )
+
+
+def python_floor_round(src: Path, pinned: bool) -> float:
+    with Mounts() as mounts:
+        mnt = mountpoint("python-floor")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-python-floor", str(mnt)]
+        spawn_foreground(mounts, [*(PIN if pinned else []), *cmd], mnt, OUT / "python-floor.log")
+        return timed_cp(src, mnt / "ds", pinned)
 
 
 def blobfs_round(
@@ -128,7 +208,11 @@ def main() -> None:
         metavar="LABEL=FLAGS",
         help="also copy into blobfs mounted with these extra flags (e.g. '-o nothreads')",
     )
+    parser.add_argument("--serve-python-floor", metavar="MNT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_python_floor:
+        serve_python_floor(args.serve_python_floor)
+        return
     src = dataset_folder(args.images)
     files = 2 * args.images
     binary = build_floor()
@@ -140,6 +224,9 @@ def main() -> None:
         targets["plain local folder"] = lambda pinned: local_round(src, pinned)
         targets["floor_writefs (C, libfuse3 low-level)"] = lambda pinned: floor_round(
             src, pinned, binary
+        )
+        targets["Python floor (BlobfsFUSE, a dict of sizes)"] = lambda pinned: python_floor_round(
+            src, pinned
         )
     targets["blobfs writeback, default durability"] = lambda pinned: blobfs_round(src, pinned, url)
     for label, _, tree in (item.partition("=") for item in args.tree):

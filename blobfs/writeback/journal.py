@@ -120,11 +120,14 @@ class Journal:
         record that does not check out, and the next synced append flushes it too).
         """
         p1, p2 = path.encode(), path2.encode()
-        head = _RECORD.pack(_RECORD_MAGIC, kind, self._generation, len(p1), len(p2), len(data), 0)
-        record = head[:-4] + struct.pack("<I", _record_crc(head, p1, p2, data)) + p1 + p2 + data
-        end = self._end + len(record)
+        fields = (_RECORD_MAGIC, kind, self._generation, len(p1), len(p2), len(data))
+        crc = _record_crc(_RECORD.pack(*fields, 0), p1, p2, data)
+        # written as its parts (one pwritev): the file's bytes are not copied into a record
+        parts = (_RECORD.pack(*fields, crc), p1, p2, data)
+        size = _RECORD.size + len(p1) + len(p2) + len(data)
+        end = self._end + size
         if end > self.capacity:
-            raise JournalFull(f"{len(record)} bytes do not fit in the journal")
+            raise JournalFull(f"{size} bytes do not fit in the journal")
         if end > self._prepared and sync:
             try:
                 self._prepare(min(self.capacity, max(end, self._prepared + SEGMENT)))
@@ -132,9 +135,9 @@ class Journal:
                 if exc.errno != errno.ENOSPC:
                     raise
                 self._prepare(min(self.capacity, -(-end // 4096) * 4096))  # just this one
-        written = os.pwrite(self._fd, record, self._end)
-        if written != len(record):
-            raise OSError(f"journal {self.path}: short write ({written} of {len(record)})")
+        written = os.pwritev(self._fd, parts, self._end)
+        if written != size:
+            raise OSError(f"journal {self.path}: short write ({written} of {size})")
         if end > self._prepared:
             # an unflushed record past the zeros extends the file: zeros written (and
             # synced) ahead are only worth their cost for a record that is flushed

@@ -740,7 +740,13 @@ class Spool:
 
     def file_path(self, view_path: str) -> str:
         """Where the staged file ``view_path`` has its own file (a plain string: the queue
-        asks for thousands per pass); a held file has none (see :meth:`held_bytes`)."""
+        asks for thousands per pass); a held file has none (see :meth:`held_bytes`).
+
+        A view path as FUSE sends it (one leading slash) is appended as it is: every
+        lookup of a new name and every commit makes one, and ``os.path.join`` costs
+        several times the concatenation."""
+        if view_path.startswith("/") and not view_path.startswith("//"):
+            return self.staged_str + view_path
         return os.path.join(self.staged_str, view_path.lstrip("/"))
 
     def held_bytes(self, view_path: str) -> bytes | None:
@@ -925,7 +931,7 @@ class Spool:
                 return False
             if not self._room_to_hold(len(data)):
                 return False
-            folder = os.path.dirname(final)  # _ensure_folder's, with the path made above
+            folder = final.rpartition("/")[0]  # _ensure_folder's, with the path made above
             if folder not in self._folders:
                 os.makedirs(folder, exist_ok=True)
                 self._folders.add(folder)
