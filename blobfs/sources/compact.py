@@ -663,17 +663,20 @@ class TableBuilder:
         """The table (of class ``kind``, a :class:`FileTable` by default) and the names
         left out for being added twice."""
         names = self._names
+        columns = [self._src, self._start, self._size, *self._extra.values()]
+        bounds = list(map(_bounds, columns))  # each column's min and max, taken once
         in_order = all(map(operator.lt, names, islice(names, 1, None)))
         dup: set[int] = set()
         twice: set[bytes] = set()
         if in_order:  # offsets files often list names sorted: no sort, no reordering
             order: Sequence[int] = range(len(names))
             ordered = names
-        elif all(map(_constant, (self._src, self._start, self._size, *self._extra.values()))):
+        elif all(lo == hi for lo, hi in bounds):
             # entries that differ only by name (an ordinary folder's): sort the names alone
             ordered = sorted(names)
             pace()
-            if len(set(ordered)) != len(ordered):
+            # sorted, a name added twice sits next to itself: one C-level pass, no hashing
+            if any(map(operator.eq, ordered, islice(ordered, 1, None))):
                 pairs = zip(ordered, islice(ordered, 1, None), strict=False)
                 twice = {a for a, b in pairs if a == b}
                 ordered = [n for n in ordered if n not in twice]
@@ -694,13 +697,16 @@ class TableBuilder:
             self.prefix,
             self.sources,
             joined,
-            _column_in(self._src, order),
-            _column_in(self._start, order),
-            _column_in(self._size, order),
+            _column_in(self._src, bounds[0], order),
+            _column_in(self._start, bounds[1], order),
+            _column_in(self._size, bounds[2], order),
             lstat,
             _starts_of(ordered, len(joined)),
             None,
-            {name: _column_in(values, order) for name, values in self._extra.items()},
+            {
+                name: _column_in(values, limits, order)
+                for name, values, limits in zip(self._extra, columns[3:], bounds[3:], strict=True)
+            },
         )
         duplicates = sorted(
             {n.decode("utf-8", "surrogateescape") for n in twice.union(map(names.__getitem__, dup))}
@@ -708,14 +714,14 @@ class TableBuilder:
         return table, duplicates
 
 
-def _constant(values: list[int]) -> bool:
-    """Whether every value is the same (or there are none)."""
-    return not values or min(values) == max(values)
+def _bounds(values: list[int]) -> tuple[int, int]:
+    """The least and the greatest of ``values``; (0, 0) when there are none."""
+    return (min(values), max(values)) if values else (0, 0)
 
 
-def _column_in(values: list[int], order: Sequence[int]) -> _Column:
-    """The column of ``values`` taken in ``order`` (a constant one without reordering)."""
-    bounds = (min(values), max(values)) if values else (0, 0)
+def _column_in(values: list[int], bounds: tuple[int, int], order: Sequence[int]) -> _Column:
+    """The column of ``values`` (whose :func:`_bounds` are ``bounds``) taken in ``order``
+    (a constant one without reordering)."""
     if values and bounds[0] == bounds[1]:
         return _Column(values[0], None, len(order))
     if isinstance(order, range) and order == range(len(values)):
