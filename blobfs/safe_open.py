@@ -177,7 +177,10 @@ class ProjectRoot:
         With ``create``, missing folders along the path are made (mode 0755 minus umask).
         """
         parts = split_rel(rel)
-        fd = os.dup(self._root_fd())
+        # a new open of the project folder, not a ``dup`` of the kept descriptor: a dup
+        # shares its directory position, so two listings of the project folder at once
+        # (a request and the background index) would each see part of it, or nothing
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self._root_fd())
         try:
             for i, name in enumerate(parts):
                 try:

@@ -99,6 +99,26 @@ def test_a_fifo_is_never_opened_so_nothing_waits_on_it(tmp_path: Path) -> None:
     assert isinstance(outcome[0], UnsafeFile) and "FIFO" in str(outcome[0])
 
 
+def test_listings_of_the_project_folder_at_once_each_see_every_entry(tmp_path: Path) -> None:
+    # a request's listing and the background index's may run at the same moment: each
+    # must read the whole folder (a shared directory position once hid datasets)
+    for i in range(100):
+        (tmp_path / f"ds{i:03}").mkdir()
+    root = ProjectRoot(tmp_path)
+    seen: list[int] = []
+
+    def lister() -> None:
+        for _ in range(25):
+            seen.append(len(root.list_dir("")))
+
+    threads = [threading.Thread(target=lister) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [100] * 100
+
+
 def test_whole_file_reads_are_capped(tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(b"x" * 1000)
     root = ProjectRoot(tmp_path)
