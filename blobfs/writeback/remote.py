@@ -201,9 +201,10 @@ class RemoteImporter:
         made: HeldTar | None = None  # the tar made as it uploads, laid out by the pack
         if batch.state == "new":
             with phases.timed("pack"):
-                made = held = HeldTar.of(spool, batch, images)
-                packed = held.members if held is not None else None
-                batch.members = packed or self._pack(spool, batch, images, tar_path)
+                made = HeldTar.of(spool, batch, images)
+                batch.members = (
+                    made.members if made is not None else self._pack(spool, batch, images, tar_path)
+                )
             batch.state = "packed"
             with phases.timed("manifest"):
                 spool.save_batch(batch)
