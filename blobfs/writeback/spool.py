@@ -462,7 +462,15 @@ class Spool:
         self._pool_thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._removals: list[threading.Thread] = []
+        #: View paths that may have a file or folder of their own under ``staged/`` (a
+        #: superset: a name is added before it is made and dropped, under ``_lock``, after
+        #: it is removed). A name outside it is not staged, and ``stat`` says so without a
+        #: system call: each file a program copies in is looked up twice while it is not
+        #: there, and a missing name costs the kernel a search of its folder. None until
+        #: the recovery's changes are listed.
+        self._names: set[str] | None = None
         self._recover()
+        self._list_names()
 
     def _recover(self) -> None:
         """Drop unacknowledged partial writes, replay the journal, checkpoint."""
@@ -505,6 +513,46 @@ class Spool:
                 if view_path not in self._held and not os.path.lexists(self.file_path(view_path)):
                     self._ensure_folder(view_path)
                     self._set_held(view_path, Held(fd, offset, size, mtime_ns, batch.id))
+
+    def _list_names(self) -> None:
+        """List ``staged/`` into ``_names`` (at start, and after a folder moved)."""
+        names = {"/"}
+        files, dirs = self._walk_disk()
+        names.update(files)
+        names.update(dirs)
+        self._names = names
+
+    def _note(self, final: str) -> None:
+        """``final`` (a path under ``staged/``) is about to be made: add it and the
+        folders above it to ``_names``."""
+        names = self._names
+        if names is None:
+            return
+        root = self.staged_str
+        while final.startswith(root) and len(final) > len(root) and final[len(root)] == "/":
+            view_path = final[len(root) :]
+            if view_path in names:
+                return
+            names.add(view_path)
+            final = os.path.dirname(final)
+
+    def _not_staged(self, view_path: str) -> bool:
+        """Whether ``view_path`` surely has no file or folder under ``staged/`` (False:
+        it may have; a path not in the form FUSE sends is looked up on disk)."""
+        names = self._names
+        return (
+            names is not None
+            and view_path not in names
+            and view_path[:1] == "/"
+            and "//" not in view_path
+            and "/." not in view_path
+            and view_path[-1:] != "/"
+        )
+
+    def _forget_name(self, view_path: str) -> None:
+        """``view_path`` was removed from ``staged/`` (``_lock`` held)."""
+        if self._names is not None:
+            self._names.discard(view_path)
 
     def _replay(self, record: Record) -> None:
         """Apply one blind journal record to ``staged/`` (idempotent, see journal.py)."""
@@ -554,6 +602,7 @@ class Spool:
                 continue
             data = _pread_exact(held.fd, held.size, held.offset)
             final = self.file_path(view_path)
+            self._note(final)
             try:
                 try:
                     fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -718,6 +767,8 @@ class Spool:
         held = self._held.get(view_path)
         if held is not None:
             return _file_stat(held.size, held.mtime_ns)
+        if self._not_staged(view_path):
+            return None
         try:
             return os.stat(self.file_path(view_path))
         except (FileNotFoundError, NotADirectoryError):
@@ -910,6 +961,7 @@ class Spool:
         """The staged folder of ``view_path`` exists (memoized: once per folder)."""
         folder = os.path.dirname(self.file_path(view_path))
         if folder not in self._folders:
+            self._note(folder)
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
 
@@ -926,13 +978,18 @@ class Spool:
         with self._lock:
             if not self._journal.empty and not self._journal.fits(view_path, len(data)):
                 self.checkpoint()  # a full journal: held files get files, records retire
-            replaces = view_path not in self._held and os.path.lexists(final)
+            replaces = (
+                view_path not in self._held
+                and not self._not_staged(view_path)
+                and os.path.lexists(final)
+            )
             if replaces and (not durable or os.path.isdir(final)):
                 return False
             if not self._room_to_hold(len(data)):
                 return False
             folder = final.rpartition("/")[0]  # _ensure_folder's, with the path made above
             if folder not in self._folders:
+                self._note(folder)
                 os.makedirs(folder, exist_ok=True)
                 self._folders.add(folder)
             offset = self._log(Kind.WRITE, view_path, data=data, sync=durable)
@@ -941,6 +998,7 @@ class Spool:
             self._set_held(view_path, Held(self._journal.fd, offset, len(data), mtime_ns))
             if replaces:
                 os.unlink(final)
+                self._forget_name(view_path)
         return True
 
     def _link_staged(self, fd: int, tmp_path: str | None, view_path: str, durable: bool) -> None:
@@ -950,6 +1008,7 @@ class Spool:
         folder = os.path.dirname(final)
         source: str | int = tmp_path if tmp_path is not None else fd
         if folder not in self._folders:
+            self._note(folder)
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
         try:
@@ -985,6 +1044,9 @@ class Spool:
     def _link(self, source: str | int, target: str, folder: str) -> None:
         """Link ``source`` (a path, or the descriptor of an unnamed file) to ``target``."""
 
+        if not target.endswith(_COMMIT_SUFFIX):  # a commit's own link is renamed at once
+            self._note(target)
+
         def link() -> None:
             if isinstance(source, int):
                 link_fd(source, target)
@@ -995,6 +1057,7 @@ class Spool:
             link()
         except FileNotFoundError:  # the folder was removed (rmdir) since it was memoized
             self._folders.discard(folder)
+            self._note(folder)
             os.makedirs(folder, exist_ok=True)
             link()
         except NotADirectoryError:
@@ -1003,6 +1066,7 @@ class Spool:
 
     def mkdir(self, view_path: str) -> None:
         path = self.staged_path(view_path)
+        self._note(str(path))
         path.mkdir(parents=True, exist_ok=True)
         fsync_dir(path.parent)
 
@@ -1015,6 +1079,7 @@ class Spool:
                 raise OSError(errno.ENOTEMPTY, "holds files", view_path)
             self._checkpoint_if_journaled([view_path], tree=True)
             path.rmdir()
+            self._forget_name(view_path)
             self._folders.clear()
             fsync_dir(path.parent)
 
@@ -1031,12 +1096,15 @@ class Spool:
             if not durable and not self._journal_touches([view_path]):
                 self._unsynced = True
                 path.unlink()
+                self._forget_name(view_path)
                 return
             if self._log(Kind.REMOVE, view_path, sync=durable) is not None:
                 path.unlink()
+                self._forget_name(view_path)
                 return
             self._checkpoint_if_journaled([view_path])
             path.unlink()
+            self._forget_name(view_path)
             fsync_dir(path.parent)
 
     def rename(self, old: str, new: str, durable: bool = True) -> None:
@@ -1050,10 +1118,12 @@ class Spool:
             st = os.lstat(source)
             if target.is_dir() and not stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", new)
+            self._note(str(target))
             target.parent.mkdir(parents=True, exist_ok=True)
             if not durable and not self._journal_touches([old, new], tree=True):
                 self._unsynced = True
                 os.replace(source, target)
+                self._moved(old, stat.S_ISDIR(st.st_mode))
                 self._unhold(new)
                 self._folders.clear()
                 return
@@ -1065,15 +1135,26 @@ class Spool:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(target)
                     os.unlink(source)
+                    self._forget_name(old)
+                    self._forget_name(new)
                     return
             if stat.S_ISDIR(st.st_mode) and self._held_under(old):
                 self.checkpoint()  # the held files below move with the folder
             self._checkpoint_if_journaled([old, new], tree=True)
             self._unhold(new)
             os.replace(source, target)
+            self._moved(old, stat.S_ISDIR(st.st_mode))
             fsync_dir(target.parent)
             fsync_dir(source.parent)
             self._folders.clear()  # a moved folder takes memoized subfolders with it
+
+    def _moved(self, old: str, folder: bool) -> None:
+        """``old`` was renamed on disk (``_lock`` held): a file's old name is gone; a
+        folder takes every name below it along, so ``staged/`` is listed again."""
+        if folder:
+            self._list_names()
+        else:
+            self._forget_name(old)
 
     def _move_held(self, old: str, new: str, held: Held, durable: bool) -> bool:
         """Rename the held file ``old``: a ``MOVE`` record carrying its bytes, and ``new``
@@ -1100,6 +1181,13 @@ class Spool:
 
     def walk(self) -> tuple[list[str], list[str]]:
         """All staged files and dirs as view paths (``/ds/img/a.png``), dirs first."""
+        files, dirs = self._walk_disk()
+        with self._lock:
+            files.extend(self._held)
+        return files, dirs
+
+    def _walk_disk(self) -> tuple[list[str], list[str]]:
+        """The files and folders under ``staged/`` as view paths (no held files)."""
         files: list[str] = []
         dirs: list[str] = []
         for dirpath, dirnames, filenames in os.walk(self.staged):
@@ -1107,8 +1195,6 @@ class Spool:
             prefix = "" if rel == "." else "/" + rel
             dirs.extend(f"{prefix}/{d}" for d in dirnames)
             files.extend(f"{prefix}/{f}" for f in filenames if not f.endswith(_COMMIT_SUFFIX))
-        with self._lock:
-            files.extend(self._held)
         return files, dirs
 
     # ---- batches ---------------------------------------------------------------------
@@ -1277,6 +1363,7 @@ class Spool:
                     done[view_path] = held.size
                 elif held is None and self._same_as_batch(batch, view_path):
                     os.unlink(self.file_path(view_path))  # a replay's copy, unchanged
+                    self._forget_name(view_path)
                     done[view_path] = batch.held[view_path][1]
             if recorded and done:
                 self._journal.flush()  # before the batch is retired, below
@@ -1293,11 +1380,13 @@ class Spool:
             rel = view_path.lstrip("/")
             staged = os.path.join(self.staged_str, rel)
             try:
-                st = os.stat(staged)
-                if st.st_ino == os.stat(os.path.join(links, rel)).st_ino:
-                    os.unlink(staged)
-                    done[view_path] = st.st_size
-                    emptied.add(os.path.dirname(staged))
+                with self._lock:  # not between a commit's link and its name (``_names``)
+                    st = os.stat(staged)
+                    if st.st_ino == os.stat(os.path.join(links, rel)).st_ino:
+                        os.unlink(staged)
+                        self._forget_name(view_path)
+                        done[view_path] = st.st_size
+                        emptied.add(os.path.dirname(staged))
             except FileNotFoundError:
                 pass
         # The removals must be on disk before the batch stops being one to finish: a
