@@ -175,9 +175,10 @@ class WritebackQueue:
             self._dirty = True
             self._staged_bytes += size
             # a pass counts the images whose annotation is staged too, with those: an
-            # annotation usually completes a pair (two such files), an image may not
-            where = None if path is None else dataset_of(path)
-            self._staged_files += 2 if where is not None and where[1] == ANN_DIR else 1
+            # annotation usually completes a pair (two such files), an image may not. Only
+            # the folder the file is in is looked at (only a dataset's files are staged)
+            in_ann = path is not None and path.rsplit("/", 2)[-2:-1] == [ANN_DIR]
+            self._staged_files += 2 if in_ann else 1
             self.status.pending += 1  # an estimate until the next pass counts the spool
             self.status.pending_bytes += size
             if self._enough_staged():

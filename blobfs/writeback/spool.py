@@ -1066,8 +1066,9 @@ class Spool:
 
     def mkdir(self, view_path: str) -> None:
         path = self.staged_path(view_path)
-        self._note(str(path))
-        path.mkdir(parents=True, exist_ok=True)
+        with self._lock:  # not while a moved folder has ``_names`` listed again
+            self._note(str(path))
+            path.mkdir(parents=True, exist_ok=True)
         fsync_dir(path.parent)
 
     def rmdir(self, view_path: str) -> None:
