@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from unittest import mock
 
+import pytest
+
 from blobfs.writeback.spool import INLINE_MAX, Batch, Spool
+from tests.support import harness
 from tests.writeback.test_held import close, die
 
 BIG = b"x" * (INLINE_MAX + 1)
@@ -107,3 +110,25 @@ def test_what_a_restart_replays_is_found(tmp_path: Path) -> None:
     assert again.stat("/ds/img/a.png") is None
     assert_true_to_disk(again)
     again.close()
+
+
+@pytest.mark.fuse
+def test_through_a_mount_names_come_and_go_with_their_files(
+    project: Path, tmp_path: Path, mounts: harness.Mounts
+) -> None:
+    mnt, spool = tmp_path / "mnt", tmp_path / "spool"
+    d = mounts.start_writeback(project, mnt, spool, log=tmp_path / "log", delay_s=30)
+    img = mnt / "ds" / "img"
+    assert not (img / "big.png").exists()
+    (img / "big.png").write_bytes(BIG)  # a file of its own in the spool, not held
+    assert (img / "big.png").stat().st_size == len(BIG)
+    (img / "big.png").unlink()
+    assert not (img / "big.png").exists()
+    (img / "big.png").write_bytes(BIG)
+    (img / "big.png").rename(img / "kept.png")
+    assert not (img / "big.png").exists()
+    assert (img / "kept.png").stat().st_size == len(BIG)
+    assert d.unmount() == 0  # not an image: refused, kept in the spool
+    mounts.start_writeback(project, mnt, spool, log=tmp_path / "log2", delay_s=30)
+    assert (img / "kept.png").stat().st_size == len(BIG)  # found by the listing at start
+    assert not (img / "big.png").exists()
