@@ -94,11 +94,28 @@ MODES = {
     "sync_close": [*ONE_BATCH, "--sync-close"],
 }
 
+MODES["streaming_daemon"] = [*MODES["streaming"], "--import-in-daemon"]
+MODES["default_daemon"] = [*ONE_BATCH, "--import-in-daemon"]
+
 LABELS = {
     "default": "one batch",
     "streaming": "--batch-files 5000: batches during cp",
     "sync_close": "one batch, --sync-close",
+    "streaming_daemon": "--batch-files 5000, --import-in-daemon",
+    "default_daemon": "one batch, --import-in-daemon",
 }
+
+
+def streaming(batch_files: int) -> None:
+    """The streaming rows with ``--batch-files batch_files``."""
+    for mode in ("streaming", "streaming_daemon"):
+        MODES[mode] = [
+            *MODES[mode][: MODES[mode].index("--batch-files")],
+            "--batch-files",
+            str(batch_files),
+            *MODES[mode][MODES[mode].index("--batch-files") + 2 :],
+        ]
+        LABELS[mode] = LABELS[mode].replace("5000", str(batch_files))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -254,9 +271,17 @@ def main() -> None:
     parser.add_argument("--per-image-subset", type=int, default=300)
     parser.add_argument("--breakdown", action="store_true", help="where the time goes")
     parser.add_argument(
-        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="blobfs rows to run"
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=["default", "streaming", "sync_close"],
+        help="blobfs rows to run",
+    )
+    parser.add_argument(
+        "--batch-files", type=int, default=5000, help="--batch-files of the streaming rows"
     )
     args = parser.parse_args()
+    streaming(args.batch_files)
     n = args.images
     src = dataset_folder(n)
     local = bench_local_cp(src)

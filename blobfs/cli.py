@@ -190,6 +190,12 @@ def main() -> None:
     "with ETIMEDOUT (default 30; -o timeout=).",
 )
 @click.option(
+    "--import-in-daemon",
+    is_flag=True,
+    help="Remote --writeback: import batches in the daemon itself, not in a worker "
+    "process of their own (which leaves the daemon's CPU to the writes meanwhile).",
+)
+@click.option(
     "--prefetch",
     is_flag=True,
     help="Remote: warm the whole project (blobs, annotations) in the background.",
@@ -235,6 +241,7 @@ def mount(
     sync_close: bool,
     debug_fuse: bool,
     timeout: float | None,
+    import_in_daemon: bool,
     prefetch: bool,
     concurrency: int,
     readdirplus: str | None,
@@ -290,6 +297,7 @@ def mount(
             debug_fuse=debug_fuse,
             timeout_s=_timeout(opt["timeout"]),
             prefetch=bool(opt["prefetch"]),
+            import_in_daemon=import_in_daemon,
             concurrency=_concurrency(opt["concurrency"]),
             readdirplus=_readdirplus(opt["readdirplus"]),
         )

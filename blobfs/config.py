@@ -71,6 +71,9 @@ class MountConfig:
     writeback_batch_files: int = DEFAULT_BATCH_FILES
     #: Deadline of every FUSE operation, retries included (``--timeout``, ``-o timeout=``).
     timeout_s: float = DEFAULT_TIMEOUT_S
+    #: Remote writeback: batches import in the daemon, not in a worker process
+    #: (``--import-in-daemon``; see ``blobfs.writeback.import_worker``).
+    import_in_daemon: bool = False
     #: Remote: warm the whole project in the background (``--prefetch``).
     prefetch: bool = False
     #: Remote: requests one listing, annotation walk or prefetch keeps in flight.
