@@ -220,11 +220,19 @@ def _remote_importer(config: MountConfig, inner: Importer) -> Importer:
     """``inner``, run in a worker process of its own (``inner`` when it cannot start):
     see :mod:`blobfs.writeback.import_worker`."""
     from blobfs.credentials import resolve
-    from blobfs.writeback.import_worker import ImportWorker, WorkerImporter
+    from blobfs.writeback.import_worker import (
+        BATCH_DEADLINE_S,
+        DEADLINE_ENV,
+        ImportWorker,
+        WorkerImporter,
+    )
 
     server, token = resolve(config.server, config.token_file)
     project = parse_project_id(config.source)
-    return WorkerImporter(inner, lambda: ImportWorker(server, token, config.concurrency, project))
+    deadline_s = float(os.environ.get(DEADLINE_ENV) or BATCH_DEADLINE_S)
+    return WorkerImporter(
+        inner, lambda: ImportWorker(server, token, config.concurrency, project, deadline_s)
+    )
 
 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:

@@ -39,9 +39,11 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from blobfs.credentials import TOKEN_ENV
 from blobfs.errors import RemoteError
 from blobfs.failpoints import ENV as FAILPOINT_ENV
 from blobfs.failpoints import failpoint
@@ -55,6 +57,8 @@ logger = logging.getLogger(__name__)
 BATCH_DEADLINE_S = 1800.0
 #: Crash point of the worker, before each batch (the fallback tests).
 FAILPOINT = "import-worker"
+#: Seconds of ``BATCH_DEADLINE_S`` a mount uses instead, when set (the fallback tests).
+DEADLINE_ENV = "BLOBFS_IMPORT_WORKER_DEADLINE_S"
 #: Where each step's saved state lies in the manifest, and the crash point the daemon
 #: passes before (``before``) or after (``after``) saving it, as the in-process import.
 _STEP_POINTS = {
@@ -94,6 +98,7 @@ class ImportWorker:
         env = dict(os.environ)
         if env.get(FAILPOINT_ENV, "").partition(":")[0] != FAILPOINT:
             env.pop(FAILPOINT_ENV, None)
+        env.pop(TOKEN_ENV, None)  # the token goes over the pipe, nowhere else
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-m", __name__],
             stdin=subprocess.PIPE,
@@ -199,7 +204,7 @@ class WorkerImporter:
     ``start`` makes the worker; it is called at once, and a worker that cannot be started
     leaves every import to ``fallback``."""
 
-    def __init__(self, fallback: Importer, start: Any) -> None:
+    def __init__(self, fallback: Importer, start: Callable[[], ImportWorker]) -> None:
         self.fallback = fallback
         self._worker: ImportWorker | None = None
         try:
@@ -358,7 +363,7 @@ def main() -> int:
         try:
             manifest = files.batches_dir / batch_id / "manifest.json"
             batch = Batch(**json.loads(manifest.read_bytes()))
-            importer.import_batch(files, batch)  # type: ignore[arg-type]
+            importer.import_batch(files, batch)
             link.send({"done": True})
         except Exception as exc:
             link.send({"failed": f"{type(exc).__name__}: {exc}"})
