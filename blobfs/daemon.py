@@ -211,7 +211,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, W
         Validator(spool, project),
         delay_s=config.writeback_delay_s,
         blob_size=config.writeback_blob_size,
-        batch_files=config.writeback_batch_files,
+        batch_files=config.effective_batch_files(),
     )
     return WritebackFS(project, spool, queue, sync_close=config.sync_close), queue
 
