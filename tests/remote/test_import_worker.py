@@ -176,6 +176,36 @@ def test_through_a_mount_a_lost_worker_leaves_the_copy_to_the_daemon(
 
 
 @pytest.mark.fuse
+def test_through_a_mount_the_worker_imports_pairs_while_the_copy_goes_on(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    mnt, log = tmp_path / "mnt", tmp_path / "log"
+    wb = ["--writeback", "--spool-dir", str(tmp_path / "spool"), "--writeback-delay", "3600"]
+    proc = harness.start_remote(
+        emulator.url,
+        remote_project,
+        mnt,
+        *wb,
+        *["--batch-files", "4", "--log-level", "INFO"],
+        token=TOKEN,
+        log=log,
+    )
+    ann = {"description": "", "size": {"height": 32, "width": 32}, "tags": [], "objects": []}
+    images = {f"pair{i}.png": png_bytes(950 + i) for i in range(2)}
+    try:
+        for name, data in images.items():
+            (mnt / "train" / "img" / name).write_bytes(data)
+            (mnt / "train" / "ann" / f"{name}.json").write_text(json.dumps(ann))
+        deadline = time.monotonic() + 30  # no flush, no quiet period: the count seals it
+        while "import_worker: imported 2 images" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        assert proc.unmount(60) == 0
+    _assert_imported_once(emulator, remote_project, images)
+
+
+@pytest.mark.fuse
 def test_a_daemon_killed_with_sigkill_takes_its_worker_down_and_the_next_mount_imports(
     tmp_path: Path, emulator: Emulator, remote_project: int
 ) -> None:
