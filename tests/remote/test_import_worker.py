@@ -21,7 +21,7 @@ from blobfs.sly.api import SuperviselyApi
 from blobfs.transport.http import HttpClient
 from blobfs.writeback.import_worker import DEADLINE_ENV, FAILPOINT, ImportWorker, WorkerImporter
 from blobfs.writeback.remote import RemoteImporter
-from blobfs.writeback.spool import Batch, Spool
+from blobfs.writeback.spool import INLINE_MAX, Batch, Spool
 from tests.helpers import stage_held
 from tests.support import harness
 from tests.support.sample import make_images, png_bytes
@@ -123,6 +123,26 @@ def test_a_worker_that_cannot_start_leaves_every_import_to_the_daemon(
     importer.import_batch(spool, batch)
     assert not importer.in_worker and fallback.batches == 1
     _assert_imported_once(emulator, remote_project, images)
+
+
+def test_a_batch_with_an_image_not_held_is_packed_and_imported_in_the_daemon(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    big = png_bytes(990) + bytes(INLINE_MAX)  # too large to be held: a file of its own
+    fd, tmp = spool.new_temp()
+    os.write(fd, big)
+    spool.commit(fd, tmp, "/train/img/big.png")
+    spool.drop_temp(fd, tmp)
+    batch = spool.create_batch(Batch("b2", ["train"], ["/train/img/big.png"], "train_big"))
+    fallback = _in_daemon(emulator, remote_project)
+    importer = WorkerImporter(fallback, lambda: _worker(emulator, remote_project))
+    try:
+        importer.import_batch(spool, batch)  # its tar is written into the spool: not by the worker
+        assert fallback.batches == 1 and importer.in_worker
+    finally:
+        importer.close()
+    _assert_imported_once(emulator, remote_project, {"big.png": big})
 
 
 @pytest.mark.parametrize("how", ["dies", "hangs"])
