@@ -148,6 +148,7 @@ class ImportWorker:
             timer = threading.Timer(self.deadline_s, self.stop)
             timer.daemon = True
             timer.start()
+            unsaved: Exception | None = None  # a step the daemon could not save
             try:
                 self._send({"batch": batch.id, "batches": str(spool.batches_dir)})
                 while True:
@@ -155,12 +156,20 @@ class ImportWorker:
                     if "log" in message:
                         logger.info("%s", message["log"])
                     elif "save" in message:
-                        self._save(spool, batch, message["save"])
-                        self._send({"saved": True})
-                    elif "done" in message:
+                        try:
+                            self._save(spool, batch, message["save"])
+                        except WorkerGone:
+                            raise
+                        except Exception as exc:  # e.g. a full spool: the import fails there
+                            unsaved = exc
+                        # the worker stops at a step not saved, and answers the batch
+                        self._send({"saved": unsaved is None})
+                    elif "done" in message or "failed" in message:
+                        if unsaved is not None:
+                            raise unsaved
+                        if "failed" in message:
+                            raise RemoteError(str(message["failed"]))
                         return
-                    elif "failed" in message:
-                        raise RemoteError(str(message["failed"]))
                     else:
                         raise WorkerGone(f"unexpected answer from the worker: {sorted(message)}")
             finally:
@@ -209,7 +218,7 @@ class WorkerImporter:
         self._worker: ImportWorker | None = None
         try:
             self._worker = start()
-        except OSError as exc:
+        except (OSError, WorkerGone) as exc:
             logger.warning("import worker not started (%s); imports run in the daemon", exc)
 
     @property

@@ -97,6 +97,34 @@ def test_a_batch_imported_in_the_worker_lands_once_and_the_daemon_saves_each_ste
         importer.close()
 
 
+def test_a_step_the_daemon_cannot_save_fails_the_import_and_the_retry_goes_on_from_the_last(
+    tmp_path: Path, emulator: Emulator, remote_project: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, batch, images = _batch(tmp_path)
+    real_save = spool.save_batch
+
+    def full_at_upload(b: Batch) -> None:
+        if b.state == "uploaded":
+            raise OSError(28, "No space left on device")
+        real_save(b)
+
+    monkeypatch.setattr(spool, "save_batch", full_at_upload)
+    fallback = _in_daemon(emulator, remote_project)
+    importer = WorkerImporter(fallback, lambda: _worker(emulator, remote_project))
+    try:
+        with pytest.raises(OSError, match="No space"):
+            importer.import_batch(spool, batch)
+        saved = json.loads((spool.batches_dir / "b1" / "manifest.json").read_bytes())
+        assert saved["state"] == "packed"
+        monkeypatch.setattr(spool, "save_batch", real_save)
+        batch = spool.open_batches()[0]  # what the queue's retry finds
+        importer.import_batch(spool, batch)  # the same worker, still in step with the daemon
+        assert importer.in_worker and fallback.batches == 0
+    finally:
+        importer.close()
+    _assert_imported_once(emulator, remote_project, images)
+
+
 def test_the_token_reaches_the_worker_by_its_pipe_only(
     emulator: Emulator, remote_project: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
