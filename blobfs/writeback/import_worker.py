@@ -48,7 +48,7 @@ from blobfs.errors import RemoteError
 from blobfs.failpoints import ENV as FAILPOINT_ENV
 from blobfs.failpoints import failpoint
 from blobfs.format.pack import InlineFile, open_source
-from blobfs.writeback.importer import Importer
+from blobfs.writeback.importer import Importer, split_batch
 from blobfs.writeback.spool import Batch, Spool
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ BATCH_DEADLINE_S = 1800.0
 FAILPOINT = "import-worker"
 #: Seconds of ``BATCH_DEADLINE_S`` a mount uses instead, when set (the fallback tests).
 DEADLINE_ENV = "BLOBFS_IMPORT_WORKER_DEADLINE_S"
-#: Where each step's saved state lies in the manifest, and the crash point the daemon
-#: passes before (``before``) or after (``after``) saving it, as the in-process import.
+#: The crash points the daemon passes before and after saving each step (by the state it
+#: reaches): where the in-process import passes them, so the crash tests hold either way.
 _STEP_POINTS = {
     "packed": ("", "remote-after-pack"),
     "uploaded": ("remote-after-upload", ""),
@@ -247,11 +247,7 @@ class WorkerImporter:
 def _images(batch: Batch) -> list[str]:
     """The batch's images when it still has to be packed (a batch with an image that is
     not held packs a tar into the spool: the daemon does that itself); none otherwise."""
-    if batch.state != "new":
-        return []
-    from blobfs.writeback.importer import split_batch
-
-    return split_batch(batch)[0]
+    return split_batch(batch)[0] if batch.state == "new" else []
 
 
 # ---- the worker ---------------------------------------------------------------------
