@@ -10,12 +10,13 @@ latency is a separate emulator run):
 1. anchor, the guide's whole flow with the stock SDK: ``sly.fs.archive_directory`` (tar),
    ``sly.fs.save_blob_offsets_pkl`` (offsets file), ``api.file.upload`` of both,
    ``api.image.upload_blob_images``, ``api.annotation.upload_paths``;
-2. blobfs, default durability, one batch: ``cp -r`` of the dataset's ``img/`` and ``ann/``
-   into ``<mount>/ds/`` with ``--writeback-delay 3600 --blob-size 1G --batch-files 0``
-   (nothing is imported before it), then ``blobfs flush`` (pack, upload tar + offsets,
-   register, annotations);
-3. blobfs with ``--batch-files 5000``: batches import while the copy goes on, the
-   flush imports what is left;
+2. blobfs as a user gets it (``default``, the target row): ``cp -r`` of the dataset's
+   ``img/`` and ``ann/`` into ``<mount>/ds/`` with the mount's defaults (batches of
+   ``--batch-files 30000`` import, in the import worker, while the copy goes on), then
+   ``blobfs flush`` (the rest: pack, upload tar + offsets, register, annotations);
+3. ``one_batch``: ``--writeback-delay 3600 --blob-size 1G --batch-files 0`` (nothing is
+   imported before the flush); ``streaming``: ``--batch-files N`` (``--batch-files`` of
+   this script); ``*_daemon``: the same with ``--import-in-daemon``;
 4. blobfs with ``--sync-close`` (every ``close()`` durable), one batch;
 5. per-image ``api.image.upload_path`` on a subset, extrapolated to N;
 6. ``cp -r`` of the same folder into a plain local folder on the disk holding the spool.
@@ -45,6 +46,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support
 from _common import OUT, Mounts, mountpoint, spawn_foreground, table
 from remote_scan import TOKEN, start_emulator
 
+from blobfs.config import DEFAULT_BATCH_FILES
 from tests.support.sample import png_bytes
 
 SIDE = 36  # 36x36 PNGs of noise: ~4 KB each
@@ -86,19 +88,33 @@ def count_images(url: str, project: int) -> int:
     return int(api(url, "images.list", {"datasetId": ds, "per_page": 1})["total"])
 
 
-#: Mount options of each blobfs row: everything waits for the flush, or the defaults.
+#: Mount options of each blobfs row. ``default`` is what a user gets (the target row);
+#: ``one_batch`` waits for the flush to import anything; ``streaming`` imports batches of
+#: ``--batch-files`` while the copy goes on; ``_daemon`` rows import in the daemon itself.
 ONE_BATCH = ["--writeback-delay", "3600", "--blob-size", "1G", "--batch-files", "0"]
-MODES = {
-    "default": ONE_BATCH,
-    "streaming": ["--batch-files", "5000"],
+MODES: dict[str, list[str]] = {
+    "default": [],
+    "one_batch": ONE_BATCH,
+    "streaming": ["--batch-files", str(DEFAULT_BATCH_FILES)],
     "sync_close": [*ONE_BATCH, "--sync-close"],
+    "one_batch_daemon": [*ONE_BATCH, "--import-in-daemon"],
+    "streaming_daemon": ["--batch-files", str(DEFAULT_BATCH_FILES), "--import-in-daemon"],
+}
+LABELS = {
+    "default": f"defaults: --batch-files {DEFAULT_BATCH_FILES}",
+    "one_batch": "one batch",
+    "streaming": "--batch-files N: batches during cp",
+    "sync_close": "one batch, --sync-close",
+    "one_batch_daemon": "one batch, --import-in-daemon",
+    "streaming_daemon": "--batch-files N, --import-in-daemon",
 }
 
-LABELS = {
-    "default": "one batch",
-    "streaming": "--batch-files 5000: batches during cp",
-    "sync_close": "one batch, --sync-close",
-}
+
+def streaming(batch_files: int) -> None:
+    """The streaming rows with ``--batch-files batch_files``."""
+    for mode in ("streaming", "streaming_daemon"):
+        MODES[mode][1] = str(batch_files)
+        LABELS[mode] = LABELS[mode].replace("N", str(batch_files), 1)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -254,9 +270,20 @@ def main() -> None:
     parser.add_argument("--per-image-subset", type=int, default=300)
     parser.add_argument("--breakdown", action="store_true", help="where the time goes")
     parser.add_argument(
-        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="blobfs rows to run"
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=["default", "one_batch", "sync_close"],
+        help="blobfs rows to run",
+    )
+    parser.add_argument(
+        "--batch-files",
+        type=int,
+        default=DEFAULT_BATCH_FILES,
+        help="--batch-files of the streaming rows",
     )
     args = parser.parse_args()
+    streaming(args.batch_files)
     n = args.images
     src = dataset_folder(n)
     local = bench_local_cp(src)

@@ -170,11 +170,11 @@ def main() -> None:
 )
 @click.option(
     "--batch-files",
-    default=DEFAULT_BATCH_FILES,
-    show_default=True,
+    default=None,
     metavar="N",
     help="Import a dataset's staged files once N are staged, while writes go on "
-    "(0: only by --blob-size, --writeback-delay or blobfs flush).",
+    f"(0: only by --blob-size, --writeback-delay or blobfs flush; default {DEFAULT_BATCH_FILES} "
+    "for a remote project, 0 for a local folder).",
 )
 @click.option(
     "--debug-fuse",
@@ -188,6 +188,12 @@ def main() -> None:
     metavar="SECONDS",
     help="Seconds each file operation may take, retries included; then it fails "
     "with ETIMEDOUT (default 30; -o timeout=).",
+)
+@click.option(
+    "--import-in-daemon",
+    is_flag=True,
+    help="Remote --writeback: import batches in the daemon itself, not in a worker "
+    "process of their own (which leaves the daemon's CPU to the writes meanwhile).",
 )
 @click.option(
     "--prefetch",
@@ -235,6 +241,7 @@ def mount(
     sync_close: bool,
     debug_fuse: bool,
     timeout: float | None,
+    import_in_daemon: bool,
     prefetch: bool,
     concurrency: int,
     readdirplus: str | None,
@@ -285,11 +292,14 @@ def mount(
             spool_dir=os.path.abspath(str(opt["spool_dir"])) if opt["spool_dir"] else None,
             writeback_delay_s=_seconds(opt["writeback_delay"]),
             writeback_blob_size=parse_size(opt["blob_size"]),
-            writeback_batch_files=_files(opt["batch_files"]),
+            writeback_batch_files=None
+            if opt["batch_files"] is None
+            else _files(opt["batch_files"]),
             sync_close=bool(opt["sync_close"] or opt.get("sync")),
             debug_fuse=debug_fuse,
             timeout_s=_timeout(opt["timeout"]),
             prefetch=bool(opt["prefetch"]),
+            import_in_daemon=import_in_daemon,
             concurrency=_concurrency(opt["concurrency"]),
             readdirplus=_readdirplus(opt["readdirplus"]),
         )

@@ -21,11 +21,15 @@ DEFAULT_LOCAL_CACHE_BYTES = 32 << 20
 DEFAULT_ATTR_TIMEOUT_S = 3600.0
 DEFAULT_REMOTE_TTL_S = 60.0
 #: Staged files of a dataset that seal a writeback batch while writes go on (0: never by
-#: count). Off by default: importing during a copy competes with the copy for the
-#: daemon's CPU, and each batch pays a blob, an upload and a registration of its own, so
-#: the copy slows by more than the flush it saves (docs/performance.md); it pays where
-#: the server is far and the writer slow.
-DEFAULT_BATCH_FILES = 0
+#: count; an annotation with its image counts as two). A long copy is then imported while
+#: it goes on and the flush at its end imports only the rest; the import runs in a worker
+#: process, so it takes the daemon's interpreter lock from the copy's requests for little
+#: more than the batch's seal and unstaging. Large, so that each batch's blob, upload and
+#: registration are paid for many files, and a copy smaller than this stays one batch.
+#: Remote mounts only: a local import runs in the daemon, and competes with the copy.
+DEFAULT_BATCH_FILES = 30_000
+#: The same for a local project folder: off.
+DEFAULT_LOCAL_BATCH_FILES = 0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -68,9 +72,13 @@ class MountConfig:
     spool_dir: str | None = None
     writeback_delay_s: float = 5.0
     writeback_blob_size: int = 256 << 20
-    writeback_batch_files: int = DEFAULT_BATCH_FILES
+    #: ``--batch-files``; None: the source's default (see :meth:`effective_batch_files`).
+    writeback_batch_files: int | None = None
     #: Deadline of every FUSE operation, retries included (``--timeout``, ``-o timeout=``).
     timeout_s: float = DEFAULT_TIMEOUT_S
+    #: Remote writeback: batches import in the daemon, not in a worker process
+    #: (``--import-in-daemon``; see ``blobfs.writeback.import_worker``).
+    import_in_daemon: bool = False
     #: Remote: warm the whole project in the background (``--prefetch``).
     prefetch: bool = False
     #: Remote: requests one listing, annotation walk or prefetch keeps in flight.
@@ -85,6 +93,12 @@ class MountConfig:
     @property
     def is_remote(self) -> bool:
         return self.source.startswith("sly://")
+
+    def effective_batch_files(self) -> int:
+        """Staged files of a dataset that seal a batch while writes go on (0: never)."""
+        if self.writeback_batch_files is not None:
+            return self.writeback_batch_files
+        return DEFAULT_BATCH_FILES if self.is_remote else DEFAULT_LOCAL_BATCH_FILES
 
     def effective_spool_dir(self) -> str:
         """The spool for this source: one per source, so a remount finds its pending work."""

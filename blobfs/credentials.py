@@ -17,6 +17,8 @@ from blobfs.errors import InvalidInput
 logger = logging.getLogger(__name__)
 
 ENV_FILE = Path("~/supervisely.env")
+#: The environment variable of the token.
+TOKEN_ENV = "API_TOKEN"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -59,7 +61,7 @@ def resolve(
         if warning:
             logger.warning("%s", warning)
     else:
-        token = environ.get("API_TOKEN") or from_file.get("API_TOKEN") or ""
+        token = environ.get(TOKEN_ENV) or from_file.get(TOKEN_ENV) or ""
     if not server:
         raise InvalidInput("no server: pass --server or set SERVER_ADDRESS (or ~/supervisely.env)")
     if not token:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # annotations only: a read-only mount loads none of the write
     from blobfs.sly.api import SuperviselyApi
     from blobfs.sources.remote import RemoteProjectSource
     from blobfs.writeback.fs import WritebackFS
+    from blobfs.writeback.importer import Importer
     from blobfs.writeback.queue import WritebackQueue
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, W
     """The writable layer over the read-only view of ``source``, and the queue that imports
     what is written; each part gets what it uses when it is made."""
     from blobfs.writeback.fs import WritebackFS
-    from blobfs.writeback.importer import Importer, LocalImporter
+    from blobfs.writeback.importer import LocalImporter
     from blobfs.writeback.queue import WritebackQueue
     from blobfs.writeback.spool import Spool
     from blobfs.writeback.validate import Validator
@@ -200,6 +201,8 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, W
 
         assert isinstance(source, RemoteProjectSource)
         importer = RemoteImporter(source.api, source.project_id)
+        if not config.import_in_daemon:
+            importer = _remote_importer(config, importer)
     else:
         importer = LocalImporter(config.source)
     queue = WritebackQueue(
@@ -208,9 +211,28 @@ def build_writeback(config: MountConfig, source: Source) -> tuple[WritebackFS, W
         Validator(spool, project),
         delay_s=config.writeback_delay_s,
         blob_size=config.writeback_blob_size,
-        batch_files=config.writeback_batch_files,
+        batch_files=config.effective_batch_files(),
     )
     return WritebackFS(project, spool, queue, sync_close=config.sync_close), queue
+
+
+def _remote_importer(config: MountConfig, inner: Importer) -> Importer:
+    """``inner``, run in a worker process of its own (``inner`` when it cannot start):
+    see :mod:`blobfs.writeback.import_worker`."""
+    from blobfs.credentials import resolve
+    from blobfs.writeback.import_worker import (
+        BATCH_DEADLINE_S,
+        DEADLINE_ENV,
+        ImportWorker,
+        WorkerImporter,
+    )
+
+    server, token = resolve(config.server, config.token_file)
+    project = parse_project_id(config.source)
+    deadline_s = float(os.environ.get(DEADLINE_ENV) or BATCH_DEADLINE_S)
+    return WorkerImporter(
+        inner, lambda: ImportWorker(server, token, config.concurrency, project, deadline_s)
+    )
 
 
 def run(config: MountConfig, ready_fd: int | None = None) -> None:
@@ -321,6 +343,9 @@ def _drain(queue: WritebackQueue) -> None:
     status = queue.status
     logger.info("writeback: importing %d pending files before exit", status.pending)
     ok = queue.stop(drain=True)
+    close = getattr(queue.importer, "close", None)
+    if callable(close):  # an import worker: killed at unmount
+        close()
     queue.spool.close()  # a clean exit leaves no journal to replay
     logger.info(
         "writeback: %d files imported in %d batches; %d pending, %d failed%s",

@@ -55,6 +55,26 @@ class PhaseTimes:
 BATCH_BLOB_SIZE = 1 << 62
 
 
+class BatchFiles(Protocol):
+    """What a remote import reads of the spool, and how it saves each step: the spool
+    itself in the daemon; a batch's durable files, read only, in an import worker (which
+    hands each step to the daemon to save)."""
+
+    batches_dir: Path
+
+    def batch_source(self, batch: Batch, view_path: str) -> Path | InlineFile:
+        """The batch's snapshot of ``view_path`` (see :meth:`Spool.batch_source`)."""
+        ...
+
+    def batch_bytes(self, batch: Batch, view_path: str) -> bytes:
+        """The bytes of that snapshot."""
+        ...
+
+    def save_batch(self, batch: Batch) -> None:
+        """Make the batch's state durable in its manifest."""
+        ...
+
+
 class Importer(Protocol):
     """Where batches go. Every method must be safe to call again after a crash."""
 

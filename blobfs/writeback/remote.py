@@ -50,8 +50,8 @@ from blobfs.format.pack import (
 from blobfs.model import BlobMember
 from blobfs.sly.api import ANN_ADD_BATCH, DEFAULT_CONCURRENCY, SuperviselyWriteApi
 from blobfs.transport.http import UPLOAD_CHUNK, UploadContent
-from blobfs.writeback.importer import PhaseTimes, split_batch
-from blobfs.writeback.spool import Batch, Spool
+from blobfs.writeback.importer import BatchFiles, PhaseTimes, split_batch
+from blobfs.writeback.spool import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class RemoteImporter:
         assert parent is not None
         return parent
 
-    def import_batch(self, spool: Spool, batch: Batch) -> None:
+    def import_batch(self, spool: BatchFiles, batch: Batch) -> None:
         images, anns, meta = split_batch(batch)
         phases = PhaseTimes()  # for the batch's log line
         if meta is not None:
@@ -176,7 +176,7 @@ class RemoteImporter:
 
     def _import_images(
         self,
-        spool: Spool,
+        spool: BatchFiles,
         batch: Batch,
         images: list[str],
         target: Future[tuple[int, dict[str, int]]],
@@ -251,7 +251,7 @@ class RemoteImporter:
 
     def _register(
         self,
-        spool: Spool,
+        spool: BatchFiles,
         batch: Batch,
         target: Future[tuple[int, dict[str, int]]],
         marked: bool,
@@ -304,7 +304,7 @@ class RemoteImporter:
         return path
 
     def _pack(
-        self, spool: Spool, batch: Batch, images: list[str], tar_path: Path
+        self, spool: BatchFiles, batch: Batch, images: list[str], tar_path: Path
     ) -> list[list[object]]:
         """Write the batch's tar; it is whole and durable before the manifest says ``packed``
         (an upload after a power cut must never send a torn tar)."""
@@ -325,7 +325,7 @@ class RemoteImporter:
 
 
 def _tar_source(
-    spool: Spool, batch: Batch, images: list[str], tar_path: Path
+    spool: BatchFiles, batch: Batch, images: list[str], tar_path: Path
 ) -> str | UploadContent:
     """What a packed batch uploads as its tar: the tar on disk, or one made as it uploads."""
     if tar_path.exists():
@@ -345,7 +345,7 @@ class HeldTar:
     written and flushed first. Members are laid out as :class:`TarBlobWriter` lays them
     (the same headers, padding and end blocks): the offsets match the bytes either way."""
 
-    def __init__(self, spool: Spool, batch: Batch, images: list[str]) -> None:
+    def __init__(self, spool: BatchFiles, batch: Batch, images: list[str]) -> None:
         self._spool, self._batch = spool, batch
         self._plan: list[tuple[str, bytes, int]] = []  # (view path, header, size)
         self.members: list[list[object]] = []
@@ -363,7 +363,7 @@ class HeldTar:
         self.size = pos + (-pos % RECORD)
 
     @classmethod
-    def of(cls, spool: Spool, batch: Batch, images: list[str]) -> HeldTar | None:
+    def of(cls, spool: BatchFiles, batch: Batch, images: list[str]) -> HeldTar | None:
         """The batch's tar made as it uploads, or None when an image is not held."""
         if images and all(path in batch.held for path in images):
             return cls(spool, batch, images)
@@ -388,7 +388,7 @@ class HeldTar:
         yield bytes(out)
 
 
-def _read_anns(spool: Spool, batch: Batch, anns: dict[str, str], into: dict[str, Any]) -> None:
+def _read_anns(spool: BatchFiles, batch: Batch, anns: dict[str, str], into: dict[str, Any]) -> None:
     """The batch's staged annotations, converted as the server stores them, into ``into``
     (image name -> annotation)."""
     for name, ann_path in anns.items():

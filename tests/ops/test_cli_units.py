@@ -135,6 +135,17 @@ def test_nonempty_reaches_libfuse_2_only() -> None:
     assert ("nonempty" in fuse_kwargs(config, True)) == (FUSE_MAJOR == 2)
 
 
+def test_a_remote_mount_imports_batches_during_a_long_copy_by_default_a_local_one_not() -> None:
+    from blobfs.config import DEFAULT_BATCH_FILES, MountConfig
+
+    assert MountConfig(source="sly://7", mountpoint="/m").effective_batch_files() == (
+        DEFAULT_BATCH_FILES
+    )
+    assert MountConfig(source="/p", mountpoint="/m").effective_batch_files() == 0
+    given = MountConfig(source="sly://7", mountpoint="/m", writeback_batch_files=0)
+    assert given.effective_batch_files() == 0
+
+
 def test_a_new_log_file_is_private(tmp_path: Path) -> None:
     log = tmp_path / "new.log"
     old = os.umask(0o022)
