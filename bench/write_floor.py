@@ -2,6 +2,7 @@
 
     python bench/write_floor.py [--images 30000] [--rounds 3] [--latency-ms 2]
                                 [--blobfs-only] [--tree LABEL=PATH] [--variant LABEL=FLAGS]
+                                [--anchor] [--pins unpinned both daemon cp]
 
 The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is copied with
 ``cp -r`` into:
@@ -28,8 +29,16 @@ blobfs with more mount flags; ``--blobfs-only`` leaves out the plain folder, the
 system and the Python floor (the ratios are then to the first blobfs row).
 
 Each round runs every target unpinned and then pinned (``taskset -c 0`` for ``cp`` and the
-daemon), so the rows compared were measured minutes apart at most. Prints the median
+daemon), so the rows compared were measured minutes apart at most. ``--pins`` names the
+passes of a round instead: ``unpinned``, ``both`` (the pinned pass), ``daemon`` (the daemon
+alone on CPU 0, ``cp`` free) and ``cp`` (``cp`` alone on CPU 0). Prints the median
 (min-max) per-file microseconds and the ratio of each median to the plain folder's.
+
+``--anchor`` adds, to each pass, the SDK's whole flow of ``bench/writeback_bench.py`` (run in
+this process, pinned to CPU 0 in the pinned pass; the emulator is never pinned) and times
+blobfs's flush after its copy. It then prints, per pass, (the Python floor's copy + blobfs's
+flush) over the anchor next to blobfs's own (copy + flush) over it: what the whole flow
+would cost if blobfs's callbacks cost the floor's, against what it costs.
 """
 
 from __future__ import annotations
