@@ -31,7 +31,8 @@ system and the Python floor (the ratios are then to the first blobfs row).
 Each round runs every target unpinned and then pinned (``taskset -c 0`` for ``cp`` and the
 daemon), so the rows compared were measured minutes apart at most. ``--pins`` names the
 passes of a round instead: ``unpinned``, ``both`` (the pinned pass), ``daemon`` (the daemon
-alone on CPU 0, ``cp`` free) and ``cp`` (``cp`` alone on CPU 0). Prints the median
+alone on CPU 0, ``cp`` free), ``cp`` (``cp`` alone on CPU 0) and ``apart`` (the daemon on
+CPU 0, ``cp`` on CPU 1: every request crosses the CPUs). Prints the median
 (min-max) per-file microseconds and the ratio of each median to the plain folder's.
 
 ``--anchor`` adds, to each pass, the SDK's whole flow of ``bench/writeback_bench.py`` (run in
@@ -62,7 +63,6 @@ from remote_scan import TOKEN, start_emulator
 from writeback_bench import ONE_BATCH, bench_sdk, dataset_folder, new_project, writeback_mount
 
 HERE = Path(__file__).resolve().parent
-PIN = ["taskset", "-c", "0"]
 PYTHON_FLOOR = "Python floor (BlobfsFUSE, a dict of sizes)"
 BLOBFS = "blobfs writeback, default durability"
 
@@ -78,28 +78,32 @@ def build_floor() -> Path:
     return binary
 
 
-#: What each ``--pins`` choice pins to CPU 0: (the daemon, ``cp``).
-PINS = {
-    "unpinned": (False, False),
-    "both": (True, True),
-    "daemon": (True, False),
-    "cp": (False, True),
+#: What each ``--pins`` choice runs ``taskset -c`` with: (the daemon's CPUs, ``cp``'s), None: free.
+PINS: dict[str, tuple[str | None, str | None]] = {
+    "unpinned": (None, None),
+    "both": ("0", "0"),
+    "daemon": ("0", None),
+    "cp": (None, "0"),
+    "apart": ("0", "1"),
 }
 PIN_LABELS = {
     "unpinned": "unpinned",
     "both": "taskset -c 0",
     "daemon": "daemon pinned, cp free",
     "cp": "cp pinned, daemon free",
+    "apart": "daemon on 0, cp on 1",
 }
 
 
 def daemon_pin(pin: str) -> list[str]:
-    return PIN if PINS[pin][0] else []
+    cpus = PINS[pin][0]
+    return [] if cpus is None else ["taskset", "-c", cpus]
 
 
 def timed_cp(src: Path, target: Path, pin: str) -> float:
+    cpus = PINS[pin][1]
     start = time.perf_counter()
-    cmd = [*(PIN if PINS[pin][1] else []), "cp", "-r", f"{src}/.", str(target)]
+    cmd = [*([] if cpus is None else ["taskset", "-c", cpus]), "cp", "-r", f"{src}/.", str(target)]
     subprocess.run(cmd, check=True)
     return time.perf_counter() - start
 
@@ -196,8 +200,8 @@ def anchor_round(src: Path, pin: str, url: str, emu: int, images: int) -> float:
     """The SDK's whole flow (``writeback_bench.py``'s anchor), this process pinned to
     CPU 0 when the daemons are (the emulator is not, in either case)."""
     cpus = os.sched_getaffinity(0)
-    if PINS[pin][0]:
-        os.sched_setaffinity(0, {0})
+    if PINS[pin][0] is not None:
+        os.sched_setaffinity(0, {int(PINS[pin][0])})
     try:
         got = bench_sdk(url, src, images, 0, emu, [])
     finally:
@@ -267,7 +271,7 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         choices=list(PINS),
         default=["unpinned", "both"],
-        help="what runs on CPU 0 in each round's passes (daemon: the daemon alone, cp: cp alone)",
+        help="the passes of each round: what runs where (see the module docstring)",
     )
     parser.add_argument(
         "--anchor",
