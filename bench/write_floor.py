@@ -2,6 +2,7 @@
 
     python bench/write_floor.py [--images 30000] [--rounds 3] [--latency-ms 2]
                                 [--blobfs-only] [--tree LABEL=PATH] [--variant LABEL=FLAGS]
+                                [--anchor] [--pins unpinned both daemon cp]
 
 The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is copied with
 ``cp -r`` into:
@@ -28,8 +29,17 @@ blobfs with more mount flags; ``--blobfs-only`` leaves out the plain folder, the
 system and the Python floor (the ratios are then to the first blobfs row).
 
 Each round runs every target unpinned and then pinned (``taskset -c 0`` for ``cp`` and the
-daemon), so the rows compared were measured minutes apart at most. Prints the median
+daemon), so the rows compared were measured minutes apart at most. ``--pins`` names the
+passes of a round instead: ``unpinned``, ``both`` (the pinned pass), ``daemon`` (the daemon
+alone on CPU 0, ``cp`` free), ``cp`` (``cp`` alone on CPU 0) and ``apart`` (the daemon on
+CPU 0, ``cp`` on CPU 1: every request crosses the CPUs). Prints the median
 (min-max) per-file microseconds and the ratio of each median to the plain folder's.
+
+``--anchor`` adds, to each pass, the SDK's whole flow of ``bench/writeback_bench.py`` (run in
+this process, pinned to CPU 0 in the pinned pass; the emulator is never pinned) and times
+blobfs's flush after its copy. It then prints, per pass, (the Python floor's copy + blobfs's
+flush) over the anchor next to blobfs's own (copy + flush) over it: what the whole flow
+would cost if blobfs's callbacks cost the floor's, against what it costs.
 """
 
 from __future__ import annotations
@@ -50,10 +60,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, Mounts, mountpoint, spawn_foreground, table
 from remote_scan import TOKEN, start_emulator
-from writeback_bench import ONE_BATCH, dataset_folder, new_project, writeback_mount
+from writeback_bench import ONE_BATCH, bench_sdk, dataset_folder, new_project, writeback_mount
 
 HERE = Path(__file__).resolve().parent
-PIN = ["taskset", "-c", "0"]
+PYTHON_FLOOR = "Python floor (BlobfsFUSE, a dict of sizes)"
+BLOBFS = "blobfs writeback, default durability"
 
 
 def build_floor() -> Path:
@@ -67,28 +78,52 @@ def build_floor() -> Path:
     return binary
 
 
-def timed_cp(src: Path, target: Path, pinned: bool) -> float:
+#: What each ``--pins`` choice runs ``taskset -c`` with: (the daemon's CPUs, ``cp``'s), None: free.
+PINS: dict[str, tuple[str | None, str | None]] = {
+    "unpinned": (None, None),
+    "both": ("0", "0"),
+    "daemon": ("0", None),
+    "cp": (None, "0"),
+    "apart": ("0", "1"),
+}
+PIN_LABELS = {
+    "unpinned": "unpinned",
+    "both": "taskset -c 0",
+    "daemon": "daemon pinned, cp free",
+    "cp": "cp pinned, daemon free",
+    "apart": "daemon on 0, cp on 1",
+}
+
+
+def daemon_pin(pin: str) -> list[str]:
+    cpus = PINS[pin][0]
+    return [] if cpus is None else ["taskset", "-c", cpus]
+
+
+def timed_cp(src: Path, target: Path, pin: str) -> float:
+    cpus = PINS[pin][1]
     start = time.perf_counter()
-    subprocess.run([*(PIN if pinned else []), "cp", "-r", f"{src}/.", str(target)], check=True)
+    cmd = [*([] if cpus is None else ["taskset", "-c", cpus]), "cp", "-r", f"{src}/.", str(target)]
+    subprocess.run(cmd, check=True)
     return time.perf_counter() - start
 
 
-def local_round(src: Path, pinned: bool) -> float:
+def local_round(src: Path, pin: str) -> float:
     target = OUT / "wb-local-copy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     try:
-        return timed_cp(src, target, pinned)
+        return timed_cp(src, target, pin)
     finally:
         shutil.rmtree(target, ignore_errors=True)
 
 
-def floor_round(src: Path, pinned: bool, binary: Path) -> float:
+def floor_round(src: Path, pin: str, binary: Path) -> float:
     with Mounts() as mounts:
         mnt = mountpoint("floor-writefs")
-        cmd = [*(PIN if pinned else []), str(binary), str(mnt)]
+        cmd = [*daemon_pin(pin), str(binary), str(mnt)]
         spawn_foreground(mounts, cmd, mnt, OUT / "floor-writefs.log")
-        return timed_cp(src, mnt, pinned)
+        return timed_cp(src, mnt, pin)
 
 
 def serve_python_floor(mnt: str) -> None:
@@ -153,19 +188,39 @@ def serve_python_floor(mnt: str) -> None:
     )
 
 
-def python_floor_round(src: Path, pinned: bool) -> float:
+def python_floor_round(src: Path, pin: str) -> float:
     with Mounts() as mounts:
         mnt = mountpoint("python-floor")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-python-floor", str(mnt)]
-        spawn_foreground(mounts, [*(PIN if pinned else []), *cmd], mnt, OUT / "python-floor.log")
-        return timed_cp(src, mnt / "ds", pinned)
+        spawn_foreground(mounts, [*daemon_pin(pin), *cmd], mnt, OUT / "python-floor.log")
+        return timed_cp(src, mnt / "ds", pin)
+
+
+def anchor_round(src: Path, pin: str, url: str, emu: int, images: int) -> float:
+    """The SDK's whole flow (``writeback_bench.py``'s anchor), this process pinned to
+    CPU 0 when the daemons are (the emulator is not, in either case)."""
+    cpus = os.sched_getaffinity(0)
+    if PINS[pin][0] is not None:
+        os.sched_setaffinity(0, {int(PINS[pin][0])})
+    try:
+        got = bench_sdk(url, src, images, 0, emu, [])
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert got is not None, "the anchor needs the supervisely SDK"
+    return got[0]
 
 
 def blobfs_round(
-    src: Path, pinned: bool, url: str, tree: str | None = None, options: Sequence[str] = ()
+    src: Path,
+    pin: str,
+    url: str,
+    tree: str | None = None,
+    options: Sequence[str] = (),
+    flushes: list[float] | None = None,
 ) -> float:
     """One copy into blobfs; ``tree``: a folder holding another ``blobfs`` package to run
-    instead of this one (an export of an older commit), ``options``: more mount flags."""
+    instead of this one (an export of an older commit), ``options``: more mount flags,
+    ``flushes``: where to add the seconds of the ``blobfs flush`` after the copy."""
     project, _ = new_project(url, f"floor-{time.time_ns()}")
     spool = OUT / "wb-floor-spool"
     shutil.rmtree(spool, ignore_errors=True)
@@ -176,17 +231,20 @@ def blobfs_round(
         if tree is not None:  # -P: not the working directory's package, the tree's
             cmd = [cmd[0], "-P", *cmd[1:]]
             env["PYTHONPATH"] = tree
-        cmd = [*(PIN if pinned else []), *cmd]
+        cmd = [*daemon_pin(pin), *cmd]
         spawn_foreground(mounts, cmd, mnt, OUT / "wb-floor-daemon.log", env=env)
-        took = timed_cp(src, mnt / "ds", pinned)
+        took = timed_cp(src, mnt / "ds", pin)
+        start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "blobfs", "flush", str(mnt)], check=True, capture_output=True
         )
+        if flushes is not None:
+            flushes.append(time.perf_counter() - start)
     shutil.rmtree(spool, ignore_errors=True)
     return took
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -208,62 +266,136 @@ def main() -> None:
         metavar="LABEL=FLAGS",
         help="also copy into blobfs mounted with these extra flags (e.g. '-o nothreads')",
     )
+    parser.add_argument(
+        "--pins",
+        nargs="+",
+        choices=list(PINS),
+        default=["unpinned", "both"],
+        help="the passes of each round: what runs where (see the module docstring)",
+    )
+    parser.add_argument(
+        "--anchor",
+        action="store_true",
+        help="also the SDK's whole flow and blobfs's flush: the whole flow against the floor's",
+    )
     parser.add_argument("--serve-python-floor", metavar="MNT", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.serve_python_floor:
         serve_python_floor(args.serve_python_floor)
         return
     src = dataset_folder(args.images)
-    files = 2 * args.images
     binary = build_floor()
     state = OUT / "wb-floor-emu"
     shutil.rmtree(state, ignore_errors=True)
     emu, url = start_emulator(state, args.latency_ms)
-    targets: dict[str, Callable[[bool], float]] = {}
+    flushes: dict[str, list[float]] = {pin: [] for pin in args.pins}
+    anchors: dict[str, list[float]] = {pin: [] for pin in args.pins}
+    targets: dict[str, Callable[[str], float]] = {}
     if not args.blobfs_only:
-        targets["plain local folder"] = lambda pinned: local_round(src, pinned)
-        targets["floor_writefs (C, libfuse3 low-level)"] = lambda pinned: floor_round(
-            src, pinned, binary
-        )
-        targets["Python floor (BlobfsFUSE, a dict of sizes)"] = lambda pinned: python_floor_round(
-            src, pinned
-        )
-    targets["blobfs writeback, default durability"] = lambda pinned: blobfs_round(src, pinned, url)
+        targets["plain local folder"] = lambda pin: local_round(src, pin)
+        targets["floor_writefs (C, libfuse3 low-level)"] = lambda pin: floor_round(src, pin, binary)
+    if not args.blobfs_only or args.anchor:
+        targets[PYTHON_FLOOR] = lambda pin: python_floor_round(src, pin)
+    targets[BLOBFS] = lambda pin: blobfs_round(src, pin, url, flushes=flushes[pin])
     for label, _, tree in (item.partition("=") for item in args.tree):
-        targets[f"blobfs {label}"] = lambda pinned, t=tree: blobfs_round(src, pinned, url, t)
+        targets[f"blobfs {label}"] = lambda pin, t=tree: blobfs_round(src, pin, url, t)
     for label, _, flags in (item.partition("=") for item in args.variant):
-        targets[f"blobfs {label}"] = lambda pinned, f=flags: blobfs_round(
-            src, pinned, url, options=f.split()
+        targets[f"blobfs {label}"] = lambda pin, f=flags: blobfs_round(
+            src, pin, url, options=f.split()
         )
-    samples: dict[tuple[str, bool], list[float]] = {}
+    samples: dict[tuple[str, str], list[float]] = {}
     try:
         for round_ in range(args.rounds):
-            for pinned in (False, True):
+            for pin in args.pins:
+                if args.anchor:
+                    anchors[pin].append(anchor_round(src, pin, url, emu.pid, args.images))
+                    print(f"round {round_ + 1} {pin} anchor: {anchors[pin][-1]:.2f} s", flush=True)
                 for name, run in targets.items():
-                    took = run(pinned)
-                    samples.setdefault((name, pinned), []).append(took)
-                    pin = "pinned" if pinned else "unpinned"
+                    took = run(pin)
+                    samples.setdefault((name, pin), []).append(took)
                     print(f"round {round_ + 1} {pin} {name}: {took:.2f} s", flush=True)
     finally:
         emu.terminate()
         emu.wait()
+    report(args, list(targets), samples, anchors, flushes)
+
+
+def report(
+    args: argparse.Namespace,
+    targets: list[str],
+    samples: dict[tuple[str, str], list[float]],
+    anchors: dict[str, list[float]],
+    flushes: dict[str, list[float]],
+) -> None:
+    files = 2 * args.images
     print(f"\ncp -r of {args.images} images + {args.images} annotations, {args.rounds} rounds\n")
-    first = next(iter(targets))
+    first = targets[0]
     rows = [("target", "cpu", "us per file: median (min-max)", f"x {first}")]
-    for pinned in (False, True):
-        base = statistics.median(samples[(first, pinned)])
+    for pin in args.pins:
+        base = statistics.median(samples[(first, pin)])
         for name in targets:
-            got = samples[(name, pinned)]
+            got = samples[(name, pin)]
             us = [s / files * 1e6 for s in got]
             rows.append(
                 (
                     name,
-                    "taskset -c 0" if pinned else "unpinned",
-                    f"{statistics.median(us):.0f} ({min(us):.0f}-{max(us):.0f})",
+                    PIN_LABELS[pin],
+                    spread(us, "{:.0f}"),
                     f"{statistics.median(got) / base:.2f}",
                 )
             )
     print(table(rows))
+    if args.anchor:
+        print(f"\nthe whole flow, seconds, median (min-max) of {args.rounds} rounds\n")
+        print(table(whole_flow_rows(args.pins, anchors, samples, flushes)))
+
+
+def spread(values: Sequence[float], fmt: str) -> str:
+    """``median (min-max)`` of ``values``, each written with ``fmt``."""
+    mid, low, high = (fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
+    return f"{mid} ({low}-{high})"
+
+
+def whole_flow_rows(
+    pins: Sequence[str],
+    anchors: dict[str, list[float]],
+    samples: dict[tuple[str, str], list[float]],
+    flushes: dict[str, list[float]],
+) -> list[tuple[str, ...]]:
+    """Per pinning: the anchor, the floor's copy, blobfs's copy and flush, and the two
+    ratios each round gives: (floor's copy + blobfs's flush) and blobfs's own copy +
+    flush, over that round's anchor. The first is what the flow would cost if blobfs's
+    callbacks cost what the floor's do; the gap between the two is blobfs's own work."""
+    head = (
+        "cpu",
+        "anchor",
+        "floor cp",
+        "blobfs cp",
+        "blobfs flush",
+        "(floor cp + flush) x",
+        "blobfs x",
+    )
+    rows: list[tuple[str, ...]] = [head]
+    for pin in pins:
+        anchor, floor, cp, flush = (
+            anchors[pin],
+            samples[(PYTHON_FLOOR, pin)],
+            samples[(BLOBFS, pin)],
+            flushes[pin],
+        )
+        floor_x = [(f + fl) / a for a, f, fl in zip(anchor, floor, flush, strict=True)]
+        own_x = [(c + fl) / a for a, c, fl in zip(anchor, cp, flush, strict=True)]
+        rows.append(
+            (
+                PIN_LABELS[pin],
+                *(spread(v, "{:.2f}") for v in (anchor, floor, cp, flush, floor_x, own_x)),
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -233,6 +233,8 @@ def bench_sdk(
         + ", ".join(f"{name} {wall:.2f} s (emulator CPU {cpu:.2f} s)" for name, wall, cpu in steps)
     )
     _, dataset2 = new_project(url, f"sdk-plain-{time.time_ns()}")
+    if not subset:  # the whole flow alone
+        return whole, 0.0, count_images(url, project)
     files = sorted((src / "img").glob("*.png"))[:subset]
     start = time.perf_counter()
     for path in files:

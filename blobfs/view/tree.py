@@ -442,9 +442,12 @@ class ProjectView:
         }
 
     def _record_attrs(self, rec: FileRecord, size: int) -> dict[str, int]:
-        return self._size_attrs(size, rec.mtime_ns)
+        return self.size_attrs(size, rec.mtime_ns)
 
-    def _size_attrs(self, size: int, mtime_ns: int) -> dict[str, int]:
+    def size_attrs(self, size: int, mtime_ns: int) -> dict[str, int]:
+        """A new dict of a file's ``stat`` fields from its size and mtime alone: what the
+        writeback layer also needs for a file still being written, whose bytes have no
+        ``stat_result`` yet."""
         return {
             "st_mode": FILE_MODE,
             "st_nlink": 1,
@@ -512,7 +515,7 @@ class ProjectView:
                 continue
             attrs = shared.get(source.mtime_ns)
             if attrs is None:
-                attrs = shared[source.mtime_ns] = self._size_attrs(0, source.mtime_ns)
+                attrs = shared[source.mtime_ns] = self.size_attrs(0, source.mtime_ns)
                 del attrs["st_size"], attrs["st_blocks"]
             yield ListingRun(names, sizes, attrs, table.contents(lo, at))
 
@@ -521,7 +524,7 @@ class ProjectView:
     ) -> Iterator[tuple[str, dict[str, int] | None]]:
         # a folder entry's size is known only once it is looked up (no stat per listing)
         for name, size, mtime in table.entries_from(start):
-            yield name, None if size is None else self._size_attrs(size, mtime)
+            yield name, None if size is None else self.size_attrs(size, mtime)
 
     def _attrs_from(
         self, items: list[tuple[str, DirNode | FileRecord]], start: int

@@ -270,7 +270,7 @@ class WritebackFS:
         without making a ``stat_result`` first (every create asks for them)."""
         if not scratch.in_memory:
             return self._attrs(scratch.stat())
-        attrs = self.project._size_attrs(scratch.size(), scratch.mtime_ns)  # a new dict
+        attrs = self.project.size_attrs(scratch.size(), scratch.mtime_ns)
         attrs["st_mode"] = STAGED_FILE_MODE
         return attrs
 
