@@ -44,7 +44,7 @@ import struct
 import sys
 import threading
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate, groupby, islice, repeat
@@ -539,9 +539,7 @@ def _check_sampled(names: bytes, sampled: array[int], count: int) -> None:
 
 def _starts_of(parts: Sequence[bytes], total: int) -> array[int]:
     """Where each of ``parts`` starts once each is followed by a NUL (and the end)."""
-    return array(
-        "I" if total < 1 << 32 else "Q", accumulate(map((1).__add__, map(len, parts)), initial=0)
-    )
+    return _starts_from(map(len, parts), total)
 
 
 def _check_names(names: bytes, count: int) -> array[int]:
@@ -551,14 +549,31 @@ def _check_names(names: bytes, count: int) -> array[int]:
         raise ValueError("name count does not match")
     if b"/" in names:
         raise ValueError("a name contains '/'")
-    parts = names.split(b"\0")[:-1]
-    if not all(parts) or b"." in parts or b".." in parts:
+    parts = names.split(b"\0")
+    parts.pop()  # what follows the last NUL (nothing): no copy of the list without it
+    lengths = list(map(len, parts))  # once, for the longest name and for the starts
+    if not all(parts):
         raise ValueError("a name is empty, '.' or '..'")
-    if count and max(map(len, parts)) > NAME_MAX:
+    if count and max(lengths) > NAME_MAX:
         raise ValueError("a name is too long")
     if not all(map(operator.lt, parts, islice(parts, 1, None))):
         raise ValueError("names are not sorted and distinct")
-    return _starts_of(parts, len(names))
+    # sorted: '.' and '..' would sit where bisection puts them (no pass over every name)
+    if any(_holds(parts, odd) for odd in (b".", b"..")):
+        raise ValueError("a name is empty, '.' or '..'")
+    return _starts_from(lengths, len(names))
+
+
+def _holds(ordered: list[bytes], name: bytes) -> bool:
+    """Whether the sorted list ``ordered`` holds ``name`` (a binary search)."""
+    at = bisect_left(ordered, name)
+    return at < len(ordered) and ordered[at] == name
+
+
+def _starts_from(lengths: Iterable[int], total: int) -> array[int]:
+    """Where each name starts, given each one's length, once each is followed by a NUL
+    (and the end)."""
+    return array("I" if total < 1 << 32 else "Q", accumulate(map((1).__add__, lengths), initial=0))
 
 
 class _TableItems(ItemsView[str, FileRecord]):

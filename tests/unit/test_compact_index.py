@@ -275,6 +275,20 @@ def test_names_that_break_a_promise_fail_the_first_listing_and_report_once(
     assert len(reports) == 1
 
 
+@pytest.mark.parametrize("odd", [b".", b".."])
+def test_a_dot_name_in_sorted_place_is_refused_from_disk(odd: bytes) -> None:
+    """'.' and '..' sort before every ordinary name: in that place the names are in
+    order and distinct, and still no listing may serve them."""
+    shorter = 5 - len(odd)
+    bad = FileTable.from_bytes(
+        _payload()
+        .replace(b"a.png\0", odd + b"\0")
+        .replace(b'"names": 18', f'"names": {18 - shorter}'.encode())
+    )
+    with pytest.raises(CorruptData):
+        list(bad)
+
+
 def test_a_name_longer_than_name_max_is_refused_from_disk() -> None:
     ok = table_of("img/", [("x" * 255, BLOBS[0], 0, 1)]).to_bytes()
     FileTable.from_bytes(ok)
