@@ -729,6 +729,40 @@ class TableBuilder:
         return table, duplicates
 
 
+def sorted_table(
+    prefix: str,
+    sources: Sequence[EntrySource],
+    names: list[str],
+    columns: tuple[list[int], list[int], list[int]],
+    ordered: bool | None = None,
+) -> FileTable | None:
+    """The table of entries given as columns (the i-th name, source index, start and size
+    make one entry) when the names are ASCII and strictly ascending, as offsets files
+    usually list them; None otherwise (the caller then goes through a
+    :class:`TableBuilder`). ``ordered``: what the caller found of the names' order itself
+    (None: found here).
+
+    The same table a builder makes, without a bytes object per name: for ASCII text the
+    order of the characters is the order of the bytes, and each name's length is its
+    length encoded, so the names are joined and encoded once and nothing is sorted.
+    """
+    if len({len(names), *map(len, columns)}) != 1:
+        raise ValueError("columns of different lengths")
+    if not names:
+        return None
+    joined = "\0".join(names)
+    if not joined.isascii() or joined.count("\0") != len(names) - 1:
+        return None  # a NUL inside a name would split it in two
+    if ordered is None:
+        ordered = all(map(operator.lt, names, islice(names, 1, None)))
+    if not ordered:
+        return None
+    buffer = joined.encode("ascii") + b"\0"
+    src, start, size = (_column_in(v, _bounds(v), range(len(v))) for v in columns)
+    starts = _starts_from(map(len, names), len(buffer))
+    return FileTable(prefix, sources, buffer, src, start, size, os.lstat, starts)
+
+
 def _bounds(values: list[int]) -> tuple[int, int]:
     """The least and the greatest of ``values``; (0, 0) when there are none."""
     return (min(values), max(values)) if values else (0, 0)

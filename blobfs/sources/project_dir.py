@@ -89,6 +89,7 @@ from blobfs.sources.compact import (
     TableBuilder,
     building,
     pace,
+    sorted_table,
 )
 from blobfs.sources.index_worker import IndexWorker, Job
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
@@ -139,6 +140,8 @@ class _Entries:
     starts: list[int]
     ends: list[int]
     runs: list[tuple[str, int]]
+    #: whether the names are strictly ascending, once :meth:`in_doubt` has found out
+    ordered: bool | None = None
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[BlobMember, str]]) -> _Entries:
@@ -160,7 +163,7 @@ class _Entries:
         names = self.names
         # names strictly in order are distinct: one comparison pass instead of a set
         # of every name (offsets files usually list their names sorted)
-        in_order = all(map(operator.lt, names, islice(names, 1, None)))
+        in_order = self.ordered = all(map(operator.lt, names, islice(names, 1, None)))
         if not in_order and len(set(names)) != len(names):
             return True
         by_stem: dict[str, list[range]] = {}
@@ -443,11 +446,14 @@ class LocalProjectSource(Source):
             if blob.problem and len(columns):
                 self._note(where, f"{len(columns)} images unreadable: {blob.problem}")
             elif blob.cached is not None:
-                past = sum(map(blob.cached.size.__lt__, columns.ends))
+                blob_size = blob.cached.size
+                # one C-level pass finds none past the end (the usual case); counted only if any
+                ends = columns.ends
+                past = sum(map(blob_size.__lt__, ends)) if ends and max(ends) > blob_size else 0
                 if past:
                     self._note(
                         where,
-                        f"images end past the blob ({blob.cached.size} bytes; truncated?), "
+                        f"images end past the blob ({blob_size} bytes; truncated?), "
                         "reads of them fail",
                         f"{past} images",
                     )
@@ -867,13 +873,18 @@ class LocalProjectSource(Source):
                 src += repeat(at, count)
             pace()
             names, starts, ends = entries.names, entries.starts, entries.ends
-            del entries
-            builder.add_many(
-                _encode_names(names), src, starts, list(map(operator.sub, ends, starts))
+            sizes = list(map(operator.sub, ends, starts))
+            del ends
+            quick = sorted_table(
+                "img/", builder.sources, names, (src, starts, sizes), entries.ordered
             )
-            del names, starts, ends, src
-            table, _ = builder.build()  # names were de-duplicated by _resolve
-            del builder
+            del entries
+            if quick is None:
+                builder.add_many(_encode_names(names), src, starts, sizes)
+                table, _ = builder.build()  # names were de-duplicated by _resolve
+            else:
+                table = quick
+            del names, starts, sizes, src, builder, quick
         self._problems.merge(collected)
         self.index_builds += 1
         if store is not None:

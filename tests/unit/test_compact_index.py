@@ -28,6 +28,7 @@ from blobfs.sources.compact import (
     TableBuilder,
     _Column,
     encode_name,
+    sorted_table,
     table_of,
 )
 from blobfs.sources.project_dir import _Entries
@@ -90,6 +91,33 @@ def test_a_table_answers_like_a_dict(
             page = list(candidate.entries_from(k))
             assert [n for n, _, _ in page] == order[k:]
             assert [s for _, s, _ in page] == [model[n][2] for n in order[k:]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(entries)
+@example({"a.png": (0, 512, 10), "b.png": (0, 1024, 10), "c.png": (0, 2048, 10)})
+@example({"a": (1, 5, 5), "é": (2, 0, 0)})
+def test_a_sorted_table_is_the_table_a_builder_makes(
+    model: dict[str, tuple[int, int, int]],
+) -> None:
+    """Names already in order and ASCII make their table without a builder, byte for
+    byte the builder's; any other names are left to the builder (None)."""
+    for order in (sorted(model), sorted(model, reverse=True)):
+        src, start, size = ([model[n][k] for n in order] for k in range(3))
+        columns = (src, start, size)
+        quick = sorted_table("img/", BLOBS, order, columns)
+        if not (order and order == sorted(order) and all(n.isascii() for n in order)):
+            assert quick is None
+            continue
+        assert quick is not None
+        builder = TableBuilder("img/")
+        for source in BLOBS:
+            builder.source(source)
+        builder.add_many([encode_name(n) for n in order], *columns)
+        assert quick.to_bytes() == builder.build()[0].to_bytes()
+        assert list(quick) == order and quick.get(order[0]) == model_record(
+            order[0], *model[order[0]]
+        )
 
 
 def flat_runs(table: FileTable, start: int) -> list[tuple[bytes, EntrySource, int]]:
