@@ -733,20 +733,22 @@ def sorted_table(
     prefix: str,
     sources: Sequence[EntrySource],
     names: list[str],
-    columns: tuple[list[int], list[int], list[int]],
+    columns: tuple[list[int] | int, list[int] | int, list[int] | int],
     ordered: bool | None = None,
+    lstat: Callable[[str], os.stat_result] = os.lstat,
 ) -> FileTable | None:
     """The table of entries given as columns (the i-th name, source index, start and size
-    make one entry) when the names are ASCII and strictly ascending, as offsets files
+    make one entry; a column given as one number holds it for every entry) when the
+    names are ASCII and strictly ascending, as offsets files
     usually list them; None otherwise (the caller then goes through a
     :class:`TableBuilder`). ``ordered``: what the caller found of the names' order itself
-    (None: found here).
+    (None: found here); ``lstat`` as for :class:`FileTable`.
 
     The same table a builder makes, without a bytes object per name: for ASCII text the
     order of the characters is the order of the bytes, and each name's length is its
     length encoded, so the names are joined and encoded once and nothing is sorted.
     """
-    if len({len(names), *map(len, columns)}) != 1:
+    if any(not isinstance(c, int) and len(c) != len(names) for c in columns):
         raise ValueError("columns of different lengths")
     if not names:
         return None
@@ -758,9 +760,14 @@ def sorted_table(
     if not ordered:
         return None
     buffer = joined.encode("ascii") + b"\0"
-    src, start, size = (_column_in(v, _bounds(v), range(len(v))) for v in columns)
+    src, start, size = (
+        _Column(c, None, len(names))
+        if isinstance(c, int)
+        else _column_in(c, _bounds(c), range(len(c)))
+        for c in columns
+    )
     starts = _starts_from(map(len, names), len(buffer))
-    return FileTable(prefix, sources, buffer, src, start, size, os.lstat, starts)
+    return FileTable(prefix, sources, buffer, src, start, size, lstat, starts)
 
 
 def _bounds(values: list[int]) -> tuple[int, int]:

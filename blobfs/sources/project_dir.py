@@ -752,9 +752,18 @@ class LocalProjectSource(Source):
             if cached is not None:
                 return cached
         listed_at = time.time_ns()
-        builder = TableBuilder(f"{sub}/")
-        whole = self._add_plain(builder, rel, suffix)
-        table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        names, whole = self._plain_names(rel, suffix)
+        names.sort()
+        pace()
+        source = EntrySource(FOLDER, rel)
+        quick = sorted_table(f"{sub}/", [source], names, (0, 0, 0), None, self._lstat)
+        if quick is not None:
+            table = quick
+        else:  # names that are not all ASCII: ordered by their bytes
+            builder = TableBuilder(f"{sub}/")
+            builder.add_names(_encode_names(names), builder.source(source))
+            table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        del names, quick
         settled = (
             st is not None and listed_at - max(st.st_mtime_ns, st.st_ctime_ns) >= PLAIN_SETTLED_NS
         )
@@ -792,21 +801,30 @@ class LocalProjectSource(Source):
         """Add the regular files of folder ``rel`` (names ending in ``suffix``); whether
         the folder was read and held nothing else (a listing that noted a problem is
         not cached: each mount notes it again)."""
+        names, whole = self._plain_names(rel, suffix)
+        src = builder.source(EntrySource(FOLDER, rel))
+        pace()
+        for at in range(0, len(names), PACE_EVERY):
+            builder.add_names(_encode_names(names[at : at + PACE_EVERY]), src)
+            pace()
+        return whole
+
+    def _plain_names(self, rel: str, suffix: str = "") -> tuple[list[str], bool]:
+        """The names of the regular files of folder ``rel`` ending in ``suffix`` (in the
+        folder's order), and whether the folder was read and held nothing else; its
+        other entries are refused (noted) here."""
         try:
             names, others = self.fs.list_regular(rel)
         except BlobfsError as exc:
             self._note(self.fs.where(rel), "folder not read", str(exc))
-            return False
+            return [], False
         for item in others:
             self._refuse_item(rel, item)
-        src = builder.source(EntrySource(FOLDER, rel))
-        pace()
-        wanted = operator.methodcaller("endswith", suffix)
-        for at in range(0, len(names), PACE_EVERY):
-            chunk = names[at : at + PACE_EVERY]
-            builder.add_names(_encode_names(list(filter(wanted, chunk)) if suffix else chunk), src)
-            pace()
-        return not others
+        # the usual folder holds only such names: one count over them all says so (a NUL
+        # ends each name, and no name holds one)
+        if suffix and ("\0".join(names) + "\0").count(suffix + "\0") != len(names):
+            names = list(filter(operator.methodcaller("endswith", suffix), names))
+        return names, not others
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
         """Blob images (from the index cache when it is current) and plain ``img/`` files."""
