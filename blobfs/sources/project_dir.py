@@ -1021,7 +1021,7 @@ def _unpack_index(
             raise ValueError("problems or refused names of the wrong type")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in refused.items()):
             raise ValueError("refused names are not strings")
-        table = FileTable.from_bytes(payload[at:])
+        table = FileTable.from_bytes(memoryview(payload)[at:])  # no copy of the payload
     except (ValueError, KeyError, TypeError) as exc:
         logger.info("index cache entry not usable (%s); rebuilding it", exc)
         return None
