@@ -44,7 +44,7 @@ import struct
 import sys
 import threading
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate, groupby, islice, repeat
@@ -179,7 +179,9 @@ class FileTable(Mapping[str, FileRecord]):
         #: where name i starts: 0, then one past each NUL (``starts[count]`` = the end);
         #: None until the first use of the whole table when loaded from disk unchecked
         self._starts = starts
-        self._count = len(starts) - 1 if starts is not None else names.count(b"\0")
+        # unchecked names (from disk): as many as the columns' entries, which the loader
+        # has matched to the NULs (and the deferred check counts them again)
+        self._count = len(starts) - 1 if starts is not None else src.length
         #: where every SAMPLE-th name starts (all a lookup needs)
         self._sampled = sampled if sampled is not None else _sampled_of(starts)
         self._check_lock = threading.Lock()
@@ -442,7 +444,7 @@ class FileTable(Mapping[str, FileRecord]):
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, lstat: Callable[[str], os.stat_result] = os.lstat
+        cls, data: bytes | memoryview, lstat: Callable[[str], os.stat_result] = os.lstat
     ) -> FileTable:
         """The table :meth:`to_bytes` wrote; what a lookup relies on is checked now, the
         rest of the names at the first use of the whole table (see the module's text).
@@ -452,7 +454,8 @@ class FileTable(Mapping[str, FileRecord]):
                 sizes that do not add up, a sampled start that is not where its name
                 starts, source indexes out of range, negative offsets).
         """
-        prefix, count, sources, specs, names_len, sampled_code, pos = _parse_header(data)
+        view = memoryview(data)  # parts copied once each, straight into their buffers
+        prefix, count, sources, specs, names_len, sampled_code, pos = _parse_header(view)
         columns = []
         for base, code, nbytes in specs:
             if code == "":
@@ -461,17 +464,17 @@ class FileTable(Mapping[str, FileRecord]):
                 columns.append(_Column(base, None, count))
                 continue
             values = array(code)
-            if nbytes != values.itemsize * count or pos + nbytes > len(data):
+            if nbytes != values.itemsize * count or pos + nbytes > len(view):
                 raise ValueError("column size does not match the entry count")
-            values.frombytes(data[pos : pos + nbytes])
+            values.frombytes(view[pos : pos + nbytes])
             pos += nbytes
             columns.append(_Column(base, values, count))
         sampled = array(sampled_code)
         sampled_len = sampled.itemsize * -(-count // SAMPLE)
-        if pos + sampled_len + names_len != len(data):
+        if pos + sampled_len + names_len != len(view):
             raise ValueError("names size does not match")
-        sampled.frombytes(data[pos : pos + sampled_len])
-        names = data[pos + sampled_len :]
+        sampled.frombytes(view[pos : pos + sampled_len])
+        names = bytes(view[pos + sampled_len :])
         if names.count(b"\0") != count or (count and not names.endswith(b"\0")):
             raise ValueError("name count does not match")
         _check_sampled(names, sampled, count)
@@ -482,7 +485,7 @@ class FileTable(Mapping[str, FileRecord]):
 
 
 def _parse_header(
-    data: bytes,
+    data: memoryview,
 ) -> tuple[str, int, list[EntrySource], list[tuple[int, str, int]], int, str, int]:
     """(prefix, count, sources, column specs, names length, type of the sampled starts,
     where the columns start)."""
@@ -493,7 +496,7 @@ def _parse_header(
         raise ValueError("not a table of this format")
     pos = _HEAD.size + head_len
     try:
-        header = json.loads(data[_HEAD.size : pos])
+        header = json.loads(bytes(data[_HEAD.size : pos]))
         prefix, count, names_len = header["prefix"], header["count"], header["names"]
         sources = [EntrySource(str(k), str(p), str(v), int(m)) for k, p, v, m in header["sources"]]
         specs = [(b, c, n) for b, c, n in header["columns"]]
@@ -525,7 +528,13 @@ def _check_sampled(names: bytes, sampled: array[int], count: int) -> None:
     0, each right after a NUL, with exactly SAMPLE names (NULs) between two of them."""
     if len(sampled) != -(-count // SAMPLE) or (count and sampled[0] != 0):
         raise ValueError("sampled starts do not match the entry count")
-    if any(b >= len(names) or names[b - 1] != 0 for b in islice(sampled, 1, None)):
+    later = sampled[1:]
+    # the byte before each later sampled start, taken in C: all of them NULs
+    if later and (
+        min(later) < 1
+        or max(later) >= len(names)
+        or bytes(map(names.__getitem__, map((-1).__add__, later))).count(0) != len(later)
+    ):
         raise ValueError("a sampled start is not where a name starts")
     tally = names.count
     ends = [*islice(sampled, 1, None), len(names)]
@@ -539,9 +548,7 @@ def _check_sampled(names: bytes, sampled: array[int], count: int) -> None:
 
 def _starts_of(parts: Sequence[bytes], total: int) -> array[int]:
     """Where each of ``parts`` starts once each is followed by a NUL (and the end)."""
-    return array(
-        "I" if total < 1 << 32 else "Q", accumulate(map((1).__add__, map(len, parts)), initial=0)
-    )
+    return _starts_from(map(len, parts), total)
 
 
 def _check_names(names: bytes, count: int) -> array[int]:
@@ -551,14 +558,31 @@ def _check_names(names: bytes, count: int) -> array[int]:
         raise ValueError("name count does not match")
     if b"/" in names:
         raise ValueError("a name contains '/'")
-    parts = names.split(b"\0")[:-1]
-    if not all(parts) or b"." in parts or b".." in parts:
+    parts = names.split(b"\0")
+    parts.pop()  # what follows the last NUL (nothing): no copy of the list without it
+    lengths = list(map(len, parts))  # once, for the longest name and for the starts
+    if not all(parts):
         raise ValueError("a name is empty, '.' or '..'")
-    if count and max(map(len, parts)) > NAME_MAX:
+    if count and max(lengths) > NAME_MAX:
         raise ValueError("a name is too long")
     if not all(map(operator.lt, parts, islice(parts, 1, None))):
         raise ValueError("names are not sorted and distinct")
-    return _starts_of(parts, len(names))
+    # sorted: '.' and '..' would sit where bisection puts them (no pass over every name)
+    if any(_holds(parts, odd) for odd in (b".", b"..")):
+        raise ValueError("a name is empty, '.' or '..'")
+    return _starts_from(lengths, len(names))
+
+
+def _holds(ordered: list[bytes], name: bytes) -> bool:
+    """Whether the sorted list ``ordered`` holds ``name`` (a binary search)."""
+    at = bisect_left(ordered, name)
+    return at < len(ordered) and ordered[at] == name
+
+
+def _starts_from(lengths: Iterable[int], total: int) -> array[int]:
+    """Where each name starts, given each one's length, once each is followed by a NUL
+    (and the end)."""
+    return array("I" if total < 1 << 32 else "Q", accumulate(map((1).__add__, lengths), initial=0))
 
 
 class _TableItems(ItemsView[str, FileRecord]):
@@ -712,6 +736,47 @@ class TableBuilder:
             {n.decode("utf-8", "surrogateescape") for n in twice.union(map(names.__getitem__, dup))}
         )
         return table, duplicates
+
+
+def sorted_table(
+    prefix: str,
+    sources: Sequence[EntrySource],
+    names: list[str],
+    columns: tuple[list[int] | int, list[int] | int, list[int] | int],
+    ordered: bool | None = None,
+    lstat: Callable[[str], os.stat_result] = os.lstat,
+) -> FileTable | None:
+    """The table of entries given as columns (the i-th name, source index, start and size
+    make one entry; a column given as one number holds it for every entry) when the
+    names are ASCII and strictly ascending, as offsets files
+    usually list them; None otherwise (the caller then goes through a
+    :class:`TableBuilder`). ``ordered``: what the caller found of the names' order itself
+    (None: found here); ``lstat`` as for :class:`FileTable`.
+
+    The same table a builder makes, without a bytes object per name: for ASCII text the
+    order of the characters is the order of the bytes, and each name's length is its
+    length encoded, so the names are joined and encoded once and nothing is sorted.
+    """
+    if any(not isinstance(c, int) and len(c) != len(names) for c in columns):
+        raise ValueError("columns of different lengths")
+    if not names:
+        return None
+    joined = "\0".join(names)
+    if not joined.isascii() or joined.count("\0") != len(names) - 1:
+        return None  # a NUL inside a name would split it in two
+    if ordered is None:
+        ordered = all(map(operator.lt, names, islice(names, 1, None)))
+    if not ordered:
+        return None
+    buffer = joined.encode("ascii") + b"\0"
+    src, start, size = (
+        _Column(c, None, len(names))
+        if isinstance(c, int)
+        else _column_in(c, _bounds(c), range(len(c)))
+        for c in columns
+    )
+    starts = _starts_from(map(len, names), len(buffer))
+    return FileTable(prefix, sources, buffer, src, start, size, lstat, starts)
 
 
 def _bounds(values: list[int]) -> tuple[int, int]:

@@ -89,6 +89,7 @@ from blobfs.sources.compact import (
     TableBuilder,
     building,
     pace,
+    sorted_table,
 )
 from blobfs.sources.index_worker import IndexWorker, Job
 from blobfs.sources.readers import BytesReader, FailingReader, PreadReader
@@ -139,6 +140,8 @@ class _Entries:
     starts: list[int]
     ends: list[int]
     runs: list[tuple[str, int]]
+    #: whether the names are strictly ascending, once :meth:`in_doubt` has found out
+    ordered: bool | None = None
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[BlobMember, str]]) -> _Entries:
@@ -160,7 +163,7 @@ class _Entries:
         names = self.names
         # names strictly in order are distinct: one comparison pass instead of a set
         # of every name (offsets files usually list their names sorted)
-        in_order = all(map(operator.lt, names, islice(names, 1, None)))
+        in_order = self.ordered = all(map(operator.lt, names, islice(names, 1, None)))
         if not in_order and len(set(names)) != len(names):
             return True
         by_stem: dict[str, list[range]] = {}
@@ -443,11 +446,14 @@ class LocalProjectSource(Source):
             if blob.problem and len(columns):
                 self._note(where, f"{len(columns)} images unreadable: {blob.problem}")
             elif blob.cached is not None:
-                past = sum(map(blob.cached.size.__lt__, columns.ends))
+                blob_size = blob.cached.size
+                # one C-level pass finds none past the end (the usual case); counted only if any
+                ends = columns.ends
+                past = sum(map(blob_size.__lt__, ends)) if ends and max(ends) > blob_size else 0
                 if past:
                     self._note(
                         where,
-                        f"images end past the blob ({blob.cached.size} bytes; truncated?), "
+                        f"images end past the blob ({blob_size} bytes; truncated?), "
                         "reads of them fail",
                         f"{past} images",
                     )
@@ -746,9 +752,18 @@ class LocalProjectSource(Source):
             if cached is not None:
                 return cached
         listed_at = time.time_ns()
-        builder = TableBuilder(f"{sub}/")
-        whole = self._add_plain(builder, rel, suffix)
-        table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        names, whole = self._plain_names(rel, suffix)
+        names.sort()
+        pace()
+        source = EntrySource(FOLDER, rel)
+        quick = sorted_table(f"{sub}/", [source], names, (0, 0, 0), None, self._lstat)
+        if quick is not None:
+            table = quick
+        else:  # names that are not all ASCII: ordered by their bytes
+            builder = TableBuilder(f"{sub}/")
+            builder.add_names(_encode_names(names), builder.source(source))
+            table, _ = builder.build(self._lstat)  # names in one folder are distinct
+        del names, quick
         settled = (
             st is not None and listed_at - max(st.st_mtime_ns, st.st_ctime_ns) >= PLAIN_SETTLED_NS
         )
@@ -786,21 +801,30 @@ class LocalProjectSource(Source):
         """Add the regular files of folder ``rel`` (names ending in ``suffix``); whether
         the folder was read and held nothing else (a listing that noted a problem is
         not cached: each mount notes it again)."""
+        names, whole = self._plain_names(rel, suffix)
+        src = builder.source(EntrySource(FOLDER, rel))
+        pace()
+        for at in range(0, len(names), PACE_EVERY):
+            builder.add_names(_encode_names(names[at : at + PACE_EVERY]), src)
+            pace()
+        return whole
+
+    def _plain_names(self, rel: str, suffix: str = "") -> tuple[list[str], bool]:
+        """The names of the regular files of folder ``rel`` ending in ``suffix`` (in the
+        folder's order), and whether the folder was read and held nothing else; its
+        other entries are refused (noted) here."""
         try:
             names, others = self.fs.list_regular(rel)
         except BlobfsError as exc:
             self._note(self.fs.where(rel), "folder not read", str(exc))
-            return False
+            return [], False
         for item in others:
             self._refuse_item(rel, item)
-        src = builder.source(EntrySource(FOLDER, rel))
-        pace()
-        wanted = operator.methodcaller("endswith", suffix)
-        for at in range(0, len(names), PACE_EVERY):
-            chunk = names[at : at + PACE_EVERY]
-            builder.add_names(_encode_names(list(filter(wanted, chunk)) if suffix else chunk), src)
-            pace()
-        return not others
+        # the usual folder holds only such names: one count over them all says so (a NUL
+        # ends each name, and no name holds one)
+        if suffix and ("\0".join(names) + "\0").count(suffix + "\0") != len(names):
+            names = list(filter(operator.methodcaller("endswith", suffix), names))
+        return names, not others
 
     def _img_table(self, dataset: DatasetRecord) -> FileTable:
         """Blob images (from the index cache when it is current) and plain ``img/`` files."""
@@ -867,13 +891,18 @@ class LocalProjectSource(Source):
                 src += repeat(at, count)
             pace()
             names, starts, ends = entries.names, entries.starts, entries.ends
-            del entries
-            builder.add_many(
-                _encode_names(names), src, starts, list(map(operator.sub, ends, starts))
+            sizes = list(map(operator.sub, ends, starts))
+            del ends
+            quick = sorted_table(
+                "img/", builder.sources, names, (src, starts, sizes), entries.ordered
             )
-            del names, starts, ends, src
-            table, _ = builder.build()  # names were de-duplicated by _resolve
-            del builder
+            del entries
+            if quick is None:
+                builder.add_many(_encode_names(names), src, starts, sizes)
+                table, _ = builder.build()  # names were de-duplicated by _resolve
+            else:
+                table = quick
+            del names, starts, sizes, src, builder, quick
         self._problems.merge(collected)
         self.index_builds += 1
         if store is not None:
@@ -992,7 +1021,7 @@ def _unpack_index(
             raise ValueError("problems or refused names of the wrong type")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in refused.items()):
             raise ValueError("refused names are not strings")
-        table = FileTable.from_bytes(payload[at:])
+        table = FileTable.from_bytes(memoryview(payload)[at:])  # no copy of the payload
     except (ValueError, KeyError, TypeError) as exc:
         logger.info("index cache entry not usable (%s); rebuilding it", exc)
         return None

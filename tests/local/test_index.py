@@ -371,6 +371,21 @@ def test_a_remount_lists_an_unchanged_ordinary_folder_from_the_cache(
         view.getattr("/a/ann/not-json.txt")
 
 
+@pytest.mark.parametrize("extra", [[], ["not-json.txt"], ["x.json.txt", "ä.json"], [".json"]])
+def test_an_ordinary_folder_lists_its_annotations_bytewise(
+    tmp_path: Path, extra: list[str]
+) -> None:
+    """Whatever else the folder holds (a file of another kind, a name that is not ASCII),
+    ``ann/`` lists exactly its ``.json`` files, in the order of their bytes."""
+    project = write_scale_project(tmp_path / "p", ["a"], 40, 1, anns=True)
+    ann = project.root / "a" / "ann"
+    for name in extra:
+        (ann / name).write_bytes(b"{}")
+    listed, _ = _ann_listing(project.root, tmp_path / "cache")
+    reference = sorted(os.fsencode(n) for n in os.listdir(ann) if n.endswith(".json"))
+    assert [os.fsencode(n) for n in listed] == reference
+
+
 @pytest.mark.usefixtures("settled_at_once")
 @pytest.mark.parametrize("change", ["added", "removed", "renamed", "replaced by a symlink"])
 def test_a_changed_ordinary_folder_is_read_again(tmp_path: Path, change: str) -> None:

@@ -28,6 +28,7 @@ from blobfs.sources.compact import (
     TableBuilder,
     _Column,
     encode_name,
+    sorted_table,
     table_of,
 )
 from blobfs.sources.project_dir import _Entries
@@ -90,6 +91,33 @@ def test_a_table_answers_like_a_dict(
             page = list(candidate.entries_from(k))
             assert [n for n, _, _ in page] == order[k:]
             assert [s for _, s, _ in page] == [model[n][2] for n in order[k:]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(entries)
+@example({"a.png": (0, 512, 10), "b.png": (0, 1024, 10), "c.png": (0, 2048, 10)})
+@example({"a": (1, 5, 5), "é": (2, 0, 0)})
+def test_a_sorted_table_is_the_table_a_builder_makes(
+    model: dict[str, tuple[int, int, int]],
+) -> None:
+    """Names already in order and ASCII make their table without a builder, byte for
+    byte the builder's; any other names are left to the builder (None)."""
+    for order in (sorted(model), sorted(model, reverse=True)):
+        src, start, size = ([model[n][k] for n in order] for k in range(3))
+        columns = (src, start, size)
+        quick = sorted_table("img/", BLOBS, order, columns)
+        if not (order and order == sorted(order) and all(n.isascii() for n in order)):
+            assert quick is None
+            continue
+        assert quick is not None
+        builder = TableBuilder("img/")
+        for source in BLOBS:
+            builder.source(source)
+        builder.add_many([encode_name(n) for n in order], *columns)
+        assert quick.to_bytes() == builder.build()[0].to_bytes()
+        assert list(quick) == order and quick.get(order[0]) == model_record(
+            order[0], *model[order[0]]
+        )
 
 
 def flat_runs(table: FileTable, start: int) -> list[tuple[bytes, EntrySource, int]]:
@@ -273,6 +301,20 @@ def test_names_that_break_a_promise_fail_the_first_listing_and_report_once(
         with pytest.raises(CorruptData):
             list(table)
     assert len(reports) == 1
+
+
+@pytest.mark.parametrize("odd", [b".", b".."])
+def test_a_dot_name_in_sorted_place_is_refused_from_disk(odd: bytes) -> None:
+    """'.' and '..' sort before every ordinary name: in that place the names are in
+    order and distinct, and still no listing may serve them."""
+    shorter = 5 - len(odd)
+    bad = FileTable.from_bytes(
+        _payload()
+        .replace(b"a.png\0", odd + b"\0")
+        .replace(b'"names": 18', f'"names": {18 - shorter}'.encode())
+    )
+    with pytest.raises(CorruptData):
+        list(bad)
 
 
 def test_a_name_longer_than_name_max_is_refused_from_disk() -> None:
