@@ -54,9 +54,14 @@ class WritebackOperations(BlobfsOperations):
             self.forget_cached(event.paths)
 
     def forget_cached(self, paths: Sequence[str]) -> None:
-        """Drop the kernel's attributes and pages of ``paths`` (imported files now served
-        from the project, whose content may differ from the staged copy in bytes and
-        length); called by the writeback queue's thread, never inside a request."""
+        """Drop the kernel's attributes and pages of ``paths`` (imported annotations and
+        meta now served from the project, whose copy may differ from the staged one in
+        bytes and length); called by the writeback queue's thread, never inside a request.
+
+        Imported images are not among them: each is imported byte for byte from the
+        staged copy it was served from, so nothing the kernel holds of its bytes or size
+        turns false, and skipping them spares the queue's thread a notification per
+        image while a copy goes on."""
         started = time.monotonic()
         dropped = sum(invalidate_path(path) for path in paths)
         logger.debug(

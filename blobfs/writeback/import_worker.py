@@ -377,4 +377,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # the copy a user waits for is the daemon's FUSE requests: they come first when both
+    # want a CPU, and the worker takes what they leave
+    os.nice(5)
     sys.exit(main())

@@ -1227,9 +1227,23 @@ class Spool:
                 raise
             if fd is not None:
                 self._containers[batch.id] = fd
-                for view_path, (offset, size, mtime_ns) in batch.held.items():
-                    self._set_held(view_path, Held(fd, offset, size, mtime_ns, batch.id))
+                self._hold_in_batch(batch, fd)
         return batch
+
+    def _hold_in_batch(self, batch: Batch, fd: int) -> None:
+        """The batch's held files are held by its data file from now on (``_lock``
+        held). Each is held already, under the same name: only its entry changes, and
+        the bytes it counted as held outside a batch; the folders' names are left as they
+        are (this runs under the lock that every request of a copy waits for)."""
+        held = self._held
+        for view_path, (offset, size, mtime_ns) in batch.held.items():
+            old = held.get(view_path)
+            if old is None:  # given a file of its own since (a reclaim): held again
+                self._set_held(view_path, Held(fd, offset, size, mtime_ns, batch.id))
+                continue
+            if old.batch is None:
+                self._held_bytes -= old.size
+            held[view_path] = Held(fd, offset, size, mtime_ns, batch.id)
 
     def _write_batch_data(self, folder: Path, batch: Batch, held: dict[str, Held]) -> int | None:
         """The held files' bytes in ``folder/data``, copied run by run as they lie in the

@@ -138,6 +138,22 @@ def test_the_token_reaches_the_worker_by_its_pipe_only(
         worker.close()
 
 
+def test_the_worker_runs_at_a_lower_priority_than_the_daemon(
+    emulator: Emulator, remote_project: int
+) -> None:
+    """When both want a CPU, the daemon's FUSE requests (the copy) come first."""
+    worker = _worker(emulator, remote_project)
+    try:
+        pid = worker._proc.pid
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        deadline = time.monotonic() + 30
+        while os.getpriority(os.PRIO_PROCESS, pid) == ours and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the worker has started
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(ours + 5, 19)
+    finally:
+        worker.close()
+
+
 def test_a_worker_that_cannot_start_leaves_every_import_to_the_daemon(
     tmp_path: Path, emulator: Emulator, remote_project: int
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -190,6 +191,49 @@ def test_after_a_flush_the_mount_serves_the_new_annotation_and_meta_at_once(
         assert len((mnt / "meta.json").read_bytes()) != len(old_meta)
     finally:
         assert proc.unmount(60) == 0
+
+
+def test_an_imported_image_reads_its_written_bytes_and_its_annotation_the_servers(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    """An image is imported byte for byte from its staged copy, so its import drops
+    nothing of it from the kernel; its annotation, which the server may store otherwise,
+    is dropped and read anew: what a fresh mount serves."""
+    [image] = make_images(tmp_path / "new", 1, start_seed=710)
+    mnt = tmp_path / "mnt"
+    img_path = mnt / "train" / "img" / image.name
+    ann_path = mnt / "train" / "ann" / f"{image.name}.json"
+    written_ann = {"description": "new", "size": {"height": 32, "width": 32}, "tags": []}
+    written_ann["objects"] = []
+    log = tmp_path / "log"
+    args = ("--writeback", "--spool-dir", str(tmp_path / "spool"), "--writeback-delay", "30")
+    proc = harness.start_remote(
+        emulator.url, remote_project, mnt, *args, "--log-level", "DEBUG", token=TOKEN, log=log
+    )
+    try:
+        img_path.write_bytes(image.read_bytes())
+        ann_path.write_text(json.dumps(written_ann))
+        before = (img_path.read_bytes(), os.stat(img_path))  # held by the kernel
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+        after = (img_path.read_bytes(), os.stat(img_path))
+        served_ann = ann_path.read_bytes()
+        assert os.stat(ann_path).st_size == len(served_ann)
+    finally:
+        assert proc.unmount(60) == 0
+    assert before[0] == after[0] == image.read_bytes()
+    # the same length: what the kernel holds of it stays true (its mode and mtime are the
+    # project's from the next lookup on, within the mount's attribute timeout)
+    assert after[1].st_size == before[1].st_size
+    dropped = re.findall(r"kernel caches of \d+ of (\d+) imported files", log.read_text())
+    assert dropped and sum(map(int, dropped)) == 1  # the annotation, not the image
+    fresh = harness.start_remote(emulator.url, remote_project, mnt, token=TOKEN)
+    try:
+        assert ann_path.read_bytes() == served_ann
+        assert json.loads(served_ann)["description"] == "new"
+        assert img_path.read_bytes() == image.read_bytes()
+    finally:
+        assert fresh.unmount(60) == 0
 
 
 def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
