@@ -7,6 +7,15 @@ and the payload. A file is used only when its key equals the key of the input no
 checksum matches: anything else (another project at that path, a changed tar, a torn write,
 a flipped bit, a file that is not ours) is a miss, and the index is built again.
 
+A file blobfs wrote also carries a MAC of everything before it, keyed by a random secret
+kept in the folder (file ``key``, ``0600``): a file whose MAC holds was written by blobfs
+from names it had already checked, so :meth:`IndexStore.load_checked` says it may be
+trusted and its reader skips the pass over every name (the structural checks that keep
+every read inside its buffers still run). A file without a MAC is only as good as its
+checksum: it is loaded untrusted and its reader checks all of it. A MAC that fails is a
+miss. A missing, short or unsafe secret is replaced by a new one, which simply turns the
+files of the old one into misses.
+
 Where: ``<--cache-dir>/index`` when a persistent block cache is configured, else
 ``$XDG_CACHE_HOME/blobfs/index`` (``~/.cache/blobfs/index``). The folder is created
 ``0700`` and used only when it belongs to this user and nobody else can write to it; files
@@ -18,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import stat
 import struct
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -34,8 +45,11 @@ SUFFIX = ".idx"
 MAX_AGE_S = 30 * 24 * 3600.0
 #: A cache file larger than this is not read (a dataset of 10M entries is ~400 MB).
 MAX_FILE_BYTES = 4 << 30
-_HEAD = struct.Struct("<8sQQ")  # magic, key length, payload length
+_HEAD = struct.Struct("<8sQQQ")  # magic, key length, payload length, MAC length
 _DIGEST = 32
+#: the secret's file in the folder, and its size
+SECRET_NAME = "key"
+SECRET_BYTES = 32
 
 
 def default_index_dir(cache_dir: str | None = None) -> Path | None:
@@ -60,6 +74,7 @@ class IndexStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._secret: bytes | None = None
         self.usable = self._prepare()
         self.hits = 0
         self.misses = 0
@@ -82,6 +97,7 @@ class IndexStore:
             )
             return False
         self._prune()
+        self._secret = _secret_in(self.folder)
         return True
 
     def _path(self, name: str) -> Path:
@@ -90,40 +106,24 @@ class IndexStore:
 
     def load(self, name: str, key: bytes) -> bytes | None:
         """The payload saved for ``name`` with exactly ``key``, or None."""
+        loaded = self.load_checked(name, key)
+        return None if loaded is None else loaded[0]
+
+    def load_checked(self, name: str, key: bytes) -> tuple[bytes, bool] | None:
+        """(payload, trusted) saved for ``name`` with exactly ``key``, or None; trusted
+        when the file's MAC holds under this folder's secret (blobfs wrote it)."""
         if not self.usable:
             return None
         data = self._read(self._path(name))
-        payload = None if data is None else _unwrap(data, key)
-        if payload is None:
+        loaded = None if data is None else _unwrap(data, key, self._secret)
+        if loaded is None:
             self.misses += 1
         else:
             self.hits += 1
-        return payload
+        return loaded
 
     def _read(self, path: Path) -> bytes | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-                return None
-            chunks = []
-            left = st.st_size
-            while left > 0:
-                chunk = os.read(fd, min(left, 64 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-            with_time = time.time()
-            os.utime(fd, (with_time, with_time))  # recently used: kept by the pruning
-            return b"".join(chunks)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return _read_file(path, _cache_file_ok, touch=True)
 
     def save(self, name: str, key: bytes, payload: bytes) -> None:
         """Keep ``payload`` for ``name`` under ``key``; failures are logged, never raised."""
@@ -134,11 +134,16 @@ class IndexStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
+                secret = self._secret
+                head = _HEAD.pack(MAGIC, len(key), len(payload), 0 if secret is None else _DIGEST)
                 with os.fdopen(fd, "wb", closefd=False) as f:
-                    f.write(_HEAD.pack(MAGIC, len(key), len(payload)))
+                    f.write(head)
                     f.write(key)
                     f.write(payload)
-                    f.write(_digest(key, payload))
+                    digest = _digest(key, payload)
+                    f.write(digest)
+                    if secret is not None:
+                        f.write(_mac(secret, (head, key, payload, digest)))
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -185,17 +190,111 @@ def _digest(key: bytes, payload: bytes) -> bytes:
     return h.digest()
 
 
-def _unwrap(data: bytes, key: bytes) -> bytes | None:
-    """The payload of a file's bytes when its key is ``key`` and its checksum holds."""
+def _mac(secret: bytes, parts: tuple[bytes | memoryview, ...]) -> bytes:
+    """An HMAC of ``parts`` (everything of a file before its MAC) under ``secret``."""
+    h = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _unwrap(data: bytes, key: bytes, secret: bytes | None) -> tuple[bytes, bool] | None:
+    """(payload, trusted) of a file's bytes when its key is ``key`` and its MAC holds
+    under ``secret`` (trusted), or, for a file without a MAC, its checksum holds (not
+    trusted)."""
     if len(data) < _HEAD.size + _DIGEST:
         return None
-    magic, key_len, payload_len = _HEAD.unpack_from(data)
-    if magic != MAGIC or _HEAD.size + key_len + payload_len + _DIGEST != len(data):
+    magic, key_len, payload_len, mac_len = _HEAD.unpack_from(data)
+    if magic != MAGIC or mac_len not in (0, _DIGEST):
+        return None
+    if _HEAD.size + key_len + payload_len + _DIGEST + mac_len != len(data):
         return None
     at = _HEAD.size
     if data[at : at + key_len] != key:
         return None
+    view = memoryview(data)
     payload = data[at + key_len : at + key_len + payload_len]
-    if data[-_DIGEST:] != _digest(key, payload):
+    if secret is not None and mac_len:
+        # a MAC that fails is damage, or a file of an older secret: a miss either way
+        end = len(data) - mac_len
+        if not hmac.compare_digest(data[end:], _mac(secret, (view[:end],))):
+            return None
+        return payload, True
+    summed = len(data) - mac_len - _DIGEST
+    if data[summed : summed + _DIGEST] != _digest(key, payload):
         return None
-    return payload
+    return payload, False
+
+
+def _secret_in(folder: Path) -> bytes | None:
+    """The folder's secret, made anew when missing, short or not safe to use; None when
+    none can be read or made (files are then written without a MAC, never trusted)."""
+    path = folder / SECRET_NAME
+    for _ in range(3):
+        secret = _read_secret(path)
+        if secret is not None:
+            return secret
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # not a usable secret: whatever it is goes
+        tmp = folder / f".{SECRET_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, os.urandom(SECRET_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # a link, not a rename: a secret another process made meanwhile is kept
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        except OSError as exc:
+            logger.warning("index cache: cannot make its key (%s); files are not trusted", exc)
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return None
+
+
+def _read_secret(path: Path) -> bytes | None:
+    """The secret in ``path`` when it is this user's private regular file of the right size."""
+    secret = _read_file(path, _secret_file_ok, touch=False)
+    return secret if secret is not None and len(secret) == SECRET_BYTES else None
+
+
+def _cache_file_ok(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_size <= MAX_FILE_BYTES
+
+
+def _secret_file_ok(st: os.stat_result) -> bool:
+    private = st.st_uid == os.geteuid() and not st.st_mode & 0o077
+    return stat.S_ISREG(st.st_mode) and private and st.st_size == SECRET_BYTES
+
+
+def _read_file(path: Path, ok: Callable[[os.stat_result], bool], touch: bool) -> bytes | None:
+    """The bytes of ``path``, opened without following a symlink, when ``ok`` accepts what
+    it is; ``touch`` marks it recently used (kept by the pruning)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not ok(st):
+            return None
+        chunks = []
+        left = st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 64 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if touch:
+            with_time = time.time()
+            os.utime(fd, (with_time, with_time))
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

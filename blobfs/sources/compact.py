@@ -27,7 +27,9 @@ each a file name) are checked at the first use of the whole table (a listing), s
 A lookup of an unchecked table can only find an entry whose name is exactly the one asked
 (a NUL ends every name), so it never serves another entry's bytes; if the later check
 fails, the listing fails with :class:`~blobfs.errors.CorruptData` and the table's
-``on_damaged`` hook runs (the project source forgets the cache file).
+``on_damaged`` hook runs (the project source forgets the cache file). Bytes the index
+cache proves blobfs wrote (its MAC) are loaded ``trusted``: that pass over every name is
+skipped, the structural checks are not.
 """
 
 from __future__ import annotations
@@ -168,8 +170,12 @@ class FileTable(Mapping[str, FileRecord]):
         starts: array[int] | None = None,
         sampled: array[int] | None = None,
         extra: Mapping[str, _Column] | None = None,
+        trusted: bool = False,
     ) -> None:
         self.prefix = prefix
+        #: names loaded from disk that blobfs itself wrote (checked when it built them):
+        #: the deferred check only finds where they start
+        self._trusted = trusted
         self.extra: dict[str, _Column] = dict(extra or {})
         self._mtime = self.extra.get(MTIME)
         self.sources = tuple(sources)
@@ -274,7 +280,11 @@ class FileTable(Mapping[str, FileRecord]):
             if self._starts is None:
                 try:
                     with building():  # a quarter million short-lived names: no GC, trimmed
-                        self._starts = _check_names(self._names, self._count)
+                        if self._trusted:
+                            names = self._names
+                            self._starts = _starts_of(names.split(b"\0")[:-1], len(names))
+                        else:
+                            self._starts = _check_names(self._names, self._count)
                 except ValueError as exc:
                     hook, self.on_damaged = self.on_damaged, None
                     if hook is not None:
@@ -444,10 +454,15 @@ class FileTable(Mapping[str, FileRecord]):
 
     @classmethod
     def from_bytes(
-        cls, data: bytes | memoryview, lstat: Callable[[str], os.stat_result] = os.lstat
+        cls,
+        data: bytes | memoryview,
+        lstat: Callable[[str], os.stat_result] = os.lstat,
+        trusted: bool = False,
     ) -> FileTable:
         """The table :meth:`to_bytes` wrote; what a lookup relies on is checked now, the
         rest of the names at the first use of the whole table (see the module's text).
+        ``trusted`` (bytes blobfs itself wrote, proven by the index cache's MAC) skips
+        that later check of every name; the sizes, counts and ranges are checked anyway.
 
         Raises:
             ValueError: the bytes are not a well-formed table (wrong magic or format,
@@ -481,7 +496,7 @@ class FileTable(Mapping[str, FileRecord]):
         src, start, size = columns
         if count and src.maximum() >= len(sources):
             raise ValueError("source index out of range")
-        return cls(prefix, sources, names, src, start, size, lstat, None, sampled)
+        return cls(prefix, sources, names, src, start, size, lstat, None, sampled, trusted=trusted)
 
 
 def _parse_header(

@@ -784,11 +784,12 @@ class LocalProjectSource(Source):
         """The cached names of folder ``rel`` (None when absent, stale or not well-formed);
         its names are checked in full at its first listing, as a blob index's."""
         where = self.fs.where(rel)
-        payload = store.load(where, key)
-        if payload is None:
+        loaded = store.load_checked(where, key)
+        if loaded is None:
             return None
+        payload, trusted = loaded
         try:
-            table = FileTable.from_bytes(payload, self._lstat)
+            table = FileTable.from_bytes(payload, self._lstat, trusted)
         except ValueError as exc:
             logger.info("index cache entry not usable (%s); listing the folder", exc)
             return None
@@ -865,10 +866,10 @@ class LocalProjectSource(Source):
         index_key = self._index_key(key, items) if store is not None else b""
         if store is not None:
             where = self.fs.where(key)
-            cached = _unpack_index(store.load(where, index_key))
+            cached = _unpack_index(store.load_checked(where, index_key))
             worker = self._worker
             if cached is None and worker is not None and worker.wait_for(key):
-                cached = _unpack_index(store.load(where, index_key))
+                cached = _unpack_index(store.load_checked(where, index_key))
             if cached is not None:
                 table, problems, cached_refused = cached
                 self._problems.add_snapshot(problems)
@@ -1007,11 +1008,13 @@ def _pack_index(table: FileTable, problems: list[list[Any]], refused: dict[str, 
 
 
 def _unpack_index(
-    payload: bytes | None,
+    loaded: tuple[bytes, bool] | None,
 ) -> tuple[FileTable, list[list[Any]], dict[str, str]] | None:
-    """A cached (table, problems, refused names), or None when absent or not well-formed."""
-    if payload is None or len(payload) < _PAYLOAD_LEN.size:
+    """A cached (table, problems, refused names) from (payload, trusted), or None when
+    absent or not well-formed."""
+    if loaded is None or len(loaded[0]) < _PAYLOAD_LEN.size:
         return None
+    payload, trusted = loaded
     (size,) = _PAYLOAD_LEN.unpack_from(payload)
     at = _PAYLOAD_LEN.size + size
     try:
@@ -1021,7 +1024,7 @@ def _unpack_index(
             raise ValueError("problems or refused names of the wrong type")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in refused.items()):
             raise ValueError("refused names are not strings")
-        table = FileTable.from_bytes(memoryview(payload)[at:])  # no copy of the payload
+        table = FileTable.from_bytes(memoryview(payload)[at:], trusted=trusted)  # no copy
     except (ValueError, KeyError, TypeError) as exc:
         logger.info("index cache entry not usable (%s); rebuilding it", exc)
         return None

@@ -131,18 +131,44 @@ def test_a_changed_input_or_a_damaged_cache_file_rebuilds(
 
 
 def _forge_cache_files(store_dir: Path, old: bytes, new: bytes) -> None:
-    """Replace ``old`` by ``new`` in every cached payload, with a checksum that holds."""
+    """Replace ``old`` by ``new`` in every cached payload, with a checksum that holds and
+    no MAC (a forger does not have the folder's secret)."""
     from blobfs.cache import index_store
 
-    for f in store_dir.iterdir():
+    for f in store_dir.glob(f"*{index_store.SUFFIX}"):
         data = f.read_bytes()
-        _, key_len, payload_len = index_store._HEAD.unpack_from(data)
+        _, key_len, payload_len, _ = index_store._HEAD.unpack_from(data)
         at = index_store._HEAD.size
         key, payload = data[at : at + key_len], data[at + key_len : at + key_len + payload_len]
         if old in payload:
             payload = payload.replace(old, new)
-            head = index_store._HEAD.pack(index_store.MAGIC, key_len, len(payload))
+            head = index_store._HEAD.pack(index_store.MAGIC, key_len, len(payload), 0)
             f.write_bytes(head + key + payload + index_store._digest(key, payload))
+
+
+@pytest.mark.usefixtures("settled_at_once")
+def test_a_cached_index_blobfs_wrote_is_listed_without_checking_its_names_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next mount lists a blob index and a cached ordinary folder from files whose
+    MAC holds without the pass over every name, and serves the same entries."""
+    from blobfs.sources import compact
+
+    project = write_scale_project(tmp_path / "p", ["a"], 100, 1, anns=True)
+    store_dir = tmp_path / "cache"
+    first = ProjectView(source(project.root, IndexStore(store_dir)))
+    listings = [sorted(first.readdir(f"/a/{sub}")) for sub in ("img", "ann")]
+    assert len(list(store_dir.glob("*.idx"))) == 2  # the blob index and the ann/ listing
+
+    def no_check(names: bytes, count: int) -> object:
+        raise AssertionError("names of a file blobfs wrote were checked")
+
+    monkeypatch.setattr(compact, "_check_names", no_check)
+    again = source(project.root, IndexStore(store_dir))
+    view = ProjectView(again)
+    assert [sorted(view.readdir(f"/a/{sub}")) for sub in ("img", "ann")] == listings
+    assert again.index_builds == 0
+    assert view.read_path("/" + project.path(0, 50), 0, 1 << 20) == project.expected(0, 50)
 
 
 def test_a_cached_index_is_served_before_its_names_are_checked_and_a_bad_one_rebuilt(

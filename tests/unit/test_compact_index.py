@@ -12,6 +12,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -327,6 +328,30 @@ def test_a_name_longer_than_name_max_is_refused_from_disk() -> None:
         list(bad)
 
 
+def test_a_trusted_table_lists_the_same_without_the_check_of_every_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes the index cache proves blobfs wrote are loaded ``trusted``: the listing and
+    every lookup are those of the table written, and no name is checked again; the
+    structural checks still refuse bytes whose sizes do not add up."""
+    from blobfs.sources import compact
+
+    table = build({f"{i:05d}.png": (i % 3, i * 1024, 10) for i in range(1000)})
+    data = table.to_bytes()
+
+    def no_check(names: bytes, count: int) -> Any:
+        raise AssertionError("a trusted table's names were checked")
+
+    monkeypatch.setattr(compact, "_check_names", no_check)
+    loaded = FileTable.from_bytes(data, trusted=True)
+    assert list(loaded.items()) == list(table.items())
+    assert [loaded.index_of(n) for n in table] == list(range(1000))
+    with pytest.raises(ValueError):
+        FileTable.from_bytes(data[:-1], trusted=True)
+    with pytest.raises(AssertionError):
+        list(FileTable.from_bytes(data))  # untrusted: checked
+
+
 def test_a_loaded_table_answers_a_lookup_before_any_name_is_checked() -> None:
     """A lookup right after load reads only the sampled starts: the whole-table check
     (and the start of every name) is left for the first listing."""
@@ -350,7 +375,7 @@ def test_the_store_returns_a_payload_only_for_its_key(tmp_path: Path) -> None:
     assert store.load("/p/ds", b"key-1") == b"payload"
     assert store.load("/p/ds", b"key-2") is None  # the input changed: rebuild
     assert store.load("/p/other", b"key-1") is None
-    (file,) = (tmp_path / "idx").iterdir()
+    (file,) = (tmp_path / "idx").glob("*.idx")
     assert stat.S_IMODE(file.stat().st_mode) == 0o600
     assert IndexStore(tmp_path / "idx").load("/p/ds", b"key-1") == b"payload"  # next mount
 
@@ -358,7 +383,7 @@ def test_the_store_returns_a_payload_only_for_its_key(tmp_path: Path) -> None:
 def test_a_damaged_or_foreign_cache_file_is_a_miss(tmp_path: Path) -> None:
     store = IndexStore(tmp_path / "idx")
     store.save("/p/ds", b"key", b"payload" * 100)
-    (file,) = (tmp_path / "idx").iterdir()
+    (file,) = (tmp_path / "idx").glob("*.idx")
     raw = file.read_bytes()
     for at in (0, 9, 30, len(raw) // 2, len(raw) - 1):
         file.write_bytes(_mutate(raw, at, raw[at] ^ 0x40))
@@ -370,6 +395,62 @@ def test_a_damaged_or_foreign_cache_file_is_a_miss(tmp_path: Path) -> None:
     outside.write_bytes(raw)
     file.symlink_to(outside)
     assert store.load("/p/ds", b"key") is None  # never through a symlink
+
+
+def test_a_file_the_store_wrote_is_trusted_and_one_without_its_mac_is_not(
+    tmp_path: Path,
+) -> None:
+    """The MAC under the folder's secret proves blobfs wrote a file: trusted. The same
+    payload with a checksum that holds but no MAC (a forger has no secret) is loaded
+    untrusted (its reader checks every name); a flipped byte anywhere is a miss."""
+    from blobfs.cache import index_store
+
+    store = IndexStore(tmp_path / "idx")
+    store.save("/p/ds", b"key", b"payload" * 100)
+    assert store.load_checked("/p/ds", b"key") == (b"payload" * 100, True)
+    (file,) = (tmp_path / "idx").glob("*.idx")
+    raw = file.read_bytes()
+    _, key_len, payload_len, mac_len = index_store._HEAD.unpack_from(raw)
+    assert mac_len == 32
+    for at in (0, 9, 30, 40, len(raw) // 2, len(raw) - 40, len(raw) - 1):
+        file.write_bytes(_mutate(raw, at, raw[at] ^ 0x01))
+        assert store.load_checked("/p/ds", b"key") is None
+    head = index_store._HEAD.pack(index_store.MAGIC, key_len, payload_len, 0)
+    forged = head + raw[index_store._HEAD.size : -mac_len]
+    file.write_bytes(forged)
+    assert store.load_checked("/p/ds", b"key") == (b"payload" * 100, False)
+    file.write_bytes(forged[:-1] + bytes([forged[-1] ^ 1]))  # its checksum fails
+    assert store.load_checked("/p/ds", b"key") is None
+
+
+def test_the_stores_secret_is_private_made_once_and_replaced_when_unusable(
+    tmp_path: Path,
+) -> None:
+    """The secret is a 0600 file of 32 random bytes, kept across opens; a short, foreign
+    or symlinked one is replaced, which turns the files of the old one into misses."""
+    folder = tmp_path / "idx"
+    store = IndexStore(folder)
+    secret = folder / "key"
+    first = secret.read_bytes()
+    assert len(first) == 32 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    store.save("/p/ds", b"key", b"payload")
+    assert IndexStore(folder).load_checked("/p/ds", b"key") == (b"payload", True)
+    assert secret.read_bytes() == first
+    spoilers: list[Callable[[], None]] = [
+        lambda: secret.write_bytes(first[:-1]),  # short
+        lambda: secret.chmod(0o644),  # others may read it
+        lambda: (secret.unlink(), secret.symlink_to(tmp_path / "elsewhere")),  # type: ignore[func-returns-value]
+        secret.unlink,  # missing
+    ]
+    (tmp_path / "elsewhere").write_bytes(first)
+    for spoil in spoilers:
+        IndexStore(folder).save("/p/ds", b"key", b"payload")
+        before = secret.read_bytes()
+        spoil()
+        again = IndexStore(folder)
+        assert not secret.is_symlink() and stat.S_IMODE(secret.stat().st_mode) == 0o600
+        assert len(secret.read_bytes()) == 32 and secret.read_bytes() != before
+        assert again.load_checked("/p/ds", b"key") is None  # made under the old secret
 
 
 def test_a_folder_others_can_write_is_not_used(tmp_path: Path) -> None:
