@@ -29,7 +29,9 @@ A lookup of an unchecked table can only find an entry whose name is exactly the 
 fails, the listing fails with :class:`~blobfs.errors.CorruptData` and the table's
 ``on_damaged`` hook runs (the project source forgets the cache file). Bytes the index
 cache proves blobfs wrote (its MAC) are loaded ``trusted``: that pass over every name is
-skipped, the structural checks are not.
+skipped, and so is finding where each name starts (the writer stores the starts; a
+trusted loader takes them once they agree with the sampled starts and the names' end, an
+untrusted one ignores them); the structural checks are not skipped.
 """
 
 from __future__ import annotations
@@ -441,6 +443,7 @@ class FileTable(Mapping[str, FileRecord]):
                 "sources": [[s.kind, s.key, s.version, s.mtime_ns] for s in self.sources],
                 "columns": [c.spec() for c in (self._src, self._start, self._size)],
                 "sampled": self._sampled.typecode,
+                "starts": self._starts is not None,
                 "names": len(self._names),
             }
         ).encode()
@@ -449,6 +452,9 @@ class FileTable(Mapping[str, FileRecord]):
             if column.values is not None:
                 parts.append(column.values.tobytes())
         parts.append(self._sampled.tobytes())
+        if self._starts is not None:
+            # of use only to a loader that trusts the bytes (it then skips finding them)
+            parts.append(self._starts.tobytes())
         parts.append(self._names)
         return b"".join(parts)
 
@@ -470,7 +476,9 @@ class FileTable(Mapping[str, FileRecord]):
                 starts, source indexes out of range, negative offsets).
         """
         view = memoryview(data)  # parts copied once each, straight into their buffers
-        prefix, count, sources, specs, names_len, sampled_code, pos = _parse_header(view)
+        prefix, count, sources, specs, names_len, sampled_code, with_starts, pos = _parse_header(
+            view
+        )
         columns = []
         for base, code, nbytes in specs:
             if code == "":
@@ -486,24 +494,37 @@ class FileTable(Mapping[str, FileRecord]):
             columns.append(_Column(base, values, count))
         sampled = array(sampled_code)
         sampled_len = sampled.itemsize * -(-count // SAMPLE)
-        if pos + sampled_len + names_len != len(view):
+        starts_len = sampled.itemsize * (count + 1) if with_starts else 0
+        if pos + sampled_len + starts_len + names_len != len(view):
             raise ValueError("names size does not match")
         sampled.frombytes(view[pos : pos + sampled_len])
-        names = bytes(view[pos + sampled_len :])
+        pos += sampled_len
+        starts = None
+        if with_starts and trusted:
+            starts = array(sampled_code)
+            starts.frombytes(view[pos : pos + starts_len])
+        pos += starts_len
+        names = bytes(view[pos:])
         if names.count(b"\0") != count or (count and not names.endswith(b"\0")):
             raise ValueError("name count does not match")
         _check_sampled(names, sampled, count)
+        if starts is not None and (
+            starts[0] != 0 or starts[-1] != len(names) or starts[:-1:SAMPLE] != sampled
+        ):
+            raise ValueError("the stored starts do not match the sampled starts")
         src, start, size = columns
         if count and src.maximum() >= len(sources):
             raise ValueError("source index out of range")
-        return cls(prefix, sources, names, src, start, size, lstat, None, sampled, trusted=trusted)
+        return cls(
+            prefix, sources, names, src, start, size, lstat, starts, sampled, trusted=trusted
+        )
 
 
 def _parse_header(
     data: memoryview,
-) -> tuple[str, int, list[EntrySource], list[tuple[int, str, int]], int, str, int]:
+) -> tuple[str, int, list[EntrySource], list[tuple[int, str, int]], int, str, bool, int]:
     """(prefix, count, sources, column specs, names length, type of the sampled starts,
-    where the columns start)."""
+    whether every name's start is stored too, where the columns start)."""
     if len(data) < _HEAD.size:
         raise ValueError("too short")
     magic, fmt, head_len = _HEAD.unpack_from(data)
@@ -517,9 +538,12 @@ def _parse_header(
         specs = [(b, c, n) for b, c, n in header["columns"]]
         order = header["byteorder"]
         sampled_code = header["sampled"]
+        with_starts = header["starts"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"bad header: {exc}") from None
     if order != sys.byteorder or not isinstance(prefix, str) or sampled_code not in ("I", "Q"):
+        raise ValueError("bad header values")
+    if not isinstance(with_starts, bool):
         raise ValueError("bad header values")
     if not all(isinstance(v, int) and v >= 0 for v in (count, names_len)):
         raise ValueError("bad header values")
@@ -529,7 +553,7 @@ def _parse_header(
         ok = isinstance(base, int) and isinstance(nbytes, int) and base >= 0 and nbytes >= 0
         if not ok or code not in ("", *_TYPECODES):
             raise ValueError("bad column")
-    return prefix, count, sources, specs, names_len, sampled_code, pos
+    return prefix, count, sources, specs, names_len, sampled_code, with_starts, pos
 
 
 def _sampled_of(starts: array[int] | None) -> array[int]:

@@ -344,10 +344,15 @@ def test_a_trusted_table_lists_the_same_without_the_check_of_every_name(
 
     monkeypatch.setattr(compact, "_check_names", no_check)
     loaded = FileTable.from_bytes(data, trusted=True)
+    assert loaded._starts is not None  # stored: not even found again
     assert list(loaded.items()) == list(table.items())
     assert [loaded.index_of(n) for n in table] == list(range(1000))
     with pytest.raises(ValueError):
         FileTable.from_bytes(data[:-1], trusted=True)
+    names_at = len(data) - len(table._names)
+    for at in (names_at - 4 * 1001, names_at - 4, names_at - 4 * 1001 + 4 * 32):
+        with pytest.raises(ValueError):  # a stored start off the sampled ones, or the end
+            FileTable.from_bytes(_mutate(data, at, data[at] ^ 1), trusted=True)
     with pytest.raises(AssertionError):
         list(FileTable.from_bytes(data))  # untrusted: checked
 
