@@ -7,14 +7,15 @@ and the payload. A file is used only when its key equals the key of the input no
 checksum matches: anything else (another project at that path, a changed tar, a torn write,
 a flipped bit, a file that is not ours) is a miss, and the index is built again.
 
-A file blobfs wrote also carries a MAC of everything before it, keyed by a random secret
-kept in the folder (file ``key``, ``0600``): a file whose MAC holds was written by blobfs
-from names it had already checked, so :meth:`IndexStore.load_checked` says it may be
-trusted and its reader skips the pass over every name (the structural checks that keep
-every read inside its buffers still run). A file without a MAC is only as good as its
-checksum: it is loaded untrusted and its reader checks all of it. A MAC that fails is a
-miss. A missing, short or unsafe secret is replaced by a new one, which simply turns the
-files of the old one into misses.
+A file blobfs wrote carries, in place of that checksum, a MAC of everything before it,
+keyed by a random secret kept in the folder (file ``key``, ``0600``): a file whose MAC
+holds was written by blobfs from names it had already checked, so
+:meth:`IndexStore.load_checked` says it may be trusted and its reader skips the pass over
+every name (the structural checks that keep every read inside its buffers still run). A
+file without a MAC is only as good as its checksum: it is loaded untrusted and its reader
+checks all of it. A MAC that fails, or one this store has no secret for, is a miss. A
+missing, short or unsafe secret is replaced by a new one, which simply turns the files of
+the old one into misses.
 
 Where: ``<--cache-dir>/index`` when a persistent block cache is configured, else
 ``$XDG_CACHE_HOME/blobfs/index`` (``~/.cache/blobfs/index``). The folder is created
@@ -140,10 +141,11 @@ class IndexStore:
                     f.write(head)
                     f.write(key)
                     f.write(payload)
-                    digest = _digest(key, payload)
-                    f.write(digest)
-                    if secret is not None:
-                        f.write(_mac(secret, (head, key, payload, digest)))
+                    # the MAC stands for the checksum too: one pass over the payload
+                    if secret is None:
+                        f.write(_digest(key, payload))
+                    else:
+                        f.write(_mac(secret, (head, key, payload)))
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -199,29 +201,29 @@ def _mac(secret: bytes, parts: tuple[bytes | memoryview, ...]) -> bytes:
 
 
 def _unwrap(data: bytes, key: bytes, secret: bytes | None) -> tuple[bytes, bool] | None:
-    """(payload, trusted) of a file's bytes when its key is ``key`` and its MAC holds
-    under ``secret`` (trusted), or, for a file without a MAC, its checksum holds (not
+    """(payload, trusted) of a file's bytes when its key is ``key`` and either its MAC
+    holds under ``secret`` (trusted) or it has no MAC and its checksum holds (not
     trusted)."""
     if len(data) < _HEAD.size + _DIGEST:
         return None
     magic, key_len, payload_len, mac_len = _HEAD.unpack_from(data)
     if magic != MAGIC or mac_len not in (0, _DIGEST):
         return None
-    if _HEAD.size + key_len + payload_len + _DIGEST + mac_len != len(data):
+    if _HEAD.size + key_len + payload_len + _DIGEST != len(data):
         return None
     at = _HEAD.size
     if data[at : at + key_len] != key:
         return None
-    view = memoryview(data)
     payload = data[at + key_len : at + key_len + payload_len]
-    if secret is not None and mac_len:
+    end = len(data) - _DIGEST
+    if mac_len:
         # a MAC that fails is damage, or a file of an older secret: a miss either way
-        end = len(data) - mac_len
-        if not hmac.compare_digest(data[end:], _mac(secret, (view[:end],))):
+        if secret is None or not hmac.compare_digest(
+            data[end:], _mac(secret, (memoryview(data)[:end],))
+        ):
             return None
         return payload, True
-    summed = len(data) - mac_len - _DIGEST
-    if data[summed : summed + _DIGEST] != _digest(key, payload):
+    if data[end:] != _digest(key, payload):
         return None
     return payload, False
 

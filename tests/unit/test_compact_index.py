@@ -421,7 +421,8 @@ def test_a_file_the_store_wrote_is_trusted_and_one_without_its_mac_is_not(
         file.write_bytes(_mutate(raw, at, raw[at] ^ 0x01))
         assert store.load_checked("/p/ds", b"key") is None
     head = index_store._HEAD.pack(index_store.MAGIC, key_len, payload_len, 0)
-    forged = head + raw[index_store._HEAD.size : -mac_len]
+    payload = b"payload" * 100
+    forged = head + b"key" + payload + index_store._digest(b"key", payload)
     file.write_bytes(forged)
     assert store.load_checked("/p/ds", b"key") == (b"payload" * 100, False)
     file.write_bytes(forged[:-1] + bytes([forged[-1] ^ 1]))  # its checksum fails
