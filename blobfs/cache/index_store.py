@@ -242,8 +242,8 @@ def _secret_in(folder: Path) -> bytes | None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
+                # no fsync: a key torn by a crash is short, and simply replaced
                 os.write(fd, os.urandom(SECRET_BYTES))
-                os.fsync(fd)
             finally:
                 os.close(fd)
             # a link, not a rename: a secret another process made meanwhile is kept
