@@ -27,7 +27,7 @@ from tests.support import harness
 from tests.support.sample import make_images, png_bytes
 
 from .conftest import TOKEN, build_project
-from .test_remote_writeback import flush, remote_images, writeback_mount
+from .test_remote_writeback import copy_in_and_flush, flush, remote_images, writeback_mount
 
 pytestmark = [pytest.mark.remote]
 
@@ -227,14 +227,7 @@ def test_through_a_mount_a_lost_worker_leaves_the_copy_to_the_daemon(
     env = {FAILPOINT_ENV: FAILPOINT if how == "dies" else f"{FAILPOINT}:sleep=60"}
     env[DEADLINE_ENV] = "1"
     new = make_images(tmp_path / "new", 6, start_seed=500)
-    mnt, log = tmp_path / "mnt", tmp_path / "log"
-    proc = writeback_mount(emulator, remote_project, mnt, log, tmp_path / "spool", env=env)
-    try:
-        subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
-        result = flush(mnt)
-        assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        assert proc.unmount(60) == 0
+    log = copy_in_and_flush(emulator, remote_project, new, tmp_path, env=env)
     _assert_imported_once(emulator, remote_project, {p.name: p.read_bytes() for p in new})
     assert "import worker lost" in log.read_text()
 

@@ -78,6 +78,22 @@ def flush(mnt: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def copy_in_and_flush(
+    emu: Emulator, pid: int, images: list[Path], tmp_path: Path, env: dict[str, str] | None = None
+) -> Path:
+    """Mount ``pid`` for writeback, ``cp`` ``images`` into ``train/img``, ``blobfs flush``
+    (which must succeed) and unmount cleanly; the mount's log."""
+    mnt, log = tmp_path / "mnt", tmp_path / "log"
+    proc = writeback_mount(emu, pid, mnt, log, tmp_path / "spool", env=env)
+    try:
+        subprocess.run(["cp", *map(str, images), str(mnt / "train" / "img")], check=True)
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        assert proc.unmount(60) == 0
+    return log
+
+
 @pytest.fixture
 def remote_project(tmp_path: Path, emulator: Emulator) -> int:
     project, _ = build_project(tmp_path, count=10)
@@ -300,14 +316,7 @@ def test_the_stock_sdk_registers_an_imported_blob_into_another_project(
     team = sdk.team.get_list()[0]
     seeded = {f["name"] for f in sdk.file.list(team.id, "/blob-files/")}
     new = make_images(tmp_path / "new", 6, start_seed=900)
-    mnt = tmp_path / "mnt"
-    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log", tmp_path / "spool")
-    try:
-        subprocess.run(["cp", *map(str, new), str(mnt / "train" / "img")], check=True)
-        result = flush(mnt)
-        assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        assert proc.unmount(60) == 0
+    copy_in_and_flush(emulator, remote_project, new, tmp_path)
     names = {f["name"] for f in sdk.file.list(team.id, "/blob-files/")} - seeded
     [tar] = [n for n in names if n.endswith(".tar")]
     assert tar[: -len(".tar")] + "_offsets.pkl" in names
