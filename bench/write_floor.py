@@ -3,6 +3,7 @@
     python bench/write_floor.py [--images 30000] [--rounds 3] [--latency-ms 2]
                                 [--blobfs-only] [--tree LABEL=PATH] [--variant LABEL=FLAGS]
                                 [--anchor] [--pins unpinned both daemon cp]
+                                [--floor-variants]
 
 The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is copied with
 ``cp -r`` into:
@@ -35,6 +36,12 @@ alone on CPU 0, ``cp`` free), ``cp`` (``cp`` alone on CPU 0) and ``apart`` (the 
 CPU 0, ``cp`` on CPU 1: every request crosses the CPUs). Prints the median
 (min-max) per-file microseconds and the ratio of each median to the plain folder's.
 
+``--floor-variants`` adds three more Python floors: ``+ journal`` (each close appends the
+file's bytes to a journal file with one ``pwritev``: the least a close must do for the bytes
+to survive a kill of the daemon), ``no flush`` (flush answered ENOSYS, so the kernel stops
+sending it; release left to libfuse: one round trip fewer per file) and both.
+``--variant`` flags of the form ``env:NAME=VALUE`` set the daemon's environment instead.
+
 ``--anchor`` adds, to each pass, the SDK's whole flow of ``bench/writeback_bench.py`` (run in
 this process, pinned to CPU 0 in the pinned pass; the emulator is never pinned) and times
 blobfs's flush after its copy. It then prints, per pass, (the Python floor's copy + blobfs's
@@ -46,12 +53,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from stat import S_IFDIR, S_IFREG
@@ -126,17 +136,51 @@ def floor_round(src: Path, pin: str, binary: Path) -> float:
         return timed_cp(src, mnt, pin)
 
 
-def serve_python_floor(mnt: str) -> None:
+#: The Python floor's kinds (``--floor-variants`` adds all but ``plain``): with
+#: ``journal`` each close (or, without flush, each write) appends the file's bytes to a
+#: journal file (one ``pwritev`` of a header, the name and the bytes: the least a close
+#: must do for the bytes to survive a kill of the daemon); with ``noflush`` the flush is
+#: answered ENOSYS, so the kernel stops sending it, and release is left to libfuse (one
+#: round trip fewer per file: what a design that commits at write would save).
+FLOOR_KINDS = {
+    "plain": PYTHON_FLOOR,
+    "journal": "Python floor + journal",
+    "noflush": "Python floor, no flush",
+    "journal-noflush": "Python floor + journal, no flush",
+}
+
+
+class FloorJournal:
+    """The Python floor's journal: one record per file, a header, the name, the bytes."""
+
+    HEADER = struct.Struct("<IIQ")
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.end = 0
+
+    def append(self, name: str, data: bytes) -> None:
+        raw = name.encode()
+        crc = zlib.crc32(data, zlib.crc32(raw))
+        parts = (self.HEADER.pack(len(raw), crc, len(data)), raw, data)
+        self.end += os.pwritev(self.fd, parts, self.end)
+
+
+def serve_python_floor(mnt: str, kind: str = "plain") -> None:
     """Run the Python floor on ``mnt`` in the foreground (see the module docstring)."""
     sys.path.insert(0, str(HERE.parent))
     from blobfs.fuse.compat import BlobfsFUSE, FuseOSError, Operations
 
+    journal, noflush = "journal" in kind, "noflush" in kind
     now = int(time.time())
     base = {"st_nlink": 1, "st_uid": os.getuid(), "st_gid": os.getgid(), "st_mtime": now}
     dirs = {"/", "/ds", "/ds/img", "/ds/ann"}
     dir_attrs = {**base, "st_mode": S_IFDIR | 0o755, "st_nlink": 2}
     sizes: dict[str, int] = {}
     handles: dict[int, str] = {}
+    pending: dict[int, bytes] = {}
+    numbers = itertools.count(1)
+    append = FloorJournal(OUT / "python-floor-journal").append
 
     class Sizes(Operations):  # type: ignore[misc]
         direct_io_prefix = None
@@ -162,17 +206,31 @@ def serve_python_floor(mnt: str) -> None:
 
         def create(self, path: str, mode: int, flags: int = 0) -> int:
             sizes[path] = 0
-            fh = len(handles) + 1
+            fh = next(numbers)  # never reused: without flush, handles end late
             handles[fh] = path
             return fh
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             name = handles[fh]
             sizes[name] = max(sizes[name], offset + len(data))
+            if journal and noflush:
+                append(name, data)
+            elif journal:
+                pending[fh] = data
             return len(data)
 
         def flush(self, path: str, fh: int) -> None:
+            if noflush:
+                raise FuseOSError(errno.ENOSYS)
+            name = handles.pop(fh, None)
+            if journal and name is not None:
+                append(name, pending.pop(fh, b""))
+
+        def release(self, path: str, fh: int) -> None:
             handles.pop(fh, None)
+
+        # the handle ended at flush, or (no flush) the floor does not care
+        release.libfuse_ignore = True  # type: ignore[attr-defined]
 
     BlobfsFUSE(
         Sizes(),
@@ -188,10 +246,11 @@ def serve_python_floor(mnt: str) -> None:
     )
 
 
-def python_floor_round(src: Path, pin: str) -> float:
+def python_floor_round(src: Path, pin: str, kind: str = "plain") -> float:
     with Mounts() as mounts:
         mnt = mountpoint("python-floor")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-python-floor", str(mnt)]
+        cmd += ["--floor-kind", kind]
         spawn_foreground(mounts, [*daemon_pin(pin), *cmd], mnt, OUT / "python-floor.log")
         return timed_cp(src, mnt / "ds", pin)
 
@@ -226,8 +285,10 @@ def blobfs_round(
     shutil.rmtree(spool, ignore_errors=True)
     with Mounts() as mounts:
         mnt = mountpoint("writeback-floor")
-        cmd = writeback_mount(project, mnt, url, spool, [*ONE_BATCH, *options])
+        flags = [o for o in options if not o.startswith("env:")]
+        cmd = writeback_mount(project, mnt, url, spool, [*ONE_BATCH, *flags])
         env = {"API_TOKEN": TOKEN}
+        env.update(o[4:].split("=", 1) for o in options if o.startswith("env:"))  # type: ignore[misc]
         if tree is not None:  # -P: not the working directory's package, the tree's
             cmd = [cmd[0], "-P", *cmd[1:]]
             env["PYTHONPATH"] = tree
@@ -240,6 +301,7 @@ def blobfs_round(
         )
         if flushes is not None:
             flushes.append(time.perf_counter() - start)
+        print(f"  copy {took:.2f} s, flush {time.perf_counter() - start:.2f} s", flush=True)
     shutil.rmtree(spool, ignore_errors=True)
     return took
 
@@ -278,14 +340,20 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also the SDK's whole flow and blobfs's flush: the whole flow against the floor's",
     )
+    parser.add_argument(
+        "--floor-variants",
+        action="store_true",
+        help="also the Python floor with a journal record per file, without flush, and both",
+    )
     parser.add_argument("--serve-python-floor", metavar="MNT", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-kind", choices=list(FLOOR_KINDS), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     if args.serve_python_floor:
-        serve_python_floor(args.serve_python_floor)
+        serve_python_floor(args.serve_python_floor, args.floor_kind or "plain")
         return
     src = dataset_folder(args.images)
     binary = build_floor()
@@ -300,6 +368,9 @@ def main() -> None:
         targets["floor_writefs (C, libfuse3 low-level)"] = lambda pin: floor_round(src, pin, binary)
     if not args.blobfs_only or args.anchor:
         targets[PYTHON_FLOOR] = lambda pin: python_floor_round(src, pin)
+    if args.floor_variants:
+        for kind, label in list(FLOOR_KINDS.items())[1:]:
+            targets[label] = lambda pin, k=kind: python_floor_round(src, pin, k)
     targets[BLOBFS] = lambda pin: blobfs_round(src, pin, url, flushes=flushes[pin])
     for label, _, tree in (item.partition("=") for item in args.tree):
         targets[f"blobfs {label}"] = lambda pin, t=tree: blobfs_round(src, pin, url, t)

@@ -141,6 +141,11 @@ def check_remote_project(
         raise RemoteError(f"project {project_id} on {safe_url(server)}: {exc}") from None
 
 
+#: The kernel's entry and attribute timeouts on a writeback mount: staged files change
+#: size while written, and imports replace annotations by the server's copies.
+WRITEBACK_ATTR_TIMEOUT_S = 1.0
+
+
 def build(config: MountConfig) -> ProjectView:
     """Source and view for ``config``."""
     source = build_source(config)
@@ -286,7 +291,7 @@ def run(config: MountConfig, ready_fd: int | None = None) -> None:
     kwargs = fuse_kwargs(config, view.source.is_immutable())
     if config.writeback:
         del kwargs["ro"], kwargs["kernel_cache"]  # staged and control files change
-        kwargs["attr_timeout"] = kwargs["entry_timeout"] = 1.0
+        kwargs["attr_timeout"] = kwargs["entry_timeout"] = WRITEBACK_ATTR_TIMEOUT_S
         if not config.allow_other:
             # Only the mounting user can reach this mount, and the overlay itself decides
             # what may be written. The kernel's own mode checks would cost a round trip
@@ -327,7 +332,12 @@ def _operations(
         assert isinstance(view, WritebackFS)
         view.project.refresh_timeout_s = config.timeout_s
         return WritebackOperations(
-            view, queue, on_ready=on_ready, on_exit=on_exit, timeout_s=config.timeout_s
+            view,
+            queue,
+            on_ready=on_ready,
+            on_exit=on_exit,
+            timeout_s=config.timeout_s,
+            attr_timeout_s=WRITEBACK_ATTR_TIMEOUT_S,
         )
     assert isinstance(view, ProjectView)
     view.refresh_timeout_s = config.timeout_s

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from blobfs.errors import TimedOut
 
 DEFAULT_TIMEOUT_S = 30.0
 
 _local = threading.local()
+T = TypeVar("T")
 
 
 class within:  # noqa: N801 - used as ``with deadline.within(s):``, like a function
@@ -48,6 +51,22 @@ class within:  # noqa: N801 - used as ``with deadline.within(s):``, like a funct
     def __exit__(self, *exc: object) -> None:
         if self._mine is not None:
             _local.deadline = self._outer
+
+
+def call_within(seconds: float | None, func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` under a deadline ``seconds`` from now: :class:`within` without a
+    context-manager object, for the one call each FUSE operation makes (a small file's
+    copy makes six)."""
+    if seconds is None or seconds <= 0:
+        return func(*args)
+    local = _local
+    outer: tuple[float, float] | None = getattr(local, "deadline", None)
+    mine = (time.monotonic() + seconds, seconds)
+    local.deadline = mine if outer is None or mine[0] < outer[0] else outer
+    try:
+        return func(*args)
+    finally:
+        local.deadline = outer
 
 
 def remaining() -> float | None:

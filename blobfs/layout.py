@@ -66,17 +66,27 @@ def dataset_of(view_path: str) -> tuple[DatasetPath, str, str] | None:
     """``/a/datasets/b/img/x.png`` -> ``(("a", "b"), "img", "x.png")``; None for a path
     that is not a dataset's image or annotation file."""
     parts = split_path(view_path)
-    if len(parts) < 3 or parts[-2] not in (IMG_DIR, ANN_DIR):
+    where = _dataset_folder(parts[:-1]) if len(parts) >= 3 else None
+    return None if where is None else (*where, parts[-1])
+
+
+def dataset_folder(folder: str) -> tuple[DatasetPath, str] | None:
+    """``/a/datasets/b/img`` -> ``(("a", "b"), "img")``: the dataset and the kind of a
+    folder that holds a dataset's files; None for any other folder."""
+    return _dataset_folder(split_path(folder))
+
+
+def _dataset_folder(parts: list[str]) -> tuple[DatasetPath, str] | None:
+    if len(parts) < 2 or parts[-1] not in (IMG_DIR, ANN_DIR):
         return None
-    chain = parts[:-2]
-    names = [chain[0]]
-    rest = chain[1:]
+    names = [parts[0]]
+    rest = parts[1:-1]
     while rest:
         if len(rest) < 2 or rest[0] != DATASETS_DIR:
             return None
         names.append(rest[1])
         rest = rest[2:]
-    return tuple(names), parts[-2], parts[-1]
+    return tuple(names), parts[-1]
 
 
 def image_of_ann(name: str) -> str:

@@ -53,6 +53,36 @@ except ImportError:  # pragma: no cover - only on machines with the old fusepy
 #: The major version of the libfuse this process is bound to (2 or 3).
 FUSE_MAJOR: int = fuse_version_major
 
+#: The ``stat`` fields :func:`fill_stat` sets directly, and the times, given in ns.
+_STAT_FIELDS = frozenset(name for name, *_ in c_stat._fields_)
+_TIMESPECS = {
+    key: f"{key}spec"
+    for key in ("st_atime", "st_mtime", "st_ctime")
+    if f"{key}spec" in _STAT_FIELDS
+}
+
+
+def fill_stat(st: Any, attrs: dict[str, int], use_ns: bool = True) -> None:
+    """mfusepy's ``set_st_attrs``: every answer with attributes fills a ``stat`` (each
+    lookup, each create's getattr, each file of a listing). Here a field is set once,
+    without asking the structure first whether it has it, and the times (the same for
+    most files) are split into seconds and nanoseconds once."""
+    if not use_ns:
+        set_st_attrs(st, attrs, use_ns=False)
+        return
+    last: int | None = None
+    parts: tuple[int, int] = (0, 0)
+    for key, val in attrs.items():
+        spec = _TIMESPECS.get(key)
+        if spec is not None:
+            if val != last:
+                last, parts = val, divmod(int(val), 1_000_000_000)
+            timespec = getattr(st, spec)
+            timespec.tv_sec, timespec.tv_nsec = parts
+        elif key in _STAT_FIELDS:
+            setattr(st, key, val)
+
+
 #: libfuse 3's readdir flag (the kernel asked for READDIRPLUS), filler flag (this entry
 #: carries full attributes) and the capability that makes the kernel fall back to plain
 #: READDIR after the first page unless lookups follow, from ``fuse.h``/``fuse_common.h``.
@@ -163,7 +193,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
         if attrs is None:
             return -errno.ENOENT
         ctypes.memset(buf, 0, ctypes.sizeof(c_stat))
-        set_st_attrs(buf.contents, attrs, use_ns=self.use_ns)
+        fill_stat(buf.contents, attrs, self.use_ns)
         return 0
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
@@ -252,7 +282,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
             st.st_mode = S_IFREG if attrs is None else attrs["st_mode"] & S_IFMT
         else:
             entry_flags = FUSE_FILL_DIR_PLUS
-            set_st_attrs(st, attrs, use_ns=self.use_ns)
+            fill_stat(st, attrs, self.use_ns)
         index += 1
         if filler(buf, name.encode(self.encoding, self.errors), stp, index, entry_flags):
             return -1
@@ -281,7 +311,7 @@ class BlobfsFUSE(FUSE):  # type: ignore[misc]
                 if filler(buf, name, stp, index, 0):
                     return -1
             return index
-        set_st_attrs(st, run.attrs, use_ns=self.use_ns)
+        fill_stat(st, run.attrs, self.use_ns)
         first, full = index, False
         for name, file_size in zip(run.names, run.sizes, strict=True):
             st.st_size = file_size

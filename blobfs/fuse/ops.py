@@ -72,22 +72,24 @@ def counted_as(name: str) -> Callable[[F], F]:
 
 
 def _boundary(func: F, name: str) -> F:
+    call_within = deadline.call_within
+
     @functools.wraps(func)
     def wrapper(self: BlobfsOperations, *args: Any) -> Any:
-        counts = self.view.op_counts
+        counts = self.counts
         counts[name] = counts.get(name, 0) + 1  # under the GIL; a rare lost count is fine
-        where = args[0] if args else ""
         try:
-            with deadline.within(self.timeout_s):  # every operation ends within --timeout
-                return func(self, *args)
+            # every operation ends within --timeout
+            return call_within(self.timeout_s, func, self, *args)
         except FuseOSError:
             raise
         except NotFound:
             raise FuseOSError(to_errno(NotFound())) from None
         except REFUSALS as exc:  # the caller's request, answered as designed
-            logger.info("%s %s refused: %s", name, where, exc)
+            logger.info("%s %s refused: %s", name, args[0] if args else "", exc)
             raise FuseOSError(to_errno(exc)) from None
         except BlobfsError as exc:
+            where = args[0] if args else ""
             # a problem the source already logged (aggregated) is not logged per request;
             # others repeating within LOG_WINDOW_S are counted and logged once
             if getattr(exc, "reported", False):
@@ -99,7 +101,7 @@ def _boundary(func: F, name: str) -> F:
                     logger.error("%s %s: %s%s", name, where, exc, more)
             raise FuseOSError(to_errno(exc)) from None
         except Exception as exc:
-            logger.exception("%s %s failed unexpectedly", name, where)
+            logger.exception("%s %s failed unexpectedly", name, args[0] if args else "")
             raise FuseOSError(to_errno(exc)) from None
 
     return wrapper  # type: ignore[return-value]
@@ -211,6 +213,9 @@ class BlobfsOperations(Operations):  # type: ignore[misc]
         timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
     ) -> None:
         self.view = view
+        #: The view's count of requests served, by operation (the same dict, kept here:
+        #: every operation adds to it).
+        self.counts = view.op_counts
         #: Deadline of each operation (``--timeout``); see :mod:`blobfs.deadline`.
         self.timeout_s = timeout_s
         self.recent_failures = RecentFailures()

@@ -44,9 +44,17 @@ class WritebackOperations(BlobfsOperations):
         on_ready: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         timeout_s: float = deadline.DEFAULT_TIMEOUT_S,
+        attr_timeout_s: float = 1.0,
     ) -> None:
         super().__init__(view, on_ready, on_exit, timeout_s=timeout_s)
         self.wview = view
+        #: The mount's attribute timeout: how long the kernel may keep an answer's size.
+        self.attr_timeout_s = attr_timeout_s
+        # The paths whose attributes went to the kernel lately, in two sets that take
+        # turns (see :meth:`_lately`).
+        self._answered: set[str] = set()
+        self._answered_before: set[str] = set()
+        self._turned = time.monotonic()
         queue.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
@@ -54,22 +62,55 @@ class WritebackOperations(BlobfsOperations):
             self.forget_cached(event.paths)
 
     def forget_cached(self, paths: Sequence[str]) -> None:
-        """Drop the kernel's attributes and pages of ``paths`` (imported annotations and
-        meta now served from the project, whose copy may differ from the staged one in
-        bytes and length); called by the writeback queue's thread, never inside a request.
+        """Drop the kernel's attributes of ``paths`` (imported annotations and meta now
+        served from the project, whose copy may differ from the staged one in bytes and
+        length); called by the writeback queue's thread, never inside a request.
 
-        Imported images are not among them: each is imported byte for byte from the
+        Only paths whose attributes were answered within the attribute timeout are
+        told: the kernel holds no other's size. Nor does it hold their pages past an
+        open (a writable mount has no ``kernel_cache``: each open drops them). So a copy
+        whose files were written more than a moment before their batch was imported
+        costs the queue's thread no notification per annotation, while the copy goes on.
+
+        Imported images are never among them: each is imported byte for byte from the
         staged copy it was served from, so nothing the kernel holds of its bytes or size
-        turns false, and skipping them spares the queue's thread a notification per
-        image while a copy goes on."""
+        turns false."""
         started = time.monotonic()
-        dropped = sum(invalidate_path(path) for path in paths)
+        lately = self._lately(started)
+        recent = [p for p in paths if any(p in answered for answered in lately)]
+        dropped = sum(invalidate_path(path) for path in recent)
         logger.debug(
-            "kernel caches of %d of %d imported files dropped in %.4f s",
+            "kernel caches of %d of %d imported files dropped (%d answered lately) in %.4f s",
             dropped,
             len(paths),
+            len(recent),
             time.monotonic() - started,
         )
+
+    def _answering(self, path: str) -> None:
+        """``path``'s attributes go to the kernel now (see :meth:`forget_cached`)."""
+        now = time.monotonic()
+        if now - self._turned > self.attr_timeout_s:
+            # what the newer set holds was answered before the timeout after the last
+            # turn: older than the timeout by now, past twice the timeout since the turn
+            old = now - self._turned > 2 * self.attr_timeout_s
+            self._answered_before, self._answered = set() if old else self._answered, set()
+            self._turned = now
+        self._answered.add(path)
+
+    def _lately(self, now: float) -> tuple[set[str], ...]:
+        """The sets that may hold a path answered within the timeout before ``now``.
+
+        A path is added to the newer set, after the sets turned if the newer one is
+        older than the timeout: so it holds only answers given within the timeout after
+        the last turn, and the older set only answers from before the last turn.
+        """
+        since = now - self._turned
+        if since > 2 * self.attr_timeout_s:
+            return ()
+        if since > self.attr_timeout_s:
+            return (self._answered,)
+        return (self._answered, self._answered_before)
 
     def destroy(self, path: str) -> None:
         self.wview.commit_reopened()  # before the queue's last flush
@@ -79,7 +120,16 @@ class WritebackOperations(BlobfsOperations):
     def find_attrs(self, path: str, fh: int | None) -> dict[str, int] | None:
         """See :meth:`BlobfsOperations.find_attrs`; with a write handle (libfuse asks for
         the attributes of each file it creates), that handle's file."""
-        return self.wview.find_attrs(path, fh)
+        attrs = self.wview.find_attrs(path, fh)
+        if attrs is not None:
+            self._answering(path)
+        return attrs
+
+    @errno_boundary
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        attrs = self.wview.getattr(path)
+        self._answering(path)
+        return attrs
 
     @errno_boundary
     def create(self, path: str, mode: int, flags: int = 0) -> int:
@@ -126,6 +176,7 @@ class WritebackOperations(BlobfsOperations):
     @errno_boundary
     def rename(self, old: str, new: str) -> None:
         self.wview.rename(old, new)
+        self._answering(new)  # the kernel keeps the moved file's attributes, now at new
 
     @errno_boundary
     def mkdir(self, path: str, mode: int) -> None:

@@ -33,6 +33,11 @@ class HandleTable:
             self._handles[fh] = handle
             return fh
 
+    def number(self) -> int:
+        """A number no handle of this table has or will have, for a handle kept
+        elsewhere (a file open for writing)."""
+        return next(self._counter)  # one C call: atomic under the interpreter lock
+
     def get(self, fh: int) -> ReadHandle:
         try:
             return self._handles[fh]

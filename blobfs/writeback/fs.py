@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -52,7 +53,8 @@ from blobfs.layout import (
     IMG_DIR,
     META_PATH,
     RESERVED_NAMES,
-    dataset_of,
+    DatasetPath,
+    dataset_folder,
     dataset_view_path,
     name_problem,
     split_path,
@@ -76,11 +78,16 @@ CONTROL_STATUS = f"{CONTROL_DIR}/writeback.json"
 #: ``flush-new-<nonce>`` asks for one first; see ``_control``.
 CONTROL_FLUSH_WAIT = f"{CONTROL_DIR}/flush-"
 CONTROL_SIZE = 1 << 20
+_CONTROL_PREFIX = CONTROL_DIR + "/"
 #: How long one read of a flush control file may wait for the flush: the FUSE thread only
 #: waits (the queue's thread does the work), and never for longer than this.
 FLUSH_WAIT_S = 1.0
 MAX_SNAPSHOTS = 64
-_NO_BYTES = BytesReader(b"")
+#: How long a dataset found to exist is taken to exist without looking again, for the
+#: files written into it (unless this layer changed the datasets meanwhile).
+DATASET_SEEN_S = 1.0
+#: Folders whose parse (dataset and kind) is remembered; more clear the memo.
+MAX_FOLDERS_SEEN = 1024
 
 
 @dataclass(eq=False)
@@ -125,7 +132,31 @@ class WritebackFS:
         self._importing: frozenset[str] = frozenset()
         self._snapshots: dict[str, bytes] = {}
         self._snap_lock = threading.Lock()
+        # A file copied in is looked up twice as missing (``cp``'s check, then the
+        # kernel's exclusive create), then created, and the create's checks look its
+        # dataset and name up again: what the first answer found is kept for the next
+        # ones, as long as nothing changed in between. Every change this layer makes (a
+        # writer added, a commit, a removal, a rename, a folder, an import) takes a new
+        # generation from ``_bumps``, and a memo holds only for the generation it was
+        # made in. A change from the server's side shows at the same time as before: the
+        # kernel itself keeps a missing name for the negative timeout.
+        self._bumps = itertools.count(1)
+        self._generation = 0
+        #: The datasets' generation: changed by mkdir, rmdir and imports only.
+        self._layout = 0
+        #: The last path found missing, and in which generation.
+        self._absent: tuple[str, int] | None = None
+        #: Folders parsed by :func:`dataset_folder` (dataset and kind, or None).
+        self._folders_seen: dict[str, tuple[DatasetPath, str] | None] = {}
+        #: The last dataset found to exist: (its names, the datasets' generation, when).
+        self._dataset_seen: tuple[DatasetPath, int, float] | None = None
         queue.subscribe(self._on_event)
+
+    def _changed(self, layout: bool = False) -> None:
+        """Something this layer serves changed: memos of earlier answers no longer hold."""
+        self._generation = next(self._bumps)
+        if layout:
+            self._layout = self._generation
 
     # ---- what the FUSE adapter and the daemon read of the layer below ----------------
 
@@ -143,6 +174,8 @@ class WritebackFS:
     # ---- lookups through the overlay ---------------------------------------------------
 
     def _open_writer(self, path: str) -> WriteHandle | None:
+        if not self._writers:  # the usual case between a copy's files
+            return None
         for handle in list(self._writers.values()):  # other threads add and remove
             if handle.path == path:
                 return handle
@@ -219,9 +252,18 @@ class WritebackFS:
             if attrs is None:
                 attrs = handle.attrs = self._scratch_attrs(handle.scratch)
             return attrs
+        generation = self._generation
+        if self._absent == (path, generation):
+            return None
+        found = self._find_attrs(path)
+        if found is None:
+            self._absent = (path, generation)
+        return found
+
+    def _find_attrs(self, path: str) -> dict[str, int] | None:
         if path == CONTROL_DIR:
             return {**self._attrs(os.stat(self.spool.root)), "st_mode": DIR_MODE, "st_nlink": 2}
-        if path.startswith(CONTROL_DIR + "/"):
+        if path.startswith(_CONTROL_PREFIX):
             return self._control_attrs(path)
         writer = self._open_writer(path)
         if writer is not None:
@@ -318,6 +360,8 @@ class WritebackFS:
 
     def _implicit_dir(self, path: str) -> bool:
         """``/<new dataset>/img`` and ``/ann`` exist as soon as the dataset does."""
+        if path.count("/") != 2:  # most paths asked for are files, further down
+            return False
         parts = split_path(path)
         return (
             len(parts) == 2
@@ -329,7 +373,7 @@ class WritebackFS:
         return len(split_path(path)) == 1 and self.spool.is_dir(path)
 
     def read_path(self, path: str, offset: int, size: int) -> bytes:
-        control = self._control(path) if path.startswith(CONTROL_DIR + "/") else None
+        control = self._control(path) if path.startswith(_CONTROL_PREFIX) else None
         if control is not None:
             return control[offset : offset + size]
         st = self.spool.stat(path)
@@ -352,6 +396,23 @@ class WritebackFS:
 
     # ---- what may be written -------------------------------------------------------
 
+    def _dataset_known(self, names: DatasetPath) -> bool:
+        """:meth:`_dataset_exists`, remembered for a moment for the dataset last found."""
+        seen = self._dataset_seen
+        now = time.monotonic()
+        if (
+            seen is not None
+            and seen[0] == names
+            and seen[1] == self._layout
+            and now - seen[2] < DATASET_SEEN_S
+        ):
+            return True
+        layout = self._layout
+        if not self._dataset_exists(names):
+            return False
+        self._dataset_seen = (names, layout, now)
+        return True
+
     def _dataset_exists(self, names: tuple[str, ...]) -> bool:
         path = dataset_view_path(names)
         return isinstance(self.project.lookup(path), DirNode) or self.spool.is_dir(path)
@@ -359,20 +420,29 @@ class WritebackFS:
     def _check_writable(self, path: str) -> None:
         if path == META_PATH:
             return
-        where = dataset_of(path)
-        if where is None:
+        absent = self._absent == (path, self._generation)  # looked up a moment ago
+        folder, _, name = path.rpartition("/")
+        seen = self._folders_seen
+        if folder in seen:
+            where = seen[folder]
+        else:
+            where = dataset_folder(folder)
+            if len(seen) >= MAX_FOLDERS_SEEN:
+                seen.clear()
+            seen[folder] = where
+        if where is None or not name:
             raise NotPermitted(
                 f"{path}: only /meta.json, <dataset>/img/ and <dataset>/ann/ files can be written"
             )
-        dataset, kind, name = where
+        dataset, kind = where
         problem = name_problem(name)
         if problem:
             raise InvalidInput(f"{path}: {problem}")
-        if not self._dataset_exists(dataset):
+        if not self._dataset_known(dataset):
             raise NotFound(f"{path}: no dataset {'/'.join(dataset)}")
         if kind == ANN_DIR and not name.endswith(ANN_SUFFIX):
             raise NotPermitted(f"{path}: annotations are <image name>.json files")
-        if kind == IMG_DIR and self._in_project(path):
+        if kind == IMG_DIR and not absent and self._in_project(path):
             raise NotPermitted(f"{path}: an imported image cannot be changed")
         if kind == IMG_DIR:  # the lookup above listed the dataset: its refusals are known
             refused = self.source.refused(dataset, f"{IMG_DIR}/{name}")
@@ -417,15 +487,16 @@ class WritebackFS:
         return WriteHandle(scratch, path, dirty=truncate)
 
     def _add_writer(self, handle: WriteHandle) -> int:
+        # the number only, from the view's handles: a writer's reads go to its bytes
+        fh = self.project.handles.number()
         with self._wlock:
-            # the number only: a writer's reads go to its descriptor (``read``)
-            fh = self.project.handles.add(ReadHandle(_NO_BYTES, -1, handle.path))
             self._writers[fh] = handle
+        self._changed()
         return fh
 
     def open(self, path: str) -> int:
         """Open for reading: a control file, a staged file or the project's own."""
-        control = self._control(path) if path.startswith(CONTROL_DIR + "/") else None
+        control = self._control(path) if path.startswith(_CONTROL_PREFIX) else None
         if control is not None:
             return self.project.handles.add(ReadHandle(BytesReader(control), len(control), path))
         st = self.spool.stat(path)
@@ -513,7 +584,7 @@ class WritebackFS:
         except NotFound:
             if path is None:
                 raise
-        if path.startswith(CONTROL_DIR + "/"):
+        if path.startswith(_CONTROL_PREFIX):
             return b""  # an answer is made once per open: an ended one has no more
         return self.read_path(path, offset, size)
 
@@ -563,11 +634,20 @@ class WritebackFS:
         open file, a mapping written back or read later): a write then opens the file
         again (:meth:`_reopened`), a read reads the path, a ``fstat`` looks the path up.
         """
+        handle = self._writers.get(fh)
+        if handle is None:  # a reader, or a writer a close of another descriptor ended
+            self.release(fh)
+            self._reopened_fhs.discard(fh)
+            return
         try:
             self.commit(fh, durable=self.sync_close)
         finally:
-            self.release(fh)
-            self._reopened_fhs.discard(fh)
+            # what release does, but the commit just made (or failed): not once more
+            with self._wlock:
+                self._writers.pop(fh, None)
+            handle.scratch.close()
+            if self._reopened_fhs:
+                self._reopened_fhs.discard(fh)
 
     def fsync(self, path: str, fh: int | None) -> None:
         """``fsync()``/``fdatasync()``: what ``path`` holds survives a power cut on return.
@@ -594,6 +674,7 @@ class WritebackFS:
             size = self.spool.commit_scratch(handle.scratch, handle.path, durable=durable)
         except OSError as exc:  # e.g. no space even for the durable rename path
             raise self._fail(handle, exc) from None
+        self._changed()
         was_dirty = handle.dirty
         handle.dirty = False
         handle.committed = True
@@ -612,7 +693,8 @@ class WritebackFS:
                 finally:
                     self._writers.pop(fh, None)
                     handle.scratch.close()
-        self.project.release(fh)
+        if handle is None:
+            self.project.release(fh)
 
     def unlink(self, path: str) -> None:
         if self.spool.stat(path) is None:
@@ -622,6 +704,7 @@ class WritebackFS:
         if path in self._importing:
             raise Busy(f"{path}: being imported right now")
         self.spool.remove(path, durable=self.sync_close)
+        self._changed()
 
     def rename(self, old: str, new: str) -> None:
         if self.spool.stat(old) is None:
@@ -632,6 +715,7 @@ class WritebackFS:
         if old in self._importing:
             raise Busy(f"{old}: being imported right now")
         self.spool.rename(old, new, durable=self.sync_close)
+        self._changed(layout=True)  # a folder may have moved
         for handle in list(self._writers.values()):
             if handle.path == old:
                 handle.path = new
@@ -647,6 +731,7 @@ class WritebackFS:
         if problem or parts[0] in RESERVED_NAMES:
             raise InvalidInput(f"{path}: {problem or 'reserved name'}")
         self.spool.mkdir(path)
+        self._changed(layout=True)
 
     def rmdir(self, path: str) -> None:
         """Remove a new dataset that holds no files (its ``img/`` and ``ann/`` always show,
@@ -666,6 +751,7 @@ class WritebackFS:
                 if self.spool.is_dir(f"{path}/{sub}"):
                     self.spool.rmdir(f"{path}/{sub}")
             self.spool.rmdir(path)
+            self._changed(layout=True)
         except OSError as exc:
             if exc.errno == errno.ENOTEMPTY:  # a file staged meanwhile
                 raise NotEmpty(f"{path}: not empty") from None
@@ -689,6 +775,7 @@ class WritebackFS:
     # ---- what the queue tells this layer ---------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        self._changed(layout=True)
         if isinstance(event, Importing):
             self._importing = frozenset(event.paths)  # changes to them are EBUSY meanwhile
         elif isinstance(event, Imported):

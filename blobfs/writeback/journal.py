@@ -65,8 +65,9 @@ _KINDS = frozenset(k.value for k in Kind)
 
 
 def _record_crc(head: bytes, p1: bytes, p2: bytes, data: bytes) -> int:
-    """CRC-32 of a record: its header without the CRC field, then the three payloads."""
-    return zlib.crc32(data, zlib.crc32(p2, zlib.crc32(p1, zlib.crc32(head[:-4]))))
+    """CRC-32 of a record: its header without the CRC field, then the three payloads
+    (the header and the paths, a few dozen bytes, joined first: one call fewer each)."""
+    return zlib.crc32(data, zlib.crc32(head[:-4] + p1 + p2))
 
 
 class JournalFull(Exception):

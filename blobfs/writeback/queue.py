@@ -40,6 +40,8 @@ DEFAULT_DELAY_S = 5.0
 #: How often the queue's thread, between passes, validates the files staged since it last
 #: looked, so that a flush or a batch finds them checked already.
 PREVALIDATE_S = 0.2
+#: How a path in a dataset's ann/ folder ends before its name.
+_IN_ANN = "/" + ANN_DIR
 DEFAULT_BLOB_SIZE = 256 << 20
 MAX_BACKOFF_S = 60.0
 
@@ -167,25 +169,33 @@ class WritebackQueue:
         is woken when a blob's worth of bytes is staged, not per file, which would make
         copying N files cost O(N^2). The thread validates ``path`` ahead, between passes
         (a copy waits on round trips, so the daemon's CPU is mostly free meanwhile).
+
+        The counting takes no lock (each step is one store or one C call under the
+        interpreter lock); only the wake-up does. What a race with a pass may cost is
+        benign: the file was committed before this call and a pass clears ``_dirty``
+        before it walks the spool, so no pass misses it; a count that lands in the pass
+        that just began only moves one file's weight to the next seal, and a path added
+        to the set the thread just took is validated by the pass instead of ahead.
         """
-        with self._cond:
-            if path is not None:
-                self._fresh.add(path)
-            self._last_write = self._clock()
-            self._dirty = True
-            self._staged_bytes += size
-            # a pass counts the images whose annotation is staged too, with those: an
-            # annotation usually completes a pair (two such files), an image may not. Only
-            # the folder the file is in is looked at (only a dataset's files are staged)
-            in_ann = path is not None and path.rsplit("/", 2)[-2:-1] == [ANN_DIR]
-            self._staged_files += 2 if in_ann else 1
-            self.status.pending += 1  # an estimate until the next pass counts the spool
-            self.status.pending_bytes += size
-            if self._enough_staged():
+        if path is not None:
+            self._fresh.add(path)
+        self._last_write = self._clock()
+        self._dirty = True
+        self._staged_bytes += size
+        # a pass counts the images whose annotation is staged too, with those: an
+        # annotation usually completes a pair (two such files), an image may not. Only
+        # the folder the file is in is looked at (only a dataset's files are staged)
+        in_ann = path is not None and path.rpartition("/")[0].endswith(_IN_ANN)
+        self._staged_files += 2 if in_ann else 1
+        status = self.status
+        status.pending += 1  # an estimate until the next pass counts the spool
+        status.pending_bytes += size
+        if self._enough_staged():
+            with self._cond:
                 self._cond.notify_all()
 
     def _enough_staged(self) -> bool:
-        """Whether what was staged since the last pass could seal a batch (``_cond`` held)."""
+        """Whether what was staged since the last pass could seal a batch."""
         return self._staged_bytes >= self.blob_size or (0 < self.batch_files <= self._staged_files)
 
     def flush(self, timeout_s: float | None = None) -> bool:

@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 from blobfs.errors import Busy, CorruptData
 from blobfs.failpoints import note_tree_synced
@@ -273,10 +273,11 @@ def _file_stat(size: int, mtime_ns: int) -> os.stat_result:
     )
 
 
-@dataclass(frozen=True)
-class Held:
+class Held(NamedTuple):
     """A small committed file with no file of its own: its bytes are at ``offset`` in
-    ``fd``, a journal record's data (``batch`` None) or the batch's ``data`` file."""
+    ``fd``, a journal record's data (``batch`` None) or the batch's ``data`` file. (A
+    named tuple: one is made per small file closed, at a third of a frozen dataclass's
+    cost.)"""
 
     fd: int
     offset: int

@@ -252,6 +252,53 @@ def test_an_imported_image_reads_its_written_bytes_and_its_annotation_the_server
         assert fresh.unmount(60) == 0
 
 
+def test_an_import_tells_the_kernel_only_of_the_annotations_it_may_still_hold(
+    tmp_path: Path, emulator: Emulator, remote_project: int
+) -> None:
+    """The kernel keeps a file's size for the attribute timeout after its last answer,
+    and a writable mount's pages only until the next open: an annotation written longer
+    ago than that needs no notification when its import replaces it by the server's
+    copy, and both read back whole, at their new size."""
+    images = make_images(tmp_path / "new", 2, start_seed=720)
+    mnt = tmp_path / "mnt"
+    ann = {"description": "written long ago", "size": {"height": 32, "width": 32}}
+    ann.update(tags=[], objects=[])
+    log = tmp_path / "log"
+    args = ("--writeback", "--spool-dir", str(tmp_path / "spool"), "--writeback-delay", "30")
+    proc = harness.start_remote(
+        emulator.url, remote_project, mnt, *args, "--log-level", "DEBUG", token=TOKEN, log=log
+    )
+    anns = [mnt / "train" / "ann" / f"{image.name}.json" for image in images]
+    try:
+        for image in images:
+            (mnt / "train" / "img" / image.name).write_bytes(image.read_bytes())
+        anns[0].write_text(json.dumps(ann))
+        # past twice the attribute timeout of the first one's last answer: the mount
+        # remembers an answer for at least the timeout, at most about twice that
+        time.sleep(2.5)
+        anns[1].write_text(json.dumps({**ann, "description": "written just now"}))
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+        served = [path.read_bytes() for path in anns]
+        sizes = [os.stat(path).st_size for path in anns]
+    finally:
+        assert proc.unmount(60) == 0
+    told = re.findall(
+        r"kernel caches of \d+ of (\d+) imported files dropped \((\d+) answered", log.read_text()
+    )
+    assert [(int(n), int(lately)) for n, lately in told] == [(2, 1)]
+    assert sizes == [len(data) for data in served]
+    fresh = harness.start_remote(emulator.url, remote_project, mnt, token=TOKEN)
+    try:
+        assert [path.read_bytes() for path in anns] == served
+    finally:
+        assert fresh.unmount(60) == 0
+    assert [json.loads(data)["description"] for data in served] == [
+        "written long ago",
+        "written just now",
+    ]
+
+
 def test_in_process_an_imported_annotation_is_read_anew_from_the_server(
     tmp_path: Path, emulator: Emulator, remote_project: int
 ) -> None:

@@ -445,3 +445,31 @@ def test_a_pusher_that_cannot_store_keeps_no_content_queued(tmp_path: Any) -> No
     pusher.push(b"/ds/ann", [(b"c.json", b"{}")], 0)
     assert counts == {"push_queued": 3, "push_skipped": 3}
     assert pusher._jobs.empty()
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"st_mode": 0o100644, "st_nlink": 1, "st_size": 4000, "st_blocks": 8, "st_uid": 7},
+        {"st_mode": 0o40755, "st_nlink": 2, "st_mtime": 1_764_770_000_123_456_789},
+        {
+            "st_mode": 0o100444,
+            "st_size": 1 << 40,
+            "st_mtime": 5_000_000_001,
+            "st_ctime": 6_000_000_002,
+            "st_atime": 5_000_000_001,
+            "st_gid": 3,
+            "not_a_stat_field": 1,
+        },
+    ],
+)
+def test_a_stat_is_filled_as_mfusepy_fills_it(attrs: dict[str, int]) -> None:
+    """The faster filler every answer with attributes uses leaves the same bytes."""
+    from mfusepy import set_st_attrs
+
+    from blobfs.fuse.compat import c_stat, fill_stat
+
+    ours, theirs = c_stat(), c_stat()
+    fill_stat(ours, attrs)
+    set_st_attrs(theirs, attrs, use_ns=True)
+    assert bytes(ours) == bytes(theirs)

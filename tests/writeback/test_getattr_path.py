@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,24 @@ def test_a_file_open_for_writing_answers_from_its_handle(ops: WritebackOperation
 def test_a_missing_control_file_is_still_enoent(ops: WritebackOperations) -> None:
     got, _ = getattr_(fuse(ops), "/.blobfs/no-such-file")
     assert got == -errno.ENOENT
+
+
+def test_an_import_tells_the_kernel_only_of_paths_it_answered_within_the_timeout(
+    ops: WritebackOperations,
+) -> None:
+    """The kernel keeps what an answer told it for the attribute timeout: an imported
+    file answered longer ago than that needs no notification, one answered since does."""
+    ops.attr_timeout_s = 0.05
+    f = fuse(ops)
+    getattr_(f, "/ds/img/img_000001.png")
+    time.sleep(0.15)  # past twice the timeout: the first answer is forgotten
+    assert getattr_(f, "/ds/img/img_000002.png")[0] == 0
+    assert getattr_(f, "/ds/img/nothing-here.png")[0] == -errno.ENOENT  # no answer kept
+    paths = ["/ds/img/img_000001.png", "/ds/img/img_000002.png", "/ds/img/nothing-here.png"]
+    with mock.patch("blobfs.fuse.writeback_ops.invalidate_path", return_value=True) as told:
+        ops.forget_cached(paths)
+    assert told.call_args_list == [mock.call("/ds/img/img_000002.png")]
+    time.sleep(0.15)
+    with mock.patch("blobfs.fuse.writeback_ops.invalidate_path", return_value=True) as told:
+        ops.forget_cached(paths)
+    assert told.call_args_list == []
