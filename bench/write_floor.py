@@ -319,7 +319,8 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="LABEL=PATH",
-        help="also copy into blobfs run from the package under PATH (e.g. an older commit's)",
+        help="also copy into blobfs run from the package under PATH (e.g. an older commit's);"
+        " 'LABEL=PATH FLAGS...' mounts it with more flags",
     )
     parser.add_argument(
         "--variant",
@@ -372,8 +373,11 @@ def main() -> None:
         for kind, label in list(FLOOR_KINDS.items())[1:]:
             targets[label] = lambda pin, k=kind: python_floor_round(src, pin, k)
     targets[BLOBFS] = lambda pin: blobfs_round(src, pin, url, flushes=flushes[pin])
-    for label, _, tree in (item.partition("=") for item in args.tree):
-        targets[f"blobfs {label}"] = lambda pin, t=tree: blobfs_round(src, pin, url, t)
+    for label, _, spec in (item.partition("=") for item in args.tree):
+        tree, *flags = spec.split()
+        targets[f"blobfs {label}"] = lambda pin, t=tree, f=flags: blobfs_round(
+            src, pin, url, t, options=f
+        )
     for label, _, flags in (item.partition("=") for item in args.variant):
         targets[f"blobfs {label}"] = lambda pin, f=flags: blobfs_round(
             src, pin, url, options=f.split()
