@@ -45,8 +45,7 @@ class within:  # noqa: N801 - used as ``with deadline.within(s):``, like a funct
             return
         outer: tuple[float, float] | None = getattr(_local, "deadline", None)
         self._outer = outer
-        mine = (time.monotonic() + seconds, seconds)
-        _local.deadline = mine if outer is None or mine[0] < outer[0] else outer
+        _local.deadline = _nested(seconds, outer)
 
     def __exit__(self, *exc: object) -> None:
         if self._mine is not None:
@@ -61,12 +60,17 @@ def call_within(seconds: float | None, func: Callable[..., T], *args: Any) -> T:
         return func(*args)
     local = _local
     outer: tuple[float, float] | None = getattr(local, "deadline", None)
-    mine = (time.monotonic() + seconds, seconds)
-    local.deadline = mine if outer is None or mine[0] < outer[0] else outer
+    local.deadline = _nested(seconds, outer)
     try:
         return func(*args)
     finally:
         local.deadline = outer
+
+
+def _nested(seconds: float, outer: tuple[float, float] | None) -> tuple[float, float]:
+    """A deadline ``seconds`` from now, inside ``outer``: a nested one never extends it."""
+    mine = (time.monotonic() + seconds, seconds)
+    return mine if outer is None or mine[0] < outer[0] else outer
 
 
 def remaining() -> float | None:

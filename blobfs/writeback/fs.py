@@ -642,10 +642,7 @@ class WritebackFS:
         try:
             self.commit(fh, durable=self.sync_close)
         finally:
-            # what release does, but the commit just made (or failed): not once more
-            with self._wlock:
-                self._writers.pop(fh, None)
-            handle.scratch.close()
+            self._end_writer(fh, handle)  # the commit just made (or failed): not again
             if self._reopened_fhs:
                 self._reopened_fhs.discard(fh)
 
@@ -691,10 +688,14 @@ class WritebackFS:
                     if handle.failed is None:  # close() already reported a failure
                         self.commit(fh, durable=self.sync_close)
                 finally:
-                    self._writers.pop(fh, None)
-                    handle.scratch.close()
+                    self._end_writer(fh, handle)
         if handle is None:
             self.project.release(fh)
+
+    def _end_writer(self, fh: int, handle: WriteHandle) -> None:
+        with self._wlock:
+            self._writers.pop(fh, None)
+        handle.scratch.close()
 
     def unlink(self, path: str) -> None:
         if self.spool.stat(path) is None:
