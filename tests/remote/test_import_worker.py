@@ -27,7 +27,12 @@ from tests.support import harness
 from tests.support.sample import make_images, png_bytes
 
 from .conftest import TOKEN, build_project
-from .test_remote_writeback import copy_in_and_flush, flush, remote_images, writeback_mount
+from .test_remote_writeback import (
+    copy_in_and_flush,
+    remote_images,
+    resume_and_flush,
+    writeback_mount,
+)
 
 pytestmark = [pytest.mark.remote]
 
@@ -287,11 +292,6 @@ def test_a_daemon_killed_with_sigkill_takes_its_worker_down_and_the_next_mount_i
     while harness.pid_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not harness.pid_alive(worker)
-    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log2", spool)
-    try:
-        result = flush(mnt)
-        assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        assert proc.unmount(60) == 0
+    resume_and_flush(emulator, remote_project, mnt, spool, tmp_path / "log2")
     _assert_imported_once(emulator, remote_project, {p.name: p.read_bytes() for p in new})
     assert not any(os.scandir(spool / "batches"))

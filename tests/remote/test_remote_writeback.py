@@ -94,6 +94,17 @@ def copy_in_and_flush(
     return log
 
 
+def resume_and_flush(emu: Emulator, pid: int, mnt: Path, spool: Path, log: Path) -> None:
+    """Mount ``pid`` again over the ``spool`` a killed daemon left, ``blobfs flush``
+    (which must succeed) and unmount cleanly."""
+    proc = writeback_mount(emu, pid, mnt, log, spool)
+    try:
+        result = flush(mnt)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        assert proc.unmount(60) == 0
+
+
 @pytest.fixture
 def remote_project(tmp_path: Path, emulator: Emulator) -> int:
     project, _ = build_project(tmp_path, count=10)
@@ -157,12 +168,7 @@ def test_a_crash_between_upload_and_registration_makes_no_duplicates(
     flush(mnt)
     assert proc.wait(30) == 137
     proc.kill9()  # only takes the dead mount away
-    proc = writeback_mount(emulator, remote_project, mnt, tmp_path / "log2", spool)
-    try:
-        result = flush(mnt)
-        assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        assert proc.unmount(60) == 0
+    resume_and_flush(emulator, remote_project, mnt, spool, tmp_path / "log2")
     got = remote_images(emulator, remote_project)
     for p in new:
         assert got[f"train/{p.name}"] == [p.read_bytes()], point
