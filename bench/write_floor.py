@@ -3,7 +3,7 @@
     python bench/write_floor.py [--images 30000] [--rounds 3] [--latency-ms 2]
                                 [--blobfs-only] [--tree LABEL=PATH] [--variant LABEL=FLAGS]
                                 [--anchor] [--pins unpinned both daemon cp]
-                                [--floor-variants]
+                                [--floor-variants] [--cpu]
 
 The dataset of ``bench/writeback_bench.py`` (N ~4 KB images + N annotations) is copied with
 ``cp -r`` into:
@@ -42,6 +42,10 @@ to survive a kill of the daemon), ``no flush`` (flush answered ENOSYS, so the ke
 sending it; release left to libfuse: one round trip fewer per file) and both.
 ``--variant`` flags of the form ``env:NAME=VALUE`` set the daemon's environment instead.
 
+``--cpu`` adds a table of where each file's time went: the daemon's CPU (user and kernel,
+every thread) and ``cp``'s over each copy, per file, and the share of the machine's CPU
+left idle meanwhile.
+
 ``--anchor`` adds, to each pass, the SDK's whole flow of ``bench/writeback_bench.py`` (run in
 this process, pinned to CPU 0 in the pinned pass; the emulator is never pinned) and times
 blobfs's flush after its copy. It then prints, per pass, (the Python floor's copy + blobfs's
@@ -55,6 +59,7 @@ import argparse
 import errno
 import itertools
 import os
+import resource
 import shutil
 import statistics
 import struct
@@ -65,7 +70,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from stat import S_IFDIR, S_IFREG
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, Mounts, mountpoint, spawn_foreground, table
@@ -110,12 +115,63 @@ def daemon_pin(pin: str) -> list[str]:
     return [] if cpus is None else ["taskset", "-c", cpus]
 
 
-def timed_cp(src: Path, target: Path, pin: str) -> float:
+class CpuSplit(NamedTuple):
+    """Seconds of CPU over one copy: the daemon's (all its threads, ended ones included)
+    in user and kernel mode, ``cp``'s, and the machine's idle time (both CPUs)."""
+
+    wall: float
+    daemon_user: float
+    daemon_sys: float
+    cp_user: float
+    cp_sys: float
+    idle: float
+
+
+CPUS = os.cpu_count() or 1
+#: Where ``timed_cp`` adds the CPU split of each copy into a daemon (``--cpu``).
+CPU_SPLITS: list[CpuSplit] = []
+
+
+def _process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of process ``pid`` so far (/proc/PID/stat, every thread)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _idle_seconds() -> float:
+    """Idle seconds of all CPUs so far (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_cp(src: Path, target: Path, pin: str, daemon: int | None = None) -> float:
+    """Seconds of ``cp -r src/. target``; with the ``daemon``'s pid, also its CPU split
+    (appended to ``CPU_SPLITS``)."""
     cpus = PINS[pin][1]
-    start = time.perf_counter()
     cmd = [*([] if cpus is None else ["taskset", "-c", cpus]), "cp", "-r", f"{src}/.", str(target)]
+    if daemon is None:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        return time.perf_counter() - start
+    (user0, sys0), kids0 = _process_cpu(daemon), resource.getrusage(resource.RUSAGE_CHILDREN)
+    idle0 = _idle_seconds()
+    start = time.perf_counter()
     subprocess.run(cmd, check=True)
-    return time.perf_counter() - start
+    took = time.perf_counter() - start
+    user1, sys1 = _process_cpu(daemon)
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SPLITS.append(
+        CpuSplit(
+            took,
+            user1 - user0,
+            sys1 - sys0,
+            kids1.ru_utime - kids0.ru_utime,
+            kids1.ru_stime - kids0.ru_stime,
+            _idle_seconds() - idle0,
+        )
+    )
+    return took
 
 
 def local_round(src: Path, pin: str) -> float:
@@ -132,8 +188,8 @@ def floor_round(src: Path, pin: str, binary: Path) -> float:
     with Mounts() as mounts:
         mnt = mountpoint("floor-writefs")
         cmd = [*daemon_pin(pin), str(binary), str(mnt)]
-        spawn_foreground(mounts, cmd, mnt, OUT / "floor-writefs.log")
-        return timed_cp(src, mnt, pin)
+        _, mount = spawn_foreground(mounts, cmd, mnt, OUT / "floor-writefs.log")
+        return timed_cp(src, mnt, pin, mount.pid)
 
 
 #: The Python floor's kinds (``--floor-variants`` adds all but ``plain``): with
@@ -251,8 +307,8 @@ def python_floor_round(src: Path, pin: str, kind: str = "plain") -> float:
         mnt = mountpoint("python-floor")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-python-floor", str(mnt)]
         cmd += ["--floor-kind", kind]
-        spawn_foreground(mounts, [*daemon_pin(pin), *cmd], mnt, OUT / "python-floor.log")
-        return timed_cp(src, mnt / "ds", pin)
+        _, mount = spawn_foreground(mounts, [*daemon_pin(pin), *cmd], mnt, OUT / "python-floor.log")
+        return timed_cp(src, mnt / "ds", pin, mount.pid)
 
 
 def anchor_round(src: Path, pin: str, url: str, emu: int, images: int) -> float:
@@ -293,8 +349,8 @@ def blobfs_round(
             cmd = [cmd[0], "-P", *cmd[1:]]
             env["PYTHONPATH"] = tree
         cmd = [*daemon_pin(pin), *cmd]
-        spawn_foreground(mounts, cmd, mnt, OUT / "wb-floor-daemon.log", env=env)
-        took = timed_cp(src, mnt / "ds", pin)
+        _, mount = spawn_foreground(mounts, cmd, mnt, OUT / "wb-floor-daemon.log", env=env)
+        took = timed_cp(src, mnt / "ds", pin, mount.pid)
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "blobfs", "flush", str(mnt)], check=True, capture_output=True
@@ -346,6 +402,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also the Python floor with a journal record per file, without flush, and both",
     )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also each daemon's and cp's CPU (user, system) and the idle CPU, per file",
+    )
     parser.add_argument("--serve-python-floor", metavar="MNT", help=argparse.SUPPRESS)
     parser.add_argument("--floor-kind", choices=list(FLOOR_KINDS), help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -383,6 +444,7 @@ def main() -> None:
             src, pin, url, options=f.split()
         )
     samples: dict[tuple[str, str], list[float]] = {}
+    splits: dict[tuple[str, str], list[CpuSplit]] = {}
     try:
         for round_ in range(args.rounds):
             for pin in args.pins:
@@ -390,13 +452,54 @@ def main() -> None:
                     anchors[pin].append(anchor_round(src, pin, url, emu.pid, args.images))
                     print(f"round {round_ + 1} {pin} anchor: {anchors[pin][-1]:.2f} s", flush=True)
                 for name, run in targets.items():
+                    CPU_SPLITS.clear()
                     took = run(pin)
                     samples.setdefault((name, pin), []).append(took)
+                    splits.setdefault((name, pin), []).extend(CPU_SPLITS)
                     print(f"round {round_ + 1} {pin} {name}: {took:.2f} s", flush=True)
     finally:
         emu.terminate()
         emu.wait()
     report(args, list(targets), samples, anchors, flushes)
+    print_cpu(args, list(targets), splits)
+
+
+def print_cpu(
+    args: argparse.Namespace, targets: list[str], splits: dict[tuple[str, str], list[CpuSplit]]
+) -> None:
+    """With ``--cpu``: one row per daemon and pinning, where each file's time went.
+
+    A copy into FUSE is a ping-pong (``cp`` waits for each answer, the daemon for each
+    request), so the wall time is about the two sides' CPU added up; what the same work
+    costs unpinned against pinned shows what crossing the CPUs costs each side."""
+    if not args.cpu:
+        return
+    files = 2 * args.images
+    rows: list[tuple[str, ...]] = [
+        ("target", "cpu", "daemon user", "daemon sys", "cp user", "cp sys", "idle")
+    ]
+    for pin in args.pins:
+        for name in targets:
+            got = splits.get((name, pin))
+            if not got:
+                continue
+            per_file = [
+                [s.daemon_user * 1e6 / files for s in got],
+                [s.daemon_sys * 1e6 / files for s in got],
+                [s.cp_user * 1e6 / files for s in got],
+                [s.cp_sys * 1e6 / files for s in got],
+            ]
+            idle = [s.idle / (CPUS * s.wall) * 100 for s in got]
+            rows.append(
+                (
+                    name,
+                    PIN_LABELS[pin],
+                    *(spread(v, "{:.0f}") for v in per_file),
+                    spread(idle, "{:.0f}%"),
+                )
+            )
+    print("\nCPU per file copied, us, median (min-max); idle: of all CPUs, share of the copy\n")
+    print(table(rows))
 
 
 def report(
