@@ -117,7 +117,7 @@ def daemon_pin(pin: str) -> list[str]:
 
 class CpuSplit(NamedTuple):
     """Seconds of CPU over one copy: the daemon's (all its threads, ended ones included)
-    in user and kernel mode, ``cp``'s, and the machine's idle time (both CPUs)."""
+    in user and kernel mode, ``cp``'s, and the machine's idle time (all CPUs)."""
 
     wall: float
     daemon_user: float
@@ -132,17 +132,21 @@ CPUS = os.cpu_count() or 1
 CPU_SPLITS: list[CpuSplit] = []
 
 
-def _process_cpu(pid: int) -> tuple[float, float]:
-    """(user, system) seconds of process ``pid`` so far (/proc/PID/stat, every thread)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def _counters(daemon: int) -> tuple[float, float, float, float, float]:
+    """CPU seconds so far, in ``CpuSplit``'s order after ``wall``: the daemon's user and
+    system time (/proc/PID/stat: every thread, ended ones included), this process's
+    children's (``cp``), and the idle time of all CPUs (/proc/stat: idle + iowait)."""
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def _idle_seconds() -> float:
-    """Idle seconds of all CPUs so far (/proc/stat: idle + iowait)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    own = Path(f"/proc/{daemon}/stat").read_text().rpartition(")")[2].split()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (
+        int(own[11]) / tick,
+        int(own[12]) / tick,
+        kids.ru_utime,
+        kids.ru_stime,
+        (int(machine[4]) + int(machine[5])) / tick,
+    )
 
 
 def timed_cp(src: Path, target: Path, pin: str, daemon: int | None = None) -> float:
@@ -150,27 +154,13 @@ def timed_cp(src: Path, target: Path, pin: str, daemon: int | None = None) -> fl
     (appended to ``CPU_SPLITS``)."""
     cpus = PINS[pin][1]
     cmd = [*([] if cpus is None else ["taskset", "-c", cpus]), "cp", "-r", f"{src}/.", str(target)]
-    if daemon is None:
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        return time.perf_counter() - start
-    (user0, sys0), kids0 = _process_cpu(daemon), resource.getrusage(resource.RUSAGE_CHILDREN)
-    idle0 = _idle_seconds()
+    before = None if daemon is None else _counters(daemon)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     took = time.perf_counter() - start
-    user1, sys1 = _process_cpu(daemon)
-    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    CPU_SPLITS.append(
-        CpuSplit(
-            took,
-            user1 - user0,
-            sys1 - sys0,
-            kids1.ru_utime - kids0.ru_utime,
-            kids1.ru_stime - kids0.ru_stime,
-            _idle_seconds() - idle0,
-        )
-    )
+    if daemon is not None and before is not None:
+        after = _counters(daemon)
+        CPU_SPLITS.append(CpuSplit(took, *(b - a for a, b in zip(before, after, strict=True))))
     return took
 
 
